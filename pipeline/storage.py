@@ -1,0 +1,320 @@
+"""Local paths and ``s3://`` URIs behind one small API.
+
+Everything in the project that reads or writes a dataset, a checkpoint or a model goes through
+this module; nothing else knows which kind of location it is talking to. S3 settings come from the
+standard AWS chain (``AWS_ENDPOINT_URL``, profiles, env credentials, instance roles), so tests
+point it at a loopback S3 server and production at AWS without code changes.
+
+Writes are atomic: data goes to a temporary name first and is renamed (local) or uploaded in one
+PUT / multipart-complete (S3, where an object only appears when complete) into place. A reader
+therefore never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors worth retrying: throttling, server errors, dropped connections.
+_RETRYABLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+    "502",
+    "504",
+}
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """True for ``s3://`` (and other fsspec protocols), False for local paths."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts with ``/`` for URIs and ``os.path.join`` for local paths."""
+    base = str(base)
+    if is_remote(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out = f"{out}/{str(p).strip('/')}"
+        return out
+    return os.path.join(base, *parts)
+
+
+def _strip_file(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the protocol-less path for ``uri``."""
+    uri = _strip_file(str(uri))
+    if is_remote(uri):
+        protocol = uri.split("://", 1)[0]
+        fs = fsspec.filesystem(protocol, **_storage_options(protocol))
+        return fs, uri.split("://", 1)[1]
+    return fsspec.filesystem("file"), os.path.abspath(uri)
+
+
+def _storage_options(protocol: str) -> dict[str, Any]:
+    if protocol != "s3":
+        return {}
+    opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "adaptive"}}}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for transient storage errors: throttling, 5xx, resets and timeouts."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    code = None
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        code = str(err.get("Code", "")) or str(
+            response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        )
+    if code and code in _RETRYABLE_CODES:
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return any(
+        s in text
+        for s in (
+            "SlowDown",
+            "ServiceUnavailable",
+            "InternalError",
+            "Connection reset",
+            "ConnectionReset",
+            "ReadTimeout",
+            "EndpointConnectionError",
+            "ServerDisconnected",
+            "IncompleteRead",
+            "ResponseStreamingError",
+            "503",
+            "500 Internal",
+        )
+    )
+
+
+def with_retries(
+    fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.2
+) -> T:
+    """Run ``fn``; retry transient storage errors with jittered exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if attempt == attempts or not is_retryable(exc):
+                raise
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("%s failed (%s); retry %d/%d in %.2fs", what, exc, attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.exists(path), f"exists {uri}")
+
+
+def size(uri: str | os.PathLike) -> int:
+    fs, path = filesystem(uri)
+    return int(with_retries(lambda: fs.size(path), f"size {uri}"))
+
+
+def list_dir(uri: str | os.PathLike, suffix: str = "") -> list[str]:
+    """Names (not full paths) directly under ``uri`` ending with ``suffix``, sorted; [] if absent."""
+    fs, path = filesystem(uri)
+
+    def _ls() -> list[str]:
+        try:
+            # refresh: a listing must see what another process just wrote
+            if is_remote(str(uri)):
+                fs.invalidate_cache(path)
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            os.path.basename(str(e).rstrip("/"))
+            for e in entries
+            if str(e).rstrip("/") != path.rstrip("/")
+        )
+
+    return [n for n in with_retries(_ls, f"list {uri}") if n.endswith(suffix)]
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.cat_file(path), f"read {uri}")
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def makedirs(uri: str | os.PathLike) -> None:
+    """Create a local directory (a no-op for object stores, which have no directories)."""
+    if not is_remote(str(uri)):
+        os.makedirs(_strip_file(str(uri)), exist_ok=True)
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Atomically write ``data`` to ``uri``."""
+    uri = _strip_file(str(uri))
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        with_retries(lambda: fs.pipe_file(path, data), f"write {uri}")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, uri)
+
+
+def write_text(uri: str | os.PathLike, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str | os.PathLike, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def put_file(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Atomically copy a local file to ``uri`` (local or remote)."""
+    uri = _strip_file(str(uri))
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        with_retries(lambda: fs.put_file(str(local_path), path), f"upload {uri}")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copyfile(local_path, tmp)
+    os.replace(tmp, uri)
+
+
+def get_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:
+    """Copy ``uri`` to a local file, atomically."""
+    local_path = str(local_path)
+    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+    tmp = f"{local_path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs, path = filesystem(uri)
+    with_retries(lambda: fs.get_file(path, tmp), f"download {uri}")
+    os.replace(tmp, local_path)
+
+
+def put_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy every file under ``local_dir`` to ``uri``, keeping relative paths."""
+    root = Path(local_dir)
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            put_file(p, join(str(uri), *p.relative_to(root).parts))
+
+
+def get_dir(uri: str | os.PathLike, local_dir: str | os.PathLike) -> None:
+    """Copy every object under ``uri`` into ``local_dir``, keeping relative paths."""
+    fs, path = filesystem(uri)
+    files = with_retries(lambda: fs.find(path), f"list {uri}")
+    if not files:
+        raise FileNotFoundError(f"nothing found under {uri}")
+    for f in files:
+        rel = os.path.relpath(f, path)
+        get_file(join(str(uri), *rel.split("/")), os.path.join(str(local_dir), rel))
+
+
+def remove(uri: str | os.PathLike, recursive: bool = False) -> None:
+    """Delete a file or (with ``recursive``) a tree; missing is not an error."""
+    fs, path = filesystem(uri)
+    try:
+        with_retries(lambda: fs.rm(path, recursive=recursive), f"remove {uri}")
+    except FileNotFoundError:
+        pass
+
+
+@contextlib.contextmanager
+def open_write(uri: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write through a local temporary file, committed atomically only if the block succeeds."""
+    uri = str(uri)
+    fd, tmp = tempfile.mkstemp(prefix="upload-", suffix=os.path.basename(uri))
+    os.close(fd)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        put_file(tmp, uri)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def open_read(uri: str | os.PathLike) -> IO[bytes]:
+    """A binary stream for ``uri`` (streams from S3, does not download whole)."""
+    fs, path = filesystem(uri)
+    if not is_remote(str(uri)):
+        return open(path, "rb")
+    return with_retries(lambda: fs.open(path, "rb", block_size=8 << 20), f"open {uri}")
+
+
+def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local path holding ``uri``'s content (a file or a directory).
+
+    Local paths are returned as they are; remote ones are copied once into ``cache_dir``
+    (default ``$T2I_CACHE`` or ``~/.cache/t2i-pipeline``) and reused on later calls. A copy
+    counts as complete only once its ``.complete`` marker exists.
+    """
+    uri = _strip_file(str(uri))
+    if not is_remote(uri):
+        if not os.path.exists(uri):
+            raise FileNotFoundError(f"no such file or directory: {uri}")
+        return uri
+    cache_dir = str(cache_dir or os.environ.get("T2I_CACHE", "~/.cache/t2i-pipeline"))
+    dest = os.path.join(os.path.expanduser(cache_dir), uri.replace("://", "/").rstrip("/"))
+    marker = dest + ".complete"
+    if os.path.exists(marker):
+        return dest
+    fs, path = filesystem(uri)
+    if with_retries(lambda: fs.isdir(path), f"stat {uri}"):
+        staging = f"{dest}.partial-{uuid.uuid4().hex[:8]}"
+        get_dir(uri, staging)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(staging, dest)
+    else:
+        get_file(uri, dest)
+    Path(marker).touch()
+    log.info("copied %s to local cache %s", uri, dest)
+    return dest
+
+
+def read_into(uri: str | os.PathLike) -> io.BytesIO:
+    """The whole object as an in-memory stream (for small files such as model heads)."""
+    return io.BytesIO(read_bytes(uri))
