@@ -1,0 +1,69 @@
+import os
+
+import pytest
+
+from pipeline import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket") + "/root"
+
+
+def test_write_read_list_remove(root):
+    storage.write_bytes(storage.join(root, "a", "x.bin"), b"hello")
+    storage.write_json(storage.join(root, "a", "y.json"), {"k": 1})
+    assert storage.read_bytes(storage.join(root, "a", "x.bin")) == b"hello"
+    assert storage.read_json(storage.join(root, "a", "y.json")) == {"k": 1}
+    assert storage.list_dir(storage.join(root, "a")) == ["x.bin", "y.json"]
+    assert storage.list_dir(storage.join(root, "a"), suffix=".json") == ["y.json"]
+    assert storage.list_dir(storage.join(root, "missing")) == []
+    assert storage.size(storage.join(root, "a", "x.bin")) == 5
+    storage.remove(storage.join(root, "a", "x.bin"))
+    assert not storage.exists(storage.join(root, "a", "x.bin"))
+
+
+def test_open_write_is_atomic(root):
+    target = storage.join(root, "b.bin")
+    with pytest.raises(RuntimeError):
+        with storage.open_write(target) as f:
+            f.write(b"partial")
+            raise RuntimeError("killed mid-write")
+    assert not storage.exists(target)
+    with storage.open_write(target) as f:
+        f.write(b"complete")
+    assert storage.read_bytes(target) == b"complete"
+
+
+def test_local_copy_of_directory(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "w.bin").write_bytes(b"\x00\x01")
+    storage.put_dir(src, storage.join(root, "model"))
+    local = storage.local_copy(storage.join(root, "model"))
+    assert open(os.path.join(local, "sub", "w.bin"), "rb").read() == b"\x00\x01"
+    assert open(os.path.join(local, "config.json")).read() == "{}"
+
+
+def test_retry_classification():
+    class FakeClientError(Exception):
+        def __init__(self, code):
+            self.response = {"Error": {"Code": code}}
+
+    assert storage.is_retryable(FakeClientError("SlowDown"))
+    assert storage.is_retryable(ConnectionResetError("Connection reset by peer"))
+    assert not storage.is_retryable(FakeClientError("NoSuchKey"))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise FakeClientError("SlowDown")
+        return "ok"
+
+    assert storage.with_retries(flaky, "test", base_delay=0.001) == "ok"
+    assert len(calls) == 3
