@@ -1,0 +1,345 @@
+"""Token shards: the pretokenized dataset the GPT trains on.
+
+One token shard per raw shard, same index: ``{index:05d}.tar`` (a WebDataset tar). Per sample:
+
+- ``__key__``: the raw sample's key (stable across reruns),
+- ``codes.npy``: uint16 VQ codes, grid (h, w),
+- ``codes_flip.npy`` (optional): uint16 codes of the horizontally flipped image,
+- ``t5.npy``: float16 T5 features of the valid caption tokens only, (L, D) with L <= 120,
+- ``txt``: the caption (utf-8), ``json``: url, size, scores, source shard.
+
+A shard is written to a local temporary file and committed atomically through
+``pipeline.storage``; its bytes depend only on its content (samples sorted by key, fixed tar
+header fields), so the same input gives the same sha256. After the tar, a per-shard done marker
+``{index:05d}.done.json`` is written; a shard counts as done only when that marker exists.
+Concurrent workers each write only their own marker; ``merge_manifest`` folds them into
+``manifest.json``. Reading decodes only the known extensions above and never unpickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+MAX_T5_TOKENS = 120
+NPY_EXTS = ("codes.npy", "codes_flip.npy", "t5.npy")
+TEXT_EXTS = ("txt",)
+JSON_EXTS = ("json",)
+KNOWN_EXTS = NPY_EXTS + TEXT_EXTS + JSON_EXTS
+_DTYPES = {"codes.npy": np.uint16, "codes_flip.npy": np.uint16, "t5.npy": np.float16}
+# Keys become tar member prefixes: WebDataset splits "key.ext" at the first dot of the basename.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,80}$")
+MANIFEST = "manifest.json"
+DONE_SUFFIX = ".done.json"
+
+
+def shard_name(index: int) -> str:
+    """``00042.tar`` for index 42."""
+    return f"{index:05d}.tar"
+
+
+def done_name(index: int) -> str:
+    """``00042.done.json`` for index 42."""
+    return f"{index:05d}{DONE_SUFFIX}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """One finished token shard, as recorded in its done marker."""
+
+    index: int
+    uri: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShardInfo:
+        return cls(
+            index=int(d["index"]),
+            uri=str(d["uri"]),
+            num_samples=int(d["num_samples"]),
+            num_bytes=int(d["num_bytes"]),
+            sha256=str(d["sha256"]),
+            stats=dict(d.get("stats", {})),
+        )
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` as .npy bytes (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_token_sample(
+    key: str,
+    codes: np.ndarray,
+    t5: np.ndarray,
+    caption: str,
+    meta: Mapping[str, Any],
+    codes_flip: np.ndarray | None = None,
+) -> dict[str, bytes | str]:
+    """The tar members of one sample; checks shapes and casts to the stored dtypes."""
+    if not _KEY_RE.match(key):
+        raise ValueError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots or slashes)")
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.size == 0 or codes.min() < 0 or codes.max() > 65535:
+        raise ValueError(
+            f"{key}: codes must be a non-empty 2D grid of ids < 65536, got {codes.shape}"
+        )
+    t5 = np.asarray(t5)
+    if t5.ndim != 2 or not 0 < t5.shape[0] <= MAX_T5_TOKENS:
+        raise ValueError(f"{key}: t5 must be (L, D) with 0 < L <= {MAX_T5_TOKENS}, got {t5.shape}")
+    sample: dict[str, bytes | str] = {
+        "__key__": key,
+        "codes.npy": npy_bytes(codes.astype(np.uint16)),
+        "t5.npy": npy_bytes(t5.astype(np.float16)),
+        "txt": caption.encode("utf-8"),
+        "json": json.dumps(dict(meta), sort_keys=True, default=_json_default).encode("utf-8"),
+    }
+    if codes_flip is not None:
+        codes_flip = np.asarray(codes_flip)
+        if codes_flip.shape != codes.shape:
+            raise ValueError(f"{key}: codes_flip shape {codes_flip.shape} != codes {codes.shape}")
+        sample["codes_flip.npy"] = npy_bytes(codes_flip.astype(np.uint16))
+    return sample
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _member(name: str, data: bytes) -> bytes:
+    """One tar member (header + data padded to 512 bytes) with fixed metadata."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    header = info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
+    pad = (-len(data)) % tarfile.BLOCKSIZE
+    return header + data + b"\0" * pad
+
+
+class TokenShardWriter:
+    """Writes one token shard deterministically, then commits it and its done marker.
+
+    Samples may arrive in any order: each is appended to a local spool file and the tar is
+    assembled in key order on ``close`` (memory stays bounded by one sample). Use as a context
+    manager; leaving the block with an exception commits nothing.
+    """
+
+    def __init__(self, out_uri: str, index: int, tmp_dir: str | None = None) -> None:
+        self.out_uri = str(out_uri)
+        self.index = index
+        self.uri = storage.join(self.out_uri, shard_name(index))
+        self._spool = tempfile.TemporaryFile(dir=tmp_dir, prefix=f"spool-{index:05d}-")
+        self._where: dict[str, tuple[int, int]] = {}
+        self._tmp_dir = tmp_dir
+        self.info: ShardInfo | None = None
+
+    def __enter__(self) -> TokenShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.info is None:
+            self.close()
+        self._spool.close()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def write(self, sample: Mapping[str, bytes | str]) -> None:
+        """Add one sample (as from ``encode_token_sample``); a repeated key is an error."""
+        key = str(sample["__key__"])
+        if key in self._where:
+            raise ValueError(f"duplicate key {key!r} in shard {self.index}")
+        unknown = [k for k in sample if k != "__key__" and k not in KNOWN_EXTS]
+        if unknown:
+            raise ValueError(f"{key}: unknown member {unknown[0]!r}; known: {KNOWN_EXTS}")
+        blob = b"".join(
+            _member(f"{key}.{ext}", v if isinstance(v, bytes) else v.encode("utf-8"))
+            for ext, v in sorted(sample.items())
+            if ext != "__key__"
+        )
+        start = self._spool.seek(0, os.SEEK_END)
+        self._spool.write(blob)
+        self._where[key] = (start, len(blob))
+
+    def close(self, stats: Mapping[str, Any] | None = None) -> ShardInfo:
+        """Assemble the tar in key order, upload it atomically, then write the done marker."""
+        fd, tmp = tempfile.mkstemp(
+            dir=self._tmp_dir, prefix=f"shard-{self.index:05d}-", suffix=".tar"
+        )
+        digest = hashlib.sha256()
+        n_bytes = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for key in sorted(self._where):
+                    start, length = self._where[key]
+                    self._spool.seek(start)
+                    chunk = self._spool.read(length)
+                    out.write(chunk)
+                    digest.update(chunk)
+                    n_bytes += length
+                # end of archive: two zero blocks, padded to tar's 10240-byte record
+                end = b"\0" * (2 * tarfile.BLOCKSIZE)
+                end += b"\0" * ((-(n_bytes + len(end))) % tarfile.RECORDSIZE)
+                out.write(end)
+                digest.update(end)
+                n_bytes += len(end)
+            storage.put_file(tmp, self.uri)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        info = ShardInfo(
+            index=self.index,
+            uri=self.uri,
+            num_samples=len(self._where),
+            num_bytes=n_bytes,
+            sha256=digest.hexdigest(),
+            stats=dict(stats or {}),
+        )
+        storage.write_json(storage.join(self.out_uri, done_name(self.index)), info.to_dict())
+        self.info = info
+        log.info("token shard %s: %d samples, %d bytes", self.uri, info.num_samples, n_bytes)
+        return info
+
+
+# --- done markers and the manifest ------------------------------------------------------------
+
+
+def is_done(out_uri: str, index: int) -> bool:
+    """True when shard ``index`` under ``out_uri`` has its done marker."""
+    return storage.exists(storage.join(out_uri, done_name(index)))
+
+
+def list_done_shards(uri: str) -> list[ShardInfo]:
+    """Every finished shard under ``uri`` (those with a done marker), sorted by index."""
+    out = []
+    for name in storage.list_dir(uri, suffix=DONE_SUFFIX):
+        info = ShardInfo.from_dict(storage.read_json(storage.join(uri, name)))
+        # the dataset may have been moved since: trust the marker's name, not its old uri
+        out.append(dataclasses.replace(info, uri=storage.join(uri, shard_name(info.index))))
+    return sorted(out, key=lambda s: s.index)
+
+
+def merge_manifest(uri: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fold every done marker under ``uri`` into ``manifest.json`` (rewritten whole) and return it."""
+    shards = list_done_shards(uri)
+    totals: dict[str, Any] = {
+        "num_shards": len(shards),
+        "num_samples": sum(s.num_samples for s in shards),
+        "num_bytes": sum(s.num_bytes for s in shards),
+    }
+    dropped: dict[str, int] = {}
+    for s in shards:
+        for reason, n in (s.stats.get("dropped") or {}).items():
+            dropped[reason] = dropped.get(reason, 0) + int(n)
+    totals["dropped"] = dict(sorted(dropped.items()))
+    manifest = {
+        "format": "t2i-token-shards/1",
+        **totals,
+        **dict(extra or {}),
+        "shards": [{**s.to_dict(), "uri": shard_name(s.index)} for s in shards],
+    }
+    storage.write_json(storage.join(uri, MANIFEST), manifest)
+    return manifest
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def _load_npy(data: bytes, ext: str) -> np.ndarray:
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    want = _DTYPES[ext]
+    if arr.dtype != want or arr.ndim != 2:
+        raise ValueError(
+            f"{ext}: expected a 2D {np.dtype(want).name} array, got {arr.dtype} {arr.shape}"
+        )
+    return arr
+
+
+def decode_token_sample(sample: Mapping[str, Any], strict: bool = False) -> dict[str, Any]:
+    """Decode a raw WebDataset sample dict (bytes per extension) of a token shard.
+
+    Returns ``{"key", "codes", "t5", "txt", "json"}`` plus ``"codes_flip"`` when present. Only
+    the known extensions are decoded (``np.load(allow_pickle=False)``, utf-8, json); anything
+    else is ignored, or rejected with ``strict=True``. Nothing is ever unpickled.
+    """
+    out: dict[str, Any] = {"key": str(sample.get("__key__", ""))}
+    for name, value in sample.items():
+        if name.startswith("__"):
+            continue
+        if name in NPY_EXTS:
+            out[name[: -len(".npy")]] = _load_npy(value, name)
+        elif name in TEXT_EXTS:
+            out["txt"] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        elif name in JSON_EXTS:
+            out["json"] = json.loads(value)
+        elif strict:
+            raise ValueError(f"{out['key']}: unexpected member {name!r} in a token shard")
+    missing = [k for k in ("codes", "t5") if k not in out]
+    if missing:
+        raise ValueError(f"{out['key']}: token sample lacks {missing[0]}.npy")
+    return out
+
+
+def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
+    """Group a tar stream's members into WebDataset-style dicts of raw bytes (no decoding)."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            if "." not in base:
+                continue
+            key, ext = base.split(".", 1)
+            prefix = m.name[: len(m.name) - len(base)] + key
+            if current is None or current["__key__"] != prefix:
+                if current is not None:
+                    yield current
+                current = {"__key__": prefix}
+            f = tar.extractfile(m)
+            current[ext] = f.read() if f is not None else b""
+    if current is not None:
+        yield current
+
+
+def read_token_shard(uri: str, strict: bool = False) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one token shard (local or s3://), in stored (key) order."""
+    with storage.open_read(uri) as f:
+        for raw in iter_tar_samples(f):
+            yield decode_token_sample(raw, strict=strict)

@@ -1,0 +1,132 @@
+import hashlib
+import io
+import json
+import pickle
+import random
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline import storage
+from pipeline.data import shards
+
+
+def _samples(n: int, seed: int = 0, flip: bool = True) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        L = int(rng.integers(1, 121))
+        out.append(
+            dict(
+                key=f"{i:09d}",
+                codes=rng.integers(0, 16384, size=(16, 16)),
+                codes_flip=rng.integers(0, 16384, size=(16, 16)) if flip else None,
+                t5=rng.standard_normal((L, 32)).astype(np.float32),
+                caption=f"a red circle number {i} ü",
+                meta={"url": f"http://x/{i}.jpg", "width": 256, "score": np.float32(0.5)},
+            )
+        )
+    return out
+
+
+def _write(out_uri: str, index: int, samples: list[dict]) -> shards.ShardInfo:
+    with shards.TokenShardWriter(out_uri, index) as w:
+        for s in samples:
+            w.write(shards.encode_token_sample(**s))
+        return w.close({"dropped": {"undecodable_image": 1}})
+
+
+def test_deterministic_bytes_and_roundtrip_with_plain_webdataset(tmp_path):
+    samples = _samples(12)
+    a = _write(str(tmp_path / "a"), 3, samples)
+    shuffled = samples[:]
+    random.Random(1).shuffle(shuffled)
+    b = _write(str(tmp_path / "b"), 3, shuffled)
+    raw_a = (tmp_path / "a" / "00003.tar").read_bytes()
+    assert raw_a == (tmp_path / "b" / "00003.tar").read_bytes()
+    assert a.sha256 == b.sha256 == hashlib.sha256(raw_a).hexdigest()
+    assert a.num_bytes == len(raw_a) and a.num_samples == 12
+
+    # plain webdataset, no decoder: raw bytes per member, decoded by our safe reader
+    got = [
+        shards.decode_token_sample(s, strict=True)
+        for s in wds.WebDataset(str(tmp_path / "a" / "00003.tar"), shardshuffle=False)
+    ]
+    assert [g["key"] for g in got] == sorted(s["key"] for s in samples)
+    by_key = {s["key"]: s for s in samples}
+    for g in got:
+        s = by_key[g["key"]]
+        assert g["codes"].dtype == np.uint16 and g["t5"].dtype == np.float16
+        np.testing.assert_array_equal(g["codes"], s["codes"].astype(np.uint16))
+        np.testing.assert_array_equal(g["codes_flip"], s["codes_flip"].astype(np.uint16))
+        np.testing.assert_array_equal(g["t5"], s["t5"].astype(np.float16))
+        assert g["txt"] == s["caption"]
+        assert g["json"] == {"url": s["meta"]["url"], "width": 256, "score": 0.5}
+    assert [g["key"] for g in shards.read_token_shard(a.uri)] == [g["key"] for g in got]
+
+
+def test_done_markers_and_manifest_on_s3(s3_bucket):
+    out = f"{s3_bucket}/tokens"
+    _write(out, 0, _samples(3, flip=False))
+    _write(out, 2, _samples(5, seed=1, flip=False))
+    # a tar without its marker (a worker killed between the two writes) is not done
+    storage.write_bytes(storage.join(out, shards.shard_name(1)), b"half a shard")
+    done = shards.list_done_shards(out)
+    assert [d.index for d in done] == [0, 2]
+    assert shards.is_done(out, 2) and not shards.is_done(out, 1)
+    m = shards.merge_manifest(out)
+    assert (m["num_shards"], m["num_samples"]) == (2, 8)
+    assert m["dropped"] == {"undecodable_image": 2}
+    assert storage.read_json(storage.join(out, shards.MANIFEST))["num_bytes"] == sum(
+        d.num_bytes for d in done
+    )
+    got = list(shards.read_token_shard(done[1].uri))
+    assert len(got) == 5 and "codes_flip" not in got[0]
+    assert hashlib.sha256(storage.read_bytes(done[1].uri)).hexdigest() == done[1].sha256
+
+
+def test_failed_block_commits_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with shards.TokenShardWriter(str(tmp_path), 0) as w:
+            w.write(shards.encode_token_sample(**_samples(1)[0]))
+            raise RuntimeError("killed")
+    assert storage.list_dir(str(tmp_path)) == []
+
+
+def test_rejects_bad_input(tmp_path):
+    s = _samples(1)[0]
+    with pytest.raises(ValueError, match="key"):
+        shards.encode_token_sample(**{**s, "key": "a.b"})
+    with pytest.raises(ValueError, match="t5"):
+        shards.encode_token_sample(**{**s, "t5": np.zeros((121, 4))})
+    w = shards.TokenShardWriter(str(tmp_path), 0)
+    w.write(shards.encode_token_sample(**s))
+    with pytest.raises(ValueError, match="duplicate"):
+        w.write(shards.encode_token_sample(**s))
+    with pytest.raises(ValueError, match="unknown member"):
+        w.write({**shards.encode_token_sample(**{**s, "key": "k2"}), "x.pkl": b""})
+
+
+def _explode():
+    raise AssertionError("a shard member was unpickled")
+
+
+class _Boom:
+    def __reduce__(self):  # unpickling this calls _explode
+        return (_explode, ())
+
+
+def test_decode_never_unpickles():
+    good = shards.encode_token_sample(**_samples(1)[0])
+    evil = {**good, "extra.pkl": pickle.dumps(_Boom())}
+    assert "extra" not in shards.decode_token_sample(evil)  # ignored, not loaded
+    with pytest.raises(ValueError, match="unexpected member"):
+        shards.decode_token_sample(evil, strict=True)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        shards.decode_token_sample({**good, "t5.npy": buf.getvalue()})
+    with pytest.raises(ValueError, match="uint16"):
+        shards.decode_token_sample({**good, "codes.npy": shards.npy_bytes(np.zeros((2, 2)))})
+    assert json.loads(good["json"])["score"] == 0.5
