@@ -1,0 +1,223 @@
+"""FLAN-T5 text encoder: captions -> per-token features for the GPT's text-conditioning prefix.
+
+The paper conditions on FLAN-T5-XL encoder features (2048-d), at most 120 tokens per caption.
+``TextEncoder.from_pretrained(uri)`` loads a ``T5EncoderModel`` and its tokenizer from a local
+directory or an ``s3://`` URI (copied once into the local cache); there is no model hub access.
+``encode`` returns only the valid tokens of each caption (no padding): the token shards store
+``L x D`` per sample and the loader pads at batch time.
+
+A full ``T5ForConditionalGeneration`` checkpoint (e.g. google/flan-t5-xl as published) also loads:
+``T5EncoderModel`` takes the encoder weights and ignores the decoder's.
+
+``build_tiny_text_encoder`` writes a tiny random-weight T5 with a byte-level tokenizer for tests
+and the offline demo; it is marked as random in its config and loading it logs a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from pipeline import storage
+from pipeline.config import doc
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+# Written into config.json of models built here; the loader warns when it sees it.
+RANDOM_WEIGHTS_KEY = "t2i_random_weights"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """Where the T5 encoder lives and how to run it (embedded in the pretokenize config)."""
+
+    uri: str = doc("Local dir or s3:// URI holding config.json, weights and tokenizer files", "")
+    max_length: int = doc("Most tokens per caption, EOS included (the paper: 120)", 120)
+    batch_size: int = doc("Captions per forward pass", 64)
+    device: str = doc("torch device, e.g. 'cuda', 'cuda:1' or 'cpu'", "cpu")
+    dtype: str = doc(
+        "Compute dtype: float32 or bfloat16 (T5 is known to overflow in float16)", "float32"
+    )
+    cache_dir: str | None = doc("Local cache for s3:// models (default $T2I_CACHE)", None)
+
+
+@dataclasses.dataclass
+class EncodedCaptions:
+    """Features of a list of captions, in input order."""
+
+    features: list[torch.Tensor]  # each (L_i, D) on the CPU, L_i <= max_length
+    lengths: list[int]  # L_i: valid tokens, EOS included
+    n_truncated: int  # captions cut at max_length
+    nonfinite: list[int]  # indices whose features hold inf/nan (after the output cast)
+
+
+class TextEncoder:
+    """A T5 encoder plus tokenizer; ``encode(captions)`` gives valid-length features."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        max_length: int = 120,
+        batch_size: int = 64,
+        random_weights: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.random_weights = random_weights
+
+    @property
+    def dim(self) -> int:
+        """Feature size D, read from the model config (2048 for FLAN-T5-XL)."""
+        return int(self.model.config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        uri: str,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        max_length: int = 120,
+        batch_size: int = 64,
+        cache_dir: str | None = None,
+    ) -> TextEncoder:
+        """Load model and tokenizer from a local dir or an s3:// URI (copied to the cache)."""
+        # Never reach for a hub: everything must be in the directory.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        if not uri:
+            raise ValueError("text encoder uri is empty: set it to a local dir or s3:// URI")
+        local_dir = storage.local_copy(uri, cache_dir)
+        if not os.path.isfile(os.path.join(local_dir, "config.json")):
+            raise FileNotFoundError(f"{uri}: no config.json; expected a save_pretrained directory")
+        torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if torch_dtype == torch.float16:
+            log.warning("T5 in float16 may overflow to inf/nan; bfloat16 is the safe choice")
+        # AutoTokenizer reads tokenizer_config.json; T5Tokenizer(vocab_file=...) would silently
+        # ignore the file (see ENVIRONMENT.md).
+        tokenizer = AutoTokenizer.from_pretrained(local_dir)
+        model = T5EncoderModel.from_pretrained(local_dir, dtype=torch_dtype).to(device)
+        random_weights = bool(getattr(model.config, RANDOM_WEIGHTS_KEY, False))
+        if random_weights:
+            log.warning(
+                "text encoder at %s has RANDOM weights (a tiny test model), not FLAN-T5: "
+                "its features carry no meaning",
+                uri,
+            )
+        log.info(
+            "text encoder %s: %d-d, %d layers, %s on %s, max_length %d",
+            uri,
+            model.config.d_model,
+            model.config.num_layers,
+            torch_dtype,
+            device,
+            max_length,
+        )
+        return cls(model, tokenizer, max_length, batch_size, random_weights)
+
+    @classmethod
+    def from_config(cls, cfg: TextEncoderConfig) -> TextEncoder:
+        return cls.from_pretrained(
+            cfg.uri, cfg.device, cfg.dtype, cfg.max_length, cfg.batch_size, cfg.cache_dir
+        )
+
+    @torch.inference_mode()
+    def encode(
+        self, captions: list[str], out_dtype: torch.dtype = torch.float16
+    ) -> EncodedCaptions:
+        """Encode captions; each gets its valid tokens only, as ``(L_i, D)`` CPU tensors.
+
+        Captions longer than ``max_length`` tokens are truncated (the EOS token is kept) and
+        counted. An empty caption still encodes: it is the EOS token alone (L = 1), which is
+        also what an unconditional caption looks like to T5.
+        """
+        bad = [i for i, c in enumerate(captions) if not isinstance(c, str)]
+        if bad:
+            raise TypeError(f"captions must be str; not at indices {bad[:10]}")
+        if not captions:
+            return EncodedCaptions([], [], 0, [])
+        # Token counts without truncation, to count the captions that get cut.
+        full_lengths = [
+            len(ids)
+            for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+        ]
+        n_truncated = sum(n > self.max_length for n in full_lengths)
+        # Longest first, so each batch pads little; results go back to input order.
+        order = sorted(range(len(captions)), key=lambda i: -full_lengths[i])
+        features: list[torch.Tensor | None] = [None] * len(captions)
+        lengths = [0] * len(captions)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = self.tokenizer(
+                [captions[i] for i in idx],
+                max_length=self.max_length,
+                truncation=True,
+                padding="longest",
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state  # (B, T, D)
+            valid = batch["attention_mask"].sum(dim=1).tolist()
+            hidden = hidden.to(out_dtype).cpu()
+            for row, (i, n) in enumerate(zip(idx, valid, strict=True)):
+                # clone: a slice would keep the whole padded batch alive
+                features[i] = hidden[row, :n].clone()
+                lengths[i] = int(n)
+        nonfinite = [i for i, f in enumerate(features) if not torch.isfinite(f).all()]
+        if nonfinite:
+            log.warning("%d of %d captions gave non-finite features", len(nonfinite), len(captions))
+        return EncodedCaptions(features, lengths, n_truncated, nonfinite)  # type: ignore[arg-type]
+
+
+def build_tiny_text_encoder(
+    out_dir: str,
+    d_model: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+) -> str:
+    """Write a tiny random-weight T5 encoder + byte-level tokenizer to ``out_dir`` (local or s3).
+
+    The result loads through ``TextEncoder.from_pretrained(out_dir)`` like a real model, and is
+    marked as random so that loading it logs a warning. Returns ``out_dir``.
+    """
+    import tempfile
+
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer = ByT5Tokenizer()  # bytes as tokens: needs no vocabulary file
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu",  # as FLAN-T5
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        **{RANDOM_WEIGHTS_KEY: True},
+    )
+    torch.manual_seed(seed)
+    model = T5EncoderModel(config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        target = tmp if storage.is_remote(out_dir) else out_dir
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        if storage.is_remote(out_dir):
+            storage.put_dir(tmp, out_dir)
+    log.warning("wrote a tiny RANDOM-weight T5 encoder (%d-d) to %s: not FLAN-T5", d_model, out_dir)
+    return out_dir

@@ -1,0 +1,85 @@
+"""The T5 text encoder on a tiny random model: loading paths, valid lengths, truncation, batching."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pipeline import storage
+from pipeline.models.text_encoder import (
+    TextEncoder,
+    TextEncoderConfig,
+    build_tiny_text_encoder,
+)
+
+CAPTIONS = [
+    "a red circle on a blue background",
+    "",
+    "two green squares",
+    "x" * 300,  # byte-level tokenizer: 301 tokens with EOS, so it is truncated
+    "a small yellow triangle next to a large purple star, drawn in the middle of the picture",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    return build_tiny_text_encoder(str(tmp_path_factory.mktemp("t5") / "tiny-t5"), d_model=32)
+
+
+def test_local_and_s3_give_same_features(tiny_dir, s3_bucket, tmp_path, caplog):
+    uri = f"{s3_bucket}/models/tiny-t5"
+    storage.put_dir(tiny_dir, uri)
+    with caplog.at_level(logging.WARNING):
+        local = TextEncoder.from_pretrained(tiny_dir, max_length=120)
+        remote = TextEncoder.from_pretrained(uri, max_length=120, cache_dir=str(tmp_path / "c"))
+    assert local.random_weights and remote.random_weights
+    assert "RANDOM weights" in caplog.text
+    assert local.dim == remote.dim == 32
+    a = local.encode(CAPTIONS, out_dtype=torch.float32)
+    b = remote.encode(CAPTIONS, out_dtype=torch.float32)
+    assert a.lengths == b.lengths
+    for fa, fb in zip(a.features, b.features):
+        assert torch.equal(fa, fb)
+    # features are not degenerate: different captions give different features
+    assert not torch.allclose(a.features[0][0], a.features[2][0])
+
+
+def test_build_tiny_directly_on_s3(s3_bucket, tmp_path):
+    uri = build_tiny_text_encoder(f"{s3_bucket}/tiny", d_model=16, seed=3)
+    assert "config.json" in storage.list_dir(uri)
+    enc = TextEncoder.from_config(TextEncoderConfig(uri=uri, cache_dir=str(tmp_path)))
+    assert enc.dim == 16
+
+
+def test_lengths_truncation_and_dtype(tiny_dir):
+    enc = TextEncoder.from_pretrained(tiny_dir, max_length=40)
+    out = enc.encode(CAPTIONS)  # float16 by default
+    token_lengths = [len(enc.tokenizer(c)["input_ids"]) for c in CAPTIONS]
+    assert token_lengths[1] == 1  # empty caption: EOS alone
+    assert out.lengths == [min(n, 40) for n in token_lengths]
+    assert out.n_truncated == sum(n > 40 for n in token_lengths) == 2
+    for f, n in zip(out.features, out.lengths):
+        assert f.shape == (n, 32) and f.dtype == torch.float16 and f.device.type == "cpu"
+    assert out.nonfinite == []
+
+
+def test_batching_matches_one_by_one(tiny_dir):
+    batched = TextEncoder.from_pretrained(tiny_dir, batch_size=3).encode(
+        CAPTIONS, out_dtype=torch.float32
+    )
+    single = TextEncoder.from_pretrained(tiny_dir, batch_size=1)
+    for i, caption in enumerate(CAPTIONS):
+        one = single.encode([caption], out_dtype=torch.float32)
+        assert one.lengths[0] == batched.lengths[i]
+        torch.testing.assert_close(one.features[0], batched.features[i], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_inputs_are_clear(tiny_dir, tmp_path):
+    enc = TextEncoder.from_pretrained(tiny_dir)
+    with pytest.raises(TypeError, match="indices \\[1\\]"):
+        enc.encode(["ok", None])  # type: ignore[list-item]
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TextEncoder.from_pretrained(str(tmp_path))
+    assert enc.encode([]).features == []
