@@ -7,7 +7,8 @@ the wrong type. ``save_config`` writes the resolved config beside an output so e
 exactly how it was made.
 
 A YAML file may hold ``base: other.yaml`` (relative to itself) to start from another file, and a
-field typed as a dataclass may be given as a preset name where the dataclass has ``from_name``.
+field typed as a dataclass may be given as a preset name where the dataclass has ``from_name``
+(``model: XL``), or as ``{preset: XL, n_layer: 2}`` to change a preset's fields.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return tp.from_name(value)
             except KeyError as e:
                 raise ConfigError(f"{where}: {e.args[0]}") from None
+        if isinstance(value, Mapping) and "preset" in value and hasattr(tp, "from_name"):
+            rest = {k: v for k, v in value.items() if k != "preset"}
+            base = _coerce(value["preset"], tp, f"{where}.preset")
+            return _build(tp, {**to_dict(base), **rest}, where)
         if isinstance(value, Mapping):
             return _build(tp, value, where)
         raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
@@ -166,6 +171,8 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), str):
+            out[k] = {"preset": out[k]}  # "model: XL" plus "model.n_layer=2"
         out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
 

@@ -1,0 +1,455 @@
+"""LlamaGen's autoregressive image generator: a Llama decoder over VQ codes with a condition prefix.
+
+Written leaf to root (norm, rotary embedding, attention, MLP, block, model). The architecture is
+the paper's: RMSNorm pre-norm, SwiGLU with hidden = multiple_of_256(8*dim/3), no biases, untied
+and zero-initialised output head, 2D RoPE over the image grid. Text conditioning projects
+FLAN-T5 features (up to 120 tokens, left-padded with a mask) through an MLP into prefix tokens;
+class conditioning is a one-token learned class embedding with an extra "null" class.
+
+One deliberate difference from the reference release: LlamaGen gives the condition prefix a zero
+rotation, which multiplies the prefix's q and k by zero, so image tokens can never attend to the
+caption by content (only through the residual stream of later positions). Our default gives the
+prefix the identity rotation (q and k pass unchanged); ``rope_prefix="llamagen"`` reproduces the
+reference bit for bit, for importing its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of the generator; named presets via ``GPTConfig.from_name``."""
+
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    vocab_size: int = 16384
+    cond: Literal["text", "class"] = "text"
+    caption_dim: int = 2048
+    max_text_tokens: int = 120
+    num_classes: int = 1000
+    cond_dropout_p: float = 0.1
+    grid_size: int = 16
+    rope_prefix: Literal["identity", "llamagen"] = "identity"
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_head:
+            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @property
+    def prefix_len(self) -> int:
+        """Condition tokens before the image: the text length, or 1 class token."""
+        return self.max_text_tokens if self.cond == "text" else 1
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid_size**2
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> GPTConfig:
+        """A preset (``debug``, ``B``, ``L``, ``XL``, ``XXL``, ``3B``; ``GPT-`` prefix allowed)."""
+        key = name.removeprefix("GPT-")
+        if key not in PRESETS:
+            raise KeyError(f"unknown GPT preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    def replace(self, **changes) -> GPTConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict] = {
+    "debug": dict(n_layer=2, n_head=2, dim=64, multiple_of=32),
+    "B": dict(n_layer=12, n_head=12, dim=768),
+    "L": dict(n_layer=24, n_head=16, dim=1024),
+    "XL": dict(n_layer=36, n_head=20, dim=1280),
+    "XXL": dict(n_layer=48, n_head=24, dim=1536),
+    "3B": dict(n_layer=24, n_head=32, dim=3200),
+}
+
+
+# --- leaves ----------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32: bf16 sums of squares lose too much precision
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_2d_table(cfg: GPTConfig, grid_size: int | None = None) -> torch.Tensor:
+    """cos/sin of every sequence position: (prefix_len + grid**2, head_dim // 2, 2).
+
+    Half the rotary pairs encode the image row, half the column (LlamaGen's layout: pair i
+    uses frequency base^(-4i/head_dim) over the row for i < head_dim/4, then over the column).
+    Prefix rows are the identity rotation (cos 1, sin 0), or zeros in ``llamagen`` mode.
+    """
+    g = grid_size or cfg.grid_size
+    half = cfg.head_dim // 2
+    freqs = 1.0 / (cfg.rope_base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    t = torch.arange(g, dtype=torch.float32)
+    f = torch.outer(t, freqs)  # (g, head_dim // 4)
+    grid = torch.cat([f[:, None, :].expand(-1, g, -1), f[None, :, :].expand(g, -1, -1)], dim=-1)
+    image = torch.stack([grid.cos(), grid.sin()], dim=-1).flatten(0, 1)  # (g*g, half, 2)
+    prefix = torch.zeros(cfg.prefix_len, half, 2)
+    if cfg.rope_prefix == "identity":
+        prefix[..., 0] = 1.0
+    return torch.cat([prefix, image])
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of ``x`` (B, T, H, D) by ``table`` (T, D // 2, 2)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
+    t = table.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack(
+        [
+            xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1],
+            xs[..., 1] * t[..., 0] + xs[..., 0] * t[..., 1],
+        ],
+        dim=-1,
+    )
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value buffers, sized once before generation."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+# --- attention, MLP, block --------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * self.n_kv) * self.hd, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.attn_dropout_p = cfg.attn_dropout_p
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                start: int | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        q = apply_rope(q.view(B, T, self.n_head, self.hd), rope).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rope(k.view(B, T, self.n_kv, self.hd), rope).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.cache is not None and start is not None:
+            k, v = self.cache.update(start, k, v)  # (B, Hkv, start+T, hd)
+        if self.n_kv != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        # is_causal is top-left aligned in SDPA: only right for a square (uncached) block
+        causal = mask is None and q.size(2) == k.size(2) and q.size(2) > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
+        )
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.ffn_dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x, rope, mask, start=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# --- condition embedders ----------------------------------------------------------------------
+
+
+class CaptionProjector(nn.Module):
+    """T5 features -> prefix tokens (MLP with tanh-GELU); a fixed null caption for CFG."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.caption_dim, cfg.dim, bias=False)
+        self.fc2 = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        # A buffer, as in LlamaGen: the "unconditional caption" is fixed random features.
+        uncond = torch.randn(cfg.max_text_tokens, cfg.caption_dim) / cfg.caption_dim**0.5
+        self.register_buffer("uncond", uncond)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(feats), approximate="tanh"))
+
+
+class ClassEmbedder(nn.Module):
+    """One learned vector per class plus a null class (index ``num_classes``) for CFG."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.table = nn.Embedding(cfg.num_classes + 1, cfg.dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.table(labels).unsqueeze(1)  # (B, 1, C)
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """Condition prefix + image tokens -> next-token logits over the VQ codebook."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cond_embed = CaptionProjector(cfg) if cfg.cond == "text" else ClassEmbedder(cfg)
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._rope: dict[tuple[int, str], torch.Tensor] = {}
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.head.weight)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.initializer_range)
+
+    def num_params(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def rope(self, grid_size: int, device: torch.device) -> torch.Tensor:
+        key = (grid_size, str(device))
+        if key not in self._rope:
+            self._rope[key] = rope_2d_table(self.cfg, grid_size).to(device)
+        return self._rope[key]
+
+    # -- conditioning
+
+    def embed_condition(self, cond: torch.Tensor, cond_mask: torch.Tensor | None,
+                        drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefix embeddings (B, P, C) and the prefix key mask (B, P) (None: all valid).
+
+        ``drop`` (B,) bool replaces a row's condition with the unconditional one (CFG).
+        """
+        if self.cfg.cond == "class":
+            labels = cond.long()
+            if drop is not None:
+                labels = torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
+            return self.cond_embed(labels), None
+        B, L, _ = cond.shape
+        P = self.cfg.max_text_tokens
+        if L > P:
+            raise ValueError(f"caption features have {L} tokens; the model takes at most {P}")
+        mask = torch.ones(B, L, dtype=torch.bool, device=cond.device) if cond_mask is None else cond_mask.bool()
+        if L < P:  # left-pad: valid tokens end right before the image
+            cond = F.pad(cond, (0, 0, P - L, 0))
+            mask = F.pad(mask, (P - L, 0), value=False)
+        if drop is not None:
+            uncond = self.cond_embed.uncond.to(cond.dtype)
+            cond = torch.where(drop[:, None, None], uncond, cond)
+            mask = mask | drop[:, None]
+        # a row with no valid token would attend to nothing: treat it as the null caption
+        empty = ~mask.any(dim=1)
+        if empty.any():
+            cond = torch.where(empty[:, None, None], self.cond_embed.uncond.to(cond.dtype), cond)
+            mask = mask | empty[:, None]
+        emb = self.cond_embed(cond.to(self.cond_embed.fc1.weight.dtype))
+        return emb, (None if bool(mask.all()) else mask)
+
+    def cfg_drop_mask(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """Which rows lose their condition in this training step (probability cond_dropout_p)."""
+        if not self.training or self.cfg.cond_dropout_p <= 0:
+            return None
+        return torch.rand(batch, device=device) < self.cfg.cond_dropout_p
+
+    @staticmethod
+    def attention_mask(prefix_mask: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
+        """Causal mask with padded prefix keys hidden; each row always sees itself (no NaNs)."""
+        if prefix_mask is None:
+            return None
+        B, P = prefix_mask.shape
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        keys = torch.cat([prefix_mask, prefix_mask.new_ones(B, T - P)], dim=1)  # (B, T)
+        eye = torch.eye(T, dtype=torch.bool, device=device)
+        return ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+
+    # -- training / full forward
+
+    def forward(self, codes: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None, grid_size: int | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, N, V); ``logits[:, i]`` predicts ``codes[:, i]``.
+
+        codes: (B, N) image tokens in raster order, N <= grid_size**2 (a prefix of the image).
+        cond: T5 features (B, L, caption_dim) with ``cond_mask`` (B, L), or class labels (B,).
+        drop: rows whose condition is replaced by the unconditional one; by default drawn with
+        probability ``cond_dropout_p`` in training mode and none in eval mode.
+        """
+        g = grid_size or self.cfg.grid_size
+        B, N = codes.shape
+        if not 1 <= N <= g * g:
+            raise ValueError(f"expected 1..{g * g} codes for a {g}x{g} grid, got {N}")
+        if drop is None:
+            drop = self.cfg_drop_mask(B, codes.device)
+        prefix, pmask = self.embed_condition(cond, cond_mask, drop)
+        P = prefix.size(1)
+        x = torch.cat([prefix, self.tok_embed(codes[:, :-1])], dim=1)  # (B, P + N - 1, C)
+        x = self.tok_dropout(x)
+        T = x.size(1)
+        rope = self.rope(g, x.device)[:T]
+        mask = self.attention_mask(pmask, T, x.device)
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask)
+        x = self.norm(x[:, P - 1 :])  # only positions that predict image tokens
+        return self.head(x)
+
+    # -- cached generation
+
+    def setup_cache(self, batch: int, grid_size: int | None = None, dtype=None,
+                    device=None) -> None:
+        """Allocate static KV buffers for ``batch`` rows of prefix + grid**2 tokens."""
+        g = grid_size or self.cfg.grid_size
+        max_len = find_multiple(self.cfg.prefix_len + g * g, 8)
+        w = self.head.weight
+        for b in self.blocks:
+            b.attn.cache = KVCache(batch, max_len, self.cfg.kv_heads, self.cfg.head_dim,
+                                   dtype or w.dtype, device or w.device)
+        self._key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device or w.device)
+        self._all_valid = True
+        self._cache_grid = g
+
+    def clear_cache(self) -> None:
+        for b in self.blocks:
+            b.attn.cache = None
+        self._key_valid = None
+
+    def _run_cached(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        T = x.size(1)
+        end = start + T
+        rope = self.rope(self._cache_grid, x.device)[start:end]
+        if T == 1:  # one new token sees every cached key but the padded prefix
+            mask = None if self._all_valid else self._key_valid[:, None, None, :end]
+        elif self._all_valid and start == 0:
+            mask = None  # plain causal
+        else:
+            rows = torch.arange(T, device=x.device)
+            causal = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            mask = causal[None] & self._key_valid[:, None, :end]
+            mask[:, rows, rows + start] = True  # a padded query still sees itself: no NaN rows
+            mask = mask[:, None]
+        for block in self.blocks:
+            x = block(x, rope, mask, start)
+        return self.head(self.norm(x[:, -1:]))[:, 0]  # (B, V)
+
+    @torch.no_grad()
+    def prefill(self, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the condition prefix into the cache; returns logits for the first image token."""
+        prefix, pmask = self.embed_condition(cond, cond_mask, drop)
+        self._key_valid.fill_(True)
+        if pmask is not None:
+            self._key_valid[:, : pmask.size(1)] = pmask
+        self._all_valid = pmask is None
+        return self._run_cached(prefix.to(self.head.weight.dtype), 0)
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Feed image token ``pos`` (0-based, shape (B,)); returns logits for token ``pos + 1``."""
+        x = self.tok_embed(token[:, None])
+        return self._run_cached(x, self.cfg.prefix_len + pos)
+
+
+def train_flops_per_sample(cfg: GPTConfig, grid_size: int | None = None) -> float:
+    """Matmul FLOPs of forward + backward for one sample (6 x params x tokens + attention)."""
+    g = grid_size or cfg.grid_size
+    T = cfg.prefix_len + g * g - 1
+    per_layer = cfg.dim * (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim + cfg.dim**2 + 3 * cfg.dim * cfg.ffn_hidden
+    cond = cfg.caption_dim * cfg.dim + cfg.dim**2 if cfg.cond == "text" else 0
+    dense = cfg.n_layer * per_layer * T + cfg.dim * cfg.vocab_size * g * g + cond * cfg.prefix_len
+    attn = cfg.n_layer * 2 * T * T * cfg.dim  # q.k and att.v, causal counted as full (as PaLM)
+    return 3 * 2 * (dense + attn)
+
+
+def decode_bytes_per_token(model: GPT) -> int:
+    """Weight bytes a decode step must read at least once (every matrix but the embeddings)."""
+    skip = {id(model.tok_embed.weight)}
+    if isinstance(model.cond_embed, ClassEmbedder):
+        skip.add(id(model.cond_embed.table.weight))
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+

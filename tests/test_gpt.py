@@ -1,0 +1,191 @@
+import pytest
+import torch
+
+from pipeline.models.gpt import GPT, GPTConfig, apply_rope, rope_2d_table
+from pipeline.models.gpt_import import from_llamagen, load_llamagen_gpt, to_llamagen
+from tests.llamagen_reference import reference_t2i_logits
+
+# LlamaGen's published parameter counts (millions).
+PAPER_COUNTS = [
+    ("B", "text", 112.3), ("L", "text", 345.0), ("XL", "text", 777.7),
+    ("B", "class", 110.9), ("L", "class", 342.9), ("XL", "class", 774.7),
+    ("XXL", "class", 1411.0), ("3B", "class", 3096.7),
+]
+
+
+@pytest.mark.parametrize("name,cond,millions", PAPER_COUNTS)
+def test_preset_parameter_counts(name, cond, millions):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name(name, cond=cond))
+    assert round(model.num_params() / 1e6, 1) == pytest.approx(millions, abs=0.05)
+
+
+def test_3b_has_head_dim_100_and_swiglu_hidden():
+    cfg = GPTConfig.from_name("3B")
+    assert cfg.head_dim == 100
+    assert cfg.ffn_hidden == 8704  # multiple_of_256(int(8*3200/3) = 8533)
+    assert GPTConfig.from_name("XL").ffn_hidden == 3584
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(KeyError, match="unknown GPT preset 'XS'"):
+        GPTConfig.from_name("XS")
+
+
+def tiny(**kw):
+    base = dict(caption_dim=16, max_text_tokens=6, grid_size=4, vocab_size=64,
+                token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    return GPTConfig.from_name("debug", **{**base, **kw})
+
+
+def random_batch(cfg, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, cfg.vocab_size, (B, cfg.image_tokens), generator=g)
+    feats = torch.randn(B, cfg.max_text_tokens, cfg.caption_dim, generator=g)
+    lengths = torch.tensor([cfg.max_text_tokens, 3, 1][:B])
+    mask = torch.arange(cfg.max_text_tokens)[None] >= cfg.max_text_tokens - lengths[:, None]
+    return codes, feats, mask
+
+
+def test_rope_relative_position_property():
+    cfg = GPTConfig(dim=64, n_head=2, grid_size=8, max_text_tokens=3)
+    table = rope_2d_table(cfg)
+    P, g = cfg.prefix_len, cfg.grid_size
+    q = torch.randn(1, 1, 1, cfg.head_dim)
+    k = torch.randn(1, 1, 1, cfg.head_dim)
+
+    def score(pos_q, pos_k):
+        idx_q, idx_k = P + pos_q[0] * g + pos_q[1], P + pos_k[0] * g + pos_k[1]
+        return (apply_rope(q, table[idx_q : idx_q + 1]) * apply_rope(k, table[idx_k : idx_k + 1])).sum()
+
+    base = score((1, 2), (3, 1))
+    for dy, dx in [(1, 0), (0, 3), (2, 2), (4, 1)]:
+        shifted = score((1 + dy, 2 + dx), (3 + dy, 1 + dx))
+        assert torch.allclose(base, shifted, atol=1e-5)
+    assert not torch.allclose(base, score((1, 2), (3, 2)), atol=1e-3)  # positions matter
+
+
+def test_prefix_rope_identity_by_default_and_zero_in_llamagen_mode():
+    cfg = GPTConfig(dim=64, n_head=2, grid_size=4, max_text_tokens=5)
+    x = torch.randn(1, 5, 2, 32)
+    assert torch.equal(apply_rope(x, rope_2d_table(cfg)[:5]), x)
+    zero = rope_2d_table(cfg.replace(rope_prefix="llamagen"))[:5]
+    assert torch.count_nonzero(apply_rope(x, zero)) == 0  # q and k of the prefix vanish
+
+
+def test_grid_can_grow_for_stage_two():
+    model = GPT(tiny()).eval()
+    codes = torch.randint(0, 64, (1, 64))
+    feats = torch.randn(1, 6, 16)
+    assert model(codes, feats, grid_size=8).shape == (1, 64, 64)
+
+
+def test_causal_masking():
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)  # zero-init head would hide everything
+    codes, feats, mask = random_batch(cfg)
+    out = model(codes, feats, mask)
+    j = 7
+    changed = codes.clone()
+    changed[:, j] = (changed[:, j] + 1) % cfg.vocab_size
+    out2 = model(changed, feats, mask)
+    assert torch.allclose(out[:, : j + 1], out2[:, : j + 1], atol=1e-6)  # predictions up to j
+    assert not torch.allclose(out[:, j + 1 :], out2[:, j + 1 :], atol=1e-4)
+
+
+def test_padded_caption_tokens_are_ignored():
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    codes, feats, mask = random_batch(cfg)
+    noisy = torch.where(mask[..., None], feats, torch.randn_like(feats) * 10)
+    assert torch.allclose(model(codes, feats, mask), model(codes, noisy, mask), atol=1e-5)
+    # and shorter unpadded input is left-padded the same way
+    short = feats[1:2, -3:]
+    assert torch.allclose(model(codes[1:2], short), model(codes[1:2], feats[1:2], mask[1:2]), atol=1e-5)
+
+
+def test_output_head_is_zero_initialised():
+    model = GPT(tiny())
+    assert torch.count_nonzero(model.head.weight) == 0
+
+
+def test_cfg_dropout_uses_unconditional_caption():
+    cfg = tiny(cond_dropout_p=1.0)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    codes, feats, mask = random_batch(cfg)
+    model.train()
+    dropped = model(codes, feats, mask)  # every row dropped (p=1)
+    model.eval()
+    all_drop = torch.ones(3, dtype=torch.bool)
+    assert torch.allclose(dropped, model(codes, feats, mask, drop=all_drop), atol=1e-6)
+    assert torch.allclose(dropped, model(codes, torch.randn_like(feats), mask, drop=all_drop), atol=1e-6)
+    assert not torch.allclose(dropped, model(codes, feats, mask), atol=1e-4)
+
+
+def test_drop_rate_is_about_ten_percent():
+    model = GPT(tiny()).train()
+    torch.manual_seed(1)
+    rate = torch.cat([model.cfg_drop_mask(1000, torch.device("cpu")) for _ in range(10)]).float().mean()
+    assert 0.08 < rate < 0.12
+
+
+def test_class_conditional_null_class():
+    cfg = tiny(cond="class", num_classes=10)
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    codes = torch.randint(0, 64, (2, 16))
+    labels = torch.tensor([3, 7])
+    out = model(codes, labels)
+    assert out.shape == (2, 16, 64)
+    dropped = model(codes, labels, drop=torch.tensor([True, True]))
+    assert torch.allclose(dropped, model(codes, torch.tensor([10, 10])), atol=1e-6)
+
+
+@pytest.mark.parametrize("cond", ["text", "class"])
+def test_kv_cache_matches_full_forward(cond):
+    cfg = tiny(cond=cond, num_classes=10, n_kv_head=1)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    codes, feats, mask = random_batch(cfg)
+    c, m = (feats, mask) if cond == "text" else (torch.tensor([1, 2, 3]), None)
+    full = model(codes, c, m)
+    model.setup_cache(3)
+    steps = [model.prefill(c, m)]
+    for i in range(cfg.image_tokens - 1):
+        steps.append(model.decode_step(codes[:, i], i))
+    model.clear_cache()
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+
+
+def test_llamagen_import_matches_reference_forward(tmp_path):
+    cfg = tiny(rope_prefix="llamagen")
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    for name, p in ours.named_parameters():  # large q/k so attention is far from uniform
+        torch.nn.init.normal_(p, std=0.5 if "qkv" in name else 0.05)
+    theirs = to_llamagen(ours.state_dict())
+    assert "layers.0.attention.wqkv.weight" in theirs and "cls_embedding.uncond_embedding" in theirs
+    torch.save({"model": theirs, "steps": 10}, tmp_path / "ckpt.pt")
+    loaded = load_llamagen_gpt(str(tmp_path / "ckpt.pt"), cfg).eval()
+    codes, feats, mask = random_batch(cfg)
+    ref = reference_t2i_logits(theirs, cfg.n_head, cfg.grid_size, feats, mask, codes)
+    assert torch.allclose(loaded(codes, feats, mask), ref, atol=1e-4)
+    assert from_llamagen(to_llamagen(ours.state_dict())).keys() == ours.state_dict().keys()
+    # the default (identity) prefix rotation is a different model: it must differ
+    default = GPT(cfg.replace(rope_prefix="identity")).eval()
+    default.load_state_dict(loaded.state_dict())
+    assert not torch.allclose(default(codes, feats, mask), ref, atol=1e-3)
+
+
+def test_import_rejects_mismatched_checkpoint(tmp_path):
+    theirs = to_llamagen(GPT(tiny()).state_dict())
+    torch.save({"model": theirs}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_llamagen_gpt(str(tmp_path / "ckpt.pt"), tiny(dim=128, n_head=4))
