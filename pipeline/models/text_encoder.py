@@ -107,8 +107,10 @@ class TextEncoder:
             log.warning("T5 in float16 may overflow to inf/nan; bfloat16 is the safe choice")
         # AutoTokenizer reads tokenizer_config.json; T5Tokenizer(vocab_file=...) would silently
         # ignore the file (see ENVIRONMENT.md).
-        tokenizer = AutoTokenizer.from_pretrained(local_dir)
-        model = T5EncoderModel.from_pretrained(local_dir, dtype=torch_dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
+        model = T5EncoderModel.from_pretrained(
+            local_dir, dtype=torch_dtype, local_files_only=True
+        ).to(device)
         random_weights = bool(getattr(model.config, RANDOM_WEIGHTS_KEY, False))
         if random_weights:
             log.warning(
