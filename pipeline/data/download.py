@@ -1,0 +1,420 @@
+"""The download stage: metadata -> raw WebDataset shards, through img2dataset 1.47.
+
+``run_download(cfg)`` does, each step resumable:
+
+1. metadata -> work units (``pipeline.data.metadata``) in ``{output}/_meta/units/``;
+2. the private-address guard (``pipeline.data.netguard``) -> img2dataset's input in
+   ``{output}/_meta/input/``. A refused row stays in its unit with its URL rewritten to
+   ``t2i-refused-<reason>:<url>``: urllib fails it at once with no network traffic, the shard's
+   parquet keeps the row and its reason, and unit i stays shard i;
+3. img2dataset (``distributor`` multiprocessing on one box, ray on a cluster) writes
+   ``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` per unit into ``{output}``;
+4. shards without ``_stats.json`` (img2dataset's ray distributor never retries) get their partial
+   files removed and are run again, up to ``shard_retry_rounds`` times; the rest are reported;
+5. per-shard stats are summed into ``{output}/_meta/download_stats.json`` with counts per reason,
+   next to the resolved ``download_config.yaml``.
+
+Nothing but img2dataset's own files goes at the top of ``{output}``: its incremental mode parses
+every ``*.json`` there as a shard number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import doc, save_config
+from pipeline.data.metadata import MetadataConfig, prepare_units
+from pipeline.data.netguard import AddressGuard
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+SHARD_DIGITS = 5  # 00000.tar: img2dataset's oom_shard_count
+REFUSED_PREFIX = "t2i-refused-"
+DEFAULT_OPT_OUT = ["noai", "noimageai", "noindex", "noimageindex"]
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Everything the download stage needs; saved beside its output."""
+
+    input: str = doc("metadata parquet: a file, a folder or a glob; local or s3://")
+    output: str = doc("raw shard folder, local or s3://")
+    metadata: MetadataConfig = doc("columns, de-duplication and unit size", MetadataConfig())
+    distributor: Literal["multiprocessing", "ray"] = doc(
+        "multiprocessing for one box, ray for a cluster", "multiprocessing"
+    )
+    ray_address: str | None = doc(
+        "Ray cluster to join ('auto' on a cluster node); unset: $RAY_ADDRESS, else a local Ray",
+        None,
+    )
+    processes: int = doc("worker processes (multiprocessing; CPUs of a local Ray)", 2)
+    threads: int = doc("download threads per process", 64)
+    image_size: int = doc("target size in pixels (see resize_mode)", 256)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = doc(
+        "img2dataset resize mode", "center_crop"
+    )
+    resize_only_if_bigger: bool = doc("never upscale", False)
+    min_image_size: int = doc("drop images whose shorter side is smaller (pixels)", 64)
+    max_aspect_ratio: float = doc("drop images more elongated than this", 3.0)
+    max_image_pixels: int = doc(
+        "decompression-bomb guard: refuse images whose header claims more pixels", 100_000_000
+    )
+    encode_format: Literal["jpg", "png", "webp"] = doc("image format in the shards", "jpg")
+    encode_quality: int = doc("JPEG/WebP quality (PNG: compression 0-9)", 95)
+    timeout_s: int = doc("per-request timeout in seconds", 10)
+    retries: int = doc("extra attempts per URL", 0)
+    shard_retry_rounds: int = doc("reruns of shards that failed as a whole", 3)
+    user_agent_token: str | None = doc(
+        "token added to the User-Agent; X-Robots-Tag directives aimed at it are honoured",
+        "img2dataset",
+    )
+    disallowed_header_directives: list[str] = doc(
+        "X-Robots-Tag directives that forbid use of an image (opt-out); [] disables the check",
+        DEFAULT_OPT_OUT,
+    )
+    allow_private_addresses: bool = doc(
+        "fetch from private/loopback/link-local/reserved addresses (never in production)", False
+    )
+    allow_loopback: bool = doc("fetch from 127.0.0.0/8 and ::1 only (tests, the local demo)", False)
+    dns_threads: int = doc("concurrent DNS lookups of the address guard", 32)
+    compute_hash: Literal["md5", "sha256", "sha512"] | None = doc(
+        "hash of the original bytes stored per sample", "sha256"
+    )
+    extract_exif: bool = doc("store EXIF in each sample's json (slower)", False)
+    overwrite: bool = doc("delete the output first instead of resuming", False)
+    tmp_dir: str | None = doc("scratch folder for img2dataset (TMPDIR); default: a new temp dir", None)
+
+    def __post_init__(self) -> None:
+        for name in ("processes", "threads", "image_size", "timeout_s", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shard_retry_rounds < 0 or self.retries < 0:
+            raise ValueError("shard_retry_rounds and retries must be >= 0")
+
+
+@dataclass
+class DownloadResult:
+    """What a run achieved; ``failed_shards`` empty means every unit has a finished shard."""
+
+    output: str
+    shards_total: int
+    shards_done: int
+    failed_shards: list[int]
+    stats: dict[str, Any] = field(repr=False)
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def shard_name(i: int) -> str:
+    return f"{i:0{SHARD_DIGITS}d}"
+
+
+def meta_dir(output: str) -> str:
+    return storage.join(output, "_meta")
+
+
+def done_shards(output: str) -> set[int]:
+    """Shard ids whose ``_stats.json`` exists (img2dataset's done marker)."""
+    out = set()
+    for name in storage.list_dir(output, "_stats.json"):
+        head = name.split("_", 1)[0]
+        if head.isdigit():
+            out.add(int(head))
+    return out
+
+
+# --- the address guard ---------------------------------------------------------------------------
+
+
+def refused_url(reason: str, url: str) -> str:
+    """A URL urllib rejects at once ("unknown url type") that still names the original."""
+    return f"{REFUSED_PREFIX}{reason.replace('_', '-')}:{url}"
+
+
+def guard_units(
+    units_dir: str, input_dir: str, unit_names: list[str], guard: AddressGuard
+) -> Counter:
+    """Write img2dataset's input for each unit not yet guarded; returns refusal counts."""
+    counts: Counter = Counter()
+    have = set(storage.list_dir(input_dir, ".parquet"))
+    for name in unit_names:
+        if name in have:
+            continue  # guarded in an earlier run: keep that decision, shard numbering relies on it
+        with storage.open_read(storage.join(units_dir, name)) as f:
+            table = pq.read_table(f)
+        urls = table.column("url").to_pylist()
+        reasons = guard.check_many(urls)
+        new_urls = [u if r is None else refused_url(r, u) for u, r in zip(urls, reasons)]
+        for r in reasons:
+            counts[r or "allowed"] += 1
+        table = table.set_column(table.schema.get_field_index("url"), "url", pa.array(new_urls))
+        with storage.open_write(storage.join(input_dir, name)) as f:
+            pq.write_table(table, f)
+    return counts
+
+
+# --- img2dataset -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _img2dataset_env(cfg: DownloadConfig) -> Iterator[str]:
+    """Environment img2dataset needs (also inherited by its workers); restored afterwards."""
+    tmp = cfg.tmp_dir or tempfile.mkdtemp(prefix="t2i-download-")
+    os.makedirs(tmp, exist_ok=True)
+    env = {
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "WANDB_MODE": "disabled",
+        "WANDB_SILENT": "true",
+        "TMPDIR": tmp,
+        # second line of the bomb guard, for images Pillow cannot parse but OpenCV can
+        "OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_image_pixels),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    tempfile.tempdir = None
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(ValueError):  # img2dataset replaces the SIGINT handler
+            signal.signal(signal.SIGINT, sigint)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tempfile.tempdir = None
+        if cfg.tmp_dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ray_session(cfg: DownloadConfig) -> Iterator[None]:
+    """Join a Ray cluster or start a local Ray (only what this function started is shut down)."""
+    if cfg.distributor != "ray":
+        yield
+        return
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE",
+                                           "OPENCV_IO_MAX_IMAGE_PIXELS") if k in os.environ}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.processes, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _run_img2dataset(cfg: DownloadConfig, input_dir: str) -> None:
+    """One img2dataset pass in incremental mode (done shards are skipped)."""
+    import functools
+    import importlib
+
+    from pipeline.data.image_guard import GuardedResizer
+
+    # the package re-exports a function named ``main``: fetch the module itself
+    i2d = importlib.import_module("img2dataset.main")
+
+    extras = list(cfg.metadata.extra_columns) or None
+    original = i2d.Resizer
+    # img2dataset builds its Resizer itself: hand it ours (pickled by reference to workers)
+    i2d.Resizer = functools.partial(GuardedResizer, max_pixels=cfg.max_image_pixels)
+    try:
+        i2d.download(
+            url_list=input_dir,
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=extras,
+            output_folder=cfg.output,
+            output_format="webdataset",
+            number_sample_per_shard=cfg.metadata.rows_per_unit,
+            oom_shard_count=SHARD_DIGITS,
+            distributor=cfg.distributor,
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            image_size=cfg.image_size,
+            resize_mode=cfg.resize_mode,
+            resize_only_if_bigger=cfg.resize_only_if_bigger,
+            min_image_size=cfg.min_image_size,
+            max_aspect_ratio=cfg.max_aspect_ratio,
+            max_image_area=float(cfg.max_image_pixels),
+            encode_format=cfg.encode_format,
+            encode_quality=cfg.encode_quality,
+            timeout=cfg.timeout_s,
+            retries=cfg.retries,
+            user_agent_token=cfg.user_agent_token,
+            # never None here: img2dataset reads None as "the defaults" and [] as "no check"
+            disallowed_header_directives=list(cfg.disallowed_header_directives),
+            compute_hash=cfg.compute_hash,
+            extract_exif=cfg.extract_exif,
+            incremental_mode="incremental",  # "overwrite" is broken in 1.47
+            max_shard_retry=1,
+            enable_wandb=False,
+        )
+    finally:
+        i2d.Resizer = original
+
+
+def _remove_partial(output: str, shard: int) -> None:
+    for suffix in (".tar", ".parquet"):
+        storage.remove(storage.join(output, shard_name(shard) + suffix), recursive=True)
+
+
+# --- stats ---------------------------------------------------------------------------------------
+
+# img2dataset's status strings -> short reasons; first match wins.
+_REASONS: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^success$"), "success"),
+    (re.compile(r"unknown url type: '?" + REFUSED_PREFIX + r"([a-z-]+)"), "refused_{0}"),
+    (re.compile(r"HTTP Error (\d{3})"), "http_{0}"),
+    (re.compile(r"decompression bomb|CV_IO_MAX_IMAGE_PIXELS|image area too large"),
+     "decompression_bomb"),
+    (re.compile(r"not an image"), "not_an_image"),
+    (re.compile(r"Image decoding error|image conversion error"), "decode_error"),
+    (re.compile(r"image too small"), "too_small"),
+    (re.compile(r"aspect ratio too large"), "aspect_ratio"),
+    (re.compile(r"X-Robots-Tag"), "opted_out"),
+    (re.compile(r"timed out|[Tt]imeout"), "timeout"),
+    (re.compile(r"Connection refused"), "connection_refused"),
+    (re.compile(r"Connection reset|Remote end closed|RemoteDisconnected|IncompleteRead|"
+                r"BadStatusLine"), "connection_error"),
+    (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo|"
+                r"Temporary failure in name resolution|No address associated"), "dns_error"),
+    (re.compile(r"SSL|CERTIFICATE"), "ssl_error"),
+    (re.compile(r"unknown url type|no host given"), "bad_url"),
+    (re.compile(r"hash mismatch"), "hash_mismatch"),
+]
+
+
+def reason_of(status: str) -> str:
+    """A short, stable reason for one of img2dataset's status / error strings."""
+    for pattern, template in _REASONS:
+        m = pattern.search(status)
+        if m:
+            return template.format(*(g.replace("-", "_") for g in m.groups()))
+    return "other"
+
+
+def aggregate_stats(output: str, shards_total: int) -> dict[str, Any]:
+    """Sum every ``{shard}_stats.json`` under ``output`` into counts per reason."""
+    samples: Counter = Counter()
+    statuses: Counter = Counter()
+    done = sorted(i for i in done_shards(output) if i < shards_total)
+    for i in done:
+        try:
+            s = storage.read_json(storage.join(output, f"{shard_name(i)}_stats.json"))
+        except (ValueError, OSError) as e:
+            log.warning("unreadable stats for shard %d: %s", i, e)
+            continue
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            samples[k] += int(s.get(k, 0))
+        statuses.update({str(k): int(v) for k, v in s.get("status_dict", {}).items()})
+    by_reason: Counter = Counter()
+    for status, n in statuses.items():
+        by_reason[reason_of(status)] += n
+    return {
+        "shards": {
+            "total": shards_total,
+            "done": len(done),
+            "failed": sorted(set(range(shards_total)) - set(done)),
+        },
+        "samples": dict(samples),
+        "by_reason": dict(by_reason.most_common()),
+        # the raw strings, for reasons the table above does not know yet
+        "statuses": dict(statuses.most_common(100)),
+    }
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+def run_download(cfg: DownloadConfig) -> DownloadResult:
+    """Download every unit of ``cfg.input`` into raw shards under ``cfg.output`` (resumable)."""
+    start = time.time()
+    if cfg.overwrite:
+        log.info("overwrite: deleting %s", cfg.output)
+        storage.remove(cfg.output, recursive=True)
+    storage.makedirs(cfg.output)
+    meta = meta_dir(cfg.output)
+    units_dir, input_dir = storage.join(meta, "units"), storage.join(meta, "input")
+
+    existing = done_shards(cfg.output)
+    units_stats = prepare_units(cfg.input, units_dir, cfg.metadata)
+    state_uri = storage.join(meta, "state.json")
+    state = storage.read_json(state_uri) if storage.exists(state_uri) else None
+    if state and state.get("units_fingerprint") != units_stats["fingerprint"]:
+        if existing:
+            raise RuntimeError(
+                f"{cfg.output} holds shards made from other metadata or unit settings; "
+                "use a new output folder or overwrite=true"
+            )
+        storage.remove(input_dir, recursive=True)
+    storage.write_json(state_uri, {"units_fingerprint": units_stats["fingerprint"]})
+    unit_names = [u["name"] for u in units_stats["units"]]
+    total = len(unit_names)
+    save_config(cfg, storage.join(meta, "download_config.yaml"))
+
+    guard = AddressGuard(
+        allow_loopback=cfg.allow_loopback,
+        allow_private=cfg.allow_private_addresses,
+        threads=cfg.dns_threads,
+    )
+    guard_counts = guard_units(units_dir, input_dir, unit_names, guard)
+    if guard_counts:
+        log.info("address guard: %s (%d DNS lookups)", dict(guard_counts), guard.lookups)
+
+    missing = sorted(set(range(total)) - done_shards(cfg.output))
+    if total and not missing:
+        log.info("all %d shards already done in %s", total, cfg.output)
+    with _img2dataset_env(cfg), _ray_session(cfg):
+        for attempt in range(cfg.shard_retry_rounds + 1):
+            if not missing:
+                break
+            if attempt:
+                log.warning("retry %d/%d of %d failed shards: %s", attempt,
+                            cfg.shard_retry_rounds, len(missing), missing[:20])
+                for i in missing:  # whatever a failed shard left behind goes before its rerun
+                    _remove_partial(cfg.output, i)
+            try:
+                _run_img2dataset(cfg, input_dir)
+            except Exception:  # noqa: BLE001 - finished shards are safe; check what is missing
+                log.exception("img2dataset pass %d stopped with an error", attempt + 1)
+            missing = sorted(set(range(total)) - done_shards(cfg.output))
+    storage.remove(storage.join(cfg.output, "_tmp"), recursive=True)
+
+    stats = aggregate_stats(cfg.output, total)
+    stats["metadata"] = units_stats["counts"]
+    stats["guard_this_run"] = dict(guard_counts)
+    stats["duration_s"] = round(time.time() - start, 3)
+    storage.write_json(storage.join(meta, "download_stats.json"), stats)
+    failed = stats["shards"]["failed"]
+    if failed:
+        log.error("%d of %d shards still failed after %d retry rounds: %s; rerun to retry them",
+                  len(failed), total, cfg.shard_retry_rounds, failed[:50])
+    log.info("download: %d/%d shards done, samples %s, reasons %s", stats["shards"]["done"],
+             total, stats["samples"], stats["by_reason"])
+    return DownloadResult(cfg.output, total, stats["shards"]["done"], failed, stats)

@@ -1,0 +1,99 @@
+"""Checks and normalises each downloaded image before img2dataset's resizer sees it.
+
+img2dataset 1.47 decodes with ``cv2.imdecode(..., IMREAD_UNCHANGED)``, which (measured here):
+- keeps 16-bit PNGs as uint16 and then saturates them to white when encoding JPEG;
+- keeps grayscale images single-channel, so the shard holds a mix of 1- and 3-channel JPEGs;
+- decodes whatever size a header claims (up to OpenCV's 2**30-pixel cap), a decompression bomb.
+
+``GuardedResizer`` wraps img2dataset's ``Resizer``: it reads the header with Pillow (no pixel
+decoding), refuses images above ``max_pixels`` with a constant error string (so the stats count
+it by reason), and converts anything that is not plain 8-bit RGB (16-bit, grayscale, CMYK,
+palette, alpha, GIF) to 8-bit RGB (alpha over white, as img2dataset does) before the normal
+resize path. Plain 8-bit RGB images, the vast majority, take the unchanged fast path.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from img2dataset.resizer import Resizer
+from PIL import Image
+
+# Error strings written into img2dataset's per-shard status_dict (keep them constant).
+ERR_BOMB = "decompression bomb (image larger than max_image_pixels)"
+ERR_NOT_IMAGE = "not an image (unrecognised format)"
+ERR_CONVERT = "image conversion error"
+
+# Formats OpenCV decodes itself; anything else (GIF, ...) goes through Pillow.
+_CV2_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
+
+
+def needs_conversion(im: Image.Image) -> bool:
+    """True unless ``im`` is 8-bit RGB in a format OpenCV decodes the same way."""
+    if im.format not in _CV2_FORMATS or im.mode != "RGB":
+        return True
+    rawmode = str(im.tile[0][3]) if im.tile else ""
+    return ";16" in rawmode  # a 16-bit PNG that Pillow reports as RGB
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``im``: 16-bit scaled down, alpha composited over white."""
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        # 16-bit sources (I;16*, or I holding 0..65535) are scaled, 8-bit-range data kept
+        if mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+class GuardedResizer(Resizer):
+    """img2dataset's Resizer behind a size check and an 8-bit RGB conversion."""
+
+    def __init__(self, *args, max_pixels: int = 100_000_000, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_pixels = max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        fail = (None, None, None, None, None)
+        if self.disable_all_reencoding:
+            return super().__call__(img_stream, blurring_bbox_list)
+        img_stream.seek(0)
+        raw = img_stream.read()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(raw))  # reads the header only
+        except Image.DecompressionBombError:
+            return (*fail, ERR_BOMB)
+        except Exception:  # noqa: BLE001 - Pillow raises many types for garbage
+            # not something Pillow knows: let OpenCV have a go (it reports decoding errors)
+            out = super().__call__(io.BytesIO(raw), blurring_bbox_list)
+            return out if out[-1] != "Image decoding error" else (*fail, ERR_NOT_IMAGE)
+        w, h = im.size
+        if w * h > self.max_pixels:
+            return (*fail, ERR_BOMB)
+        if needs_conversion(im):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    rgb = to_rgb8(im)
+                buf = io.BytesIO()
+                rgb.save(buf, "PNG", compress_level=1)  # lossless hand-over to the resizer
+                raw = buf.getvalue()
+            except Exception:  # noqa: BLE001 - truncated or corrupt pixel data
+                return (*fail, "Image decoding error")
+        return super().__call__(io.BytesIO(raw), blurring_bbox_list)

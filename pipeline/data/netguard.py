@@ -1,0 +1,156 @@
+"""Refuse URLs that point inside the network: private, loopback, link-local, reserved, multicast.
+
+A web-scale URL list is untrusted input. Without this check a row such as
+``http://169.254.169.254/latest/meta-data/`` or ``http://10.0.0.5/admin`` would make every
+download worker fetch from the cluster's own network (SSRF). ``AddressGuard`` resolves each host
+once (cached per host, resolved on a thread pool) and classifies every address it resolves to with
+the ``ipaddress`` module; a URL is refused if ANY of its addresses is not public. Literal IP hosts
+are classified without any network traffic.
+
+Limits, said plainly: the check happens before img2dataset fetches, so a host whose DNS answer
+changes between the check and the fetch (DNS rebinding), or a public URL that redirects to a
+private one, is not caught here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+# getaddrinfo-like: (host, port) -> list of address strings
+Resolver = Callable[[str, int], list[str]]
+
+ALLOWED_SCHEMES = ("http", "https")
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """All addresses ``host`` resolves to, through the system resolver."""
+    infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    return sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
+
+
+def classify_address(
+    address: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+    allow_loopback: bool = False,
+    allow_private: bool = False,
+) -> str | None:
+    """Why ``address`` may not be fetched from (``"loopback"``, ``"private"``, ...), or None.
+
+    ``allow_private`` allows every non-public class (a lab network); ``allow_loopback`` allows only
+    127.0.0.0/8 and ::1 (tests that serve from 127.0.0.1).
+    """
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        # ::ffff:10.0.0.1 and 64:ff9b::10.0.0.1 reach IPv4 addresses: judge those
+        mapped = ip.ipv4_mapped or ip.sixtofour
+        if mapped is not None:
+            return classify_address(mapped, allow_loopback, allow_private)
+    if allow_private:
+        return None
+    # order matters: 127.0.0.1 is also "private" in ipaddress's sense
+    if ip.is_loopback:
+        return None if allow_loopback else "loopback"
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_link_local:
+        return "link_local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if not ip.is_global:  # shared address space 100.64/10 and the like
+        return "private"
+    return None
+
+
+class AddressGuard:
+    """Decides per URL whether it may be fetched; one DNS lookup per host, cached."""
+
+    def __init__(
+        self,
+        allow_loopback: bool = False,
+        allow_private: bool = False,
+        resolver: Resolver = system_resolver,
+        threads: int = 32,
+    ) -> None:
+        self.allow_loopback = allow_loopback
+        self.allow_private = allow_private
+        self.resolver = resolver
+        self.threads = threads
+        self._cache: dict[tuple[str, int], str | None] = {}
+        self._lock = threading.Lock()
+        self.lookups = 0  # DNS lookups actually made (cache misses), for tests and logs
+
+    def _judge_host(self, host: str, port: int) -> str | None:
+        try:
+            literal = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            literal = None
+        if literal is not None:  # an IP literal: classify, no network
+            return classify_address(literal, self.allow_loopback, self.allow_private)
+        if self.allow_private:
+            return None  # everything is allowed: no reason to resolve
+        with self._lock:
+            self.lookups += 1
+        try:
+            addresses = self.resolver(host, port)
+        except (OSError, UnicodeError, ValueError):
+            return "unresolvable_host"
+        if not addresses:
+            return "unresolvable_host"
+        for a in addresses:
+            try:
+                reason = classify_address(a, self.allow_loopback, self.allow_private)
+            except ValueError:
+                return "unresolvable_host"
+            if reason is not None:
+                return reason
+        return None
+
+    @staticmethod
+    def _host_port(url: str) -> tuple[str, int] | str:
+        """(host, port) of ``url``, or the reason it cannot be fetched at all."""
+        try:
+            parts = urlsplit(url.strip())
+            scheme = parts.scheme.lower()
+            host = parts.hostname
+            port = parts.port
+        except ValueError:
+            return "bad_url"
+        if scheme not in ALLOWED_SCHEMES:
+            return "bad_url_scheme"
+        if not host:
+            return "bad_url"
+        return host.lower().rstrip("."), port or (443 if scheme == "https" else 80)
+
+    def check(self, url: str) -> str | None:
+        """The reason ``url`` is refused, or None when it may be fetched."""
+        hp = self._host_port(url)
+        if isinstance(hp, str):
+            return hp
+        with self._lock:
+            if hp in self._cache:
+                return self._cache[hp]
+        reason = self._judge_host(*hp)
+        with self._lock:
+            self._cache[hp] = reason
+        return reason
+
+    def check_many(self, urls: Iterable[str]) -> list[str | None]:
+        """``check`` for each URL, resolving distinct hosts concurrently."""
+        urls = list(urls)
+        hosts = {hp for hp in map(self._host_port, urls) if not isinstance(hp, str)}
+        with self._lock:
+            todo = [hp for hp in hosts if hp not in self._cache]
+        if len(todo) > 1 and self.threads > 1:
+            with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
+                results = list(pool.map(lambda hp: self._judge_host(*hp), todo))
+            with self._lock:
+                self._cache.update(zip(todo, results))
+        return [self.check(u) for u in urls]
