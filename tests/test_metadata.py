@@ -1,0 +1,185 @@
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.data import synthetic
+from pipeline.data.metadata import (
+    STATS_NAME,
+    MetadataConfig,
+    clean_caption,
+    clean_url,
+    list_inputs,
+    prepare_units,
+)
+
+
+def _laion(n: int, offset: int = 0) -> pa.Table:
+    samples = synthetic.make_samples(n, seed=offset)
+    urls = [f"http://img.example/{offset + i}.jpg" for i in range(n)]
+    return pa.Table.from_pandas(synthetic.laion_coco_table(samples, urls), preserve_index=False)
+
+
+def _read_units(folder: str) -> list[pa.Table]:
+    return [pq.read_table(os.path.join(folder, n)) for n in storage.list_dir(folder, ".parquet")]
+
+
+def _messy_table() -> pa.Table:
+    """LAION-COCO columns with every kind of bad row; captions as raw bytes (one not UTF-8)."""
+    urls = [
+        "http://a.example/1.jpg",
+        "http://a.example/1.jpg",  # duplicate
+        "  http://a.example/2.jpg  ",  # whitespace around: stripped, then kept
+        None,
+        "",
+        "   ",
+        "file:///etc/passwd",
+        "ftp://a.example/3.jpg",
+        "http://a.example/4.jpg",
+        "http://a.example/5.jpg",
+        "http://a.example/6.jpg",
+        "http://a.example/7.jpg",
+        "http://a.example/2.jpg",  # duplicate of the stripped one
+    ]
+    captions = [
+        b"  a red   circle\non white ",
+        b"dup",
+        b"second",
+        b"no url",
+        b"empty url",
+        b"blank url",
+        b"file",
+        b"ftp",
+        None,  # missing caption
+        b"",  # empty caption
+        b"caf\xe9 \xff broken",  # Latin-1 bytes: not UTF-8
+        b"x" * 10_000,
+        b"dup2",
+    ]
+    similarity = [0.3, 0.3, float("nan"), 0.3, 0.3, 0.3, 0.3, 0.3, None, 0.3, 0.3, 0.3, 0.3]
+    width = [256, 256, None, 256, 256, 256, 256, 256, 256, 256, 256, 256, 256]
+    return pa.table(
+        {
+            "URL": pa.array(urls, pa.string()),
+            # a string column holding invalid UTF-8, as real dumps sometimes do
+            "TEXT": pa.array(captions, pa.binary()).view(pa.string()),
+            "similarity": pa.array(similarity, pa.float64(), from_pandas=True),
+            "WIDTH": pa.array(width, pa.int64()),
+        }
+    )
+
+
+def test_clean_url_and_caption_rules():
+    assert clean_url(float("nan")) == (None, "missing_url")
+    assert clean_url("  ") == (None, "missing_url")
+    assert clean_url("javascript:alert(1)") == (None, "bad_url_scheme")
+    assert clean_url("http://") == (None, "bad_url")
+    assert clean_url("http://a b.example/x.jpg") == (None, "bad_url")
+    assert clean_url(" HTTPS://x.example/a.jpg ") == ("HTTPS://x.example/a.jpg", None)
+    assert clean_caption(float("nan"), 10) == ("", ["missing_caption"])
+    assert clean_caption(12.5, 10) == ("12.5", ["caption_not_string"])
+    assert clean_caption(" a\t\tb\x00c ", 10) == ("a b c", [])
+    text, notes = clean_caption(b"\xffok", 10)
+    assert text == "\ufffdok" and notes == ["caption_not_utf8"]
+    assert clean_caption("abcdefghijkl", 5) == ("abcde", ["caption_truncated"])
+
+
+def test_messy_rows_are_counted_and_units_are_clean(tmp_path):
+    src = tmp_path / "meta.parquet"
+    pq.write_table(_messy_table(), src)
+    cfg = MetadataConfig(extra_columns=["similarity", "WIDTH", "punsafe"], rows_per_unit=3,
+                         max_caption_chars=1000)
+    stats = prepare_units(str(src), str(tmp_path / "units"), cfg)
+    c = stats["counts"]
+    assert c["rows_read"] == 13
+    assert c["duplicate_url"] == 2
+    assert c["missing_url"] == 3
+    assert c["bad_url_scheme"] == 2
+    assert c["rows_kept"] == 6
+    assert c["missing_caption"] == 1 and c["empty_caption"] == 1
+    assert c["caption_not_utf8"] == 1 and c["caption_truncated"] == 1
+    assert c["null_similarity"] == 1 + 1  # the NaN and the None of kept rows
+    assert c["null_WIDTH"] == 1
+    assert c["missing_column_punsafe"] == 13  # configured but absent: null, counted
+    assert [u["rows"] for u in stats["units"]] == [3, 3]
+
+    rows = pa.concat_tables(_read_units(str(tmp_path / "units"))).to_pylist()
+    assert [r["url"] for r in rows] == [
+        "http://a.example/1.jpg", "http://a.example/2.jpg", "http://a.example/4.jpg",
+        "http://a.example/5.jpg", "http://a.example/6.jpg", "http://a.example/7.jpg",
+    ]
+    caps = [r["caption"] for r in rows]
+    assert caps[0] == "a red circle on white"
+    assert caps[2] == "" and caps[3] == ""
+    assert "\ufffd" in caps[4] and caps[4].startswith("caf")
+    assert caps[5] == "x" * 1000
+    assert rows[1]["similarity"] is None and rows[1]["WIDTH"] is None
+    assert rows[0]["similarity"] == pytest.approx(0.3) and rows[0]["WIDTH"] == 256
+    assert all(r["punsafe"] is None for r in rows)
+    written = storage.read_json(str(tmp_path / "units" / STATS_NAME))
+    assert written["counts"] == c
+
+
+def test_units_are_deterministic_across_files_folder_and_glob(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(_laion(17, 0), folder / "part-1.parquet")
+    pq.write_table(_laion(9, 100), folder / "part-0.parquet")
+    (folder / "notes.txt").write_text("not parquet")
+    cfg = MetadataConfig(rows_per_unit=10)
+    a = prepare_units(str(folder), str(tmp_path / "a"), cfg)
+    b = prepare_units(str(folder / "part-*.parquet"), str(tmp_path / "b"), cfg)
+    assert [u["rows"] for u in a["units"]] == [10, 10, 6]
+    assert a["units"] == b["units"] and a["counts"] == b["counts"]
+    ta, tb = _read_units(str(tmp_path / "a")), _read_units(str(tmp_path / "b"))
+    assert all(x.equals(y) for x, y in zip(ta, tb))
+    # sorted file order (part-0 first), rows in file order, across file boundaries
+    urls = pa.concat_tables(ta).column("url").to_pylist()
+    assert urls[:9] == [f"http://img.example/{100 + i}.jpg" for i in range(9)]
+    assert urls[9:] == [f"http://img.example/{i}.jpg" for i in range(17)]
+    assert ta[0].schema.names == ["url", "caption", "similarity", "punsafe", "pwatermark",
+                                  "WIDTH", "HEIGHT", "hash"]
+
+
+def test_rerun_reuses_units_and_config_change_rewrites(tmp_path):
+    src = tmp_path / "m.parquet"
+    pq.write_table(_laion(12), src)
+    out = tmp_path / "units"
+    prepare_units(str(src), str(out), MetadataConfig(rows_per_unit=5))
+    first = os.stat(out / "00000.parquet").st_mtime_ns
+    prepare_units(str(src), str(out), MetadataConfig(rows_per_unit=5))
+    assert os.stat(out / "00000.parquet").st_mtime_ns == first  # reused, not rewritten
+    stats = prepare_units(str(src), str(out), MetadataConfig(rows_per_unit=8))
+    assert [u["rows"] for u in stats["units"]] == [8, 4]
+    assert storage.list_dir(str(out), ".parquet") == ["00000.parquet", "00001.parquet"]
+
+
+def test_missing_url_column_names_it(tmp_path):
+    src = tmp_path / "m.parquet"
+    pq.write_table(_laion(3), src)
+    with pytest.raises(KeyError, match="'url_link' not found"):
+        prepare_units(str(src), str(tmp_path / "u"), MetadataConfig(url_column="url_link"))
+    with pytest.raises(FileNotFoundError):
+        list_inputs(str(tmp_path / "nothing-*.parquet"))
+    with pytest.raises(ValueError, match="rows_per_unit"):
+        MetadataConfig(rows_per_unit=0)
+
+
+def test_top_caption_column_and_s3_glob(s3_bucket, tmp_path):
+    local = tmp_path / "m.parquet"
+    table = _laion(7)
+    pq.write_table(table, local)
+    storage.put_file(local, f"{s3_bucket}/meta/part-0.parquet")
+    storage.put_file(local, f"{s3_bucket}/meta/part-1.parquet")  # all duplicates
+    cfg = MetadataConfig(caption_column="top_caption", rows_per_unit=4)
+    stats = prepare_units(f"{s3_bucket}/meta/*.parquet", f"{s3_bucket}/units", cfg)
+    assert stats["counts"]["duplicate_url"] == 7 and stats["counts"]["rows_kept"] == 7
+    assert len(stats["inputs"]) == 2 and stats["inputs"][0]["path"].startswith("s3://")
+    assert storage.list_dir(f"{s3_bucket}/units", ".parquet") == ["00000.parquet", "00001.parquet"]
+    with storage.open_read(f"{s3_bucket}/units/00001.parquet") as f:
+        unit = pq.read_table(f)
+    assert unit.column("caption").to_pylist() == table.column("top_caption").to_pylist()[4:]
+    assert not any(math.isnan(v) for v in unit.column("similarity").to_pylist())
