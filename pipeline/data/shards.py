@@ -94,6 +94,11 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def valid_key(key: str) -> bool:
+    """True when ``key`` can name tar members (letters, digits, ``_``, ``-``; no dots)."""
+    return bool(_KEY_RE.match(key))
+
+
 def encode_token_sample(
     key: str,
     codes: np.ndarray,
@@ -103,7 +108,7 @@ def encode_token_sample(
     codes_flip: np.ndarray | None = None,
 ) -> dict[str, bytes | str]:
     """The tar members of one sample; checks shapes and casts to the stored dtypes."""
-    if not _KEY_RE.match(key):
+    if not valid_key(key):
         raise ValueError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots or slashes)")
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.size == 0 or codes.min() < 0 or codes.max() > 65535:
@@ -264,10 +269,15 @@ def merge_manifest(uri: str, extra: Mapping[str, Any] | None = None) -> dict[str
         "num_bytes": sum(s.num_bytes for s in shards),
     }
     dropped: dict[str, int] = {}
+    sums: dict[str, float] = {}
     for s in shards:
         for reason, n in (s.stats.get("dropped") or {}).items():
             dropped[reason] = dropped.get(reason, 0) + int(n)
+        for k, v in s.stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "unit":
+                sums[k] = sums.get(k, 0) + v
     totals["dropped"] = dict(sorted(dropped.items()))
+    totals["stats_sum"] = dict(sorted(sums.items()))
     manifest = {
         "format": "t2i-token-shards/1",
         **totals,
@@ -343,3 +353,64 @@ def read_token_shard(uri: str, strict: bool = False) -> Iterator[dict[str, Any]]
     with storage.open_read(uri) as f:
         for raw in iter_tar_samples(f):
             yield decode_token_sample(raw, strict=strict)
+
+
+# --- raw (img2dataset) shards: the input of score and pretokenize -----------------------------
+
+RAW_STATS_SUFFIX = "_stats.json"
+
+
+def raw_shard_indices(uri: str) -> list[int]:
+    """Indices of the complete raw shards under ``uri``: those whose ``_stats.json`` exists."""
+    names = set(storage.list_dir(uri))
+    out = []
+    for n in names:
+        stem = n[: -len(RAW_STATS_SUFFIX)]
+        if n.endswith(RAW_STATS_SUFFIX) and stem.isdigit():
+            if f"{stem}.tar" in names:
+                out.append(int(stem))
+            else:
+                log.warning("%s has a stats file but no tar; skipped", storage.join(uri, n))
+    return sorted(out)
+
+
+def raw_tar_uri(uri: str, index: int) -> str:
+    return storage.join(uri, shard_name(index))
+
+
+def iter_raw_shard(uri: str, index: int, stats: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The raw samples (bytes per member) of raw shard ``index``, recording problems in ``stats``.
+
+    A tar that is not a tar, or breaks off mid-member, ends the shard: the samples read intact
+    before the damage are yielded, ``stats["corrupt_tar"]`` is set to 1 with the error in
+    ``stats["tar_error"]``. Transient storage errors are raised (the executor retries the shard)
+    so that a network blip never passes for a short shard. When img2dataset's stats say more
+    images were written than the tar holds, ``stats["missing_from_tar"]`` counts the difference.
+    """
+    tar_uri = raw_tar_uri(uri, index)
+    n = 0
+    try:
+        with storage.open_read(tar_uri) as f:
+            for sample in iter_tar_samples(f):
+                n += 1
+                yield sample
+    except Exception as exc:  # noqa: BLE001 - classified: transient is raised, damage counted
+        if storage.is_retryable(exc):
+            raise
+        if not isinstance(exc, (tarfile.TarError, EOFError, OSError, ValueError)):
+            raise
+        stats["corrupt_tar"] = 1
+        stats["tar_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        log.warning("raw shard %s is damaged after %d samples: %s", tar_uri, n, exc)
+    stats["raw_samples"] = n
+    try:
+        expected = int(
+            storage.read_json(storage.join(uri, f"{index:05d}{RAW_STATS_SUFFIX}")).get(
+                "successes", n
+            )
+        )
+    except (ValueError, TypeError, FileNotFoundError):
+        expected = n
+    if expected > n:
+        stats["missing_from_tar"] = expected - n
+        log.warning("raw shard %s: stats say %d images, the tar holds %d", tar_uri, expected, n)

@@ -1,0 +1,375 @@
+"""The score stage: basic filters plus the CLIP aesthetic score, one parquet per raw shard.
+
+For every sample of raw shard ``i`` the output ``{i:05d}.parquet`` holds a row: key, url, the
+metadata the filters read, the aesthetic score, ``keep`` and, for a drop, ``reason`` (the first
+filter that failed, e.g. ``too_small``, ``punsafe_missing``, ``undecodable_image``). The parquet is
+written atomically and is its own done marker, so a rerun skips finished shards.
+
+Basic filters run on the sample's json (img2dataset's columns plus the carried metadata); only
+the survivors are decoded and scored. Missing or NaN metadata fails its filter with a reason of
+its own (``<field>_missing`` / ``<field>_nan``) unless ``missing: keep``. Stage-2 selection is a
+threshold on the aesthetic score (``min_aesthetic``, here or at pretokenize time).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import math
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import doc, save_config
+from pipeline.data import shards
+from pipeline.executor import ExecutorConfig, prefetch, run_units
+from pipeline.log import get_logger
+from pipeline.models.aesthetic import AestheticConfig
+
+log = get_logger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SCORE_CONFIG_NAME = "score_config.yaml"
+SUMMARY_NAME = "score_summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+    """Thresholds of the basic filters (null turns one off) and the aesthetic selection."""
+
+    min_image_size: int | None = doc("Smallest allowed shorter side of the original image", 256)
+    max_aspect_ratio: float | None = doc("Largest allowed long side / short side", 2.0)
+    min_caption_chars: int | None = doc("Shortest allowed caption (characters, stripped)", 5)
+    max_caption_chars: int | None = doc("Longest allowed caption (characters, stripped)", 1000)
+    max_punsafe: float | None = doc("Keep only punsafe < this", 0.5)
+    max_pwatermark: float | None = doc("Keep only pwatermark < this", 0.8)
+    min_similarity: float | None = doc("Keep only CLIP image-text similarity >= this", 0.28)
+    min_aesthetic: float | None = doc("Keep only aesthetic score >= this (stage-2 selection)", None)
+    missing: Literal["drop", "keep"] = doc(
+        "What a filter does with a missing/NaN value: drop (reason <field>_missing/_nan) or keep",
+        "drop",
+    )
+    punsafe_field: str = doc("json field holding the NSFW probability", "punsafe")
+    pwatermark_field: str = doc("json field holding the watermark probability", "pwatermark")
+    similarity_field: str = doc("json field holding the image-text similarity", "similarity")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """The score stage: raw shards in, one score parquet per shard out."""
+
+    input: str = doc("Raw shards (img2dataset output): local dir or s3:// URI")
+    output: str = doc("Where the score parquets go: local dir or s3:// URI")
+    filters: FilterConfig = doc("Basic filter thresholds", default_factory=FilterConfig)
+    aesthetic: AestheticConfig | None = doc(
+        "CLIP + aesthetic head; null: no aesthetic score (column left NaN)", None
+    )
+    decode_threads: int = doc("Threads decoding images while the model runs", 2)
+    max_shards: int | None = doc("Score only the first N complete raw shards (null: all)", None)
+    executor: ExecutorConfig = doc("Ray settings", default_factory=ExecutorConfig)
+
+    def __post_init__(self) -> None:
+        if self.aesthetic is None and self.filters.min_aesthetic is not None:
+            raise ValueError("filters.min_aesthetic needs an aesthetic model (aesthetic: ...)")
+
+
+# --- basic filters ----------------------------------------------------------------------------
+
+
+def _number(meta: Mapping[str, Any], field: str) -> tuple[float | None, str | None]:
+    """(value, problem) where problem is ``<field>_missing`` / ``_nan`` / ``_invalid``."""
+    v = meta.get(field)
+    if v is None:
+        return None, f"{field}_missing"
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None, f"{field}_invalid"
+    if math.isnan(x):
+        return None, f"{field}_nan"
+    return x, None
+
+
+def _size(meta: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """The original image size from img2dataset's json (the size before its resize)."""
+    w = meta.get("original_width", meta.get("width"))
+    h = meta.get("original_height", meta.get("height"))
+    try:
+        w, h = float(w), float(h)
+    except (TypeError, ValueError):
+        return None, None
+    if math.isnan(w) or math.isnan(h) or w <= 0 or h <= 0:
+        return None, None
+    return w, h
+
+
+def filter_reason(meta: Mapping[str, Any], caption: str | None, cfg: FilterConfig) -> str | None:
+    """The first basic filter ``(meta, caption)`` fails, or None when it passes them all."""
+    keep_missing = cfg.missing == "keep"
+    text = (caption or "").strip()
+    if not text:
+        return "empty_caption"
+    if cfg.min_caption_chars is not None and len(text) < cfg.min_caption_chars:
+        return "caption_too_short"
+    if cfg.max_caption_chars is not None and len(text) > cfg.max_caption_chars:
+        return "caption_too_long"
+    if cfg.min_image_size is not None or cfg.max_aspect_ratio is not None:
+        w, h = _size(meta)
+        if w is None or h is None:
+            if not keep_missing:
+                return "size_missing"
+        else:
+            if cfg.min_image_size is not None and min(w, h) < cfg.min_image_size:
+                return "too_small"
+            if cfg.max_aspect_ratio is not None and max(w, h) / min(w, h) > cfg.max_aspect_ratio:
+                return "aspect_ratio_too_large"
+    checks = (
+        (cfg.punsafe_field, cfg.max_punsafe, lambda x, t: x < t, "unsafe"),
+        (cfg.pwatermark_field, cfg.max_pwatermark, lambda x, t: x < t, "watermark"),
+        (cfg.similarity_field, cfg.min_similarity, lambda x, t: x >= t, "low_similarity"),
+    )
+    for field, threshold, ok, reason in checks:
+        if threshold is None:
+            continue
+        x, problem = _number(meta, field)
+        if problem is not None:
+            if keep_missing:
+                continue
+            return problem
+        if not ok(x, threshold):
+            return reason
+    return None
+
+
+def aesthetic_reason(score: float, min_aesthetic: float | None) -> str | None:
+    """``aesthetic_nan`` / ``low_aesthetic`` against ``min_aesthetic`` (None: no selection)."""
+    if min_aesthetic is None:
+        return None
+    if score is None or math.isnan(score):
+        return "aesthetic_nan"
+    return None if score >= min_aesthetic else "low_aesthetic"
+
+
+# --- raw samples --------------------------------------------------------------------------------
+
+
+def sample_meta(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample's json (``{}`` when missing or not a JSON object)."""
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def sample_caption(sample: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """The caption: the ``txt`` member, else the json's ``caption``; bad utf-8 replaced."""
+    raw = sample.get("txt")
+    if raw is not None:
+        return raw.decode("utf-8", errors="replace").strip()
+    return str(meta.get("caption") or "").strip()
+
+
+def decode_rgb(sample: Mapping[str, Any]) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None), or (None, ``missing_image`` / ``undecodable_image``)."""
+    for ext in IMAGE_EXTS:
+        data = sample.get(ext)
+        if data is None:
+            continue
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            return img.convert("RGB"), None
+        except Exception:  # noqa: BLE001 - any decoder failure (truncated, bomb) is one reason
+            return None, "undecodable_image"
+    return None, "missing_image"
+
+
+# --- the score worker -----------------------------------------------------------------------------
+
+
+def score_uri(out: str, index: int) -> str:
+    return storage.join(out, f"{index:05d}.parquet")
+
+
+class ScoreWorker:
+    """Loads the aesthetic model once; ``worker(index)`` scores raw shard ``index``."""
+
+    def __init__(self, cfg: ScoreConfig) -> None:
+        self.cfg = cfg
+        self.scorer = None
+        if cfg.aesthetic is not None:
+            from pipeline.models.aesthetic import AestheticScorer
+
+            self.scorer = AestheticScorer.from_config(cfg.aesthetic)
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        cfg, f = self.cfg, self.cfg.filters
+        stats: dict[str, Any] = {"unit": index}
+        rows: list[dict[str, Any]] = []
+        to_score: list[tuple[int, Mapping[str, Any]]] = []  # (row, raw sample) passing filters
+        seen: set[str] = set()
+        for sample in shards.iter_raw_shard(cfg.input, index, stats):
+            key = str(sample["__key__"])
+            meta = sample_meta(sample)
+            caption = sample_caption(sample, meta)
+            w, h = _size(meta)
+            row = {
+                "key": key,
+                "url": str(meta.get("url") or ""),
+                "caption_chars": len(caption),
+                "width": w,
+                "height": h,
+                "punsafe": _number(meta, f.punsafe_field)[0],
+                "pwatermark": _number(meta, f.pwatermark_field)[0],
+                "similarity": _number(meta, f.similarity_field)[0],
+                "aesthetic": float("nan"),
+                "keep": False,
+                "reason": "duplicate_key" if key in seen else filter_reason(meta, caption, f),
+            }
+            seen.add(key)
+            rows.append(row)
+            if row["reason"] is None:
+                to_score.append((len(rows) - 1, sample))
+        self._score(rows, to_score)
+        for row in rows:
+            if row["reason"] is None:
+                row["reason"] = aesthetic_reason(row["aesthetic"], f.min_aesthetic)
+            row["keep"] = row["reason"] is None
+            row["reason"] = row["reason"] or ""
+        storage.write_bytes(score_uri(cfg.output, index), _to_parquet(rows))
+        reasons = collections.Counter(r["reason"] for r in rows if not r["keep"])
+        stats.update(samples=len(rows), kept=sum(r["keep"] for r in rows))
+        stats["dropped"] = dict(sorted(reasons.items()))
+        return stats
+
+    def _score(self, rows: list[dict[str, Any]], to_score: list[tuple[int, Any]]) -> None:
+        """Decode the survivors (in threads, a chunk ahead) and score them in model batches."""
+        batch = self.cfg.aesthetic.batch_size if self.cfg.aesthetic else 64
+        chunks = [to_score[i : i + batch] for i in range(0, len(to_score), batch)]
+        with ThreadPoolExecutor(self.cfg.decode_threads) as pool:
+
+            def decode(chunk):
+                return chunk, list(pool.map(lambda rs: decode_rgb(rs[1]), chunk))
+
+            for chunk, decoded in prefetch(map(decode, chunks), depth=2):
+                good = []
+                for (r, _), (img, problem) in zip(chunk, decoded):
+                    if problem is not None:
+                        rows[r]["reason"] = problem
+                    else:
+                        good.append((r, img))
+                if self.scorer is None or not good:
+                    continue
+                scores = self.scorer.score([img for _, img in good])
+                for (r, _), s in zip(good, scores):
+                    rows[r]["aesthetic"] = float(s)
+
+
+_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption_chars", pa.int32()),
+        ("width", pa.float32()),
+        ("height", pa.float32()),
+        ("punsafe", pa.float32()),
+        ("pwatermark", pa.float32()),
+        ("similarity", pa.float32()),
+        ("aesthetic", pa.float32()),
+        ("keep", pa.bool_()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+def _to_parquet(rows: list[dict[str, Any]]) -> bytes:
+    cols = {name: [r[name] for r in rows] for name in _SCHEMA.names}
+    table = pa.table(cols, schema=_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def read_scores(out: str, index: int) -> dict[str, dict[str, Any]]:
+    """Score rows of shard ``index`` by key: ``{"keep", "reason", "aesthetic", ...}``."""
+    table = pq.read_table(io.BytesIO(storage.read_bytes(score_uri(out, index))))
+    return {r["key"]: r for r in table.to_pylist()}
+
+
+def run_score(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every complete raw shard not scored yet; returns (and writes) the summary."""
+    indices = shards.raw_shard_indices(cfg.input)
+    if cfg.max_shards is not None:
+        indices = indices[: cfg.max_shards]
+    if not indices:
+        raise FileNotFoundError(f"no complete raw shards (with _stats.json) under {cfg.input}")
+    storage.makedirs(cfg.output)
+    save_config(cfg, storage.join(cfg.output, SCORE_CONFIG_NAME))
+    report = run_units(
+        indices,
+        _ScoreFactory(cfg),
+        cfg.executor,
+        is_done=lambda i: storage.exists(score_uri(cfg.output, i)),
+        desc="score",
+    )
+    summary = summarize_scores(cfg.output, indices)
+    summary["failed_shards"] = {str(k): v for k, v in sorted(report.failed.items())}
+    summary["skipped_done"] = len(report.skipped)
+    storage.write_json(storage.join(cfg.output, SUMMARY_NAME), summary)
+    log.info(
+        "score: %d/%d samples kept over %d shards; drops %s",
+        summary["kept"],
+        summary["samples"],
+        summary["shards"],
+        summary["dropped"],
+    )
+    return summary
+
+
+def summarize_scores(out: str, indices: list[int]) -> dict[str, Any]:
+    """Counts over the finished score parquets among ``indices``."""
+    dropped: collections.Counter[str] = collections.Counter()
+    n = kept = done = 0
+    aesthetic: list[np.ndarray] = []
+    for i in indices:
+        if not storage.exists(score_uri(out, i)):
+            continue
+        table = pq.read_table(io.BytesIO(storage.read_bytes(score_uri(out, i))))
+        keep = table["keep"].to_numpy(zero_copy_only=False)
+        reasons = table["reason"].to_pylist()
+        done += 1
+        n += len(keep)
+        kept += int(keep.sum())
+        dropped.update(r for r, k in zip(reasons, keep) if not k)
+        a = table["aesthetic"].to_numpy(zero_copy_only=False)
+        aesthetic.append(a[~np.isnan(a)])
+    scores = np.concatenate(aesthetic) if aesthetic else np.zeros(0)
+    return {
+        "shards": done,
+        "samples": n,
+        "kept": kept,
+        "dropped": dict(sorted(dropped.items())),
+        "aesthetic_mean": float(scores.mean()) if scores.size else None,
+        "aesthetic_quantiles": (
+            {str(q): float(np.quantile(scores, q)) for q in (0.1, 0.5, 0.9)} if scores.size else {}
+        ),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoreFactory:
+    """Picklable ``make_worker`` for the executor (the actor builds the worker)."""
+
+    cfg: ScoreConfig
+
+    def __call__(self) -> ScoreWorker:
+        return ScoreWorker(self.cfg)

@@ -1,0 +1,286 @@
+"""Run a data stage's work units on Ray: skip done ones, retry failures, collect per-unit stats.
+
+The one place the data stages touch Ray. A stage hands over its units (shard indices), a test of
+whether a unit is already done (its done marker exists), and a picklable ``make_worker`` that
+builds a callable ``worker(unit) -> stats``. Each Ray actor calls ``make_worker()`` once, so the
+models it holds load once per actor, then runs unit after unit.
+
+A unit whose worker raises is retried on the same actor; a unit whose actor process died (killed,
+out of memory, segfault, lost node) is retried on a fresh actor. After ``max_retries`` retries it
+counts as failed and the run goes on: finished units are never lost because one failed.
+
+``backend="inline"`` runs the same workers in this process, one after another (for debugging
+with a debugger attached; no Ray at all).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal, TypeVar
+
+from pipeline.config import doc
+from pipeline.log import get_logger, progress, setup_logging
+
+log = get_logger(__name__)
+
+Worker = Callable[[int], dict[str, Any]]
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorConfig:
+    """Where and how the units of a data stage run."""
+
+    backend: Literal["ray", "inline"] = doc(
+        "ray: actors on a Ray cluster (or a local Ray); inline: this process, sequentially", "ray"
+    )
+    address: str | None = doc(
+        "Ray address ('auto', 'host:6379', 'ray://host:10001'); null: $RAY_ADDRESS (set inside "
+        "`ray job submit`) or else a new local Ray",
+        None,
+    )
+    num_actors: int = doc("Model-holding actors; each loads the models once", 1)
+    cpus_per_actor: float = doc("CPUs reserved per actor (also its torch thread count)", 1.0)
+    gpus_per_actor: float = doc("GPUs per actor (0 on CPU machines; 1 or a fraction on GPUs)", 0.0)
+    max_retries: int = doc("Retries of a failed unit (error or dead worker) before giving up", 2)
+    local_num_cpus: int | None = doc("CPUs of a local Ray (null: all of this machine's)", None)
+    local_object_store_mb: int = doc("Object store of a local Ray, in MiB", 256)
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What a run did: per-unit stats of the units it ran, the ones skipped, the ones that failed."""
+
+    results: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    skipped: list[int] = dataclasses.field(default_factory=list)
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)
+    attempts: dict[int, int] = dataclasses.field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run_units(
+    units: Sequence[int],
+    make_worker: Callable[[], Worker],
+    cfg: ExecutorConfig,
+    is_done: Callable[[int], bool] | None = None,
+    desc: str = "units",
+) -> RunReport:
+    """Run ``make_worker()(unit)`` for every unit not yet done; see the module docstring."""
+    t0 = time.perf_counter()
+    report = RunReport()
+    todo = []
+    for u in units:
+        if is_done is not None and is_done(u):
+            report.skipped.append(u)
+        else:
+            todo.append(u)
+    log.info(
+        "%s: %d to run, %d already done (skipped), backend %s",
+        desc,
+        len(todo),
+        len(report.skipped),
+        cfg.backend,
+    )
+    if todo:
+        if cfg.backend == "inline":
+            _run_inline(todo, make_worker, cfg, report, desc)
+        else:
+            _run_ray(todo, make_worker, cfg, report, desc)
+    report.wall_s = time.perf_counter() - t0
+    log.info(
+        "%s: %d ran, %d skipped, %d failed in %.1fs",
+        desc,
+        len(report.results),
+        len(report.skipped),
+        len(report.failed),
+        report.wall_s,
+    )
+    for u, err in sorted(report.failed.items()):
+        log.error("%s: unit %d failed after %d attempts: %s", desc, u, report.attempts[u], err)
+    return report
+
+
+def _run_inline(
+    todo: list[int],
+    make_worker: Callable[[], Worker],
+    cfg: ExecutorConfig,
+    report: RunReport,
+    desc: str,
+) -> None:
+    worker = make_worker()
+    for u in progress(todo, desc=desc, unit="unit"):
+        for attempt in range(1, cfg.max_retries + 2):
+            report.attempts[u] = attempt
+            try:
+                report.results[u] = worker(u)
+            except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
+                log.warning("%s: unit %d attempt %d failed: %s", desc, u, attempt, exc)
+                report.failed[u] = f"{type(exc).__name__}: {exc}"
+                continue
+            report.failed.pop(u, None)
+            _log_unit(desc, u, report, len(todo))
+            break
+
+
+def _log_unit(desc: str, u: int, report: RunReport, total: int) -> None:
+    """One progress line per finished unit: count, elapsed time and its scalar stats."""
+    stats = report.results[u]
+    brief = {k: v for k, v in stats.items() if isinstance(v, (int, float, str)) and k != "unit"}
+    log.info("%s: unit %d done (%d/%d) %s", desc, u, len(report.results), total, brief)
+
+
+class _UnitActor:
+    """Holds one worker (and so its models) for the actor's lifetime."""
+
+    def __init__(self, make_worker: Callable[[], Worker]) -> None:
+        setup_logging()
+        self.worker = make_worker()
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, unit: int) -> dict[str, Any]:
+        return self.worker(unit)
+
+
+def _ray_init(cfg: ExecutorConfig) -> bool:
+    """Connect to (or start) Ray unless already connected; True when this call connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Loopback clusters (tests, one box) need this, or Ray swaps 127.0.0.1 for the host's address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, configure_logging=False, log_to_driver=True)
+    else:
+        log.info("starting a local Ray (%s CPUs)", cfg.local_num_cpus or "all")
+        ray.init(
+            num_cpus=cfg.local_num_cpus,
+            include_dashboard=False,
+            object_store_memory=cfg.local_object_store_mb << 20,
+            configure_logging=False,
+            log_to_driver=True,
+        )
+    return True
+
+
+def _run_ray(
+    todo: list[int],
+    make_worker: Callable[[], Worker],
+    cfg: ExecutorConfig,
+    report: RunReport,
+    desc: str,
+) -> None:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    started = _ray_init(cfg)
+    # Ray sets OMP_NUM_THREADS (and so torch's thread count) from num_cpus in each actor.
+    actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(_UnitActor)
+
+    def new_actor():
+        # Retries are ours (a fresh actor per death), so Ray restarts nothing by itself.
+        return actor_cls.options(max_restarts=0, max_task_retries=0).remote(make_worker)
+
+    n_actors = max(1, min(cfg.num_actors, len(todo)))
+    actors = [new_actor() for _ in range(n_actors)]
+    try:
+        # A model that cannot load is a configuration problem: fail now, with its message.
+        ray.get([a.ready.remote() for a in actors])
+        pending = collections.deque(todo)
+        idle = list(actors)
+        inflight: dict[Any, tuple[Any, int]] = {}
+        while pending or inflight:
+            while idle and pending:
+                actor, u = idle.pop(), pending.popleft()
+                report.attempts[u] = report.attempts.get(u, 0) + 1
+                inflight[actor.run.remote(u)] = (actor, u)
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                actor, u = inflight.pop(ref)
+                try:
+                    report.results[u] = ray.get(ref)
+                    report.failed.pop(u, None)
+                    idle.append(actor)
+                    _log_unit(desc, u, report, len(todo))
+                    continue
+                except RayTaskError as exc:  # the worker raised; the actor is fine
+                    err = _short(exc)
+                    idle.append(actor)
+                except (RayActorError, ray.exceptions.RayError) as exc:  # the process died
+                    err = f"worker process died: {_short(exc)}"
+                    ray.kill(actor)
+                    actors.remove(actor)
+                    fresh = new_actor()
+                    actors.append(fresh)
+                    idle.append(fresh)
+                log.warning("%s: unit %d attempt %d failed: %s", desc, u, report.attempts[u], err)
+                report.failed[u] = err
+                if report.attempts[u] <= cfg.max_retries:
+                    pending.append(u)
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
+
+
+def _short(exc: BaseException, limit: int = 2000) -> str:
+    text = str(exc) or "".join(traceback.format_exception_only(type(exc), exc))
+    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
+
+
+_END = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``items`` in a background thread, up to ``depth`` ahead of the consumer.
+
+    Inside a worker this overlaps reading and decoding the next batch with the model's work on
+    this one (PIL and torch release the GIL). An exception in the producer is raised here.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # unblock a producer waiting on a full queue so the thread can end
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
