@@ -179,9 +179,21 @@ class BadServer:
     @contextmanager
     def running(self) -> Iterator[BadServer]:
         """Serve on 127.0.0.1 (a free port) while the block runs."""
-        with synthetic.serve_folder("", handler=self._handler()) as base:
-            self.base = base
-            try:
-                yield self
-            finally:
-                self._stop.set()  # release hanging handlers before the server shuts down
+        httpd = _Server(("127.0.0.1", 0), self._handler())
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        self.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        try:
+            yield self
+        finally:
+            self._stop.set()  # release hanging handlers before the server shuts down
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=10)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    # the default listen backlog of 5 drops connections when 16+ download threads arrive at
+    # once; the client then waits out a SYN retry (1 s) and reports a timeout
+    request_queue_size = 256

@@ -1,0 +1,346 @@
+"""The download stage against a loopback server of good images and bad cases (real img2dataset)."""
+
+import copy
+import importlib.util
+import io
+import json
+import os
+import socket
+import tarfile
+import urllib.error
+import urllib.request
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.data import synthetic
+from pipeline.data.download import (
+    DownloadConfig,
+    aggregate_stats,
+    reason_of,
+    refused_url,
+    run_download,
+)
+from pipeline.data.metadata import MetadataConfig
+from pipeline.data.netguard import AddressGuard, classify_address
+from tests.badserver import BAD_CASES, KEPT_SHOWS, BadServer
+from tests.conftest import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG = "word " * 2000  # 10,000 characters
+
+
+def _config(inp: str, out: str, **kw) -> DownloadConfig:
+    base = dict(
+        input=inp, output=out, metadata=MetadataConfig(rows_per_unit=10), processes=1, threads=8,
+        image_size=64, min_image_size=32, timeout_s=2, allow_loopback=True,
+    )
+    base.update(kw)
+    return DownloadConfig(**base)
+
+
+def _write_metadata(path: str, urls: list, captions: list | None = None,
+                    nan_similarity: tuple[int, ...] = ()) -> None:
+    samples = synthetic.make_samples(len(urls))
+    table = pa.Table.from_pandas(
+        synthetic.laion_coco_table(samples, [u if isinstance(u, str) else "x" for u in urls]),
+        preserve_index=False,
+    )
+    table = table.set_column(0, "URL", pa.array(urls, pa.string(), from_pandas=True))
+    if captions is not None:
+        # bytes, viewed as a string column: real dumps do hold invalid UTF-8
+        raw = [c.encode() if isinstance(c, str) else c for c in captions]
+        table = table.set_column(1, "TEXT", pa.array(raw, pa.binary()).view(pa.string()))
+    sim = [float("nan") if i in nan_similarity else 0.35 for i in range(len(urls))]
+    table = table.set_column(table.schema.get_field_index("similarity"), "similarity",
+                             pa.array(sim, pa.float64()))
+    pq.write_table(table, path)
+
+
+def read_samples(output: str) -> dict[str, dict]:
+    """Every sample in every tar under ``output``, by source URL."""
+    parts: dict[str, dict] = defaultdict(dict)
+    for name in storage.list_dir(output, ".tar"):
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(storage.join(output, name)))) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                parts[key][ext] = tf.extractfile(m).read()
+    out = {}
+    for p in parts.values():
+        meta = json.loads(p["json"])
+        out[meta["url"]] = {"jpg": p["jpg"], "txt": p["txt"].decode("utf-8"), "json": meta}
+    return out
+
+
+# --- one run over every bad case, shared by the tests below ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = BadServer(n_good=20, size=96, hang_s=10.0)
+    with srv.running():
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def bad_run(server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    good = server.good_urls()
+    closed = f"http://127.0.0.1:{free_port()}/closed.jpg"
+    urls = (
+        good
+        + [server.bad_url(n) for n in BAD_CASES]
+        + [good[0], float("nan"), None]  # duplicate, NaN and missing URL
+        + ["http://10.0.0.7/x.jpg", "http://169.254.169.254/latest/meta-data/",
+           "http://[::ffff:192.168.0.1]/a.jpg", closed]
+    )
+    captions = [s.caption for s in synthetic.make_samples(len(urls))]
+    captions[1], captions[2], captions[3], captions[4] = None, "  ", b"caf\xe9 \xff", LONG
+    _write_metadata(str(tmp / "meta.parquet"), urls, captions, nan_similarity=(5,))
+    cfg = _config(str(tmp / "meta.parquet"), str(tmp / "raw"))
+    result = run_download(cfg)
+    return cfg, result, urls, captions
+
+
+def test_every_bad_case_is_counted_by_reason(bad_run):
+    cfg, result, urls, _ = bad_run
+    assert result.failed_shards == [] and result.shards_total == result.shards_done == 4
+    expected = {
+        "success": 20 + sum(v == "kept" for v in BAD_CASES.values()),
+        **{v: 1 for v in BAD_CASES.values() if v != "kept"},
+        "refused_private": 2,  # 10.0.0.7 and an IPv4-mapped 192.168.0.1
+        "refused_link_local": 1,
+        "connection_refused": 1,
+    }
+    assert result.stats["by_reason"] == expected
+    assert result.stats["samples"]["count"] == len(urls) - 3 == 37
+    assert result.stats["metadata"]["duplicate_url"] == 1
+    assert result.stats["metadata"]["missing_url"] == 2
+    assert result.stats["metadata"]["null_similarity"] == 1
+    on_disk = storage.read_json(storage.join(cfg.output, "_meta", "download_stats.json"))
+    assert on_disk["by_reason"] == expected
+    saved = load_config(DownloadConfig, storage.join(cfg.output, "_meta", "download_config.yaml"))
+    assert saved == cfg
+
+
+def test_good_and_odd_images_arrive_as_rgb_jpg(bad_run, server):
+    cfg, *_ = bad_run
+    samples = read_samples(cfg.output)
+    assert len(samples) == 26
+    for url, s in zip(server.good_urls(), server.samples):
+        img = Image.open(io.BytesIO(samples[url]["jpg"]))
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (64, 64))
+        assert synthetic.check_image(img) == (s.colour, s.shape)
+    for name, (colour, shape) in KEPT_SHOWS.items():
+        img = Image.open(io.BytesIO(samples[server.bad_url(name)]["jpg"]))
+        assert (img.format, img.mode) == ("JPEG", "RGB"), name
+        seen_colour, seen_shape = synthetic.check_image(img)
+        assert seen_shape == shape, name  # a saturated 16-bit image would show nothing
+        if colour is not None:
+            assert seen_colour == colour, name
+
+
+def test_captions_arrive_normalised(bad_run, server):
+    cfg, _, urls, captions = bad_run
+    samples = read_samples(cfg.output)
+    good = server.good_urls()
+    assert samples[good[0]]["txt"] == captions[0]
+    assert samples[good[1]]["txt"] == ""  # missing caption
+    assert samples[good[2]]["txt"] == ""  # blank caption
+    assert samples[good[3]]["txt"] == "caf\ufffd \ufffd"  # bad bytes replaced
+    assert samples[good[4]]["txt"] == LONG[:1000].rstrip()  # cut to max_caption_chars
+    meta = samples[good[6]]["json"]
+    assert meta["similarity"] == pytest.approx(0.35) and meta["WIDTH"] == 256
+    assert meta["caption"] == captions[6] and meta["status"] == "success"
+    raw_json = samples[good[5]]["json"]
+    assert raw_json["similarity"] is None  # NaN arrives as null, not as invalid JSON NaN
+
+
+def test_refused_rows_stay_in_the_shard_parquet(bad_run):
+    cfg, *_ = bad_run
+    rows = pa.concat_tables(
+        pq.read_table(io.BytesIO(storage.read_bytes(storage.join(cfg.output, n))))
+        for n in storage.list_dir(cfg.output, ".parquet")
+    ).to_pylist()
+    by_url = {r["url"]: r for r in rows}
+    r = by_url[refused_url("private", "http://10.0.0.7/x.jpg")]
+    assert r["status"] == "failed_to_download" and "t2i-refused-private" in r["error_message"]
+    assert "http://169.254.169.254/latest/meta-data/" not in by_url
+    assert len(rows) == 37
+
+
+def test_rerun_skips_done_shards_and_redoes_a_lost_one(bad_run, server):
+    cfg, first, *_ = bad_run
+    before = copy.copy(server.hits)
+    again = run_download(cfg)
+    assert server.hits == before  # nothing downloaded twice
+    assert again.stats["by_reason"] == first.stats["by_reason"]
+
+    # a shard whose done marker is missing (a crash mid-shard) is downloaded again, alone
+    os.remove(os.path.join(cfg.output, "00001_stats.json"))
+    unit = pq.read_table(os.path.join(cfg.output, "_meta", "input", "00001.parquet"))
+    redo = {u.split(server.base, 1)[1] for u in unit.column("url").to_pylist()
+            if u.startswith(server.base)}
+    third = run_download(cfg)
+    assert third.failed_shards == []
+    assert third.stats["by_reason"] == first.stats["by_reason"]
+    changed = {p for p in server.hits if server.hits[p] != before.get(p, 0)}
+    assert changed == redo and all(server.hits[p] == before[p] + 1 for p in redo)
+
+
+# --- Ray, retries, S3 ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_distributor_retries_a_failed_shard(local_ray, server, tmp_path):
+    """img2dataset's Ray distributor drops a shard that fails as a whole; we rerun it.
+
+    A directory squatting on ``00001.tar`` makes that shard fail before it fetches anything.
+    """
+    urls = server.good_urls()[:15]
+    _write_metadata(str(tmp_path / "m.parquet"), urls)
+    out = tmp_path / "raw"
+    (out / "00001.tar").mkdir(parents=True)
+    before = copy.copy(server.hits)
+
+    cfg = _config(str(tmp_path / "m.parquet"), str(out), distributor="ray", shard_retry_rounds=0)
+    first = run_download(cfg)
+    assert first.failed_shards == [1] and first.shards_done == 1
+    assert storage.read_json(str(out / "_meta" / "download_stats.json"))["shards"]["failed"] == [1]
+
+    second = run_download(_config(str(tmp_path / "m.parquet"), str(out), distributor="ray",
+                                  shard_retry_rounds=1))
+    assert second.failed_shards == [] and second.shards_done == 2
+    assert (out / "00001.tar").is_file()
+    assert second.stats["by_reason"] == {"success": 15}
+    assert len(read_samples(str(out))) == 15
+    for u in urls:  # shard 0 was not fetched again, shard 1 failed before fetching
+        path = u.split(server.base, 1)[1]
+        assert server.hits[path] == before.get(path, 0) + 1
+
+
+def test_job_writes_shards_to_s3(s3_bucket, server, tmp_path):
+    urls = server.good_urls()[:8] + [server.bad_url("missing.jpg")]
+    _write_metadata(str(tmp_path / "m.parquet"), urls)
+    spec = importlib.util.spec_from_file_location("download_job", os.path.join(ROOT, "jobs",
+                                                                               "download.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = f"{s3_bucket}/raw"
+    rc = job.main([
+        "--config", os.path.join(ROOT, "configs", "data", "download_local.yaml"),
+        f"input={tmp_path / 'm.parquet'}", f"output={out}", "metadata.rows_per_unit=5",
+        "processes=1", "threads=8", "image_size=64",
+    ])
+    assert rc == 0
+    names = storage.list_dir(out)
+    for i in (0, 1):
+        assert {f"0000{i}.tar", f"0000{i}.parquet", f"0000{i}_stats.json"} <= set(names)
+    assert "_tmp" not in names
+    stats = storage.read_json(f"{out}/_meta/download_stats.json")
+    assert stats["by_reason"] == {"success": 8, "http_404": 1}
+    assert aggregate_stats(out, 2)["by_reason"] == stats["by_reason"]
+    assert len(read_samples(out)) == 8
+
+
+# --- pieces without img2dataset ------------------------------------------------------------------
+
+
+def test_private_address_guard_without_network():
+    def no_dns(host, port):
+        raise AssertionError(f"looked up {host}: literals must not be resolved")
+
+    strict = AddressGuard(resolver=no_dns)
+    assert strict.check("http://127.0.0.1:8000/a.jpg") == "loopback"
+    assert strict.check("http://[::1]/a.jpg") == "loopback"
+    assert strict.check("http://10.1.2.3/a.jpg") == "private"
+    assert strict.check("http://192.168.0.10/a.jpg") == "private"
+    assert strict.check("http://169.254.169.254/latest/meta-data/") == "link_local"
+    assert strict.check("http://224.0.0.1/") == "multicast"
+    assert strict.check("http://0.0.0.0/") == "unspecified"
+    assert strict.check("http://[::ffff:10.0.0.1]/") == "private"
+    assert strict.check("http://93.184.216.34/a.jpg") is None  # public literal: allowed
+    assert strict.check("file:///etc/passwd") == "bad_url_scheme"
+    assert strict.lookups == 0
+
+    tests = AddressGuard(allow_loopback=True, resolver=no_dns)
+    assert tests.check("http://127.0.0.1:8000/a.jpg") is None
+    assert tests.check("http://10.1.2.3/a.jpg") == "private"
+    assert tests.check("http://169.254.1.1/a.jpg") == "link_local"
+    assert AddressGuard(allow_private=True, resolver=no_dns).check("http://10.1.2.3/") is None
+    assert classify_address("100.64.0.1") == "private"  # carrier-grade NAT space
+
+
+def test_guard_resolves_each_host_once():
+    calls = []
+
+    def fake_dns(host, port):
+        calls.append(host)
+        if host == "missing.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return {"evil.example": ["203.0.113.9", "10.0.0.5"], "ok.example": ["93.184.216.34"]}[host]
+
+    guard = AddressGuard(resolver=fake_dns)
+    urls = ["http://evil.example/a.jpg", "http://ok.example/b.jpg", "http://evil.example/c.jpg",
+            "http://OK.example./d.jpg", "http://missing.example/e.jpg"]
+    assert guard.check_many(urls) == ["private", None, "private", None, "unresolvable_host"]
+    assert sorted(calls) == ["evil.example", "missing.example", "ok.example"]
+    guard.check("http://ok.example/again.jpg")
+    assert len(calls) == 3
+
+
+def test_refused_url_fails_without_network():
+    url = refused_url("link_local", "http://169.254.169.254/")
+    with pytest.raises(urllib.error.URLError, match="unknown url type") as e:
+        urllib.request.urlopen(url, timeout=1)
+    assert reason_of(str(e.value)) == "refused_link_local"
+
+
+@pytest.mark.parametrize(
+    "status, reason",
+    [
+        ("success", "success"),
+        ("HTTP Error 404: Not Found", "http_404"),
+        ("HTTP Error 503: Service Unavailable", "http_503"),
+        ("timed out", "timeout"),
+        ("<urlopen error timed out>", "timeout"),
+        ("The read operation timed out", "timeout"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
+        ("Remote end closed connection without response", "connection_error"),
+        ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
+        ("<urlopen error [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed>",
+         "ssl_error"),
+        ("Image decoding error", "decode_error"),
+        ("not an image (unrecognised format)", "not_an_image"),
+        ("decompression bomb (image larger than max_image_pixels)", "decompression_bomb"),
+        ("image too small", "too_small"),
+        ("aspect ratio too large", "aspect_ratio"),
+        ("Use of image disallowed by X-Robots-Tag directive", "opted_out"),
+        ("<urlopen error unknown url type: t2i-refused-private>", "refused_private"),
+        ("something new", "other"),
+    ],
+)
+def test_reason_of(status, reason):
+    assert reason_of(status) == reason
+
+
+@pytest.mark.parametrize("name", ["download.yaml", "download_hq.yaml", "download_local.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(DownloadConfig, os.path.join(ROOT, "configs", "data", name),
+                      ["input=s3://b/meta/", "output=s3://b/raw/"])
+    assert cfg.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
+    assert cfg.allow_private_addresses is False
+    assert cfg.allow_loopback is (name == "download_local.yaml")
