@@ -38,6 +38,8 @@ BAD_CASES: dict[str, str] = {
     "rgba.png": "kept",
     "palette.png": "kept",
     "gray.jpg": "kept",
+    "redirect.jpg": "kept",  # 302 to cmyk.jpg
+    "redirect-private.jpg": "refused_private",  # 302 to 10.255.255.1: refused before connecting
 }
 # what the kept cases show (the colour is lost in the gray ones)
 KEPT_SHOWS: dict[str, tuple[str | None, str]] = {
@@ -47,7 +49,9 @@ KEPT_SHOWS: dict[str, tuple[str | None, str]] = {
     "rgba.png": ("green", "circle"),
     "palette.png": ("yellow", "square"),
     "gray.jpg": (None, "circle"),
+    "redirect.jpg": ("red", "circle"),
 }
+REDIRECTS = {"redirect.jpg": "/bad/cmyk.jpg", "redirect-private.jpg": "http://10.255.255.1/x.jpg"}
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -166,6 +170,12 @@ class BadServer:
                 if name == "hang.jpg":
                     # a server that never answers (within the client's timeout)
                     server._stop.wait(server.hang_s)
+                    return
+                if name in REDIRECTS:
+                    self.send_response(302)
+                    self.send_header("Location", REDIRECTS[name])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if name not in server.bad:
                     self.send_error(404, "Not Found")

@@ -9,7 +9,7 @@ import socket
 import tarfile
 import urllib.error
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +27,13 @@ from pipeline.data.download import (
     run_download,
 )
 from pipeline.data.metadata import MetadataConfig
-from pipeline.data.netguard import AddressGuard, classify_address
+from pipeline.data.netguard import (
+    AddressGuard,
+    RefusedAddress,
+    classify_address,
+    guarded_create_connection,
+    guarded_opener,
+)
 from tests.badserver import BAD_CASES, KEPT_SHOWS, BadServer
 from tests.conftest import free_port
 
@@ -110,20 +116,18 @@ def bad_run(server, tmp_path_factory):
 def test_every_bad_case_is_counted_by_reason(bad_run):
     cfg, result, urls, _ = bad_run
     assert result.failed_shards == [] and result.shards_total == result.shards_done == 4
-    expected = {
-        "success": 20 + sum(v == "kept" for v in BAD_CASES.values()),
-        **{v: 1 for v in BAD_CASES.values() if v != "kept"},
-        "refused_private": 2,  # 10.0.0.7 and an IPv4-mapped 192.168.0.1
-        "refused_link_local": 1,
-        "connection_refused": 1,
-    }
-    assert result.stats["by_reason"] == expected
-    assert result.stats["samples"]["count"] == len(urls) - 3 == 37
+    expected = Counter(v for v in BAD_CASES.values() if v != "kept")
+    expected["success"] = 20 + len(KEPT_SHOWS)
+    expected["refused_private"] += 2  # 10.0.0.7 and an IPv4-mapped 192.168.0.1
+    expected["refused_link_local"] += 1
+    expected["connection_refused"] += 1
+    assert result.stats["by_reason"] == dict(expected)
+    assert result.stats["samples"]["count"] == len(urls) - 3 == 39
     assert result.stats["metadata"]["duplicate_url"] == 1
     assert result.stats["metadata"]["missing_url"] == 2
     assert result.stats["metadata"]["null_similarity"] == 1
     on_disk = storage.read_json(storage.join(cfg.output, "_meta", "download_stats.json"))
-    assert on_disk["by_reason"] == expected
+    assert on_disk["by_reason"] == dict(expected)
     saved = load_config(DownloadConfig, storage.join(cfg.output, "_meta", "download_config.yaml"))
     assert saved == cfg
 
@@ -131,7 +135,7 @@ def test_every_bad_case_is_counted_by_reason(bad_run):
 def test_good_and_odd_images_arrive_as_rgb_jpg(bad_run, server):
     cfg, *_ = bad_run
     samples = read_samples(cfg.output)
-    assert len(samples) == 26
+    assert len(samples) == 20 + len(KEPT_SHOWS)
     for url, s in zip(server.good_urls(), server.samples):
         img = Image.open(io.BytesIO(samples[url]["jpg"]))
         assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (64, 64))
@@ -171,7 +175,7 @@ def test_refused_rows_stay_in_the_shard_parquet(bad_run):
     r = by_url[refused_url("private", "http://10.0.0.7/x.jpg")]
     assert r["status"] == "failed_to_download" and "t2i-refused-private" in r["error_message"]
     assert "http://169.254.169.254/latest/meta-data/" not in by_url
-    assert len(rows) == 37
+    assert len(rows) == 39
 
 
 def test_rerun_skips_done_shards_and_redoes_a_lost_one(bad_run, server):
@@ -300,6 +304,25 @@ def test_guard_resolves_each_host_once():
     assert sorted(calls) == ["evil.example", "missing.example", "ok.example"]
     guard.check("http://ok.example/again.jpg")
     assert len(calls) == 3
+
+
+def test_connect_time_guard_follows_redirects(server, monkeypatch):
+    opener = guarded_opener(allow_loopback=True)
+    assert opener.open(server.good_urls()[0], timeout=5).read() == server.good[0]
+    assert opener.open(server.bad_url("redirect.jpg"), timeout=5).read() == server.bad["cmyk.jpg"]
+    with pytest.raises(urllib.error.URLError, match="refused connection to a private address"):
+        opener.open(server.bad_url("redirect-private.jpg"), timeout=5)
+    with pytest.raises(urllib.error.URLError, match="refused connection to a loopback address"):
+        guarded_opener().open(server.good_urls()[0], timeout=5)
+
+    def no_socket(*args, **kwargs):
+        raise AssertionError("a socket was opened for a refused address")
+
+    monkeypatch.setattr(socket, "socket", no_socket)
+    create = guarded_create_connection(allow_loopback=True)
+    for address in (("10.0.0.1", 80), ("169.254.169.254", 80), ("::ffff:192.168.1.1", 443)):
+        with pytest.raises(RefusedAddress):
+            create(address, 1)
 
 
 def test_refused_url_fails_without_network():

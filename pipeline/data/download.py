@@ -6,7 +6,8 @@
 2. the private-address guard (``pipeline.data.netguard``) -> img2dataset's input in
    ``{output}/_meta/input/``. A refused row stays in its unit with its URL rewritten to
    ``t2i-refused-<reason>:<url>``: urllib fails it at once with no network traffic, the shard's
-   parquet keeps the row and its reason, and unit i stays shard i;
+   parquet keeps the row and its reason, and unit i stays shard i. In the workers the same
+   policy is applied again at connect time (redirects, DNS rebinding);
 3. img2dataset (``distributor`` multiprocessing on one box, ray on a cluster) writes
    ``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` per unit into ``{output}``;
 4. shards without ``_stats.json`` (img2dataset's ray distributor never retries) get their partial
@@ -233,15 +234,20 @@ def _run_img2dataset(cfg: DownloadConfig, input_dir: str) -> None:
     import functools
     import importlib
 
-    from pipeline.data.image_guard import GuardedResizer
+    from pipeline.data.img2dataset_guards import GuardedDownloader, GuardedResizer
 
     # the package re-exports a function named ``main``: fetch the module itself
     i2d = importlib.import_module("img2dataset.main")
 
     extras = list(cfg.metadata.extra_columns) or None
-    original = i2d.Resizer
-    # img2dataset builds its Resizer itself: hand it ours (pickled by reference to workers)
+    original = i2d.Resizer, i2d.Downloader
+    # img2dataset builds these itself: hand it ours (pickled by reference to the workers)
     i2d.Resizer = functools.partial(GuardedResizer, max_pixels=cfg.max_image_pixels)
+    i2d.Downloader = functools.partial(
+        GuardedDownloader,
+        allow_loopback=cfg.allow_loopback,
+        allow_private=cfg.allow_private_addresses,
+    )
     try:
         i2d.download(
             url_list=input_dir,
@@ -276,7 +282,7 @@ def _run_img2dataset(cfg: DownloadConfig, input_dir: str) -> None:
             enable_wandb=False,
         )
     finally:
-        i2d.Resizer = original
+        i2d.Resizer, i2d.Downloader = original
 
 
 def _remove_partial(output: str, shard: int) -> None:
@@ -290,6 +296,7 @@ def _remove_partial(output: str, shard: int) -> None:
 _REASONS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^success$"), "success"),
     (re.compile(r"unknown url type: '?" + REFUSED_PREFIX + r"([a-z-]+)"), "refused_{0}"),
+    (re.compile(r"refused connection to an? ([a-z_]+) address"), "refused_{0}"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{0}"),
     (re.compile(r"decompression bomb|CV_IO_MAX_IMAGE_PIXELS|image area too large"),
      "decompression_bomb"),

@@ -7,9 +7,12 @@ once (cached per host, resolved on a thread pool) and classifies every address i
 the ``ipaddress`` module; a URL is refused if ANY of its addresses is not public. Literal IP hosts
 are classified without any network traffic.
 
-Limits, said plainly: the check happens before img2dataset fetches, so a host whose DNS answer
-changes between the check and the fetch (DNS rebinding), or a public URL that redirects to a
-private one, is not caught here.
+That check happens before img2dataset fetches, so on its own it misses a host whose DNS answer
+changes between the check and the fetch (DNS rebinding) and a public URL that redirects to a
+private one. ``install_connection_guard`` closes both inside each download worker: it replaces
+urllib's HTTP(S) handlers with ones whose connections resolve the host, refuse it when any address
+is not public, and then connect only to the addresses just checked (redirects open new
+connections and go through the same check). Nothing is sent to a refused address, not even a SYN.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -154,3 +158,103 @@ class AddressGuard:
             with self._lock:
                 self._cache.update(zip(todo, results))
         return [self.check(u) for u in urls]
+
+
+# --- connect-time guard, installed in download worker processes ------------------------------------
+
+
+class RefusedAddress(OSError):
+    """A connection the guard would not open; urllib reports it as the URL's error."""
+
+
+def guarded_create_connection(
+    allow_loopback: bool = False,
+    allow_private: bool = False,
+    exempt_hosts: frozenset[str] = frozenset(),
+):
+    """A ``socket.create_connection`` that refuses non-public addresses before connecting."""
+
+    def create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None,
+                          *args, **kwargs):
+        host, port = address[0], address[1]
+        if str(host).lower() in exempt_hosts:  # a configured HTTP proxy
+            return socket.create_connection(address, timeout, source_address, *args, **kwargs)
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        for info in infos:
+            ip = str(info[4][0]).split("%", 1)[0]
+            reason = classify_address(ip, allow_loopback, allow_private)
+            if reason is not None:
+                raise RefusedAddress(f"refused connection to a {reason} address")
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in infos:  # only the addresses just checked
+            sock = None
+            try:
+                sock = socket.socket(family, kind, proto)
+                if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                error = e
+                if sock is not None:
+                    sock.close()
+        raise error or OSError(f"no address for {host}")
+
+    return create_connection
+
+
+class _GuardedOpen:
+    """Mixin for urllib's HTTP(S) handlers: every connection uses the guarded connect."""
+
+    create_connection = None
+
+    def do_open(self, http_class, req, **kwargs):
+        create = self.create_connection
+
+        def connection(host, **kw):
+            conn = http_class(host, **kw)
+            conn._create_connection = create  # what HTTPConnection.connect() calls
+            return conn
+
+        return super().do_open(connection, req, **kwargs)
+
+
+class GuardedHTTPHandler(_GuardedOpen, urllib.request.HTTPHandler):
+    pass
+
+
+class GuardedHTTPSHandler(_GuardedOpen, urllib.request.HTTPSHandler):
+    pass
+
+
+def guarded_opener(allow_loopback: bool = False,
+                   allow_private: bool = False) -> urllib.request.OpenerDirector:
+    """A urllib opener whose HTTP(S) connections refuse non-public addresses.
+
+    Hosts of the configured HTTP(S) proxies (``*_proxy`` variables) are exempt: behind a proxy
+    the connection goes to the proxy, which may well sit on a private address.
+    """
+    proxies = {
+        (urllib.request.urlparse(v).hostname or "").lower()
+        for v in urllib.request.getproxies().values()
+    }
+    create = guarded_create_connection(allow_loopback, allow_private, frozenset(proxies - {""}))
+    handlers = []
+    for cls in (GuardedHTTPHandler, GuardedHTTPSHandler):
+        h = cls()
+        h.create_connection = create
+        handlers.append(h)
+    return urllib.request.build_opener(*handlers)
+
+
+_installed: tuple[bool, bool] | None = None
+
+
+def install_connection_guard(allow_loopback: bool = False, allow_private: bool = False) -> None:
+    """Make this process's ``urllib.request.urlopen`` use ``guarded_opener`` (idempotent)."""
+    global _installed
+    if _installed != (allow_loopback, allow_private):
+        urllib.request.install_opener(guarded_opener(allow_loopback, allow_private))
+        _installed = (allow_loopback, allow_private)

@@ -1,4 +1,10 @@
-"""Checks and normalises each downloaded image before img2dataset's resizer sees it.
+"""What we hand img2dataset in place of its own Resizer and Downloader.
+
+``GuardedDownloader`` installs the connect-time address guard (``netguard``) in each worker
+process before it downloads a shard, so redirects and DNS answers that lead to private addresses
+are refused there too.
+
+``GuardedResizer`` checks and normalises each downloaded image before img2dataset's resizer sees it.
 
 img2dataset 1.47 decodes with ``cv2.imdecode(..., IMREAD_UNCHANGED)``, which (measured here):
 - keeps 16-bit PNGs as uint16 and then saturates them to white when encoding JPEG;
@@ -18,8 +24,11 @@ import io
 import warnings
 
 import numpy as np
+from img2dataset.downloader import Downloader
 from img2dataset.resizer import Resizer
 from PIL import Image
+
+from pipeline.data.netguard import install_connection_guard
 
 # Error strings written into img2dataset's per-shard status_dict (keep them constant).
 ERR_BOMB = "decompression bomb (image larger than max_image_pixels)"
@@ -97,3 +106,18 @@ class GuardedResizer(Resizer):
             except Exception:  # noqa: BLE001 - truncated or corrupt pixel data
                 return (*fail, "Image decoding error")
         return super().__call__(io.BytesIO(raw), blurring_bbox_list)
+
+
+class GuardedDownloader(Downloader):
+    """img2dataset's Downloader that first guards this process's connections."""
+
+    def __init__(self, *args, allow_loopback: bool = False, allow_private: bool = False,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_loopback = allow_loopback
+        self.allow_private = allow_private
+
+    def __call__(self, row):
+        # runs in the worker (a pool process or a Ray task): guard before the first request
+        install_connection_guard(self.allow_loopback, self.allow_private)
+        return super().__call__(row)
