@@ -89,7 +89,21 @@ def _storage_options(protocol: str) -> dict[str, Any]:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """True for transient storage errors: throttling, 5xx, resets and timeouts."""
+    """True for transient storage errors: throttling, 5xx, resets and timeouts.
+
+    Follows ``__cause__``: s3fs turns botocore's ``ClientError(SlowDown)`` into a bare
+    ``OSError(EBUSY, "Please reduce your request rate.")`` whose cause holds the S3 error code.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if _is_retryable_one(exc):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return False
+
+
+def _is_retryable_one(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     code = None
