@@ -1,6 +1,7 @@
 """The download stage against a loopback server of good images and bad cases (real img2dataset)."""
 
 import copy
+import dataclasses
 import importlib.util
 import io
 import json
@@ -184,6 +185,10 @@ def test_rerun_skips_done_shards_and_redoes_a_lost_one(bad_run, server):
     again = run_download(cfg)
     assert server.hits == before  # nothing downloaded twice
     assert again.stats["by_reason"] == first.stats["by_reason"]
+
+    # finishing the output with settings that shape shards differently is refused
+    with pytest.raises(RuntimeError, match="image_size"):
+        run_download(dataclasses.replace(cfg, image_size=128))
 
     # a shard whose done marker is missing (a crash mid-shard) is downloaded again, alone
     os.remove(os.path.join(cfg.output, "00001_stats.json"))

@@ -37,16 +37,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import doc, save_config
+from pipeline.config import doc, save_config, to_dict
 from pipeline.data.metadata import MetadataConfig, prepare_units
 from pipeline.data.netguard import AddressGuard
-from pipeline.log import get_logger
+from pipeline.log import get_logger, progress
 
 log = get_logger(__name__)
 
 SHARD_DIGITS = 5  # 00000.tar: img2dataset's oom_shard_count
 REFUSED_PREFIX = "t2i-refused-"
 DEFAULT_OPT_OUT = ["noai", "noimageai", "noindex", "noimageindex"]
+# settings that change what a finished shard holds: a resumed run must use the same ones
+SHARD_SHAPING = (
+    "image_size", "resize_mode", "resize_only_if_bigger", "min_image_size", "max_aspect_ratio",
+    "max_image_pixels", "encode_format", "encode_quality", "compute_hash", "extract_exif",
+)
 
 
 @dataclass(frozen=True)
@@ -154,9 +159,8 @@ def guard_units(
     """Write img2dataset's input for each unit not yet guarded; returns refusal counts."""
     counts: Counter = Counter()
     have = set(storage.list_dir(input_dir, ".parquet"))
-    for name in unit_names:
-        if name in have:
-            continue  # guarded in an earlier run: keep that decision, shard numbering relies on it
+    todo = [n for n in unit_names if n not in have]  # earlier decisions are kept as they are
+    for name in progress(todo, desc="address guard", unit="unit"):
         with storage.open_read(storage.join(units_dir, name)) as f:
             table = pq.read_table(f)
         urls = table.column("url").to_pylist()
@@ -380,7 +384,16 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
                 "use a new output folder or overwrite=true"
             )
         storage.remove(input_dir, recursive=True)
-    storage.write_json(state_uri, {"units_fingerprint": units_stats["fingerprint"]})
+    shape = {k: v for k, v in to_dict(cfg).items() if k in SHARD_SHAPING}
+    if state and existing and state.get("shard_settings", shape) != shape:
+        changed = sorted(k for k in shape if state["shard_settings"].get(k) != shape[k])
+        raise RuntimeError(
+            f"{cfg.output} holds shards made with other {', '.join(changed)}; finishing them "
+            "with these settings would mix two kinds of shard. Use a new output or overwrite=true"
+        )
+    storage.write_json(
+        state_uri, {"units_fingerprint": units_stats["fingerprint"], "shard_settings": shape}
+    )
     unit_names = [u["name"] for u in units_stats["units"]]
     total = len(unit_names)
     save_config(cfg, storage.join(meta, "download_config.yaml"))
@@ -408,6 +421,9 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
                     _remove_partial(cfg.output, i)
             try:
                 _run_img2dataset(cfg, input_dir)
+            except SystemExit as e:
+                # img2dataset's SIGINT handler exits with status 0: a stop must not look done
+                raise KeyboardInterrupt("download interrupted; rerun to resume") from e
             except Exception:  # noqa: BLE001 - finished shards are safe; check what is missing
                 log.exception("img2dataset pass %d stopped with an error", attempt + 1)
             missing = sorted(set(range(total)) - done_shards(cfg.output))

@@ -239,9 +239,9 @@ def prepare_units(source: str, output: str, cfg: MetadataConfig) -> dict[str, An
     """
     files = list_inputs(source)
     inputs = [{"path": p, "bytes": storage.size(p)} for p in files]
-    fingerprint = hashlib.sha256(
-        repr((inputs, to_dict(cfg))).encode()
-    ).hexdigest()[:16]
+    # what decides the units' content (batch_rows only changes how they are read)
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "batch_rows"}
+    fingerprint = hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
     stats_uri = storage.join(output, STATS_NAME)
     if storage.exists(stats_uri):
         old = storage.read_json(stats_uri)
