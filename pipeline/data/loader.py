@@ -1,0 +1,428 @@
+"""Training batches from token shards (local or ``s3://``), resumable to the exact next sample.
+
+Each rank reads its own part of the data through ``R`` streams (one per DataLoader worker, or one
+in the main process when ``num_workers`` is 0). A stream's epoch is planned from its seed alone:
+
+1. the epoch's shard order is a seeded permutation of every done shard;
+2. the stream takes every ``(world * R)``-th shard of it (split by node, then by worker) or, when
+   there are fewer shards than streams, every ``(world * R)``-th sample of all of them;
+3. its samples, numbered in reading order (source positions ``0..n-1``, counted from the done
+   markers' ``num_samples``), are shuffled by a seeded shuffle buffer. The buffer is simulated over
+   the positions only, so the whole emission order is known before any byte is read;
+4. a seeded coin per position picks ``codes`` or ``codes_flip``.
+
+A stream's place is therefore two integers, ``(epoch, cursor)`` into that order. Resuming reads
+from the shard holding the oldest position still due (at most about a buffer's worth behind) and
+skips, without decoding, whatever was already emitted: the resumed run sees exactly the samples an
+uninterrupted one would. Streams never end (epoch after epoch), so the DataLoader's round-robin
+over workers is exact: batch ``i`` comes from stream ``i mod R``; the loader records which stream
+is next and every stream's place as batches are *consumed* (prefetched ones do not count).
+
+WebDataset does the reading: its ``gopen`` (with an ``s3`` scheme registered here that opens
+through ``pipeline.storage``) and its tar iterators (``tar_file_expander``, ``group_by_keys``).
+Its own shard shuffle, node/worker split and shuffle buffer are not used: their state cannot be
+saved, and an exact resume needs it. A damaged shard (not a tar, or cut short) is logged, counted
+and skipped from the point of damage (or fails the run with ``on_error: fail``); a transient
+storage error reopens the shard and skips what was read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import hashlib
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline import storage
+from pipeline.config import doc
+from pipeline.data.shards import ShardInfo, decode_token_sample, list_done_shards
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+# the module: ``webdataset.gopen`` as an attribute is the function it re-exports
+wds_gopen = importlib.import_module("webdataset.gopen")
+
+STATE_VERSION = 1
+_COUNTERS = ("bad_shards", "bad_samples", "missing_samples", "extra_samples", "truncated_captions")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Where the token shards are and how they are batched."""
+
+    shards: list[str] = doc("token shard folders (local or s3://), each with done markers", [])
+    batch_size: int = doc("micro-batch size per rank", 8)
+    num_workers: int = doc("DataLoader worker processes per rank (0: read in the main process)", 2)
+    prefetch_factor: int = doc("batches each worker prepares ahead", 4)
+    shuffle: bool = doc("shuffle shard order and samples each epoch", True)
+    shuffle_buffer: int = doc("samples in the shuffle buffer (per stream)", 1000)
+    seed: int = doc("seed of the shard order, the shuffle buffer and the flip coin", 0)
+    flip: bool = doc("use the horizontally flipped codes half of the time, when present", True)
+    on_error: Literal["skip", "fail"] = doc("a damaged shard or sample: count and skip, or fail", "skip")
+    split: Literal["auto", "shard", "sample"] = doc(
+        "split among streams by shard, by sample, or auto (by shard when each stream gets one)",
+        "auto",
+    )
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What the model needs from a batch (taken from the model config)."""
+
+    grid_size: int
+    cond: Literal["text", "class"] = "text"
+    max_text_tokens: int = 120
+    caption_dim: int = 2048
+
+
+# --- webdataset: s3 through pipeline.storage ----------------------------------------------------
+
+
+def _gopen_storage(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+    if mode != "rb":
+        raise ValueError(f"{url}: the loader only reads")
+    return storage.open_read(url)
+
+
+def register_s3_scheme() -> None:
+    """Let ``webdataset.gopen`` open ``s3://`` URLs via ``pipeline.storage`` (idempotent)."""
+    wds_gopen.gopen_schemes["s3"] = _gopen_storage
+
+
+register_s3_scheme()
+
+
+def _raise(exc: Exception) -> bool:
+    raise exc
+
+
+def iter_shard_raw(uri: str) -> Iterator[dict[str, Any]]:
+    """Raw (undecoded) samples of one tar, read through webdataset."""
+    stream = wds_gopen.gopen(uri)
+    try:
+        files = tar_file_expander([{"url": uri, "stream": stream}], handler=_raise)
+        yield from group_by_keys(files, handler=_raise)
+    finally:
+        stream.close()
+
+
+# --- planning an epoch ------------------------------------------------------------------------
+
+
+def buffer_order(n: int, bufsize: int, rng: np.random.Generator) -> np.ndarray:
+    """The emission order of a shuffle buffer of ``bufsize`` over inputs ``0..n-1``.
+
+    Fill the buffer, then each new input evicts a random member (webdataset's scheme); at the
+    end the buffer drains in random order. Computed over positions only, so it is cheap.
+    """
+    if bufsize <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    picks = rng.random(n)
+    out = np.empty(n, dtype=np.int64)
+    buf: list[int] = []
+    k = 0
+    for i in range(n):
+        buf.append(i)
+        if len(buf) >= bufsize:
+            j = int(picks[k] * len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            out[k] = buf.pop()
+            k += 1
+    while buf:
+        j = int(picks[k] * len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        out[k] = buf.pop()
+        k += 1
+    return out
+
+
+@dataclass
+class EpochPlan:
+    """What one stream reads in one epoch and in which order it emits the samples."""
+
+    reads: list[ShardInfo]  # shards in reading order
+    starts: list[int]  # global index (within ``reads``) of each shard's first sample
+    stride: int  # 1 when split by shard; the number of streams when split by sample
+    offset: int  # which residue of the global index is ours
+    order: np.ndarray  # source positions in emission order
+    flips: np.ndarray  # per source position: use codes_flip
+
+    @property
+    def size(self) -> int:
+        return len(self.order)
+
+    def position(self, shard_k: int, j: int) -> int | None:
+        """Source position of sample ``j`` of ``reads[shard_k]``, or None if not this stream's."""
+        g = self.starts[shard_k] + j
+        if g % self.stride != self.offset:
+            return None
+        return g // self.stride
+
+    def shard_of(self, pos: int) -> int:
+        """Index into ``reads`` of the shard holding source position ``pos``."""
+        g = pos * self.stride + self.offset
+        return bisect.bisect_right(self.starts, g) - 1
+
+
+def plan_epoch(shards: list[ShardInfo], cfg: LoaderConfig, epoch: int, stream: int,
+               n_streams: int) -> EpochPlan:
+    """The deterministic plan of ``stream`` (of ``n_streams``) for ``epoch``."""
+    perm = (np.random.default_rng([cfg.seed, epoch]).permutation(len(shards)) if cfg.shuffle
+            else np.arange(len(shards)))
+    by_shard = cfg.split == "shard" or (cfg.split == "auto" and len(shards) >= n_streams)
+    if by_shard:
+        reads = [shards[i] for i in perm[stream::n_streams]]
+        stride, offset = 1, 0
+    else:
+        reads = [shards[i] for i in perm]
+        stride, offset = n_streams, stream
+    starts = np.cumsum([0] + [s.num_samples for s in reads]).tolist()
+    total = starts[-1]
+    n = len(range(offset, total, stride))
+    starts = starts[:-1]
+    seed = [cfg.seed, epoch, stream]
+    bufsize = cfg.shuffle_buffer if cfg.shuffle else 1
+    order = buffer_order(n, bufsize, np.random.default_rng([*seed, 1]))
+    flips = np.random.default_rng([*seed, 2]).random(n) < 0.5
+    return EpochPlan(reads, starts, stride, offset, order, flips)
+
+
+# --- one stream ---------------------------------------------------------------------------------
+
+
+class _Stream:
+    """One stream's samples from its saved place on, forever (epoch after epoch)."""
+
+    def __init__(self, shards: list[ShardInfo], cfg: LoaderConfig, spec: BatchSpec, stream: int,
+                 n_streams: int, state: dict[str, Any]):
+        self.shards, self.cfg, self.spec = shards, cfg, spec
+        self.stream, self.n_streams = stream, n_streams
+        self.state = dict(state)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.state[name] = self.state.get(name, 0) + n
+
+    def _read(self, plan: EpochPlan, first_pos: int, done: np.ndarray) -> Iterator[tuple[int, dict]]:
+        """(source position, raw sample) for every position >= first_pos not yet emitted."""
+        for k in range(plan.shard_of(first_pos), len(plan.reads)):
+            info = plan.reads[k]
+            j = 0
+            for attempt in range(4):
+                try:
+                    it = iter_shard_raw(info.uri)
+                    for _ in range(j):  # a reopened shard: skip what was read before
+                        next(it)
+                    for raw in it:
+                        if j >= info.num_samples:
+                            self._count("extra_samples")
+                            j += 1
+                            continue
+                        pos = plan.position(k, j)
+                        j += 1
+                        if pos is not None and pos >= first_pos and not done[pos]:
+                            yield pos, raw
+                    break
+                except Exception as exc:  # noqa: BLE001 - transient: retry; damage: counted
+                    if storage.is_retryable(exc) and attempt < 3:
+                        log.warning("reading %s failed (%s); reopening", info.uri, exc)
+                        continue
+                    if self.cfg.on_error == "fail":
+                        raise RuntimeError(f"damaged token shard {info.uri}: {exc}") from exc
+                    self._count("bad_shards")
+                    log.warning("token shard %s is damaged after %d samples (%s: %s); "
+                                "skipping the rest", info.uri, j, type(exc).__name__, exc)
+                    break
+
+    def _decode(self, raw: dict, flip: bool) -> dict[str, Any] | None:
+        try:
+            s = decode_token_sample(raw)
+            codes = s["codes_flip"] if flip and self.cfg.flip and "codes_flip" in s else s["codes"]
+            g = self.spec.grid_size
+            if codes.shape != (g, g):
+                raise ValueError(f"codes grid {codes.shape} but the model's grid is {g}x{g}")
+            out = {"key": s["key"], "codes": codes.reshape(-1)}
+            if self.spec.cond == "class":
+                out["label"] = int(s["json"]["label"])
+            else:
+                t5 = s["t5"]
+                if t5.shape[1] != self.spec.caption_dim:
+                    raise ValueError(f"t5 features are {t5.shape[1]}-d, the model takes "
+                                     f"{self.spec.caption_dim}-d")
+                if t5.shape[0] > self.spec.max_text_tokens:
+                    self._count("truncated_captions")
+                    t5 = t5[: self.spec.max_text_tokens]
+                out["t5"] = t5
+            return out
+        except Exception as exc:  # noqa: BLE001 - a bad sample is counted and skipped
+            if self.cfg.on_error == "fail":
+                raise
+            self._count("bad_samples")
+            log.warning("skipping sample %s: %s: %s", raw.get("__key__"), type(exc).__name__, exc)
+            return None
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        """Decoded samples; None for a position that had to be skipped. ``self.state`` follows."""
+        while True:
+            epoch, cursor = self.state["epoch"], self.state["cursor"]
+            plan = plan_epoch(self.shards, self.cfg, epoch, self.stream, self.n_streams)
+            if cursor < plan.size:
+                done = np.zeros(plan.size, dtype=bool)
+                done[plan.order[:cursor]] = True
+                reader = self._read(plan, int(plan.order[cursor:].min()), done)
+                hold: dict[int, dict] = {}
+                read_to = -1  # highest source position read so far
+                for i in range(cursor, plan.size):
+                    q = int(plan.order[i])
+                    while q not in hold and read_to < q:
+                        nxt = next(reader, None)
+                        if nxt is None:
+                            read_to = plan.size
+                            break
+                        read_to = nxt[0]
+                        hold[nxt[0]] = nxt[1]
+                    raw = hold.pop(q, None)
+                    self.state["cursor"] = i + 1
+                    if raw is None:
+                        self._count("missing_samples")
+                        yield None
+                    else:
+                        yield self._decode(raw, bool(plan.flips[q]))
+            elif plan.size == 0:
+                raise RuntimeError(f"stream {self.stream} of {self.n_streams} has no samples")
+            self.state.update(epoch=epoch + 1, cursor=0)
+
+
+def collate(samples: list[dict[str, Any]], spec: BatchSpec) -> dict[str, Any]:
+    """Stack codes; left-pad T5 features to ``max_text_tokens`` with a validity mask."""
+    batch: dict[str, Any] = {
+        "keys": [s["key"] for s in samples],
+        "codes": torch.from_numpy(np.stack([s["codes"] for s in samples]).astype(np.int64)),
+    }
+    if spec.cond == "class":
+        batch["cond"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        batch["cond_mask"] = None
+        return batch
+    L = spec.max_text_tokens
+    feats = np.zeros((len(samples), L, spec.caption_dim), dtype=np.float16)
+    mask = np.zeros((len(samples), L), dtype=bool)
+    for i, s in enumerate(samples):
+        n = s["t5"].shape[0]
+        feats[i, L - n :] = s["t5"]  # valid tokens at the end, right before the image
+        mask[i, L - n :] = True
+    batch["cond"] = torch.from_numpy(feats)
+    batch["cond_mask"] = torch.from_numpy(mask)
+    return batch
+
+
+class _StreamDataset(IterableDataset):
+    """Batches of this rank's streams; DataLoader worker w serves stream (rotation + w) mod R."""
+
+    def __init__(self, shards, cfg, spec, rank, world, n_local, states, rotation):
+        self.shards, self.cfg, self.spec = shards, cfg, spec
+        self.rank, self.world, self.n_local = rank, world, n_local
+        self.states, self.rotation = states, rotation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        logical = (self.rotation + (info.id if info else 0)) % self.n_local
+        stream = _Stream(self.shards, self.cfg, self.spec, self.rank * self.n_local + logical,
+                         self.world * self.n_local, self.states[logical])
+        samples: list[dict[str, Any]] = []
+        for s in stream:
+            if s is not None:
+                samples.append(s)
+            if len(samples) == self.cfg.batch_size:
+                batch = collate(samples, self.spec)
+                batch["_stream"] = logical
+                batch["_state"] = dict(stream.state)
+                yield batch
+                samples = []
+
+
+class TokenLoader:
+    """This rank's endless sequence of training batches, with ``state_dict`` for exact resume.
+
+    Batch: ``keys`` (list of str), ``codes`` (B, grid**2) long, ``cond`` (B, L, D) float16 T5
+    features left-padded to ``max_text_tokens`` with ``cond_mask`` (B, L) bool, or (B,) long class
+    labels with ``cond_mask`` None.
+    """
+
+    def __init__(self, cfg: LoaderConfig, spec: BatchSpec, rank: int = 0, world: int = 1):
+        if not cfg.shards:
+            raise ValueError("data.shards is empty: give at least one token shard folder")
+        self.cfg, self.spec, self.rank, self.world = cfg, spec, rank, world
+        self.shards = [s for uri in cfg.shards for s in list_done_shards(uri)]
+        if not self.shards:
+            raise FileNotFoundError(f"no finished token shards (done markers) under {cfg.shards}")
+        self.n_local = max(1, cfg.num_workers)
+        self._state: dict[str, Any] = {
+            "streams": [{"epoch": 0, "cursor": 0} for _ in range(self.n_local)],
+            "next": 0,
+            "batches": 0,
+        }
+        n_samples = sum(s.num_samples for s in self.shards)
+        log.info("loader: %d shards, %d samples, %d streams per rank x %d ranks",
+                 len(self.shards), n_samples, self.n_local, world)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the shard set: a different one plans different epochs."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(f"{s.uri}:{s.num_samples}:{s.sha256}\n".encode())
+        return h.hexdigest()[:16]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = _StreamDataset(self.shards, self.cfg, self.spec, self.rank, self.world, self.n_local,
+                            copy.deepcopy(self._state["streams"]), self._state["next"])
+        if self.cfg.num_workers == 0:
+            it: Any = iter(ds)
+        else:
+            it = iter(DataLoader(
+                ds, batch_size=None, num_workers=self.cfg.num_workers,
+                prefetch_factor=self.cfg.prefetch_factor, pin_memory=torch.cuda.is_available(),
+                # its own generator: creating workers must not draw from the global torch RNG,
+                # or a resumed run's dropout would be one draw off
+                generator=torch.Generator().manual_seed(self.cfg.seed),
+            ))
+        for batch in it:
+            s = batch.pop("_stream")
+            self._state["streams"][s] = batch.pop("_state")
+            self._state["next"] = (s + 1) % self.n_local
+            self._state["batches"] += 1
+            yield batch
+
+    def counters(self) -> dict[str, int]:
+        """Damage counters summed over this rank's streams (as of the consumed batches)."""
+        return {c: sum(st.get(c, 0) for st in self._state["streams"]) for c in _COUNTERS}
+
+    @property
+    def epoch(self) -> int:
+        return min(st["epoch"] for st in self._state["streams"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "rank": self.rank, "world": self.world,
+                "num_workers": self.cfg.num_workers, "fingerprint": self.fingerprint,
+                **copy.deepcopy(self._state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` was taken; the next batch is the one that would have come."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        if state["world"] != self.world or len(state["streams"]) != self.n_local:
+            raise ValueError(
+                f"loader state is for {state['world']} ranks x {len(state['streams'])} streams, "
+                f"this run has {self.world} x {self.n_local}: keep world size and num_workers "
+                "to resume exactly (or start the data from scratch with resume_data=false)")
+        if state["fingerprint"] != self.fingerprint:
+            log.warning("the token shard set changed since the checkpoint: the resumed data order "
+                        "differs from an uninterrupted run")
+        self._state = {k: copy.deepcopy(state[k]) for k in ("streams", "next", "batches")}

@@ -1,0 +1,253 @@
+"""Training checkpoints: DeepSpeed's sharded save plus what an exact resume needs, mirrored to S3.
+
+Layout under the run's local directory (and, when the run dir is ``s3://``, the same keys there)::
+
+    checkpoints/step_00001000/          DeepSpeed's files (model, ZeRO optimizer partitions,
+                                        LR schedule, client state: step, samples, config)
+    checkpoints/step_00001000/rank_state_00003.pt   rank 3's RNG states and data-loader place
+    checkpoints/step_00001000/COMPLETE.json         written last: the checkpoint is usable
+
+Save order: every rank writes locally, barrier, each node's first rank uploads that node's
+files, barrier, each node's local marker, barrier, then rank 0 writes the remote marker. A
+checkpoint without its marker (a run killed mid-save) is never resumed from. ``resume: auto``
+takes the newest complete checkpoint, local or remote (downloading it when only S3 has it);
+only the newest ``keep_last`` complete ones are kept. A multi-node run needs an ``s3://`` run dir
+(or a shared file system) so that resuming and exporting see every node's files.
+
+Exports are consolidated fp32 weights as ``model.safetensors`` plus ``gpt_config.json``: what
+sampling and stage 2 load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import storage
+from pipeline.log import get_logger
+from pipeline.models.gpt import GPTConfig
+from pipeline.train import engine
+from pipeline.train.engine import DistInfo
+
+log = get_logger(__name__)
+
+MARKER = "COMPLETE.json"
+_TAG_RE = re.compile(r"^step_(\d{8,})$")
+# Fields that may differ between an export and the model that loads it: they change no weight.
+TRANSFERABLE = {"grid_size", "token_dropout_p", "attn_dropout_p", "resid_dropout_p",
+                "ffn_dropout_p", "cond_dropout_p", "grad_checkpointing"}
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    m = _TAG_RE.match(tag)
+    if not m:
+        raise ValueError(f"{tag!r} is not a checkpoint tag (step_NNNNNNNN)")
+    return int(m.group(1))
+
+
+def _tags(root: str) -> list[str]:
+    return sorted(n for n in storage.list_dir(root) if _TAG_RE.match(n))
+
+
+def complete_tags(root: str) -> list[str]:
+    """Tags under ``root`` (local or remote) whose completion marker exists, oldest first."""
+    return [t for t in _tags(root) if storage.exists(storage.join(root, t, MARKER))]
+
+
+class CheckpointManager:
+    """Saves, finds and loads this run's checkpoints on every rank of the job."""
+
+    def __init__(self, run_dir: str, local_dir: str, keep_last: int, dist: DistInfo):
+        self.dist = dist
+        self.keep_last = max(1, keep_last)
+        self.local_root = os.path.join(local_dir, "checkpoints")
+        self.remote_root = (storage.join(run_dir, "checkpoints") if storage.is_remote(run_dir)
+                            else None)
+        os.makedirs(self.local_root, exist_ok=True)
+
+    # -- saving
+
+    def save(self, eng, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+             meta: dict[str, Any] | None = None) -> str:
+        """Write checkpoint ``step`` on every rank; returns its tag once it is complete.
+
+        ``meta`` (rank 0's) goes to ``meta.json`` beside DeepSpeed's files, readable without
+        unpickling them (the export job takes the model config from it)."""
+        tag = tag_for(step)
+        local = os.path.join(self.local_root, tag)
+        t0 = time.time()
+        if self.dist.is_local_main and os.path.exists(os.path.join(local, MARKER)):
+            os.remove(os.path.join(local, MARKER))  # about to be overwritten: not complete now
+        engine.barrier()
+        engine.save_checkpoint(eng, self.local_root, tag, client_state)
+        torch.save(rank_state, os.path.join(local, f"rank_state_{self.dist.rank:05d}.pt"))
+        if self.dist.is_main and meta is not None:
+            storage.write_json(os.path.join(local, "meta.json"), meta)
+        engine.barrier()
+        if self.remote_root and self.dist.is_local_main:
+            storage.put_dir(local, storage.join(self.remote_root, tag))
+        engine.barrier()
+        marker = {"tag": tag, "step": step, "world_size": self.dist.world,
+                  "time": time.time(), "host_rank0": self.dist.rank == 0}
+        if self.dist.is_local_main:
+            storage.write_json(os.path.join(local, MARKER), marker)
+        engine.barrier()
+        if self.remote_root and self.dist.is_main:
+            storage.write_json(storage.join(self.remote_root, tag, MARKER), marker)
+        self._prune()
+        engine.barrier()
+        log.info("checkpoint %s complete in %.1fs%s", tag, time.time() - t0,
+                 f" (mirrored to {self.remote_root})" if self.remote_root else "")
+        return tag
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints (and anything newer)."""
+        roots = []
+        if self.dist.is_local_main:
+            roots.append(self.local_root)
+        if self.remote_root and self.dist.is_main:
+            roots.append(self.remote_root)
+        for root in roots:
+            complete = complete_tags(root)
+            if len(complete) <= self.keep_last:
+                continue
+            oldest_kept = complete[-self.keep_last]
+            for t in _tags(root):
+                if t < oldest_kept:
+                    if storage.is_remote(root):
+                        storage.remove(storage.join(root, t), recursive=True)
+                    else:
+                        shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+
+    # -- finding and loading
+
+    def find(self, resume: str) -> str | None:
+        """The tag to resume from (same answer on every rank), or None to start fresh.
+
+        ``auto``: the newest complete checkpoint, local or remote; ``none``: start fresh; a tag
+        (``step_00001000``): that one.
+        """
+        tag = None
+        if self.dist.is_main and resume != "none":
+            if resume == "auto":
+                found = complete_tags(self.local_root)
+                if self.remote_root:
+                    found += complete_tags(self.remote_root)
+                tag = max(found, default=None)
+            else:
+                tag = os.path.basename(resume.rstrip("/"))
+                step_of(tag)
+        return engine.broadcast_object(tag)
+
+    def ensure_local(self, tag: str) -> str:
+        """The local directory of ``tag``, downloaded from the run dir when only S3 has it."""
+        local = os.path.join(self.local_root, tag)
+        if self.dist.is_local_main and not os.path.exists(os.path.join(local, MARKER)):
+            if not self.remote_root:
+                raise FileNotFoundError(f"no complete checkpoint {tag} under {self.local_root}")
+            log.info("downloading checkpoint %s from %s", tag, self.remote_root)
+            shutil.rmtree(local, ignore_errors=True)
+            staging = tempfile.mkdtemp(prefix=f".{tag}-", dir=self.local_root)
+            storage.get_dir(storage.join(self.remote_root, tag), staging)
+            os.replace(staging, local)
+        engine.barrier()
+        return local
+
+    def load(self, eng, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load ``tag`` into ``eng``; returns (client state, this rank's RNG + loader state)."""
+        local = self.ensure_local(tag)
+        client = engine.load_checkpoint(eng, self.local_root, tag)
+        path = os.path.join(local, f"rank_state_{self.dist.rank:05d}.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: checkpoint {tag} was written by "
+                f"{client.get('world_size', '?')} ranks, this run has {self.dist.world}")
+        rank_state = torch.load(path, weights_only=True)
+        log.info("resumed from checkpoint %s (step %d)", tag, client.get("step", -1))
+        return client, rank_state
+
+    def local_dir_of(self, tag: str) -> str:
+        return os.path.join(self.local_root, tag)
+
+
+# --- exports ------------------------------------------------------------------------------------
+
+
+def export_weights(ckpt_root: str, tag: str, cfg: GPTConfig, out_uri: str,
+                   extra: dict[str, Any] | None = None) -> str:
+    """Consolidate checkpoint ``tag`` under local ``ckpt_root`` into ``out_uri``:
+    ``model.safetensors`` (fp32), ``gpt_config.json``, and ``export.json`` (written last)."""
+    state = engine.consolidated_state_dict(ckpt_root, tag)
+    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"tag": tag})
+        storage.put_file(tmp, storage.join(out_uri, "model.safetensors"))
+    finally:
+        os.remove(tmp)
+    storage.write_json(storage.join(out_uri, "gpt_config.json"), dataclasses.asdict(cfg))
+    storage.write_json(storage.join(out_uri, "export.json"),
+                       {"tag": tag, "step": step_of(tag), "num_tensors": len(state),
+                        "num_params": int(sum(v.numel() for v in state.values())),
+                        **(extra or {})})
+    log.info("exported %s to %s (%d tensors)", tag, out_uri, len(state))
+    return out_uri
+
+
+def load_export(uri: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    """(state dict, GPTConfig) of an export folder (local or s3://)."""
+    cfg = GPTConfig(**storage.read_json(storage.join(uri, "gpt_config.json")))
+    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+    os.close(fd)
+    try:
+        storage.get_file(storage.join(uri, "model.safetensors"), tmp)
+        state = load_file(tmp)
+    finally:
+        os.remove(tmp)
+    return state, cfg
+
+
+def init_from_export(model: torch.nn.Module, uri: str, cfg: GPTConfig) -> None:
+    """Load an export into ``model`` (built from ``cfg``): same architecture, any grid size."""
+    state, saved = load_export(uri)
+    diff = {f.name for f in dataclasses.fields(GPTConfig)
+            if getattr(saved, f.name) != getattr(cfg, f.name)} - TRANSFERABLE
+    if diff:
+        raise ValueError(f"export {uri} has a different architecture: "
+                         + ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}"
+                                     for k in sorted(diff)))
+    model.load_state_dict(state, strict=True)
+    log.info("initialised from export %s (trained at grid %d, now grid %d)", uri,
+             saved.grid_size, cfg.grid_size)
+
+
+def export_checkpoint(path: str, out_uri: str) -> str:
+    """Export a checkpoint folder, or a run dir's newest complete one (local or s3://)."""
+    name = os.path.basename(path.rstrip("/"))
+    if _TAG_RE.match(name):
+        root, tag = path.rstrip("/")[: -len(name) - 1], name
+    else:
+        root = storage.join(path, "checkpoints")
+        tag = max(complete_tags(root), default=None)
+        if tag is None:
+            raise FileNotFoundError(f"no complete checkpoint under {root}")
+    if not storage.exists(storage.join(root, tag, MARKER)):
+        raise FileNotFoundError(f"checkpoint {storage.join(root, tag)} is not complete (no {MARKER})")
+    local_root = root
+    if storage.is_remote(root):
+        local_root = os.path.dirname(storage.local_copy(storage.join(root, tag)))
+    meta = storage.read_json(os.path.join(local_root, tag, "meta.json"))
+    cfg = GPTConfig(**meta["model"])
+    return export_weights(local_root, tag, cfg, out_uri, extra={"source": storage.join(root, tag)})

@@ -1,0 +1,239 @@
+"""The one place DeepSpeed is used: process group, ZeRO engine, checkpoint I/O, clean exit.
+
+The ZeRO settings (stage 1/2/3, offload, bucket sizes) come from a standard ds_config JSON in
+``configs/deepspeed/``; what the training config decides is filled in here: micro batch,
+gradient accumulation, clipping, precision and the AdamW hyperparameters. The optimizer is
+DeepSpeed's AdamW built from that config (``torch_adam: true`` in the JSON gives PyTorch's, which
+needs no compiled op; offload configs use DeepSpeed's CPU Adam); the learning-rate schedule is a
+PyTorch ``LambdaLR`` that DeepSpeed steps and checkpoints.
+
+On CPU (tests, the local demo) the backend is gloo and the precision fp32; on GPUs NCCL and bf16.
+With torch 2.14 + gloo a finished process sometimes aborts in its exit handlers, so a job ends
+with :func:`shutdown`: barrier, flush, remove this rank's shared-memory all-reduce buffer, then
+``os._exit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from torch.optim.lr_scheduler import LambdaLR
+
+from pipeline import storage
+from pipeline.log import get_logger
+from pipeline.train.optim import OptimConfig
+
+log = get_logger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group of the launcher (deepspeed, torchrun) or make a group of one."""
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                 ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    # DeepSpeed's own INFO lines are many; ours say what matters
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return DistInfo(
+        rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank,
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
+        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return precision
+
+
+def build_ds_config(path: str, *, micro_batch: int, grad_accum: int, world: int,
+                    precision: Precision, optim: OptimConfig, lr: float) -> dict[str, Any]:
+    """The ds_config JSON at ``path`` with the training config's values filled in."""
+    ds = json.loads(storage.read_text(path))
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = micro_batch * grad_accum * world
+    ds["gradient_clipping"] = optim.grad_clip
+    prec = resolve_precision(precision)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": prec == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt["type"] = opt.get("type", "AdamW")
+    opt["params"] = {
+        **opt.get("params", {}),
+        "lr": lr,
+        "betas": list(optim.betas),
+        "eps": optim.eps,
+        "weight_decay": optim.weight_decay,
+    }
+    ds.setdefault("steps_per_print", 1 << 30)  # our metrics log; DeepSpeed's would repeat it
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def create_engine(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config: dict[str, Any],
+                  lr_fn: Callable[[int], float]):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW over ``groups`` and a LambdaLR schedule."""
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    eng, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=copy.deepcopy(ds_config),
+        lr_scheduler=lambda opt: LambdaLR(opt, lr_fn),
+    )
+    return eng
+
+
+def grad_norm(eng) -> float:
+    """Global gradient norm of the last optimizer step (before clipping); nan if unknown."""
+    g = eng.get_global_grad_norm()
+    if g is None:
+        return float("nan")
+    return float(g.item() if torch.is_tensor(g) else g)
+
+
+def current_lr(eng) -> float:
+    return float(eng.get_lr()[0])
+
+
+def save_checkpoint(eng, root: str, tag: str, client_state: dict[str, Any]) -> None:
+    """DeepSpeed's sharded save of model, optimizer and LR schedule (every rank calls it)."""
+    eng.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+
+
+def load_checkpoint(eng, root: str, tag: str) -> dict[str, Any]:
+    """Load model, optimizer and LR schedule; returns the client state saved with them."""
+    path, client = eng.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag} from {root}")
+    return client or {}
+
+
+def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights (and buffers) merged from a ZeRO 1/2/3 checkpoint, on CPU."""
+    with contextlib.redirect_stdout(sys.stderr):  # it prints progress to stdout
+        sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+# --- collectives --------------------------------------------------------------------------------
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across_ranks(x: torch.Tensor) -> float:
+    """The mean of a scalar over all ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(x)
+    t = x.detach().float().reshape(1).clone()
+    if torch.cuda.is_available():
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (on every rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown(code: int = 0) -> None:
+    """End the process without running the exit handlers that abort under gloo.
+
+    Waits for every rank, flushes logs and standard streams, removes this rank's shared-memory
+    all-reduce buffer (DeepSpeed's CPU comm leaves ~66 MB in /dev/shm per rank), then exits.
+    """
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    remove_shm_buffers(os.environ.get("MASTER_PORT"), os.environ.get("RANK"))
+    for h in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            h.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def remove_shm_buffers(port: str | int | None, rank: str | int | None = None) -> list[str]:
+    """Delete DeepSpeed's /dev/shm all-reduce buffers of the job on ``port`` (one rank or all)."""
+    if port is None:
+        return []
+    suffix = "*" if rank is None else str(rank)
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{suffix}"
+    gone = []
+    for path in glob.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            gone.append(path)
+    return gone

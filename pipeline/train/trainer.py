@@ -1,0 +1,216 @@
+"""Training the GPT from token shards under DeepSpeed ZeRO, readable top to bottom.
+
+One function, :func:`train`, runs on every rank: build the model (from scratch, or from a stage-1
+export for stage 2), wrap it in a ZeRO engine, resume the newest complete checkpoint if any, then
+loop: ``grad_accum`` micro-batches of next-token cross-entropy, one optimizer step, metrics, a
+checkpoint every ``ckpt_every`` steps and at the end, then a consolidated export.
+
+Exact resume: a checkpoint holds the model, optimizer and LR schedule (DeepSpeed), the step and
+samples seen, and per rank every RNG state and the data loader's place; a resumed run draws the
+same dropout and CFG masks and sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import storage
+from pipeline.config import doc, save_config, to_dict
+from pipeline.data.loader import BatchSpec, LoaderConfig, TokenLoader
+from pipeline.log import get_logger
+from pipeline.models.gpt import GPT, GPTConfig, train_flops_per_sample
+from pipeline.train import engine
+from pipeline.train.checkpoint import CheckpointManager, export_weights, init_from_export
+from pipeline.train.metrics import MetricsLogger
+from pipeline.train.optim import OptimConfig, lr_lambda, param_groups, peak_lr
+from pipeline.train.rng import capture_rng_state, restore_rng_state
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage (stage 1 at 256 px, stage 2 at 512 px, class-conditional, tiny)."""
+
+    name: str = doc("run name (for logs)", "run")
+    run_dir: str = doc("checkpoints, exports, metrics, resolved config (local or s3://)",
+                       "outputs/train/run")
+    local_dir: str | None = doc("local working copy of an s3:// run dir "
+                                "(default $T2I_CACHE/runs/<bucket>/<prefix>)", None)
+    model: GPTConfig = field(default_factory=GPTConfig, metadata={"doc": "GPT preset + overrides"})
+    data: LoaderConfig = field(default_factory=LoaderConfig, metadata={"doc": "token shards"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "AdamW + schedule"})
+    deepspeed_config: str = doc("ds_config JSON (ZeRO stage, offload)",
+                                "configs/deepspeed/zero2.json")
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto: bf16 on GPU, fp32 on CPU", "auto")
+    grad_accum: int = doc("micro-batches per optimizer step", 1)
+    steps: int = doc("total optimizer steps", 1000)
+    log_every: int = doc("steps per log line", 10)
+    ckpt_every: int = doc("steps between checkpoints (one is always written at the end)", 1000)
+    keep_last: int = doc("complete checkpoints kept", 2)
+    resume: str = doc("auto (newest complete checkpoint), none, or a tag step_NNNNNNNN", "auto")
+    resume_data: bool = doc("restore the data loader's place (false after a world-size change)",
+                            True)
+    init_from: str | None = doc("export to start from (stage 2 from stage 1), when not resuming",
+                                None)
+    export: bool = doc("write consolidated weights to <run_dir>/export at the end", True)
+    seed: int = doc("model init and per-rank dropout seeds", 0)
+    peak_flops: float = doc("peak FLOP/s of one device, for MFU (A100 bf16: 312e12)", 312e12)
+    log_keys: bool = doc("record every rank's sample keys per step in steps.jsonl", False)
+    tensorboard: bool = doc("write TensorBoard logs", True)
+    threads: int = doc("torch CPU threads per rank (0: leave as is)", 0)
+
+
+def default_local_dir(run_dir: str) -> str:
+    if not storage.is_remote(run_dir):
+        return run_dir
+    cache = os.path.expanduser(os.environ.get("T2I_CACHE", "~/.cache/t2i-pipeline"))
+    return os.path.join(cache, "runs", run_dir.replace("://", "/").rstrip("/"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def batch_loss(model: Any, batch: dict[str, Any], device: torch.device,
+               cond_dtype: torch.dtype) -> torch.Tensor:
+    """Mean next-token cross-entropy of a loader batch (``model``: a GPT or its engine)."""
+    codes = batch["codes"].to(device, non_blocking=True)
+    cond = batch["cond"].to(device, non_blocking=True)
+    if cond.is_floating_point():
+        cond = cond.to(cond_dtype)
+    mask = batch["cond_mask"]
+    mask = mask.to(device, non_blocking=True) if mask is not None else None
+    logits = model(codes, cond, mask)  # (B, N, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one training stage on every rank; returns a summary (on every rank)."""
+    dist = engine.init_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    local_dir = cfg.local_dir or default_local_dir(cfg.run_dir)
+    os.makedirs(local_dir, exist_ok=True)
+    precision = engine.resolve_precision(cfg.precision)
+    cond_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    # -- model: identical initial weights on every rank, then per-rank randomness for dropout
+    seed_everything(cfg.seed)
+    model = GPT(cfg.model)
+    ckpt = CheckpointManager(cfg.run_dir, local_dir, cfg.keep_last, dist)
+    tag = ckpt.find(cfg.resume)
+    if tag is None and cfg.init_from:
+        init_from_export(model, cfg.init_from, cfg.model)
+    seed_everything(cfg.seed + 1 + 7919 * dist.rank)
+
+    global_batch = cfg.data.batch_size * cfg.grad_accum * dist.world
+    lr = peak_lr(cfg.optim, global_batch)
+    ds_config = engine.build_ds_config(
+        cfg.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=cfg.grad_accum,
+        world=dist.world, precision=cfg.precision, optim=cfg.optim, lr=lr)
+    eng = engine.create_engine(model, param_groups(model, cfg.optim), ds_config,
+                               lr_lambda(cfg.optim, cfg.steps))
+    spec = BatchSpec(grid_size=cfg.model.grid_size, cond=cfg.model.cond,
+                     max_text_tokens=cfg.model.max_text_tokens, caption_dim=cfg.model.caption_dim)
+    loader = TokenLoader(cfg.data, spec, rank=dist.rank, world=dist.world)
+    if dist.is_main:
+        log.info("%s: GPT %.1fM params, ZeRO-%d, %s, %d ranks x %d x %d accum = global batch %d, "
+                 "peak lr %.3g", cfg.name, model.num_params() / 1e6, engine.zero_stage(ds_config),
+                 precision, dist.world, cfg.data.batch_size, cfg.grad_accum, global_batch, lr)
+
+    # -- resume
+    step, samples_seen = 0, 0
+    if tag is not None:
+        client, rank_state = ckpt.load(eng, tag)
+        step, samples_seen = int(client["step"]), int(client["samples_seen"])
+        restore_rng_state(rank_state["rng"])
+        if cfg.resume_data:
+            loader.load_state_dict(rank_state["loader"])
+    metrics_dir = os.path.join(local_dir, "metrics")
+    remote_metrics = (storage.join(cfg.run_dir, "metrics") if storage.is_remote(cfg.run_dir)
+                      else None)
+    if dist.is_main:
+        save_config(cfg, storage.join(cfg.run_dir, "config.yaml"))
+        steps_file = os.path.join(metrics_dir, "steps.jsonl")
+        if remote_metrics and step > 0 and not os.path.exists(steps_file):
+            remote_steps = storage.join(remote_metrics, "steps.jsonl")
+            if storage.exists(remote_steps):
+                storage.get_file(remote_steps, steps_file)
+    metrics = MetricsLogger(
+        metrics_dir, enabled=dist.is_main, start_step=step, total_steps=cfg.steps,
+        log_every=cfg.log_every, flops_per_sample=train_flops_per_sample(cfg.model),
+        tokens_per_sample=cfg.model.image_tokens, peak_flops=cfg.peak_flops, world=dist.world,
+        tensorboard=cfg.tensorboard)
+
+    def save(at: int) -> str:
+        client_state = {"step": at, "samples_seen": samples_seen, "world_size": dist.world,
+                        "config": to_dict(cfg)}
+        rank_state = {"rng": capture_rng_state(), "loader": loader.state_dict()}
+        metrics.flush()
+        if dist.is_main and remote_metrics:
+            storage.put_dir(metrics_dir, remote_metrics)
+        return ckpt.save(eng, at, client_state, rank_state,
+                         meta={"model": to_dict(cfg.model), "step": at, "run": cfg.name})
+
+    # -- the loop
+    eng.train()
+    batches = iter(loader)
+    last_tag = tag
+    loss_value = float("nan")
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        losses, keys = [], []
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            loss = batch_loss(eng, batch, eng.device, cond_dtype)
+            eng.backward(loss)
+            eng.step()
+            losses.append(loss.detach())
+            keys.extend(batch["keys"])
+        step += 1
+        samples_seen += global_batch
+        loss_value = engine.mean_across_ranks(torch.stack(losses).mean())
+        extra = {"epoch": loader.epoch}
+        if cfg.log_keys:
+            extra["keys"] = engine.gather_objects(keys)
+        metrics.step(step, loss=loss_value, lr=engine.current_lr(eng),
+                     grad_norm=engine.grad_norm(eng), samples=global_batch,
+                     seconds=time.perf_counter() - t0, extra=extra)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            last_tag = save(step)
+
+    # -- the end: export, plots, summary
+    export_uri = None
+    if cfg.export and last_tag is not None:
+        export_uri = storage.join(cfg.run_dir, "export")
+        if dist.is_main:
+            root = ckpt.local_root
+            if dist.world > dist.local_world:  # other nodes' partitions are only in the run dir
+                root = os.path.join(local_dir, "export_staging")
+                storage.get_dir(storage.join(ckpt.remote_root, last_tag),
+                                os.path.join(root, last_tag))
+            export_weights(root, last_tag, cfg.model, export_uri,
+                           extra={"run": cfg.name, "samples_seen": samples_seen})
+        engine.barrier()
+    counters = engine.gather_objects(loader.counters())
+    data_damage = {k: sum(c[k] for c in counters) for k in counters[0]}
+    if dist.is_main:
+        plot = metrics.close()
+        if remote_metrics:
+            storage.put_dir(metrics_dir, remote_metrics)
+        log.info("%s done: step %d, loss %.4f, data damage %s, loss curve %s", cfg.name, step,
+                 loss_value, data_damage, plot)
+    return {"step": step, "loss": loss_value, "samples_seen": samples_seen, "export": export_uri,
+            "checkpoint": last_tag, "data_damage": data_damage,
+            "steps_file": os.path.join(metrics_dir, "steps.jsonl")}

@@ -1,0 +1,251 @@
+"""End-to-end training under real launchers on CPU (2 ranks, gloo), sharing runs between tests.
+
+- ZeRO-2 through the ``deepspeed`` launcher over token shards on the loopback S3 server: an
+  uninterrupted reference run; a run killed with SIGKILL (the launcher's whole process group)
+  after a checkpoint completed; a resume with ``--resume auto`` from an empty local dir, so the
+  checkpoint comes back from S3. Per-step losses and sample keys must equal the reference.
+- ZeRO-1 and ZeRO-3 through ``torchrun``: a reference run, then a new run dir holding only the
+  reference's step-20 checkpoint, resumed to the end; steps 21.. must equal the reference.
+- The reference run also shows the tiny preset overfitting, checkpoint pruning and the export,
+  and stage 2 starts from that export at a 2x larger grid.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline import storage
+from pipeline.train.toy_data import write_toy_token_shards
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEPS = 40
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", T2I_PROGRESS="0",
+               DS_ACCELERATOR="cpu")
+    return env
+
+
+def _cmd(launcher: str, port: int, args: list[str]) -> list[str]:
+    if launcher == "deepspeed":
+        head = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+    else:
+        head = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+    return [*head, "jobs/train.py", "--config", "configs/train/tiny.yaml", *args]
+
+
+def _cleanup_shm(port: int) -> None:
+    for p in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        os.remove(p)
+
+
+def _train(launcher: str, args: list[str], log_path: Path, timeout: int = 240) -> str:
+    """Run a training job to the end; returns its output (asserting success)."""
+    port = free_port()
+    try:
+        proc = subprocess.run(_cmd(launcher, port, args), cwd=REPO, env=_env(), timeout=timeout,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        _cleanup_shm(port)
+    log_path.write_text(proc.stdout)
+    assert proc.returncode == 0, f"{launcher} run failed:\n{proc.stdout[-4000:]}"
+    return proc.stdout
+
+
+def _train_and_kill(args: list[str], after: str, log_path: Path, timeout: int = 240) -> str:
+    """Start a launcher run, SIGKILL its whole process group once ``after`` is printed."""
+    port = free_port()
+    proc = subprocess.Popen(_cmd("deepspeed", port, args), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    lines, seen = [], False
+    try:
+        for line in proc.stdout:  # blocks on the pipe: no polling
+            lines.append(line)
+            if after in line:
+                seen = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait()
+        lines.extend(proc.stdout.read().splitlines(keepends=True))
+    finally:
+        watchdog.cancel()
+        _cleanup_shm(port)
+    out = "".join(lines)
+    log_path.write_text(out)
+    assert seen, f"the run never printed {after!r}:\n{out[-4000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    return out
+
+
+def _steps(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _common(run_dir: str, local_dir: Path, shards: str, extra: list[str] = ()) -> list[str]:
+    return [f"run_dir={run_dir}", f"local_dir={local_dir}", f"data.shards=[{shards}]",
+            f"steps={STEPS}", "ckpt_every=10", *extra]
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    import boto3
+
+    name = f"train-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def shards(bucket) -> str:
+    uri = f"{bucket}/tokens/toy"
+    write_toy_token_shards(uri, num_shards=4, per_shard=16, grid_size=4, caption_dim=16,
+                           vocab_size=64)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def zero2(bucket, shards, tmp_path_factory) -> dict:
+    """Reference, killed and resumed ZeRO-2 runs through the deepspeed launcher."""
+    tmp = tmp_path_factory.mktemp("zero2")
+    ref = _common(f"{bucket}/runs/ref", tmp / "ref", shards)
+    out_ref = _train("deepspeed", ref, tmp / "ref.log")
+    killed_dir = f"{bucket}/runs/killed"
+    # the killed run is told to go on far longer (the schedule is constant after warmup, so the
+    # step count changes nothing else): it is surely still training when it is killed
+    _train_and_kill(_common(killed_dir, tmp / "killed_a", shards, ["steps=100000"]),
+                    after="checkpoint step_00000020 complete", log_path=tmp / "killed.log")
+    out_res = _train("deepspeed", [*_common(killed_dir, tmp / "killed_b", shards), "--resume",
+                                   "auto"], tmp / "resumed.log")
+    return {"tmp": tmp, "bucket": bucket, "out_ref": out_ref, "out_resumed": out_res,
+            "ref": _steps(tmp / "ref" / "metrics" / "steps.jsonl"),
+            "resumed": _steps(tmp / "killed_b" / "metrics" / "steps.jsonl")}
+
+
+def test_zero2_launcher_kill9_then_resume_auto_is_exact(zero2):
+    ref, res = zero2["ref"], zero2["resumed"]
+    assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in res] == list(range(1, STEPS + 1))
+    line = next(x for x in zero2["out_resumed"].splitlines() if "resumed from checkpoint" in x)
+    resumed_at = int(line.split("step_")[1][:8])
+    assert 20 <= resumed_at < STEPS  # a real mid-run resume, from S3 (its local dir was empty)
+    assert "downloading checkpoint" in zero2["out_resumed"]
+    for a, b in zip(ref, res):
+        assert a["keys"] == b["keys"], f"step {a['step']}: different samples"
+        assert a["loss"] == b["loss"], f"step {a['step']}: loss {a['loss']} != {b['loss']}"
+        assert a["lr"] == b["lr"] and a["grad_norm"] == b["grad_norm"]
+    # every rank's keys are logged: 2 ranks x 4, and the two ranks never share a sample
+    assert all(len(r["keys"]) == 2 and not set(r["keys"][0]) & set(r["keys"][1]) for r in ref)
+
+
+def test_tiny_preset_overfits(zero2):
+    losses = [r["loss"] for r in zero2["ref"]]
+    assert losses[0] == pytest.approx(math.log(64), abs=1e-3)  # zero-initialised head
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+def test_checkpoints_pruned_exported_and_logged(zero2):
+    ref_run = f"{zero2['bucket']}/runs/ref"
+    ckpts = storage.list_dir(f"{ref_run}/checkpoints")
+    assert ckpts == ["step_00000030", "step_00000040"]  # keep_last: 2
+    for t in ckpts:
+        names = storage.list_dir(f"{ref_run}/checkpoints/{t}")
+        assert "COMPLETE.json" in names and "rank_state_00001.pt" in names
+    export = storage.list_dir(f"{ref_run}/export")
+    assert {"model.safetensors", "gpt_config.json", "export.json"} <= set(export)
+    assert storage.read_json(f"{ref_run}/export/export.json")["step"] == STEPS
+    assert storage.exists(f"{ref_run}/config.yaml")
+    local = zero2["tmp"] / "ref" / "metrics"
+    assert (local / "loss.png").stat().st_size > 1000
+    assert glob.glob(str(local / "tensorboard" / "events.out.tfevents.*"))
+    assert storage.exists(f"{ref_run}/metrics/loss.png")
+    assert "MFU" in zero2["out_ref"] and "tokens/s" in zero2["out_ref"]
+    # the killed run left an incomplete or newer checkpoint behind at most; the one resumed from
+    # had its marker, and the resumed run finished with the newest two
+    killed = storage.list_dir(f"{zero2['bucket']}/runs/killed/checkpoints")
+    assert killed[-2:] == ["step_00000030", "step_00000040"]
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero1_and_zero3_resume_from_checkpoint_is_exact(stage, shards, bucket, tmp_path):
+    ds = f"deepspeed_config=configs/deepspeed/zero{stage}.json"
+    ref_dir = tmp_path / "ref"
+    _train("torchrun", [*_common(str(ref_dir), ref_dir, shards), ds, "keep_last=5"],
+           tmp_path / "ref.log")
+    ref = _steps(ref_dir / "metrics" / "steps.jsonl")
+    # a second run dir holding only the reference's step-20 checkpoint and its first 20 steps
+    res_dir = tmp_path / "res"
+    shutil.copytree(ref_dir / "checkpoints" / "step_00000020",
+                    res_dir / "checkpoints" / "step_00000020")
+    (res_dir / "metrics").mkdir(parents=True)
+    (res_dir / "metrics" / "steps.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in ref[:20]))
+    out = _train("torchrun", [*_common(str(res_dir), res_dir, shards), ds], tmp_path / "res.log")
+    assert "resumed from checkpoint step_00000020" in out
+    res = _steps(res_dir / "metrics" / "steps.jsonl")
+    assert [r["step"] for r in res] == list(range(1, STEPS + 1))
+    for a, b in zip(ref[20:], res[20:]):
+        assert a["keys"] == b["keys"] and a["loss"] == b["loss"], f"ZeRO-{stage} step {a['step']}"
+    if stage == 3:  # the export job consolidates ZeRO-3 partitions like the trainer's export
+        import torch
+
+        from pipeline.train.checkpoint import export_checkpoint, load_export
+
+        export_checkpoint(str(ref_dir), str(tmp_path / "job_export"))
+        a, cfg_a = load_export(str(ref_dir / "export"))
+        b, cfg_b = load_export(str(tmp_path / "job_export"))
+        assert cfg_a == cfg_b and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage2_starts_from_stage1_export_at_a_larger_grid(zero2, bucket, tmp_path):
+    import torch
+
+    from pipeline.data.loader import BatchSpec, LoaderConfig, TokenLoader
+    from pipeline.models.gpt import GPT, GPTConfig
+    from pipeline.train.trainer import batch_loss
+
+    shards8 = f"{bucket}/tokens/toy8"  # the same "images" at twice the resolution
+    write_toy_token_shards(shards8, num_shards=2, per_shard=16, grid_size=4, caption_dim=16,
+                           vocab_size=64, upsample=2)
+    run = tmp_path / "stage2"
+    _train("torchrun", [f"run_dir={run}", f"data.shards=[{shards8}]", "model.grid_size=8",
+                        f"init_from={bucket}/runs/ref/export", "steps=2", "export=false"],
+           tmp_path / "stage2.log")
+    first = _steps(run / "metrics" / "steps.jsonl")[0]
+
+    # a freshly initialised model on the same first batches (both ranks' streams)
+    cfg = GPTConfig.from_name("debug", vocab_size=64, caption_dim=16, max_text_tokens=8,
+                              grid_size=8)
+    spec = BatchSpec(grid_size=8, caption_dim=16, max_text_tokens=8)
+    fresh = GPT(cfg).eval()
+    losses = []
+    for rank in range(2):
+        loader = TokenLoader(LoaderConfig(shards=[shards8], batch_size=4, num_workers=0,
+                                          shuffle_buffer=16), spec, rank=rank, world=2)
+        batch = next(iter(loader))
+        assert batch["keys"] == first["keys"][rank]
+        with torch.no_grad():
+            losses.append(batch_loss(fresh, batch, torch.device("cpu"), torch.float32).item())
+    fresh_loss = sum(losses) / 2
+    assert first["loss"] < fresh_loss - 0.5, (first["loss"], fresh_loss)
