@@ -40,10 +40,17 @@ def _one(server, n: int, distributor: str, workdir: str) -> dict:
     table = synthetic.laion_coco_table(server.samples[:n], urls)
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), meta)
     cfg = DownloadConfig(
-        input=meta, output=os.path.join(workdir, f"raw-{distributor}"),
-        metadata=MetadataConfig(rows_per_unit=100), distributor=distributor,
-        processes=os.cpu_count() or 2, threads=32, image_size=256, resize_mode="center_crop",
-        min_image_size=64, timeout_s=10, allow_loopback=True,
+        input=meta,
+        output=os.path.join(workdir, f"raw-{distributor}"),
+        metadata=MetadataConfig(rows_per_unit=100),
+        distributor=distributor,
+        processes=os.cpu_count() or 2,
+        threads=32,
+        image_size=256,
+        resize_mode="center_crop",
+        min_image_size=64,
+        timeout_s=10,
+        allow_loopback=True,
     )
     t0 = time.perf_counter()
     result = run_download(cfg)

@@ -92,13 +92,16 @@ def _png16(rgb: Image.Image, gray: bool) -> bytes:
 
 def make_bad_bodies(size: int = 96) -> dict[str, bytes]:
     """The response body of every bad case (the hang and the 404 have none)."""
+
     def shape(c, s, b="white", seed=0):
         return synthetic.draw_shape(c, s, b, size, random.Random(seed))
 
     good = _encode(shape("red", "circle"), "JPEG", quality=90)
     rgba = Image.new("RGBA", (size, size), (0, 0, 0, 0))  # transparent: composited over white
-    rgba.paste(shape("green", "circle"), mask=shape("green", "circle").convert("L").point(
-        lambda v: 255 if v < 200 else 0))
+    rgba.paste(
+        shape("green", "circle"),
+        mask=shape("green", "circle").convert("L").point(lambda v: 255 if v < 200 else 0),
+    )
     return {
         "page.html": b"<!doctype html><html><body>not an image</body></html>",
         "truncated.jpg": good[: len(good) // 2],
@@ -120,8 +123,13 @@ class BadServer:
     def __init__(self, n_good: int = 0, size: int = 96, hang_s: float = 8.0, seed: int = 0):
         self.samples = synthetic.make_samples(n_good, seed=seed)
         self.good = [
-            _encode(synthetic.draw_shape(s.colour, s.shape, s.background, size,
-                                         random.Random(seed * 7919 + i)), "JPEG", quality=90)
+            _encode(
+                synthetic.draw_shape(
+                    s.colour, s.shape, s.background, size, random.Random(seed * 7919 + i)
+                ),
+                "JPEG",
+                quality=90,
+            )
             for i, s in enumerate(self.samples)
         ]
         self.bad = make_bad_bodies(size)
@@ -159,14 +167,14 @@ class BadServer:
                     server.hits[path] += 1
                 if path.startswith("/good/"):
                     try:
-                        i = int(path[len("/good/"):].split(".")[0])
+                        i = int(path[len("/good/") :].split(".")[0])
                         body = server.good[i]
                     except (ValueError, IndexError):
                         self.send_error(404)
                         return
                     self._send(body, "image/jpeg")
                     return
-                name = path[len("/bad/"):] if path.startswith("/bad/") else ""
+                name = path[len("/bad/") :] if path.startswith("/bad/") else ""
                 if name == "hang.jpg":
                     # a server that never answers (within the client's timeout)
                     server._stop.wait(server.hang_s)

@@ -44,15 +44,23 @@ LONG = "word " * 2000  # 10,000 characters
 
 def _config(inp: str, out: str, **kw) -> DownloadConfig:
     base = dict(
-        input=inp, output=out, metadata=MetadataConfig(rows_per_unit=10), processes=1, threads=8,
-        image_size=64, min_image_size=32, timeout_s=2, allow_loopback=True,
+        input=inp,
+        output=out,
+        metadata=MetadataConfig(rows_per_unit=10),
+        processes=1,
+        threads=8,
+        image_size=64,
+        min_image_size=32,
+        timeout_s=3,
+        allow_loopback=True,
     )
     base.update(kw)
     return DownloadConfig(**base)
 
 
-def _write_metadata(path: str, urls: list, captions: list | None = None,
-                    nan_similarity: tuple[int, ...] = ()) -> None:
+def _write_metadata(
+    path: str, urls: list, captions: list | None = None, nan_similarity: tuple[int, ...] = ()
+) -> None:
     samples = synthetic.make_samples(len(urls))
     table = pa.Table.from_pandas(
         synthetic.laion_coco_table(samples, [u if isinstance(u, str) else "x" for u in urls]),
@@ -64,8 +72,9 @@ def _write_metadata(path: str, urls: list, captions: list | None = None,
         raw = [c.encode() if isinstance(c, str) else c for c in captions]
         table = table.set_column(1, "TEXT", pa.array(raw, pa.binary()).view(pa.string()))
     sim = [float("nan") if i in nan_similarity else 0.35 for i in range(len(urls))]
-    table = table.set_column(table.schema.get_field_index("similarity"), "similarity",
-                             pa.array(sim, pa.float64()))
+    table = table.set_column(
+        table.schema.get_field_index("similarity"), "similarity", pa.array(sim, pa.float64())
+    )
     pq.write_table(table, path)
 
 
@@ -103,8 +112,12 @@ def bad_run(server, tmp_path_factory):
         good
         + [server.bad_url(n) for n in BAD_CASES]
         + [good[0], float("nan"), None]  # duplicate, NaN and missing URL
-        + ["http://10.0.0.7/x.jpg", "http://169.254.169.254/latest/meta-data/",
-           "http://[::ffff:192.168.0.1]/a.jpg", closed]
+        + [
+            "http://10.0.0.7/x.jpg",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::ffff:192.168.0.1]/a.jpg",
+            closed,
+        ]
     )
     captions = [s.caption for s in synthetic.make_samples(len(urls))]
     captions[1], captions[2], captions[3], captions[4] = None, "  ", b"caf\xe9 \xff", LONG
@@ -193,8 +206,11 @@ def test_rerun_skips_done_shards_and_redoes_a_lost_one(bad_run, server):
     # a shard whose done marker is missing (a crash mid-shard) is downloaded again, alone
     os.remove(os.path.join(cfg.output, "00001_stats.json"))
     unit = pq.read_table(os.path.join(cfg.output, "_meta", "input", "00001.parquet"))
-    redo = {u.split(server.base, 1)[1] for u in unit.column("url").to_pylist()
-            if u.startswith(server.base)}
+    redo = {
+        u.split(server.base, 1)[1]
+        for u in unit.column("url").to_pylist()
+        if u.startswith(server.base)
+    }
     third = run_download(cfg)
     assert third.failed_shards == []
     assert third.stats["by_reason"] == first.stats["by_reason"]
@@ -230,8 +246,9 @@ def test_ray_distributor_retries_a_failed_shard(local_ray, server, tmp_path):
     assert first.failed_shards == [1] and first.shards_done == 1
     assert storage.read_json(str(out / "_meta" / "download_stats.json"))["shards"]["failed"] == [1]
 
-    second = run_download(_config(str(tmp_path / "m.parquet"), str(out), distributor="ray",
-                                  shard_retry_rounds=1))
+    second = run_download(
+        _config(str(tmp_path / "m.parquet"), str(out), distributor="ray", shard_retry_rounds=1)
+    )
     assert second.failed_shards == [] and second.shards_done == 2
     assert (out / "00001.tar").is_file()
     assert second.stats["by_reason"] == {"success": 15}
@@ -244,16 +261,24 @@ def test_ray_distributor_retries_a_failed_shard(local_ray, server, tmp_path):
 def test_job_writes_shards_to_s3(s3_bucket, server, tmp_path):
     urls = server.good_urls()[:8] + [server.bad_url("missing.jpg")]
     _write_metadata(str(tmp_path / "m.parquet"), urls)
-    spec = importlib.util.spec_from_file_location("download_job", os.path.join(ROOT, "jobs",
-                                                                               "download.py"))
+    spec = importlib.util.spec_from_file_location(
+        "download_job", os.path.join(ROOT, "jobs", "download.py")
+    )
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     out = f"{s3_bucket}/raw"
-    rc = job.main([
-        "--config", os.path.join(ROOT, "configs", "data", "download_local.yaml"),
-        f"input={tmp_path / 'm.parquet'}", f"output={out}", "metadata.rows_per_unit=5",
-        "processes=1", "threads=8", "image_size=64",
-    ])
+    rc = job.main(
+        [
+            "--config",
+            os.path.join(ROOT, "configs", "data", "download_local.yaml"),
+            f"input={tmp_path / 'm.parquet'}",
+            f"output={out}",
+            "metadata.rows_per_unit=5",
+            "processes=1",
+            "threads=8",
+            "image_size=64",
+        ]
+    )
     assert rc == 0
     names = storage.list_dir(out)
     for i in (0, 1):
@@ -303,8 +328,13 @@ def test_guard_resolves_each_host_once():
         return {"evil.example": ["203.0.113.9", "10.0.0.5"], "ok.example": ["93.184.216.34"]}[host]
 
     guard = AddressGuard(resolver=fake_dns)
-    urls = ["http://evil.example/a.jpg", "http://ok.example/b.jpg", "http://evil.example/c.jpg",
-            "http://OK.example./d.jpg", "http://missing.example/e.jpg"]
+    urls = [
+        "http://evil.example/a.jpg",
+        "http://ok.example/b.jpg",
+        "http://evil.example/c.jpg",
+        "http://OK.example./d.jpg",
+        "http://missing.example/e.jpg",
+    ]
     assert guard.check_many(urls) == ["private", None, "private", None, "unresolvable_host"]
     assert sorted(calls) == ["evil.example", "missing.example", "ok.example"]
     guard.check("http://ok.example/again.jpg")
@@ -349,8 +379,7 @@ def test_refused_url_fails_without_network():
         ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
         ("Remote end closed connection without response", "connection_error"),
         ("<urlopen error [Errno -2] Name or service not known>", "dns_error"),
-        ("<urlopen error [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed>",
-         "ssl_error"),
+        ("<urlopen error [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed>", "ssl_error"),
         ("Image decoding error", "decode_error"),
         ("not an image (unrecognised format)", "not_an_image"),
         ("decompression bomb (image larger than max_image_pixels)", "decompression_bomb"),
@@ -367,8 +396,11 @@ def test_reason_of(status, reason):
 
 @pytest.mark.parametrize("name", ["download.yaml", "download_hq.yaml", "download_local.yaml"])
 def test_shipped_configs_load(name):
-    cfg = load_config(DownloadConfig, os.path.join(ROOT, "configs", "data", name),
-                      ["input=s3://b/meta/", "output=s3://b/raw/"])
+    cfg = load_config(
+        DownloadConfig,
+        os.path.join(ROOT, "configs", "data", name),
+        ["input=s3://b/meta/", "output=s3://b/raw/"],
+    )
     assert cfg.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
     assert cfg.allow_private_addresses is False
     assert cfg.allow_loopback is (name == "download_local.yaml")

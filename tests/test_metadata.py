@@ -90,8 +90,9 @@ def test_clean_url_and_caption_rules():
 def test_messy_rows_are_counted_and_units_are_clean(tmp_path):
     src = tmp_path / "meta.parquet"
     pq.write_table(_messy_table(), src)
-    cfg = MetadataConfig(extra_columns=["similarity", "WIDTH", "punsafe"], rows_per_unit=3,
-                         max_caption_chars=1000)
+    cfg = MetadataConfig(
+        extra_columns=["similarity", "WIDTH", "punsafe"], rows_per_unit=3, max_caption_chars=1000
+    )
     stats = prepare_units(str(src), str(tmp_path / "units"), cfg)
     c = stats["counts"]
     assert c["rows_read"] == 13
@@ -108,8 +109,12 @@ def test_messy_rows_are_counted_and_units_are_clean(tmp_path):
 
     rows = pa.concat_tables(_read_units(str(tmp_path / "units"))).to_pylist()
     assert [r["url"] for r in rows] == [
-        "http://a.example/1.jpg", "http://a.example/2.jpg", "http://a.example/4.jpg",
-        "http://a.example/5.jpg", "http://a.example/6.jpg", "http://a.example/7.jpg",
+        "http://a.example/1.jpg",
+        "http://a.example/2.jpg",
+        "http://a.example/4.jpg",
+        "http://a.example/5.jpg",
+        "http://a.example/6.jpg",
+        "http://a.example/7.jpg",
     ]
     caps = [r["caption"] for r in rows]
     assert caps[0] == "a red circle on white"
@@ -140,8 +145,16 @@ def test_units_are_deterministic_across_files_folder_and_glob(tmp_path):
     urls = pa.concat_tables(ta).column("url").to_pylist()
     assert urls[:9] == [f"http://img.example/{100 + i}.jpg" for i in range(9)]
     assert urls[9:] == [f"http://img.example/{i}.jpg" for i in range(17)]
-    assert ta[0].schema.names == ["url", "caption", "similarity", "punsafe", "pwatermark",
-                                  "WIDTH", "HEIGHT", "hash"]
+    assert ta[0].schema.names == [
+        "url",
+        "caption",
+        "similarity",
+        "punsafe",
+        "pwatermark",
+        "WIDTH",
+        "HEIGHT",
+        "hash",
+    ]
 
 
 def test_rerun_reuses_units_and_config_change_rewrites(tmp_path):

@@ -49,8 +49,16 @@ REFUSED_PREFIX = "t2i-refused-"
 DEFAULT_OPT_OUT = ["noai", "noimageai", "noindex", "noimageindex"]
 # settings that change what a finished shard holds: a resumed run must use the same ones
 SHARD_SHAPING = (
-    "image_size", "resize_mode", "resize_only_if_bigger", "min_image_size", "max_aspect_ratio",
-    "max_image_pixels", "encode_format", "encode_quality", "compute_hash", "extract_exif",
+    "image_size",
+    "resize_mode",
+    "resize_only_if_bigger",
+    "min_image_size",
+    "max_aspect_ratio",
+    "max_image_pixels",
+    "encode_format",
+    "encode_quality",
+    "compute_hash",
+    "extract_exif",
 )
 
 
@@ -103,7 +111,9 @@ class DownloadConfig:
     )
     extract_exif: bool = doc("store EXIF in each sample's json (slower)", False)
     overwrite: bool = doc("delete the output first instead of resuming", False)
-    tmp_dir: str | None = doc("scratch folder for img2dataset (TMPDIR); default: a new temp dir", None)
+    tmp_dir: str | None = doc(
+        "scratch folder for img2dataset (TMPDIR); default: a new temp dir", None
+    )
 
     def __post_init__(self) -> None:
         for name in ("processes", "threads", "image_size", "timeout_s", "max_image_pixels"):
@@ -221,8 +231,11 @@ def _ray_session(cfg: DownloadConfig) -> Iterator[None]:
         yield
         return
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in ("NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE",
-                                           "OPENCV_IO_MAX_IMAGE_PIXELS") if k in os.environ}
+    env_vars = {
+        k: os.environ[k]
+        for k in ("NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE", "OPENCV_IO_MAX_IMAGE_PIXELS")
+        if k in os.environ
+    }
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
     else:
@@ -302,8 +315,10 @@ _REASONS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"unknown url type: '?" + REFUSED_PREFIX + r"([a-z-]+)"), "refused_{0}"),
     (re.compile(r"refused connection to an? ([a-z_]+) address"), "refused_{0}"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{0}"),
-    (re.compile(r"decompression bomb|CV_IO_MAX_IMAGE_PIXELS|image area too large"),
-     "decompression_bomb"),
+    (
+        re.compile(r"decompression bomb|CV_IO_MAX_IMAGE_PIXELS|image area too large"),
+        "decompression_bomb",
+    ),
     (re.compile(r"not an image"), "not_an_image"),
     (re.compile(r"Image decoding error|image conversion error"), "decode_error"),
     (re.compile(r"image too small"), "too_small"),
@@ -311,10 +326,20 @@ _REASONS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"X-Robots-Tag"), "opted_out"),
     (re.compile(r"timed out|[Tt]imeout"), "timeout"),
     (re.compile(r"Connection refused"), "connection_refused"),
-    (re.compile(r"Connection reset|Remote end closed|RemoteDisconnected|IncompleteRead|"
-                r"BadStatusLine"), "connection_error"),
-    (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo|"
-                r"Temporary failure in name resolution|No address associated"), "dns_error"),
+    (
+        re.compile(
+            r"Connection reset|Remote end closed|RemoteDisconnected|IncompleteRead|"
+            r"BadStatusLine"
+        ),
+        "connection_error",
+    ),
+    (
+        re.compile(
+            r"Name or service not known|nodename nor servname|getaddrinfo|"
+            r"Temporary failure in name resolution|No address associated"
+        ),
+        "dns_error",
+    ),
     (re.compile(r"SSL|CERTIFICATE"), "ssl_error"),
     (re.compile(r"unknown url type|no host given"), "bad_url"),
     (re.compile(r"hash mismatch"), "hash_mismatch"),
@@ -415,8 +440,13 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
             if not missing:
                 break
             if attempt:
-                log.warning("retry %d/%d of %d failed shards: %s", attempt,
-                            cfg.shard_retry_rounds, len(missing), missing[:20])
+                log.warning(
+                    "retry %d/%d of %d failed shards: %s",
+                    attempt,
+                    cfg.shard_retry_rounds,
+                    len(missing),
+                    missing[:20],
+                )
                 for i in missing:  # whatever a failed shard left behind goes before its rerun
                     _remove_partial(cfg.output, i)
             try:
@@ -436,8 +466,18 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
     storage.write_json(storage.join(meta, "download_stats.json"), stats)
     failed = stats["shards"]["failed"]
     if failed:
-        log.error("%d of %d shards still failed after %d retry rounds: %s; rerun to retry them",
-                  len(failed), total, cfg.shard_retry_rounds, failed[:50])
-    log.info("download: %d/%d shards done, samples %s, reasons %s", stats["shards"]["done"],
-             total, stats["samples"], stats["by_reason"])
+        log.error(
+            "%d of %d shards still failed after %d retry rounds: %s; rerun to retry them",
+            len(failed),
+            total,
+            cfg.shard_retry_rounds,
+            failed[:50],
+        )
+    log.info(
+        "download: %d/%d shards done, samples %s, reasons %s",
+        stats["shards"]["done"],
+        total,
+        stats["samples"],
+        stats["by_reason"],
+    )
     return DownloadResult(cfg.output, total, stats["shards"]["done"], failed, stats)

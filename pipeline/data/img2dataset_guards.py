@@ -111,8 +111,9 @@ class GuardedResizer(Resizer):
 class GuardedDownloader(Downloader):
     """img2dataset's Downloader that first guards this process's connections."""
 
-    def __init__(self, *args, allow_loopback: bool = False, allow_private: bool = False,
-                 **kwargs) -> None:
+    def __init__(
+        self, *args, allow_loopback: bool = False, allow_private: bool = False, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.allow_loopback = allow_loopback
         self.allow_private = allow_private

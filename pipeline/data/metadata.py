@@ -45,7 +45,9 @@ class MetadataConfig:
     """How to read the metadata parquet and cut it into work units."""
 
     url_column: str = doc("column holding the image URL", "URL")
-    caption_column: str = doc("column holding the caption (LAION-COCO: TEXT or top_caption)", "TEXT")
+    caption_column: str = doc(
+        "column holding the caption (LAION-COCO: TEXT or top_caption)", "TEXT"
+    )
     extra_columns: list[str] = doc(
         "columns carried along into each sample's json (missing ones become null, counted)",
         ["similarity", "punsafe", "pwatermark", "WIDTH", "HEIGHT", "hash"],
@@ -74,12 +76,14 @@ def list_inputs(source: str) -> list[str]:
     if any(ch in path for ch in "*?["):
         found = fs.glob(path) if remote else globlib.glob(path)
     elif fs.isdir(path):
-        found = [p for p in fs.find(path) if p.endswith(".parquet")]
+        found = fs.glob(path.rstrip("/") + "/*.parquet")  # this folder only, not sub-folders
     elif fs.exists(path):
         found = [path]
     else:
         raise FileNotFoundError(f"metadata not found: {source}")
-    files = sorted(f"{proto}{p}" if remote and not str(p).startswith(proto) else str(p) for p in found)
+    files = sorted(
+        f"{proto}{p}" if remote and not str(p).startswith(proto) else str(p) for p in found
+    )
     files = [f for f in files if not os.path.basename(f).startswith(("_", "."))]
     if not files:
         raise FileNotFoundError(f"no parquet files match {source}")
@@ -154,10 +158,10 @@ def _read_batches(path: str, cfg: MetadataConfig, counts: Counter) -> Iterator[d
         missing = [c for c in cfg.extra_columns if c not in names]
         for c in missing:
             log.warning("%s: extra column %r missing; stored as null", path, c)
-        wanted = [cfg.url_column, cfg.caption_column] + [
-            c for c in cfg.extra_columns if c in names
-        ]
-        for batch in pf.iter_batches(batch_size=cfg.batch_rows, columns=list(dict.fromkeys(wanted))):
+        wanted = [cfg.url_column, cfg.caption_column] + [c for c in cfg.extra_columns if c in names]
+        for batch in pf.iter_batches(
+            batch_size=cfg.batch_rows, columns=list(dict.fromkeys(wanted))
+        ):
             n = batch.num_rows
             out: dict[str, list] = {}
             for col in batch.schema.names:
@@ -176,8 +180,7 @@ def _read_batches(path: str, cfg: MetadataConfig, counts: Counter) -> Iterator[d
 
 def _unit_schema(extra_types: dict[str, pa.DataType]) -> pa.Schema:
     return pa.schema(
-        [("url", pa.string()), ("caption", pa.string())]
-        + [(c, t) for c, t in extra_types.items()]
+        [("url", pa.string()), ("caption", pa.string())] + [(c, t) for c, t in extra_types.items()]
     )
 
 
@@ -295,7 +298,9 @@ def prepare_units(source: str, output: str, cfg: MetadataConfig) -> dict[str, An
     storage.write_json(stats_uri, stats)
     log.info(
         "metadata: %d rows read, %d kept in %d units; dropped %s",
-        counts["rows_read"], counts["rows_kept"], len(units),
+        counts["rows_read"],
+        counts["rows_kept"],
+        len(units),
         {k: v for k, v in counts.items() if k not in ("rows_read", "rows_kept")},
     )
     return stats

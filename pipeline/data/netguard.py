@@ -174,8 +174,9 @@ def guarded_create_connection(
 ):
     """A ``socket.create_connection`` that refuses non-public addresses before connecting."""
 
-    def create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None,
-                          *args, **kwargs):
+    def create_connection(
+        address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, *args, **kwargs
+    ):
         host, port = address[0], address[1]
         if str(host).lower() in exempt_hosts:  # a configured HTTP proxy
             return socket.create_connection(address, timeout, source_address, *args, **kwargs)
@@ -229,8 +230,9 @@ class GuardedHTTPSHandler(_GuardedOpen, urllib.request.HTTPSHandler):
     pass
 
 
-def guarded_opener(allow_loopback: bool = False,
-                   allow_private: bool = False) -> urllib.request.OpenerDirector:
+def guarded_opener(
+    allow_loopback: bool = False, allow_private: bool = False
+) -> urllib.request.OpenerDirector:
     """A urllib opener whose HTTP(S) connections refuse non-public addresses.
 
     Hosts of the configured HTTP(S) proxies (``*_proxy`` variables) are exempt: behind a proxy
