@@ -171,7 +171,9 @@ def serve_folder(folder: str, handler: type[http.server.BaseHTTPRequestHandler] 
                  ) -> Iterator[str]:
     """Serve ``folder`` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
     h = handler or functools.partial(_QuietHandler, directory=folder)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), h)
+    # the default listen backlog (5) drops connections under img2dataset's many threads
+    server_cls = type("Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 256})
+    server = server_cls(("127.0.0.1", 0), h)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
