@@ -229,6 +229,8 @@ class _Stream:
                         j += 1
                         if pos is not None and pos >= first_pos and not done[pos]:
                             yield pos, raw
+                    if j < info.num_samples:  # tar cut at a member boundary reads as a clean end
+                        raise EOFError(f"ends after {j} of {info.num_samples} samples")
                     break
                 except Exception as exc:  # noqa: BLE001 - transient: retry; damage: counted
                     if storage.is_retryable(exc) and attempt < 3:

@@ -119,6 +119,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ds_config = engine.build_ds_config(
         cfg.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=cfg.grad_accum,
         world=dist.world, precision=cfg.precision, optim=cfg.optim, lr=lr)
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     eng = engine.create_engine(model, param_groups(model, cfg.optim), ds_config,
                                lr_lambda(cfg.optim, cfg.steps))
     spec = BatchSpec(grid_size=cfg.model.grid_size, cond=cfg.model.cond,
@@ -126,7 +127,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = TokenLoader(cfg.data, spec, rank=dist.rank, world=dist.world)
     if dist.is_main:
         log.info("%s: GPT %.1fM params, ZeRO-%d, %s, %d ranks x %d x %d accum = global batch %d, "
-                 "peak lr %.3g", cfg.name, model.num_params() / 1e6, engine.zero_stage(ds_config),
+                 "peak lr %.3g", cfg.name, n_params / 1e6, engine.zero_stage(ds_config),
                  precision, dist.world, cfg.data.batch_size, cfg.grad_accum, global_batch, lr)
 
     # -- resume

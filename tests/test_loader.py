@@ -1,0 +1,225 @@
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.loader import (
+    BatchSpec,
+    LoaderConfig,
+    TokenLoader,
+    buffer_order,
+    collate,
+)
+from pipeline.data.shards import read_token_shard, shard_name
+from pipeline.train.toy_data import write_toy_token_shards
+
+SPEC = BatchSpec(grid_size=4, caption_dim=16, max_text_tokens=8)
+
+
+@pytest.fixture()
+def toy(tmp_path) -> str:
+    uri = str(tmp_path / "toy")
+    write_toy_token_shards(uri, num_shards=4, per_shard=10)  # 40 samples
+    return uri
+
+
+def _all(uri: str) -> dict[str, dict]:
+    out = {}
+    for i in range(100):
+        path = os.path.join(uri, shard_name(i))
+        if not os.path.exists(path):
+            break
+        out.update({s["key"]: s for s in read_token_shard(path)})
+    return out
+
+
+def _epoch_keys(loader: TokenLoader, epoch: int = 0) -> list[str]:
+    """Keys one rank sees in ``epoch`` (batch size 1, one stream)."""
+    keys = []
+    for batch in loader:
+        if loader.state_dict()["streams"][0]["epoch"] > epoch:
+            break  # the stream finished the epoch and already took the next one's first sample
+        keys.extend(batch["keys"])
+    return keys
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (a["keys"] == b["keys"] and torch.equal(a["codes"], b["codes"])
+            and torch.equal(a["cond"], b["cond"]) and torch.equal(a["cond_mask"], b["cond_mask"]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_dict_gives_identical_next_batches(toy, workers):
+    cfg = LoaderConfig(shards=[toy], batch_size=3, num_workers=workers, shuffle_buffer=8)
+    loader = TokenLoader(cfg, SPEC)
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]  # 5: not a multiple of the worker count
+    state = loader.state_dict()
+    tail = [next(it) for _ in range(20)]  # 75 samples: into the next epochs
+    del it
+    assert loader.state_dict()["streams"] != state["streams"]
+
+    again = TokenLoader(cfg, SPEC)
+    again.load_state_dict(state)
+    replay = list(itertools.islice(again, 20))
+    assert all(_same(a, b) for a, b in zip(tail, replay))
+    assert again.epoch >= 1  # the replay crossed an epoch boundary
+    # and a fresh loader repeats the whole sequence
+    fresh = list(itertools.islice(TokenLoader(cfg, SPEC), 25))
+    assert all(_same(a, b) for a, b in zip(head + tail, fresh))
+
+
+def test_resume_refuses_a_different_worker_count(toy):
+    loader = TokenLoader(LoaderConfig(shards=[toy], num_workers=2), SPEC)
+    with pytest.raises(ValueError, match="num_workers"):
+        TokenLoader(LoaderConfig(shards=[toy], num_workers=0), SPEC).load_state_dict(
+            loader.state_dict())
+
+
+@pytest.mark.parametrize("split,n_shards", [("auto", 4), ("sample", 4), ("auto", 1)])
+def test_split_by_rank_is_disjoint_and_covers_the_set(tmp_path, split, n_shards):
+    uri = str(tmp_path / "d")
+    write_toy_token_shards(uri, num_shards=n_shards, per_shard=12)
+    cfg = LoaderConfig(shards=[uri], batch_size=1, num_workers=0, shuffle_buffer=5, split=split)
+    per_rank = [_epoch_keys(TokenLoader(cfg, SPEC, rank=r, world=2)) for r in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(_all(uri))
+    if split == "sample" or n_shards == 1:  # split by sample: every shard feeds both ranks
+        assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
+    # the next epoch is shuffled differently
+    loader = TokenLoader(cfg, SPEC, rank=0, world=2)
+    assert _epoch_keys(loader, 0) != _epoch_keys(loader, 1)
+
+
+def test_split_by_worker_covers_the_set(toy):
+    cfg = LoaderConfig(shards=[toy], batch_size=1, num_workers=2, shuffle_buffer=4)
+    loader = TokenLoader(cfg, SPEC)
+    keys = [b["keys"][0] for b in itertools.islice(loader, 40)]
+    # two streams of two shards each (20 samples), interleaved one batch at a time
+    assert sorted(keys) == sorted(_all(toy))
+    shard_of = [k.split("_")[0] for k in keys]
+    assert set(shard_of[0::2]).isdisjoint(shard_of[1::2])
+
+
+def test_damaged_shards_are_counted_and_skipped(tmp_path):
+    uri = str(tmp_path / "bad")
+    write_toy_token_shards(uri, num_shards=4, per_shard=10)
+    everything = _all(uri)
+    # shard 1: not a tar at all; shard 2: cut off in the middle of its 6th sample
+    with open(os.path.join(uri, shard_name(1)), "wb") as f:
+        f.write(os.urandom(5000))
+    path2 = os.path.join(uri, shard_name(2))
+    with open(path2, "rb") as f:
+        data = f.read()
+    intact = list(read_token_shard_prefix(data, 5))
+    with open(path2, "wb") as f:
+        f.write(data[: intact[-1] + 700])
+
+    cfg = LoaderConfig(shards=[uri], batch_size=1, num_workers=0, shuffle_buffer=6)
+    loader = TokenLoader(cfg, SPEC)
+    keys = _epoch_keys(loader)
+    want = {k for k in everything if k.startswith(("s00000", "s00003"))}
+    want |= {f"s00002_{j:05d}" for j in range(5)}
+    assert set(keys) == want and len(keys) == len(want)
+    counters = loader.counters()
+    assert counters["bad_shards"] == 2
+    assert counters["missing_samples"] == 10 + 5
+
+    with pytest.raises(RuntimeError, match="damaged token shard"):
+        list(itertools.islice(TokenLoader(LoaderConfig(shards=[uri], num_workers=0,
+                                                       on_error="fail"), SPEC), 10))
+
+
+def read_token_shard_prefix(data: bytes, n: int):
+    """Byte offsets where each of the first ``n`` samples of a tar ends (5 members each)."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        members = 0
+        for m in tar:
+            members += 1
+            if members % 5 == 0:
+                yield m.offset_data + m.size
+                if members // 5 == n:
+                    return
+
+
+def test_bad_sample_is_counted(tmp_path):
+    uri = str(tmp_path / "mixed")
+    write_toy_token_shards(uri, num_shards=1, per_shard=6, grid_size=4)
+    write_toy_token_shards(uri, num_shards=1, per_shard=2, grid_size=3, first_index=1)
+    loader = TokenLoader(LoaderConfig(shards=[uri], batch_size=1, num_workers=0), SPEC)
+    keys = _epoch_keys(loader)
+    assert len(keys) == 6 and all(k.startswith("s00000") for k in keys)
+    assert loader.counters()["bad_samples"] == 2
+
+
+def test_padding_mask_and_truncation():
+    rng = np.random.default_rng(0)
+    spec = BatchSpec(grid_size=2, caption_dim=4, max_text_tokens=5)
+    samples = [{"key": f"k{n}", "codes": np.arange(4, dtype=np.uint16),
+                "t5": rng.standard_normal((n, 4)).astype(np.float16)} for n in (1, 3, 5)]
+    b = collate(samples, spec)
+    assert b["cond"].shape == (3, 5, 4) and b["cond"].dtype == torch.float16
+    assert b["codes"].dtype == torch.long and b["codes"].shape == (3, 4)
+    for i, n in enumerate((1, 3, 5)):
+        assert b["cond_mask"][i].tolist() == [False] * (5 - n) + [True] * n  # left-padded
+        assert torch.equal(b["cond"][i, 5 - n:], torch.from_numpy(samples[i]["t5"]))
+        assert not b["cond"][i, : 5 - n].any()
+
+
+def test_long_captions_truncated_and_counted(tmp_path):
+    uri = str(tmp_path / "long")
+    write_toy_token_shards(uri, num_shards=1, per_shard=8, max_len=12)
+    spec = BatchSpec(grid_size=4, caption_dim=16, max_text_tokens=6)
+    loader = TokenLoader(LoaderConfig(shards=[uri], batch_size=8, num_workers=0), spec)
+    batch = next(iter(loader))
+    assert batch["cond"].shape == (8, 6, 16)
+    lengths = [len(s["t5"]) for s in _all(uri).values()]
+    assert loader.counters()["truncated_captions"] == sum(n > 6 for n in lengths) > 0
+
+
+def test_flip_is_seeded_and_class_labels(toy):
+    ref = _all(toy)
+    spec = BatchSpec(grid_size=4, cond="class")
+
+    def flips(cfg):
+        out = []
+        for b in itertools.islice(TokenLoader(cfg, spec), 10):
+            for key, codes, label in zip(b["keys"], b["codes"], b["cond"]):
+                s = ref[key]
+                assert label == s["json"]["label"]
+                flipped = np.array_equal(codes.numpy(), s["codes_flip"].reshape(-1))
+                assert flipped or np.array_equal(codes.numpy(), s["codes"].reshape(-1))
+                out.append(flipped)
+        return out
+
+    cfg = LoaderConfig(shards=[toy], batch_size=4, num_workers=0)
+    a = flips(cfg)
+    assert a == flips(cfg) and 8 <= sum(a) <= 32  # seeded; about half
+    assert not any(flips(LoaderConfig(shards=[toy], batch_size=4, num_workers=0, flip=False)))
+
+
+def test_buffer_order_is_a_seeded_permutation():
+    rng = np.random.default_rng
+    o = buffer_order(1000, 50, rng(1))
+    assert sorted(o.tolist()) == list(range(1000))
+    assert np.array_equal(o, buffer_order(1000, 50, rng(1)))
+    assert not np.array_equal(o, buffer_order(1000, 50, rng(2)))
+    assert (o[:500] < 600).all()  # a buffer, not a global shuffle: early outputs come early
+    assert np.array_equal(buffer_order(10, 1, rng(0)), np.arange(10))
+
+
+def test_reads_s3_with_workers_like_local(toy, s3_bucket):
+    from pipeline import storage
+
+    remote = f"{s3_bucket}/tokens"
+    for name in sorted(os.listdir(toy)):
+        storage.put_file(os.path.join(toy, name), f"{remote}/{name}")
+    cfg = dict(batch_size=4, num_workers=2, shuffle_buffer=8)
+    a = list(itertools.islice(TokenLoader(LoaderConfig(shards=[remote], **cfg), SPEC), 6))
+    b = list(itertools.islice(TokenLoader(LoaderConfig(shards=[toy], **cfg), SPEC), 6))
+    assert all(_same(x, y) for x, y in zip(a, b))
