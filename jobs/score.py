@@ -1,0 +1,25 @@
+"""Score stage: raw shards -> per-shard parquet of filter results and aesthetic scores.
+
+    python jobs/score.py --config configs/data/score.yaml input=s3://b/raw/ output=s3://b/scores/
+    ray job submit --working-dir . -- python jobs/score.py --config configs/data/score.yaml ...
+
+Exit status 0 when every shard is scored, 3 when some failed (rerun the same command: scored
+shards are skipped).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cli import parse_job
+from pipeline.data.filter import ScoreConfig, run_score
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_job(ScoreConfig, __doc__.splitlines()[0], argv)
+    summary = run_score(cfg)
+    return 3 if summary["failed_shards"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

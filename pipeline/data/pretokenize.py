@@ -1,0 +1,375 @@
+"""The pretokenize stage: raw shards -> token shards of VQ codes and T5 caption features.
+
+For raw shard ``i`` the worker takes the kept samples (per the score parquet ``{i:05d}.parquet``
+when ``scores`` is set, else all), decodes each image (PIL, RGB), resizes its short side to the
+stage resolution and centre-crops it, encodes it with the VQ tokenizer (and its mirror image when
+``flip``), encodes the caption with T5 (valid tokens only, fp16) and writes token shard
+``{i:05d}.tar`` plus its done marker (``pipeline.data.shards``). A background thread reads and
+decodes the next batch while the models run on this one.
+
+Every sample that does not make it is counted by reason in the shard's stats (``not_scored``,
+``filtered_<score reason>``, ``low_aesthetic``, ``empty_caption``, ``missing_image``,
+``undecodable_image``, ``duplicate_key``, ``bad_key``, ``nonfinite_t5``); a damaged raw tar is
+flagged (``corrupt_tar``) and what was intact before the damage is kept. A rerun redoes only
+the shards without a done marker, and gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import ConfigError, doc, save_config, to_dict
+from pipeline.data import shards
+from pipeline.data.filter import (
+    aesthetic_reason,
+    decode_rgb,
+    read_scores,
+    sample_caption,
+    sample_meta,
+    score_uri,
+)
+from pipeline.executor import ExecutorConfig, prefetch, run_units
+from pipeline.log import get_logger
+from pipeline.models.text_encoder import TextEncoderConfig
+
+log = get_logger(__name__)
+
+CONFIG_NAME = "pretokenize_config.yaml"
+# Fields that decide the content of a shard: an output folder must not mix two settings of them.
+_CONTENT_FIELDS = ("input", "scores", "min_aesthetic", "resolution", "flip", "vq", "text")
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class VQRunConfig:
+    """Which VQ tokenizer encodes the images, and where it runs."""
+
+    uri: str = doc("VQ weights: a save_pretrained dir or a LlamaGen .pt (local or s3://)", "")
+    preset: str | None = doc("Preset of a LlamaGen .pt file (e.g. VQ-16); null for our dirs", None)
+    device: str = doc("torch device, e.g. 'cuda' or 'cpu'", "cpu")
+    dtype: Literal["float32", "bfloat16"] = doc("Compute dtype of the encoder", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretokenizeConfig:
+    """The pretokenize stage: raw shards (+ score parquets) in, token shards + manifest out."""
+
+    input: str = doc("Raw shards (img2dataset output): local dir or s3:// URI")
+    output: str = doc("Token shards go here: local dir or s3:// URI")
+    scores: str | None = doc("Score parquets of the score stage; null: take every sample", None)
+    min_aesthetic: float | None = doc("Also require aesthetic >= this (stage-2 selection)", None)
+    resolution: int = doc("Image side after resize + centre crop (stage 1: 256, stage 2: 512)", 256)
+    flip: bool = doc("Also store codes of the horizontally flipped image (codes_flip.npy)", False)
+    batch_size: int = doc("Images per VQ forward pass", 32)
+    decode_threads: int = doc("Threads decoding images while the models run", 2)
+    max_shards: int | None = doc("Only the first N complete raw shards (null: all)", None)
+    vq: VQRunConfig = doc("The VQ tokenizer", default_factory=VQRunConfig)
+    text: TextEncoderConfig = doc("The T5 text encoder", default_factory=TextEncoderConfig)
+    executor: ExecutorConfig = doc("Ray settings", default_factory=ExecutorConfig)
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0 or self.batch_size <= 0:
+            raise ValueError("resolution and batch_size must be positive")
+        if self.min_aesthetic is not None and not self.scores:
+            raise ValueError("min_aesthetic needs the score parquets (scores: ...)")
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to ``size`` (bicubic), then crop the centre ``size`` x ``size``."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) float32 in [-1, 1]."""
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return a.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+@dataclasses.dataclass
+class _Batch:
+    keys: list[str]
+    pixels: torch.Tensor  # (B, 3, S, S) in [-1, 1]
+    captions: list[str]
+    metas: list[dict[str, Any]]
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+class PretokenizeWorker:
+    """Loads the VQ tokenizer and T5 once; ``worker(index)`` pretokenizes raw shard ``index``."""
+
+    def __init__(self, cfg: PretokenizeConfig) -> None:
+        from pipeline.models.text_encoder import TextEncoder
+        from pipeline.models.vq import VQModel
+
+        self.cfg = cfg
+        if not cfg.vq.uri:
+            raise ConfigError("vq.uri is empty: set it to the VQ tokenizer's dir or .pt file")
+        vq = VQModel.from_pretrained(cfg.vq.uri, cfg.vq.preset)
+        self.vq = vq.to(cfg.vq.device, _TORCH_DTYPES[cfg.vq.dtype]).eval()
+        ds = vq.config.downsample
+        if cfg.resolution % ds:
+            raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VQ's {ds}")
+        self.text = TextEncoder.from_config(cfg.text)
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        stats: dict[str, Any] = {"unit": index, "source": shards.raw_tar_uri(cfg.input, index)}
+        dropped: collections.Counter[str] = collections.Counter()
+        scores = read_scores(cfg.scores, index) if cfg.scores else None
+        vq_s = t5_s = wait_s = 0.0
+        tokens: list[int] = []
+        truncated = 0
+        with shards.TokenShardWriter(cfg.output, index) as writer:
+            batches = prefetch(self._batches(index, scores, stats, dropped), depth=2)
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                wait_s += time.perf_counter() - t
+                if batch is None:
+                    break
+                t = time.perf_counter()
+                codes, codes_flip = self._encode_images(batch.pixels)
+                vq_s += time.perf_counter() - t
+                t = time.perf_counter()
+                enc = self.text.encode(batch.captions)
+                t5_s += time.perf_counter() - t
+                truncated += enc.n_truncated
+                bad = set(enc.nonfinite)
+                for i, key in enumerate(batch.keys):
+                    if i in bad:
+                        dropped["nonfinite_t5"] += 1
+                        continue
+                    meta = {**batch.metas[i], "t5_tokens": enc.lengths[i]}
+                    tokens.append(enc.lengths[i])
+                    writer.write(
+                        shards.encode_token_sample(
+                            key,
+                            codes[i],
+                            enc.features[i].numpy(),
+                            batch.captions[i],
+                            meta,
+                            codes_flip[i] if codes_flip is not None else None,
+                        )
+                    )
+            wall = time.perf_counter() - t0
+            stats.update(
+                written=len(writer),
+                dropped=dict(sorted(dropped.items())),
+                t5_tokens_mean=float(np.mean(tokens)) if tokens else 0.0,
+                t5_truncated=truncated,
+                vq_s=round(vq_s, 4),
+                t5_s=round(t5_s, 4),
+                wait_s=round(wait_s, 4),
+                wall_s=round(wall, 4),
+            )
+            writer.close(stats)
+        return stats
+
+    @torch.inference_mode()
+    def _encode_images(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Codes (B, h, w) uint16, and those of the mirrored images when ``flip``."""
+        from pipeline.models.vq import codes_to_uint16
+
+        x = pixels.to(self.cfg.vq.device, _TORCH_DTYPES[self.cfg.vq.dtype])
+        if not self.cfg.flip:
+            return codes_to_uint16(self.vq.encode(x)), None
+        both = codes_to_uint16(self.vq.encode(torch.cat([x, x.flip(-1)])))
+        return both[: len(x)], both[len(x) :]
+
+    def _batches(
+        self,
+        index: int,
+        scores: dict[str, dict[str, Any]] | None,
+        stats: dict[str, Any],
+        dropped: collections.Counter[str],
+    ) -> Iterator[_Batch]:
+        """Kept samples of the raw shard, decoded and cropped, ``batch_size`` at a time."""
+        cfg = self.cfg
+        seen: set[str] = set()
+        pending: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = []
+        with ThreadPoolExecutor(cfg.decode_threads) as pool:
+            for sample in shards.iter_raw_shard(cfg.input, index, stats):
+                key = str(sample["__key__"])
+                meta = sample_meta(sample)
+                caption = sample_caption(sample, meta)
+                reason = self._select(key, caption, scores, seen)
+                seen.add(key)
+                if reason is not None:
+                    dropped[reason] += 1
+                    continue
+                pending.append((key, sample, caption, meta))
+                if len(pending) == cfg.batch_size:
+                    batch = self._decode(pending, pool, index, scores, dropped)
+                    pending = []
+                    if batch is not None:
+                        yield batch
+            if pending:
+                batch = self._decode(pending, pool, index, scores, dropped)
+                if batch is not None:
+                    yield batch
+
+    def _select(
+        self,
+        key: str,
+        caption: str,
+        scores: dict[str, dict[str, Any]] | None,
+        seen: set[str],
+    ) -> str | None:
+        """Why this sample is left out, or None to keep it."""
+        if key in seen:
+            return "duplicate_key"
+        if not shards.valid_key(key):
+            return "bad_key"
+        if scores is not None:
+            row = scores.get(key)
+            if row is None:
+                return "not_scored"
+            if not row["keep"]:
+                return f"filtered_{row['reason'] or 'unknown'}"
+            reason = aesthetic_reason(row["aesthetic"], self.cfg.min_aesthetic)
+            if reason is not None:
+                return reason
+        if not caption:
+            return "empty_caption"
+        return None
+
+    def _decode(
+        self,
+        pending: list[tuple[str, dict[str, Any], str, dict[str, Any]]],
+        pool: ThreadPoolExecutor,
+        index: int,
+        scores: dict[str, dict[str, Any]] | None,
+        dropped: collections.Counter[str],
+    ) -> _Batch | None:
+        size = self.cfg.resolution
+
+        def prepare(item):
+            img, problem = decode_rgb(item[1])
+            return (
+                (None, problem) if img is None else (to_pixels(resize_center_crop(img, size)), None)
+            )
+
+        keys, pixels, captions, metas = [], [], [], []
+        for (key, _, caption, meta), (px, problem) in zip(pending, pool.map(prepare, pending)):
+            if problem is not None:
+                dropped[problem] += 1
+                continue
+            keys.append(key)
+            pixels.append(px)
+            captions.append(caption)
+            metas.append(_token_meta(key, meta, index, scores))
+        if not keys:
+            return None
+        return _Batch(keys, torch.stack(pixels), captions, metas)
+
+
+def _token_meta(
+    key: str, meta: dict[str, Any], index: int, scores: dict[str, dict[str, Any]] | None
+) -> dict[str, Any]:
+    """The token sample's json: url, original size, scores, where it came from."""
+    row = (scores or {}).get(key, {})
+    score_fields = ("aesthetic", "punsafe", "pwatermark", "similarity")
+    found = {f: row.get(f, meta.get(f)) for f in score_fields}
+    return {
+        "url": meta.get("url"),
+        "width": meta.get("original_width", meta.get("width")),
+        "height": meta.get("original_height", meta.get("height")),
+        "scores": {k: v for k, v in found.items() if v is not None and v == v},  # drop NaN
+        "source_shard": index,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _WorkerFactory:
+    """Picklable ``make_worker`` for the executor (the actor builds the worker and its models)."""
+
+    cfg: PretokenizeConfig
+
+    def __call__(self) -> PretokenizeWorker:
+        return PretokenizeWorker(self.cfg)
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def _check_same_content(cfg: PretokenizeConfig) -> None:
+    """Refuse to add shards made with different content settings to an existing output."""
+    uri = storage.join(cfg.output, CONFIG_NAME)
+    if not storage.exists(uri):
+        return
+    import yaml
+
+    old = yaml.safe_load(storage.read_text(uri)) or {}
+    new = to_dict(cfg)
+    diff = [f for f in _CONTENT_FIELDS if old.get(f) != new.get(f)]
+    if diff and shards.list_done_shards(cfg.output):
+        raise ConfigError(
+            f"{cfg.output} already holds shards made with a different {diff[0]!r} "
+            f"({old.get(diff[0])!r} != {new.get(diff[0])!r}); use a new output folder"
+        )
+
+
+def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
+    """Pretokenize every complete raw shard not done yet; returns the merged manifest."""
+    indices = shards.raw_shard_indices(cfg.input)
+    if cfg.max_shards is not None:
+        indices = indices[: cfg.max_shards]
+    if cfg.scores:
+        unscored = [i for i in indices if not storage.exists(score_uri(cfg.scores, i))]
+        if unscored:
+            log.warning(
+                "%d raw shards have no score parquet yet; left for a later run: %s",
+                len(unscored),
+                unscored[:20],
+            )
+        indices = [i for i in indices if i not in set(unscored)]
+    if not indices:
+        raise FileNotFoundError(f"no complete (and scored) raw shards under {cfg.input}")
+    storage.makedirs(cfg.output)
+    _check_same_content(cfg)
+    save_config(cfg, storage.join(cfg.output, CONFIG_NAME))
+    report = run_units(
+        indices,
+        _WorkerFactory(cfg),
+        cfg.executor,
+        is_done=lambda i: shards.is_done(cfg.output, i),
+        desc="pretokenize",
+    )
+    manifest = shards.merge_manifest(
+        cfg.output,
+        extra={
+            "resolution": cfg.resolution,
+            "flip": cfg.flip,
+            "failed_shards": {str(k): v for k, v in sorted(report.failed.items())},
+        },
+    )
+    log.info(
+        "pretokenize: %d shards, %d samples, %.1f MB; dropped %s",
+        manifest["num_shards"],
+        manifest["num_samples"],
+        manifest["num_bytes"] / 1e6,
+        manifest["dropped"],
+    )
+    return manifest
