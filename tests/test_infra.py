@@ -1,0 +1,446 @@
+"""The cluster files: every YAML/JSON parses, the Ray cluster config passes Ray's own schema, the
+RayJob names a real job and config, stage configs load, and jobs/hostfile.py reads a live Ray."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from tests.conftest import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY_YAML = os.path.join(ROOT, "infra", "ray", "aws-a100.yaml")
+RAYJOB_YAML = os.path.join(ROOT, "infra", "kuberay", "rayjob-pretokenize.yaml")
+
+# Every YAML under configs/ is a stage config loaded by its dataclass; a new kind of config file
+# needs a line here (so that no shipped config goes untested).
+STAGE_CONFIGS = {
+    "configs/data/download*.yaml": "pipeline.data.download:DownloadConfig",
+    "configs/data/score*.yaml": "pipeline.data.filter:ScoreConfig",
+    "configs/data/pretokenize*.yaml": "pipeline.data.pretokenize:PretokenizeConfig",
+    "configs/train/*.yaml": "pipeline.train.trainer:TrainConfig",
+    "configs/tokenizer/*.yaml": "pipeline.tokenizer.train:TokenizerTrainConfig",
+}
+
+
+def _files(*patterns: str) -> list[str]:
+    out = set()
+    for p in patterns:
+        out.update(glob.glob(os.path.join(ROOT, p), recursive=True))
+    return sorted(out)
+
+
+def _rel(path: str) -> str:
+    return os.path.relpath(path, ROOT)
+
+
+def _load_class(spec: str) -> type:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _load_job(name: str):
+    modname = f"job_{name[:-3]}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    spec = importlib.util.spec_from_file_location(modname, os.path.join(ROOT, "jobs", name))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod  # dataclasses look their module up while being created
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _load_with_placeholders(cls: type, path: str | None, overrides: list[str]):
+    """load_config, giving a placeholder to each required key a file leaves to the command line."""
+    overrides = list(overrides)
+    for _ in range(10):
+        try:
+            return load_config(cls, path, overrides)
+        except ConfigError as e:
+            m = re.search(r"missing required key '(\w+)'", str(e))
+            if not m:
+                raise
+            overrides.append(f"{m.group(1)}=/placeholder/{m.group(1)}")
+    raise AssertionError(f"too many required keys missing in {path}")
+
+
+# --- every file parses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    _files("infra/**/*.yaml", "infra/**/*.yml", "configs/**/*.yaml", "configs/**/*.yml"),
+    ids=_rel,
+)
+def test_yaml_parses(path):
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d is not None]
+    assert docs, f"{_rel(path)} is empty"
+    assert all(isinstance(d, dict) for d in docs), f"{_rel(path)}: top level must be a mapping"
+
+
+@pytest.mark.parametrize("path", _files("infra/**/*.json", "configs/**/*.json"), ids=_rel)
+def test_json_parses(path):
+    with open(path) as f:
+        assert isinstance(json.load(f), dict)
+
+
+def test_no_credentials_in_infra_files():
+    # keys come from instance profiles / IRSA, never from files in the repository
+    pattern = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY", re.I)
+    for path in _files("infra/**/*", "configs/**/*"):
+        if os.path.isfile(path) and not path.endswith(".md"):
+            with open(path, errors="replace") as f:
+                assert not pattern.search(f.read()), f"{_rel(path)} holds a credential"
+
+
+# --- the Ray cluster launcher config ----------------------------------------------------------
+
+
+def _ec2_members_check(value, shape, where: str) -> None:
+    """Every key of ``value`` must be a member of the botocore ``shape`` (recursively)."""
+    if shape.type_name == "structure":
+        assert isinstance(value, dict), f"{where}: expected a mapping"
+        for k, v in value.items():
+            assert k in shape.members, f"{where}.{k} is not an EC2 RunInstances field"
+            _ec2_members_check(v, shape.members[k], f"{where}.{k}")
+    elif shape.type_name == "list":
+        assert isinstance(value, list), f"{where}: expected a list"
+        for i, v in enumerate(value):
+            _ec2_members_check(v, shape.member, f"{where}[{i}]")
+
+
+def test_ray_cluster_config_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    with open(RAY_YAML) as f:
+        raw = yaml.safe_load(f)
+    # Ray's own path of `ray up`: fill in the AWS defaults, then check against ray-schema.json
+    validate_config(prepare_config(copy.deepcopy(raw)))
+
+    import botocore.session
+
+    run_instances = (
+        botocore.session.get_session()
+        .get_service_model("ec2")
+        .operation_model("RunInstances")
+        .input_shape
+    )
+    types = raw["available_node_types"]
+    for name, node_type in types.items():
+        # node_config goes to EC2 RunInstances as it is: a typo there fails only at launch
+        _ec2_members_check(node_type["node_config"], run_instances, f"{name}.node_config")
+        profile = node_type["node_config"].get("IamInstanceProfile", {})
+        assert "Arn" in profile or "Name" in profile, f"{name}: S3 access must come from a role"
+
+    gpu = [t for t in types.values() if t["node_config"]["InstanceType"].startswith("p4d")]
+    assert gpu, "no A100 (p4d) worker type"
+    for t in gpu:
+        assert t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+        assert t["min_workers"] <= t["max_workers"] <= raw["max_workers"]
+    assert raw["head_node_type"] in types
+    assert not types[raw["head_node_type"]]["node_config"]["InstanceType"].startswith("p")
+
+
+def test_ray_cluster_config_installs_this_checkout():
+    with open(RAY_YAML) as f:
+        raw = yaml.safe_load(f)
+    # file_mounts ship the directory `ray up` runs in: it must be the repository root
+    ((remote, local),) = raw["file_mounts"].items()
+    assert os.path.isfile(os.path.join(ROOT, local, "pyproject.toml"))
+    setup = " && ".join(raw["setup_commands"])
+    assert "-c requirements-lock.txt -e ." in setup  # the pinned torch / ray / deepspeed
+    assert "venv" in setup
+    for cmd in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]:
+        assert "0.0.0.0" not in cmd, "the dashboard / job API must not face the open network"
+    # the local ray that runs `ray up` must match what the nodes install
+    import ray
+
+    lock = open(os.path.join(ROOT, "requirements-lock.txt")).read()
+    assert f"ray=={ray.__version__}" in lock
+
+
+# --- the KubeRay RayJob -----------------------------------------------------------------------
+
+
+def _rayjob_docs() -> list[dict]:
+    with open(RAYJOB_YAML) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def test_rayjob_manifest_has_the_required_fields():
+    import ray
+
+    docs = _rayjob_docs()
+    (job,) = [d for d in docs if d.get("kind") == "RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["entrypoint"].strip()
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].startswith("s3://")
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    pods = [cluster["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["workerGroupSpecs"]
+    ]
+    gpu_groups = [
+        g
+        for g in cluster["workerGroupSpecs"]
+        for c in g["template"]["spec"]["containers"]
+        if int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) > 0
+    ]
+    assert gpu_groups, "no GPU worker group"
+    # S3 through a service account bound to an IAM role (IRSA), not keys in env vars
+    accounts = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ServiceAccount"}
+    for pod in pods + [spec["submitterPodTemplate"]]:
+        sa = pod["spec"]["serviceAccountName"]
+        assert "eks.amazonaws.com/role-arn" in accounts[sa]["metadata"]["annotations"]
+        for c in pod["spec"]["containers"]:
+            names = {e["name"] for e in c.get("env", [])}
+            assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_rayjob_entrypoint_names_a_real_job_and_config():
+    (job,) = [d for d in _rayjob_docs() if d.get("kind") == "RayJob"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "python"
+    script = argv[1]
+    assert re.fullmatch(r"jobs/\w+\.py", script) and os.path.isfile(os.path.join(ROOT, script))
+    config = argv[argv.index("--config") + 1]
+    assert os.path.isfile(os.path.join(ROOT, config))
+    overrides = [a for a in argv[2:] if "=" in a]
+    # the job's own config class must accept the file plus every override of the entrypoint
+    mod = _load_job(os.path.basename(script))
+    classes = [
+        v
+        for k, v in vars(mod).items()
+        if k.endswith("Config") and isinstance(v, type) and k != "ExecutorConfig"
+    ]
+    assert len(classes) == 1, classes
+    cfg = load_config(classes[0], os.path.join(ROOT, config), overrides)
+    assert cfg.output.startswith("s3://")
+
+
+# --- DeepSpeed configs and stage configs ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", _files("configs/deepspeed/*.json"), ids=_rel)
+def test_deepspeed_config_has_a_valid_zero_section(path):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    with open(path) as f:
+        cfg = json.load(f)
+    stage = cfg["zero_optimization"]["stage"]
+    assert stage in (0, 1, 2, 3)
+    # DeepSpeed's own pydantic model: unknown (misspelt) keys are rejected
+    assert DeepSpeedZeroConfig(**cfg["zero_optimization"]).stage == stage
+
+
+def test_every_stage_config_is_covered():
+    covered = {p for pattern in STAGE_CONFIGS for p in _files(pattern)}
+    loose = [_rel(p) for p in _files("configs/**/*.yaml") if p not in covered]
+    assert not loose, f"add these to STAGE_CONFIGS in tests/test_infra.py: {loose}"
+
+
+@pytest.mark.parametrize(
+    "path,cls",
+    [(p, c) for pattern, c in STAGE_CONFIGS.items() for p in _files(pattern)],
+    ids=lambda v: _rel(v) if os.path.sep in str(v) else "",
+)
+def test_stage_config_loads(path, cls):
+    cfg = _load_with_placeholders(_load_class(cls), path, [])
+    ds = getattr(cfg, "deepspeed_config", None)
+    if ds:  # a training config's DeepSpeed file must exist
+        assert os.path.isfile(os.path.join(ROOT, ds)), ds
+
+
+# --- the DeepSpeed hostfile ---------------------------------------------------------------------
+
+
+def _parse_hostfile(path: str) -> dict[str, int]:
+    """DeepSpeed's own hostfile parser (what `deepspeed --hostfile` runs)."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    return dict(fetch_hostfile(path))
+
+
+def test_hostfile_example_is_what_deepspeed_reads():
+    hosts = _parse_hostfile(os.path.join(ROOT, "infra", "deepspeed", "hostfile.example"))
+    assert hosts and all(n == 8 for n in hosts.values())
+
+
+def _node(ip: str, alive: bool = True, **resources) -> dict:
+    return {
+        "Alive": alive,
+        "NodeManagerAddress": ip,
+        "NodeManagerHostname": f"ip-{ip.replace('.', '-')}",
+        "Resources": resources,
+    }
+
+
+def test_hostfile_entries_rules():
+    entries = _load_job("hostfile.py").hostfile_entries
+    nodes = [
+        _node("10.0.0.1", CPU=0.0),  # the head: no GPUs, no slots
+        _node("10.0.0.9", CPU=96.0, GPU=8.0),
+        _node("10.0.0.3", CPU=96.0, GPU=8.0),
+        _node("10.0.0.4", alive=False, CPU=96.0, GPU=8.0),  # a lost spot node
+        _node("10.0.0.5", CPU=32.0),  # a download worker
+    ]
+    assert entries(nodes) == [("10.0.0.3", 8), ("10.0.0.9", 8)]
+    assert entries(nodes, host="hostname") == [("ip-10-0-0-3", 8), ("ip-10-0-0-9", 8)]
+    # two raylets on one machine: one line with both GPU counts (DeepSpeed rejects duplicates)
+    assert entries([_node("10.0.0.7", GPU=4.0), _node("10.0.0.7", GPU=4.0)]) == [("10.0.0.7", 8)]
+    # no GPUs anywhere: CPU training, slots from the flag, nodes without CPUs left out
+    cpu_only = [_node("10.0.0.1", CPU=0.0), _node("10.0.0.2", CPU=8.0), _node("10.0.0.3", CPU=8.0)]
+    assert entries(cpu_only, cpu_slots=2) == [("10.0.0.2", 2), ("10.0.0.3", 2)]
+    assert entries([_node("10.0.0.1", alive=False, CPU=8.0)]) == []
+
+
+@pytest.fixture()
+def local_ray_head():
+    """A real one-node Ray cluster on loopback that claims 2 GPUs; yields its GCS address."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    # a short temp dir: Ray's unix socket paths must stay under 107 characters
+    temp_dir = tempfile.mkdtemp(prefix="ray-hf-", dir="/tmp")
+    port = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    ports = {  # every port explicit: other tests may run their own Ray on this machine
+        "--port": port,
+        "--dashboard-port": free_port(),  # the minimal dashboard process starts regardless
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }
+    cmd = [ray_bin, "start", "--head", "--num-cpus", "1", "--num-gpus", "2",
+           "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
+           "--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", "80000000",
+           "--min-worker-port", "0", "--max-worker-port", "0"]  # fmt: skip
+    for k, v in ports.items():
+        cmd += [k, str(v)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        # stop only this cluster's processes: `ray stop` would stop every Ray on the machine
+        _stop_ray_session(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_ray_session(temp_dir: str) -> None:
+    """Terminate the processes whose command line names this cluster's temp dir."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    # raylet and gcs_server may take a while on SIGTERM; this cluster's state is thrown away
+    _, alive = psutil.wait_procs(procs, timeout=3)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+def test_hostfile_job_reads_a_live_ray_cluster(local_ray_head, tmp_path):
+    address, env = local_ray_head
+    out = tmp_path / "hostfile"
+
+    def job(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, "jobs", "hostfile.py"), f"address={address}",
+             *args],
+            env=env, cwd=ROOT, timeout=120, capture_output=True, text=True,
+        )  # fmt: skip
+
+    # the GPUs are already there: the request is met at once
+    r = job(f"out={out}", "wait_for_gpus=2")
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == "127.0.0.1 slots=2\n"
+    assert _parse_hostfile(str(out)) == {"127.0.0.1": 2}
+    # more GPUs than the cluster can ever have: a clear error after the timeout, no file
+    r = job(f"out={tmp_path / 'none'}", "wait_for_gpus=4", "wait_timeout_s=1")
+    assert r.returncode != 0 and "only 2 of 4 GPUs came up" in r.stderr
+    assert not (tmp_path / "none").exists()
+    r = job("release=true")
+    assert r.returncode == 0, r.stderr
+
+
+# --- the README's commands point at real files --------------------------------------------------
+
+
+def test_infra_readme_names_existing_files():
+    text = open(os.path.join(ROOT, "infra", "README.md")).read()
+    named = set(
+        re.findall(r"\b((?:jobs|configs|infra)/[\w./-]+\.(?:py|yaml|json|md|example))", text)
+    )
+    assert named
+    # my-cluster.yaml is the reader's own copy, made by a command in the README
+    missing = sorted(
+        p
+        for p in named
+        if not os.path.exists(os.path.join(ROOT, p)) and not os.path.basename(p).startswith("my-")
+    )
+    assert not missing, f"infra/README.md names missing files: {missing}"
+
+
+def _readme_commands() -> list[list[str]]:
+    """Each `python jobs/X.py ...` / `deepspeed ... jobs/X.py ...` command of infra/README.md."""
+    text = open(os.path.join(ROOT, "infra", "README.md")).read()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            if "jobs/" not in cmd:
+                continue
+            cmd = cmd.split(" #", 1)[0].replace("$BUCKET", "bucket").replace("~", "/home/u")
+            argv = shlex.split(cmd)
+            scripts = [i for i, a in enumerate(argv) if re.fullmatch(r"jobs/\w+\.py", a)]
+            if scripts:
+                out.append(argv[scripts[0] :])
+    return out
+
+
+@pytest.mark.parametrize("argv", _readme_commands(), ids=lambda a: a[0])
+def test_infra_readme_commands_parse(argv):
+    """The README's job commands give configs their jobs accept (file, keys and values)."""
+    script, args = argv[0], argv[1:]
+    mod = _load_job(os.path.basename(script))
+    classes = [
+        v
+        for k, v in vars(mod).items()
+        if k.endswith("Config") and isinstance(v, type) and k != "ExecutorConfig"
+    ]
+    if len(classes) != 1 or not hasattr(mod, "parse_job"):
+        pytest.skip(f"{script} does not take a --config")
+    config = None
+    if "--config" in args:
+        config = os.path.join(ROOT, args[args.index("--config") + 1])
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    load_config(classes[0], config, overrides)
