@@ -3,8 +3,10 @@
 Classifier-free guidance doubles the batch (conditional rows, then unconditional rows) and mixes
 the two halves' logits as ``l_u + s * (l_c - l_u)``. Each image has its own random generator
 seeded from its own seed, so an image comes out the same whether it is sampled alone or in a
-batch. ``generate(..., use_cache=False)`` recomputes the whole sequence every step: the baseline
-the cached path is checked and benchmarked against.
+batch. The cached path runs ``pipeline.decode.StaticDecoder`` (buffers sized once, one static
+shape per step, optional ``torch.compile``); ``Sampler`` keeps one across batches.
+``generate(..., use_cache=False)`` recomputes the whole sequence every step: the baseline the
+cached path is checked and benchmarked against (benchmarks/bench_decode.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import doc
+from pipeline.decode import StaticDecoder
 from pipeline.models.gpt import GPT
 
 
@@ -48,11 +51,35 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def draw(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
          ) -> torch.Tensor:
-    """One token per row, each row from its own generator. logits: (B, V) -> (B,)."""
+    """One token per row, each row from its own generator. logits: (B, V) -> (B,).
+
+    Inverse-CDF sampling: each row draws one uniform number from its own generator and takes the
+    first token whose cumulative probability exceeds it. With top-k the work is done on the k
+    largest logits only (``topk`` returns them sorted), and top-p is applied within those, which
+    is the distribution ``filter_logits`` gives (except that ties at the k-th value keep exactly k
+    tokens). This costs one top-k plus a few passes over k values, where per-row
+    ``torch.multinomial`` over 16384 probabilities cost about ten times more per step.
+    """
     if params.temperature <= 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    logits = logits.float() / params.temperature
+    idx = None
+    if 0 < params.top_k < logits.size(-1):
+        logits, idx = torch.topk(logits, params.top_k, dim=-1)  # (B, k), descending
+    elif params.top_p < 1.0:
+        logits, idx = torch.sort(logits, dim=-1, descending=True)
+    probs = logits.softmax(-1)
+    if params.top_p < 1.0:
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators])
+    u = u.to(cdf.device)[:, None] * total
+    # strictly below the total: the pick then always has a non-zero probability
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    choice = torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.size(-1) - 1)
+    return (choice if idx is None else idx.gather(-1, choice)).squeeze(-1)
 
 
 def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
@@ -75,6 +102,70 @@ def _double_for_cfg(cond: torch.Tensor, cond_mask: torch.Tensor | None, use_cfg:
     return cond2, mask2, drop
 
 
+class Sampler:
+    """Fast cached sampling for batches of up to ``batch_size`` conditions, reusable across calls.
+
+    Holds one ``StaticDecoder`` (KV cache, mask, optionally a compiled step) sized once for
+    ``batch_size`` rows, doubled when ``cfg`` is on. A smaller batch is padded with copies of its
+    last row (their tokens are thrown away), so shapes never change and nothing recompiles.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, grid_size: int | None = None, cfg: bool = True,
+                 compile_mode: str | None = None):
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.cfg = cfg
+        self.grid_size = grid_size or model.cfg.grid_size
+        self.decoder = StaticDecoder(model, batch_size * (2 if cfg else 1), self.grid_size,
+                                     compile_mode)
+
+    @property
+    def compile_mode(self) -> str | None:
+        """The compile mode in effect (None once compiling failed or when eager)."""
+        return self.decoder.compile_mode
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
+               params: SamplingParams = SamplingParams(), seeds: list[int] | None = None
+               ) -> torch.Tensor:
+        """Image tokens (B, grid**2) for B <= batch_size conditions; row i depends only on seeds[i]."""
+        B, S = cond.size(0), self.batch_size
+        if not 1 <= B <= S:
+            raise ValueError(f"sampler takes 1..{S} conditions per call, got {B}")
+        if (params.cfg_scale != 1.0) != self.cfg:
+            raise ValueError(f"sampler built with cfg={self.cfg}, params.cfg_scale={params.cfg_scale}")
+        seeds = list(range(B)) if seeds is None else list(seeds)
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} conditions")
+        self.model.eval()
+        device = self.model.head.weight.device
+        cond = _pad_rows(cond.to(device), S)
+        cond_mask = None if cond_mask is None else _pad_rows(cond_mask.to(device), S)
+        gens = _generators(seeds + [0] * (S - B), device)
+        cond2, mask2, drop = _double_for_cfg(cond, cond_mask, self.cfg)
+        N = self.grid_size**2
+        positions = torch.arange(N, device=device) + self.decoder.prefix_len
+        step_in = torch.zeros(self.decoder.rows, dtype=torch.long, device=device)
+        tokens = torch.zeros(S, N, dtype=torch.long, device=device)
+        logits = self.decoder.prefill(cond2, mask2, drop)
+        for i in range(N):
+            mixed = cfg_mix(logits[:S], logits[S:], params.cfg_scale) if self.cfg else logits
+            tokens[:, i] = draw(mixed, params, gens)
+            if i + 1 < N:
+                step_in[:S] = tokens[:, i]
+                if self.cfg:
+                    step_in[S:] = tokens[:, i]
+                logits = self.decoder.step(step_in, positions[i : i + 1])
+        return tokens[:B]
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad the batch dimension to ``rows`` with copies of the last row."""
+    if x.size(0) == rows:
+        return x
+    return torch.cat([x, x[-1:].expand(rows - x.size(0), *x.shape[1:])])
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -84,44 +175,36 @@ def generate(
     seeds: list[int] | None = None,
     grid_size: int | None = None,
     use_cache: bool = True,
+    compile_mode: str | None = None,
 ) -> torch.Tensor:
     """Sample image tokens (B, grid**2) for a batch of conditions.
 
     cond: T5 features (B, L, D) with ``cond_mask`` (B, L), or class labels (B,).
     seeds: one per row (default 0..B-1); row i's tokens depend only on its own seed.
+    use_cache: the static-cache decoder (a ``Sampler`` built for this batch; to sample many
+    batches, build one ``Sampler`` and reuse it); False recomputes the whole sequence per step.
+    compile_mode: torch.compile mode for the cached decode step (None: eager).
     """
     was_training = model.training
     model.eval()
     g = grid_size or model.cfg.grid_size
     B = cond.size(0)
-    device = model.head.weight.device
-    cond = cond.to(device)
-    cond_mask = None if cond_mask is None else cond_mask.to(device)
-    gens = _generators(list(range(B)) if seeds is None else seeds, device)
     use_cfg = params.cfg_scale != 1.0
-    cond2, mask2, drop = _double_for_cfg(cond, cond_mask, use_cfg)
-
-    def mix(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        return cfg_mix(logits[:B], logits[B:], params.cfg_scale) if use_cfg else logits
-
-    tokens = torch.zeros(B, g * g, dtype=torch.long, device=device)
     try:
         if use_cache:
-            model.setup_cache(cond2.size(0), g)
-            logits = model.prefill(cond2, mask2, drop)
-            for i in range(g * g):
-                tokens[:, i] = draw(mix(logits), params, gens)
-                if i + 1 < g * g:
-                    step = torch.cat([tokens[:, i], tokens[:, i]]) if use_cfg else tokens[:, i]
-                    logits = model.decode_step(step, i)
-        else:
-            for i in range(g * g):
-                seq = tokens[:, : i + 1]  # the last column is a placeholder: it is never read
-                seq = torch.cat([seq, seq]) if use_cfg else seq
-                logits = model(seq, cond2, mask2, drop=drop, grid_size=g)[:, -1]
-                tokens[:, i] = draw(mix(logits), params, gens)
+            return Sampler(model, B, g, use_cfg, compile_mode).sample(cond, cond_mask, params, seeds)
+        device = model.head.weight.device
+        cond = cond.to(device)
+        cond_mask = None if cond_mask is None else cond_mask.to(device)
+        gens = _generators(list(range(B)) if seeds is None else seeds, device)
+        cond2, mask2, drop = _double_for_cfg(cond, cond_mask, use_cfg)
+        tokens = torch.zeros(B, g * g, dtype=torch.long, device=device)
+        for i in range(g * g):
+            seq = tokens[:, : i + 1]  # the last column is a placeholder: it is never read
+            seq = torch.cat([seq, seq]) if use_cfg else seq
+            logits = model(seq, cond2, mask2, drop=drop, grid_size=g)[:, -1].float()
+            mixed = cfg_mix(logits[:B], logits[B:], params.cfg_scale) if use_cfg else logits
+            tokens[:, i] = draw(mixed, params, gens)
+        return tokens
     finally:
-        model.clear_cache()
         model.train(was_training)
-    return tokens

@@ -1,0 +1,152 @@
+"""Fast cached decoding: one static-shape decode step over buffers sized once, optionally compiled.
+
+``GPT.prefill`` / ``GPT.decode_step`` (in gpt.py) attend to a growing slice of their cache, so each
+step has a new shape: fine in eager mode, but ``torch.compile`` would recompile (or go dynamic) at
+every position. ``StaticDecoder`` instead runs every step with the same shapes: the new token's
+position is a tensor, its key/value go into the cache with ``index_copy_``, and attention covers
+the whole buffer under an additive mask (0 = visible, -inf = padded prefix or not yet written) that
+is opened one position per step. Nothing is allocated per step but the activations themselves, and
+one compiled graph (or CUDA graph, ``mode="reduce-overhead"``) serves all 256 steps and every batch.
+
+The math is the model's own (its modules and weights, ``apply_rope``, the same masks): the parity
+test checks its tokens against ``generate(use_cache=False)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.log import get_logger
+from pipeline.models.gpt import GPT, Block, apply_rope
+
+log = get_logger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_available() -> tuple[bool, str]:
+    """Whether ``torch.compile`` can run here, and why not (checked by compiling a tiny function)."""
+    try:
+        import torch._dynamo  # noqa: F401
+
+        fn = torch.compile(lambda x: x * 2 + 1, fullgraph=True, dynamic=False)
+        ok = bool(torch.equal(fn(torch.ones(2)), torch.full((2,), 3.0)))
+        return ok, "" if ok else "compiled function gave a wrong result"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+class StaticDecoder(nn.Module):
+    """Static KV cache + mask for ``rows`` sequences of a GPT; ``prefill`` then ``step`` per token.
+
+    ``rows`` counts every row the model runs, CFG's unconditional half included. Buffers take the
+    model's dtype and device. ``compile_mode`` (one of ``COMPILE_MODES``) compiles ``step``; if
+    compiling fails the decoder logs why and stays eager.
+    """
+
+    def __init__(self, model: GPT, rows: int, grid_size: int | None = None,
+                 compile_mode: str | None = None):
+        super().__init__()
+        cfg = model.cfg
+        w = model.head.weight
+        self.model = model
+        self.rows = rows
+        self.grid_size = g = grid_size or cfg.grid_size
+        self.prefix_len = P = cfg.prefix_len
+        self.max_len = L = P + g * g  # the last image token is never fed back, one spare slot
+        shape = (rows, cfg.kv_heads, L, cfg.head_dim)
+        for i in range(cfg.n_layer):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=w.dtype, device=w.device),
+                                 persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=w.dtype, device=w.device),
+                                 persistent=False)
+        # additive attention bias of the next decode query: (rows, 1, 1, L)
+        self.register_buffer("bias", torch.zeros(rows, 1, 1, L, dtype=w.dtype, device=w.device),
+                             persistent=False)
+        self.register_buffer("rope", model.rope(g, w.device), persistent=False)  # (L, hd/2, 2)
+        self.compile_mode = None
+        self._step = self._step_eager
+        if compile_mode:
+            if compile_mode not in COMPILE_MODES:
+                raise ValueError(f"compile mode {compile_mode!r} is not one of {COMPILE_MODES}")
+            ok, why = compile_available()
+            if ok:
+                self._step = torch.compile(self._step_eager, mode=compile_mode, fullgraph=True,
+                                           dynamic=False)
+                self.compile_mode = compile_mode
+            else:
+                log.warning("torch.compile unavailable (%s): decoding eagerly", why)
+
+    # -- the model's math on static buffers
+
+    def _block(self, i: int, block: Block, x: torch.Tensor, pos: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+        """One transformer block for tokens at positions ``pos`` (T,); x: (R, T, C)."""
+        a = block.attn
+        R, T, C = x.shape
+        q, k, v = a.qkv(block.attn_norm(x)).split([a.n_head * a.hd, a.n_kv * a.hd, a.n_kv * a.hd], -1)
+        rope = self.rope.index_select(0, pos)  # (T, hd/2, 2)
+        q = apply_rope(q.view(R, T, a.n_head, a.hd), rope).transpose(1, 2)  # (R, H, T, hd)
+        k = apply_rope(k.view(R, T, a.n_kv, a.hd), rope).transpose(1, 2)
+        v = v.view(R, T, a.n_kv, a.hd).transpose(1, 2)
+        kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
+        if a.n_kv != a.n_head:
+            kc = kc.repeat_interleave(a.n_head // a.n_kv, dim=1)
+            vc = vc.repeat_interleave(a.n_head // a.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias)  # (R, H, T, hd)
+        x = x + a.proj(y.transpose(1, 2).reshape(R, T, C))
+        return x + block.mlp(block.mlp_norm(x))
+
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.model.blocks):
+            x = self._block(i, block, x, pos, bias)
+        return self.model.head(self.model.norm(x[:, -1])).float()  # (R, V)
+
+    def _step_eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.bias.index_fill_(-1, pos, 0.0)  # the new token sees itself from now on
+        return self._forward(self.model.tok_embed(tokens[:, None]), pos, self.bias)
+
+    # -- public steps
+
+    @torch.no_grad()
+    def prefill(self, cond: torch.Tensor, cond_mask: torch.Tensor | None,
+                drop: torch.Tensor | None) -> torch.Tensor:
+        """Run the condition prefix of all rows; returns logits (rows, V) for image token 0."""
+        if cond.size(0) != self.rows:
+            raise ValueError(f"decoder holds {self.rows} rows, got a batch of {cond.size(0)}")
+        prefix, pmask = self.model.embed_condition(cond, cond_mask, drop)
+        P, L, dev = self.prefix_len, self.max_len, self.bias.device
+        key_valid = torch.ones(self.rows, L, dtype=torch.bool, device=dev)
+        if pmask is not None:
+            key_valid[:, :P] = pmask
+        j = torch.arange(L, device=dev)
+        pos = torch.arange(P, device=dev)
+        seen = (j[None, :] <= pos[:, None])[None] & key_valid[:, None, :]  # (R, P, L)
+        seen[:, pos, pos] = True  # a padded query still sees itself: no all -inf rows
+        neg = float("-inf")
+        bias = torch.zeros(seen.shape, dtype=self.bias.dtype, device=dev).masked_fill_(~seen, neg)
+        # the first decode query sees the valid prefix; its own slot opens in step()
+        self.bias.copy_(torch.where(key_valid & (j < P), 0.0, neg)[:, None, None, :])
+        for i in range(self.model.cfg.n_layer):
+            getattr(self, f"k{i}").zero_()
+            getattr(self, f"v{i}").zero_()
+        return self._forward(prefix.to(self.bias.dtype), pos, bias[:, None])
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (rows,) at sequence position ``pos`` (a (1,) long tensor): logits (rows, V)."""
+        try:
+            return self._step(tokens, pos)
+        except Exception as exc:  # noqa: BLE001 - a compile failure must not end the run
+            if self._step is self._step_eager:
+                raise
+            # a step is idempotent (same cache slot, same bias entry): rerunning it eagerly is safe
+            log.warning("compiled decode step failed (%s: %s); falling back to eager",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self._step = self._step_eager
+            self.compile_mode = None
+            return self._step(tokens, pos)
