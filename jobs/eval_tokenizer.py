@@ -1,0 +1,18 @@
+"""Evaluate a VQ tokenizer (our export or a LlamaGen .pt) on raw shards: PSNR, SSIM, usage, rFID.
+
+    python jobs/eval_tokenizer.py --config configs/tokenizer/eval.yaml model=DIR data=DIR output=F
+"""
+
+from __future__ import annotations
+
+from pipeline.cli import parse_job
+from pipeline.tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_job(TokenizerEvalConfig, __doc__.strip().splitlines()[0], argv)
+    evaluate_tokenizer(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Train the VQ image tokenizer on raw img2dataset shards.
+
+    python jobs/train_tokenizer.py --config configs/tokenizer/tiny.yaml data=DIR run_dir=DIR
+    torchrun --nproc_per_node 8 jobs/train_tokenizer.py --config configs/tokenizer/vq16_256.yaml \
+        data=s3://bucket/raw run_dir=s3://bucket/runs/vq16
+
+``--resume auto`` (default) continues from the newest complete checkpoint; ``none`` starts over;
+a number resumes from that step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pipeline.cli import job_parser, parse_job
+from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = job_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--resume", default="auto", help="auto | none | STEP")
+    cfg, args = parse_job(TokenizerTrainConfig, "", argv, parser=parser)
+    train_tokenizer(cfg, resume=args.resume)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo under torch 2.14 sometimes aborts at interpreter exit after all work is done;
+        # everything is written and synced here, so leave without the teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Images out of raw img2dataset shards, as a resumable, deterministic stream of batches.
+
+A raw shard is what img2dataset writes: ``00000.tar`` (members ``{key}.jpg/.txt/.json``), plus
+``00000.parquet`` and ``00000_stats.json``; it counts as complete only once its stats file
+exists. Shards are read through webdataset's tar iterators at local paths or ``s3://`` URIs
+(an ``s3`` scheme registered in ``webdataset.gopen`` opens through ``pipeline.storage``).
+
+Only known image extensions are decoded, with PIL; nothing is ever unpickled. Broken images
+are skipped and counted.
+
+``RawImageStream`` is the training stream. Its order is a pure function of (seed, epoch, rank):
+each epoch permutes the shard list, gives every rank its share, and passes the raw samples
+through a seeded shuffle buffer; every sample's crop and flip come from its own seeded RNG. The
+position is (epoch, raw samples consumed), so ``state_dict()`` / ``load_state_dict()`` resume
+mid-epoch at exactly the next batch an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import random
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from webdataset.gopen import gopen_schemes
+from webdataset.tariterators import tarfile_samples
+
+from pipeline import storage
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+    if mode != "rb":
+        raise ValueError(f"s3 shards are opened read-only here, got mode {mode!r}")
+    return storage.open_read(url)
+
+
+def register_s3_scheme() -> None:
+    """Let webdataset open ``s3://`` URLs through ``pipeline.storage`` (idempotent)."""
+    gopen_schemes["s3"] = _gopen_s3
+
+
+register_s3_scheme()
+
+
+def list_complete_shards(root: str) -> list[str]:
+    """URIs of the raw shard tars under ``root`` whose ``_stats.json`` exists, sorted."""
+    names = set(storage.list_dir(root))
+    out = []
+    for n in sorted(names):
+        if n.endswith("_stats.json"):
+            tar = n[: -len("_stats.json")] + ".tar"
+            if tar in names:
+                out.append(storage.join(root, tar))
+            else:
+                log.warning("%s has a stats file but no tar; skipped", storage.join(root, n))
+    return out
+
+
+def count_successes(root: str) -> int:
+    """Images img2dataset reported as written, over the complete shards under ``root``."""
+    total = 0
+    for tar in list_complete_shards(root):
+        stats = storage.read_json(tar[: -len(".tar")] + "_stats.json")
+        total += int(stats.get("successes", 0))
+    return total
+
+
+class _SkipCounter:
+    """A webdataset error handler that logs, counts and continues (a broken shard loses itself)."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors += 1
+        log.warning("skipping unreadable shard data: %s", exn)
+        return True
+
+
+def iter_raw_samples(tar_uris: list[str], handler: Any = None) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "jpg": bytes, "txt": bytes, ...}`` of the given tars, in order."""
+    handler = handler or _SkipCounter()
+    yield from tarfile_samples([{"url": u} for u in tar_uris], handler=handler)
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image | None:
+    """The sample's image as RGB, or None if it has no image member or the image is broken."""
+    for ext in IMAGE_EXTS:
+        data = sample.get(ext)
+        if data is None:
+            continue
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            return img.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - any decoder error means a broken image
+            log.debug("broken image %s: %s", sample.get("__key__"), exc)
+            return None
+    return None
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return a.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def random_crop_flip(
+    img: Image.Image, size: int, rng: random.Random, max_scale: float = 1.1, flip: bool = True
+) -> Image.Image:
+    """Resize the short side to size x U(1, max_scale), crop ``size`` at random, maybe mirror."""
+    short = int(round(size * rng.uniform(1.0, max_scale)))
+    img = _resize_short(img, max(short, size))
+    left = rng.randint(0, img.width - size)
+    top = rng.randint(0, img.height - size)
+    img = img.crop((left, top, left + size, top + size))
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    img = _resize_short(img, size)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _resize_short(img: Image.Image, short: int) -> Image.Image:
+    w, h = img.size
+    s = short / min(w, h)
+    return img.resize(
+        (max(short, round(w * s)), max(short, round(h * s))), Image.Resampling.BICUBIC
+    )
+
+
+def iter_eval_images(
+    tar_uris: list[str], size: int, limit: int | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, center-cropped image in [-1, 1]) in shard order; broken images are skipped."""
+    n = 0
+    for sample in iter_raw_samples(tar_uris):
+        img = decode_image(sample)
+        if img is None:
+            continue
+        yield sample["__key__"], to_tensor(center_crop(img, size))
+        n += 1
+        if limit is not None and n >= limit:
+            return
+
+
+class RawImageStream:
+    """An endless, resumable stream of augmented image batches (B, 3, S, S) in [-1, 1]."""
+
+    def __init__(
+        self,
+        tar_uris: list[str],
+        image_size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        max_scale: float = 1.1,
+        flip: bool = True,
+        decode_threads: int = 4,
+    ):
+        if not tar_uris:
+            raise ValueError("no complete raw shards to read (none has its _stats.json)")
+        self.tar_uris = list(tar_uris)
+        self.image_size, self.batch_size = image_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer, self.max_scale, self.flip = shuffle_buffer, max_scale, flip
+        self.decode_threads = decode_threads
+        self.epoch = 0
+        self.consumed = 0  # raw samples of this epoch behind the last yielded batch
+        self.broken = 0  # images skipped as undecodable, over the whole run
+
+    def state_dict(self) -> dict[str, int]:
+        """The position after the last batch handed out."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "broken": self.broken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.broken = int(state.get("broken", 0))
+
+    def epoch_samples(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """This rank's raw samples of ``epoch`` in their shuffled order."""
+        order = list(self.tar_uris)
+        random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
+        if len(order) >= self.world_size:
+            source = iter_raw_samples(order[self.rank :: self.world_size])
+        else:  # fewer shards than ranks: every rank reads all and keeps its stride of samples
+            source = (
+                s for i, s in enumerate(iter_raw_samples(order)) if i % self.world_size == self.rank
+            )
+        rng = random.Random(f"buffer-{self.seed}-{epoch}-{self.rank}")
+        buf: list[dict[str, Any]] = []
+        for s in source:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], s = s, buf[i]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def _prepare(self, sample: dict[str, Any], epoch: int, pos: int) -> torch.Tensor | None:
+        img = decode_image(sample)
+        if img is None:
+            return None
+        rng = random.Random(f"aug-{self.seed}-{epoch}-{self.rank}-{pos}")
+        return to_tensor(random_crop_flip(img, self.image_size, rng, self.max_scale, self.flip))
+
+    def _positions(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(epoch, position, raw sample) from the saved position on, endlessly."""
+        epoch, skip = self.epoch, self.consumed
+        while True:
+            pos = -1
+            for pos, sample in enumerate(self.epoch_samples(epoch)):
+                if pos >= skip:  # skipped samples are read but never decoded
+                    yield epoch, pos, sample
+            if pos < 0:
+                raise RuntimeError(
+                    f"rank {self.rank} got no samples in epoch {epoch} from "
+                    f"{len(self.tar_uris)} shards: are the shards empty?"
+                )
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        pending: collections.deque[tuple[int, int, Future]] = collections.deque()
+        lookahead = 2 * self.batch_size
+        batch: list[torch.Tensor] = []
+        good_in_epoch = self.consumed > 0
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            source = self._positions()
+            while True:
+                while len(pending) < lookahead:
+                    epoch, pos, sample = next(source)
+                    pending.append((epoch, pos, pool.submit(self._prepare, sample, epoch, pos)))
+                epoch, pos, fut = pending.popleft()
+                if epoch != self.epoch:
+                    if not good_in_epoch:
+                        raise RuntimeError(
+                            f"no decodable image in a whole epoch on rank {self.rank}"
+                        )
+                    self.epoch, good_in_epoch = epoch, False
+                self.consumed = pos + 1
+                img = fut.result()
+                if img is None:
+                    self.broken += 1
+                    continue
+                good_in_epoch = True
+                batch.append(img)
+                if len(batch) == self.batch_size:
+                    yield torch.stack(batch)
+                    batch = []

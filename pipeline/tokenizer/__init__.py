@@ -1,0 +1,1 @@
+"""Training and evaluating the VQ image tokenizer (the model lives in ``pipeline.models.vq``)."""

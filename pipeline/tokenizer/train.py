@@ -1,0 +1,430 @@
+"""Training the VQ tokenizer: L2 + LPIPS + PatchGAN (hinge) + VQ losses, resumable exactly.
+
+Runs as one process or under torchrun (DDP: gloo on CPU, NCCL on GPU)::
+
+    torchrun --nproc_per_node 8 jobs/train_tokenizer.py --config configs/tokenizer/vq16_256.yaml
+
+Each step is LlamaGen's: a generator (VQ model) update on
+``rec_weight * L2 + perceptual_weight * LPIPS + [g] * disc_weight * hinge_G + VQ losses``, then,
+once ``disc_start`` steps are done, a discriminator update on the hinge loss. ``[g]`` is 1 or the
+adaptive weight of taming-transformers.
+
+Exact resume: a checkpoint holds model, discriminator, both optimizers, the step, and every
+rank's RNG states and data position (``RawImageStream.state_dict``). Resuming from step k
+replays steps k+1... with the same samples, augmentations and losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline import storage
+from pipeline.config import doc, save_config, to_dict
+from pipeline.data.raw import RawImageStream, list_complete_shards
+from pipeline.log import get_logger
+from pipeline.models.vq import VQConfig, VQModel, count_params
+from pipeline.tokenizer import checkpoint as ckpt
+from pipeline.tokenizer.discriminator import PatchGANDiscriminator
+from pipeline.tokenizer.losses import (
+    adaptive_gan_weight,
+    build_lpips,
+    hinge_d_loss,
+    hinge_g_loss,
+    psnr_from_mse,
+)
+from pipeline.train.rng import capture_rng_state, restore_rng_state
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizerTrainConfig:
+    """How to train a VQ tokenizer on raw img2dataset shards."""
+
+    data: str = doc("folder of raw img2dataset shards (local or s3://)")
+    run_dir: str = doc("output folder: config, checkpoints, metrics, export (local or s3://)")
+    model: VQConfig = doc(
+        "VQ preset name (VQ-16, VQ-8, tiny) or a mapping of VQConfig fields",
+        default_factory=VQConfig,
+    )
+    local_dir: str | None = doc(
+        "local working folder for checkpoints and metrics when run_dir is on S3 "
+        "(default: $T2I_CACHE/runs/<run_dir>)",
+        None,
+    )
+    image_size: int = doc("training crop size in pixels", 256)
+    batch_size: int = doc("images per rank per step", 8)
+    max_steps: int = doc("optimizer steps to train for", 400_000)
+    lr: float = doc("learning rate of both optimizers (constant)", 1e-4)
+    betas: tuple[float, float] = doc("AdamW betas", (0.9, 0.95))
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    grad_clip: float = doc("gradient norm clip (0 = off)", 1.0)
+    rec_weight: float = doc("weight of the pixel L2 loss", 1.0)
+    perceptual_weight: float = doc("weight of the LPIPS loss (0 = off)", 1.0)
+    lpips_backbone: Literal["auto", "pretrained", "random"] = doc(
+        "VGG16 weights for LPIPS: auto uses the torch hub cache copy if present", "auto"
+    )
+    disc_start: int = doc("steps before the GAN loss and discriminator updates begin", 20_000)
+    disc_weight: float = doc("weight of the GAN losses", 0.5)
+    disc_adaptive_weight: bool = doc("scale the generator GAN loss by the adaptive weight", False)
+    disc_ndf: int = doc("discriminator base channels", 64)
+    disc_layers: int = doc("discriminator strided layers", 3)
+    precision: Literal["fp32", "bf16"] = doc("autocast dtype of forward passes", "fp32")
+    device: Literal["auto", "cpu", "cuda"] = doc("where to train (auto: cuda if available)", "auto")
+    seed: int = doc("seed of model init, data order and augmentation", 0)
+    shuffle_buffer: int = doc("samples in the seeded shuffle buffer", 1000)
+    max_scale: float = doc(
+        "random resize of the short side before cropping: up to this x size", 1.1
+    )
+    decode_threads: int = doc("image decoding threads per rank", 4)
+    log_every: int = doc("steps between log lines", 50)
+    ckpt_every: int = doc("steps between checkpoints", 5000)
+    keep_checkpoints: int = doc("complete checkpoints to keep (0 = all)", 2)
+    eval_images: int = doc(
+        "images (center crops, first shards) to evaluate at the end; 0 = skip", 0
+    )
+    inception_weights: str | None = doc(
+        "local/s3 InceptionV3 weights (torch-fidelity) for rFID", None
+    )
+
+    def __post_init__(self) -> None:
+        ds = self.model.downsample
+        if self.image_size % ds:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of downsample {ds}")
+
+    def local_root(self) -> str:
+        if not storage.is_remote(self.run_dir):
+            return self.run_dir
+        if self.local_dir:
+            return self.local_dir
+        cache = os.path.expanduser(os.environ.get("T2I_CACHE", "~/.cache/t2i-pipeline"))
+        return os.path.join(cache, "runs", self.run_dir.replace("://", "/"))
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    def all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist()))
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+
+def _setup_distributed(kind: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    return _Dist(rank, world, device)
+
+
+def _allreduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over ranks in one flat all-reduce (for the non-DDP discriminator)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+class _Metrics:
+    """One JSON line per step on rank 0; mirrored to the run folder with each checkpoint."""
+
+    def __init__(self, local_root: str, run_dir: str, resume_step: int | None):
+        self.local = os.path.join(local_root, "metrics.jsonl")
+        self.remote = storage.join(run_dir, "metrics.jsonl") if storage.is_remote(run_dir) else None
+        lines: list[str] = []
+        if resume_step is not None:
+            src = self.local if os.path.exists(self.local) else self.remote
+            if src and storage.exists(src):
+                lines = storage.read_text(src).splitlines()
+        # a resumed run rewrites the steps after its checkpoint: keep one line per step
+        keep = [
+            ln
+            for ln in lines
+            if ln and resume_step is not None and json.loads(ln)["step"] <= resume_step
+        ]
+        storage.write_text(self.local, "".join(ln + "\n" for ln in keep))
+        self.f = open(self.local, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def mirror(self) -> None:
+        if self.remote:
+            storage.put_file(self.local, self.remote)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, resume: str = "auto") -> dict[str, Any]:
+    """Train (or continue training) a tokenizer; returns a summary. ``resume``: auto|none|STEP."""
+    d = _setup_distributed(cfg.device)
+    local_root = cfg.local_root()
+    ckpt_local = os.path.join(local_root, "checkpoints")
+    ckpt_remote = (
+        storage.join(cfg.run_dir, "checkpoints") if storage.is_remote(cfg.run_dir) else None
+    )
+
+    # identical initialisation on every rank (DDP also broadcasts rank 0's weights)
+    torch.manual_seed(cfg.seed)
+    model = VQModel(cfg.model).to(d.device)
+    disc = PatchGANDiscriminator(ndf=cfg.disc_ndf, n_layers=cfg.disc_layers).to(d.device)
+    lpips_net = build_lpips(cfg.lpips_backbone).to(d.device) if cfg.perceptual_weight > 0 else None
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
+    opt_d = torch.optim.AdamW(
+        disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
+    shards = list_complete_shards(cfg.data)
+    stream = RawImageStream(
+        shards,
+        cfg.image_size,
+        cfg.batch_size,
+        seed=cfg.seed,
+        rank=d.rank,
+        world_size=d.world,
+        shuffle_buffer=cfg.shuffle_buffer,
+        max_scale=cfg.max_scale,
+        decode_threads=cfg.decode_threads,
+    )
+    # per-rank global RNG streams (dropout etc.); data order has its own seeded generators
+    torch.manual_seed(cfg.seed * 1000 + d.rank)
+
+    step = 0
+    resume_step: int | None = None
+    if resume != "none":
+        found = None
+        if d.rank == 0:  # one rank decides, so all resume from the same step
+            found = ckpt.newest_step(ckpt_local, ckpt_remote) if resume == "auto" else int(resume)
+        resume_step = d.broadcast(found)
+    if resume_step is not None:
+        state = ckpt.load_checkpoint(resume_step, ckpt_local, ckpt_remote)
+        if len(state["ranks"]) != d.world:
+            raise RuntimeError(
+                f"checkpoint step {resume_step} was written by {len(state['ranks'])} ranks; this "
+                f"run has {d.world}: the data position of each rank cannot be carried over"
+            )
+        model.load_state_dict(state["model"])
+        disc.load_state_dict(state["disc"])
+        opt.load_state_dict(state["opt"])
+        opt_d.load_state_dict(state["opt_disc"])
+        step = int(state["step"])
+        mine = state["ranks"][d.rank]
+        stream.load_state_dict(mine["data"])
+        restore_rng_state(mine["rng"])
+        log.info("resumed from checkpoint step %d", step)
+
+    metrics = None
+    if d.rank == 0:
+        storage.makedirs(local_root)
+        _save_config(cfg)
+        metrics = _Metrics(local_root, cfg.run_dir, resume_step)
+        log.info(
+            "VQ %s params, discriminator %s params; %d shards; %d rank(s) x batch %d at %d px",
+            f"{count_params(model):,}",
+            f"{count_params(disc):,}",
+            len(shards),
+            d.world,
+            cfg.batch_size,
+            cfg.image_size,
+        )
+
+    ddp = DDP(model) if d.world > 1 else model
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    used = torch.zeros(cfg.model.codebook_size, dtype=torch.bool, device=d.device)
+    t0, steps_since = time.time(), 0
+    batches = iter(stream)
+    while step < cfg.max_steps:
+        x = next(batches).to(d.device, non_blocking=True)
+        gan_on = step >= cfg.disc_start
+
+        # --- generator (VQ model) update ---
+        model.train()
+        disc.train()
+        disc.requires_grad_(False)  # its gradients from this loss are not wanted
+        with autocast:
+            recon, vq, codes = ddp(x)
+            rec = F.mse_loss(recon.float(), x)
+            p_loss = (
+                lpips_net(x, recon.float()).mean() if lpips_net is not None else rec.new_zeros(())
+            )
+            nll = cfg.rec_weight * rec + cfg.perceptual_weight * p_loss
+            loss = nll + vq.total()
+            g_adv = rec.new_zeros(())
+            g_scale = torch.zeros(())
+            if gan_on:
+                g_adv = hinge_g_loss(disc(recon.float()))
+                g_scale = (
+                    adaptive_gan_weight(nll, g_adv, model.decoder.last_layer)
+                    if cfg.disc_adaptive_weight
+                    else torch.ones(())
+                )
+                loss = loss + g_scale.to(loss) * cfg.disc_weight * g_adv
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        disc.requires_grad_(True)
+
+        # --- discriminator update ---
+        d_loss = torch.zeros(())
+        if gan_on:
+            with autocast:
+                d_loss = cfg.disc_weight * hinge_d_loss(disc(x), disc(recon.detach().float()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            _allreduce_grads(list(disc.parameters()), d.world)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+            opt_d.step()
+
+        step += 1
+        steps_since += 1
+        used[codes.flatten()] = True
+        row = d.all_mean(
+            {
+                "loss": loss.item(),
+                "rec": rec.item(),
+                "perceptual": p_loss.item(),
+                "codebook": vq.codebook.item(),
+                "commit": vq.commit.item(),
+                "entropy": vq.entropy.item(),
+                "g_adv": g_adv.item(),
+                "g_scale": float(g_scale),
+                "d_loss": d_loss.item(),
+            }
+        )
+        row = {"step": step, **row, "psnr": psnr_from_mse(row["rec"])}
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            usage = used.float()
+            if d.world > 1:
+                dist.all_reduce(usage, op=dist.ReduceOp.MAX)
+            row["codebook_usage"] = usage.mean().item()
+            used.zero_()
+            rate = steps_since / (time.time() - t0)
+            t0, steps_since = time.time(), 0
+            log.info(
+                "step %d | loss %.4f rec %.4f lpips %.4f vq %.4f g_adv %.4f d %.4f | psnr %.2f | "
+                "codes used %.1f%% | %.2f steps/s",
+                step,
+                row["loss"],
+                row["rec"],
+                row["perceptual"],
+                row["codebook"] + row["commit"],
+                row["g_adv"],
+                row["d_loss"],
+                row["psnr"],
+                100 * row["codebook_usage"],
+                rate,
+            )
+        if metrics:
+            metrics.write(row)
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            _checkpoint(
+                d, cfg, step, model, disc, opt, opt_d, stream, ckpt_local, ckpt_remote, metrics
+            )
+
+    summary: dict[str, Any] = {"step": step, "broken_images": stream.broken}
+    if d.rank == 0:
+        export = storage.join(cfg.run_dir, "export")
+        model.save_pretrained(export)
+        summary["export"] = export
+        log.info("exported tokenizer weights to %s", export)
+        if cfg.eval_images > 0:
+            from pipeline.tokenizer.evaluate import evaluate_model
+
+            summary["eval"] = evaluate_model(
+                model.eval(),
+                shards,
+                cfg.image_size,
+                cfg.eval_images,
+                batch_size=cfg.batch_size,
+                inception_weights=cfg.inception_weights,
+            )
+            storage.write_json(storage.join(cfg.run_dir, "eval.json"), summary["eval"])
+    if d.world > 1:
+        dist.barrier()
+    return summary
+
+
+def _checkpoint(
+    d: _Dist,
+    cfg: TokenizerTrainConfig,
+    step: int,
+    model: VQModel,
+    disc: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    stream: RawImageStream,
+    local: str,
+    remote: str | None,
+    metrics: _Metrics | None,
+) -> None:
+    ranks = d.gather({"rng": capture_rng_state(), "data": stream.state_dict()})
+    if d.rank == 0:
+        state = {
+            "model": model.state_dict(),
+            "disc": disc.state_dict(),
+            "opt": opt.state_dict(),
+            "opt_disc": opt_d.state_dict(),
+            "step": step,
+            "ranks": ranks,
+            "config": json.dumps(to_dict(cfg)),
+        }
+        ckpt.save_checkpoint(state, step, local, remote, cfg.keep_checkpoints)
+        if metrics:
+            metrics.mirror()
+    if d.world > 1:
+        dist.barrier()  # nobody runs ahead into a step that a crash could leave unsaved
+
+
+def _save_config(cfg: TokenizerTrainConfig) -> None:
+    uri = storage.join(cfg.run_dir, "config.yaml")
+    if storage.exists(uri):
+        old = yaml.safe_load(storage.read_text(uri)) or {}
+        new = to_dict(cfg)
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        if changed:
+            log.warning("config differs from the one saved in %s in: %s", uri, ", ".join(changed))
+    save_config(cfg, uri)

@@ -1,0 +1,246 @@
+"""Tokenizer training end to end: raw-shard reading, RNG capture, training, exact resume, metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import webdataset as wds
+
+from pipeline import storage
+from pipeline.config import ConfigError, load_config
+from pipeline.data.raw import RawImageStream, list_complete_shards
+from pipeline.data.synthetic import draw_shape, make_samples
+from pipeline.models.vq import VQModel
+from pipeline.tokenizer import evaluate as ev
+from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from pipeline.train.rng import capture_rng_state, restore_rng_state
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs/tokenizer/tiny.yaml")
+
+
+def write_raw_shards(folder: str, n_images: int, per_shard: int, size: int = 32, seed: int = 0,
+                     broken: tuple[int, ...] = ()) -> None:
+    """Raw shards laid out as img2dataset writes them: tar (jpg/txt/json), parquet, stats."""
+    os.makedirs(folder, exist_ok=True)
+    samples = make_samples(n_images, seed)
+    for shard, start in enumerate(range(0, n_images, per_shard)):
+        rows = []
+        with wds.TarWriter(os.path.join(folder, f"{shard:05d}.tar")) as w:
+            for i in range(start, min(n_images, start + per_shard)):
+                s = samples[i]
+                key = f"{shard:05d}{i - start:04d}"
+                img = draw_shape(s.colour, s.shape, s.background, size, random.Random(seed + i))
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=95)
+                meta = {"url": f"http://127.0.0.1/{i}.jpg", "key": key, "status": "success",
+                        "caption": s.caption, "width": size, "height": size,
+                        "original_width": size, "original_height": size, "error_message": None}
+                data = b"\xff\xd8 truncated" if i in broken else buf.getvalue()
+                w.write({"__key__": key, "jpg": data, "txt": s.caption, "json": meta})
+                rows.append(meta)
+        pd.DataFrame(rows).to_parquet(os.path.join(folder, f"{shard:05d}.parquet"))
+        stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0}
+        Path(folder, f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("raw"))
+    write_raw_shards(d, 144, 48, broken=(5,))
+    # a shard still being written: tar present, no stats file yet -> never read
+    write_raw_shards(os.path.join(d, "partial"), 8, 8)
+    os.replace(os.path.join(d, "partial", "00000.tar"), os.path.join(d, "00009.tar"))
+    return d
+
+
+def _stream(uris, **kw) -> RawImageStream:
+    args = dict(image_size=16, batch_size=5, seed=3, shuffle_buffer=8, max_scale=1.3)
+    return RawImageStream(uris, **{**args, **kw})
+
+
+def test_raw_stream_reads_complete_shards_and_resumes_exactly(raw_dir):
+    shards = list_complete_shards(raw_dir)
+    assert [os.path.basename(s) for s in shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    a = _stream(shards)
+    it = iter(a)
+    first = [next(it) for _ in range(3)]
+    state = a.state_dict()
+    # 143 good images per epoch: 40 batches run into epoch 1
+    rest = [next(it) for _ in range(40)]
+    assert a.epoch == 1 and a.broken == 1  # the truncated JPEG was skipped and counted
+    assert all(b.shape == (5, 3, 16, 16) and b.min() >= -1 and b.max() <= 1 for b in first)
+    b = _stream(shards)
+    b.load_state_dict(state)
+    it_b = iter(b)
+    for expected in rest:
+        assert torch.equal(next(it_b), expected)
+    assert b.state_dict() == a.state_dict()
+    # epochs differ in order; ranks split an epoch's samples without overlap
+    keys = [[s["__key__"] for s in _stream(shards, rank=r, world_size=2).epoch_samples(0)]
+            for r in (0, 1)]
+    assert not set(keys[0]) & set(keys[1]) and len(keys[0]) + len(keys[1]) == 144
+    e1 = [s["__key__"] for s in _stream(shards, rank=0, world_size=2).epoch_samples(1)]
+    assert e1 != keys[0]
+
+
+def test_raw_stream_reads_s3(raw_dir, s3_bucket):
+    storage.put_dir(raw_dir, f"{s3_bucket}/raw")
+    remote = list_complete_shards(f"{s3_bucket}/raw")
+    assert [u.rsplit("/", 1)[1] for u in remote] == ["00000.tar", "00001.tar", "00002.tar"]
+    got = next(iter(_stream(remote)))
+    assert torch.equal(got, next(iter(_stream(list_complete_shards(raw_dir)))))
+
+
+def test_rng_state_roundtrip(tmp_path):
+    state = capture_rng_state()
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+    draws = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    restore_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == draws
+
+
+def test_shipped_configs_load():
+    over = ["data=/d", "run_dir=/r"]
+    tiny = load_config(TokenizerTrainConfig, TINY, over)
+    assert tiny.model.codebook_size == 512 and tiny.image_size % tiny.model.downsample == 0
+    big = load_config(TokenizerTrainConfig, str(ROOT / "configs/tokenizer/vq16_256.yaml"), over)
+    assert big.model.downsample == 16 and big.model.codebook_size == 16384
+    assert big.image_size == 256 and big.disc_start > 0 and big.lpips_backbone == "pretrained"
+    with pytest.raises(ConfigError, match="lr_max"):
+        load_config(TokenizerTrainConfig, TINY, [*over, "lr_max=1"])
+
+
+def test_psnr_ssim_on_known_inputs():
+    x = torch.rand(2, 3, 32, 32) * 0.6 + 0.2
+    y = x + 0.1  # mse 0.01 -> 20 dB exactly
+    assert torch.allclose(ev.psnr(x, y), torch.full((2,), 20.0, dtype=torch.float64))
+    assert torch.allclose(ev.ssim(x, x), torch.ones(2, dtype=torch.float64))
+    from skimage.metrics import structural_similarity
+
+    noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    ref = structural_similarity(
+        x[0].permute(1, 2, 0).numpy(), noisy[0].permute(1, 2, 0).numpy(), channel_axis=2,
+        data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    )
+    assert abs(float(ev.ssim(x[:1], noisy[:1])) - ref) < 0.02
+    assert float(ev.ssim(x[:1], noisy[:1])) < 0.9
+    assert torch.equal(ev.to_uint8(torch.tensor([-1.5, -1.0, 0.0, 1.0])),
+                       torch.tensor([0, 0, 128, 255], dtype=torch.uint8))
+
+
+def test_rfid_unavailable_without_weights_and_computed_with_local_weights(tmp_path):
+    fid, note = ev.build_fid(None)
+    assert fid is None and "unavailable" in note
+    # random-init InceptionV3 saved as a local weights file (real weights cannot be downloaded)
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict",
+                              lambda self, sd, *a, **k: None):
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), path)
+    fid, note = ev.build_fid(str(path))
+    assert fid is not None and str(path) in note
+    real = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    fid.update(real, real=True)
+    fid.update(real, real=False)
+    same = float(fid.compute())
+    fid.reset()
+    fid.update(real, real=True)
+    fid.update(255 - real, real=False)
+    assert float(fid.compute()) > max(10 * abs(same), 1e-3)
+
+
+def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    run = str(tmp_path / "run")
+    cfg = load_config(TokenizerTrainConfig, TINY, [
+        f"data={raw_dir}", f"run_dir={run}", "image_size=32", "max_steps=240", "disc_start=200",
+        "ckpt_every=120", "log_every=40", "eval_images=48",
+    ])
+    torch.manual_seed(cfg.seed)
+    shards = list_complete_shards(raw_dir)
+    before = ev.evaluate_model(VQModel(cfg.model), shards, 32, 48)
+    summary = train_tokenizer(cfg, resume="auto")
+    after = json.loads(Path(run, "eval.json").read_text())
+    assert summary["step"] == 240 and summary["eval"] == after
+    assert after["psnr"] > before["psnr"] + 5.0, (before, after)
+    assert after["codebook_usage"] > 0 and after["rfid"] is None
+    rows = [json.loads(x) for x in Path(run, "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 241))
+    # the GAN terms switch on after disc_start
+    assert all(r["d_loss"] == 0 for r in rows[:200]) and all(r["d_loss"] > 0 for r in rows[200:])
+    assert sorted(os.listdir(Path(run, "checkpoints"))) == ["step_0000120", "step_0000240"]
+    assert load_config(TokenizerTrainConfig, str(Path(run, "config.yaml"))) == cfg
+    model = VQModel.from_pretrained(str(Path(run, "export")))
+    assert model.config == cfg.model
+    again = ev.evaluate_model(model, shards, 32, 48)
+    assert again["psnr"] == pytest.approx(after["psnr"])
+
+
+def _launch(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(ROOT / "jobs/train_tokenizer.py"), "--config", TINY, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _losses(metrics_text: str) -> dict[int, dict]:
+    rows = [json.loads(x) for x in metrics_text.splitlines()]
+    keys = ("loss", "rec", "perceptual", "codebook", "commit", "entropy", "g_adv", "d_loss")
+    return {r["step"]: {k: r[k] for k in keys} for r in rows}
+
+
+def test_kill_and_resume_reproduces_uninterrupted_losses(raw_dir, tmp_path, s3_bucket):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "T2I_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(ROOT)}
+    common = ["image_size=32", "batch_size=4", "max_steps=12", "ckpt_every=3", "disc_start=2",
+              "log_every=1", "eval_images=0", "decode_threads=1", "keep_checkpoints=0"]
+    # uninterrupted reference, local data and run folder
+    ref_dir = tmp_path / "ref"
+    ref = _launch([f"data={raw_dir}", f"run_dir={ref_dir}", *common], tmp_path / "ref.log", env)
+    # the same run on S3 data with an S3 run folder, killed after its first mirrored checkpoint
+    storage.put_dir(raw_dir, f"{s3_bucket}/raw")
+    run = f"{s3_bucket}/run"
+    s3_args = [f"data={s3_bucket}/raw", f"run_dir={run}", *common]
+    victim = _launch([*s3_args, f"local_dir={tmp_path / 'node_a'}"], tmp_path / "a.log", env)
+    marker = f"{run}/checkpoints/step_0000003/COMPLETE"
+    deadline = time.time() + 300
+    while not storage.exists(marker):
+        assert victim.poll() is None, Path(tmp_path / "a.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)  # polling the store, not waiting for a guess at timing
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not storage.exists(f"{run}/export/model.safetensors"), "run ended before the kill"
+    # resume on a "new machine": empty local folder, everything comes from the S3 mirror
+    resumed = _launch([*s3_args, f"local_dir={tmp_path / 'node_b'}"], tmp_path / "b.log", env)
+    assert resumed.wait(timeout=300) == 0, Path(tmp_path / "b.log").read_text()[-3000:]
+    assert ref.wait(timeout=300) == 0, Path(tmp_path / "ref.log").read_text()[-3000:]
+    log_b = Path(tmp_path / "b.log").read_text()
+    assert "resumed from checkpoint step" in log_b
+    expected = _losses(Path(ref_dir, "metrics.jsonl").read_text())
+    got = _losses(storage.read_text(f"{run}/metrics.jsonl"))
+    assert sorted(got) == list(range(1, 13)) == sorted(expected)
+    assert got == expected  # bit-identical per-step losses, GAN phase included
+    assert got[12]["d_loss"] > 0

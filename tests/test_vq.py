@@ -1,0 +1,177 @@
+"""The VQ tokenizer model: shapes, presets, straight-through gradients, weight import/export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.vq import (
+    VQConfig,
+    VQModel,
+    codes_to_uint16,
+    count_params,
+    llamagen_to_state_dict,
+)
+
+
+def tiny(**kw) -> VQModel:
+    torch.manual_seed(0)
+    return VQModel(VQConfig.from_name("tiny", **kw)).eval()
+
+
+def test_codes_shape_dtype_and_range():
+    m = tiny()
+    x = torch.rand(2, 3, 32, 64) * 2 - 1
+    codes = m.encode(x)
+    assert codes.shape == (2, 4, 8)  # downsample 8
+    assert codes.dtype == torch.int64
+    assert 0 <= int(codes.min()) and int(codes.max()) < m.config.codebook_size
+    arr = codes_to_uint16(codes)
+    assert arr.dtype == np.uint16 and arr.shape == (2, 4, 8)
+    assert np.array_equal(arr.astype(np.int64), codes.numpy())
+    out = m.decode(codes)
+    assert out.shape == (2, 3, 32, 64)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        m.encode(torch.zeros(1, 3, 36, 36))
+    with pytest.raises(ValueError, match="out of range"):
+        m.decode(torch.full((1, 2, 2), m.config.codebook_size))
+
+
+def test_quantizer_picks_nearest_normalised_code():
+    m = tiny()
+    q = m.quantize
+    z = torch.randn(3, 8, 2, 2)
+    z_q, losses, idx = q(z)
+    zn = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+    emb = F.normalize(q.embedding.weight, dim=-1)
+    # for unit vectors the nearest code is the one with the largest cosine
+    assert torch.equal(idx.flatten(), (zn @ emb.t()).argmax(1))
+    assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(-1, 8), emb[idx.flatten()], atol=1e-6)
+    assert torch.allclose(losses.commit, 0.25 * losses.codebook)
+    # chunked distance computation gives the same answer as one block
+    q.CHUNK = 5
+    assert torch.equal(q(z)[2], idx)
+
+
+def test_presets_and_parameter_count_on_meta():
+    with torch.device("meta"):
+        vq16 = VQModel(VQConfig.from_name("VQ-16"))
+        vq8 = VQModel(VQConfig.from_name("VQ-8"))
+    # LlamaGen reports 72M parameters for VQ-16
+    assert 71_500_000 < count_params(vq16) < 72_500_000
+    assert vq16.config.downsample == 16 and vq8.config.downsample == 8
+    assert vq16.quantize.embedding.weight.shape == (16384, 8)
+    assert VQConfig.from_name("tiny").codebook_size <= 1024
+    with pytest.raises(ValueError, match="65536"):
+        VQConfig(codebook_size=70000)
+    with pytest.raises(KeyError, match="VQ-16"):
+        VQConfig.from_name("VQ-32")
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_vq16_roundtrip_runs(size):
+    torch.manual_seed(0)
+    m = VQModel(VQConfig.from_name("VQ-16")).eval()
+    x = torch.rand(1, 3, size, size) * 2 - 1
+    codes = m.encode(x)
+    assert codes.shape == (1, size // 16, size // 16)
+    out = m.decode(codes)
+    assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
+
+
+def test_straight_through_gradient_reaches_encoder():
+    m = tiny().train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon, losses, _ = m(x)
+    # reconstruction loss alone: its only route to the encoder is the straight-through copy
+    F.mse_loss(recon, x).backward()
+    g = m.encoder.conv_in.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    assert m.quantize.embedding.weight.grad is None  # codes get no gradient from the output
+    m.zero_grad()
+    losses.codebook.backward()
+    assert m.quantize.embedding.weight.grad.abs().sum() > 0
+
+
+def test_entropy_loss_is_used_when_enabled():
+    m = tiny(entropy_loss_ratio=0.1).train()
+    _, losses, _ = m(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert losses.entropy.requires_grad and float(losses.entropy) != 0.0
+    _, off, _ = tiny().train()(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert float(off.entropy) == 0.0
+
+
+# Key names and shapes of LlamaGen's VQ-16 (tokenizer/tokenizer_image/vq_model.py).
+LLAMAGEN_VQ16_KEYS = {
+    "encoder.conv_in.weight": (128, 3, 3, 3),
+    "encoder.conv_blocks.0.res.0.norm1.weight": (128,),
+    "encoder.conv_blocks.0.downsample.conv.weight": (128, 128, 3, 3),
+    "encoder.conv_blocks.2.res.0.nin_shortcut.weight": (256, 128, 1, 1),
+    "encoder.conv_blocks.4.res.1.conv2.weight": (512, 512, 3, 3),
+    "encoder.conv_blocks.4.attn.1.q.weight": (512, 512, 1, 1),
+    "encoder.mid.1.proj_out.weight": (512, 512, 1, 1),
+    "encoder.norm_out.weight": (512,),
+    "encoder.conv_out.weight": (256, 512, 3, 3),
+    "quant_conv.weight": (8, 256, 1, 1),
+    "quantize.embedding.weight": (16384, 8),
+    "post_quant_conv.weight": (256, 8, 1, 1),
+    "decoder.conv_in.weight": (512, 256, 3, 3),
+    "decoder.mid.2.conv1.weight": (512, 512, 3, 3),
+    "decoder.conv_blocks.0.attn.2.k.weight": (512, 512, 1, 1),
+    "decoder.conv_blocks.0.upsample.conv.weight": (512, 512, 3, 3),
+    "decoder.conv_blocks.1.res.0.nin_shortcut.weight": (256, 512, 1, 1),
+    "decoder.conv_blocks.4.res.2.conv2.weight": (128, 128, 3, 3),
+    "decoder.conv_out.weight": (3, 128, 3, 3),
+}
+
+
+def test_state_dict_uses_llamagen_key_names():
+    with torch.device("meta"):
+        sd = VQModel(VQConfig.from_name("VQ-16")).state_dict()
+    for k, shape in LLAMAGEN_VQ16_KEYS.items():
+        assert k in sd, k
+        assert tuple(sd[k].shape) == shape, k
+    assert "decoder.conv_blocks.4.upsample.conv.weight" not in sd  # no upsampling at full size
+    assert not any(".attn." in k for k in sd if k.startswith("encoder.conv_blocks.3"))
+
+
+def test_llamagen_checkpoint_import_roundtrip(tmp_path):
+    src = tiny()
+    sd = src.state_dict()
+    # a LlamaGen checkpoint: {"model": ..., "optimizer": ...} plus its usage buffer
+    ckpt = {
+        "model": {**sd, "quantize.codebook_used": torch.zeros(65536)},
+        "optimizer": {"state": {}, "param_groups": []},
+        "steps": 100,
+    }
+    path = tmp_path / "vq_tiny.pt"
+    torch.save(ckpt, path)
+    loaded = VQModel.from_pretrained(str(path), "tiny")
+    for k, v in sd.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(x), src.encode(x))
+    assert "quantize.codebook_used" not in llamagen_to_state_dict(ckpt)
+    # a file holding pickled code is refused (weights_only)
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": sd, "evil": _Pickled()}, bad)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        VQModel.from_pretrained(str(bad), "tiny")
+
+
+class _Pickled:
+    pass
+
+
+def test_save_pretrained_roundtrip_local_and_s3(tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    src = tiny()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    expected = src.decode(src.encode(x))
+    for uri in (str(tmp_path / "export"), f"{s3_bucket}/vq/export"):
+        src.save_pretrained(uri)
+        m = VQModel.from_pretrained(uri)
+        assert m.config == src.config
+        assert torch.equal(m.decode(m.encode(x)), expected)
