@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import psutil
@@ -25,6 +24,7 @@ from pipeline.data.pretokenize import (
 from pipeline.models.text_encoder import TextEncoder
 from pipeline.models.vq import VQModel
 from tests.rawshards import build_tiny_models, raw_key, write_raw_shards
+from tests.raycluster import signal_all, wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "data", "pretokenize_tiny.yaml")
@@ -146,19 +146,6 @@ def test_pretokenize_content_drops_and_damage(tmp_path, models):
         )
 
 
-def _wait_dead(procs, timeout=30.0):
-    """Until every process is gone or a zombie (this container's init may never reap them)."""
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        while time.monotonic() < deadline:
-            try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(0.05)  # polling a process we cannot wait() on: it is not our child
-
-
 def _run_job(raw, out, models, env, stop_after_first_shard=False):
     """Run jobs/pretokenize.py (local Ray); with ``stop_after_first_shard`` kill -9 it then."""
     cmd = [
@@ -184,13 +171,10 @@ def _run_job(raw, out, models, env, stop_after_first_shard=False):
             if stop_after_first_shard and "pretokenize: unit" in line and " done (" in line:
                 # kill -9 the job and everything it started (local Ray, its actor), as a
                 # machine dying would: Ray's actor lives in its own process group
-                children = psutil.Process(proc.pid).children(recursive=True)
-                for pid in [proc.pid, *(c.pid for c in children)]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                _wait_dead(children)
+                tree = [psutil.Process(proc.pid)]
+                tree += tree[0].children(recursive=True)
+                signal_all(tree, signal.SIGKILL)
+                wait_gone(tree)
                 break
         proc.wait(timeout=120)
     finally:

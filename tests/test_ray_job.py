@@ -1,0 +1,111 @@
+"""The executor and a pretokenize job on a real Ray head on loopback, with S3 on loopback."""
+
+import os
+import sys
+
+import pytest
+import ray.cloudpickle
+
+from pipeline import storage
+from pipeline.data import shards
+from pipeline.executor import ExecutorConfig, run_units
+from tests.rawshards import build_tiny_models, raw_key, write_raw_shards
+from tests.raycluster import RayHead
+
+# The workers below live in this test module, which Ray's workers cannot import: ship them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    with RayHead(num_cpus=2) as head:
+        yield head
+
+
+class _FlakyWorker:
+    """Unit 1 kills its process on the first try; unit 2 always raises; the rest succeed."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.pid = os.getpid()
+        open(os.path.join(root, f"init-{self.pid}"), "w").close()
+
+    def __call__(self, unit: int) -> dict:
+        if unit == 1 and not os.path.exists(os.path.join(self.root, "died-once")):
+            open(os.path.join(self.root, "died-once"), "w").close()
+            os._exit(1)
+        if unit == 2:
+            raise ValueError("unit 2 is broken")
+        return {"unit": unit, "pid": self.pid}
+
+
+def _make_flaky(root):
+    return lambda: _FlakyWorker(root)
+
+
+def _broken_factory():
+    raise RuntimeError("model weights cannot load")
+
+
+def test_executor_skips_retries_and_replaces_dead_workers(ray_head, tmp_path):
+    cfg = ExecutorConfig(address=ray_head.gcs_address, num_actors=2, max_retries=1)
+    report = run_units(range(6), _make_flaky(str(tmp_path)), cfg, is_done=lambda u: u == 0)
+    assert report.skipped == [0]
+    assert sorted(report.results) == [1, 3, 4, 5]
+    assert list(report.failed) == [2] and "unit 2 is broken" in report.failed[2]
+    assert report.attempts[1] == 2 and report.attempts[2] == 2  # max_retries=1: two tries
+    # models load once per actor: two actors, plus one fresh actor for the one that died
+    inits = sorted(n for n in os.listdir(tmp_path) if n.startswith("init-"))
+    assert len(inits) == 3
+    assert {f"init-{r['pid']}" for r in report.results.values()} <= set(inits)
+
+    with pytest.raises(Exception, match="model weights cannot load"):
+        run_units([0], _broken_factory, cfg)
+
+
+def test_pretokenize_job_submitted_to_cluster_with_s3(ray_head, s3_bucket, tmp_path):
+    raw, out, models_root = f"{s3_bucket}/raw", f"{s3_bucket}/tokens", f"{s3_bucket}/models"
+    keys = write_raw_shards(raw, 3, 4, broken={(2, 1)})
+    models = build_tiny_models(models_root)
+    env_vars = {
+        k: os.environ[k]
+        for k in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_EC2_METADATA_DISABLED",
+        )
+    }
+    env_vars.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        T2I_CACHE=str(tmp_path / "cache"),  # where actors copy the s3:// models
+        HF_HUB_OFFLINE="1",
+    )
+    result = ray_head.submit(
+        [
+            sys.executable,
+            "jobs/pretokenize.py",
+            "--config",
+            "configs/data/pretokenize_tiny.yaml",
+            f"input={raw}",
+            f"output={out}",
+            f"vq.uri={models['vq']}",
+            f"text.uri={models['t5']}",
+            "executor.num_actors=1",
+        ],
+        env_vars,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "succeeded" in output
+    assert "connecting to Ray at" in output  # the job used the cluster, not a local Ray
+
+    done = shards.list_done_shards(out)
+    assert [d.index for d in done] == [0, 1, 2]
+    manifest = storage.read_json(f"{out}/manifest.json")
+    assert manifest["num_samples"] == 11 and manifest["dropped"] == {"undecodable_image": 1}
+    got = [s for d in done for s in shards.read_token_shard(d.uri)]
+    assert [g["key"] for g in got] == [k for i in range(3) for k in keys[i] if k != raw_key(2, 1)]
+    assert all(g["codes"].shape == (8, 8) and g["codes_flip"].shape == (8, 8) for g in got)
+    assert storage.exists(f"{out}/pretokenize_config.yaml")
