@@ -1,0 +1,132 @@
+"""Token-shard loader throughput against what the trainer consumes.
+
+Writes stage-1-shaped token shards (16x16 codes + flipped codes, FLAN-T5-XL-sized 2048-d fp16
+features of 8..64 tokens), then reads batches of 32 through ``TokenLoader`` (shuffle buffer,
+flips, left-padding to 120 tokens, DataLoader workers) from a local folder and from a loopback S3
+server. Reported: samples/s, and that rate over two consumption rates: one rank training GPT-B
+on this CPU (bf16, at the MFU bench_train measures, ~5%) and one A100 training GPT-XL at 40% MFU
+(the production case). Goal: >= 20x.
+
+    python benchmarks/bench_loader.py [--samples 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.data.loader import BatchSpec, LoaderConfig, TokenLoader  # noqa: E402
+from pipeline.data.shards import TokenShardWriter, encode_token_sample  # noqa: E402
+from pipeline.models.gpt import GPTConfig, train_flops_per_sample  # noqa: E402
+
+BATCH = 32
+CPU_BF16_FLOPS = 1.0e12 * 0.05  # ~1 TFLOP/s bf16 matmul on 2 cores, ~5% MFU for GPT-B
+A100_FLOPS = 312e12 * 0.40
+
+
+def write_shards(out: str, n_shards: int, per_shard: int) -> int:
+    rng = np.random.default_rng(0)
+    nbytes = 0
+    for i in range(n_shards):
+        with TokenShardWriter(out, i) as w:
+            for j in range(per_shard):
+                codes = rng.integers(0, 16384, (16, 16))
+                w.write(encode_token_sample(
+                    f"k{i:03d}_{j:05d}", codes, rng.standard_normal(
+                        (int(rng.integers(8, 65)), 2048)).astype(np.float16),
+                    "a caption", {"label": 0}, codes_flip=codes[:, ::-1]))
+            nbytes += w.close().num_bytes
+    return nbytes
+
+
+def samples_per_s(uri: str, workers: int, n_batches: int) -> float:
+    spec = BatchSpec(grid_size=16, max_text_tokens=120, caption_dim=2048)
+    loader = TokenLoader(LoaderConfig(shards=[uri], batch_size=BATCH, num_workers=workers,
+                                      shuffle_buffer=256), spec)
+    it = iter(loader)
+    next(it)  # worker start-up and the first buffer fill are not the steady state
+    t0 = time.perf_counter()
+    for _ in itertools.islice(it, n_batches):
+        pass
+    return n_batches * BATCH / (time.perf_counter() - t0)
+
+
+def run(samples: int = 1024, s3: bool = True) -> list[dict]:
+    tmp = tempfile.mkdtemp(prefix="bench-loader-")
+    rows: list[dict] = []
+    cpu_need = CPU_BF16_FLOPS / train_flops_per_sample(GPTConfig.from_name("B"))
+    gpu_need = A100_FLOPS / train_flops_per_sample(GPTConfig.from_name("XL"))
+    try:
+        local = os.path.join(tmp, "tokens")
+        nbytes = write_shards(local, 4, samples // 4)
+        sources = [("local", local)]
+        if s3:
+            sources.append(("s3 (loopback moto)", _s3_copy(local)))
+        n_batches = 2 * samples // BATCH  # two epochs
+        for where, uri in sources:
+            for workers in (0, 1, 2):
+                rate = samples_per_s(uri, workers, n_batches)
+                rows.append({"source": where, "workers": workers, "samples_per_s": rate,
+                             "MB_per_s": rate * nbytes / samples / 1e6,
+                             "x_cpu_GPT-B_rank": rate / cpu_need,
+                             "x_A100_GPT-XL": rate / gpu_need})
+    finally:
+        if _SERVER is not None:
+            _SERVER.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows.append({"source": "consumption", "workers": "",
+                 "samples_per_s": f"CPU GPT-B {cpu_need:.2f}, A100 GPT-XL {gpu_need:.0f}"})
+    return rows
+
+
+_SERVER = None
+
+
+def _s3_copy(local: str) -> str:
+    """Serve a copy of ``local`` from a loopback S3 server (moto); returns its s3:// URI."""
+    global _SERVER
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from pipeline import storage
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _SERVER = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    _SERVER.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x",
+                      AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+    for name in sorted(os.listdir(local)):
+        storage.put_file(os.path.join(local, name), f"s3://bench/tokens/{name}")
+    return "s3://bench/tokens"
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["source", "workers", "samples_per_s", "MB_per_s", "x_cpu_GPT-B_rank", "x_A100_GPT-XL"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(
+            f"{r[c]:,.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+            + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--no-s3", action="store_true")
+    a = ap.parse_args()
+    print(format_table(run(a.samples, s3=not a.no_s3)))
