@@ -13,7 +13,8 @@ Decisions come from ``random.Random(seed)`` drawn once per request in arrival or
 with one client thread is exactly reproducible; ``faults`` counts what was injected and
 ``requests`` every request seen, per kind and per method. ``target(method, path)`` limits
 faults to matching requests (e.g. only the POST that completes a multipart upload) and
-``max_faults`` caps how many are injected in all. Point ``AWS_ENDPOINT_URL`` at
+``max_faults`` caps how many are injected in all; ``record=True`` keeps every request's
+method, path, headers and body in ``recorded`` (what actually went over the wire). Point ``AWS_ENDPOINT_URL`` at
 ``proxy.endpoint`` to put it between a client and S3.
 """
 
@@ -66,6 +67,7 @@ class FaultProxy:
         kinds: tuple[str, ...] = FAULT_KINDS,
         target: Callable[[str, str], bool] | None = None,
         max_faults: int | None = None,
+        record: bool = False,
     ) -> None:
         unknown = [k for k in kinds if k not in FAULT_KINDS]
         if unknown:
@@ -77,6 +79,9 @@ class FaultProxy:
         self.kinds = kinds
         self.target = target
         self.max_faults = max_faults
+        self.record = record
+        # (method, path, headers, body) of every request, when ``record``
+        self.recorded: list[tuple[str, str, dict[str, str], bytes]] = []
         self.enabled = True
         self.faults: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()
@@ -150,7 +155,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._read_body()
-        kind = self.server.proxy.decide(self.command, self.path)
+        proxy = self.server.proxy
+        if proxy.record:
+            with proxy._lock:
+                proxy.recorded.append((self.command, self.path, dict(self.headers.items()), body))
+        kind = proxy.decide(self.command, self.path)
         if kind in _ERRORS:
             self._send_error(kind)
             return

@@ -306,9 +306,14 @@ def decode_token_sample(sample: Mapping[str, Any], strict: bool = False) -> dict
 
     Returns ``{"key", "codes", "t5", "txt", "json"}`` plus ``"codes_flip"`` when present. Only
     the known extensions are decoded (``np.load(allow_pickle=False)``, utf-8, json); anything
-    else is ignored, or rejected with ``strict=True``. Nothing is ever unpickled.
+    else is ignored, or rejected with ``strict=True``. Nothing is ever unpickled. A key that the
+    writer could not have made (a member path with directories, ``..`` or a leading ``/``) is
+    rejected.
     """
     out: dict[str, Any] = {"key": str(sample.get("__key__", ""))}
+    if not valid_key(out["key"]):
+        # the writer only makes flat keys: "../x", "/abs/x" or "dir/x" come from a forged tar
+        raise ValueError(f"{out['key']!r} is not a token-shard key (unsafe member path?)")
     for name, value in sample.items():
         if name.startswith("__"):
             continue
