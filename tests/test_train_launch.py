@@ -223,8 +223,11 @@ def zero13(bucket, shards, zero2, tmp_path_factory) -> dict:
     """ZeRO-1 and ZeRO-3 reference runs (one launch), then both resumed from their step-20
     checkpoints in new run dirs, plus stage 2 from the ZeRO-2 reference's export (a 2nd launch)."""
     tmp = tmp_path_factory.mktemp("zero13")
-    ds = {s: f"deepspeed_config=configs/deepspeed/zero{s}.json" for s in (1, 3)}
-    _train_many([[*_common(str(tmp / f"ref{s}"), tmp / f"ref{s}", shards), ds[s], "keep_last=5"]
+    # ZeRO-1 also covers bf16 (DeepSpeed's BF16 optimizer) and gradient accumulation; ZeRO-3
+    # activation checkpointing
+    ds = {1: ["deepspeed_config=configs/deepspeed/zero1.json", "precision=bf16", "grad_accum=2"],
+          3: ["deepspeed_config=configs/deepspeed/zero3.json", "model.grad_checkpointing=true"]}
+    _train_many([[*_common(str(tmp / f"ref{s}"), tmp / f"ref{s}", shards), *ds[s], "keep_last=5"]
                  for s in (1, 3)], tmp, "refs")
     for s in (1, 3):  # new run dirs holding only step 20's checkpoint and its first 20 steps
         ref_dir, res_dir = tmp / f"ref{s}", tmp / f"res{s}"
@@ -238,7 +241,7 @@ def zero13(bucket, shards, zero2, tmp_path_factory) -> dict:
                            vocab_size=64, upsample=2)
     stage2 = [f"run_dir={tmp / 'stage2'}", f"data.shards=[{shards8}]", "model.grid_size=8",
               f"init_from={bucket}/runs/ref/export", "steps=2", "export=false"]
-    out = _train_many([*([*_common(str(tmp / f"res{s}"), tmp / f"res{s}", shards), ds[s]]
+    out = _train_many([*([*_common(str(tmp / f"res{s}"), tmp / f"res{s}", shards), *ds[s]]
                          for s in (1, 3)), stage2], tmp, "resumes")
     return {"tmp": tmp, "out": out, "shards8": shards8}
 
@@ -248,12 +251,13 @@ def test_zero1_and_zero3_resume_from_checkpoint_is_exact(stage, zero13):
     tmp = zero13["tmp"]
     ref = _steps(tmp / f"ref{stage}" / "metrics" / "steps.jsonl")
     res = _steps(tmp / f"res{stage}" / "metrics" / "steps.jsonl")
-    assert f"ZeRO-{stage}" in zero13["out"]
+    assert f"ZeRO-{stage}, {'bf16' if stage == 1 else 'fp32'}" in zero13["out"]
     assert zero13["out"].count("resumed from checkpoint step_00000020") == 2
     assert [r["step"] for r in ref] == [r["step"] for r in res] == list(range(1, STEPS + 1))
     for a, b in zip(ref[20:], res[20:]):
         assert a["keys"] == b["keys"] and a["loss"] == b["loss"], f"ZeRO-{stage} step {a['step']}"
     assert res[-1]["loss"] < res[0]["loss"]
+    assert len(ref[0]["keys"][0]) == (8 if stage == 1 else 4)  # 2 micro-batches of 4 with accum
 
 
 def test_export_job_consolidates_zero3(zero13):
