@@ -1,0 +1,340 @@
+"""The sampling job: an exported GPT + VQ decoder + T5 encoder -> PNG images and a captioned grid.
+
+Conditions are one prompt, a prompts file (one per line, blank lines skipped) or class labels.
+Image ``j`` of prompt ``p`` is ``{p:05d}_{j:03d}.png`` and is drawn with its own seed, derived
+from (``seed``, p, j) alone, so it comes out the same at any batch size, and a rerun after a kill
+only samples the images that are missing. Beside the images: ``grid.png`` (one row per prompt,
+its caption above), ``images.json`` (file, prompt, seed per image), ``summary.json`` (counts,
+speed) and ``config.yaml`` (the resolved config).
+
+The GPT export is training's layout (``pipeline.train.checkpoint.export_weights``):
+``model.safetensors`` + ``gpt_config.json`` (+ ``export.json``, written last); read here without
+importing the training engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline import storage
+from pipeline.config import doc, save_config
+from pipeline.log import get_logger, progress
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.sample import Sampler, SamplingParams
+
+log = get_logger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAMES = ("gpt_config.json", "config.json")  # training's export; a plain config.json also
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# --- the GPT export ---------------------------------------------------------------------------
+
+
+def save_exported_gpt(model: GPT, uri: str) -> str:
+    """Write ``model`` in the export layout (fp32 ``model.safetensors`` + ``gpt_config.json``)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    storage.write_bytes(storage.join(uri, WEIGHTS_NAME), save(state))
+    storage.write_json(storage.join(uri, CONFIG_NAMES[0]), dataclasses.asdict(model.cfg))
+    storage.write_json(storage.join(uri, "export.json"), {"num_tensors": len(state)})
+    return uri
+
+
+def load_exported_gpt(uri: str, map_location: str = "cpu") -> GPT:
+    """An exported GPT from a local dir or s3:// URI, in eval mode."""
+    from safetensors.torch import load_file
+
+    names = set(storage.list_dir(uri))
+    if WEIGHTS_NAME not in names:
+        raise FileNotFoundError(f"{uri}: no {WEIGHTS_NAME} (expected a GPT export folder)")
+    cfg_name = next((n for n in CONFIG_NAMES if n in names), None)
+    if cfg_name is None:
+        raise FileNotFoundError(f"{uri}: no {' or '.join(CONFIG_NAMES)} beside the weights")
+    if "export.json" not in names:
+        log.warning("%s has no export.json: the export may be incomplete", uri)
+    raw = storage.read_json(storage.join(uri, cfg_name))
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{uri}/{cfg_name}: unknown GPTConfig keys {unknown}")
+    cfg = GPTConfig(**raw)
+    path = os.path.join(storage.local_copy(uri), WEIGHTS_NAME)
+    state = load_file(path, device=map_location)
+    # wrappers add prefixes: DDP/DeepSpeed "module.", torch.compile "_orig_mod."
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    model = GPT(cfg)
+    model.load_state_dict(state, strict=True)
+    log.info("loaded GPT (%d layers, dim %d, %s-conditioned, grid %d) from %s",
+             cfg.n_layer, cfg.dim, cfg.cond, cfg.grid_size, uri)
+    return model.to(map_location).eval()
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Generate images from an exported GPT."""
+
+    checkpoint: str = doc("GPT export folder: model.safetensors + gpt_config.json (local or s3://)")
+    vq: str = doc("VQ tokenizer export folder or LlamaGen .pt (local or s3://)")
+    output: str = doc("folder for the PNGs, grid.png, images.json, summary.json (local or s3://)")
+    text_encoder: str = doc("T5 encoder folder (local or s3://); needed for text prompts", "")
+    vq_preset: str | None = doc("VQ preset for a bare checkpoint file (e.g. VQ-16)", None)
+    prompt: str | None = doc("one prompt", None)
+    prompts_file: str | None = doc("a text file, one prompt per line (local or s3://)", None)
+    class_labels: list[int] = doc("class labels, for a class-conditioned model", [])
+    images_per_prompt: int = doc("images per prompt (or class label)", 4)
+    batch_size: int = doc("images sampled together (CFG doubles the rows)", 8)
+    seed: int = doc("base seed; each image's seed is derived from (seed, prompt, index)", 0)
+    sampling: SamplingParams = doc("cfg_scale, temperature, top_k, top_p", SamplingParams())
+    grid_size: int | None = doc("token grid side (default: the model's)", None)
+    dtype: Literal["float32", "bfloat16"] = doc("GPT compute dtype (VQ decodes in fp32)", "float32")
+    device: str = doc("torch device", "cpu")
+    compile_mode: str | None = doc(
+        "torch.compile mode for the decode step (default, reduce-overhead, max-autotune); "
+        "null: eager. Falls back to eager if compiling fails", None)
+    threads: int = doc("torch CPU threads (0: torch's default)", 0)
+    grid_max_prompts: int = doc("at most this many prompt rows in grid.png", 16)
+    grid_caption_chars: int = doc("caption characters per line in grid.png", 60)
+
+    def __post_init__(self) -> None:
+        given = sum(x is not None and x != [] for x in (self.prompt, self.prompts_file,
+                                                        self.class_labels or None))
+        if given != 1:
+            raise ValueError("give exactly one of prompt, prompts_file, class_labels")
+        if self.images_per_prompt < 1 or self.batch_size < 1:
+            raise ValueError("images_per_prompt and batch_size must be >= 1")
+
+
+@dataclass
+class SampleResult:
+    """What a sampling run produced."""
+
+    output: str
+    images: list[dict[str, Any]] = field(default_factory=list)  # file, prompt_index, prompt, seed
+    sampled: int = 0  # images made by this run (the rest existed)
+    skipped_prompts: dict[str, int] = field(default_factory=dict)  # reason -> count
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# --- conditions -------------------------------------------------------------------------------
+
+
+def read_prompts(uri: str) -> list[str]:
+    """Prompts from a text file, one per line; blank lines dropped, whitespace trimmed."""
+    return [line.strip() for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def image_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed for one image, independent of batching and of images_per_prompt."""
+    return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def encode_prompts(uri: str, prompts: list[str], model_cfg: GPTConfig, device: str
+                   ) -> tuple[list[torch.Tensor | None], dict[str, int]]:
+    """T5 features (L, D) float16 per prompt (None for a prompt that cannot be used), skips."""
+    from pipeline.models.text_encoder import TextEncoder
+
+    if not uri:
+        raise ValueError("text prompts need text_encoder (a local dir or s3:// URI of the T5)")
+    enc = TextEncoder.from_pretrained(uri, device=device, max_length=model_cfg.max_text_tokens)
+    if enc.dim != model_cfg.caption_dim:
+        raise ValueError(f"text encoder gives {enc.dim}-d features, the GPT takes "
+                         f"{model_cfg.caption_dim}-d (caption_dim)")
+    # float16: what the token shards store, so what the model was trained on
+    out = enc.encode(prompts, out_dtype=torch.float16)
+    feats: list[torch.Tensor | None] = list(out.features)
+    skipped: dict[str, int] = {}
+    for i in out.nonfinite:
+        log.warning("prompt %d gives non-finite T5 features: skipped (%r)", i, prompts[i][:80])
+        feats[i] = None
+        skipped["nonfinite_features"] = skipped.get("nonfinite_features", 0) + 1
+    if out.n_truncated:
+        log.warning("%d prompts were cut to %d T5 tokens", out.n_truncated, model_cfg.max_text_tokens)
+    return feats, skipped
+
+
+def batch_text(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad features to the longest (valid tokens last, as the training loader does)."""
+    L = max(f.size(0) for f in feats)
+    out = torch.zeros(len(feats), L, feats[0].size(1), dtype=feats[0].dtype)
+    mask = torch.zeros(len(feats), L, dtype=torch.bool)
+    for i, f in enumerate(feats):
+        out[i, L - f.size(0):] = f
+        mask[i, L - f.size(0):] = True
+    return out, mask
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """VQ output (B, 3, H, W) in about [-1, 1] -> uint8 (B, H, W, 3)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grid(rows: list[tuple[str, list[Image.Image]]], caption_chars: int = 60) -> Image.Image:
+    """One row per caption: the caption (wrapped) above its images."""
+    cell_w = max(im.width for _, ims in rows for im in ims)
+    cell_h = max(im.height for _, ims in rows for im in ims)
+    cols = max(len(ims) for _, ims in rows)
+    font = ImageFont.load_default(size=12)
+    line_h, pad = 14, 4
+    width = max(cols * cell_w, caption_chars * 7) + 2 * pad
+    wrapped = [textwrap.wrap(cap, caption_chars)[:3] or [""] for cap, _ in rows]
+    height = sum(len(w) * line_h + cell_h + 2 * pad for w in wrapped) + pad
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    y = pad
+    for (_, ims), lines in zip(rows, wrapped):
+        for line in lines:
+            draw.text((pad, y), line, fill="black", font=font)
+            y += line_h
+        for c, im in enumerate(ims):
+            grid.paste(im.convert("RGB"), (pad + c * cell_w, y))
+        y += cell_h + 2 * pad
+    return grid
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+def run_sampling(cfg: SampleConfig, model: GPT | None = None, vq: Any | None = None
+                 ) -> SampleResult:
+    """Sample every missing image of ``cfg``, then write grid.png, images.json, summary.json.
+
+    ``model`` / ``vq`` may be given already loaded (the evaluation job does); otherwise they are
+    loaded from ``cfg.checkpoint`` / ``cfg.vq``.
+    """
+    from pipeline.models.vq import VQModel
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    save_config(cfg, storage.join(cfg.output, "config.yaml"))
+    model = (model or load_exported_gpt(cfg.checkpoint)).to(cfg.device, _DTYPES[cfg.dtype]).eval()
+    vq = (vq or VQModel.from_pretrained(cfg.vq, cfg.vq_preset)).to(cfg.device).float().eval()
+    mcfg = model.cfg
+    if mcfg.vocab_size > vq.config.codebook_size:
+        raise ValueError(f"GPT vocabulary {mcfg.vocab_size} exceeds the VQ codebook "
+                         f"{vq.config.codebook_size}: not the tokenizer this GPT was trained on")
+    g = cfg.grid_size or mcfg.grid_size
+    result = SampleResult(output=cfg.output)
+
+    # conditions: captions (text) or labels (class), one per "prompt"
+    if mcfg.cond == "class":
+        if not cfg.class_labels:
+            raise ValueError("this GPT is class-conditioned: give class_labels")
+        bad = [c for c in cfg.class_labels if not 0 <= c < mcfg.num_classes]
+        if bad:
+            raise ValueError(f"class labels {bad} outside [0, {mcfg.num_classes})")
+        captions = [f"class {c}" for c in cfg.class_labels]
+        conds: list[torch.Tensor | None] = [torch.tensor(c) for c in cfg.class_labels]
+    else:
+        if cfg.class_labels:
+            raise ValueError("this GPT is text-conditioned: give prompt or prompts_file")
+        captions = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file)
+        if not captions:
+            raise ValueError(f"no prompts in {cfg.prompts_file}")
+        conds, result.skipped_prompts = encode_prompts(cfg.text_encoder, captions, mcfg,
+                                                      cfg.device)
+
+    existing = set(storage.list_dir(cfg.output, ".png"))
+    todo = []
+    for p, cond in enumerate(conds):
+        for j in range(cfg.images_per_prompt):
+            item = {"file": f"{p:05d}_{j:03d}.png", "prompt_index": p, "prompt": captions[p],
+                    "sample_index": j, "seed": image_seed(cfg.seed, p, j)}
+            if cond is None:
+                continue
+            result.images.append(item)
+            if item["file"] not in existing:
+                todo.append(item)
+    log.info("%d images for %d prompts: %d to sample, %d already there",
+             len(result.images), len(captions), len(todo), len(result.images) - len(todo))
+
+    t_sample = time.perf_counter()
+    if todo:
+        use_cfg = cfg.sampling.cfg_scale != 1.0
+        sampler = Sampler(model, min(cfg.batch_size, len(todo)), g, use_cfg, cfg.compile_mode)
+        batches = [todo[i:i + sampler.batch_size] for i in range(0, len(todo), sampler.batch_size)]
+        for batch in progress(batches, "sample", unit="batch"):
+            rows = [conds[it["prompt_index"]] for it in batch]
+            if mcfg.cond == "class":
+                cond, mask = torch.stack(rows), None
+            else:
+                cond, mask = batch_text(rows)
+            tokens = sampler.sample(cond, mask, cfg.sampling, [it["seed"] for it in batch])
+            # one image per decode: a conv over a batch of 4 rounds a few pixels differently from
+            # a batch of 1, and an image must not depend on what it was batched with
+            codes = tokens.view(-1, 1, g, g)
+            images = np.concatenate([to_uint8_hwc(vq.decode(c)) for c in codes])
+            for it, arr in zip(batch, images):
+                storage.write_bytes(storage.join(cfg.output, it["file"]), png_bytes(arr))
+            result.sampled += len(batch)
+        result.summary["compile_mode"] = sampler.compile_mode
+    elapsed = time.perf_counter() - t_sample
+
+    _write_grid(cfg, result)
+    storage.write_json(storage.join(cfg.output, "images.json"), result.images)
+    result.summary.update({
+        "images": len(result.images), "sampled": result.sampled,
+        "prompts": len(captions), "skipped_prompts": result.skipped_prompts,
+        "sample_seconds": round(elapsed, 3),
+        "images_per_second": round(result.sampled / elapsed, 4) if result.sampled else None,
+        "tokens_per_second": round(result.sampled * g * g / elapsed, 2) if result.sampled else None,
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+        "grid_size": g, "dtype": cfg.dtype, "device": cfg.device, "batch_size": cfg.batch_size,
+    })
+    storage.write_json(storage.join(cfg.output, "summary.json"), result.summary)
+    log.info("sampled %d images (%s img/s) into %s", result.sampled,
+             result.summary["images_per_second"], cfg.output)
+    return result
+
+
+def _write_grid(cfg: SampleConfig, result: SampleResult) -> None:
+    by_prompt: dict[int, list[dict[str, Any]]] = {}
+    for it in result.images:
+        by_prompt.setdefault(it["prompt_index"], []).append(it)
+    rows = []
+    for p in sorted(by_prompt)[: cfg.grid_max_prompts]:
+        ims = [Image.open(io.BytesIO(storage.read_bytes(storage.join(cfg.output, it["file"]))))
+               for it in by_prompt[p]]
+        rows.append((by_prompt[p][0]["prompt"], ims))
+    if not rows:
+        log.warning("no images: no grid written")
+        return
+    grid = make_grid(rows, cfg.grid_caption_chars)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "grid.png")
+        grid.save(path)
+        storage.put_file(path, storage.join(cfg.output, "grid.png"))
+
+
+def load_manifest(output: str) -> list[dict[str, Any]]:
+    """The images.json of a finished sampling run."""
+    return json.loads(storage.read_text(storage.join(output, "images.json")))

@@ -1,0 +1,153 @@
+"""The sampling job end to end on tiny random models: export -> PNGs, grid, manifest, config."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.sample import main as sample_main
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.text_encoder import build_tiny_text_encoder
+from pipeline.models.vq import VQConfig, VQModel
+from pipeline.sample_job import (
+    SampleConfig,
+    image_seed,
+    load_exported_gpt,
+    run_sampling,
+    save_exported_gpt,
+)
+
+PROMPTS = "a red circle on a blue background\n\n  a green square  \nan orange triangle, small\n"
+
+
+def tiny_gpt(cond: str = "text") -> GPT:
+    cfg = GPTConfig.from_name("debug", caption_dim=64, max_text_tokens=16, grid_size=4,
+                              vocab_size=512, cond=cond, num_classes=10)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # peaked but not degenerate
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    build_tiny_text_encoder(str(root / "t5"), d_model=64)
+    torch.manual_seed(1)
+    VQModel(VQConfig.from_name("tiny")).save_pretrained(str(root / "vq"))
+    save_exported_gpt(tiny_gpt(), str(root / "gpt"))
+    save_exported_gpt(tiny_gpt("class"), str(root / "gpt_class"))
+    (root / "prompts.txt").write_text(PROMPTS)
+    return {"t5": str(root / "t5"), "vq": str(root / "vq"), "gpt": str(root / "gpt"),
+            "gpt_class": str(root / "gpt_class"), "prompts": str(root / "prompts.txt")}
+
+
+def args(models, out, *extra) -> list[str]:
+    return ["--config", "configs/sample/tiny_cpu.yaml", f"checkpoint={models['gpt']}",
+            f"vq={models['vq']}", f"text_encoder={models['t5']}", f"output={out}",
+            f"prompts_file={models['prompts']}", *extra]
+
+
+def pixels(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))))
+
+
+def test_export_round_trip(tmp_path):
+    model = tiny_gpt()
+    save_exported_gpt(model, str(tmp_path / "e"))
+    back = load_exported_gpt(str(tmp_path / "e"))
+    assert back.cfg == model.cfg
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    os.remove(tmp_path / "e" / "gpt_config.json")
+    with pytest.raises(FileNotFoundError, match="gpt_config.json"):
+        load_exported_gpt(str(tmp_path / "e"))
+
+
+def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path):
+    out = tmp_path / "out"
+    sample_main(args(models, out, "batch_size=4"))
+    names = sorted(os.listdir(out))
+    pngs = [n for n in names if n.endswith(".png") and n != "grid.png"]
+    # 3 prompts (the blank line is dropped) x 2 images, deterministic names
+    assert pngs == ["00000_000.png", "00000_001.png", "00001_000.png", "00001_001.png",
+                    "00002_000.png", "00002_001.png"]
+    assert {"grid.png", "images.json", "summary.json", "config.yaml"} <= set(names)
+    assert pixels(str(out / "00000_000.png")).shape == (32, 32, 3)  # 4x4 codes x downsample 8
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 2 * 32 and grid.height >= 3 * 32  # 3 rows of 2 images, plus captions
+    manifest = json.loads((out / "images.json").read_text())
+    assert [m["prompt"] for m in manifest][::2] == [
+        "a red circle on a blue background", "a green square", "an orange triangle, small"]
+    assert manifest[3]["seed"] == image_seed(0, 1, 1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampled"] == 6 and summary["images"] == 6
+    saved = load_config(SampleConfig, str(out / "config.yaml"))
+    assert saved.batch_size == 4 and saved.sampling.cfg_scale == 3.0
+    # images differ from one another (seeds differ), and are not blank
+    a, b = pixels(str(out / "00000_000.png")), pixels(str(out / "00000_001.png"))
+    assert not np.array_equal(a, b) and a.std() > 0
+
+    # kill-and-rerun: only the missing image is sampled, and it comes back identical
+    before = (out / "00001_001.png").read_bytes()
+    os.remove(out / "00001_001.png")
+    sample_main(args(models, out, "batch_size=4"))
+    assert json.loads((out / "summary.json").read_text())["sampled"] == 1
+    assert (out / "00001_001.png").read_bytes() == before
+
+
+def test_batched_equals_one_by_one_and_seed_matters(models, tmp_path):
+    cfg = load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",
+                      args(models, tmp_path / "b3")[2:] + ["batch_size=3"])
+    run_sampling(cfg)
+    one = load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",
+                      args(models, tmp_path / "b1")[2:] + ["batch_size=1"])
+    run_sampling(one)
+    other = load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",
+                        args(models, tmp_path / "s7")[2:] + ["batch_size=3", "seed=7"])
+    run_sampling(other)
+    for name in ("00000_000.png", "00001_001.png", "00002_000.png"):
+        x = pixels(str(tmp_path / "b3" / name))
+        assert np.array_equal(x, pixels(str(tmp_path / "b1" / name))), name
+        assert not np.array_equal(x, pixels(str(tmp_path / "s7" / name))), name
+
+
+def test_class_labels_and_s3_in_and_out(models, s3_bucket):
+    storage.put_dir(models["gpt_class"], f"{s3_bucket}/gpt_class")
+    out = f"{s3_bucket}/samples"
+    sample_main(["--config", "configs/sample/tiny_cpu.yaml", f"checkpoint={s3_bucket}/gpt_class",
+                 f"vq={models['vq']}", f"output={out}", "class_labels=[3,7]",
+                 "images_per_prompt=1", "sampling.top_k=0", "sampling.top_p=0.9"])
+    names = storage.list_dir(out)
+    assert {"00000_000.png", "00001_000.png", "grid.png", "images.json", "config.yaml"} <= set(names)
+    assert storage.read_json(f"{out}/images.json")[1]["prompt"] == "class 7"
+
+
+def test_bad_inputs_are_clear(models, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        run_sampling(load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",
+                                 args(models, tmp_path / "o")[2:] + [f"prompts_file={empty}"]))
+    with pytest.raises(ValueError, match="text-conditioned"):
+        run_sampling(SampleConfig(checkpoint=models["gpt"], vq=models["vq"],
+                                  output=str(tmp_path / "o2"), class_labels=[1]))
+    with pytest.raises(ValueError, match="exactly one of"):
+        SampleConfig(checkpoint="x", vq="y", output="z", prompt="a", prompts_file="b")
+
+
+def test_shipped_sample_configs_load():
+    for name in ("t2i", "c2i", "tiny_cpu"):
+        extra = ["checkpoint=c", "vq=v", "output=o"]
+        if name != "c2i":
+            extra.append("prompt=a cat")
+        cfg = load_config(SampleConfig, f"configs/sample/{name}.yaml", extra)
+        assert cfg.sampling.temperature == 1.0
