@@ -142,3 +142,29 @@ def test_score_stage(tmp_path, models):
 def test_score_config_rejects_threshold_without_model():
     with pytest.raises(Exception, match="min_aesthetic"):
         load_config(ScoreConfig, None, ["input=a", "output=b", "filters.min_aesthetic=5"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFIGS) if n.startswith("score")))
+def test_shipped_score_configs_load(name):
+    cfg = load_config(ScoreConfig, os.path.join(CONFIGS, name))
+    assert cfg.filters.max_punsafe == 0.5 and cfg.filters.max_pwatermark == 0.8
+    assert cfg.aesthetic is not None and cfg.aesthetic.embed_dim == 768
+
+
+def test_score_job_cli(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "score_job", os.path.join(CONFIGS, "..", "..", "jobs", "score.py")
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 1, 3, meta_fn=lambda s, i: {"punsafe": None} if i == 0 else {})
+    argv = ["--config", os.path.join(CONFIGS, "score_cpu.yaml"), f"input={raw}",
+            f"output={out}", "aesthetic=null", "filters.min_image_size=32",
+            "executor.backend=inline"]  # fmt: skip
+    assert job.main(argv) == 0
+    rows = flt.read_scores(out, 0)
+    assert [r["reason"] for r in rows.values()] == ["punsafe_missing", "", ""]
+    assert storage.read_json(os.path.join(out, flt.SUMMARY_NAME))["kept"] == 2

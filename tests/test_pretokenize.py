@@ -220,3 +220,13 @@ def test_kill9_then_rerun_gives_identical_shards(tmp_path, models):
         assert a.num_samples == b.num_samples == 8
     keys = [s["key"] for g in got for s in shards.read_token_shard(g.uri)]
     assert len(keys) == len(set(keys)) == 40
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in os.listdir(os.path.dirname(TINY)) if n.startswith("pretokenize"))
+)
+def test_shipped_pretokenize_configs_load(name):
+    cfg = load_config(PretokenizeConfig, os.path.join(os.path.dirname(TINY), name))
+    assert cfg.resolution in (64, 256, 512) and cfg.text.max_length == 120
+    if name.endswith("stage2.yaml"):
+        assert (cfg.resolution, cfg.min_aesthetic, cfg.vq.preset) == (512, 5.0, "VQ-16")

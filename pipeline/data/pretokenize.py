@@ -40,7 +40,8 @@ from pipeline.data.filter import (
 )
 from pipeline.executor import ExecutorConfig, prefetch, run_units
 from pipeline.log import get_logger
-from pipeline.models.text_encoder import TextEncoderConfig
+from pipeline.models.text_encoder import TextEncoder, TextEncoderConfig
+from pipeline.models.vq import VQModel, codes_to_uint16
 
 log = get_logger(__name__)
 
@@ -118,19 +119,23 @@ class _Batch:
 class PretokenizeWorker:
     """Loads the VQ tokenizer and T5 once; ``worker(index)`` pretokenizes raw shard ``index``."""
 
-    def __init__(self, cfg: PretokenizeConfig) -> None:
-        from pipeline.models.text_encoder import TextEncoder
-        from pipeline.models.vq import VQModel
-
+    def __init__(
+        self,
+        cfg: PretokenizeConfig,
+        vq: VQModel | None = None,
+        text: TextEncoder | None = None,
+    ) -> None:
+        """Load the models named in ``cfg`` (or use the ones given, e.g. built in memory)."""
         self.cfg = cfg
-        if not cfg.vq.uri:
-            raise ConfigError("vq.uri is empty: set it to the VQ tokenizer's dir or .pt file")
-        vq = VQModel.from_pretrained(cfg.vq.uri, cfg.vq.preset)
+        if vq is None:
+            if not cfg.vq.uri:
+                raise ConfigError("vq.uri is empty: set it to the VQ tokenizer's dir or .pt file")
+            vq = VQModel.from_pretrained(cfg.vq.uri, cfg.vq.preset)
         self.vq = vq.to(cfg.vq.device, _TORCH_DTYPES[cfg.vq.dtype]).eval()
         ds = vq.config.downsample
         if cfg.resolution % ds:
             raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VQ's {ds}")
-        self.text = TextEncoder.from_config(cfg.text)
+        self.text = text if text is not None else TextEncoder.from_config(cfg.text)
 
     def __call__(self, index: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -190,8 +195,6 @@ class PretokenizeWorker:
     @torch.inference_mode()
     def _encode_images(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Codes (B, h, w) uint16, and those of the mirrored images when ``flip``."""
-        from pipeline.models.vq import codes_to_uint16
-
         x = pixels.to(self.cfg.vq.device, _TORCH_DTYPES[self.cfg.vq.dtype])
         if not self.cfg.flip:
             return codes_to_uint16(self.vq.encode(x)), None
