@@ -52,6 +52,11 @@ class ExecutorConfig:
     max_retries: int = doc("Retries of a failed unit (error or dead worker) before giving up", 2)
     local_num_cpus: int | None = doc("CPUs of a local Ray (null: all of this machine's)", None)
     local_object_store_mb: int = doc("Object store of a local Ray, in MiB", 256)
+    start_timeout_s: float = doc(
+        "Fail when not one actor has started (models loaded) after this long: the cluster may "
+        "lack the CPUs/GPUs asked per actor (an autoscaler may need minutes to add nodes)",
+        900.0,
+    )
 
 
 @dataclasses.dataclass
@@ -199,8 +204,19 @@ def _run_ray(
     n_actors = max(1, min(cfg.num_actors, len(todo)))
     actors = [new_actor() for _ in range(n_actors)]
     try:
-        # A model that cannot load is a configuration problem: fail now, with its message.
-        ray.get([a.ready.remote() for a in actors])
+        # Work is queued on every actor at once; actors the cluster cannot place yet start later.
+        # But when none starts, or the first one fails loading its models (a configuration
+        # problem), stop now with the reason instead of retrying every unit into the same wall.
+        first, _ = ray.wait(
+            [a.ready.remote() for a in actors], num_returns=1, timeout=cfg.start_timeout_s
+        )
+        if not first:
+            raise TimeoutError(
+                f"no actor started within {cfg.start_timeout_s:.0f}s: does the cluster have "
+                f"{cfg.cpus_per_actor} CPUs and {cfg.gpus_per_actor} GPUs free for one? "
+                f"(cluster resources: {ray.cluster_resources()})"
+            )
+        ray.get(first[0])
         pending = collections.deque(todo)
         idle = list(actors)
         inflight: dict[Any, tuple[Any, int]] = {}

@@ -171,7 +171,7 @@ class RayHead:
             except psutil.NoSuchProcess:
                 procs = []
             signal_all(procs, signal.SIGTERM)
-            signal_all(wait_gone(procs, timeout=15), signal.SIGKILL)
+            signal_all(wait_gone(procs, timeout=3), signal.SIGKILL)
             wait_gone(procs, timeout=10)
             self.proc.wait(timeout=10)
             self.proc = None

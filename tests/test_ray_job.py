@@ -61,6 +61,10 @@ def test_executor_skips_retries_and_replaces_dead_workers(ray_head, tmp_path):
 
     with pytest.raises(Exception, match="model weights cannot load"):
         run_units([0], _broken_factory, cfg)
+    # an actor the cluster can never place (a GPU on a CPU-only head): a clear error, no hang
+    no_gpu = ExecutorConfig(address=ray_head.gcs_address, gpus_per_actor=1, start_timeout_s=3)
+    with pytest.raises(TimeoutError, match="GPUs free"):
+        run_units([0], _make_flaky(str(tmp_path)), no_gpu)
 
 
 def test_pretokenize_job_submitted_to_cluster_with_s3(ray_head, s3_bucket, tmp_path):
