@@ -444,3 +444,47 @@ def test_infra_readme_commands_parse(argv):
         config = os.path.join(ROOT, args[args.index("--config") + 1])
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     load_config(classes[0], config, overrides)
+
+
+def test_iam_policies_and_ray_bootstrap_against_loopback_aws(s3_server, monkeypatch, tmp_path):
+    """The README's IAM steps and `ray up`'s AWS bootstrap, run against moto's IAM and EC2."""
+    import boto3
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray writes its ssh key under ~/.ssh
+    iam = boto3.client("iam", endpoint_url=s3_server)
+    account = boto3.client("sts", endpoint_url=s3_server).get_caller_identity()["Account"]
+
+    def policy(name: str) -> str:
+        text = open(os.path.join(ROOT, "infra", "aws", name)).read()
+        return text.replace("BUCKET", "my-bucket").replace("ACCOUNT_ID", account)
+
+    # moto validates policy documents (version, effects, actions, resource ARNs)
+    trust = policy("ec2-trust-policy.json")
+    for role in ("t2i-ray-head", "t2i-ray-worker"):
+        iam.create_role(RoleName=role, AssumeRolePolicyDocument=trust)
+        iam.put_role_policy(
+            RoleName=role, PolicyName="t2i-s3", PolicyDocument=policy("s3-access-policy.json")
+        )
+        iam.create_instance_profile(InstanceProfileName=role)
+        iam.add_role_to_instance_profile(InstanceProfileName=role, RoleName=role)
+    iam.put_role_policy(
+        RoleName="t2i-ray-head",
+        PolicyName="ray-autoscaler",
+        PolicyDocument=policy("ray-head-ec2-policy.json"),
+    )
+    for name in ("s3-access-policy.json", "ray-head-ec2-policy.json"):
+        iam.create_policy(PolicyName=name[:-5], PolicyDocument=policy(name))
+
+    with open(RAY_YAML) as f:
+        text = f.read().replace("ACCOUNT_ID", account)  # as the README's sed does
+    cfg = prepare_config(yaml.safe_load(text))
+    validate_config(cfg)
+    out = bootstrap_aws(cfg)  # subnets per zone, security group, key pair: what `ray up` does
+    profiles = {p["Arn"] for p in iam.list_instance_profiles()["InstanceProfiles"]}
+    for name, node_type in out["available_node_types"].items():
+        nc = node_type["node_config"]
+        assert nc["IamInstanceProfile"]["Arn"] in profiles, name
+        assert len(nc["SubnetIds"]) == 4 and nc["SecurityGroupIds"] and nc["KeyName"], name
+    assert os.path.isfile(out["auth"]["ssh_private_key"])
