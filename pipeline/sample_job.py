@@ -109,7 +109,9 @@ class SampleConfig:
     compile_mode: str | None = doc(
         "torch.compile mode for the decode step (default, reduce-overhead, max-autotune); "
         "null: eager. Falls back to eager if compiling fails", None)
-    threads: int = doc("torch CPU threads (0: torch's default)", 0)
+    threads: int = doc(
+        "torch CPU threads (0: torch's default). On a shared CPU box 1 can be much faster: "
+        "OpenMP threads stall whenever another process holds a core", 0)
     grid_max_prompts: int = doc("at most this many prompt rows in grid.png", 16)
     grid_caption_chars: int = doc("caption characters per line in grid.png", 60)
 
@@ -230,10 +232,18 @@ def run_sampling(cfg: SampleConfig, model: GPT | None = None, vq: Any | None = N
     ``model`` / ``vq`` may be given already loaded (the evaluation job does); otherwise they are
     loaded from ``cfg.checkpoint`` / ``cfg.vq``.
     """
-    from pipeline.models.vq import VQModel
-
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run_sampling(cfg, model, vq)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> SampleResult:
+    from pipeline.models.vq import VQModel
+
     t_start = time.perf_counter()
     save_config(cfg, storage.join(cfg.output, "config.yaml"))
     model = (model or load_exported_gpt(cfg.checkpoint)).to(cfg.device, _DTYPES[cfg.dtype]).eval()

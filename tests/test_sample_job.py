@@ -53,7 +53,7 @@ def models(tmp_path_factory) -> dict[str, str]:
 def args(models, out, *extra) -> list[str]:
     return ["--config", "configs/sample/tiny_cpu.yaml", f"checkpoint={models['gpt']}",
             f"vq={models['vq']}", f"text_encoder={models['t5']}", f"output={out}",
-            f"prompts_file={models['prompts']}", *extra]
+            f"prompts_file={models['prompts']}", "threads=1", *extra]
 
 
 def pixels(uri: str) -> np.ndarray:
@@ -125,7 +125,7 @@ def test_class_labels_and_s3_in_and_out(models, s3_bucket):
     out = f"{s3_bucket}/samples"
     sample_main(["--config", "configs/sample/tiny_cpu.yaml", f"checkpoint={s3_bucket}/gpt_class",
                  f"vq={models['vq']}", f"output={out}", "class_labels=[3,7]",
-                 "images_per_prompt=1", "sampling.top_k=0", "sampling.top_p=0.9"])
+                 "images_per_prompt=1", "sampling.top_k=0", "sampling.top_p=0.9", "threads=1"])
     names = storage.list_dir(out)
     assert {"00000_000.png", "00001_000.png", "grid.png", "images.json", "config.yaml"} <= set(names)
     assert storage.read_json(f"{out}/images.json")[1]["prompt"] == "class 7"
