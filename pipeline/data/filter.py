@@ -299,6 +299,12 @@ def _to_parquet(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+def scored_indices(out: str) -> set[int]:
+    """Shards with a score parquet under ``out`` (one listing; the parquet is the done marker)."""
+    names = storage.list_dir(out, suffix=".parquet")
+    return {int(n[: -len(".parquet")]) for n in names if n[: -len(".parquet")].isdigit()}
+
+
 def read_scores(out: str, index: int) -> dict[str, dict[str, Any]]:
     """Score rows of shard ``index`` by key: ``{"keep", "reason", "aesthetic", ...}``."""
     table = pq.read_table(io.BytesIO(storage.read_bytes(score_uri(out, index))))
@@ -318,7 +324,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         indices,
         _ScoreFactory(cfg),
         cfg.executor,
-        is_done=lambda i: storage.exists(score_uri(cfg.output, i)),
+        is_done=scored_indices(cfg.output).__contains__,
         desc="score",
     )
     summary = summarize_scores(cfg.output, indices)
@@ -340,8 +346,9 @@ def summarize_scores(out: str, indices: list[int]) -> dict[str, Any]:
     dropped: collections.Counter[str] = collections.Counter()
     n = kept = done = 0
     aesthetic: list[np.ndarray] = []
+    scored = scored_indices(out)
     for i in indices:
-        if not storage.exists(score_uri(out, i)):
+        if i not in scored:
             continue
         table = pq.read_table(io.BytesIO(storage.read_bytes(score_uri(out, i))))
         keep = table["keep"].to_numpy(zero_copy_only=False)

@@ -36,7 +36,7 @@ from pipeline.data.filter import (
     read_scores,
     sample_caption,
     sample_meta,
-    score_uri,
+    scored_indices,
 )
 from pipeline.executor import ExecutorConfig, prefetch, run_units
 from pipeline.log import get_logger
@@ -340,7 +340,8 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
     if cfg.max_shards is not None:
         indices = indices[: cfg.max_shards]
     if cfg.scores:
-        unscored = [i for i in indices if not storage.exists(score_uri(cfg.scores, i))]
+        scored = scored_indices(cfg.scores)
+        unscored = [i for i in indices if i not in scored]
         if unscored:
             log.warning(
                 "%d raw shards have no score parquet yet; left for a later run: %s",
@@ -357,7 +358,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
         indices,
         _WorkerFactory(cfg),
         cfg.executor,
-        is_done=lambda i: shards.is_done(cfg.output, i),
+        is_done=shards.done_indices(cfg.output).__contains__,
         desc="pretokenize",
     )
     manifest = shards.merge_manifest(

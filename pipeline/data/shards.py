@@ -250,6 +250,12 @@ def is_done(out_uri: str, index: int) -> bool:
     return storage.exists(storage.join(out_uri, done_name(index)))
 
 
+def done_indices(uri: str) -> set[int]:
+    """Indices of the shards under ``uri`` with a done marker, from one listing."""
+    names = storage.list_dir(uri, suffix=DONE_SUFFIX)
+    return {int(n[: -len(DONE_SUFFIX)]) for n in names if n[: -len(DONE_SUFFIX)].isdigit()}
+
+
 def list_done_shards(uri: str) -> list[ShardInfo]:
     """Every finished shard under ``uri`` (those with a done marker), sorted by index."""
     out = []
