@@ -2,11 +2,13 @@
 
 ``GPT.prefill`` / ``GPT.decode_step`` (in gpt.py) attend to a growing slice of their cache, so each
 step has a new shape: fine in eager mode, but ``torch.compile`` would recompile (or go dynamic) at
-every position. ``StaticDecoder`` instead runs every step with the same shapes: the new token's
+every position. ``StaticDecoder`` can run every step with the same shapes: the new token's
 position is a tensor, its key/value go into the cache with ``index_copy_``, and attention covers
 the whole buffer under an additive mask (0 = visible, -inf = padded prefix or not yet written) that
-is opened one position per step. Nothing is allocated per step but the activations themselves, and
-one compiled graph (or CUDA graph, ``mode="reduce-overhead"``) serves all 256 steps and every batch.
+is opened one position per step. One compiled graph (or CUDA graph, ``mode="reduce-overhead"``)
+then serves all 256 steps and every batch. Eagerly, the same code reads the cache only up to the
+current position (a view, no copy), which saves reading the unwritten part. Nothing is allocated
+per step but the activations themselves: no masks, no concatenated caches.
 
 The math is the model's own (its modules and weights, ``apply_rope``, the same masks): the parity
 test checks its tokens against ``generate(use_cache=False)``.
@@ -66,6 +68,7 @@ class StaticDecoder(nn.Module):
         self.register_buffer("bias", torch.zeros(rows, 1, 1, L, dtype=w.dtype, device=w.device),
                              persistent=False)
         self.register_buffer("rope", model.rope(g, w.device), persistent=False)  # (L, hd/2, 2)
+        self.register_buffer("positions", torch.arange(L, device=w.device), persistent=False)
         self.compile_mode = None
         self._step = self._step_eager
         if compile_mode:
@@ -82,8 +85,11 @@ class StaticDecoder(nn.Module):
     # -- the model's math on static buffers
 
     def _block(self, i: int, block: Block, x: torch.Tensor, pos: torch.Tensor,
-               bias: torch.Tensor) -> torch.Tensor:
-        """One transformer block for tokens at positions ``pos`` (T,); x: (R, T, C)."""
+               bias: torch.Tensor, end: int | None) -> torch.Tensor:
+        """One transformer block for tokens at positions ``pos`` (T,); x: (R, T, C).
+
+        Attention reads the cache up to ``end`` (None: the whole buffer, a static shape).
+        """
         a = block.attn
         R, T, C = x.shape
         q, k, v = a.qkv(block.attn_norm(x)).split([a.n_head * a.hd, a.n_kv * a.hd, a.n_kv * a.hd], -1)
@@ -94,6 +100,8 @@ class StaticDecoder(nn.Module):
         kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
+        if end is not None:
+            kc, vc, bias = kc[:, :, :end], vc[:, :, :end], bias[..., :end]
         if a.n_kv != a.n_head:
             kc = kc.repeat_interleave(a.n_head // a.n_kv, dim=1)
             vc = vc.repeat_interleave(a.n_head // a.n_kv, dim=1)
@@ -101,14 +109,16 @@ class StaticDecoder(nn.Module):
         x = x + a.proj(y.transpose(1, 2).reshape(R, T, C))
         return x + block.mlp(block.mlp_norm(x))
 
-    def _forward(self, x: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor,
+                 end: int | None = None) -> torch.Tensor:
         for i, block in enumerate(self.model.blocks):
-            x = self._block(i, block, x, pos, bias)
+            x = self._block(i, block, x, pos, bias, end)
         return self.model.head(self.model.norm(x[:, -1])).float()  # (R, V)
 
-    def _step_eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _step_eager(self, tokens: torch.Tensor, pos: torch.Tensor, end: int | None = None
+                    ) -> torch.Tensor:
         self.bias.index_fill_(-1, pos, 0.0)  # the new token sees itself from now on
-        return self._forward(self.model.tok_embed(tokens[:, None]), pos, self.bias)
+        return self._forward(self.model.tok_embed(tokens[:, None]), pos, self.bias, end)
 
     # -- public steps
 
@@ -134,13 +144,20 @@ class StaticDecoder(nn.Module):
         for i in range(self.model.cfg.n_layer):
             getattr(self, f"k{i}").zero_()
             getattr(self, f"v{i}").zero_()
-        return self._forward(prefix.to(self.bias.dtype), pos, bias[:, None])
+        return self._forward(prefix.to(self.bias.dtype), pos, bias[:, None], P)
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens`` (rows,) at sequence position ``pos`` (a (1,) long tensor): logits (rows, V)."""
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Feed ``tokens`` (rows,) at sequence position ``pos``; returns logits (rows, V).
+
+        Eagerly, attention reads the cache up to ``pos`` only; compiled, the whole buffer (one
+        static shape for every step, so one graph).
+        """
+        p = self.positions[pos : pos + 1]
+        if self._step is self._step_eager:
+            return self._step_eager(tokens, p, pos + 1)
         try:
-            return self._step(tokens, pos)
+            return self._step(tokens, p)
         except Exception as exc:  # noqa: BLE001 - a compile failure must not end the run
             if self._step is self._step_eager:
                 raise
@@ -149,4 +166,4 @@ class StaticDecoder(nn.Module):
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self._step = self._step_eager
             self.compile_mode = None
-            return self._step(tokens, pos)
+            return self._step_eager(tokens, p, pos + 1)

@@ -144,7 +144,6 @@ class Sampler:
         gens = _generators(seeds + [0] * (S - B), device)
         cond2, mask2, drop = _double_for_cfg(cond, cond_mask, self.cfg)
         N = self.grid_size**2
-        positions = torch.arange(N, device=device) + self.decoder.prefix_len
         step_in = torch.zeros(self.decoder.rows, dtype=torch.long, device=device)
         tokens = torch.zeros(S, N, dtype=torch.long, device=device)
         logits = self.decoder.prefill(cond2, mask2, drop)
@@ -155,7 +154,7 @@ class Sampler:
                 step_in[:S] = tokens[:, i]
                 if self.cfg:
                     step_in[S:] = tokens[:, i]
-                logits = self.decoder.step(step_in, positions[i : i + 1])
+                logits = self.decoder.step(step_in, self.decoder.prefix_len + i)
         return tokens[:B]
 
 
