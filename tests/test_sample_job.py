@@ -37,9 +37,8 @@ def tiny_gpt(cond: str = "text") -> GPT:
     return model
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("models")
+def build_sampling_models(root) -> dict[str, str]:
+    """Tiny random T5, VQ (downsample 8) and GPT exports (text and class) under ``root``."""
     build_tiny_text_encoder(str(root / "t5"), d_model=64)
     torch.manual_seed(1)
     VQModel(VQConfig.from_name("tiny")).save_pretrained(str(root / "vq"))
@@ -48,6 +47,11 @@ def models(tmp_path_factory) -> dict[str, str]:
     (root / "prompts.txt").write_text(PROMPTS)
     return {"t5": str(root / "t5"), "vq": str(root / "vq"), "gpt": str(root / "gpt"),
             "gpt_class": str(root / "gpt_class"), "prompts": str(root / "prompts.txt")}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    return build_sampling_models(tmp_path_factory.mktemp("models"))
 
 
 def args(models, out, *extra) -> list[str]:

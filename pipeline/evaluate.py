@@ -1,0 +1,371 @@
+"""Evaluation: FID and CLIP score of generated images over a caption set, plus tokenizer metrics.
+
+The captions (a .txt file with one per line, a .csv/.tsv with a caption column, or a COCO
+``captions_*.json``) are sampled through the sampling job (``pipeline.sample_job``: resumable,
+under ``{output}/samples``), or an earlier sampling output is given as ``generated``. Then:
+
+- CLIP score: torchmetrics' definition, ``100 * max(cos(image, caption), 0)`` averaged over
+  images, computed with open_clip (as ``pipeline.models.aesthetic``) from a LOCAL or s3:// state
+  dict; OpenAI's ViT-L/14 (``ViT-L-14-quickgelu``) is the usual choice.
+- FID: torchmetrics' ``FrechetInceptionDistance`` against ``reference_images`` (a folder of image
+  files, or of raw img2dataset shards), each center-cropped to the generated size, with
+  torch-fidelity's InceptionV3 weights from a LOCAL or s3:// file.
+- Tokenizer reconstruction (PSNR, SSIM, codebook usage, rFID) from
+  ``pipeline.tokenizer.evaluate`` on raw shards, when ``tokenizer_data`` is given.
+
+Nothing is downloaded: a metric whose weights are not given is reported as ``unavailable: pass
+...`` and the rest of the report is still written (``report.json`` and ``report.md``). FID on a
+few thousand images is biased upwards; compare only runs with the same caption set and count
+(the paper's COCO numbers use 30k captions).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import doc, save_config, to_dict
+from pipeline.log import get_logger, progress
+from pipeline.sample import SamplingParams
+from pipeline.sample_job import SampleConfig, load_manifest, run_sampling
+
+log = get_logger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sample a caption set and score it: CLIP score, FID, tokenizer reconstruction."""
+
+    output: str = doc("report folder: report.json, report.md, samples/ (local or s3://)")
+    captions: str = doc("captions file: .txt (one per line), .csv/.tsv, or COCO captions .json", "")
+    caption_column: str = doc("caption column of a .csv/.tsv", "caption")
+    max_captions: int = doc("use the first N captions (0: all)", 0)
+    generated: str | None = doc("an earlier sampling output (with images.json) to score instead "
+                                "of sampling", None)
+    checkpoint: str = doc("GPT export folder (when sampling)", "")
+    vq: str = doc("VQ tokenizer export or LlamaGen .pt (for sampling and tokenizer metrics)", "")
+    vq_preset: str | None = doc("VQ preset for a bare checkpoint file", None)
+    text_encoder: str = doc("T5 encoder folder (when sampling)", "")
+    images_per_caption: int = doc("images sampled per caption", 1)
+    batch_size: int = doc("images sampled together", 8)
+    seed: int = doc("base sampling seed", 0)
+    sampling: SamplingParams = doc("cfg_scale, temperature, top_k, top_p", SamplingParams())
+    dtype: Literal["float32", "bfloat16"] = doc("GPT compute dtype", "float32")
+    device: str = doc("torch device", "cpu")
+    compile_mode: str | None = doc("torch.compile mode for decoding (null: eager)", None)
+    threads: int = doc("torch CPU threads (0: default)", 0)
+    clip_model: str = doc("open_clip model name for CLIP score", "ViT-L-14-quickgelu")
+    clip_weights: str = doc("open_clip state dict (local or s3://); empty: no CLIP score", "")
+    clip_model_config: str | None = doc("open_clip model-config JSON to register first", None)
+    reference_images: str | None = doc("folder of real images or raw shards for FID", None)
+    max_reference_images: int = doc("at most this many reference images (0: all)", 0)
+    inception_weights: str | None = doc(
+        "torch-fidelity InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)", None)
+    tokenizer_data: str | None = doc("raw shards for tokenizer reconstruction metrics", None)
+    tokenizer_images: int = doc("images for tokenizer metrics", 1000)
+    tokenizer_image_size: int = doc("center crop for tokenizer metrics", 256)
+    metrics_batch_size: int = doc("images per CLIP / Inception forward pass", 32)
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str]:
+    """Captions from .txt / .csv / .tsv / COCO .json; whitespace collapsed, empty ones dropped."""
+    text = storage.read_text(uri)
+    low = uri.lower()
+    if low.endswith(".json"):
+        data = json.loads(text)
+        rows = data["annotations"] if isinstance(data, dict) else data
+        caps = [r["caption"] if isinstance(r, dict) else r for r in rows]
+    elif low.endswith((".csv", ".tsv")):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if low.endswith(".tsv") else ",")
+        if column not in (reader.fieldnames or []):
+            raise ValueError(f"{uri}: no column {column!r} (columns: {reader.fieldnames})")
+        caps = [r[column] or "" for r in reader]
+    else:
+        caps = text.splitlines()
+    caps = [" ".join(str(c).split()) for c in caps]
+    caps = [c for c in caps if c]
+    return caps[:limit] if limit else caps
+
+
+def _load_image(data: bytes) -> Image.Image | None:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - a bad file is a counted skip
+        log.warning("unreadable image skipped: %s", exc)
+        return None
+
+
+def iter_reference_images(uri: str, size: int, limit: int = 0) -> Iterator[torch.Tensor]:
+    """Reference images as uint8 (3, size, size), center-cropped: image files or raw shards."""
+    from pipeline.data.raw import center_crop, iter_eval_images, list_complete_shards
+
+    shards = list_complete_shards(uri)
+    if shards:
+        for _, x in iter_eval_images(shards, size, limit or None):  # [-1, 1]
+            yield ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return
+    n = 0
+    for name in storage.list_dir(uri):
+        if not name.lower().endswith(IMAGE_EXTS):
+            continue
+        img = _load_image(storage.read_bytes(storage.join(uri, name)))
+        if img is None:
+            continue
+        yield pil_to_uint8(center_crop(img, size))
+        n += 1
+        if limit and n >= limit:
+            return
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """A PIL image as uint8 (3, H, W)."""
+    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --- CLIP score -------------------------------------------------------------------------------
+
+
+def unavailable(what: str, how: str, missing: str | None = None) -> str:
+    """The report note of a metric that cannot be computed here."""
+    where = f"{missing} does not exist; " if missing else ""
+    return f"unavailable: {where}pass {how} ({what} uses local or s3:// weights only; nothing " \
+           "is downloaded)"
+
+
+def _missing(uri: str | None) -> str | None:
+    """``uri`` when it is given but absent, else None."""
+    return uri if uri and not storage.exists(uri) else None
+
+
+def load_clip(name: str, weights: str, model_config: str | None = None, device: str = "cpu"
+              ) -> tuple[torch.nn.Module, Any, Any]:
+    """(open_clip model, image preprocess, tokenizer) from a local or s3:// state dict."""
+    import open_clip
+
+    from pipeline.models.aesthetic import _check_not_torchscript
+
+    if model_config:
+        open_clip.add_model_config(storage.local_copy(model_config))
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r}; pass clip_model_config")
+    path = storage.local_copy(weights)
+    _check_not_torchscript(path, weights)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=path, require_pretrained=True)
+    return model.to(device).eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+@torch.no_grad()
+def clip_scores(model: torch.nn.Module, preprocess: Any, tokenizer: Any,
+                images: list[Image.Image], captions: list[str], batch_size: int = 32
+                ) -> torch.Tensor:
+    """Per-image CLIP score ``100 * max(cos(image, caption), 0)`` (torchmetrics' definition)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        ims = torch.stack([preprocess(im) for im in images[start:start + batch_size]]).to(device)
+        txt = tokenizer(captions[start:start + batch_size]).to(device)
+        a = model.encode_image(ims).float()
+        b = model.encode_text(txt).float()
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        out.append(100 * cos.clamp_min(0).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# --- FID --------------------------------------------------------------------------------------
+
+
+def build_fid(inception_weights: str | None) -> tuple[Any | None, str]:
+    """torchmetrics FID with InceptionV3 weights from a local / s3:// file, or (None, why)."""
+    if not inception_weights or _missing(inception_weights):
+        return None, unavailable("FID", "inception_weights=<torch-fidelity "
+                                        "weights-inception-2015-12-05-6726825d.pth>",
+                                 _missing(inception_weights))
+    from pipeline.tokenizer.evaluate import build_fid as build_tokenizer_fid
+
+    fid, _ = build_tokenizer_fid(inception_weights)
+    return fid, f"InceptionV3 weights from {inception_weights}"
+
+
+@torch.no_grad()
+def compute_fid(fid: Any, real: Iterator[torch.Tensor], fake: Iterator[torch.Tensor],
+                batch_size: int = 32) -> tuple[float | None, int, int, str]:
+    """(FID or None, real count, fake count, note) from uint8 (3, H, W) image streams."""
+    counts = []
+    for images, is_real in ((real, True), (fake, False)):
+        n = 0
+        for batch in _batched(images, batch_size):
+            fid.update(torch.stack(batch), real=is_real)
+            n += len(batch)
+        counts.append(n)
+    if min(counts) < 2:
+        return None, counts[0], counts[1], "unavailable: FID needs at least 2 real and 2 generated images"
+    note = "" if min(counts) >= 2048 else (
+        f"only {min(counts)} images: FID is biased upwards at this size; compare like with like")
+    return float(fid.compute()), counts[0], counts[1], note
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+def _sample(cfg: EvalConfig, captions: list[str]) -> str:
+    samples = storage.join(cfg.output, "samples")
+    prompts = storage.join(cfg.output, "captions.txt")
+    storage.write_text(prompts, "\n".join(captions) + "\n")
+    run_sampling(SampleConfig(
+        checkpoint=cfg.checkpoint, vq=cfg.vq, vq_preset=cfg.vq_preset, output=samples,
+        text_encoder=cfg.text_encoder, prompts_file=prompts,
+        images_per_prompt=cfg.images_per_caption, batch_size=cfg.batch_size, seed=cfg.seed,
+        sampling=cfg.sampling, dtype=cfg.dtype, device=cfg.device,
+        compile_mode=cfg.compile_mode, threads=cfg.threads))
+    return samples
+
+
+def tokenizer_metrics(cfg: EvalConfig) -> dict[str, Any]:
+    """PSNR / SSIM / codebook usage / rFID of the VQ on raw shards, or why not."""
+    if not cfg.tokenizer_data or not cfg.vq or _missing(cfg.tokenizer_data) or _missing(cfg.vq):
+        return {"note": unavailable("tokenizer reconstruction", "tokenizer_data=<raw shards> "
+                                    "and vq=<tokenizer>", _missing(cfg.tokenizer_data)
+                                    or _missing(cfg.vq))}
+    try:
+        from pipeline.data.raw import list_complete_shards
+        from pipeline.models.vq import VQModel
+        from pipeline.tokenizer.evaluate import evaluate_model
+    except ImportError as exc:
+        return {"note": f"unavailable: tokenizer evaluation module missing ({exc})"}
+    model = VQModel.from_pretrained(cfg.vq, cfg.vq_preset).to(cfg.device)
+    return evaluate_model(model, list_complete_shards(cfg.tokenizer_data),
+                          cfg.tokenizer_image_size, cfg.tokenizer_images,
+                          cfg.metrics_batch_size, cfg.inception_weights)
+
+
+def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
+    """Sample (or take ``generated``), score, and write report.json + report.md.
+
+    ``fid`` may be a ready FrechetInceptionDistance (e.g. with an injected feature extractor);
+    otherwise one is built from ``inception_weights`` when given.
+    """
+    save_config(cfg, storage.join(cfg.output, "config.yaml"))
+    if cfg.generated:
+        samples = cfg.generated
+    else:
+        if not cfg.captions:
+            raise ValueError("give captions=<file> to sample, or generated=<sampling output>")
+        captions = read_captions(cfg.captions, cfg.caption_column, cfg.max_captions)
+        if not captions:
+            raise ValueError(f"no captions in {cfg.captions}")
+        samples = _sample(cfg, captions)
+    manifest = load_manifest(samples)
+    summary = storage.read_json(storage.join(samples, "summary.json")) \
+        if storage.exists(storage.join(samples, "summary.json")) else {}
+    report: dict[str, Any] = {"samples": samples, "images": len(manifest),
+                              "prompts": len({m["prompt_index"] for m in manifest}),
+                              "sampling": summary, "config": to_dict(cfg)}
+    images: list[Image.Image] = []
+    kept: list[dict[str, Any]] = []
+    for m in progress(manifest, "read samples", unit="img"):
+        img = _load_image(storage.read_bytes(storage.join(samples, m["file"])))
+        if img is not None:
+            images.append(img)
+            kept.append(m)
+    report["unreadable_images"] = len(manifest) - len(kept)
+
+    # CLIP score
+    if not cfg.clip_weights or _missing(cfg.clip_weights):
+        report["clip_score"] = {"value": None, "note": unavailable(
+            "CLIP score", "clip_weights=<open_clip state dict, e.g. of ViT-L-14-quickgelu>",
+            _missing(cfg.clip_weights))}
+    elif not images:
+        report["clip_score"] = {"value": None, "note": "unavailable: no images"}
+    else:
+        model, preprocess, tok = load_clip(cfg.clip_model, cfg.clip_weights,
+                                           cfg.clip_model_config, cfg.device)
+        s = clip_scores(model, preprocess, tok, images, [m["prompt"] for m in kept],
+                        cfg.metrics_batch_size)
+        report["clip_score"] = {"value": float(s.mean()), "std": float(s.std()) if len(s) > 1 else 0.0,
+                                "images": len(s), "model": cfg.clip_model, "note": ""}
+
+    # FID
+    if not cfg.reference_images:
+        report["fid"] = {"value": None, "note": "unavailable: pass reference_images=<folder of "
+                                                "real images or raw shards>"}
+    elif not storage.list_dir(cfg.reference_images):
+        report["fid"] = {"value": None, "note": f"unavailable: reference_images="
+                                                f"{cfg.reference_images} is empty or absent"}
+    else:
+        note = "the given feature extractor"
+        if fid is None:
+            fid, note = build_fid(cfg.inception_weights)
+        if fid is None:
+            report["fid"] = {"value": None, "note": note}
+        else:
+            size = images[0].width if images else 256
+            value, n_real, n_fake, why = compute_fid(
+                fid.to(cfg.device),
+                iter_reference_images(cfg.reference_images, size, cfg.max_reference_images),
+                (pil_to_uint8(im) for im in images), cfg.metrics_batch_size)
+            report["fid"] = {"value": value, "real_images": n_real, "generated_images": n_fake,
+                             "image_size": size, "features": note, "note": why}
+
+    report["tokenizer"] = tokenizer_metrics(cfg)
+    storage.write_json(storage.join(cfg.output, "report.json"), report)
+    storage.write_text(storage.join(cfg.output, "report.md"), format_report(report))
+    log.info("evaluation: CLIP score %s, FID %s -> %s", report["clip_score"]["value"],
+             report["fid"]["value"], cfg.output)
+    return report
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as markdown: one table of metrics, then notes."""
+    tok = r["tokenizer"]
+    samp = r.get("sampling", {})
+    rows = [
+        ("images scored", r["images"] - r["unreadable_images"], f"{r['prompts']} captions"),
+        ("CLIP score", _fmt(r["clip_score"]["value"]), r["clip_score"].get("note", "")),
+        ("FID", _fmt(r["fid"]["value"]),
+         r["fid"].get("note", "") + (f" ({r['fid'].get('real_images')} real, "
+                                     f"{r['fid'].get('generated_images')} generated)"
+                                     if r["fid"]["value"] is not None else "")),
+        ("tokenizer PSNR (dB)", _fmt(tok.get("psnr")), tok.get("note", "")),
+        ("tokenizer SSIM", _fmt(tok.get("ssim"), 4), ""),
+        ("tokenizer codebook usage", _fmt(tok.get("codebook_usage")), ""),
+        ("tokenizer rFID", _fmt(tok.get("rfid")), tok.get("rfid_note", "")),
+        ("sampling images/s", _fmt(samp.get("images_per_second")),
+         f"{samp.get('dtype', '')} on {samp.get('device', '')}, compile "
+         f"{samp.get('compile_mode')}" if samp else ""),
+    ]
+    lines = ["# Evaluation report", "", f"Samples: `{r['samples']}`", "",
+             "| metric | value | note |", "|---|---:|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
