@@ -53,33 +53,35 @@ def draw(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Ge
          ) -> torch.Tensor:
     """One token per row, each row from its own generator. logits: (B, V) -> (B,).
 
-    Inverse-CDF sampling: each row draws one uniform number from its own generator and takes the
-    first token whose cumulative probability exceeds it. With top-k the work is done on the k
-    largest logits only (``topk`` returns them sorted), and top-p is applied within those, which
-    is the distribution ``filter_logits`` gives (except that ties at the k-th value keep exactly k
-    tokens). This costs one top-k plus a few passes over k values, where per-row
-    ``torch.multinomial`` over 16384 probabilities cost about ten times more per step.
+    The distribution is ``filter_logits``' (top-k, then top-p). Sampling is by inverse CDF in
+    vocabulary order: each row draws one uniform number from its own generator and takes the
+    first token whose cumulative probability exceeds it, so a tiny float difference in the logits
+    (cached vs uncached, batch of 1 vs 8) moves a boundary a tiny bit instead of reordering
+    tokens. Cheaper than ``filter_logits`` + per-row ``torch.multinomial``: one unsorted top-k
+    for the threshold, and top-p sorts only the k survivors when top-k is on.
     """
     if params.temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / params.temperature
-    idx = None
-    if 0 < params.top_k < logits.size(-1):
-        logits, idx = torch.topk(logits, params.top_k, dim=-1)  # (B, k), descending
-    elif params.top_p < 1.0:
-        logits, idx = torch.sort(logits, dim=-1, descending=True)
-    probs = logits.softmax(-1)
+    V = logits.size(-1)
+    k = params.top_k if 0 < params.top_k < V else 0
     if params.top_p < 1.0:
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)
-    cdf = probs.cumsum(-1)
+        # sorted candidates: the top k, or the whole vocabulary
+        vals = torch.topk(logits, k, dim=-1).values if k else torch.sort(logits, -1, True).values
+        p = vals.softmax(-1)
+        keep = (p.cumsum(-1) - p) < params.top_p  # the top token always stays
+        cutoff = vals.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    elif k:
+        kth = torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    cdf = logits.softmax(-1).cumsum(-1)
     total = cdf[:, -1:]
     u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators])
     u = u.to(cdf.device)[:, None] * total
     # strictly below the total: the pick then always has a non-zero probability
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    choice = torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.size(-1) - 1)
-    return (choice if idx is None else idx.gather(-1, choice)).squeeze(-1)
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(V - 1).squeeze(-1)
 
 
 def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
