@@ -16,6 +16,7 @@ replays steps k+1... with the same samples, augmentations and losses as an unint
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -132,11 +133,17 @@ class _Dist:
         return box[0]
 
     def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (None elsewhere); ``obj`` may hold tensors."""
         if self.world == 1:
             return [obj]
+        # torch.save bytes, not the objects: gather_object fails to unpickle tensors (torch 2.14)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
         out: list[Any] | None = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+        dist.gather_object(buf.getvalue(), out, dst=0)
+        if out is None:
+            return None
+        return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
 
 
 def _setup_distributed(kind: str) -> _Dist:
