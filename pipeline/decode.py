@@ -44,7 +44,7 @@ class StaticDecoder(nn.Module):
     """Static KV cache + mask for ``rows`` sequences of a GPT; ``prefill`` then ``step`` per token.
 
     ``rows`` counts every row the model runs, CFG's unconditional half included. Buffers take the
-    model's dtype and device. ``compile_mode`` (one of ``COMPILE_MODES``) compiles ``step``; if
+    model's dtype and device; the model should be in eval mode (``Sampler`` sees to it). ``compile_mode`` (one of ``COMPILE_MODES``) compiles ``step``; if
     compiling fails the decoder logs why and stays eager.
     """
 
@@ -141,6 +141,7 @@ class StaticDecoder(nn.Module):
         bias = torch.zeros(seen.shape, dtype=self.bias.dtype, device=dev).masked_fill_(~seen, neg)
         # the first decode query sees the valid prefix; its own slot opens in step()
         self.bias.copy_(torch.where(key_valid & (j < P), 0.0, neg)[:, None, None, :])
+        # unwritten slots get zero attention weight, but 0 * a stale NaN would still be NaN
         for i in range(self.model.cfg.n_layer):
             getattr(self, f"k{i}").zero_()
             getattr(self, f"v{i}").zero_()
