@@ -150,3 +150,23 @@ def test_metrics_files_and_resume_cut(tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 11))
     assert png and (tmp_path / "loss.png").stat().st_size > 1000
     assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_class_conditional_batches_train_the_class_model(tmp_path):
+    from pipeline.data.loader import BatchSpec, TokenLoader
+    from pipeline.train.toy_data import write_toy_token_shards
+
+    write_toy_token_shards(str(tmp_path / "toy"), num_shards=2, per_shard=8, num_patterns=5)
+    cfg = load_config(TrainConfig, "configs/train/class_cond.yaml",
+                      ["model.preset=debug", "model.num_classes=5", "model.vocab_size=64",
+                       "model.grid_size=4", f"data.shards=[{tmp_path / 'toy'}]",
+                       "data.num_workers=0", "data.batch_size=4"])
+    assert cfg.model.cond == "class" and cfg.model.n_layer == 2
+    spec = BatchSpec(grid_size=4, cond="class")
+    batch = next(iter(TokenLoader(cfg.data, spec)))
+    assert batch["cond"].dtype == torch.long and batch["cond_mask"] is None
+    model = GPT(cfg.model)
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    loss = batch_loss(model, batch, torch.device("cpu"), torch.float32)
+    loss.backward()
+    assert model.cond_embed.table.weight.grad[batch["cond"]].abs().sum() > 0
