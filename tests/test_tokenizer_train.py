@@ -89,6 +89,33 @@ def test_raw_stream_reads_s3(raw_dir, s3_bucket):
     assert torch.equal(got, next(iter(_stream(list_complete_shards(raw_dir)))))
 
 
+def test_resume_reads_the_checkpoints_shard_set(raw_dir, tmp_path):
+    from pipeline.tokenizer.train import _training_shards
+
+    everything = list_complete_shards(raw_dir)
+    assert _training_shards(raw_dir, None) == everything
+    # shards completed after the checkpoint are left out, so the data order stays the same
+    assert _training_shards(raw_dir, {"shards": ["00000.tar", "00002.tar"]}) == [
+        everything[0],
+        everything[2],
+    ]
+    with pytest.raises(RuntimeError, match="00007.tar"):
+        _training_shards(raw_dir, {"shards": ["00000.tar", "00007.tar"]})
+
+
+def test_lpips_backbone_is_never_downloaded(tmp_path, monkeypatch, caplog):
+    from pipeline.tokenizer.losses import build_lpips
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        build_lpips("pretrained")
+    with caplog.at_level("WARNING"):
+        net = build_lpips("auto")
+    assert net.random_backbone and "RANDOM VGG16 BACKBONE" in caplog.text
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert float(net(x, x).mean()) == 0.0 and float(net(x, -x).mean()) > 0
+
+
 def test_rng_state_roundtrip(tmp_path):
     state = capture_rng_state()
     path = tmp_path / "rng.pt"

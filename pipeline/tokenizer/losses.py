@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from typing import Literal
 
 import torch
@@ -51,8 +52,9 @@ def build_lpips(backbone: Literal["auto", "pretrained", "random"] = "auto") -> t
             os.path.dirname(vgg16_weights_path()),
             "!" * 78,
         )
-    # lpips prints its set-up; keep stdout clean for job output
-    with contextlib.redirect_stdout(io.StringIO()):
+    # lpips prints its set-up and calls torchvision's deprecated ``pretrained=``: keep both quiet
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=random_backbone, verbose=False)
     net.eval().requires_grad_(False)
     net.random_backbone = random_backbone  # type: ignore[attr-defined]

@@ -222,22 +222,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig, resume: str = "auto") -> dict[str
     opt_d = torch.optim.AdamW(
         disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
-    shards = list_complete_shards(cfg.data)
-    stream = RawImageStream(
-        shards,
-        cfg.image_size,
-        cfg.batch_size,
-        seed=cfg.seed,
-        rank=d.rank,
-        world_size=d.world,
-        shuffle_buffer=cfg.shuffle_buffer,
-        max_scale=cfg.max_scale,
-        decode_threads=cfg.decode_threads,
-    )
     # per-rank global RNG streams (dropout etc.); data order has its own seeded generators
     torch.manual_seed(cfg.seed * 1000 + d.rank)
 
     step = 0
+    state: dict[str, Any] | None = None
     resume_step: int | None = None
     if resume != "none":
         found = None
@@ -256,9 +245,24 @@ def train_tokenizer(cfg: TokenizerTrainConfig, resume: str = "auto") -> dict[str
         opt.load_state_dict(state["opt"])
         opt_d.load_state_dict(state["opt_disc"])
         step = int(state["step"])
+
+    shards = _training_shards(cfg.data, state)
+    stream = RawImageStream(
+        shards,
+        cfg.image_size,
+        cfg.batch_size,
+        seed=cfg.seed,
+        rank=d.rank,
+        world_size=d.world,
+        shuffle_buffer=cfg.shuffle_buffer,
+        max_scale=cfg.max_scale,
+        decode_threads=cfg.decode_threads,
+    )
+    if state is not None:
         mine = state["ranks"][d.rank]
         stream.load_state_dict(mine["data"])
         restore_rng_state(mine["rng"])
+        state = None  # free the optimizer copies
         log.info("resumed from checkpoint step %d", step)
 
     metrics = None
@@ -348,6 +352,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig, resume: str = "auto") -> dict[str
             if d.world > 1:
                 dist.all_reduce(usage, op=dist.ReduceOp.MAX)
             row["codebook_usage"] = usage.mean().item()
+            broken = torch.tensor([float(stream.broken)], device=d.device)
+            if d.world > 1:
+                dist.all_reduce(broken)
+            row["broken_images"] = int(broken.item())
             used.zero_()
             rate = steps_since / (time.time() - t0)
             t0, steps_since = time.time(), 0
@@ -417,6 +425,8 @@ def _checkpoint(
             "opt_disc": opt_d.state_dict(),
             "step": step,
             "ranks": ranks,
+            # the shard set fixes the data order: a resume reads exactly these
+            "shards": [u.rsplit("/", 1)[-1] for u in stream.tar_uris],
             "config": json.dumps(to_dict(cfg)),
         }
         ckpt.save_checkpoint(state, step, local, remote, cfg.keep_checkpoints)
@@ -424,6 +434,27 @@ def _checkpoint(
             metrics.mirror()
     if d.world > 1:
         dist.barrier()  # nobody runs ahead into a step that a crash could leave unsaved
+
+
+def _training_shards(data: str, state: dict[str, Any] | None) -> list[str]:
+    """The shards to read: all complete ones, or on resume exactly the checkpoint's set."""
+    current = list_complete_shards(data)
+    if state is None:
+        return current
+    uris = [storage.join(data, name) for name in state["shards"]]
+    missing = sorted(set(uris) - set(current))
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} shard(s) the run was reading are gone or incomplete (first: "
+            f"{missing[0]}): an exact resume needs the same data"
+        )
+    if len(current) > len(uris):
+        log.warning(
+            "%d shard(s) were completed after this run started; a resumed run keeps its data "
+            "order and does not read them (start a new run to include them)",
+            len(current) - len(uris),
+        )
+    return uris
 
 
 def _save_config(cfg: TokenizerTrainConfig) -> None:
