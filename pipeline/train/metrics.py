@@ -2,7 +2,7 @@
 bar, and a loss-curve PNG at the end.
 
 ``metrics/steps.jsonl`` holds one record per optimizer step (step, loss, lr, grad norm, samples,
-seconds, and optionally the sample keys of every rank): the ground truth that resume tests
+seconds, seconds spent waiting for data, and optionally the sample keys of every rank): the ground truth that resume tests
 compare. On resume the file is cut back to the checkpoint's step, so it always tells one story.
 
 Throughput counts image tokens (the ``grid**2`` predicted per sample). MFU is the matmul FLOPs of
@@ -92,11 +92,13 @@ class MetricsLogger:
         tok_s = samples * self.tokens_per_sample / secs
         mfu = samples * self.flops_per_sample / secs / self.peak_total
         loss = sum(r["loss"] for r in w) / len(w)
-        log.info("step %d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f MFU %.2f%%",
-                 step, loss, w[-1]["lr"], w[-1]["grad_norm"], tok_s, 100 * mfu)
+        wait = sum(r.get("data_seconds", 0.0) for r in w) / secs  # the loader kept the model waiting
+        log.info("step %d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f MFU %.2f%% data wait %.1f%%",
+                 step, loss, w[-1]["lr"], w[-1]["grad_norm"], tok_s, 100 * mfu, 100 * wait)
         if self._tb is not None:
             self._tb.add_scalar("perf/tokens_per_s", tok_s, step)
             self._tb.add_scalar("perf/mfu", mfu, step)
+            self._tb.add_scalar("perf/data_wait", wait, step)
 
     def flush(self) -> None:
         if self.enabled and self._tb is not None:

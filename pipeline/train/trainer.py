@@ -172,8 +172,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while step < cfg.steps:
         t0 = time.perf_counter()
         losses, keys = [], []
+        data_seconds = 0.0
         for _ in range(cfg.grad_accum):
+            t_data = time.perf_counter()
             batch = next(batches)
+            data_seconds += time.perf_counter() - t_data
             loss = batch_loss(eng, batch, eng.device, cond_dtype)
             eng.backward(loss)
             eng.step()
@@ -182,7 +185,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step += 1
         samples_seen += global_batch
         loss_value = engine.mean_across_ranks(torch.stack(losses).mean())
-        extra = {"epoch": loader.epoch}
+        extra = {"epoch": loader.epoch, "data_seconds": data_seconds}
         if cfg.log_keys:
             extra["keys"] = engine.gather_objects(keys)
         metrics.step(step, loss=loss_value, lr=engine.current_lr(eng),
