@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -79,6 +80,23 @@ def test_raw_stream_reads_complete_shards_and_resumes_exactly(raw_dir):
     assert not set(keys[0]) & set(keys[1]) and len(keys[0]) + len(keys[1]) == 144
     e1 = [s["__key__"] for s in _stream(shards, rank=0, world_size=2).epoch_samples(1)]
     assert e1 != keys[0]
+
+
+def test_decode_image_accepts_only_known_formats():
+    from PIL import Image
+
+    from pipeline.data.raw import decode_image
+
+    def encoded(fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("L", (8, 8), 200).save(buf, fmt)
+        return buf.getvalue()
+
+    img = decode_image({"__key__": "a", "png": encoded("PNG"), "txt": b"x"})
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (200, 200, 200)
+    assert decode_image({"__key__": "b", "jpg": encoded("GIF")}) is None  # sniffed, refused
+    assert decode_image({"__key__": "c", "pickle": b"\x80\x04K\x01."}) is None  # never unpickled
+    assert decode_image({"__key__": "d", "jpg": b"\xff\xd8 cut"}) is None
 
 
 def test_raw_stream_reads_s3(raw_dir, s3_bucket):
@@ -227,6 +245,18 @@ def test_rfid_through_evaluate_with_injected_extractor(raw_dir):
         fid=FrechetInceptionDistance(feature=Pooled()),
     )
     assert out["rfid"] is not None and out["rfid"] > 0.1  # untrained: far from the real images
+
+
+def test_eval_job_writes_metrics(raw_dir, tmp_path):
+    from jobs.eval_tokenizer import main as eval_main
+
+    torch.manual_seed(0)
+    VQModel(VQConfig.from_name("tiny")).save_pretrained(str(tmp_path / "vq"))
+    out = tmp_path / "eval.json"
+    eval_main([f"model={tmp_path / 'vq'}", f"data={raw_dir}", f"output={out}", "image_size=32",
+              "num_images=5", "batch_size=2"])  # fmt: skip
+    got = json.loads(out.read_text())
+    assert got["images"] == 5 and got["rfid"] is None and 0 < got["psnr"] < 60
 
 
 def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):

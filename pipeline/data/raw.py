@@ -36,6 +36,7 @@ from pipeline.log import get_logger
 log = get_logger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
@@ -100,7 +101,8 @@ def decode_image(sample: dict[str, Any]) -> Image.Image | None:
         if data is None:
             continue
         try:
-            img = Image.open(io.BytesIO(data))
+            # only these decoders: PIL would otherwise sniff other formats too (EPS runs Ghostscript)
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
             img.load()
             return img.convert("RGB")
         except Exception as exc:  # noqa: BLE001 - any decoder error means a broken image
