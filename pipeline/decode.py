@@ -69,6 +69,7 @@ class StaticDecoder(nn.Module):
                              persistent=False)
         self.register_buffer("rope", model.rope(g, w.device), persistent=False)  # (L, hd/2, 2)
         self.register_buffer("positions", torch.arange(L, device=w.device), persistent=False)
+        self._all_valid = True  # no padded prefix key in any row (set by prefill)
         self.compile_mode = None
         self._step = self._step_eager
         if compile_mode:
@@ -100,12 +101,16 @@ class StaticDecoder(nn.Module):
         kc, vc = getattr(self, f"k{i}"), getattr(self, f"v{i}")
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
+        mask: torch.Tensor | None = bias
         if end is not None:
-            kc, vc, bias = kc[:, :, :end], vc[:, :, :end], bias[..., :end]
+            kc, vc, mask = kc[:, :, :end], vc[:, :, :end], bias[..., :end]
+            if self._all_valid:  # no padded prefix: plain causal (prefill) or no mask (decode)
+                mask = None
         if a.n_kv != a.n_head:
             kc = kc.repeat_interleave(a.n_head // a.n_kv, dim=1)
             vc = vc.repeat_interleave(a.n_head // a.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias)  # (R, H, T, hd)
+        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
+                                           is_causal=mask is None and T > 1)  # (R, H, T, hd)
         x = x + a.proj(y.transpose(1, 2).reshape(R, T, C))
         return x + block.mlp(block.mlp_norm(x))
 
@@ -133,6 +138,7 @@ class StaticDecoder(nn.Module):
         key_valid = torch.ones(self.rows, L, dtype=torch.bool, device=dev)
         if pmask is not None:
             key_valid[:, :P] = pmask
+        self._all_valid = pmask is None
         j = torch.arange(L, device=dev)
         pos = torch.arange(P, device=dev)
         seen = (j[None, :] <= pos[:, None])[None] & key_valid[:, None, :]  # (R, P, L)
