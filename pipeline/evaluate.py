@@ -215,21 +215,32 @@ def build_fid(inception_weights: str | None) -> tuple[Any | None, str]:
 
 
 @torch.no_grad()
+def update_fid(fid: Any, images: Iterator[torch.Tensor], real: bool, batch_size: int = 32) -> int:
+    """Feed uint8 (3, H, W) images to the FID metric; returns how many."""
+    n = 0
+    for batch in _batched(images, batch_size):
+        fid.update(torch.stack(batch), real=real)
+        n += len(batch)
+    return n
+
+
+def finish_fid(fid: Any, n_real: int, n_fake: int) -> tuple[float | None, str]:
+    """(FID or None, note) once both sides are in."""
+    if min(n_real, n_fake) < 2:
+        return None, "unavailable: FID needs at least 2 real and 2 generated images"
+    n = min(n_real, n_fake)
+    note = "" if n >= 2048 else (
+        f"only {n} images: FID is biased upwards at this size; compare like with like")
+    return float(fid.compute()), note
+
+
 def compute_fid(fid: Any, real: Iterator[torch.Tensor], fake: Iterator[torch.Tensor],
                 batch_size: int = 32) -> tuple[float | None, int, int, str]:
     """(FID or None, real count, fake count, note) from uint8 (3, H, W) image streams."""
-    counts = []
-    for images, is_real in ((real, True), (fake, False)):
-        n = 0
-        for batch in _batched(images, batch_size):
-            fid.update(torch.stack(batch), real=is_real)
-            n += len(batch)
-        counts.append(n)
-    if min(counts) < 2:
-        return None, counts[0], counts[1], "unavailable: FID needs at least 2 real and 2 generated images"
-    note = "" if min(counts) >= 2048 else (
-        f"only {min(counts)} images: FID is biased upwards at this size; compare like with like")
-    return float(fid.compute()), counts[0], counts[1], note
+    n_real = update_fid(fid, real, True, batch_size)
+    n_fake = update_fid(fid, fake, False, batch_size)
+    value, note = finish_fid(fid, n_real, n_fake)
+    return value, n_real, n_fake, note
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -288,51 +299,66 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"samples": samples, "images": len(manifest),
                               "prompts": len({m["prompt_index"] for m in manifest}),
                               "sampling": summary, "config": to_dict(cfg)}
-    images: list[Image.Image] = []
-    kept: list[dict[str, Any]] = []
-    for m in progress(manifest, "read samples", unit="img"):
-        img = _load_image(storage.read_bytes(storage.join(samples, m["file"])))
-        if img is not None:
-            images.append(img)
-            kept.append(m)
-    report["unreadable_images"] = len(manifest) - len(kept)
-
-    # CLIP score
+    # what can be computed: a missing weight file is a report entry, not a crash
+    clip = None
     if not cfg.clip_weights or _missing(cfg.clip_weights):
         report["clip_score"] = {"value": None, "note": unavailable(
             "CLIP score", "clip_weights=<open_clip state dict, e.g. of ViT-L-14-quickgelu>",
             _missing(cfg.clip_weights))}
-    elif not images:
-        report["clip_score"] = {"value": None, "note": "unavailable: no images"}
     else:
-        model, preprocess, tok = load_clip(cfg.clip_model, cfg.clip_weights,
-                                           cfg.clip_model_config, cfg.device)
-        s = clip_scores(model, preprocess, tok, images, [m["prompt"] for m in kept],
-                        cfg.metrics_batch_size)
-        report["clip_score"] = {"value": float(s.mean()), "std": float(s.std()) if len(s) > 1 else 0.0,
-                                "images": len(s), "model": cfg.clip_model, "note": ""}
-
-    # FID
+        clip = load_clip(cfg.clip_model, cfg.clip_weights, cfg.clip_model_config, cfg.device)
+    fid_note = "the given feature extractor"
     if not cfg.reference_images:
-        report["fid"] = {"value": None, "note": "unavailable: pass reference_images=<folder of "
-                                                "real images or raw shards>"}
+        fid, fid_note = None, "unavailable: pass reference_images=<folder of real images or " \
+                              "raw shards>"
     elif not storage.list_dir(cfg.reference_images):
-        report["fid"] = {"value": None, "note": f"unavailable: reference_images="
-                                                f"{cfg.reference_images} is empty or absent"}
+        fid, fid_note = None, f"unavailable: reference_images={cfg.reference_images} is empty " \
+                              "or absent"
+    elif fid is None:
+        fid, fid_note = build_fid(cfg.inception_weights)
+    if fid is None:
+        report["fid"] = {"value": None, "note": fid_note}
     else:
-        note = "the given feature extractor"
-        if fid is None:
-            fid, note = build_fid(cfg.inception_weights)
-        if fid is None:
-            report["fid"] = {"value": None, "note": note}
-        else:
-            size = images[0].width if images else 256
-            value, n_real, n_fake, why = compute_fid(
-                fid.to(cfg.device),
-                iter_reference_images(cfg.reference_images, size, cfg.max_reference_images),
-                (pil_to_uint8(im) for im in images), cfg.metrics_batch_size)
-            report["fid"] = {"value": value, "real_images": n_real, "generated_images": n_fake,
-                             "image_size": size, "features": note, "note": why}
+        fid = fid.to(cfg.device)
+
+    # one streaming pass over the samples: memory stays bounded at 30k images
+    scores: list[torch.Tensor] = []
+    n_fake = unreadable = 0
+    size = None
+    batches = _batched(iter(manifest), cfg.metrics_batch_size)
+    total = -(-len(manifest) // cfg.metrics_batch_size)
+    for batch in progress(batches, "score samples", total=total, unit="batch"):
+        images, caps = [], []
+        for m in batch:
+            img = _load_image(storage.read_bytes(storage.join(samples, m["file"])))
+            if img is None:
+                unreadable += 1
+                continue
+            images.append(img)
+            caps.append(m["prompt"])
+        if not images:
+            continue
+        size = size or images[0].width
+        if clip is not None:
+            scores.append(clip_scores(*clip, images, caps, cfg.metrics_batch_size))
+        if fid is not None:
+            n_fake += update_fid(fid, (pil_to_uint8(im) for im in images), False, len(images))
+    report["unreadable_images"] = unreadable
+
+    if clip is not None:
+        sc = torch.cat(scores) if scores else torch.zeros(0)
+        report["clip_score"] = {
+            "value": float(sc.mean()) if len(sc) else None,
+            "std": float(sc.std()) if len(sc) > 1 else 0.0, "images": len(sc),
+            "model": cfg.clip_model, "note": "" if len(sc) else "unavailable: no images"}
+    if fid is not None:
+        size = size or 256
+        n_real = update_fid(fid, iter_reference_images(cfg.reference_images, size,
+                                                       cfg.max_reference_images),
+                            True, cfg.metrics_batch_size)
+        value, why = finish_fid(fid, n_real, n_fake)
+        report["fid"] = {"value": value, "real_images": n_real, "generated_images": n_fake,
+                         "image_size": size, "features": fid_note, "note": why}
 
     report["tokenizer"] = tokenizer_metrics(cfg)
     storage.write_json(storage.join(cfg.output, "report.json"), report)
