@@ -200,7 +200,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         export_uri = storage.join(cfg.run_dir, "export")
         if dist.is_main:
             root = ckpt.local_root
-            if dist.world > dist.local_world:  # other nodes' partitions are only in the run dir
+            if dist.world > dist.local_world and ckpt.remote_root:
+                # other nodes' partitions are only in the run dir (else: a shared file system)
                 root = os.path.join(local_dir, "export_staging")
                 storage.get_dir(storage.join(ckpt.remote_root, last_tag),
                                 os.path.join(root, last_tag))
