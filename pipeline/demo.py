@@ -45,7 +45,7 @@ class DemoConfig:
     image_size: int = doc("downloaded image side (stage-2 resolution)", 128)
     stage1_resolution: int = doc("stage-1 pretokenize resolution", 64)
     tokenizer_config: str = doc("tokenizer training YAML", "configs/tokenizer/tiny.yaml")
-    tokenizer_steps: int = doc("tokenizer training steps", 300)
+    tokenizer_steps: int = doc("tokenizer training steps", 800)
     stage1_config: str = doc("stage-1 training YAML", "configs/train/demo_stage1.yaml")
     stage2_config: str = doc("stage-2 training YAML", "configs/train/demo_stage2.yaml")
     stage1_steps: int = doc("stage-1 GPT steps", 500)
@@ -151,7 +151,7 @@ class Demo:
         cfg = load_config(
             TokenizerTrainConfig, os.path.join(REPO, self.cfg.tokenizer_config),
             data=self.path("raw"), run_dir=self.path("vq"), max_steps=self.cfg.tokenizer_steps,
-            image_size=self.cfg.stage1_resolution, device="cpu",
+            device="cpu",
         )
         summary = train_tokenizer(cfg)
         self.vq = storage.join(self.path("vq"), "export")
