@@ -1,7 +1,8 @@
 """Decode speed: our static-cache sampler against no cache and against the simplest KV cache.
 
-Text-to-image, 120 caption tokens + 256 image tokens (16x16), CFG (one image, batch doubled),
-top-k 1000, for the debug and B presets in fp32 and bf16. Variants, side by side:
+Text-to-image, 120 caption tokens + 256 image tokens (16x16), CFG (each batch doubled), top-k
+1000, for the debug and B presets in fp32 and bf16, one image or ``--batches`` images at a time.
+Variants, side by side:
 
 - ``no cache``: ``generate(use_cache=False)``, the whole sequence recomputed at every step. At
   preset B a full run takes minutes, so by default it is extrapolated: one step is timed at a few
@@ -20,7 +21,8 @@ Times are the best of ``--repeat`` interleaved runs, on ``--threads`` threads (d
 shared 2-core machine, two OpenMP threads stall whenever another process holds a core, and times
 then swing by 10x). Figures from a busy machine are noisy: compare rows of one run.
 
-    python benchmarks/bench_decode.py [--presets debug,B] [--dtypes fp32,bf16] [--repeat 2]
+    python benchmarks/bench_decode.py [--presets debug,B] [--dtypes fp32,bf16] [--batches 1,8]
+        [--repeat 2] [--threads 1] [--compile-mode default] [--json rows.json]
 """
 
 from __future__ import annotations
@@ -151,17 +153,18 @@ def no_cache_extrapolated(model: GPT, cond: torch.Tensor, grid: int,
     return float(np.interp(np.arange(1, N + 1), lengths, per).sum())
 
 
-def bench_preset(name: str, dtype: str, repeat: int, full_no_cache: bool, compile_mode: str | None
-                 ) -> list[dict]:
+def bench_preset(name: str, dtype: str, batch: int, repeat: int, no_cache: str,
+                 compile_mode: str | None) -> list[dict]:
+    """Rows for one preset / dtype / batch; ``no_cache`` is "full", "extrapolate" or "skip"."""
     cfg = GPTConfig.from_name(name)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.02)  # a trained-like, non-degenerate head
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
-    cond = torch.randn(1, cfg.max_text_tokens, cfg.caption_dim)
-    g, N, seeds = cfg.grid_size, cfg.image_tokens, [0]
-    ours = Sampler(model, 1, g, cfg=True)
+    cond = torch.randn(batch, cfg.max_text_tokens, cfg.caption_dim)
+    g, N, seeds = cfg.grid_size, cfg.image_tokens, list(range(batch))
+    ours = Sampler(model, batch, g, cfg=True)
     variants = {
         "naive cat cache": lambda: naive_cached_generate(model, cond, PARAMS, seeds, g),
         "gpt.py cache": lambda: gpt_cache_generate(model, cond, PARAMS, seeds, g),
@@ -169,47 +172,48 @@ def bench_preset(name: str, dtype: str, repeat: int, full_no_cache: bool, compil
     }
     compile_s = None
     if compile_mode:
-        compiled = Sampler(model, 1, g, cfg=True, compile_mode=compile_mode)
+        compiled = Sampler(model, batch, g, cfg=True, compile_mode=compile_mode)
         compile_s = _time(lambda: compiled.sample(cond, None, PARAMS, seeds))  # compiles
         if compiled.compile_mode:
             variants[f"ours compiled ({compile_mode})"] = lambda: compiled.sample(cond, None, PARAMS, seeds)
-    for fn in variants.values():  # warm-up
-        fn()
-    # sanity: the two plain-sampler paths and ours vs no cache must agree token for token
-    same_ref = torch.equal(variants["naive cat cache"](), variants["gpt.py cache"]())
-    times = {k: [] for k in variants}
+    # interleaved runs, best of ``repeat`` (the first run of each doubles as its warm-up)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    out: dict[str, torch.Tensor] = {}
     for _ in range(repeat):
         for k, fn in variants.items():
-            times[k].append(_time(fn))
+            t0 = time.perf_counter()
+            out[k] = fn()
+            times[k].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
-    if full_no_cache:
+    # sanity: the two plain-sampler paths agree token for token, and so do ours and no cache
+    checks = {"naive == gpt.py cache tokens": torch.equal(out["naive cat cache"], out["gpt.py cache"])}
+    if no_cache == "full":
         t0 = time.perf_counter()
         slow = generate(model, cond, None, PARAMS, seeds, g, use_cache=False)
         best["no cache"] = time.perf_counter() - t0
-        same_ours = torch.equal(slow, ours.sample(cond, None, PARAMS, seeds))
-    else:
-        same_ours = None
-    best["no cache (extrapolated)"] = no_cache_extrapolated(model, cond, g)
-    no_cache = best.get("no cache", best["no cache (extrapolated)"])
+        checks["ours == no cache tokens"] = torch.equal(slow, out["ours eager"])
+    if no_cache != "skip":
+        best["no cache (extrapolated)"] = no_cache_extrapolated(model, cond, g)
+    ref = best.get("no cache", best.get("no cache (extrapolated)"))
     rows = []
     for k, t in best.items():
         rows.append({
-            "preset": name, "dtype": dtype, "variant": k, "s_per_image": t,
-            "ms_per_token": 1e3 * t / N,
-            "vs_no_cache": no_cache / t, "vs_naive_cache": best["naive cat cache"] / t,
+            "preset": name, "dtype": dtype, "batch": batch, "variant": k, "s_per_batch": t,
+            "ms_per_step": 1e3 * t / N, "vs_no_cache": ref / t if ref else None,
+            "vs_naive_cache": best["naive cat cache"] / t,
             "compile_s": compile_s if k.startswith("ours compiled") else None,
         })
-    rows[0]["checks"] = {"naive == gpt.py cache tokens": same_ref,
-                         "ours == no cache tokens": same_ours}
+    rows[0]["checks"] = checks
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| preset | dtype | variant | s / image | ms / token | vs no cache | vs naive cache |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| preset | dtype | images | variant | s / batch | ms / step | vs no cache | "
+             "vs naive cache |", "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['dtype']} | {r['variant']} | {r['s_per_image']:.2f} | "
-                     f"{r['ms_per_token']:.2f} | {r['vs_no_cache']:.1f}x | "
+        vs = f"{r['vs_no_cache']:.1f}x" if r["vs_no_cache"] else "n/a"
+        lines.append(f"| {r['preset']} | {r['dtype']} | {r['batch']} | {r['variant']} | "
+                     f"{r['s_per_batch']:.2f} | {r['ms_per_step']:.2f} | {vs} | "
                      f"{r['vs_naive_cache']:.2f}x |")
     return "\n".join(lines)
 
@@ -218,11 +222,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="debug,B")
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--batches", default="1", help="images per batch (CFG doubles the rows)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile-mode", default="default", help="'' to skip the compiled variant")
     ap.add_argument("--full-no-cache", default="debug",
                     help="presets whose no-cache run is timed in full (others extrapolated)")
+    ap.add_argument("--no-cache-max-batch", type=int, default=1,
+                    help="skip the no-cache baseline above this batch at presets not run in full")
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -232,15 +239,17 @@ def main() -> None:
     rows: list[dict] = []
     for name in a.presets.split(","):
         for dtype in a.dtypes.split(","):
-            rows += bench_preset(name, dtype, a.repeat, name in a.full_no_cache.split(","),
-                                 a.compile_mode if ok else None)
-            print(format_table(rows[-6:]), flush=True)
-            print("checks:", [r["checks"] for r in rows if "checks" in r][-1], flush=True)
+            for batch in (int(b) for b in a.batches.split(",")):
+                mode = ("full" if name in a.full_no_cache.split(",") else
+                        "extrapolate" if batch <= a.no_cache_max_batch else "skip")
+                new = bench_preset(name, dtype, batch, a.repeat, mode, a.compile_mode if ok else None)
+                rows += new
+                print(format_table(new), "\nchecks:", new[0]["checks"], flush=True)
+                if a.json:
+                    with open(a.json, "w") as f:
+                        json.dump(rows, f, indent=2)
     print(f"\nload average at the end {os.getloadavg()}\n")
     print(format_table(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
