@@ -82,6 +82,11 @@ class TokenizerTrainConfig:
     disc_layers: int = doc("discriminator strided layers", 3)
     precision: Literal["fp32", "bf16"] = doc("autocast dtype of forward passes", "fp32")
     device: Literal["auto", "cpu", "cuda"] = doc("where to train (auto: cuda if available)", "auto")
+    threads: int = doc(
+        "torch CPU threads per rank (0 = torch's default); 1 avoids OpenMP threads spinning "
+        "against each other on a busy small machine",
+        0,
+    )
     seed: int = doc("seed of model init, data order and augmentation", 0)
     shuffle_buffer: int = doc("samples in the seeded shuffle buffer", 1000)
     max_scale: float = doc(
@@ -204,6 +209,16 @@ class _Metrics:
 
 def train_tokenizer(cfg: TokenizerTrainConfig, resume: str = "auto") -> dict[str, Any]:
     """Train (or continue training) a tokenizer; returns a summary. ``resume``: auto|none|STEP."""
+    saved_threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, resume)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     d = _setup_distributed(cfg.device)
     local_root = cfg.local_root()
     ckpt_local = os.path.join(local_root, "checkpoints")
