@@ -41,18 +41,25 @@ def write_shards(out: str, n_shards: int, per_shard: int) -> int:
         with TokenShardWriter(out, i) as w:
             for j in range(per_shard):
                 codes = rng.integers(0, 16384, (16, 16))
-                w.write(encode_token_sample(
-                    f"k{i:03d}_{j:05d}", codes, rng.standard_normal(
-                        (int(rng.integers(8, 65)), 2048)).astype(np.float16),
-                    "a caption", {"label": 0}, codes_flip=codes[:, ::-1]))
+                w.write(
+                    encode_token_sample(
+                        f"k{i:03d}_{j:05d}",
+                        codes,
+                        rng.standard_normal((int(rng.integers(8, 65)), 2048)).astype(np.float16),
+                        "a caption",
+                        {"label": 0},
+                        codes_flip=codes[:, ::-1],
+                    )
+                )
             nbytes += w.close().num_bytes
     return nbytes
 
 
 def samples_per_s(uri: str, workers: int, n_batches: int) -> float:
     spec = BatchSpec(grid_size=16, max_text_tokens=120, caption_dim=2048)
-    loader = TokenLoader(LoaderConfig(shards=[uri], batch_size=BATCH, num_workers=workers,
-                                      shuffle_buffer=256), spec)
+    loader = TokenLoader(
+        LoaderConfig(shards=[uri], batch_size=BATCH, num_workers=workers, shuffle_buffer=256), spec
+    )
     it = iter(loader)
     next(it)  # worker start-up and the first buffer fill are not the steady state
     t0 = time.perf_counter()
@@ -76,16 +83,27 @@ def run(samples: int = 1024, s3: bool = True) -> list[dict]:
         for where, uri in sources:
             for workers in (0, 1, 2):
                 rate = samples_per_s(uri, workers, n_batches)
-                rows.append({"source": where, "workers": workers, "samples_per_s": rate,
-                             "MB_per_s": rate * nbytes / samples / 1e6,
-                             "x_cpu_GPT-B_rank": rate / cpu_need,
-                             "x_A100_GPT-XL": rate / gpu_need})
+                rows.append(
+                    {
+                        "source": where,
+                        "workers": workers,
+                        "samples_per_s": rate,
+                        "MB_per_s": rate * nbytes / samples / 1e6,
+                        "x_cpu_GPT-B_rank": rate / cpu_need,
+                        "x_A100_GPT-XL": rate / gpu_need,
+                    }
+                )
     finally:
         if _SERVER is not None:
             _SERVER.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    rows.append({"source": "consumption", "workers": "",
-                 "samples_per_s": f"CPU GPT-B {cpu_need:.2f}, A100 GPT-XL {gpu_need:.0f}"})
+    rows.append(
+        {
+            "source": "consumption",
+            "workers": "",
+            "samples_per_s": f"CPU GPT-B {cpu_need:.2f}, A100 GPT-XL {gpu_need:.0f}",
+        }
+    )
     return rows
 
 
@@ -105,9 +123,13 @@ def _s3_copy(local: str) -> str:
         port = sock.getsockname()[1]
     _SERVER = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     _SERVER.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x",
-                      AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="x",
+        AWS_SECRET_ACCESS_KEY="x",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
     for name in sorted(os.listdir(local)):
         storage.put_file(os.path.join(local, name), f"s3://bench/tokens/{name}")
@@ -118,9 +140,13 @@ def format_table(rows: list[dict]) -> str:
     cols = ["source", "workers", "samples_per_s", "MB_per_s", "x_cpu_GPT-B_rank", "x_A100_GPT-XL"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(
-            f"{r[c]:,.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
-            + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                f"{r[c]:,.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 

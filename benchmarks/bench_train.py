@@ -76,10 +76,14 @@ def _best_alternating(steps: list, repeat: int) -> tuple[list[float], list[float
 def bare_step(cfg: GPTConfig, dtype: str):
     torch.manual_seed(0)
     model = GPT(cfg).train()
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, OptimConfig())]
+    groups = [
+        {k: v for k, v in g.items() if k != "names"} for g in param_groups(model, OptimConfig())
+    ]
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True)
     codes, feats, mask = _batch(cfg)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    )
 
     def step():
         with ctx:
@@ -98,8 +102,15 @@ def engine_step(cfg: GPTConfig, dtype: str):
     torch.manual_seed(0)
     model = GPT(cfg)
     optim = OptimConfig()
-    ds = engine.build_ds_config("configs/deepspeed/zero2.json", micro_batch=BATCH, grad_accum=1,
-                                world=1, precision=dtype, optim=optim, lr=1e-4)
+    ds = engine.build_ds_config(
+        "configs/deepspeed/zero2.json",
+        micro_batch=BATCH,
+        grad_accum=1,
+        world=1,
+        precision=dtype,
+        optim=optim,
+        lr=1e-4,
+    )
     eng = engine.create_engine(model, param_groups(model, optim), ds, lambda s: 1.0)
     eng.train()
     codes, feats, mask = _batch(cfg)
@@ -126,27 +137,53 @@ def run(presets: tuple[str, ...] = ("debug", "B"), repeat: int = 4) -> list[dict
                 flops = BATCH * train_flops_per_sample(cfg)
                 for dtype in ("fp32", "bf16"):
                     (bare, ds), (bare_cpu, ds_cpu) = _best_alternating(
-                        [bare_step(cfg, dtype), engine_step(cfg, dtype)], repeat)
+                        [bare_step(cfg, dtype), engine_step(cfg, dtype)], repeat
+                    )
                     for what, t, c in (("bare", bare, bare_cpu), ("deepspeed", ds, ds_cpu)):
-                        rows.append({
-                            "preset": name, "act_ckpt": ckpt, "dtype": dtype, "path": what,
-                            "s_per_step": t, "cpu_s_per_step": c,
-                            "tokens_per_s": BATCH * cfg.image_tokens / t,
-                            "mfu": flops / t / peak[dtype],
-                            "ds_over_bare": ds / bare if what == "deepspeed" else None,
-                            "ds_over_bare_cpu": ds_cpu / bare_cpu if what == "deepspeed" else None,
-                        })
+                        rows.append(
+                            {
+                                "preset": name,
+                                "act_ckpt": ckpt,
+                                "dtype": dtype,
+                                "path": what,
+                                "s_per_step": t,
+                                "cpu_s_per_step": c,
+                                "tokens_per_s": BATCH * cfg.image_tokens / t,
+                                "mfu": flops / t / peak[dtype],
+                                "ds_over_bare": ds / bare if what == "deepspeed" else None,
+                                "ds_over_bare_cpu": ds_cpu / bare_cpu
+                                if what == "deepspeed"
+                                else None,
+                            }
+                        )
     finally:
         engine.remove_shm_buffers(os.environ.get("MASTER_PORT"))
-    rows.append({"preset": "peak", "path": "matmul 2048^3", "dtype": "fp32/bf16",
-                 "s_per_step": None, "tokens_per_s": None,
-                 "mfu": f"{peak['fp32'] / 1e9:.0f}/{peak['bf16'] / 1e9:.0f} GFLOP/s"})
+    rows.append(
+        {
+            "preset": "peak",
+            "path": "matmul 2048^3",
+            "dtype": "fp32/bf16",
+            "s_per_step": None,
+            "tokens_per_s": None,
+            "mfu": f"{peak['fp32'] / 1e9:.0f}/{peak['bf16'] / 1e9:.0f} GFLOP/s",
+        }
+    )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["preset", "act_ckpt", "dtype", "path", "s_per_step", "cpu_s_per_step",
-            "tokens_per_s", "mfu", "ds_over_bare", "ds_over_bare_cpu"]
+    cols = [
+        "preset",
+        "act_ckpt",
+        "dtype",
+        "path",
+        "s_per_step",
+        "cpu_s_per_step",
+        "tokens_per_s",
+        "mfu",
+        "ds_over_bare",
+        "ds_over_bare_cpu",
+    ]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []

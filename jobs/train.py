@@ -24,8 +24,9 @@ from pipeline.train.trainer import TrainConfig, train
 def main(argv: list[str] | None = None) -> None:
     parser = job_parser(__doc__.splitlines()[0])
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--resume", default=None,
-                        help="auto (newest complete checkpoint), none, or step_NNNNNNNN")
+    parser.add_argument(
+        "--resume", default=None, help="auto (newest complete checkpoint), none, or step_NNNNNNNN"
+    )
     cfg, args = parse_job(TrainConfig, __doc__.splitlines()[0], argv, parser=parser)
     if args.resume is not None:
         cfg = dataclasses.replace(cfg, resume=args.resume)

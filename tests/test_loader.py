@@ -46,8 +46,12 @@ def _epoch_keys(loader: TokenLoader, epoch: int = 0) -> list[str]:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return (a["keys"] == b["keys"] and torch.equal(a["codes"], b["codes"])
-            and torch.equal(a["cond"], b["cond"]) and torch.equal(a["cond_mask"], b["cond_mask"]))
+    return (
+        a["keys"] == b["keys"]
+        and torch.equal(a["codes"], b["codes"])
+        and torch.equal(a["cond"], b["cond"])
+        and torch.equal(a["cond_mask"], b["cond_mask"])
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -75,7 +79,8 @@ def test_resume_refuses_a_different_worker_count(toy):
     loader = TokenLoader(LoaderConfig(shards=[toy], num_workers=2), SPEC)
     with pytest.raises(ValueError, match="num_workers"):
         TokenLoader(LoaderConfig(shards=[toy], num_workers=0), SPEC).load_state_dict(
-            loader.state_dict())
+            loader.state_dict()
+        )
 
 
 @pytest.mark.parametrize("split,n_shards", [("auto", 4), ("sample", 4), ("auto", 1)])
@@ -128,8 +133,11 @@ def test_damaged_shards_are_counted_and_skipped(tmp_path):
     assert counters["missing_samples"] == 10 + 5
 
     with pytest.raises(RuntimeError, match="damaged token shard"):
-        list(itertools.islice(TokenLoader(LoaderConfig(shards=[uri], num_workers=0,
-                                                       on_error="fail"), SPEC), 10))
+        list(
+            itertools.islice(
+                TokenLoader(LoaderConfig(shards=[uri], num_workers=0, on_error="fail"), SPEC), 10
+            )
+        )
 
 
 def read_token_shard_prefix(data: bytes, n: int):
@@ -160,14 +168,20 @@ def test_bad_sample_is_counted(tmp_path):
 def test_padding_mask_and_truncation():
     rng = np.random.default_rng(0)
     spec = BatchSpec(grid_size=2, caption_dim=4, max_text_tokens=5)
-    samples = [{"key": f"k{n}", "codes": np.arange(4, dtype=np.uint16),
-                "t5": rng.standard_normal((n, 4)).astype(np.float16)} for n in (1, 3, 5)]
+    samples = [
+        {
+            "key": f"k{n}",
+            "codes": np.arange(4, dtype=np.uint16),
+            "t5": rng.standard_normal((n, 4)).astype(np.float16),
+        }
+        for n in (1, 3, 5)
+    ]
     b = collate(samples, spec)
     assert b["cond"].shape == (3, 5, 4) and b["cond"].dtype == torch.float16
     assert b["codes"].dtype == torch.long and b["codes"].shape == (3, 4)
     for i, n in enumerate((1, 3, 5)):
         assert b["cond_mask"][i].tolist() == [False] * (5 - n) + [True] * n  # left-padded
-        assert torch.equal(b["cond"][i, 5 - n:], torch.from_numpy(samples[i]["t5"]))
+        assert torch.equal(b["cond"][i, 5 - n :], torch.from_numpy(samples[i]["t5"]))
         assert not b["cond"][i, : 5 - n].any()
 
 

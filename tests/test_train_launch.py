@@ -37,18 +37,31 @@ STEPS = 40
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", T2I_PROGRESS="0",
-               DS_ACCELERATOR="cpu")
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", T2I_PROGRESS="0", DS_ACCELERATOR="cpu")
     return env
 
 
 def _cmd(launcher: str, port: int, args: list[str]) -> list[str]:
     if launcher == "deepspeed":
-        head = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(port)]
+        head = [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+        ]
     else:
-        head = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(port)]
+        head = [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+        ]
     return [*head, "jobs/train.py", "--config", "configs/train/tiny.yaml", *args]
 
 
@@ -61,8 +74,15 @@ def _train(launcher: str, args: list[str], log_path: Path, timeout: int = 240) -
     """Run a training job to the end; returns its output (asserting success)."""
     port = free_port()
     try:
-        proc = subprocess.run(_cmd(launcher, port, args), cwd=REPO, env=_env(), timeout=timeout,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            _cmd(launcher, port, args),
+            cwd=REPO,
+            env=_env(),
+            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     finally:
         _cleanup_shm(port)
     log_path.write_text(proc.stdout)
@@ -73,9 +93,15 @@ def _train(launcher: str, args: list[str], log_path: Path, timeout: int = 240) -
 def _train_and_kill(args: list[str], after: str, log_path: Path, timeout: int = 240) -> str:
     """Start a launcher run, SIGKILL its whole process group once ``after`` is printed."""
     port = free_port()
-    proc = subprocess.Popen(_cmd("deepspeed", port, args), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd("deepspeed", port, args),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
     watchdog.start()
     lines, seen = [], False
@@ -103,8 +129,14 @@ def _steps(path: Path) -> list[dict]:
 
 
 def _common(run_dir: str, local_dir: Path, shards: str, extra: list[str] = ()) -> list[str]:
-    return [f"run_dir={run_dir}", f"local_dir={local_dir}", f"data.shards=[{shards}]",
-            f"steps={STEPS}", "ckpt_every=10", *extra]
+    return [
+        f"run_dir={run_dir}",
+        f"local_dir={local_dir}",
+        f"data.shards=[{shards}]",
+        f"steps={STEPS}",
+        "ckpt_every=10",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +151,9 @@ def bucket(s3_server) -> str:
 @pytest.fixture(scope="module")
 def shards(bucket) -> str:
     uri = f"{bucket}/tokens/toy"
-    write_toy_token_shards(uri, num_shards=4, per_shard=16, grid_size=4, caption_dim=16,
-                           vocab_size=64)
+    write_toy_token_shards(
+        uri, num_shards=4, per_shard=16, grid_size=4, caption_dim=16, vocab_size=64
+    )
     return uri
 
 
@@ -133,13 +166,24 @@ def zero2(bucket, shards, tmp_path_factory) -> dict:
     killed_dir = f"{bucket}/runs/killed"
     # the killed run is told to go on far longer (the schedule is constant after warmup, so the
     # step count changes nothing else): it is surely still training when it is killed
-    _train_and_kill(_common(killed_dir, tmp / "killed_a", shards, ["steps=100000"]),
-                    after="checkpoint step_00000020 complete", log_path=tmp / "killed.log")
-    out_res = _train("deepspeed", [*_common(killed_dir, tmp / "killed_b", shards), "--resume",
-                                   "auto"], tmp / "resumed.log")
-    return {"tmp": tmp, "bucket": bucket, "out_ref": out_ref, "out_resumed": out_res,
-            "ref": _steps(tmp / "ref" / "metrics" / "steps.jsonl"),
-            "resumed": _steps(tmp / "killed_b" / "metrics" / "steps.jsonl")}
+    _train_and_kill(
+        _common(killed_dir, tmp / "killed_a", shards, ["steps=100000"]),
+        after="checkpoint step_00000020 complete",
+        log_path=tmp / "killed.log",
+    )
+    out_res = _train(
+        "deepspeed",
+        [*_common(killed_dir, tmp / "killed_b", shards), "--resume", "auto"],
+        tmp / "resumed.log",
+    )
+    return {
+        "tmp": tmp,
+        "bucket": bucket,
+        "out_ref": out_ref,
+        "out_resumed": out_res,
+        "ref": _steps(tmp / "ref" / "metrics" / "steps.jsonl"),
+        "resumed": _steps(tmp / "killed_b" / "metrics" / "steps.jsonl"),
+    }
 
 
 def test_zero2_launcher_kill9_then_resume_auto_is_exact(zero2):
@@ -206,11 +250,27 @@ def _train_many(runs: list[list[str]], tmp: Path, name: str) -> str:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
     port = free_port()
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(driver), json.dumps(runs)]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(driver),
+        json.dumps(runs),
+    ]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), timeout=300, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env=_env(),
+            timeout=300,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     finally:
         _cleanup_shm(port)
     (tmp / f"{name}.log").write_text(proc.stdout)
@@ -225,24 +285,47 @@ def zero13(bucket, shards, zero2, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("zero13")
     # ZeRO-1 also covers bf16 (DeepSpeed's BF16 optimizer) and gradient accumulation; ZeRO-3
     # activation checkpointing
-    ds = {1: ["deepspeed_config=configs/deepspeed/zero1.json", "precision=bf16", "grad_accum=2"],
-          3: ["deepspeed_config=configs/deepspeed/zero3.json", "model.grad_checkpointing=true"]}
-    _train_many([[*_common(str(tmp / f"ref{s}"), tmp / f"ref{s}", shards), *ds[s], "keep_last=5"]
-                 for s in (1, 3)], tmp, "refs")
+    ds = {
+        1: ["deepspeed_config=configs/deepspeed/zero1.json", "precision=bf16", "grad_accum=2"],
+        3: ["deepspeed_config=configs/deepspeed/zero3.json", "model.grad_checkpointing=true"],
+    }
+    _train_many(
+        [
+            [*_common(str(tmp / f"ref{s}"), tmp / f"ref{s}", shards), *ds[s], "keep_last=5"]
+            for s in (1, 3)
+        ],
+        tmp,
+        "refs",
+    )
     for s in (1, 3):  # new run dirs holding only step 20's checkpoint and its first 20 steps
         ref_dir, res_dir = tmp / f"ref{s}", tmp / f"res{s}"
-        shutil.copytree(ref_dir / "checkpoints" / "step_00000020",
-                        res_dir / "checkpoints" / "step_00000020")
+        shutil.copytree(
+            ref_dir / "checkpoints" / "step_00000020", res_dir / "checkpoints" / "step_00000020"
+        )
         (res_dir / "metrics").mkdir(parents=True)
         (res_dir / "metrics" / "steps.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in _steps(ref_dir / "metrics" / "steps.jsonl")[:20]))
+            "".join(json.dumps(r) + "\n" for r in _steps(ref_dir / "metrics" / "steps.jsonl")[:20])
+        )
     shards8 = f"{bucket}/tokens/toy8"  # the same "images" at twice the resolution
-    write_toy_token_shards(shards8, num_shards=2, per_shard=16, grid_size=4, caption_dim=16,
-                           vocab_size=64, upsample=2)
-    stage2 = [f"run_dir={tmp / 'stage2'}", f"data.shards=[{shards8}]", "model.grid_size=8",
-              f"init_from={bucket}/runs/ref/export", "steps=2", "export=false"]
-    out = _train_many([*([*_common(str(tmp / f"res{s}"), tmp / f"res{s}", shards), *ds[s]]
-                         for s in (1, 3)), stage2], tmp, "resumes")
+    write_toy_token_shards(
+        shards8, num_shards=2, per_shard=16, grid_size=4, caption_dim=16, vocab_size=64, upsample=2
+    )
+    stage2 = [
+        f"run_dir={tmp / 'stage2'}",
+        f"data.shards=[{shards8}]",
+        "model.grid_size=8",
+        f"init_from={bucket}/runs/ref/export",
+        "steps=2",
+        "export=false",
+    ]
+    out = _train_many(
+        [
+            *([*_common(str(tmp / f"res{s}"), tmp / f"res{s}", shards), *ds[s]] for s in (1, 3)),
+            stage2,
+        ],
+        tmp,
+        "resumes",
+    )
     return {"tmp": tmp, "out": out, "shards8": shards8}
 
 
@@ -285,15 +368,21 @@ def test_stage2_starts_from_stage1_export_at_a_larger_grid(zero13):
     assert "initialised from export" in zero13["out"]
     first = _steps(zero13["tmp"] / "stage2" / "metrics" / "steps.jsonl")[0]
     # a freshly initialised model on the same first batches (both ranks' streams)
-    cfg = GPTConfig.from_name("debug", vocab_size=64, caption_dim=16, max_text_tokens=8,
-                              grid_size=8)
+    cfg = GPTConfig.from_name(
+        "debug", vocab_size=64, caption_dim=16, max_text_tokens=8, grid_size=8
+    )
     spec = BatchSpec(grid_size=8, caption_dim=16, max_text_tokens=8)
     fresh = GPT(cfg).eval()
     losses = []
     for rank in range(2):
-        loader = TokenLoader(LoaderConfig(shards=[zero13["shards8"]], batch_size=4,
-                                          num_workers=0, shuffle_buffer=16), spec, rank=rank,
-                             world=2)
+        loader = TokenLoader(
+            LoaderConfig(
+                shards=[zero13["shards8"]], batch_size=4, num_workers=0, shuffle_buffer=16
+            ),
+            spec,
+            rank=rank,
+            world=2,
+        )
         batch = next(iter(loader))
         assert batch["keys"] == first["keys"][rank]
         assert batch["codes"].shape == (4, 64)

@@ -48,21 +48,24 @@ def test_stage_configs_follow_the_paper():
 
 @pytest.mark.parametrize("path", DS_CONFIGS)
 def test_ds_configs_fill_in_training_values(path):
-    ds = build_ds_config(path, micro_batch=4, grad_accum=3, world=2, precision="bf16",
-                         optim=OptimConfig(), lr=2e-4)
+    ds = build_ds_config(
+        path, micro_batch=4, grad_accum=3, world=2, precision="bf16", optim=OptimConfig(), lr=2e-4
+    )
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["optimizer"]["params"]["lr"] == 2e-4
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
     assert zero_stage(ds) == int(path.split("zero")[1][0])
-    cpu = build_ds_config(path, micro_batch=1, grad_accum=1, world=1, precision="auto",
-                          optim=OptimConfig(), lr=1e-4)
+    cpu = build_ds_config(
+        path, micro_batch=1, grad_accum=1, world=1, precision="auto", optim=OptimConfig(), lr=1e-4
+    )
     assert cpu["bf16"]["enabled"] == torch.cuda.is_available()
 
 
 def test_param_groups_decay_matrices_and_embeddings_not_norms():
-    model = GPT(GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4,
-                                    grid_size=2))
+    model = GPT(
+        GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4, grid_size=2)
+    )
     decay, no_decay = param_groups(model, OptimConfig())
     assert "tok_embed.weight" in decay["names"] and "head.weight" in decay["names"]
     assert "blocks.0.attn.qkv.weight" in decay["names"]
@@ -91,30 +94,35 @@ def test_tags():
 
 
 def test_batch_loss_is_cross_entropy_of_the_codes():
-    cfg = GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4,
-                              grid_size=2)
+    cfg = GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4, grid_size=2)
     model = GPT(cfg).eval()
-    batch = {"codes": torch.randint(0, 32, (3, 4)), "cond": torch.randn(3, 4, 8).half(),
-             "cond_mask": torch.ones(3, 4, dtype=torch.bool)}
+    batch = {
+        "codes": torch.randint(0, 32, (3, 4)),
+        "cond": torch.randn(3, 4, 8).half(),
+        "cond_mask": torch.ones(3, 4, dtype=torch.bool),
+    }
     loss = batch_loss(model, batch, torch.device("cpu"), torch.float32)
     assert loss.item() == pytest.approx(math.log(32), abs=1e-5)  # zero-initialised head
     torch.nn.init.normal_(model.head.weight)
     logits = model(batch["codes"], batch["cond"].float(), batch["cond_mask"])
     manual = -logits.log_softmax(-1).gather(-1, batch["codes"][..., None]).mean()
     assert batch_loss(model, batch, torch.device("cpu"), torch.float32).item() == pytest.approx(
-        manual.item(), rel=1e-5)
+        manual.item(), rel=1e-5
+    )
 
 
 def test_export_round_trip_and_architecture_check(tmp_path, monkeypatch):
     import pipeline.train.engine as engine
 
-    cfg = GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4,
-                              grid_size=2)
+    cfg = GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4, grid_size=2)
     model = GPT(cfg)
     torch.nn.init.normal_(model.head.weight)
     # consolidation itself is DeepSpeed's (exercised by the launch tests): stand in a state dict
-    monkeypatch.setattr(engine, "consolidated_state_dict",
-                        lambda root, tag: {k: v.clone() for k, v in model.state_dict().items()})
+    monkeypatch.setattr(
+        engine,
+        "consolidated_state_dict",
+        lambda root, tag: {k: v.clone() for k, v in model.state_dict().items()},
+    )
     export_weights("unused", "step_00000007", cfg, str(tmp_path / "exp"))
     state, saved = load_export(str(tmp_path / "exp"))
     assert saved == cfg
@@ -123,8 +131,7 @@ def test_export_round_trip_and_architecture_check(tmp_path, monkeypatch):
     init_from_export(bigger, str(tmp_path / "exp"), bigger.cfg)
     assert torch.equal(bigger.head.weight, model.head.weight)
     with pytest.raises(ValueError, match="n_layer"):
-        init_from_export(GPT(cfg.replace(n_layer=3)), str(tmp_path / "exp"),
-                         cfg.replace(n_layer=3))
+        init_from_export(GPT(cfg.replace(n_layer=3)), str(tmp_path / "exp"), cfg.replace(n_layer=3))
 
 
 def test_complete_tags_need_their_marker(tmp_path):
@@ -137,9 +144,17 @@ def test_complete_tags_need_their_marker(tmp_path):
 
 def test_metrics_files_and_resume_cut(tmp_path):
     def run(start, stop):
-        m = MetricsLogger(str(tmp_path), enabled=True, start_step=start, total_steps=stop,
-                          log_every=2, flops_per_sample=1e6, tokens_per_sample=16,
-                          peak_flops=1e9, world=2)
+        m = MetricsLogger(
+            str(tmp_path),
+            enabled=True,
+            start_step=start,
+            total_steps=stop,
+            log_every=2,
+            flops_per_sample=1e6,
+            tokens_per_sample=16,
+            peak_flops=1e9,
+            world=2,
+        )
         for s in range(start + 1, stop + 1):
             m.step(s, loss=10.0 / s, lr=1e-3, grad_norm=1.0, samples=8, seconds=0.01)
         return m.close()
@@ -157,10 +172,19 @@ def test_class_conditional_batches_train_the_class_model(tmp_path):
     from pipeline.train.toy_data import write_toy_token_shards
 
     write_toy_token_shards(str(tmp_path / "toy"), num_shards=2, per_shard=8, num_patterns=5)
-    cfg = load_config(TrainConfig, "configs/train/class_cond.yaml",
-                      ["model.preset=debug", "model.num_classes=5", "model.vocab_size=64",
-                       "model.grid_size=4", f"data.shards=[{tmp_path / 'toy'}]",
-                       "data.num_workers=0", "data.batch_size=4"])
+    cfg = load_config(
+        TrainConfig,
+        "configs/train/class_cond.yaml",
+        [
+            "model.preset=debug",
+            "model.num_classes=5",
+            "model.vocab_size=64",
+            "model.grid_size=4",
+            f"data.shards=[{tmp_path / 'toy'}]",
+            "data.num_workers=0",
+            "data.batch_size=4",
+        ],
+    )
     assert cfg.model.cond == "class" and cfg.model.n_layer == 2
     spec = BatchSpec(grid_size=4, cond="class")
     batch = next(iter(TokenLoader(cfg.data, spec)))

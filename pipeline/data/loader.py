@@ -66,7 +66,9 @@ class LoaderConfig:
     shuffle_buffer: int = doc("samples in the shuffle buffer (per stream)", 1000)
     seed: int = doc("seed of the shard order, the shuffle buffer and the flip coin", 0)
     flip: bool = doc("use the horizontally flipped codes half of the time, when present", True)
-    on_error: Literal["skip", "fail"] = doc("a damaged shard or sample: count and skip, or fail", "skip")
+    on_error: Literal["skip", "fail"] = doc(
+        "a damaged shard or sample: count and skip, or fail", "skip"
+    )
     split: Literal["auto", "shard", "sample"] = doc(
         "split among streams by shard, by sample, or auto (by shard when each stream gets one)",
         "auto",
@@ -172,11 +174,15 @@ class EpochPlan:
         return bisect.bisect_right(self.starts, g) - 1
 
 
-def plan_epoch(shards: list[ShardInfo], cfg: LoaderConfig, epoch: int, stream: int,
-               n_streams: int) -> EpochPlan:
+def plan_epoch(
+    shards: list[ShardInfo], cfg: LoaderConfig, epoch: int, stream: int, n_streams: int
+) -> EpochPlan:
     """The deterministic plan of ``stream`` (of ``n_streams``) for ``epoch``."""
-    perm = (np.random.default_rng([cfg.seed, epoch]).permutation(len(shards)) if cfg.shuffle
-            else np.arange(len(shards)))
+    perm = (
+        np.random.default_rng([cfg.seed, epoch]).permutation(len(shards))
+        if cfg.shuffle
+        else np.arange(len(shards))
+    )
     by_shard = cfg.split == "shard" or (cfg.split == "auto" and len(shards) >= n_streams)
     if by_shard:
         reads = [shards[i] for i in perm[stream::n_streams]]
@@ -201,8 +207,15 @@ def plan_epoch(shards: list[ShardInfo], cfg: LoaderConfig, epoch: int, stream: i
 class _Stream:
     """One stream's samples from its saved place on, forever (epoch after epoch)."""
 
-    def __init__(self, shards: list[ShardInfo], cfg: LoaderConfig, spec: BatchSpec, stream: int,
-                 n_streams: int, state: dict[str, Any]):
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        cfg: LoaderConfig,
+        spec: BatchSpec,
+        stream: int,
+        n_streams: int,
+        state: dict[str, Any],
+    ):
         self.shards, self.cfg, self.spec = shards, cfg, spec
         self.stream, self.n_streams = stream, n_streams
         self.state = dict(state)
@@ -210,7 +223,9 @@ class _Stream:
     def _count(self, name: str, n: int = 1) -> None:
         self.state[name] = self.state.get(name, 0) + n
 
-    def _read(self, plan: EpochPlan, first_pos: int, done: np.ndarray) -> Iterator[tuple[int, dict]]:
+    def _read(
+        self, plan: EpochPlan, first_pos: int, done: np.ndarray
+    ) -> Iterator[tuple[int, dict]]:
         """(source position, raw sample) for every position >= first_pos not yet emitted."""
         for k in range(plan.shard_of(first_pos), len(plan.reads)):
             info = plan.reads[k]
@@ -239,8 +254,13 @@ class _Stream:
                     if self.cfg.on_error == "fail":
                         raise RuntimeError(f"damaged token shard {info.uri}: {exc}") from exc
                     self._count("bad_shards")
-                    log.warning("token shard %s is damaged after %d samples (%s: %s); "
-                                "skipping the rest", info.uri, j, type(exc).__name__, exc)
+                    log.warning(
+                        "token shard %s is damaged after %d samples (%s: %s); skipping the rest",
+                        info.uri,
+                        j,
+                        type(exc).__name__,
+                        exc,
+                    )
                     break
 
     def _decode(self, raw: dict, flip: bool) -> dict[str, Any] | None:
@@ -256,8 +276,10 @@ class _Stream:
             else:
                 t5 = s["t5"]
                 if t5.shape[1] != self.spec.caption_dim:
-                    raise ValueError(f"t5 features are {t5.shape[1]}-d, the model takes "
-                                     f"{self.spec.caption_dim}-d")
+                    raise ValueError(
+                        f"t5 features are {t5.shape[1]}-d, the model takes "
+                        f"{self.spec.caption_dim}-d"
+                    )
                 if t5.shape[0] > self.spec.max_text_tokens:
                     self._count("truncated_captions")
                     t5 = t5[: self.spec.max_text_tokens]
@@ -335,8 +357,14 @@ class _StreamDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         logical = (self.rotation + (info.id if info else 0)) % self.n_local
-        stream = _Stream(self.shards, self.cfg, self.spec, self.rank * self.n_local + logical,
-                         self.world * self.n_local, self.states[logical])
+        stream = _Stream(
+            self.shards,
+            self.cfg,
+            self.spec,
+            self.rank * self.n_local + logical,
+            self.world * self.n_local,
+            self.states[logical],
+        )
         samples: list[dict[str, Any]] = []
         for s in stream:
             if s is not None:
@@ -371,8 +399,13 @@ class TokenLoader:
             "batches": 0,
         }
         n_samples = sum(s.num_samples for s in self.shards)
-        log.info("loader: %d shards, %d samples, %d streams per rank x %d ranks",
-                 len(self.shards), n_samples, self.n_local, world)
+        log.info(
+            "loader: %d shards, %d samples, %d streams per rank x %d ranks",
+            len(self.shards),
+            n_samples,
+            self.n_local,
+            world,
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -383,18 +416,31 @@ class TokenLoader:
         return h.hexdigest()[:16]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ds = _StreamDataset(self.shards, self.cfg, self.spec, self.rank, self.world, self.n_local,
-                            copy.deepcopy(self._state["streams"]), self._state["next"])
+        ds = _StreamDataset(
+            self.shards,
+            self.cfg,
+            self.spec,
+            self.rank,
+            self.world,
+            self.n_local,
+            copy.deepcopy(self._state["streams"]),
+            self._state["next"],
+        )
         if self.cfg.num_workers == 0:
             it: Any = iter(ds)
         else:
-            it = iter(DataLoader(
-                ds, batch_size=None, num_workers=self.cfg.num_workers,
-                prefetch_factor=self.cfg.prefetch_factor, pin_memory=torch.cuda.is_available(),
-                # its own generator: creating workers must not draw from the global torch RNG,
-                # or a resumed run's dropout would be one draw off
-                generator=torch.Generator().manual_seed(self.cfg.seed),
-            ))
+            it = iter(
+                DataLoader(
+                    ds,
+                    batch_size=None,
+                    num_workers=self.cfg.num_workers,
+                    prefetch_factor=self.cfg.prefetch_factor,
+                    pin_memory=torch.cuda.is_available(),
+                    # its own generator: creating workers must not draw from the global torch RNG,
+                    # or a resumed run's dropout would be one draw off
+                    generator=torch.Generator().manual_seed(self.cfg.seed),
+                )
+            )
         for batch in it:
             s = batch.pop("_stream")
             self._state["streams"][s] = batch.pop("_state")
@@ -411,9 +457,14 @@ class TokenLoader:
         return min(st["epoch"] for st in self._state["streams"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "rank": self.rank, "world": self.world,
-                "num_workers": self.cfg.num_workers, "fingerprint": self.fingerprint,
-                **copy.deepcopy(self._state)}
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world": self.world,
+            "num_workers": self.cfg.num_workers,
+            "fingerprint": self.fingerprint,
+            **copy.deepcopy(self._state),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` was taken; the next batch is the one that would have come."""
@@ -423,8 +474,11 @@ class TokenLoader:
             raise ValueError(
                 f"loader state is for {state['world']} ranks x {len(state['streams'])} streams, "
                 f"this run has {self.world} x {self.n_local}: keep world size and num_workers "
-                "to resume exactly (or start the data from scratch with resume_data=false)")
+                "to resume exactly (or start the data from scratch with resume_data=false)"
+            )
         if state["fingerprint"] != self.fingerprint:
-            log.warning("the token shard set changed since the checkpoint: the resumed data order "
-                        "differs from an uninterrupted run")
+            log.warning(
+                "the token shard set changed since the checkpoint: the resumed data order "
+                "differs from an uninterrupted run"
+            )
         self._state = {k: copy.deepcopy(state[k]) for k in ("streams", "next", "batches")}

@@ -42,8 +42,15 @@ log = get_logger(__name__)
 MARKER = "COMPLETE.json"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 # Fields that may differ between an export and the model that loads it: they change no weight.
-TRANSFERABLE = {"grid_size", "token_dropout_p", "attn_dropout_p", "resid_dropout_p",
-                "ffn_dropout_p", "cond_dropout_p", "grad_checkpointing"}
+TRANSFERABLE = {
+    "grid_size",
+    "token_dropout_p",
+    "attn_dropout_p",
+    "resid_dropout_p",
+    "ffn_dropout_p",
+    "cond_dropout_p",
+    "grad_checkpointing",
+}
 
 
 def tag_for(step: int) -> str:
@@ -73,14 +80,21 @@ class CheckpointManager:
         self.dist = dist
         self.keep_last = max(1, keep_last)
         self.local_root = os.path.join(local_dir, "checkpoints")
-        self.remote_root = (storage.join(run_dir, "checkpoints") if storage.is_remote(run_dir)
-                            else None)
+        self.remote_root = (
+            storage.join(run_dir, "checkpoints") if storage.is_remote(run_dir) else None
+        )
         os.makedirs(self.local_root, exist_ok=True)
 
     # -- saving
 
-    def save(self, eng, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-             meta: dict[str, Any] | None = None) -> str:
+    def save(
+        self,
+        eng,
+        step: int,
+        client_state: dict[str, Any],
+        rank_state: dict[str, Any],
+        meta: dict[str, Any] | None = None,
+    ) -> str:
         """Write checkpoint ``step`` on every rank; returns its tag once it is complete.
 
         ``meta`` (rank 0's) goes to ``meta.json`` beside DeepSpeed's files, readable without
@@ -99,8 +113,13 @@ class CheckpointManager:
         if self.remote_root and self.dist.is_local_main:
             storage.put_dir(local, storage.join(self.remote_root, tag))
         engine.barrier()
-        marker = {"tag": tag, "step": step, "world_size": self.dist.world,
-                  "time": time.time(), "host_rank0": self.dist.rank == 0}
+        marker = {
+            "tag": tag,
+            "step": step,
+            "world_size": self.dist.world,
+            "time": time.time(),
+            "host_rank0": self.dist.rank == 0,
+        }
         if self.dist.is_local_main:
             storage.write_json(os.path.join(local, MARKER), marker)
         engine.barrier()
@@ -108,8 +127,12 @@ class CheckpointManager:
             storage.write_json(storage.join(self.remote_root, tag, MARKER), marker)
         self._prune()
         engine.barrier()
-        log.info("checkpoint %s complete in %.1fs%s", tag, time.time() - t0,
-                 f" (mirrored to {self.remote_root})" if self.remote_root else "")
+        log.info(
+            "checkpoint %s complete in %.1fs%s",
+            tag,
+            time.time() - t0,
+            f" (mirrored to {self.remote_root})" if self.remote_root else "",
+        )
         return tag
 
     def _prune(self) -> None:
@@ -173,7 +196,8 @@ class CheckpointManager:
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"{path} is missing: checkpoint {tag} was written by "
-                f"{client.get('world_size', '?')} ranks, this run has {self.dist.world}")
+                f"{client.get('world_size', '?')} ranks, this run has {self.dist.world}"
+            )
         rank_state = torch.load(path, weights_only=True)
         log.info("resumed from checkpoint %s (step %d)", tag, client.get("step", -1))
         return client, rank_state
@@ -185,8 +209,9 @@ class CheckpointManager:
 # --- exports ------------------------------------------------------------------------------------
 
 
-def export_weights(ckpt_root: str, tag: str, cfg: GPTConfig, out_uri: str,
-                   extra: dict[str, Any] | None = None) -> str:
+def export_weights(
+    ckpt_root: str, tag: str, cfg: GPTConfig, out_uri: str, extra: dict[str, Any] | None = None
+) -> str:
     """Consolidate checkpoint ``tag`` under local ``ckpt_root`` into ``out_uri``:
     ``model.safetensors`` (fp32), ``gpt_config.json``, and ``export.json`` (written last)."""
     state = engine.consolidated_state_dict(ckpt_root, tag)
@@ -198,10 +223,16 @@ def export_weights(ckpt_root: str, tag: str, cfg: GPTConfig, out_uri: str,
     finally:
         os.remove(tmp)
     storage.write_json(storage.join(out_uri, "gpt_config.json"), dataclasses.asdict(cfg))
-    storage.write_json(storage.join(out_uri, "export.json"),
-                       {"tag": tag, "step": step_of(tag), "num_tensors": len(state),
-                        "num_params": int(sum(v.numel() for v in state.values())),
-                        **(extra or {})})
+    storage.write_json(
+        storage.join(out_uri, "export.json"),
+        {
+            "tag": tag,
+            "step": step_of(tag),
+            "num_tensors": len(state),
+            "num_params": int(sum(v.numel() for v in state.values())),
+            **(extra or {}),
+        },
+    )
     log.info("exported %s to %s (%d tensors)", tag, out_uri, len(state))
     return out_uri
 
@@ -222,15 +253,23 @@ def load_export(uri: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:
 def init_from_export(model: torch.nn.Module, uri: str, cfg: GPTConfig) -> None:
     """Load an export into ``model`` (built from ``cfg``): same architecture, any grid size."""
     state, saved = load_export(uri)
-    diff = {f.name for f in dataclasses.fields(GPTConfig)
-            if getattr(saved, f.name) != getattr(cfg, f.name)} - TRANSFERABLE
+    diff = {
+        f.name
+        for f in dataclasses.fields(GPTConfig)
+        if getattr(saved, f.name) != getattr(cfg, f.name)
+    } - TRANSFERABLE
     if diff:
-        raise ValueError(f"export {uri} has a different architecture: "
-                         + ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}"
-                                     for k in sorted(diff)))
+        raise ValueError(
+            f"export {uri} has a different architecture: "
+            + ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in sorted(diff))
+        )
     model.load_state_dict(state, strict=True)
-    log.info("initialised from export %s (trained at grid %d, now grid %d)", uri,
-             saved.grid_size, cfg.grid_size)
+    log.info(
+        "initialised from export %s (trained at grid %d, now grid %d)",
+        uri,
+        saved.grid_size,
+        cfg.grid_size,
+    )
 
 
 def export_checkpoint(path: str, out_uri: str) -> str:
@@ -244,7 +283,9 @@ def export_checkpoint(path: str, out_uri: str) -> str:
         if tag is None:
             raise FileNotFoundError(f"no complete checkpoint under {root}")
     if not storage.exists(storage.join(root, tag, MARKER)):
-        raise FileNotFoundError(f"checkpoint {storage.join(root, tag)} is not complete (no {MARKER})")
+        raise FileNotFoundError(
+            f"checkpoint {storage.join(root, tag)} is not complete (no {MARKER})"
+        )
     local_root = root
     if storage.is_remote(root):
         local_root = os.path.dirname(storage.local_copy(storage.join(root, tag)))

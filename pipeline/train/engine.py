@@ -62,8 +62,12 @@ class DistInfo:
 
 def init_distributed() -> DistInfo:
     """Join the process group of the launcher (deepspeed, torchrun) or make a group of one."""
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                 ("MASTER_ADDR", "127.0.0.1")):
+    for k, v in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
@@ -76,7 +80,9 @@ def init_distributed() -> DistInfo:
     # DeepSpeed's own INFO lines are many; ours say what matters
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return DistInfo(
-        rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank,
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
+        local_rank=local_rank,
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
         device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
     )
@@ -97,8 +103,16 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     return precision
 
 
-def build_ds_config(path: str, *, micro_batch: int, grad_accum: int, world: int,
-                    precision: Precision, optim: OptimConfig, lr: float) -> dict[str, Any]:
+def build_ds_config(
+    path: str,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world: int,
+    precision: Precision,
+    optim: OptimConfig,
+    lr: float,
+) -> dict[str, Any]:
     """The ds_config JSON at ``path`` with the training config's values filled in."""
     ds = json.loads(storage.read_text(path))
     ds["train_micro_batch_size_per_gpu"] = micro_batch
@@ -126,12 +140,18 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def create_engine(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config: dict[str, Any],
-                  lr_fn: Callable[[int], float]):
+def create_engine(
+    model: torch.nn.Module,
+    groups: list[dict[str, Any]],
+    ds_config: dict[str, Any],
+    lr_fn: Callable[[int], float],
+):
     """Wrap ``model`` in a DeepSpeed engine with AdamW over ``groups`` and a LambdaLR schedule."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     eng, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=copy.deepcopy(ds_config),
+        model=model,
+        model_parameters=groups,
+        config=copy.deepcopy(ds_config),
         lr_scheduler=lambda opt: LambdaLR(opt, lr_fn),
     )
     return eng
@@ -156,8 +176,9 @@ def save_checkpoint(eng, root: str, tag: str, client_state: dict[str, Any]) -> N
 
 def load_checkpoint(eng, root: str, tag: str) -> dict[str, Any]:
     """Load model, optimizer and LR schedule; returns the client state saved with them."""
-    path, client = eng.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    path, client = eng.load_checkpoint(
+        root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag} from {root}")
     return client or {}

@@ -40,9 +40,20 @@ def read_steps(path: str) -> list[dict[str, Any]]:
 class MetricsLogger:
     """Collects per-step numbers; writes only on rank 0 (``enabled``)."""
 
-    def __init__(self, out_dir: str, *, enabled: bool, start_step: int, total_steps: int,
-                 log_every: int, flops_per_sample: float, tokens_per_sample: int,
-                 peak_flops: float, world: int, tensorboard: bool = True):
+    def __init__(
+        self,
+        out_dir: str,
+        *,
+        enabled: bool,
+        start_step: int,
+        total_steps: int,
+        log_every: int,
+        flops_per_sample: float,
+        tokens_per_sample: int,
+        peak_flops: float,
+        world: int,
+        tensorboard: bool = True,
+    ):
         self.enabled = enabled
         self.out_dir = out_dir
         self.log_every = max(1, log_every)
@@ -62,17 +73,36 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1)
-        self._bar = iter(progress(range(start_step, total_steps), desc="train", total=total_steps,
-                                  unit="step"))
+            self._tb = SummaryWriter(
+                os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1
+            )
+        self._bar = iter(
+            progress(range(start_step, total_steps), desc="train", total=total_steps, unit="step")
+        )
 
-    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, samples: int,
-             seconds: float, extra: dict[str, Any] | None = None) -> None:
+    def step(
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        samples: int,
+        seconds: float,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         """Record optimizer step ``step`` (``samples``: global samples in this step)."""
         if not self.enabled:
             return
-        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": samples,
-               "seconds": seconds, **(extra or {})}
+        rec = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "samples": samples,
+            "seconds": seconds,
+            **(extra or {}),
+        }
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -92,9 +122,19 @@ class MetricsLogger:
         tok_s = samples * self.tokens_per_sample / secs
         mfu = samples * self.flops_per_sample / secs / self.peak_total
         loss = sum(r["loss"] for r in w) / len(w)
-        wait = sum(r.get("data_seconds", 0.0) for r in w) / secs  # the loader kept the model waiting
-        log.info("step %d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f MFU %.2f%% data wait %.1f%%",
-                 step, loss, w[-1]["lr"], w[-1]["grad_norm"], tok_s, 100 * mfu, 100 * wait)
+        wait = (
+            sum(r.get("data_seconds", 0.0) for r in w) / secs
+        )  # the loader kept the model waiting
+        log.info(
+            "step %d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f MFU %.2f%% data wait %.1f%%",
+            step,
+            loss,
+            w[-1]["lr"],
+            w[-1]["grad_norm"],
+            tok_s,
+            100 * mfu,
+            100 * wait,
+        )
         if self._tb is not None:
             self._tb.add_scalar("perf/tokens_per_s", tok_s, step)
             self._tb.add_scalar("perf/mfu", mfu, step)
@@ -129,8 +169,10 @@ def plot_loss(records: list[dict[str, Any]], path: str) -> str | None:
     ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss")
     k = max(1, len(losses) // 50)
     if k > 1:
-        avg = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1])
-               for i in range(len(losses))]
+        avg = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         ax.plot(steps, avg, lw=1.5, label=f"moving average ({k})")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")

@@ -26,14 +26,20 @@ class OptimConfig:
     """AdamW and learning-rate schedule."""
 
     lr_per_256: float = doc("peak learning rate per 256 samples of global batch", 1e-4)
-    scale_lr: bool = doc("scale the learning rate with the global batch (else lr_per_256 as is)", True)
+    scale_lr: bool = doc(
+        "scale the learning rate with the global batch (else lr_per_256 as is)", True
+    )
     betas: tuple[float, float] = doc("AdamW betas", (0.9, 0.95))
     eps: float = doc("AdamW epsilon", 1e-8)
     weight_decay: float = doc("weight decay of matrices (ndim >= 2)", 0.05)
-    decay_embeddings: bool = doc("also decay the token/class embedding tables (LlamaGen does)", True)
+    decay_embeddings: bool = doc(
+        "also decay the token/class embedding tables (LlamaGen does)", True
+    )
     grad_clip: float = doc("global gradient-norm clipping (0: off)", 1.0)
     warmup_steps: int = doc("linear warmup steps", 0)
-    schedule: Literal["constant", "cosine"] = doc("after warmup: constant or cosine decay", "constant")
+    schedule: Literal["constant", "cosine"] = doc(
+        "after warmup: constant or cosine decay", "constant"
+    )
     min_lr_ratio: float = doc("cosine floor as a fraction of the peak", 0.1)
 
 

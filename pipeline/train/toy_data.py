@@ -45,10 +45,15 @@ def write_toy_token_shards(
                 c = int(rng.integers(num_patterns))
                 n = int(rng.integers(1, max_len + 1))
                 t5 = class_vecs[c] + 0.1 * rng.standard_normal((n, caption_dim)).astype(np.float32)
-                w.write(encode_token_sample(
-                    key=f"s{index:05d}_{j:05d}", codes=patterns[c], t5=t5,
-                    caption=f"pattern {c}", meta={"label": c, "shard": index},
-                    codes_flip=patterns[c][:, ::-1],
-                ))
+                w.write(
+                    encode_token_sample(
+                        key=f"s{index:05d}_{j:05d}",
+                        codes=patterns[c],
+                        t5=t5,
+                        caption=f"pattern {c}",
+                        meta={"label": c, "shard": index},
+                        codes_flip=patterns[c][:, ::-1],
+                    )
+                )
             infos.append(w.close({"toy": True}))
     return infos

@@ -41,15 +41,18 @@ class TrainConfig:
     """One training stage (stage 1 at 256 px, stage 2 at 512 px, class-conditional, tiny)."""
 
     name: str = doc("run name (for logs)", "run")
-    run_dir: str = doc("checkpoints, exports, metrics, resolved config (local or s3://)",
-                       "outputs/train/run")
-    local_dir: str | None = doc("local working copy of an s3:// run dir "
-                                "(default $T2I_CACHE/runs/<bucket>/<prefix>)", None)
+    run_dir: str = doc(
+        "checkpoints, exports, metrics, resolved config (local or s3://)", "outputs/train/run"
+    )
+    local_dir: str | None = doc(
+        "local working copy of an s3:// run dir (default $T2I_CACHE/runs/<bucket>/<prefix>)", None
+    )
     model: GPTConfig = field(default_factory=GPTConfig, metadata={"doc": "GPT preset + overrides"})
     data: LoaderConfig = field(default_factory=LoaderConfig, metadata={"doc": "token shards"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "AdamW + schedule"})
-    deepspeed_config: str = doc("ds_config JSON (ZeRO stage, offload)",
-                                "configs/deepspeed/zero2.json")
+    deepspeed_config: str = doc(
+        "ds_config JSON (ZeRO stage, offload)", "configs/deepspeed/zero2.json"
+    )
     precision: Literal["auto", "fp32", "bf16"] = doc("auto: bf16 on GPU, fp32 on CPU", "auto")
     grad_accum: int = doc("micro-batches per optimizer step", 1)
     steps: int = doc("total optimizer steps", 1000)
@@ -57,10 +60,12 @@ class TrainConfig:
     ckpt_every: int = doc("steps between checkpoints (one is always written at the end)", 1000)
     keep_last: int = doc("complete checkpoints kept", 2)
     resume: str = doc("auto (newest complete checkpoint), none, or a tag step_NNNNNNNN", "auto")
-    resume_data: bool = doc("restore the data loader's place (false after a world-size change)",
-                            True)
-    init_from: str | None = doc("export to start from (stage 2 from stage 1), when not resuming",
-                                None)
+    resume_data: bool = doc(
+        "restore the data loader's place (false after a world-size change)", True
+    )
+    init_from: str | None = doc(
+        "export to start from (stage 2 from stage 1), when not resuming", None
+    )
     export: bool = doc("write consolidated weights to <run_dir>/export at the end", True)
     seed: int = doc("model init and per-rank dropout seeds", 0)
     peak_flops: float = doc("peak FLOP/s of one device, for MFU (A100 bf16: 312e12)", 312e12)
@@ -82,8 +87,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_loss(model: Any, batch: dict[str, Any], device: torch.device,
-               cond_dtype: torch.dtype) -> torch.Tensor:
+def batch_loss(
+    model: Any, batch: dict[str, Any], device: torch.device, cond_dtype: torch.dtype
+) -> torch.Tensor:
     """Mean next-token cross-entropy of a loader batch (``model``: a GPT or its engine)."""
     codes = batch["codes"].to(device, non_blocking=True)
     cond = batch["cond"].to(device, non_blocking=True)
@@ -117,18 +123,39 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     global_batch = cfg.data.batch_size * cfg.grad_accum * dist.world
     lr = peak_lr(cfg.optim, global_batch)
     ds_config = engine.build_ds_config(
-        cfg.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=cfg.grad_accum,
-        world=dist.world, precision=cfg.precision, optim=cfg.optim, lr=lr)
+        cfg.deepspeed_config,
+        micro_batch=cfg.data.batch_size,
+        grad_accum=cfg.grad_accum,
+        world=dist.world,
+        precision=cfg.precision,
+        optim=cfg.optim,
+        lr=lr,
+    )
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
-    eng = engine.create_engine(model, param_groups(model, cfg.optim), ds_config,
-                               lr_lambda(cfg.optim, cfg.steps))
-    spec = BatchSpec(grid_size=cfg.model.grid_size, cond=cfg.model.cond,
-                     max_text_tokens=cfg.model.max_text_tokens, caption_dim=cfg.model.caption_dim)
+    eng = engine.create_engine(
+        model, param_groups(model, cfg.optim), ds_config, lr_lambda(cfg.optim, cfg.steps)
+    )
+    spec = BatchSpec(
+        grid_size=cfg.model.grid_size,
+        cond=cfg.model.cond,
+        max_text_tokens=cfg.model.max_text_tokens,
+        caption_dim=cfg.model.caption_dim,
+    )
     loader = TokenLoader(cfg.data, spec, rank=dist.rank, world=dist.world)
     if dist.is_main:
-        log.info("%s: GPT %.1fM params, ZeRO-%d, %s, %d ranks x %d x %d accum = global batch %d, "
-                 "peak lr %.3g", cfg.name, n_params / 1e6, engine.zero_stage(ds_config),
-                 precision, dist.world, cfg.data.batch_size, cfg.grad_accum, global_batch, lr)
+        log.info(
+            "%s: GPT %.1fM params, ZeRO-%d, %s, %d ranks x %d x %d accum = global batch %d, "
+            "peak lr %.3g",
+            cfg.name,
+            n_params / 1e6,
+            engine.zero_stage(ds_config),
+            precision,
+            dist.world,
+            cfg.data.batch_size,
+            cfg.grad_accum,
+            global_batch,
+            lr,
+        )
 
     # -- resume
     step, samples_seen = 0, 0
@@ -139,8 +166,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.resume_data:
             loader.load_state_dict(rank_state["loader"])
     metrics_dir = os.path.join(local_dir, "metrics")
-    remote_metrics = (storage.join(cfg.run_dir, "metrics") if storage.is_remote(cfg.run_dir)
-                      else None)
+    remote_metrics = (
+        storage.join(cfg.run_dir, "metrics") if storage.is_remote(cfg.run_dir) else None
+    )
     if dist.is_main:
         save_config(cfg, storage.join(cfg.run_dir, "config.yaml"))
         steps_file = os.path.join(metrics_dir, "steps.jsonl")
@@ -149,20 +177,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if storage.exists(remote_steps):
                 storage.get_file(remote_steps, steps_file)
     metrics = MetricsLogger(
-        metrics_dir, enabled=dist.is_main, start_step=step, total_steps=cfg.steps,
-        log_every=cfg.log_every, flops_per_sample=train_flops_per_sample(cfg.model),
-        tokens_per_sample=cfg.model.image_tokens, peak_flops=cfg.peak_flops, world=dist.world,
-        tensorboard=cfg.tensorboard)
+        metrics_dir,
+        enabled=dist.is_main,
+        start_step=step,
+        total_steps=cfg.steps,
+        log_every=cfg.log_every,
+        flops_per_sample=train_flops_per_sample(cfg.model),
+        tokens_per_sample=cfg.model.image_tokens,
+        peak_flops=cfg.peak_flops,
+        world=dist.world,
+        tensorboard=cfg.tensorboard,
+    )
 
     def save(at: int) -> str:
-        client_state = {"step": at, "samples_seen": samples_seen, "world_size": dist.world,
-                        "config": to_dict(cfg)}
+        client_state = {
+            "step": at,
+            "samples_seen": samples_seen,
+            "world_size": dist.world,
+            "config": to_dict(cfg),
+        }
         rank_state = {"rng": capture_rng_state(), "loader": loader.state_dict()}
         metrics.flush()
         if dist.is_main and remote_metrics:
             storage.put_dir(metrics_dir, remote_metrics)
-        return ckpt.save(eng, at, client_state, rank_state,
-                         meta={"model": to_dict(cfg.model), "step": at, "run": cfg.name})
+        return ckpt.save(
+            eng,
+            at,
+            client_state,
+            rank_state,
+            meta={"model": to_dict(cfg.model), "step": at, "run": cfg.name},
+        )
 
     # -- the loop
     eng.train()
@@ -188,9 +232,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         extra = {"epoch": loader.epoch, "data_seconds": data_seconds}
         if cfg.log_keys:
             extra["keys"] = engine.gather_objects(keys)
-        metrics.step(step, loss=loss_value, lr=engine.current_lr(eng),
-                     grad_norm=engine.grad_norm(eng), samples=global_batch,
-                     seconds=time.perf_counter() - t0, extra=extra)
+        metrics.step(
+            step,
+            loss=loss_value,
+            lr=engine.current_lr(eng),
+            grad_norm=engine.grad_norm(eng),
+            samples=global_batch,
+            seconds=time.perf_counter() - t0,
+            extra=extra,
+        )
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             last_tag = save(step)
 
@@ -203,10 +253,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if dist.world > dist.local_world and ckpt.remote_root:
                 # other nodes' partitions are only in the run dir (else: a shared file system)
                 root = os.path.join(local_dir, "export_staging")
-                storage.get_dir(storage.join(ckpt.remote_root, last_tag),
-                                os.path.join(root, last_tag))
-            export_weights(root, last_tag, cfg.model, export_uri,
-                           extra={"run": cfg.name, "samples_seen": samples_seen})
+                storage.get_dir(
+                    storage.join(ckpt.remote_root, last_tag), os.path.join(root, last_tag)
+                )
+            export_weights(
+                root,
+                last_tag,
+                cfg.model,
+                export_uri,
+                extra={"run": cfg.name, "samples_seen": samples_seen},
+            )
         engine.barrier()
     counters = engine.gather_objects(loader.counters())
     data_damage = {k: sum(c[k] for c in counters) for k in counters[0]}
@@ -214,8 +270,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         plot = metrics.close()
         if remote_metrics:
             storage.put_dir(metrics_dir, remote_metrics)
-        log.info("%s done: step %d, loss %.4f, data damage %s, loss curve %s", cfg.name, step,
-                 loss_value, data_damage, plot)
-    return {"step": step, "loss": loss_value, "samples_seen": samples_seen, "export": export_uri,
-            "checkpoint": last_tag, "data_damage": data_damage,
-            "steps_file": os.path.join(metrics_dir, "steps.jsonl")}
+        log.info(
+            "%s done: step %d, loss %.4f, data damage %s, loss curve %s",
+            cfg.name,
+            step,
+            loss_value,
+            data_damage,
+            plot,
+        )
+    return {
+        "step": step,
+        "loss": loss_value,
+        "samples_seen": samples_seen,
+        "export": export_uri,
+        "checkpoint": last_tag,
+        "data_damage": data_damage,
+        "steps_file": os.path.join(metrics_dir, "steps.jsonl"),
+    }
