@@ -69,7 +69,9 @@ def samples_per_s(uri: str, workers: int, n_batches: int) -> float:
 
 
 def run(samples: int = 1024, s3: bool = True) -> list[dict]:
+    global _SERVER
     tmp = tempfile.mkdtemp(prefix="bench-loader-")
+    saved_env = {k: os.environ.get(k) for k in _AWS_ENV}
     rows: list[dict] = []
     cpu_need = CPU_BF16_FLOPS / train_flops_per_sample(GPTConfig.from_name("B"))
     gpu_need = A100_FLOPS / train_flops_per_sample(GPTConfig.from_name("XL"))
@@ -96,6 +98,12 @@ def run(samples: int = 1024, s3: bool = True) -> list[dict]:
     finally:
         if _SERVER is not None:
             _SERVER.stop()
+            _SERVER = None
+        for k, v in saved_env.items():  # later benchmarks must not talk to a stopped server
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
     rows.append(
         {
@@ -108,6 +116,13 @@ def run(samples: int = 1024, s3: bool = True) -> list[dict]:
 
 
 _SERVER = None
+_AWS_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+)
 
 
 def _s3_copy(local: str) -> str:
