@@ -54,9 +54,11 @@ def _same(a: dict, b: dict) -> bool:
     )
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_state_dict_gives_identical_next_batches(toy, workers):
-    cfg = LoaderConfig(shards=[toy], batch_size=3, num_workers=workers, shuffle_buffer=8)
+@pytest.mark.parametrize("workers,split", [(0, "auto"), (2, "auto"), (2, "sample")])
+def test_state_dict_gives_identical_next_batches(toy, workers, split):
+    cfg = LoaderConfig(
+        shards=[toy], batch_size=3, num_workers=workers, shuffle_buffer=8, split=split
+    )
     loader = TokenLoader(cfg, SPEC)
     it = iter(loader)
     head = [next(it) for _ in range(5)]  # 5: not a multiple of the worker count
