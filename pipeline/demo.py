@@ -130,7 +130,8 @@ class Demo:
         result = run_download(cfg)
         if result.failed_shards:
             raise RuntimeError(f"download left shards {result.failed_shards} unfinished; rerun")
-        return {"shards": result.shards_done, "stats": result.stats}
+        return {"shards": result.shards_done, "images": result.stats["samples"]["successes"],
+                "stats": result.stats}
 
     def score(self) -> dict[str, Any]:
         from pipeline.data.filter import ScoreConfig, run_score
@@ -155,7 +156,14 @@ class Demo:
         )
         summary = train_tokenizer(cfg)
         self.vq = storage.join(self.path("vq"), "export")
+        self._vq_config()
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+
+    def _vq_config(self) -> None:
+        from pipeline.models.vq import VQModel
+
+        vq = VQModel.from_pretrained(self.vq).config
+        self.codebook_size, self.downsample = vq.codebook_size, vq.downsample
 
     def pretokenize(self) -> dict[str, Any]:
         import pandas as pd
@@ -184,16 +192,13 @@ class Demo:
         return out
 
     def train(self, stage: str, config: str, steps: int, extra: list[str]) -> dict[str, Any]:
-        from pipeline.models.vq import VQModel
-
-        vq_cfg = VQModel.from_pretrained(self.vq).cfg
         deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [
             deepspeed, "--num_gpus", str(self.cfg.ranks), "--master_addr", "127.0.0.1",
             "--master_port", str(free_port()), os.path.join(REPO, "jobs/train.py"),
             "--config", os.path.join(REPO, config), f"run_dir={self.path('train', stage)}",
             f"data.shards=[{self.path('tokens', stage)}]", f"steps={steps}",
-            f"model.vocab_size={vq_cfg.codebook_size}", f"model.caption_dim={self.cfg.t5_dim}",
+            f"model.vocab_size={self.codebook_size}", f"model.caption_dim={self.cfg.t5_dim}",
             *extra,
         ]
         log.info("launching: %s", " ".join(cmd))
@@ -259,10 +264,11 @@ class Demo:
         self.step("pretokenize stage 1 and stage 2", self.pretokenize)
         s1 = self.step("train stage 1 (DeepSpeed)", lambda: self.train(
             "stage1", self.cfg.stage1_config, self.cfg.stage1_steps,
-            [f"model.grid_size={self.cfg.stage1_resolution // 8}"]))
+            [f"model.grid_size={self.cfg.stage1_resolution // self.downsample}"]))
         self.step("train stage 2 from stage 1 (DeepSpeed)", lambda: self.train(
             "stage2", self.cfg.stage2_config, self.cfg.stage2_steps,
-            [f"model.grid_size={self.cfg.image_size // 8}", f"init_from={s1['export']}"]))
+            [f"model.grid_size={self.cfg.image_size // self.downsample}",
+             f"init_from={s1['export']}"]))
         self.step("sample and check against the prompts", self.sample_and_check)
         self.report["seconds"] = round(time.time() - self.t0, 1)
         storage.write_json(self.path("report.json"), self.report)

@@ -19,7 +19,7 @@ def test_demo_pipeline_small(tmp_path, monkeypatch):
     report = run_demo(cfg)
     steps = report["steps"]
     assert steps["download (img2dataset, local Ray)"]["shards"] == 2
-    assert steps["download (img2dataset, local Ray)"]["stats"]["success"] == 48
+    assert steps["download (img2dataset, local Ray)"]["images"] == 48
     tokens = steps["pretokenize stage 1 and stage 2"]
     assert 0 < tokens["stage2"]["num_samples"] < tokens["stage1"]["num_samples"] <= 48
     assert steps["train stage 1 (DeepSpeed)"]["step"] == 6
