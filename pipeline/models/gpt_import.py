@@ -27,37 +27,37 @@ from pipeline.models.gpt import GPT, GPTConfig
 
 log = get_logger(__name__)
 
-_RULES: list[tuple[str, str]] = [
-    (r"^cls_embedding\.cap_proj\.(fc[12])\.", r"cond_embed.\1."),
-    (r"^cls_embedding\.uncond_embedding$", "cond_embed.uncond"),
-    (r"^cls_embedding\.embedding_table\.", "cond_embed.table."),
-    (r"^tok_embeddings\.", "tok_embed."),
-    (r"^output\.", "head."),
-    (r"^norm\.", "norm."),
-    (r"^layers\.(\d+)\.attention\.wqkv\.", r"blocks.\1.attn.qkv."),
-    (r"^layers\.(\d+)\.attention\.wo\.", r"blocks.\1.attn.proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"blocks.\1.mlp.w_gate."),
-    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"blocks.\1.mlp.w_up."),
-    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"blocks.\1.mlp.w_down."),
-    (r"^layers\.(\d+)\.attention_norm\.", r"blocks.\1.attn_norm."),
-    (r"^layers\.(\d+)\.ffn_norm\.", r"blocks.\1.mlp_norm."),
+# (LlamaGen prefix, our prefix); "{i}" stands for a layer index. One table serves both directions.
+_NAME_PAIRS: list[tuple[str, str]] = [
+    ("cls_embedding.cap_proj.fc1.", "cond_embed.fc1."),
+    ("cls_embedding.cap_proj.fc2.", "cond_embed.fc2."),
+    ("cls_embedding.uncond_embedding", "cond_embed.uncond"),
+    ("cls_embedding.embedding_table.", "cond_embed.table."),
+    ("tok_embeddings.", "tok_embed."),
+    ("output.", "head."),
+    ("norm.", "norm."),
+    ("layers.{i}.attention.wqkv.", "blocks.{i}.attn.qkv."),
+    ("layers.{i}.attention.wo.", "blocks.{i}.attn.proj."),
+    ("layers.{i}.feed_forward.w1.", "blocks.{i}.mlp.w_gate."),
+    ("layers.{i}.feed_forward.w3.", "blocks.{i}.mlp.w_up."),
+    ("layers.{i}.feed_forward.w2.", "blocks.{i}.mlp.w_down."),
+    ("layers.{i}.attention_norm.", "blocks.{i}.attn_norm."),
+    ("layers.{i}.ffn_norm.", "blocks.{i}.mlp_norm."),
 ]
-# Inverse rules, for exporting to LlamaGen's layout.
-_INVERSE: list[tuple[str, str]] = [
-    (r"^cond_embed\.(fc[12])\.", r"cls_embedding.cap_proj.\1."),
-    (r"^cond_embed\.uncond$", "cls_embedding.uncond_embedding"),
-    (r"^cond_embed\.table\.", "cls_embedding.embedding_table."),
-    (r"^tok_embed\.", "tok_embeddings."),
-    (r"^head\.", "output."),
-    (r"^norm\.", "norm."),
-    (r"^blocks\.(\d+)\.attn\.qkv\.", r"layers.\1.attention.wqkv."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"layers.\1.attention.wo."),
-    (r"^blocks\.(\d+)\.mlp\.w_gate\.", r"layers.\1.feed_forward.w1."),
-    (r"^blocks\.(\d+)\.mlp\.w_up\.", r"layers.\1.feed_forward.w3."),
-    (r"^blocks\.(\d+)\.mlp\.w_down\.", r"layers.\1.feed_forward.w2."),
-    (r"^blocks\.(\d+)\.attn_norm\.", r"layers.\1.attention_norm."),
-    (r"^blocks\.(\d+)\.mlp_norm\.", r"layers.\1.ffn_norm."),
-]
+
+
+def _compile(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Prefix pairs -> (regex, replacement); a name without a trailing dot must match whole."""
+    rules = []
+    for src, dst in pairs:
+        pattern = "^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)")
+        pattern += "" if src.endswith(".") else "$"
+        rules.append((pattern, dst.replace("{i}", r"\1")))
+    return rules
+
+
+_RULES = _compile(_NAME_PAIRS)
+_INVERSE = _compile([(ours, theirs) for theirs, ours in _NAME_PAIRS])
 
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
