@@ -1,13 +1,18 @@
 """End-to-end training under real launchers on CPU (2 ranks, gloo), sharing runs between tests.
 
-- ZeRO-2 through the ``deepspeed`` launcher over token shards on the loopback S3 server: an
-  uninterrupted reference run; a run killed with SIGKILL (the launcher's whole process group)
-  after a checkpoint completed; a resume with ``--resume auto`` from an empty local dir, so the
-  checkpoint comes back from S3. Per-step losses and sample keys must equal the reference.
-- ZeRO-1 and ZeRO-3 through ``torchrun``: a reference run, then a new run dir holding only the
-  reference's step-20 checkpoint, resumed to the end; steps 21.. must equal the reference.
-- The reference run also shows the tiny preset overfitting, checkpoint pruning and the export,
-  and stage 2 starts from that export at a 2x larger grid.
+Exact resume, the same procedure for ZeRO-1 (bf16, 2 accumulated micro-batches), ZeRO-2 (fp32)
+and ZeRO-3 (fp32, activation checkpointing), over token shards on the loopback S3 server: an
+uninterrupted reference run; a ``deepspeed`` launcher run killed with SIGKILL (the launcher's
+whole process group) right after its step-20 checkpoint completed; a ``deepspeed`` launcher rerun
+with ``--resume auto``. Its every step's loss, learning rate, gradient norm and sample keys (of
+every rank) must equal the reference's. The ZeRO-2 and ZeRO-3 run dirs are on S3 and the rerun
+starts from an empty local dir, so the checkpoint and the metrics so far come back from S3; the
+ZeRO-1 run dir is local and the rerun goes on in the killed run's dir.
+
+The ZeRO-2 reference runs under the ``deepspeed`` launcher; the ZeRO-1 and ZeRO-3 references
+share one ``torchrun`` launch (each a fresh engine, loader and model) with a stage-2 run that
+starts from the ZeRO-2 reference's export at a 2x larger grid. The ZeRO-2 reference also shows
+the tiny preset overfitting, checkpoint pruning and the export; the ZeRO-3 one the export job.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +143,41 @@ def _common(run_dir: str, local_dir: Path, shards: str, extra: list[str] = ()) -
     ]
 
 
+# Each ZeRO stage's overrides of tiny.yaml (zero2.json, fp32): ZeRO-1 also covers bf16
+# (DeepSpeed's BF16 optimizer) and gradient accumulation, ZeRO-3 activation checkpointing.
+STAGE_ARGS = {
+    1: ["deepspeed_config=configs/deepspeed/zero1.json", "precision=bf16", "grad_accum=2"],
+    2: [],
+    3: ["deepspeed_config=configs/deepspeed/zero3.json", "model.grad_checkpointing=true"],
+}
+
+
+def _kill_then_resume(run_dir: str, tmp: Path, shards: str, stage: int) -> dict:
+    """A launcher run SIGKILLed after its step-20 checkpoint, then rerun with ``--resume auto``.
+
+    An ``s3://`` run dir is resumed from an empty local dir (as on a new machine: checkpoint and
+    metrics so far come from S3), a local one in the killed run's own dir. Returns the rerun's
+    output and steps.jsonl records."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(run_dir):
+        local_killed, local_resumed = tmp / "killed_a", tmp / "killed_b"
+    else:
+        local_killed = local_resumed = Path(run_dir)
+    # the killed run is told to go on far longer (the schedule is constant after warmup, so the
+    # step count changes nothing else): it is surely still training when it is killed
+    _train_and_kill(
+        _common(run_dir, local_killed, shards, [*STAGE_ARGS[stage], "steps=100000"]),
+        after="checkpoint step_00000020 complete",
+        log_path=tmp / "killed.log",
+    )
+    out = _train(
+        "deepspeed",
+        [*_common(run_dir, local_resumed, shards, STAGE_ARGS[stage]), "--resume", "auto"],
+        tmp / "resumed.log",
+    )
+    return {"out": out, "steps": _steps(local_resumed / "metrics" / "steps.jsonl")}
+
+
 @pytest.fixture(scope="module")
 def bucket(s3_server) -> str:
     import boto3
@@ -159,47 +198,17 @@ def shards(bucket) -> str:
 
 @pytest.fixture(scope="module")
 def zero2(bucket, shards, tmp_path_factory) -> dict:
-    """Reference, killed and resumed ZeRO-2 runs through the deepspeed launcher."""
+    """The ZeRO-2 reference run, then a killed and a resumed one, all through the launcher."""
     tmp = tmp_path_factory.mktemp("zero2")
     ref = _common(f"{bucket}/runs/ref", tmp / "ref", shards)
     out_ref = _train("deepspeed", ref, tmp / "ref.log")
-    killed_dir = f"{bucket}/runs/killed"
-    # the killed run is told to go on far longer (the schedule is constant after warmup, so the
-    # step count changes nothing else): it is surely still training when it is killed
-    _train_and_kill(
-        _common(killed_dir, tmp / "killed_a", shards, ["steps=100000"]),
-        after="checkpoint step_00000020 complete",
-        log_path=tmp / "killed.log",
-    )
-    out_res = _train(
-        "deepspeed",
-        [*_common(killed_dir, tmp / "killed_b", shards), "--resume", "auto"],
-        tmp / "resumed.log",
-    )
     return {
         "tmp": tmp,
         "bucket": bucket,
         "out_ref": out_ref,
-        "out_resumed": out_res,
         "ref": _steps(tmp / "ref" / "metrics" / "steps.jsonl"),
-        "resumed": _steps(tmp / "killed_b" / "metrics" / "steps.jsonl"),
+        "resumed": _kill_then_resume(f"{bucket}/runs/killed", tmp, shards, stage=2),
     }
-
-
-def test_zero2_launcher_kill9_then_resume_auto_is_exact(zero2):
-    ref, res = zero2["ref"], zero2["resumed"]
-    assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
-    assert [r["step"] for r in res] == list(range(1, STEPS + 1))
-    line = next(x for x in zero2["out_resumed"].splitlines() if "resumed from checkpoint" in x)
-    resumed_at = int(line.split("step_")[1][:8])
-    assert 20 <= resumed_at < STEPS  # a real mid-run resume, from S3 (its local dir was empty)
-    assert "downloading checkpoint" in zero2["out_resumed"]
-    for a, b in zip(ref, res):
-        assert a["keys"] == b["keys"], f"step {a['step']}: different samples"
-        assert a["loss"] == b["loss"], f"step {a['step']}: loss {a['loss']} != {b['loss']}"
-        assert a["lr"] == b["lr"] and a["grad_norm"] == b["grad_norm"]
-    # every rank's keys are logged: 2 ranks x 4, and the two ranks never share a sample
-    assert all(len(r["keys"]) == 2 and not set(r["keys"][0]) & set(r["keys"][1]) for r in ref)
 
 
 def test_tiny_preset_overfits(zero2):
@@ -280,36 +289,16 @@ def _train_many(runs: list[list[str]], tmp: Path, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def zero13(bucket, shards, zero2, tmp_path_factory) -> dict:
-    """ZeRO-1 and ZeRO-3 reference runs (one launch), then both resumed from their step-20
-    checkpoints in new run dirs, plus stage 2 from the ZeRO-2 reference's export (a 2nd launch)."""
+    """ZeRO-1 and ZeRO-3 reference runs, and stage 2 from the ZeRO-2 reference's export, in one
+    torchrun launch."""
     tmp = tmp_path_factory.mktemp("zero13")
-    # ZeRO-1 also covers bf16 (DeepSpeed's BF16 optimizer) and gradient accumulation; ZeRO-3
-    # activation checkpointing
-    ds = {
-        1: ["deepspeed_config=configs/deepspeed/zero1.json", "precision=bf16", "grad_accum=2"],
-        3: ["deepspeed_config=configs/deepspeed/zero3.json", "model.grad_checkpointing=true"],
-    }
-    _train_many(
-        [
-            [*_common(str(tmp / f"ref{s}"), tmp / f"ref{s}", shards), *ds[s], "keep_last=5"]
-            for s in (1, 3)
-        ],
-        tmp,
-        "refs",
-    )
-    for s in (1, 3):  # new run dirs holding only step 20's checkpoint and its first 20 steps
-        ref_dir, res_dir = tmp / f"ref{s}", tmp / f"res{s}"
-        shutil.copytree(
-            ref_dir / "checkpoints" / "step_00000020", res_dir / "checkpoints" / "step_00000020"
-        )
-        (res_dir / "metrics").mkdir(parents=True)
-        (res_dir / "metrics" / "steps.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in _steps(ref_dir / "metrics" / "steps.jsonl")[:20])
-        )
     shards8 = f"{bucket}/tokens/toy8"  # the same "images" at twice the resolution
     write_toy_token_shards(
         shards8, num_shards=2, per_shard=16, grid_size=4, caption_dim=16, vocab_size=64, upsample=2
     )
+    refs = [
+        [*_common(str(tmp / f"ref{s}"), tmp / f"ref{s}", shards), *STAGE_ARGS[s]] for s in (1, 3)
+    ]
     stage2 = [
         f"run_dir={tmp / 'stage2'}",
         f"data.shards=[{shards8}]",
@@ -318,29 +307,61 @@ def zero13(bucket, shards, zero2, tmp_path_factory) -> dict:
         "steps=2",
         "export=false",
     ]
-    out = _train_many(
-        [
-            *([*_common(str(tmp / f"res{s}"), tmp / f"res{s}", shards), *ds[s]] for s in (1, 3)),
-            stage2,
-        ],
-        tmp,
-        "resumes",
-    )
-    return {"tmp": tmp, "out": out, "shards8": shards8}
+    out = _train_many([*refs, stage2], tmp, "refs")
+    return {
+        "tmp": tmp,
+        "out": out,
+        "shards8": shards8,
+        "ref": {s: _steps(tmp / f"ref{s}" / "metrics" / "steps.jsonl") for s in (1, 3)},
+    }
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_zero1_and_zero3_resume_from_checkpoint_is_exact(stage, zero13):
-    tmp = zero13["tmp"]
-    ref = _steps(tmp / f"ref{stage}" / "metrics" / "steps.jsonl")
-    res = _steps(tmp / f"res{stage}" / "metrics" / "steps.jsonl")
-    assert f"ZeRO-{stage}, {'bf16' if stage == 1 else 'fp32'}" in zero13["out"]
-    assert zero13["out"].count("resumed from checkpoint step_00000020") == 2
-    assert [r["step"] for r in ref] == [r["step"] for r in res] == list(range(1, STEPS + 1))
-    for a, b in zip(ref[20:], res[20:]):
-        assert a["keys"] == b["keys"] and a["loss"] == b["loss"], f"ZeRO-{stage} step {a['step']}"
+@pytest.fixture(scope="module")
+def resumed13(bucket, shards, tmp_path_factory) -> dict:
+    """ZeRO-1 (local run dir) and ZeRO-3 (S3 run dir), each killed and resumed by the launcher."""
+    tmp = tmp_path_factory.mktemp("resumed13")
+    return {
+        1: _kill_then_resume(str(tmp / "zero1" / "run"), tmp / "zero1", shards, stage=1),
+        3: _kill_then_resume(f"{bucket}/runs/killed3", tmp / "zero3", shards, stage=3),
+    }
+
+
+@pytest.fixture()
+def ref_and_resumed(stage, request) -> tuple[list[dict], dict]:
+    """(reference steps, killed-then-resumed run) of ZeRO ``stage``: only its runs are made."""
+    if stage == 2:
+        zero2 = request.getfixturevalue("zero2")
+        return zero2["ref"], zero2["resumed"]
+    ref = request.getfixturevalue("zero13")["ref"][stage]
+    return ref, request.getfixturevalue("resumed13")[stage]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_launcher_kill9_then_resume_auto_is_exact(stage, ref_and_resumed):
+    ref, resumed = ref_and_resumed
+    res, out = resumed["steps"], resumed["out"]
+    assert f"ZeRO-{stage}, {'bf16' if stage == 1 else 'fp32'}" in out
+    assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in res] == list(range(1, STEPS + 1))
+    line = next(x for x in out.splitlines() if "resumed from checkpoint" in x)
+    resumed_at = int(line.split("step_")[1][:8])
+    assert 20 <= resumed_at < STEPS  # a real mid-run resume
+    # from S3 into an empty local dir (ZeRO-2, ZeRO-3), or in the killed run's local dir (ZeRO-1)
+    assert ("downloading checkpoint" in out) == (stage != 1)
+    for a, b in zip(ref, res):
+        at = f"ZeRO-{stage} step {a['step']}"
+        assert a["keys"] == b["keys"], f"{at}: different samples"
+        assert a["loss"] == b["loss"], f"{at}: loss {a['loss']} != {b['loss']}"
+        assert a["lr"] == b["lr"], f"{at}: lr {a['lr']} != {b['lr']}"
+        assert a["grad_norm"] == b["grad_norm"], (
+            f"{at}: grad norm {a['grad_norm']} != {b['grad_norm']}"
+        )
+    # every rank's keys are logged: 2 ranks x 4 (x 2 accumulated micro-batches for ZeRO-1), and
+    # the two ranks never share a sample
+    per_rank = 8 if stage == 1 else 4
+    assert all(len(r["keys"]) == 2 and len(r["keys"][0]) == per_rank for r in ref)
+    assert not any(set(r["keys"][0]) & set(r["keys"][1]) for r in ref)
     assert res[-1]["loss"] < res[0]["loss"]
-    assert len(ref[0]["keys"][0]) == (8 if stage == 1 else 4)  # 2 micro-batches of 4 with accum
 
 
 def test_export_job_consolidates_zero3(zero13):
