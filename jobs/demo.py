@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         c = check[stage]
         print(f"  {stage}: colour {c['match_colour']:.0%}, shape {c['match_shape']:.0%}, "
               f"both {c['match_both']:.0%}  (chance: colour {check['chance']['match_colour']:.0%}, "
-              f"shape {check['chance']['match_shape']:.0%}, both {check['chance']['match_both']:.0%})")
+              f"shape {check['chance']['match_shape']:.0%}, both {check['chance']['match_both']:.0%}; "
+              f"the tokenizer's own reconstructions: both "
+              f"{check['tokenizer_ceiling'][stage]['match_both']:.0%})")
     print("\nCounts per stage:")
     for name, step in report["steps"].items():
         small = {k: v for k, v in step.items() if isinstance(v, (int, float, str)) and k != "note"}

@@ -45,7 +45,7 @@ class DemoConfig:
     image_size: int = doc("downloaded image side (stage-2 resolution)", 128)
     stage1_resolution: int = doc("stage-1 pretokenize resolution", 64)
     tokenizer_config: str = doc("tokenizer training YAML", "configs/tokenizer/tiny.yaml")
-    tokenizer_steps: int = doc("tokenizer training steps", 800)
+    tokenizer_steps: int = doc("tokenizer training steps", 2000)
     stage1_config: str = doc("stage-1 training YAML", "configs/train/demo_stage1.yaml")
     stage2_config: str = doc("stage-2 training YAML", "configs/train/demo_stage2.yaml")
     stage1_steps: int = doc("stage-1 GPT steps", 500)
@@ -228,7 +228,7 @@ class Demo:
             cfg = SampleConfig(
                 checkpoint=self.path("train", stage, "export"), vq=self.vq, text_encoder=self.t5,
                 output=self.path("samples", stage), prompts_file=prompts_file,
-                images_per_prompt=self.cfg.images_per_prompt, batch_size=8,
+                images_per_prompt=self.cfg.images_per_prompt, batch_size=8, overwrite=True,
                 sampling=SamplingParams(cfg_scale=self.cfg.cfg_scale, temperature=1.0, top_k=0),
             )
             result = run_sampling(cfg)
@@ -245,9 +245,45 @@ class Demo:
                 "images": n, "grid": os.path.join(cfg.output, "grid.png"),
                 **{f"match_{k}": round(v / max(n, 1), 3) for k, v in hits.items()},
             }
+        out["tokenizer_ceiling"] = self.tokenizer_ceiling(prompts)
         nc, ns = len(synthetic.COLOURS), len(synthetic.SHAPES)
         out["chance"] = {"match_colour": round(1 / nc, 3), "match_shape": round(1 / ns, 3),
                          "match_both": round(1 / (nc * ns), 3)}
+        return out
+
+    def tokenizer_ceiling(self, prompts: list[str]) -> dict[str, Any]:
+        """The checker on the VQ's own reconstructions of fresh pictures of the prompts: the most
+        a GPT sampling this tokenizer's codes could score, at each stage's resolution."""
+        import random
+
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from pipeline.models.vq import VQModel
+        from pipeline.sample_job import to_uint8_hwc
+
+        vq = VQModel.from_pretrained(self.vq)
+        out = {}
+        for stage, size in (("stage1", self.cfg.stage1_resolution), ("stage2", self.cfg.image_size)):
+            wants, pics = [], []
+            for i, prompt in enumerate(prompts):
+                colour, shape = synthetic.parse_caption(prompt)
+                for j in range(self.cfg.images_per_prompt):
+                    rng = random.Random(10_000 + i * 100 + j)
+                    pics.append(synthetic.draw_shape(colour, shape, "white", size, rng))
+                    wants.append((colour, shape))
+            x = torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in pics]))
+            with torch.no_grad():
+                rec = vq.decode(vq.encode(x.permute(0, 3, 1, 2) / 127.5 - 1))
+            got = [synthetic.check_image(Image.fromarray(a)) for a in to_uint8_hwc(rec)]
+            n = len(got)
+            out[stage] = {
+                "images": n,
+                "match_colour": round(sum(g[0] == w[0] for g, w in zip(got, wants)) / n, 3),
+                "match_shape": round(sum(g[1] == w[1] for g, w in zip(got, wants)) / n, 3),
+                "match_both": round(sum(g == w for g, w in zip(got, wants)) / n, 3),
+            }
         return out
 
     # -- the whole run

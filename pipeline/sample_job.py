@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import storage
-from pipeline.config import doc, save_config
+from pipeline.config import doc, save_config, to_dict
 from pipeline.log import get_logger, progress
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.sample import Sampler, SamplingParams
@@ -112,6 +113,8 @@ class SampleConfig:
     threads: int = doc(
         "torch CPU threads (0: torch's default). On a shared CPU box 1 can be much faster: "
         "OpenMP threads stall whenever another process holds a core", 0)
+    overwrite: bool = doc(
+        "delete images made with other settings in output instead of refusing to mix them", False)
     grid_max_prompts: int = doc("at most this many prompt rows in grid.png", 16)
     grid_caption_chars: int = doc("caption characters per line in grid.png", 60)
 
@@ -245,6 +248,7 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     from pipeline.models.vq import VQModel
 
     t_start = time.perf_counter()
+    _check_output(cfg)
     save_config(cfg, storage.join(cfg.output, "config.yaml"))
     model = (model or load_exported_gpt(cfg.checkpoint)).to(cfg.device, _DTYPES[cfg.dtype]).eval()
     vq = (vq or VQModel.from_pretrained(cfg.vq, cfg.vq_preset)).to(cfg.device).float().eval()
@@ -324,6 +328,34 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     log.info("sampled %d images (%s img/s) into %s", result.sampled,
              result.summary["images_per_second"], cfg.output)
     return result
+
+
+# the settings an image depends on: a rerun with the same ones keeps the images already there
+IMAGE_SETTINGS = ("checkpoint", "vq", "vq_preset", "text_encoder", "prompt", "prompts_file",
+                  "class_labels", "seed", "sampling", "grid_size", "dtype")
+
+
+def _check_output(cfg: SampleConfig) -> None:
+    """Refuse (or with overwrite, clear) an output whose images came from other settings."""
+    saved_uri = storage.join(cfg.output, "config.yaml")
+    if not storage.exists(saved_uri):
+        return
+    saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
+    now = to_dict(cfg)
+    changed = [k for k in IMAGE_SETTINGS if k in saved and saved[k] != now[k]]
+    if not changed:
+        return
+    pngs = storage.list_dir(cfg.output, ".png")
+    if not pngs:
+        return
+    if not cfg.overwrite:
+        raise ValueError(
+            f"{cfg.output} holds {len(pngs)} images sampled with other settings "
+            f"({', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed)}); "
+            "use a new output or overwrite=true")
+    log.info("overwrite: deleting %d images made with other %s", len(pngs), ", ".join(changed))
+    for name in pngs:
+        storage.remove(storage.join(cfg.output, name))
 
 
 def _write_grid(cfg: SampleConfig, result: SampleResult) -> None:

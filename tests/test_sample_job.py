@@ -107,6 +107,13 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path):
     assert json.loads((out / "summary.json").read_text())["sampled"] == 1
     assert (out / "00001_001.png").read_bytes() == before
 
+    # a rerun with other sampling settings must not keep the old images as its own
+    with pytest.raises(ValueError, match=r"other settings \(sampling: .*overwrite=true"):
+        sample_main(args(models, out, "batch_size=4", "sampling.cfg_scale=5.0"))
+    sample_main(args(models, out, "batch_size=2", "sampling.cfg_scale=5.0", "overwrite=true"))
+    assert json.loads((out / "summary.json").read_text())["sampled"] == 6
+    assert (out / "00001_001.png").read_bytes() != before
+
 
 def test_batched_equals_one_by_one_and_seed_matters(models, tmp_path):
     cfg = load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",

@@ -1,16 +1,35 @@
 import random
 import urllib.request
 
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
 from pipeline.data import synthetic
 
 
-def test_checker_reads_back_every_combination():
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
+@pytest.mark.parametrize("blur", [0.0, 2.0])
+def test_checker_reads_back_every_combination(size, blur):
+    # blur: a Gaussian of `blur` pixels at 64 px, like a tiny tokenizer's decode
     for c in synthetic.COLOURS:
         for s in synthetic.SHAPES:
             for b in synthetic.BACKGROUNDS:
                 for seed in range(3):
-                    img = synthetic.draw_shape(c, s, b, 64, random.Random(seed))
+                    img = synthetic.draw_shape(c, s, b, size, random.Random(seed))
+                    if blur:
+                        img = img.filter(ImageFilter.GaussianBlur(blur * size / 64))
                     assert synthetic.check_image(img) == (c, s), (c, s, b, seed)
+
+
+def test_checker_does_not_read_shapes_into_noise():
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(100):
+        noise = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+        seen.append(synthetic.check_image(Image.fromarray(noise).resize((64, 64), Image.BICUBIC)))
+    assert all(colour is None for colour, _ in seen)  # the median of noise is no palette colour
+    assert sum(shape is not None for _, shape in seen) < 0.3 * len(seen)
 
 
 def test_caption_names_what_is_drawn():
