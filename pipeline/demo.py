@@ -49,13 +49,15 @@ class DemoConfig:
     stage1_config: str = doc("stage-1 training YAML", "configs/train/demo_stage1.yaml")
     stage2_config: str = doc("stage-2 training YAML", "configs/train/demo_stage2.yaml")
     stage1_steps: int = doc("stage-1 GPT steps", 500)
-    stage2_steps: int = doc("stage-2 GPT steps", 150)
+    stage2_steps: int = doc("stage-2 GPT steps", 600)
     min_aesthetic_quantile: float = doc(
         "stage 2 keeps images whose aesthetic score is above this quantile of stage 1's", 0.25)
     t5_dim: int = doc("width of the tiny random T5", 64)
     prompts_per_check: int = doc("prompts sampled to measure the prompt match rate", 12)
-    images_per_prompt: int = doc("images per prompt in the check", 4)
-    cfg_scale: float = doc("guidance scale of the demo's samples", 3.0)
+    images_per_prompt: int = doc("images per prompt in the check", 8)
+    cfg_scale: float = doc("guidance scale of the demo's samples", 2.0)
+    temperature: float = doc("sampling temperature of the demo's samples", 0.7)
+    top_k: int = doc("sample from the k most likely codes (0: all)", 0)
     ranks: int = doc("DeepSpeed ranks (processes) for training", 2)
     seed: int = doc("seed of the generated data", 0)
 
@@ -229,7 +231,8 @@ class Demo:
                 checkpoint=self.path("train", stage, "export"), vq=self.vq, text_encoder=self.t5,
                 output=self.path("samples", stage), prompts_file=prompts_file,
                 images_per_prompt=self.cfg.images_per_prompt, batch_size=8, overwrite=True,
-                sampling=SamplingParams(cfg_scale=self.cfg.cfg_scale, temperature=1.0, top_k=0),
+                sampling=SamplingParams(cfg_scale=self.cfg.cfg_scale, temperature=self.cfg.temperature,
+                                        top_k=self.cfg.top_k),
             )
             result = run_sampling(cfg)
             hits = {"colour": 0, "shape": 0, "both": 0}
