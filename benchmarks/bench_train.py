@@ -3,7 +3,7 @@
 For the debug and B presets (text-to-image, batch 2, 120 text + 256 image tokens), one process
 (a gloo group of one), ZeRO-2 from ``configs/deepspeed/zero2.json``:
 
-- bare: ``GPT`` + PyTorch AdamW (foreach, the same param groups, gradient buffers kept) + grad
+- bare: ``GPT`` + PyTorch AdamW (fused, the same param groups, gradient buffers kept) + grad
   clipping, fp32 or bf16 autocast;
 - deepspeed: the engine of ``pipeline.train.engine`` (fp32, or DeepSpeed bf16: bf16 weights and
   activations, fp32 master weights in the optimizer);
@@ -79,7 +79,7 @@ def bare_step(cfg: GPTConfig, dtype: str):
     groups = [
         {k: v for k, v in g.items() if k != "names"} for g in param_groups(model, OptimConfig())
     ]
-    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True)
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
     codes, feats, mask = _batch(cfg)
     ctx = (
         torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
