@@ -218,6 +218,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run(presets: tuple[str, ...] = ("debug", "B"), dtypes: tuple[str, ...] = ("fp32", "bf16"),
+        batches: tuple[int, ...] = (1, 8), repeat: int = 2,
+        compile_mode: str | None = "default") -> list[dict]:
+    """Every preset x dtype x batch (for ``make bench``): debug's no-cache run in full, B's
+    extrapolated at batch 1 and skipped above it; the compiled variant where compile works."""
+    ok = bool(compile_mode) and compile_available()[0]
+    rows: list[dict] = []
+    for name in presets:
+        for dtype in dtypes:
+            for batch in batches:
+                mode = "full" if name == "debug" else "extrapolate" if batch == 1 else "skip"
+                rows += bench_preset(name, dtype, batch, repeat, mode, compile_mode if ok else None)
+    for r in rows:  # one line per row in the combined table
+        r["checks"] = ", ".join(f"{k}: {v}" for k, v in r.get("checks", {}).items()) or None
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="debug,B")
