@@ -45,28 +45,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _launcher(launcher: str, port: int) -> list[str]:
+    """``deepspeed`` or ``torchrun`` for 2 local ranks on loopback."""
+    ranks = ["--num_gpus", "2"] if launcher == "deepspeed" else ["--nproc_per_node", "2"]
+    return [str(BIN / launcher), *ranks, "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
 def _cmd(launcher: str, port: int, args: list[str]) -> list[str]:
-    if launcher == "deepspeed":
-        head = [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-        ]
-    else:
-        head = [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-        ]
-    return [*head, "jobs/train.py", "--config", "configs/train/tiny.yaml", *args]
+    return [
+        *_launcher(launcher, port),
+        "jobs/train.py",
+        "--config",
+        "configs/train/tiny.yaml",
+        *args,
+    ]
 
 
 def _cleanup_shm(port: int) -> None:
@@ -259,17 +251,7 @@ def _train_many(runs: list[list[str]], tmp: Path, name: str) -> str:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
     port = free_port()
-    cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(driver),
-        json.dumps(runs),
-    ]
+    cmd = [*_launcher("torchrun", port), str(driver), json.dumps(runs)]
     try:
         proc = subprocess.run(
             cmd,
