@@ -127,18 +127,24 @@ def laion_coco_table(samples: list[ShapeSample], urls: list[str], size: int = 25
 def check_image(img: Image.Image) -> tuple[str | None, str | None]:
     """(colour, shape) read back from an image, ``None`` where it cannot tell.
 
-    Made to read blurry decodes of a tiny tokenizer as well as sharp pictures:
+    Made to read blurry decodes of a tiny tokenizer, with halos and smeared edges, as well as
+    sharp pictures:
 
-    - background: the median border colour; object: pixels whose distance from it is over half
-      the object's own contrast (the 99th percentile distance), i.e. the edge sits where a blur
+    - background: the median border colour; "far" pixels: those whose distance from it is over
+      half the image's contrast (its 99th percentile distance), so an edge sits where a blur
       puts it, not where a fixed threshold would;
-    - colour: the palette entry nearest the object's median colour (``None`` if it is nearer the
-      background colours than any palette colour);
+    - the object: the connected region of far pixels that covers most of the image's central
+      box (generated objects always cover it, with 8% clear of the edges); a ring or smear of
+      other colour around it is another region;
+    - colour: the palette entry nearest the median of the object's core (its farther half);
+      ``None`` if that is nearer a background colour;
     - shape: within the object's bounding box (rows and columns at least 5% as full as the
       fullest), how full its four corner cells are (square ~1, triangle: the bottom two only,
       circle ~0) and how full its top quarter is against its bottom quarter (triangle ~0.15,
       the others ~1).
     """
+    from scipy import ndimage
+
     a = np.asarray(img.convert("RGB"), dtype=np.float32)
     h, w, _ = a.shape
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
@@ -147,13 +153,26 @@ def check_image(img: Image.Image) -> tuple[str | None, str | None]:
     contrast = float(np.percentile(dist, 99))
     if contrast < 60:
         return None, None
-    mask = dist > 0.5 * contrast
+    far = dist > 0.5 * contrast
+    m = max(1, round(0.06 * min(h, w)))
+    far[:m], far[-m:], far[:, :m], far[:, -m:] = False, False, False, False
+    labels, n = ndimage.label(far)
+    if n == 0:
+        return None, None
+    cy, cx, r = h // 2, w // 2, max(1, round(0.1 * min(h, w)))
+    central = np.bincount(labels[cy - r:cy + r, cx - r:cx + r].ravel(), minlength=n + 1)
+    central[0] = 0
+    if central.max() == 0:
+        return None, None
+    mask = labels == int(central.argmax())
     if mask.sum() < 0.01 * h * w:
         return None, None
-    obj = np.median(a[mask], axis=0)
+    core = mask & (dist >= np.median(dist[mask]))
+    obj = np.median(a[core], axis=0)
     palette = {**COLOURS, **{f"bg:{k}": v for k, v in BACKGROUNDS.items()}}
     colour = min(palette, key=lambda c: float(np.linalg.norm(obj - np.array(palette[c]))))
     colour = None if colour.startswith("bg:") else colour
+    mask = ndimage.binary_fill_holes(mask)  # a blotchy inside is still the inside
 
     rows, cols = mask.sum(1), mask.sum(0)  # rows/columns with a few stray pixels don't count
     ys = np.nonzero(rows >= max(1.0, 0.05 * rows.max()))[0]
