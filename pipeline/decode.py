@@ -10,8 +10,9 @@ then serves all 256 steps and every batch. Eagerly, the same code reads the cach
 current position (a view, no copy), which saves reading the unwritten part. Nothing is allocated
 per step but the activations themselves: no masks, no concatenated caches.
 
-The math is the model's own (its modules and weights, ``apply_rope``, the same masks): the parity
-test checks its tokens against ``generate(use_cache=False)``.
+The math is the model's own (its modules and weights, ``apply_rope``, the same masks), except that
+on CPU a one-token step attends through ``single_query_attention`` instead of SDPA; the parity
+tests check its tokens against ``generate(use_cache=False)``.
 """
 
 from __future__ import annotations
