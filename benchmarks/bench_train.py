@@ -8,7 +8,10 @@ For the debug and B presets (text-to-image, batch 2, 120 text + 256 image tokens
 - deepspeed: the engine of ``pipeline.train.engine`` (fp32, or DeepSpeed bf16: bf16 weights and
   activations, fp32 master weights in the optimizer);
 
-each with and without activation checkpointing. Reported: seconds per step (the best of a few
+each with and without activation checkpointing. Both run in one process after
+``engine.init_distributed``, which on CPU makes glibc keep freed memory for reuse (without it
+ZeRO's per-step gradient buffers are page-faulted in anew every step: 1.45-1.6x the bare step at
+GPT-B fp32 instead of about 1.05x). Reported: seconds per step (the best of a few
 after a warm-up, bare and engine steps taken in turns), image tokens/s, MFU against the measured 2048^3 matmul rate of the same dtype,
 and the engine's step time over the bare model's (goal: within 10%), in wall and in process CPU
 seconds (on a shared machine the second is the steadier comparison).
@@ -57,11 +60,17 @@ def _batch(cfg: GPTConfig):
     return codes, feats, mask
 
 
-def _best_alternating(steps: list, repeat: int) -> tuple[list[float], list[float]]:
+def _best_alternating(
+    steps: list, repeat: int, warmup: int = 3
+) -> tuple[list[float], list[float]]:
     """Best wall and process-CPU seconds of each step function, run in turns so that a busy
-    machine slows all alike (CPU time is what contention from other processes distorts least)."""
-    for step in steps:
-        step()  # warm-up: allocations, optimizer state
+    machine slows all alike (CPU time is what contention from other processes distorts least).
+
+    The warm-up steps create the optimizer state and grow the malloc heap to its steady size
+    (``engine.keep_freed_host_memory``: after that a step reuses freed memory, no page faults)."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
     wall = [float("inf")] * len(steps)
     cpu = [float("inf")] * len(steps)
     for _ in range(repeat):

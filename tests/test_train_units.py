@@ -4,6 +4,9 @@ checkpoint tags, the loss, the export round trip and the metrics files."""
 import glob
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +197,43 @@ def test_class_conditional_batches_train_the_class_model(tmp_path):
     loss = batch_loss(model, batch, torch.device("cpu"), torch.float32)
     loss.backward()
     assert model.cond_embed.table.weight.grad[batch["cond"]].abs().sum() > 0
+
+
+_FAULTS_SCRIPT = r"""
+import resource, sys
+import torch
+from pipeline.hostmem import keep_freed_host_memory
+applied = keep_freed_host_memory() if sys.argv[1] == "keep" else False
+def step():  # a training step's large temporary buffer: 64 MiB, written, freed
+    x = torch.empty(16 * 2**20)
+    x.fill_(1.0)
+    del x
+step()
+step()  # the heap grows to its steady size in the first steps
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_keep_freed_host_memory_stops_per_step_page_faults(mode):
+    """ZeRO's per-step CPU gradient buffers: with the setting a freed block is reused (no page
+    faults), without it glibc unmaps it and every step faults all its pages in again."""
+    env = {**os.environ, "PIPELINE_KEEP_FREED_MEMORY": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout.split()
+    applied, faults = out[-2] == "True", int(out[-1])
+    pages = 4 * 64 * 2**20 // 4096
+    if mode == "keep":
+        assert applied
+        assert faults < pages // 20, faults
+    else:
+        assert faults > pages // 2, faults
