@@ -24,10 +24,12 @@ _M_MMAP_MAX = -4
 def keep_freed_host_memory() -> bool:
     """Make glibc's malloc reuse freed memory instead of handing it back to the kernel.
 
-    Serves every allocation from the heap (no ``mmap`` for large blocks) and trims the heap's
-    top only past 2 GiB free, so a block freed in one training step is reused by the next with
-    no page faults. The process's resident size stays at its peak. The same as starting with
-    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``; set
+    Serves every allocation from the heap (no ``mmap`` for large blocks) and never trims the
+    heap's top (``M_TRIM_THRESHOLD`` -1: a GPT-B ZeRO-2 step frees over 2 GB at once, so any
+    finite threshold an ``int`` can hold would still hand it back), so a block freed in one
+    training step is reused by the next with no page faults. The process's resident size stays
+    at its peak. The same as starting with
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615``; set
     ``PIPELINE_KEEP_FREED_MEMORY=0`` to leave malloc as it is. Returns whether it was applied
     (not on a C library other than glibc).
     """
@@ -45,7 +47,7 @@ def keep_freed_host_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
     if ok:
-        log.debug("glibc malloc: mmap off, trim threshold 2 GiB (freed memory is reused)")
+        log.debug("glibc malloc: mmap off, trimming off (freed memory is reused)")
     return ok
