@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pipeline.models.gpt import GPT, GPTConfig, apply_rope, rope_2d_table
+import pipeline.models.gpt as gpt_module
+from pipeline.models.gpt import GPT, GPTConfig, apply_rope, matmul_attention, rope_2d_table
 from pipeline.models.gpt_import import from_llamagen, load_llamagen_gpt, to_llamagen
 from tests.llamagen_reference import reference_t2i_logits
 
@@ -93,6 +94,69 @@ def test_causal_masking():
     out2 = model(changed, feats, mask)
     assert torch.allclose(out[:, : j + 1], out2[:, : j + 1], atol=1e-6)  # predictions up to j
     assert not torch.allclose(out[:, j + 1 :], out2[:, j + 1 :], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["causal", "padded prefix", "all keys", "cached block"])
+def test_matmul_attention_equals_sdpa(kind):
+    """The CPU bf16 attention path: the same outputs and gradients as SDPA (fp32 to the
+    rounding; bf16 as close to an fp32 reference as SDPA's own bf16 kernel)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    B, H, T, hd = 2, 3, 11, 8
+    S = T + 5 if kind == "cached block" else T
+    mask, causal = None, kind == "causal"
+    if kind == "padded prefix":
+        pmask = torch.ones(B, 4, dtype=torch.bool)
+        pmask[0, :2] = False
+        mask = GPT.attention_mask(pmask, T, "cpu")
+    elif kind == "cached block":  # T new queries after S - T cached keys, key 1 padded
+        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)[None, None].repeat(B, 1, 1, 1)
+        mask[0, :, :, 1] = False
+    q, k, v = (torch.randn(B, H, n, hd, dtype=torch.float64) for n in (T, S, S))
+
+    def run(fn, dtype):
+        qq, kk, vv = (t.to(dtype).clone().requires_grad_() for t in (q, k, v))
+        y = fn(qq, kk, vv)
+        y.backward(torch.ones_like(y))
+        return [t.double() for t in (y, qq.grad, kk.grad, vv.grad)]
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, attn_mask=mask, is_causal=causal)
+
+    def ours(a, b, c):
+        return matmul_attention(a, b, c, mask, causal)
+
+    ref = run(sdpa, torch.float64)
+    for got, want in zip(run(ours, torch.float32), ref):
+        assert torch.allclose(got, want, atol=1e-5)
+    for got, theirs, want in zip(run(ours, torch.bfloat16), run(sdpa, torch.bfloat16), ref):
+        assert (got - want).abs().max() <= 2 * (theirs - want).abs().max() + 0.02
+
+
+def test_bf16_model_on_cpu_uses_matmul_attention_and_keeps_its_masks(monkeypatch):
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    codes, feats, mask = random_batch(cfg)
+    calls = []
+    real = gpt_module.matmul_attention
+    monkeypatch.setattr(gpt_module, "matmul_attention", lambda *a: calls.append(1) or real(*a))
+    model(codes, feats, mask)
+    assert calls == []  # fp32 stays on SDPA
+    model = model.to(torch.bfloat16)
+    feats = feats.to(torch.bfloat16)
+    out = model(codes, feats, mask)
+    assert len(calls) == cfg.n_layer
+    j = 7  # causal: a changed token changes no earlier prediction, bit for bit
+    changed = codes.clone()
+    changed[:, j] = (changed[:, j] + 1) % cfg.vocab_size
+    out2 = model(changed, feats, mask)
+    assert torch.equal(out[:, : j + 1], out2[:, : j + 1])
+    assert not torch.equal(out[:, j + 1 :], out2[:, j + 1 :])
+    noisy = torch.where(mask[..., None], feats, torch.randn_like(feats) * 10)
+    assert torch.equal(model(codes, noisy, mask), out)  # padded caption tokens are ignored
 
 
 def test_padded_caption_tokens_are_ignored():
