@@ -67,7 +67,7 @@ def _best_alternating(
     machine slows all alike (CPU time is what contention from other processes distorts least).
 
     The warm-up steps create the optimizer state and grow the malloc heap to its steady size
-    (``engine.keep_freed_host_memory``: after that a step reuses freed memory, no page faults)."""
+    (``pipeline.hostmem.keep_freed_host_memory``: after that a step reuses freed memory, no page faults)."""
     for _ in range(warmup):
         for step in steps:
             step()

@@ -11,7 +11,7 @@ current position (a view, no copy), which saves reading the unwritten part. Noth
 per step but the activations themselves: no masks, no concatenated caches.
 
 The math is the model's own (its modules and weights, ``apply_rope``, the same masks), except that
-on CPU a one-token step attends through ``single_query_attention`` instead of SDPA; the parity
+on CPU a one-token step attends through ``gpt.matmul_attention`` instead of SDPA; the parity
 tests check its tokens against ``generate(use_cache=False)``.
 """
 
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.log import get_logger
-from pipeline.models.gpt import GPT, Block, apply_rope
+from pipeline.models.gpt import GPT, Block, apply_rope, matmul_attention
 
 log = get_logger(__name__)
 
@@ -39,20 +39,6 @@ def compile_available() -> tuple[bool, str]:
         return ok, "" if ok else "compiled function gave a wrong result"
     except Exception as exc:  # noqa: BLE001 - any failure means "not available"
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           bias: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one query per row: q (R, H, 1, hd), k/v (R, H, L, hd), additive bias.
-
-    Two matmuls and an fp32 softmax. On CPU this is what a decode step should use: PyTorch's CPU
-    flash-attention kernel takes 4x longer for one bf16 query over 376 keys (400 vs 93 us at
-    GPT-B's shape), about a third of a whole bf16 decode step. On GPU SDPA stays.
-    """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.size(-1) ** -0.5  # (R, H, 1, L)
-    if bias is not None:
-        scores = scores + bias
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 class StaticDecoder(nn.Module):
@@ -125,7 +111,7 @@ class StaticDecoder(nn.Module):
             kc = kc.repeat_interleave(a.n_head // a.n_kv, dim=1)
             vc = vc.repeat_interleave(a.n_head // a.n_kv, dim=1)
         if T == 1 and q.device.type == "cpu":
-            y = single_query_attention(q, kc, vc, mask)
+            y = matmul_attention(q, kc, vc, mask)  # the bias buffer: additive
         else:
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
                                                is_causal=mask is None and T > 1)  # (R, H, T, hd)

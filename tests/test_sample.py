@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipeline.decode import StaticDecoder, compile_available, single_query_attention
-from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.decode import StaticDecoder, compile_available
+from pipeline.models.gpt import GPT, GPTConfig, matmul_attention
 from pipeline.sample import Sampler, SamplingParams, cfg_mix, draw, filter_logits, generate
 
 
@@ -149,7 +149,7 @@ def test_compile_mode_gives_the_same_tokens():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_single_query_attention_equals_sdpa(dtype):
+def test_one_query_attention_with_a_bias_equals_sdpa(dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, n, 16, generator=g).to(dtype) for n in (1, 37, 37))
     bias = torch.zeros(3, 1, 1, 37)
@@ -158,11 +158,11 @@ def test_single_query_attention_equals_sdpa(dtype):
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=bias
     )
-    out = single_query_attention(q, k, v, bias.to(dtype))
+    out = matmul_attention(q, k, v, bias.to(dtype))
     assert out.shape == ref.shape and out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
     # a key behind -inf has no influence at all
     v2 = v.clone()
     v2[0, :, :10] = 1e4
-    torch.testing.assert_close(single_query_attention(q, k, v2, bias.to(dtype))[0], out[0])
+    torch.testing.assert_close(matmul_attention(q, k, v2, bias.to(dtype))[0], out[0])

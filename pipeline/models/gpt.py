@@ -179,23 +179,23 @@ class KVCache(nn.Module):
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Attention as two matmuls and an fp32 softmax: q (B, H, T, hd), k/v (B, H, S, hd).
 
-    ``mask`` is SDPA's boolean ``attn_mask`` (True: may attend), broadcast to (B, H, T, S), or
-    None: top-left-aligned causal if ``causal``, else every key. What a bf16 model on CPU uses:
-    PyTorch's CPU flash-attention kernel takes about twice as long, forward + backward (19 vs
-    9.5 ms per GPT-B layer at 375 tokens, batch 2), and 4x for one decode query. Every row must
-    see at least one key (the model's masks let each position see itself).
+    ``mask`` is SDPA's ``attn_mask``, broadcast to (B, H, T, S): boolean (True: may attend) or
+    an additive float bias; None: top-left-aligned causal if ``causal``, else every key. On CPU
+    PyTorch's flash-attention kernel is the slower one: about twice as long for a bf16 GPT-B
+    layer, forward + backward (19 vs 9.5 ms at 375 tokens, batch 2), and 4x for one bf16 decode
+    query over 376 keys (400 vs 93 us). Every row must see at least one key (the model's masks
+    let each position see itself).
     """
-    T, S = q.size(-2), k.size(-2)
+    if mask is None and causal:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
     scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2)).float()
     if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
-        scores = scores + bias.masked_fill_(~mask, float("-inf"))
-    elif causal:
-        keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-        scores = scores + torch.zeros(T, S, device=q.device).masked_fill_(~keep, float("-inf"))
+        scores = scores + mask
     return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 

@@ -13,13 +13,9 @@ With torch 2.14 + gloo a finished process sometimes aborts in its exit handlers,
 with :func:`shutdown`: barrier, flush, remove this rank's shared-memory all-reduce buffer, then
 ``os._exit``.
 
-On CPU there is no caching allocator: DeepSpeed ZeRO allocates its gradient buckets, the
-contiguous gradient partition and the flat gradient anew every step (about 1.5 GB for GPT-B at
-ZeRO-2; on GPU PyTorch's caching allocator hands the same blocks back), and glibc returns blocks
-that large to the kernel with ``munmap``, so every step faulted all those pages in again (180k
-minor faults, about 1.3 s of a 4.3 s GPT-B step on a 2-core VM).
-:func:`pipeline.hostmem.keep_freed_host_memory` makes glibc keep freed memory in the heap for
-reuse; :func:`init_distributed` calls it on CPU.
+On CPU :func:`init_distributed` also makes glibc keep freed memory for reuse
+(:mod:`pipeline.hostmem`): there is no caching allocator there, and ZeRO allocates its gradient
+buckets and flat gradients anew every step (about 1.5 GB for GPT-B at ZeRO-2).
 """
 
 from __future__ import annotations
@@ -73,8 +69,7 @@ class DistInfo:
 def init_distributed() -> DistInfo:
     """Join the process group of the launcher (deepspeed, torchrun) or make a group of one.
 
-    On CPU it also calls :func:`pipeline.hostmem.keep_freed_host_memory` (see the module's
-    docstring)."""
+    On CPU it also calls :func:`pipeline.hostmem.keep_freed_host_memory`."""
     for k, v in (
         ("RANK", "0"),
         ("LOCAL_RANK", "0"),
