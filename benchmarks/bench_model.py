@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.decode import compile_available
+from pipeline.hostmem import keep_freed_host_memory
 from pipeline.models.gpt import GPT, GPTConfig, decode_bytes_per_token, train_flops_per_sample
 from pipeline.sample import SamplingParams, generate
 
@@ -106,6 +107,9 @@ def decode_time(cfg: GPTConfig, dtype: str, use_cache: bool, tokens: int | None 
 
 def run(presets: tuple[str, ...] = ("debug", "B"), quick: bool = False,
         compiled: bool = True) -> list[dict]:
+    # as every training rank on CPU does (pipeline.train.engine.init_distributed): freed blocks
+    # stay mapped, so a step's fresh gradients and activations cost no page faults
+    keep_freed_host_memory()
     rows: list[dict] = []
     peak = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     bw = read_bandwidth()

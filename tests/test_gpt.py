@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import pipeline.models.gpt as gpt_module
+from pipeline.decode import compile_available
 from pipeline.models.gpt import GPT, GPTConfig, apply_rope, matmul_attention, rope_2d_table
 from pipeline.models.gpt_import import from_llamagen, load_llamagen_gpt, to_llamagen
 from tests.llamagen_reference import reference_t2i_logits
@@ -197,6 +198,62 @@ def test_drop_rate_is_about_ten_percent():
     torch.manual_seed(1)
     rate = torch.cat([model.cfg_drop_mask(1000, torch.device("cpu")) for _ in range(10)]).float().mean()
     assert 0.08 < rate < 0.12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_rate_scale_and_gradient(dtype):
+    p, n = 0.1, 1 << 22
+    drop = gpt_module.Dropout(p).train()
+    x = torch.ones(n, dtype=dtype, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    sigma = (p * (1 - p) / (n / 4)) ** 0.5
+    # each of the four 16-bit slices of a 64-bit draw is uniform (int64 random_() without a
+    # lower bound never sets the sign bit: one slice in four would then never drop)
+    for slot in range(4):
+        rate = 1 - kept.view(-1, 4)[:, slot].float().mean().item()
+        assert abs(rate - p) < 5 * sigma, (slot, rate)
+    scale = torch.ones((), dtype=dtype).div(1 - p)  # the scale in x's dtype, as torch's CPU dropout
+    assert torch.equal(y[kept], scale.expand(int(kept.sum())))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d y / d x is the same scaled mask
+    assert drop.eval()(x) is x
+    assert gpt_module.Dropout(0.0).train()(x) is x
+    assert not gpt_module.Dropout(1.0).train()(x).any()
+
+
+def test_cpu_dropout_masks_follow_the_seed():
+    drop = gpt_module.Dropout(0.1).train()
+    x = torch.randn(4, 375, 64)
+    torch.manual_seed(5)
+    a, b = drop(x), drop(x)
+    assert not torch.equal(a, b)  # a new mask every call
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), a)
+    state = torch.get_rng_state()
+    c = drop(x)
+    torch.set_rng_state(state)
+    assert torch.equal(drop(x), c)  # a restored RNG state (resume) replays the mask
+
+
+def test_compiled_dropout_draws_a_mask_per_call_and_keeps_it_for_backward():
+    ok, why = compile_available()
+    if not ok:
+        pytest.skip(f"torch.compile unavailable here: {why}")
+    d1, d2 = gpt_module.Dropout(0.5).train(), gpt_module.Dropout(0.5).train()
+
+    def f(x):
+        return d1(x), d2(x)  # same shape and p: must not be merged into one draw
+
+    x = torch.ones(64, 64, requires_grad=True)
+    torch.manual_seed(0)
+    a, b = torch.compile(f, fullgraph=True)(x)  # fullgraph: the mask op splits no graph
+    assert not torch.equal(a != 0, b != 0)
+    (a * 1 + b * 2).sum().backward()
+    assert torch.equal(x.grad, (a + 2 * b).detach())  # the backward uses the forward's masks
+    torch.manual_seed(0)
+    ea, eb = f(x)
+    assert torch.equal(ea, a) and torch.equal(eb, b)  # same draws as eager, same order
 
 
 def test_class_conditional_null_class():
