@@ -236,6 +236,25 @@ def test_cpu_dropout_masks_follow_the_seed():
     assert torch.equal(drop(x), c)  # a restored RNG state (resume) replays the mask
 
 
+def test_activation_checkpointing_replays_the_dropout_masks():
+    """The recomputed blocks must draw the same masks as the forward pass (checkpoint restores
+    the CPU RNG state), or the gradients would belong to another network."""
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny(token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1,
+                   grad_checkpointing=ckpt)
+        model = GPT(cfg).train()
+        torch.nn.init.normal_(model.head.weight, std=0.02)
+        codes, feats, mask = random_batch(cfg)
+        torch.manual_seed(1)
+        torch.nn.functional.cross_entropy(model(codes, feats, mask).flatten(0, 1),
+                                          codes.flatten()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
 def test_compiled_dropout_draws_a_mask_per_call_and_keeps_it_for_backward():
     ok, why = compile_available()
     if not ok:
