@@ -167,6 +167,19 @@ def create_engine(
     return eng
 
 
+def compile_engine(eng) -> None:
+    """``torch.compile`` the engine's model (DeepSpeed's ``engine.compile``, inductor backend).
+
+    Random ops keep PyTorch's eager generator (inductor's ``fallback_random``): a compiled run
+    draws the same dropout and CFG masks as an eager one from the same RNG state, so it trains
+    the same model (up to float rounding) and resumes as exactly. The parameters' names do not
+    change, so checkpoints and exports are those of an eager run."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    eng.compile()
+
+
 def grad_norm(eng) -> float:
     """Global gradient norm of the last optimizer step (before clipping); nan if unknown."""
     g = eng.get_global_grad_norm()

@@ -72,6 +72,9 @@ class TrainConfig:
     log_keys: bool = doc("record every rank's sample keys per step in steps.jsonl", False)
     tensorboard: bool = doc("write TensorBoard logs", True)
     threads: int = doc("torch CPU threads per rank (0: leave as is)", 0)
+    compile: bool = doc(
+        "torch.compile the model (DeepSpeed's engine.compile; same random draws as eager)", False
+    )
 
 
 def default_local_dir(run_dir: str) -> str:
@@ -135,6 +138,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     eng = engine.create_engine(
         model, param_groups(model, cfg.optim), ds_config, lr_lambda(cfg.optim, cfg.steps)
     )
+    if cfg.compile:
+        engine.compile_engine(eng)
     spec = BatchSpec(
         grid_size=cfg.model.grid_size,
         cond=cfg.model.cond,
@@ -144,12 +149,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = TokenLoader(cfg.data, spec, rank=dist.rank, world=dist.world)
     if dist.is_main:
         log.info(
-            "%s: GPT %.1fM params, ZeRO-%d, %s, %d ranks x %d x %d accum = global batch %d, "
+            "%s: GPT %.1fM params, ZeRO-%d, %s%s, %d ranks x %d x %d accum = global batch %d, "
             "peak lr %.3g",
             cfg.name,
             n_params / 1e6,
             engine.zero_stage(ds_config),
             precision,
+            ", torch.compile" if cfg.compile else "",
             dist.world,
             cfg.data.batch_size,
             cfg.grad_accum,
