@@ -11,7 +11,7 @@ For the debug and B presets (text-to-image, batch 2, 120 text + 256 image tokens
 each with and without activation checkpointing. Both run in one process after
 ``engine.init_distributed``, which on CPU makes glibc keep freed memory for reuse (without it
 ZeRO's per-step gradient buffers are page-faulted in anew every step: 1.45-1.6x the bare step at
-GPT-B fp32 instead of about 1.05x). Reported: seconds per step (the best of a few
+GPT-B fp32 instead of about 1.05-1.08x). Reported: seconds per step (the best of a few
 after a warm-up, bare and engine steps taken in turns), image tokens/s, MFU against the measured 2048^3 matmul rate of the same dtype,
 and the engine's step time over the bare model's (goal: within 10%), in wall and in process CPU
 seconds (on a shared machine the second is the steadier comparison).

@@ -155,7 +155,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             n_params / 1e6,
             engine.zero_stage(ds_config),
             precision,
-            ", torch.compile" if cfg.compile else "",
+            ", torch.compile" if eng.is_compiled else "",  # what the engine is, not was asked
             dist.world,
             cfg.data.batch_size,
             cfg.grad_accum,
