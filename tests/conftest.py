@@ -21,10 +21,22 @@ os.environ.setdefault(
 )
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: the sockets stay bound until all are drawn (drawn one
+    at a time, the kernel can hand the same port out twice, and Ray refuses a port given to two
+    of its components)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import psutil
 
-from tests.conftest import free_port
+from tests.conftest import free_ports
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +77,14 @@ def wait_gone(procs: Sequence[psutil.Process], timeout: float = 30.0) -> list[ps
     return alive
 
 
+# every port of the head explicit and distinct: other tests may run their own Ray on this machine
+_PORT_FLAGS = (
+    "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+    "--node-manager-port", "--object-manager-port",
+)
+
+
 class RayHead:
     """``with RayHead(num_cpus=2) as head:`` -> ``head.gcs_address``, ``head.dashboard_url``."""
 
@@ -85,25 +93,14 @@ class RayHead:
         self.start_timeout = start_timeout
         # short: Ray's unix socket paths under it must stay below 108 bytes
         self.temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
-        self.port = free_port()
-        self.dashboard_port = free_port()
+        self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+        self.port, self.dashboard_port = self.ports["--port"], self.ports["--dashboard-port"]
         self.gcs_address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(self.temp_dir, "ray-start.log")
 
     def __enter__(self) -> RayHead:
-        ports = {
-            "--port": self.port,
-            "--dashboard-port": self.dashboard_port,
-            "--ray-client-server-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-            "--metrics-export-port": free_port(),
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-        }
         cmd = [
             RAY, "start", "--head", "--block",
             "--num-cpus", str(self.num_cpus),
@@ -113,7 +110,7 @@ class RayHead:
             "--disable-usage-stats",
             "--node-ip-address", "127.0.0.1",
             "--object-store-memory", str(256 << 20),
-            *(a for k, v in ports.items() for a in (k, str(v))),
+            *(a for k, v in self.ports.items() for a in (k, str(v))),
         ]  # fmt: skip
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

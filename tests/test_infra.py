@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from tests.conftest import free_port
+from tests.conftest import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY_YAML = os.path.join(ROOT, "infra", "ray", "aws-a100.yaml")
@@ -355,19 +355,14 @@ def local_ray_head():
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     # a short temp dir: Ray's unix socket paths must stay under 107 characters
     temp_dir = tempfile.mkdtemp(prefix="ray-hf-", dir="/tmp")
-    port = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    ports = {  # every port explicit: other tests may run their own Ray on this machine
-        "--port": port,
-        "--dashboard-port": free_port(),  # the minimal dashboard process starts regardless
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-    }
+    # every port explicit (other tests may run their own Ray on this machine) and distinct; the
+    # minimal dashboard process starts regardless
+    flags = ["--port", "--dashboard-port", "--node-manager-port", "--object-manager-port",
+             "--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
+    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+    port = ports["--port"]
     cmd = [ray_bin, "start", "--head", "--num-cpus", "1", "--num-gpus", "2",
            "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
            "--temp-dir", temp_dir, "--disable-usage-stats", "--object-store-memory", "80000000",
