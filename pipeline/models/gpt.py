@@ -419,10 +419,15 @@ class GPT(nn.Module):
         if prefix_mask is None:
             return None
         B, P = prefix_mask.shape
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        # From position comparisons, not tril() / eye(): torch.compile folds the mask into each
+        # layer's softmax, and on CPU inductor could not vectorize that loop with eye() in it
+        # (GPT-B bf16, padded captions: 5.8 -> 3.0 ms a layer; a compiled autocast training
+        # step 0.835 -> 0.808 s side by side)
+        pos = torch.arange(T, device=device)
+        causal = pos[None, :] <= pos[:, None]  # (query, key): key at or before the query
         keys = torch.cat([prefix_mask, prefix_mask.new_ones(B, T - P)], dim=1)  # (B, T)
-        eye = torch.eye(T, dtype=torch.bool, device=device)
-        return ((causal & keys[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+        itself = pos[None, :] == pos[:, None]
+        return ((causal & keys[:, None, :]) | itself)[:, None]  # (B, 1, T, T)
 
     # -- training / full forward
 

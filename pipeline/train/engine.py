@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +44,14 @@ from pipeline.log import get_logger
 from pipeline.train.optim import OptimConfig
 
 log = get_logger(__name__)
+
+# ZeRO's parameter all-gathers call torch.distributed.all_gather_into_tensor, which torch 2.14
+# marks deprecated: a FutureWarning on every rank of every run that only DeepSpeed can act on
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    category=FutureWarning,
+)
 
 Precision = Literal["auto", "fp32", "bf16"]
 
