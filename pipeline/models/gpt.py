@@ -399,13 +399,20 @@ class GPT(nn.Module):
             uncond = self.cond_embed.uncond.to(cond.dtype)
             cond = torch.where(drop[:, None, None], uncond, cond)
             mask = mask | drop[:, None]
-        # a row with no valid token would attend to nothing: treat it as the null caption
+        # a row with no valid token would attend to nothing: treat it as the null caption.
+        # Eager, two data-dependent checks skip work (and keep SDPA's is_causal fast path when
+        # every token is valid); torch.compile would split the graph at each, so it does the
+        # same work unconditionally (the same result)
+        compiling = torch.compiler.is_compiling()
         empty = ~mask.any(dim=1)
-        if empty.any():
+        if compiling or empty.any():
             cond = torch.where(empty[:, None, None], self.cond_embed.uncond.to(cond.dtype), cond)
             mask = mask | empty[:, None]
         emb = self.cond_embed(cond.to(self.cond_embed.fc1.weight.dtype))
-        return emb, (None if bool(mask.all()) else mask)
+        all_valid = cond_mask is None and L == P  # known without reading the mask
+        if not all_valid and not compiling:
+            all_valid = bool(mask.all())
+        return emb, (None if all_valid else mask)
 
     def cfg_drop_mask(self, batch: int, device: torch.device) -> torch.Tensor | None:
         """Which rows lose their condition in this training step (probability cond_dropout_p)."""
