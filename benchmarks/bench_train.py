@@ -51,13 +51,13 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n**3 / best
 
 
-def _batch(cfg: GPTConfig):
+def _batch(cfg: GPTConfig, batch: int = BATCH, device: torch.device | str = "cpu"):
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, cfg.vocab_size, (BATCH, cfg.image_tokens), generator=g)
-    feats = torch.randn(BATCH, cfg.max_text_tokens, cfg.caption_dim, generator=g)
-    mask = torch.ones(BATCH, cfg.max_text_tokens, dtype=torch.bool)
+    codes = torch.randint(0, cfg.vocab_size, (batch, cfg.image_tokens), generator=g)
+    feats = torch.randn(batch, cfg.max_text_tokens, cfg.caption_dim, generator=g)
+    mask = torch.ones(batch, cfg.max_text_tokens, dtype=torch.bool)
     mask[0, :60] = False  # a padded caption, as in real batches
-    return codes, feats, mask
+    return codes.to(device), feats.to(device), mask.to(device)
 
 
 def _best_alternating(
@@ -110,13 +110,15 @@ def bare_step(cfg: GPTConfig, dtype: str):
     return step
 
 
-def engine_step(cfg: GPTConfig, dtype: str):
+def engine_step(cfg: GPTConfig, dtype: str, batch: int = BATCH, compile: bool = False):
+    """One training step of the real engine (ZeRO-2, a group of one) on its device; on a GPU
+    the step ends with a synchronize, so that wall time measures it."""
     torch.manual_seed(0)
     model = GPT(cfg)
     optim = OptimConfig()
     ds = engine.build_ds_config(
         "configs/deepspeed/zero2.json",
-        micro_batch=BATCH,
+        micro_batch=batch,
         grad_accum=1,
         world=1,
         precision=dtype,
@@ -124,15 +126,20 @@ def engine_step(cfg: GPTConfig, dtype: str):
         lr=1e-4,
     )
     eng = engine.create_engine(model, param_groups(model, optim), ds, lambda s: 1.0)
+    if compile:
+        engine.compile_engine(eng)
     eng.train()
-    codes, feats, mask = _batch(cfg)
+    codes, feats, mask = _batch(cfg, batch, eng.device)
     feats = feats.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    cuda = eng.device.type == "cuda"
 
     def step():
         logits = eng(codes, feats, mask)
         loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
         eng.backward(loss)
         eng.step()
+        if cuda:
+            torch.cuda.synchronize(eng.device)
 
     return step
 
