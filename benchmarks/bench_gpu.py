@@ -15,8 +15,9 @@ On one CUDA device (``--device cpu`` runs the same code with small settings; the
 
     python benchmarks/bench_gpu.py [--presets B,L,XL] [--batch 16] [--out benchmarks/RESULTS.md]
 
-About 6-8 minutes on one H100/H200-class GPU with the defaults (mostly compiling). ``--out``
-appends the table to that file as a section naming the device.
+Not yet run on a GPU (none has been lent to us so far); the defaults are meant to fit a
+15-minute device slot, most of it compiling. ``--out`` appends the tables to that file as a
+section naming the device.
 """
 
 from __future__ import annotations
