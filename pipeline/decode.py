@@ -72,6 +72,8 @@ class StaticDecoder(nn.Module):
         self.register_buffer("positions", torch.arange(L, device=w.device), persistent=False)
         self._all_valid = True  # no padded prefix key in any row (set by prefill)
         self.compile_mode = None
+        self.frozen = False  # compiled with the weights as constants (see _freezes)
+        self._frozen_state: list[tuple[int, int]] | None = None
         self._step = self._step_eager
         if compile_mode:
             if compile_mode not in COMPILE_MODES:
@@ -81,8 +83,34 @@ class StaticDecoder(nn.Module):
                 self._step = torch.compile(self._step_eager, mode=compile_mode, fullgraph=True,
                                            dynamic=False)
                 self.compile_mode = compile_mode
+                if self._freezes(compile_mode, w):
+                    self._step = self._frozen_step(self._step)
+                    self.frozen = True
+                    self._frozen_state = self._weights_state()
             else:
                 log.warning("torch.compile unavailable (%s): decoding eagerly", why)
+
+    @staticmethod
+    def _freezes(compile_mode: str, w: torch.Tensor) -> bool:
+        """bf16 on CPU in the default mode: inductor's freezing makes the weights constants and
+        packs them for oneDNN's linear, whose one-row products read them about 1.5x faster than
+        the plain matmul (GPT-B bf16 decode with CFG: 8.9 against 11.4-13.9 ms/token, measured
+        here). It holds a packed copy of every weight, and the compiled step keeps the values it
+        was compiled with, so ``prefill`` refuses to go on once the weights change in place."""
+        return compile_mode == "default" and w.device.type == "cpu" and w.dtype == torch.bfloat16
+
+    @staticmethod
+    def _frozen_step(compiled):
+        import torch._inductor.config as inductor_config
+
+        def step(*args):
+            with inductor_config.patch(freezing=True):  # read when (re)compiling
+                return compiled(*args)
+
+        return step
+
+    def _weights_state(self) -> list[tuple[int, int]]:
+        return [(p.data_ptr(), p._version) for p in self.model.parameters()]
 
     # -- the model's math on static buffers
 
@@ -137,6 +165,11 @@ class StaticDecoder(nn.Module):
         """Run the condition prefix of all rows; returns logits (rows, V) for image token 0."""
         if cond.size(0) != self.rows:
             raise ValueError(f"decoder holds {self.rows} rows, got a batch of {cond.size(0)}")
+        if self._frozen_state is not None and self._weights_state() != self._frozen_state:
+            raise RuntimeError(
+                "the model's weights changed after this decoder compiled them in as constants "
+                "(bf16 on CPU, compile mode 'default'): build a new Sampler / StaticDecoder"
+            )
         prefix, pmask = self.model.embed_condition(cond, cond_mask, drop)
         P, L, dev = self.prefix_len, self.max_len, self.bias.device
         key_valid = torch.ones(self.rows, L, dtype=torch.bool, device=dev)
@@ -177,4 +210,6 @@ class StaticDecoder(nn.Module):
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self._step = self._step_eager
             self.compile_mode = None
+            self.frozen = False
+            self._frozen_state = None
             return self._step_eager(tokens, p, pos + 1)

@@ -134,6 +134,37 @@ def test_draw_follows_the_filtered_distribution():
     assert (cold == 0).float().mean() > 0.6
 
 
+def test_bf16_cpu_decoder_freezes_its_weights_and_refuses_changed_ones():
+    """bf16 on CPU, mode 'default': the compiled step has the weights as constants (inductor's
+    freezing, for oneDNN's packed linear). Its logits are eager's up to bf16 rounding; once the
+    weights change in place the decoder refuses to go on (it would use the old ones), and a new
+    decoder compiles the new ones in."""
+    ok, why = compile_available()
+    if not ok:
+        pytest.skip(f"torch.compile unavailable here: {why}")
+    model, feats, mask = model_and_cond()
+    model = model.to(torch.bfloat16)
+    feats, tokens, P = feats.to(torch.bfloat16), torch.tensor([3, 5, 7]), model.cfg.prefix_len
+
+    def first_logits(decoder):
+        decoder.prefill(feats, mask, None)
+        return decoder.step(tokens, P)
+
+    assert not StaticDecoder(model_and_cond()[0], 3, compile_mode="default").frozen  # not fp32
+    frozen = StaticDecoder(model, 3, compile_mode="default")
+    assert frozen.frozen and frozen.compile_mode == "default"
+    ref = first_logits(StaticDecoder(model, 3))
+    torch.testing.assert_close(first_logits(frozen), ref, rtol=0.05, atol=0.1)
+    with torch.no_grad():
+        model.head.weight.mul_(3.0)
+    with pytest.raises(RuntimeError, match="weights changed"):
+        frozen.prefill(feats, mask, None)
+    changed = first_logits(StaticDecoder(model, 3))
+    assert (changed - ref).abs().max() > 1.0  # a change the check below can see
+    torch.testing.assert_close(first_logits(StaticDecoder(model, 3, compile_mode="default")),
+                               changed, rtol=0.05, atol=0.3)
+
+
 def test_compile_mode_gives_the_same_tokens():
     ok, why = compile_available()
     if not ok:
