@@ -46,11 +46,13 @@ class StaticDecoder(nn.Module):
 
     ``rows`` counts every row the model runs, CFG's unconditional half included. Buffers take the
     model's dtype and device; the model should be in eval mode (``Sampler`` sees to it). ``compile_mode`` (one of ``COMPILE_MODES``) compiles ``step``; if
-    compiling fails the decoder logs why and stays eager.
+    compiling fails the decoder logs why and stays eager. ``freeze`` lets a bf16 CPU decoder in
+    mode ``default`` compile its weights in as constants (see ``_freezes``); every such decoder
+    compiles anew, so a one-off decoder is better without.
     """
 
     def __init__(self, model: GPT, rows: int, grid_size: int | None = None,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, freeze: bool = True):
         super().__init__()
         cfg = model.cfg
         w = model.head.weight
@@ -83,7 +85,7 @@ class StaticDecoder(nn.Module):
                 self._step = torch.compile(self._step_eager, mode=compile_mode, fullgraph=True,
                                            dynamic=False)
                 self.compile_mode = compile_mode
-                if self._freezes(compile_mode, w):
+                if freeze and self._freezes(compile_mode, w):
                     self._step = self._frozen_step(self._step)
                     self.frozen = True
                     self._frozen_state = self._weights_state()

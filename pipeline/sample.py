@@ -113,13 +113,13 @@ class Sampler:
     """
 
     def __init__(self, model: GPT, batch_size: int, grid_size: int | None = None, cfg: bool = True,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, freeze: bool = True):
         self.model = model.eval()
         self.batch_size = batch_size
         self.cfg = cfg
         self.grid_size = grid_size or model.cfg.grid_size
         self.decoder = StaticDecoder(model, batch_size * (2 if cfg else 1), self.grid_size,
-                                     compile_mode)
+                                     compile_mode, freeze)
 
     @property
     def compile_mode(self) -> str | None:
@@ -184,7 +184,8 @@ def generate(
     seeds: one per row (default 0..B-1); row i's tokens depend only on its own seed.
     use_cache: the static-cache decoder (a ``Sampler`` built for this batch; to sample many
     batches, build one ``Sampler`` and reuse it); False recomputes the whole sequence per step.
-    compile_mode: torch.compile mode for the cached decode step (None: eager).
+    compile_mode: torch.compile mode for the cached decode step (None: eager); a ``Sampler``
+    also compiles a bf16 CPU model's weights in (faster, but it compiles once per Sampler).
     """
     was_training = model.training
     model.eval()
@@ -193,7 +194,9 @@ def generate(
     use_cfg = params.cfg_scale != 1.0
     try:
         if use_cache:
-            return Sampler(model, B, g, use_cfg, compile_mode).sample(cond, cond_mask, params, seeds)
+            # one batch: a frozen-weight decoder would compile anew on every call
+            sampler = Sampler(model, B, g, use_cfg, compile_mode, freeze=False)
+            return sampler.sample(cond, cond_mask, params, seeds)
         device = model.head.weight.device
         cond = cond.to(device)
         cond_mask = None if cond_mask is None else cond_mask.to(device)

@@ -151,6 +151,7 @@ def test_bf16_cpu_decoder_freezes_its_weights_and_refuses_changed_ones():
         return decoder.step(tokens, P)
 
     assert not StaticDecoder(model_and_cond()[0], 3, compile_mode="default").frozen  # not fp32
+    assert not StaticDecoder(model, 3, compile_mode="default", freeze=False).frozen
     frozen = StaticDecoder(model, 3, compile_mode="default")
     assert frozen.frozen and frozen.compile_mode == "default"
     ref = first_logits(StaticDecoder(model, 3))
