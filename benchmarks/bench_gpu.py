@@ -35,7 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from bench_model import _timeit  # noqa: E402
 from bench_train import engine_step  # noqa: E402
+from run_all import table  # noqa: E402
 
 from pipeline.models.gpt import GPT, GPTConfig, decode_bytes_per_token, train_flops_per_sample  # noqa: E402
 from pipeline.sample import Sampler, SamplingParams  # noqa: E402
@@ -58,16 +60,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _best(fn, device: torch.device, repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+    """``bench_model._timeit`` of ``fn`` followed by a device synchronize."""
+
+    def synced():
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+
+    return _timeit(synced, repeat=repeat, warmup=warmup)
 
 
 def matmul_rate(device: torch.device, n: int) -> float:
@@ -172,22 +171,9 @@ def run(presets=("B", "L", "XL"), batch: int = 16, batch_512: int = 4, steps: in
 
 
 def format_table(rows: list[dict]) -> str:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-
-    def cell(c, v):
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            if c.startswith("mfu") or c.startswith("x_"):
-                return f"{v:.1%}" if c.startswith("mfu") else f"{v:.2f}"
-            return f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
-        return str(v)
-
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(cell(c, r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(out)
+    """``run_all.table`` with MFU columns as percentages."""
+    return table([{k: f"{v:.1%}" if k.startswith("mfu") and v is not None else v
+                   for k, v in r.items()} for r in rows])
 
 
 def _groups(rows: list[dict]) -> list[list[dict]]:

@@ -78,7 +78,7 @@ def wait_gone(procs: Sequence[psutil.Process], timeout: float = 30.0) -> list[ps
 
 
 # every port of the head explicit and distinct: other tests may run their own Ray on this machine
-_PORT_FLAGS = (
+RAY_HEAD_PORT_FLAGS = (
     "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
     "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
     "--node-manager-port", "--object-manager-port",
@@ -93,7 +93,7 @@ class RayHead:
         self.start_timeout = start_timeout
         # short: Ray's unix socket paths under it must stay below 108 bytes
         self.temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
-        self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+        self.ports = dict(zip(RAY_HEAD_PORT_FLAGS, free_ports(len(RAY_HEAD_PORT_FLAGS)), strict=True))
         self.port, self.dashboard_port = self.ports["--port"], self.ports["--dashboard-port"]
         self.gcs_address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"

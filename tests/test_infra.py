@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.config import ConfigError, load_config
 from tests.conftest import free_ports
+from tests.raycluster import RAY_HEAD_PORT_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY_YAML = os.path.join(ROOT, "infra", "ray", "aws-a100.yaml")
@@ -358,10 +359,7 @@ def local_ray_head():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     # every port explicit (other tests may run their own Ray on this machine) and distinct; the
     # minimal dashboard process starts regardless
-    flags = ["--port", "--dashboard-port", "--node-manager-port", "--object-manager-port",
-             "--ray-client-server-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
-    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+    ports = dict(zip(RAY_HEAD_PORT_FLAGS, free_ports(len(RAY_HEAD_PORT_FLAGS)), strict=True))
     port = ports["--port"]
     cmd = [ray_bin, "start", "--head", "--num-cpus", "1", "--num-gpus", "2",
            "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
