@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pipeline.decode import compile_available
 from pipeline.hostmem import keep_freed_host_memory
 from pipeline.models.gpt import GPT, GPTConfig, decode_bytes_per_token, train_flops_per_sample
+from pipeline.precision import is_slow_on, torch_dtype
 from pipeline.sample import SamplingParams, generate
 
 
@@ -111,23 +112,28 @@ def run(presets: tuple[str, ...] = ("debug", "B"), quick: bool = False,
     # stay mapped, so a step's fresh gradients and activations cost no page faults
     keep_freed_host_memory()
     rows: list[dict] = []
-    peak = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    # bf16 only where this CPU has it natively: emulated, one GPT-B step would take many minutes
+    dtypes = [d for d in ("fp32", "bf16") if not is_slow_on(torch_dtype(d), "cpu")]
+    peak = {d: matmul_rate(torch_dtype(d)) for d in dtypes}
     bw = read_bandwidth()
-    rows.append({"what": "matmul 2048^3 fp32", "value": peak["fp32"] / 1e9, "unit": "GFLOP/s"})
-    rows.append({"what": "matmul 2048^3 bf16", "value": peak["bf16"] / 1e9, "unit": "GFLOP/s"})
+    for d in dtypes:
+        rows.append({"what": f"matmul 2048^3 {d}", "value": peak[d] / 1e9, "unit": "GFLOP/s"})
+    if "bf16" not in dtypes:
+        rows.append({"what": f"bf16 rows skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) "
+                             "emulates bf16 matmul", "value": None, "unit": ""})
     rows.append({"what": "memory read", "value": bw / 1e9, "unit": "GB/s"})
     for name in presets:
         cfg = GPTConfig.from_name(name)
         flops = 2 * train_flops_per_sample(cfg)
-        for dtype in ("fp32", "bf16"):
+        for dtype in dtypes:
             t = train_step_time(cfg, dtype, repeat=1 if quick else 3)
             rows.append({"what": f"train step GPT-{name} {dtype} (batch 2)", "value": t,
                          "unit": "s/step", "of_limit": flops / t / peak[dtype]})
-        if compiled and compile_available()[0]:
+        if compiled and "bf16" in dtypes and compile_available()[0]:
             t = train_step_time(cfg, "bf16", repeat=1 if quick else 3, compiled=True)
             rows.append({"what": f"train step GPT-{name} bf16 torch.compile (batch 2)",
                          "value": t, "unit": "s/step", "of_limit": flops / t / peak["bf16"]})
-        for dtype in ("fp32", "bf16"):
+        for dtype in dtypes:
             model_bytes = decode_bytes_per_token(GPT(cfg).to(torch.bfloat16 if dtype == "bf16" else torch.float32))
             cached = decode_time(cfg, dtype, use_cache=True)
             rows.append({"what": f"decode GPT-{name} {dtype} cached (CFG)", "value": cached * 1e3,
@@ -144,7 +150,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lim = f"{r['of_limit']:.0%}" if r.get("of_limit") is not None else ""
         note = f"cache speed-up {r['speedup']:.1f}x" if r.get("speedup") else ""
-        lines.append(f"| {r['what']} | {r['value']:.2f} | {r['unit']} | {lim} | {note} |")
+        value = "" if r["value"] is None else f"{r['value']:.2f}"
+        lines.append(f"| {r['what']} | {value} | {r['unit']} | {lim} | {note} |")
     return "\n".join(lines)
 
 

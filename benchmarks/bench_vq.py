@@ -17,6 +17,7 @@ import time
 import torch
 
 from pipeline.models.vq import VQConfig, VQModel
+from pipeline.precision import is_slow_on
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -36,7 +37,8 @@ def run(batch: int = 2, repeats: int = 2, size: int = 256, preset: str = "VQ-16"
     model = VQModel(VQConfig.from_name(preset)).eval()
     x = torch.rand(batch, 3, size, size) * 2 - 1
     rows, ref_codes = [], None
-    for dtype in (torch.float32, torch.bfloat16):
+    # bf16 only where this CPU has it natively (emulated, VQ-16 would take many minutes)
+    for dtype in (d for d in (torch.float32, torch.bfloat16) if not is_slow_on(d, "cpu")):
         for layout in (torch.contiguous_format, torch.channels_last):
             # channels_last spares oneDNN a reorder of every activation (large in bf16)
             m = model.to(dtype=dtype, memory_format=layout)

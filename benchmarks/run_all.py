@@ -22,6 +22,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from pipeline.precision import cpu_has_native_bf16  # noqa: E402
+
 ORDER = ["model", "train", "loader", "decode", "vq", "pretokenize", "shards", "download"]
 
 
@@ -50,7 +52,10 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}, {gpu}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    bf16 = "native" if cpu_has_native_bf16() else "emulated (bf16 rows skipped)"
+    return (f"{cpu} ({isa}, bf16 matmul {bf16}), {os.cpu_count()} cores, torch {torch.__version__} "
+            f"threads {torch.get_num_threads()}, {gpu}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,13 +33,13 @@ from pipeline import storage
 from pipeline.config import doc, save_config, to_dict
 from pipeline.log import get_logger, progress
 from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.precision import torch_dtype, warn_if_slow
 from pipeline.sample import Sampler, SamplingParams
 
 log = get_logger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAMES = ("gpt_config.json", "config.json")  # training's export; a plain config.json also
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # --- the GPT export ---------------------------------------------------------------------------
@@ -251,7 +251,9 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     t_start = time.perf_counter()
     _check_output(cfg)
     save_config(cfg, storage.join(cfg.output, "config.yaml"))
-    model = (model or load_exported_gpt(cfg.checkpoint)).to(cfg.device, _DTYPES[cfg.dtype]).eval()
+    dtype = torch_dtype(cfg.dtype)
+    warn_if_slow(dtype, cfg.device, "sampling (GPT)")
+    model = (model or load_exported_gpt(cfg.checkpoint)).to(cfg.device, dtype).eval()
     vq = (vq or VQModel.from_pretrained(cfg.vq, cfg.vq_preset)).to(cfg.device).float().eval()
     mcfg = model.cfg
     if mcfg.vocab_size > vq.config.codebook_size:

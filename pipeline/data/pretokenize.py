@@ -42,13 +42,13 @@ from pipeline.executor import ExecutorConfig, prefetch, run_units
 from pipeline.log import get_logger
 from pipeline.models.text_encoder import TextEncoder, TextEncoderConfig
 from pipeline.models.vq import VQModel, codes_to_uint16
+from pipeline.precision import torch_dtype, warn_if_slow
 
 log = get_logger(__name__)
 
 CONFIG_NAME = "pretokenize_config.yaml"
 # Fields that decide the content of a shard: an output folder must not mix two settings of them.
 _CONTENT_FIELDS = ("input", "scores", "min_aesthetic", "resolution", "flip", "vq", "text")
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,9 @@ class PretokenizeWorker:
             if not cfg.vq.uri:
                 raise ConfigError("vq.uri is empty: set it to the VQ tokenizer's dir or .pt file")
             vq = VQModel.from_pretrained(cfg.vq.uri, cfg.vq.preset)
-        self.vq = vq.to(cfg.vq.device, _TORCH_DTYPES[cfg.vq.dtype]).eval()
+        dtype = torch_dtype(cfg.vq.dtype)
+        warn_if_slow(dtype, cfg.vq.device, "the VQ encoder")
+        self.vq = vq.to(cfg.vq.device, dtype).eval()
         ds = vq.config.downsample
         if cfg.resolution % ds:
             raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VQ's {ds}")
@@ -195,7 +197,7 @@ class PretokenizeWorker:
     @torch.inference_mode()
     def _encode_images(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Codes (B, h, w) uint16, and those of the mirrored images when ``flip``."""
-        x = pixels.to(self.cfg.vq.device, _TORCH_DTYPES[self.cfg.vq.dtype])
+        x = pixels.to(self.cfg.vq.device, torch_dtype(self.cfg.vq.dtype))
         if not self.cfg.flip:
             return codes_to_uint16(self.vq.encode(x)), None
         both = codes_to_uint16(self.vq.encode(torch.cat([x, x.flip(-1)])))

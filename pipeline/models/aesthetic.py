@@ -29,12 +29,12 @@ from torch import nn
 from pipeline import storage
 from pipeline.config import doc
 from pipeline.log import get_logger
+from pipeline.precision import torch_dtype, warn_if_slow
 
 log = get_logger(__name__)
 
 RANDOM_MARKER = "RANDOM_WEIGHTS"  # a file beside weights written by build_tiny_aesthetic
 TINY_MODEL_NAME = "t2i-tiny-ViT-16"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,9 @@ class AestheticScorer:
             cfg.clip_model, pretrained=clip_path, require_pretrained=True
         )
         # The text tower is kept: a later CLIP-score needs it.
-        model = model.to(device=cfg.device, dtype=_DTYPES[cfg.dtype])
+        dtype = torch_dtype(cfg.dtype)
+        warn_if_slow(dtype, cfg.device, "the aesthetic scorer (CLIP)")
+        model = model.to(device=cfg.device, dtype=dtype)
         clip_dim = model.visual.output_dim
         if clip_dim != cfg.embed_dim:
             raise ValueError(

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from pipeline import storage
+from pipeline import precision, storage
 from pipeline.config import doc
 from pipeline.log import get_logger
 
@@ -29,7 +29,6 @@ log = get_logger(__name__)
 # Written into config.json of models built here; the loader warns when it sees it.
 RANDOM_WEIGHTS_KEY = "t2i_random_weights"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +101,15 @@ class TextEncoder:
         local_dir = storage.local_copy(uri, cache_dir)
         if not os.path.isfile(os.path.join(local_dir, "config.json")):
             raise FileNotFoundError(f"{uri}: no config.json; expected a save_pretrained directory")
-        torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-        if torch_dtype == torch.float16:
+        dtype = precision.torch_dtype(dtype)
+        precision.warn_if_slow(dtype, device, "the text encoder (T5)")
+        if dtype == torch.float16:
             log.warning("T5 in float16 may overflow to inf/nan; bfloat16 is the safe choice")
         # AutoTokenizer reads tokenizer_config.json; T5Tokenizer(vocab_file=...) would silently
         # ignore the file (see ENVIRONMENT.md).
         tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
         model = T5EncoderModel.from_pretrained(
-            local_dir, dtype=torch_dtype, local_files_only=True
+            local_dir, dtype=dtype, local_files_only=True
         ).to(device)
         random_weights = bool(getattr(model.config, RANDOM_WEIGHTS_KEY, False))
         if random_weights:
@@ -123,7 +123,7 @@ class TextEncoder:
             uri,
             model.config.d_model,
             model.config.num_layers,
-            torch_dtype,
+            dtype,
             device,
             max_length,
         )

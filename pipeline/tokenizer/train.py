@@ -34,6 +34,7 @@ from pipeline.config import doc, save_config, to_dict
 from pipeline.data.raw import RawImageStream, list_complete_shards
 from pipeline.log import get_logger
 from pipeline.models.vq import VQConfig, VQModel, count_params
+from pipeline.precision import warn_if_slow
 from pipeline.tokenizer import checkpoint as ckpt
 from pipeline.tokenizer.discriminator import PatchGANDiscriminator
 from pipeline.tokenizer.losses import (
@@ -297,6 +298,8 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
 
     ddp = DDP(model) if d.world > 1 else model
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    if cfg.precision == "bf16":
+        warn_if_slow(torch.bfloat16, d.device, "tokenizer training")
     used = torch.zeros(cfg.model.codebook_size, dtype=torch.bool, device=d.device)
     t0, steps_since = time.time(), 0
     batches = iter(stream)

@@ -27,6 +27,7 @@ from pipeline.config import doc, save_config, to_dict
 from pipeline.data.loader import BatchSpec, LoaderConfig, TokenLoader
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPT, GPTConfig, train_flops_per_sample
+from pipeline.precision import warn_if_slow
 from pipeline.train import engine
 from pipeline.train.checkpoint import CheckpointManager, export_weights, init_from_export
 from pipeline.train.metrics import MetricsLogger
@@ -113,6 +114,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     os.makedirs(local_dir, exist_ok=True)
     precision = engine.resolve_precision(cfg.precision)
     cond_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    warn_if_slow(cond_dtype, dist.device, "training")
 
     # -- model: identical initial weights on every rank, then per-rank randomness for dropout
     seed_everything(cfg.seed)
