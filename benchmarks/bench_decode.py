@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from pipeline.decode import compile_available
 from pipeline.models.gpt import GPT, GPTConfig, apply_rope
-from pipeline.precision import is_slow_on, torch_dtype
+from pipeline.precision import fast_dtypes
 from pipeline.sample import Sampler, SamplingParams, cfg_mix, draw, filter_logits, generate
 
 PARAMS = SamplingParams(cfg_scale=4.0, temperature=1.0, top_k=1000, top_p=1.0)
@@ -226,7 +226,7 @@ def run(presets: tuple[str, ...] = ("debug", "B"), dtypes: tuple[str, ...] = ("f
     extrapolated at batch 1 and skipped above it; the compiled variant where compile works."""
     ok = bool(compile_mode) and compile_available()[0]
     # bf16 only where this CPU has it natively (emulated, GPT-B would take hours)
-    dtypes = tuple(d for d in dtypes if not is_slow_on(torch_dtype(d), "cpu"))
+    dtypes = tuple(fast_dtypes(dtypes))
     rows: list[dict] = []
     for name in presets:
         for dtype in dtypes:
@@ -257,7 +257,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {a.threads} thread(s), load average {os.getloadavg()}, "
           f"compile available: {ok} {why}", flush=True)
     rows: list[dict] = []
-    dtypes = [d for d in a.dtypes.split(",") if not is_slow_on(torch_dtype(d), "cpu")]
+    dtypes = fast_dtypes(a.dtypes.split(","))
     if len(dtypes) < len(a.dtypes.split(",")):
         print("bf16 skipped: this CPU emulates bf16 matmul (no AVX-512 / AMX)", flush=True)
     for name in a.presets.split(","):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline.decode import compile_available
 from pipeline.hostmem import keep_freed_host_memory
 from pipeline.models.gpt import GPT, GPTConfig, decode_bytes_per_token, train_flops_per_sample
-from pipeline.precision import is_slow_on, torch_dtype
+from pipeline.precision import fast_dtypes, torch_dtype
 from pipeline.sample import SamplingParams, generate
 
 
@@ -113,7 +113,7 @@ def run(presets: tuple[str, ...] = ("debug", "B"), quick: bool = False,
     keep_freed_host_memory()
     rows: list[dict] = []
     # bf16 only where this CPU has it natively: emulated, one GPT-B step would take many minutes
-    dtypes = [d for d in ("fp32", "bf16") if not is_slow_on(torch_dtype(d), "cpu")]
+    dtypes = fast_dtypes(("fp32", "bf16"))
     peak = {d: matmul_rate(torch_dtype(d)) for d in dtypes}
     bw = read_bandwidth()
     for d in dtypes:

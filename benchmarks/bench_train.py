@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.models.gpt import GPT, GPTConfig, train_flops_per_sample  # noqa: E402
-from pipeline.precision import is_slow_on, torch_dtype  # noqa: E402
+from pipeline.precision import fast_dtypes, torch_dtype  # noqa: E402
 from pipeline.train import engine  # noqa: E402
 from pipeline.train.optim import OptimConfig, param_groups  # noqa: E402
 
@@ -149,7 +149,7 @@ def run(presets: tuple[str, ...] = ("debug", "B"), repeat: int = 4) -> list[dict
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     engine.init_distributed()
     # bf16 only where this CPU has it natively (emulated, a GPT-B step takes many minutes)
-    dtypes = [d for d in ("fp32", "bf16") if not is_slow_on(torch_dtype(d), "cpu")]
+    dtypes = fast_dtypes(("fp32", "bf16"))
     peak = {d: matmul_rate(torch_dtype(d)) for d in dtypes}
     rows: list[dict] = []
     try:

@@ -17,7 +17,7 @@ import time
 import torch
 
 from pipeline.models.vq import VQConfig, VQModel
-from pipeline.precision import is_slow_on
+from pipeline.precision import fast_dtypes
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -38,7 +38,7 @@ def run(batch: int = 2, repeats: int = 2, size: int = 256, preset: str = "VQ-16"
     x = torch.rand(batch, 3, size, size) * 2 - 1
     rows, ref_codes = [], None
     # bf16 only where this CPU has it natively (emulated, VQ-16 would take many minutes)
-    for dtype in (d for d in (torch.float32, torch.bfloat16) if not is_slow_on(d, "cpu")):
+    for dtype in fast_dtypes((torch.float32, torch.bfloat16)):
         for layout in (torch.contiguous_format, torch.channels_last):
             # channels_last spares oneDNN a reorder of every activation (large in bf16)
             m = model.to(dtype=dtype, memory_format=layout)

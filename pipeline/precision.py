@@ -59,6 +59,12 @@ def is_slow_on(dtype: torch.dtype, device: torch.device | str) -> bool:
     return dtype == torch.bfloat16 and not cpu_has_native_bf16()
 
 
+def fast_dtypes(names, device: torch.device | str = "cpu") -> list:
+    """The dtypes (names or ``torch.dtype``) of ``names`` that ``device`` runs natively, in order:
+    what a benchmark can time without waiting on an emulated matmul."""
+    return [n for n in names if not is_slow_on(torch_dtype(n), device)]
+
+
 _warned: set[tuple[str, torch.dtype]] = set()
 
 

@@ -197,7 +197,7 @@ class PretokenizeWorker:
     @torch.inference_mode()
     def _encode_images(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Codes (B, h, w) uint16, and those of the mirrored images when ``flip``."""
-        x = pixels.to(self.cfg.vq.device, torch_dtype(self.cfg.vq.dtype))
+        x = pixels.to(self.cfg.vq.device, next(self.vq.parameters()).dtype)
         if not self.cfg.flip:
             return codes_to_uint16(self.vq.encode(x)), None
         both = codes_to_uint16(self.vq.encode(torch.cat([x, x.flip(-1)])))
