@@ -35,6 +35,7 @@ from typing import Any, Literal
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -167,6 +168,8 @@ def create_engine(
 ):
     """Wrap ``model`` in a DeepSpeed engine with AdamW over ``groups`` and a LambdaLR schedule."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if get_accelerator().device_name() == "cpu":
+        fp32_grad_norms()
     eng, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=groups,
@@ -174,6 +177,36 @@ def create_engine(
         lr_scheduler=lambda opt: LambdaLR(opt, lr_fn),
     )
     return eng
+
+
+def _fp32() -> torch.dtype:
+    return torch.float32
+
+
+def fp32_grad_norms() -> list[str]:
+    """Make ZeRO (stages 1-3) compute gradient norms in fp32, as ``clip_grad_norm_`` does.
+
+    DeepSpeed converts every gradient to fp64 before taking its norm (``get_norm_dtype``, fp64
+    wherever the accelerator has it): a copy of all gradients at twice their size, every step.
+    On a GPU that is cheap; on CPU it is a third of the engine's extra time over the bare model
+    (debug preset: optimizer step 9.0 -> 6.3 ms; GPT-B fp32: 264 -> 153 ms, AMD EPYC).
+
+    The norm is then the one the bare model's ``torch.nn.utils.clip_grad_norm_`` computes (the
+    same value, to the bit, in the test). PyTorch's CPU norm kernel sums in fp32 lanes, so it is
+    off the fp64 norm by about 1e-5 relative at 2M weights and 1e-4 at GPT-B's largest
+    matrices: nothing to clipping at 1.0, and the logged grad norm is as exact as a bare run's.
+    :func:`create_engine` calls it on CPU. Returns the DeepSpeed modules changed."""
+    import importlib
+
+    changed = []
+    for name in ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3"):
+        mod = importlib.import_module(name)
+        if hasattr(mod, "get_norm_dtype"):
+            mod.get_norm_dtype = _fp32
+            changed.append(name)
+    if not changed:  # a DeepSpeed that no longer has the hook: still correct, only slower
+        log.warning("DeepSpeed has no get_norm_dtype to set; gradient norms stay in its dtype")
+    return changed
 
 
 def compile_engine(eng) -> None:
