@@ -183,7 +183,7 @@ def _fp32() -> torch.dtype:
     return torch.float32
 
 
-def fp32_grad_norms() -> list[str]:
+def fp32_grad_norms(on: bool = True) -> list[str]:
     """Make ZeRO (stages 1-3) compute gradient norms in fp32, as ``clip_grad_norm_`` does.
 
     DeepSpeed converts every gradient to fp64 before taking its norm (``get_norm_dtype``, fp64
@@ -195,14 +195,17 @@ def fp32_grad_norms() -> list[str]:
     same value, to the bit, in the test). PyTorch's CPU norm kernel sums in fp32 lanes, so it is
     off the fp64 norm by about 1e-5 relative at 2M weights and 1e-4 at GPT-B's largest
     matrices: nothing to clipping at 1.0, and the logged grad norm is as exact as a bare run's.
-    :func:`create_engine` calls it on CPU. Returns the DeepSpeed modules changed."""
+    :func:`create_engine` calls it on CPU; ``on=False`` puts DeepSpeed's own choice back
+    (``benchmarks/bench_engine.py`` measures both). Returns the DeepSpeed modules changed."""
     import importlib
+
+    from deepspeed.runtime.zero.utils import get_norm_dtype
 
     changed = []
     for name in ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3"):
         mod = importlib.import_module(name)
         if hasattr(mod, "get_norm_dtype"):
-            mod.get_norm_dtype = _fp32
+            mod.get_norm_dtype = _fp32 if on else get_norm_dtype
             changed.append(name)
     if not changed:  # a DeepSpeed that no longer has the hook: still correct, only slower
         log.warning("DeepSpeed has no get_norm_dtype to set; gradient norms stay in its dtype")
