@@ -39,6 +39,9 @@ from pipeline.precision import fast_dtypes  # noqa: E402
 from pipeline.train import engine  # noqa: E402
 from pipeline.train.optim import OptimConfig, param_groups  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import zero2_engine  # noqa: E402
+
 TOKENS = dict(grid_size=2, max_text_tokens=4)  # 4 text + 4 image tokens
 
 
@@ -88,18 +91,7 @@ def bare_path(cfg: GPTConfig, dtype: str):
 def engine_path(cfg: GPTConfig, dtype: str, fp32_norms: bool):
     """(backward, step, grad norm) callables of the ZeRO-2 engine; the norm setting is applied
     around each call, so both engines can run in turns in one process."""
-    model = _model(cfg)
-    optim = OptimConfig()
-    ds = engine.build_ds_config(
-        "configs/deepspeed/zero2.json",
-        micro_batch=1,
-        grad_accum=1,
-        world=1,
-        precision=dtype,
-        optim=optim,
-        lr=1e-4,
-    )
-    eng = engine.create_engine(model, param_groups(model, optim), ds, lambda s: 1.0)
+    eng = zero2_engine(_model(cfg), dtype, batch=1)
     eng.train()
     codes, feats, mask = _batch(cfg)
     feats = feats.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
@@ -184,7 +176,6 @@ def run(
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from run_all import table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

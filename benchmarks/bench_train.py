@@ -111,11 +111,9 @@ def bare_step(cfg: GPTConfig, dtype: str):
     return step
 
 
-def engine_step(cfg: GPTConfig, dtype: str, batch: int = BATCH, compile: bool = False):
-    """One training step of the real engine (ZeRO-2, a group of one) on its device; on a GPU
-    the step ends with a synchronize, so that wall time measures it."""
-    torch.manual_seed(0)
-    model = GPT(cfg)
+def zero2_engine(model: torch.nn.Module, dtype: str, batch: int = BATCH):
+    """The real engine over ``model``: ZeRO-2 from ``configs/deepspeed/zero2.json``, a group
+    of one, AdamW with the training defaults, a constant learning rate."""
     optim = OptimConfig()
     ds = engine.build_ds_config(
         "configs/deepspeed/zero2.json",
@@ -126,7 +124,14 @@ def engine_step(cfg: GPTConfig, dtype: str, batch: int = BATCH, compile: bool = 
         optim=optim,
         lr=1e-4,
     )
-    eng = engine.create_engine(model, param_groups(model, optim), ds, lambda s: 1.0)
+    return engine.create_engine(model, param_groups(model, optim), ds, lambda s: 1.0)
+
+
+def engine_step(cfg: GPTConfig, dtype: str, batch: int = BATCH, compile: bool = False):
+    """One training step of the real engine (ZeRO-2, a group of one) on its device; on a GPU
+    the step ends with a synchronize, so that wall time measures it."""
+    torch.manual_seed(0)
+    eng = zero2_engine(GPT(cfg), dtype, batch)
     if compile:
         engine.compile_engine(eng)
     eng.train()
