@@ -12,11 +12,12 @@ Paths, run in turns in one process (a gloo group of one, ``configs/deepspeed/zer
 - bare: ``loss.backward()``; step = ``clip_grad_norm_(1.0)`` + fused AdamW + ``zero_grad``
   (bf16: autocast, fp32 weights);
 - deepspeed: ``engine.backward`` / ``engine.step`` as training runs them (on CPU gradient norms
-  in fp32, :func:`pipeline.train.engine.fp32_grad_norms`);
-- deepspeed fp64 norm: the same engine with DeepSpeed's own fp64 gradient norms.
+  in fp32, :func:`pipeline.train.engine.fp32_grad_norms`, and in bf16 no inf/NaN scan besides
+  the norm, :func:`pipeline.train.engine.skip_bf16_steps_by_norm`);
+- deepspeed defaults: the same engine with DeepSpeed's own choices (fp64 norms, the scan).
 
 ``fixed_ms`` is (backward + step) minus the bare model's; ``norm_rel_err`` the engine's gradient
-norm against the fp64 norm of the same gradients.
+norm against DeepSpeed's fp64 norm of the same gradients.
 
     python benchmarks/bench_engine.py [--presets debug,B] [--repeat 5] [--dtypes fp32,bf16]
 """
@@ -88,20 +89,23 @@ def bare_path(cfg: GPTConfig, dtype: str):
     return backward, step, lambda: norm[0]
 
 
-def engine_path(cfg: GPTConfig, dtype: str, fp32_norms: bool):
-    """(backward, step, grad norm) callables of the ZeRO-2 engine; the norm setting is applied
-    around each call, so both engines can run in turns in one process."""
+def engine_path(cfg: GPTConfig, dtype: str, ours: bool):
+    """(backward, step, grad norm) callables of the ZeRO-2 engine, with our CPU settings or
+    DeepSpeed's defaults; the norm dtype is module-wide, so it is set around each call and both
+    engines can run in turns in one process."""
     eng = zero2_engine(_model(cfg), dtype, batch=1)
+    if not ours and "check_overflow" in vars(eng.optimizer):
+        del eng.optimizer.check_overflow  # DeepSpeed's own inf/NaN scan again
     eng.train()
     codes, feats, mask = _batch(cfg)
     feats = feats.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
 
     def backward():
-        engine.fp32_grad_norms(fp32_norms)
+        engine.fp32_grad_norms(ours)
         eng.backward(_loss(eng(codes, feats, mask), codes))
 
     def step():
-        engine.fp32_grad_norms(fp32_norms)
+        engine.fp32_grad_norms(ours)
         eng.step()
         engine.fp32_grad_norms(True)
 
@@ -126,8 +130,8 @@ def _phases(paths: list, repeat: int, warmup: int = 2) -> list[tuple[float, floa
 def _norm_rel_err(cfg: GPTConfig, dtype: str) -> float:
     """One step of each engine from the same weights and batch: our norm against fp64's."""
     norms = []
-    for fp32 in (True, False):
-        backward, step, norm = engine_path(cfg, dtype, fp32)
+    for ours in (True, False):
+        backward, step, norm = engine_path(cfg, dtype, ours)
         backward()
         step()
         norms.append(norm())
@@ -151,7 +155,7 @@ def run(
                 paths = {
                     "bare": bare_path(cfg, dtype),
                     "deepspeed": engine_path(cfg, dtype, True),
-                    "deepspeed fp64 norm": engine_path(cfg, dtype, False),
+                    "deepspeed defaults": engine_path(cfg, dtype, False),
                 }
                 timed = dict(zip(paths, _phases(list(paths.values()), repeat)))
                 err = _norm_rel_err(cfg, dtype)

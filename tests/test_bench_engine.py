@@ -21,10 +21,10 @@ def test_bench_engine_table(tmp_path):
     for ln in lines[1:]:
         r = dict(zip(cols, (c.strip() for c in ln.split("|")[1:-1])))
         rows[r["path"]] = r
-    assert set(rows) == {"bare", "deepspeed", "deepspeed fp64 norm"}
+    assert set(rows) == {"bare", "deepspeed", "deepspeed defaults"}
     assert float(rows["bare"]["params_M"]) == 2.34
     bare = float(rows["bare"]["backward_ms"]) + float(rows["bare"]["step_ms"])
-    for path in ("deepspeed", "deepspeed fp64 norm"):
+    for path in ("deepspeed", "deepspeed defaults"):
         r = rows[path]
         total = float(r["backward_ms"]) + float(r["step_ms"])
         # printed to 3 significant figures

@@ -311,3 +311,69 @@ def test_cpu_engine_takes_gradient_norms_in_fp32():
         assert "torch.float64" not in dtypes, (stage, dtypes)
         assert norm == pytest.approx(res["torch"], rel=1e-6), stage
         assert norm == pytest.approx(res["want"], rel=2e-4), stage
+
+
+_BF16_SKIP_SCRIPT = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.train import engine
+from pipeline.train.optim import OptimConfig, param_groups
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+engine.init_distributed()
+cfg = GPTConfig.from_name("debug", grid_size=2, max_text_tokens=4)
+g = torch.Generator().manual_seed(0)
+codes = torch.randint(0, cfg.vocab_size, (2, cfg.image_tokens), generator=g)
+feats = torch.randn(2, cfg.max_text_tokens, cfg.caption_dim, generator=g).bfloat16()
+out = {}
+for stage in sys.argv[1:]:
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    ds = engine.build_ds_config(f"configs/deepspeed/zero{stage}.json", micro_batch=2,
+                                grad_accum=1, world=1, precision="bf16", optim=OptimConfig(),
+                                lr=1e-3)
+    eng = engine.create_engine(model, param_groups(model, OptimConfig()), ds, lambda s: 1.0)
+    eng.train()
+    res = {"by_norm": eng.optimizer.check_overflow is engine._no_scan}
+    for what, x in (("finite", feats), ("nan", feats.clone().index_fill_(2, torch.tensor([0]), float("nan")))):
+        before = [p.detach().float().clone() for p in eng.module.parameters()]
+        eng.backward(F.cross_entropy(eng(codes, x).float().flatten(0, 1), codes.flatten()))
+        with Ops() as ops:
+            eng.step()
+        changed = any(not torch.equal(b, p.detach().float()) for b, p in zip(before, eng.module.parameters()))
+        finite = all(bool(torch.isfinite(p).all()) for p in eng.module.parameters())
+        res[what] = {"changed": changed, "finite": finite, "skipped": eng.skipped_steps,
+                     "scanned": "amax" in ops.seen or "amin" in ops.seen}
+    out[stage] = res
+print(json.dumps(out))
+engine.shutdown(0)
+"""
+
+
+def test_cpu_bf16_engine_skips_non_finite_steps_by_the_norm():
+    """bf16 ZeRO-1/2 on CPU: no separate inf/NaN scan of the gradients (``amax``/``amin``) in
+    a step, a finite step updates the weights, and a step with NaN gradients is still skipped
+    (weights unchanged and finite, DeepSpeed's skipped-step count up by one)."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _BF16_SKIP_SCRIPT, "1", "2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for stage in ("1", "2"):
+        r = res[stage]
+        assert r["by_norm"], stage
+        assert r["finite"] == {"changed": True, "finite": True, "skipped": 0, "scanned": False}
+        assert r["nan"] == {"changed": False, "finite": True, "skipped": 1, "scanned": False}

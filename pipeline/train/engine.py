@@ -176,6 +176,8 @@ def create_engine(
         config=copy.deepcopy(ds_config),
         lr_scheduler=lambda opt: LambdaLR(opt, lr_fn),
     )
+    if get_accelerator().device_name() == "cpu":
+        skip_bf16_steps_by_norm(eng)
     return eng
 
 
@@ -210,6 +212,37 @@ def fp32_grad_norms(on: bool = True) -> list[str]:
     if not changed:  # a DeepSpeed that no longer has the hook: still correct, only slower
         log.warning("DeepSpeed has no get_norm_dtype to set; gradient norms stay in its dtype")
     return changed
+
+
+def skip_bf16_steps_by_norm(eng) -> bool:
+    """bf16 ZeRO-1/2: skip a step with a non-finite gradient by its norm, not a separate scan.
+
+    A gradient with an inf or NaN anywhere has a non-finite norm, and DeepSpeed skips the step
+    on a non-finite norm already (``check_grad_overflow``, on by default in bf16). In bf16 it
+    first scans every gradient for inf/NaN as well (an ``amax`` and an ``amin`` per tensor, two
+    more reads of all gradients), which is what fp32 does without: 50 ms of a GPT-B bf16 step
+    on CPU. Here the engine's optimizer goes straight to the norm; a step is skipped exactly when
+    it would have been (and also, which the scan misses, when finite gradients are so large that
+    their squared norm overflows fp32). Only where the norm is computed (clipping on or
+    ``compute_grad_norm``) and DeepSpeed checks it; :func:`create_engine` calls it on CPU.
+    Returns whether it applied."""
+    opt = getattr(eng, "optimizer", None)
+    stage = eng.zero_optimization_stage()
+    applies = (
+        stage in (1, 2)
+        and eng.bfloat16_enabled()
+        and getattr(opt, "check_grad_overflow", False)
+        and getattr(opt, "compute_grad_norm", False)
+        and not getattr(opt, "cpu_offload", False)
+        and callable(getattr(opt, "check_overflow", None))
+    )
+    if applies:
+        opt.check_overflow = _no_scan
+    return bool(applies)
+
+
+def _no_scan(partition_gradients: bool = True) -> None:
+    """ZeRO's ``step`` has set ``overflow = False``; the norm check that follows decides."""
 
 
 def compile_engine(eng) -> None:
