@@ -190,13 +190,13 @@ def fp32_grad_norms(on: bool = True) -> list[str]:
 
     DeepSpeed converts every gradient to fp64 before taking its norm (``get_norm_dtype``, fp64
     wherever the accelerator has it): a copy of all gradients at twice their size, every step.
-    On a GPU that is cheap; on CPU it is a third of the engine's extra time over the bare model
-    (debug preset: optimizer step 9.0 -> 6.3 ms; GPT-B fp32: 264 -> 153 ms, AMD EPYC).
+    On a GPU that is cheap; on CPU it was a third of the engine's extra time over the bare model
+    (``benchmarks/bench_engine.py``, AMD EPYC: GPT-B fp32 optimizer step 214-251 -> 111-128 ms).
 
     The norm is then the one the bare model's ``torch.nn.utils.clip_grad_norm_`` computes (the
     same value, to the bit, in the test). PyTorch's CPU norm kernel sums in fp32 lanes, so it is
-    off the fp64 norm by about 1e-5 relative at 2M weights and 1e-4 at GPT-B's largest
-    matrices: nothing to clipping at 1.0, and the logged grad norm is as exact as a bare run's.
+    off the fp64 norm by 1.4e-5 relative for the debug preset and 2.9e-5 for GPT-B
+    (``bench_engine``): nothing to clipping at 1.0, and the logged norm is a bare run's.
     :func:`create_engine` calls it on CPU; ``on=False`` puts DeepSpeed's own choice back
     (``benchmarks/bench_engine.py`` measures both). Returns the DeepSpeed modules changed."""
     import importlib
