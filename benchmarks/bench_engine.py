@@ -4,8 +4,9 @@ What the engine adds to a step does not depend on the sequence: ZeRO's per-param
 hooks, its copies into the reduction bucket and the flat partition, the all-reduce of a group
 of one, the gradient norm, the flat optimizer step and the copy back to the model's weights (in
 bf16 also the fp32 master weights). With a 4 + 4 token sequence the forward and backward do
-almost no arithmetic, so the table shows that cost alone, at the full parameter count, and the
-bf16 rows are measurable on a CPU that only emulates bf16 matmul.
+almost no arithmetic, so the table shows that cost alone, at the full parameter count. On a CPU
+that only emulates bf16 matmul (``--dtypes fp32,bf16`` asks for the rows there) the bf16
+``step_ms`` still measures the optimizer step, which has no matmul; the backward does not.
 
 Paths, run in turns in one process (a gloo group of one, ``configs/deepspeed/zero2.json``):
 
