@@ -62,16 +62,23 @@ def _batch(cfg: GPTConfig, batch: int = BATCH, device: torch.device | str = "cpu
 
 
 def _best_alternating(
-    steps: list, repeat: int, warmup: int = 3
+    steps: list, repeat: int, warmup: int = 3, min_seconds: float = 4.0, max_repeat: int = 50
 ) -> tuple[list[float], list[float]]:
     """Best wall and process-CPU seconds of each step function, run in turns so that a busy
     machine slows all alike (CPU time is what contention from other processes distorts least).
 
     The warm-up steps create the optimizer state and grow the malloc heap to its steady size
-    (``pipeline.hostmem.keep_freed_host_memory``: after that a step reuses freed memory, no page faults)."""
+    (``pipeline.hostmem.keep_freed_host_memory``: after that a step reuses freed memory, no page
+    faults). Short steps are repeated until the timed rounds take ``min_seconds`` (at most
+    ``max_repeat`` rounds): the debug preset's best of 5 varied by 10% between runs on a shared
+    machine, its best of 40 by 3-4%."""
+    round_s = float("inf")  # no warm-up: no estimate, ``repeat`` rounds
     for _ in range(warmup):
+        t0 = time.perf_counter()
         for step in steps:
             step()
+        round_s = time.perf_counter() - t0
+    repeat = max(repeat, min(max_repeat, int(min_seconds / round_s)))
     wall = [float("inf")] * len(steps)
     cpu = [float("inf")] * len(steps)
     for _ in range(repeat):
