@@ -108,7 +108,6 @@ def engine_path(cfg: GPTConfig, dtype: str, ours: bool):
     def step():
         engine.fp32_grad_norms(ours)
         eng.step()
-        engine.fp32_grad_norms(True)
 
     return backward, step, lambda: engine.grad_norm(eng)
 

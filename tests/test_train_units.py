@@ -239,7 +239,7 @@ def test_keep_freed_host_memory_stops_per_step_page_faults(mode):
         assert faults > pages // 2, faults
 
 
-_NORM_SCRIPT = r"""
+_STEP_SCRIPT_HEAD = r"""
 import json, sys
 import torch
 import torch.nn.functional as F
@@ -248,19 +248,23 @@ from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.train import engine
 from pipeline.train.optim import OptimConfig, param_groups
 
-class Dtypes(TorchDispatchMode):  # every op's output dtypes while the engine steps
+class Recorder(TorchDispatchMode):  # the ops run and the dtypes they make, while the engine steps
     def __init__(self):
         super().__init__()
-        self.seen = set()
+        self.ops, self.dtypes = set(), set()
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.__name__.split(".")[0])
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
-                self.seen.add(str(t.dtype))
+                self.dtypes.add(str(t.dtype))
         return out
 
 engine.init_distributed()
-cfg = GPTConfig.from_name("debug", n_layer=2, token_dropout_p=0.0, resid_dropout_p=0.0,
+"""
+
+_NORM_SCRIPT = _STEP_SCRIPT_HEAD + r"""
+cfg = GPTConfig.from_name("debug", token_dropout_p=0.0, resid_dropout_p=0.0,
                           ffn_dropout_p=0.0, cond_dropout_p=0.0)
 g = torch.Generator().manual_seed(0)
 codes = torch.randint(0, cfg.vocab_size, (2, cfg.image_tokens), generator=g)
@@ -285,9 +289,9 @@ for stage in sys.argv[1:]:
     eng = engine.create_engine(model, param_groups(model, OptimConfig()), ds, lambda s: 1.0)
     eng.train()
     eng.backward(F.cross_entropy(eng(codes, feats, mask).flatten(0, 1), codes.flatten()))
-    with Dtypes() as mode:
+    with Recorder() as rec:
         eng.step()
-    out[stage] = [engine.grad_norm(eng), sorted(mode.seen)]
+    out[stage] = [engine.grad_norm(eng), sorted(rec.dtypes)]
 print(json.dumps({"want": want, "torch": torch_fp32, "got": out}))
 engine.shutdown(0)
 """
@@ -313,24 +317,7 @@ def test_cpu_engine_takes_gradient_norms_in_fp32():
         assert norm == pytest.approx(res["want"], rel=2e-4), stage
 
 
-_BF16_SKIP_SCRIPT = r"""
-import json, sys
-import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from pipeline.models.gpt import GPT, GPTConfig
-from pipeline.train import engine
-from pipeline.train.optim import OptimConfig, param_groups
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-engine.init_distributed()
+_BF16_SKIP_SCRIPT = _STEP_SCRIPT_HEAD + r"""
 cfg = GPTConfig.from_name("debug", grid_size=2, max_text_tokens=4)
 g = torch.Generator().manual_seed(0)
 codes = torch.randint(0, cfg.vocab_size, (2, cfg.image_tokens), generator=g)
@@ -348,12 +335,12 @@ for stage in sys.argv[1:]:
     for what, x in (("finite", feats), ("nan", feats.clone().index_fill_(2, torch.tensor([0]), float("nan")))):
         before = [p.detach().float().clone() for p in eng.module.parameters()]
         eng.backward(F.cross_entropy(eng(codes, x).float().flatten(0, 1), codes.flatten()))
-        with Ops() as ops:
+        with Recorder() as rec:
             eng.step()
         changed = any(not torch.equal(b, p.detach().float()) for b, p in zip(before, eng.module.parameters()))
         finite = all(bool(torch.isfinite(p).all()) for p in eng.module.parameters())
         res[what] = {"changed": changed, "finite": finite, "skipped": eng.skipped_steps,
-                     "scanned": "amax" in ops.seen or "amin" in ops.seen}
+                     "scanned": "amax" in rec.ops or "amin" in rec.ops}
     out[stage] = res
 print(json.dumps(out))
 engine.shutdown(0)

@@ -171,7 +171,8 @@ def create_engine(
 ):
     """Wrap ``model`` in a DeepSpeed engine with AdamW over ``groups`` and a LambdaLR schedule."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    if get_accelerator().device_name() == "cpu":
+    cpu = get_accelerator().device_name() == "cpu"
+    if cpu:
         fp32_grad_norms()
     eng, _, _, _ = deepspeed.initialize(
         model=model,
@@ -179,7 +180,7 @@ def create_engine(
         config=copy.deepcopy(ds_config),
         lr_scheduler=lambda opt: LambdaLR(opt, lr_fn),
     )
-    if get_accelerator().device_name() == "cpu":
+    if cpu:
         skip_bf16_steps_by_norm(eng)
     return eng
 
