@@ -90,21 +90,25 @@ def _best_alternating(
     return wall, cpu
 
 
-def bare_step(cfg: GPTConfig, dtype: str):
+def bare_step(cfg: GPTConfig, dtype: str, compiled: bool = False, mask: bool = True):
+    """The bare model's training step; ``compiled``: its forward under ``torch.compile``;
+    ``mask=False``: no padded caption (causal attention only)."""
     torch.manual_seed(0)
     model = GPT(cfg).train()
+    fwd = torch.compile(model) if compiled else model
     groups = [
         {k: v for k, v in g.items() if k != "names"} for g in param_groups(model, OptimConfig())
     ]
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
-    codes, feats, mask = _batch(cfg)
+    codes, feats, cap_mask = _batch(cfg)
+    cap_mask = cap_mask if mask else None
     ctx = (
         torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
     )
 
     def step():
         with ctx:
-            logits = model(codes, feats, mask)
+            logits = fwd(codes, feats, cap_mask)
         loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from pipeline.precision import cpu_has_native_bf16  # noqa: E402
 
-ORDER = ["model", "train", "engine", "loader", "decode", "vq", "pretokenize", "shards", "download"]
+ORDER = ["model", "reference", "train", "engine", "loader", "decode", "vq", "pretokenize", "shards", "download"]
 
 
 def _fmt(v) -> str:
