@@ -28,7 +28,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_train import BATCH, _batch, _best_alternating, bare_step, matmul_rate  # noqa: E402
+from bench_train import (  # noqa: E402
+    BATCH,
+    _batch,
+    _best_alternating,
+    bare_step,
+    markdown_table,
+    matmul_rate,
+)
 from llamagen_ref import reference_train_step  # noqa: E402
 
 from pipeline.decode import compile_available  # noqa: E402
@@ -86,22 +93,7 @@ def run(
 def format_table(rows: list[dict]) -> str:
     cols = ["preset", "dtype", "mode", "reference_s", "ours_s", "speedup", "goal", "ours_mfu",
             "reference_mfu"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            if v is None:
-                cells.append("")
-            elif c.endswith("mfu") and isinstance(v, float):
-                cells.append(f"{v:.1%}")
-            elif isinstance(v, float):
-                cells.append(f"{v:.3f}")
-            else:
-                cells.append(str(v))
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
+    return markdown_table(rows, cols)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

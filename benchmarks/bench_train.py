@@ -223,6 +223,12 @@ def format_table(rows: list[dict]) -> str:
         "ds_over_bare",
         "ds_over_bare_cpu",
     ]
+    return markdown_table(rows, cols)
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """Rows as a markdown table: floats to 3 decimals (thousands grouped from 100), columns whose
+    name ends in ``mfu`` as percentages, None as an empty cell."""
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -230,7 +236,7 @@ def format_table(rows: list[dict]) -> str:
             v = r.get(c)
             if v is None:
                 cells.append("")
-            elif c == "mfu" and isinstance(v, float):
+            elif c.endswith("mfu") and isinstance(v, float):
                 cells.append(f"{v:.1%}")
             elif isinstance(v, float):
                 cells.append(f"{v:.3f}" if v < 100 else f"{v:,.0f}")
@@ -238,7 +244,6 @@ def format_table(rows: list[dict]) -> str:
                 cells.append(str(v))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
-
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -44,7 +44,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_pairs(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, D) rotated pairwise by table (T, D/2, 2) = (cos, sin), in fp32."""
+    """x (B, T, H, D) rotated pairwise by table (T, D/2, 2) = (cos, sin), in fp32.
+
+    LlamaGen's stack form, which our compiled path happens to share (``gpt.apply_rope``); kept
+    here on purpose: the baseline imports nothing of our model, so a change there cannot change
+    what the reference costs."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
     t = table.view(1, xs.size(1), 1, xs.size(3), 2)
     out = torch.stack(
