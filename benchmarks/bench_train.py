@@ -245,6 +245,7 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="debug,B")
