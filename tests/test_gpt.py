@@ -135,6 +135,48 @@ def test_matmul_attention_equals_sdpa(kind):
         assert (got - want).abs().max() <= 2 * (theirs - want).abs().max() + 0.02
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_matmul_attention_runs_atens_softmax_and_matches_eager(dtype):
+    """Under torch.compile a query block's masked softmax is the opaque ``biased_softmax`` op
+    (inductor's own CPU kernel for it was 2-3x slower): one graph, eager's outputs and gradients,
+    and padded keys still get no weight."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ok, why = compile_available()
+    if not ok:
+        pytest.skip(f"torch.compile unavailable here: {why}")
+    torch.manual_seed(0)
+    B, H, T, hd = 2, 3, 13, 8
+    pmask = torch.ones(B, 5, dtype=torch.bool)
+    pmask[0, :3] = False  # row 0: three padded caption keys
+    mask = GPT.attention_mask(pmask, T, "cpu")
+    q, k, v = (torch.randn(B, H, T, hd, dtype=dtype) for _ in range(3))
+
+    def attn(a, b, c):
+        return matmul_attention(a, b, c, mask)
+
+    def run(fn, k=k, v=v):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        y = fn(qq, kk, vv)
+        y.backward(torch.arange(y.numel(), dtype=dtype).view_as(y).cos())
+        return y.detach(), qq.grad, kk.grad, vv.grad
+
+    ref = run(attn)
+    compiled = torch.compile(attn, fullgraph=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = run(compiled)
+    assert "aten::_softmax" in {e.name for e in prof.events()}  # ATen's kernel, not inductor's
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, **tol)
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, :3], v2[0, :, :3] = 50.0, 50.0
+    hidden = run(compiled, k2, v2)[0]
+    # a padded query still sees itself; every later one ignores them, bit for bit
+    assert torch.equal(hidden[0, :, 3:], out[0][0, :, 3:]) and torch.equal(hidden[1], out[0][1])
+    assert not torch.equal(hidden[0, :, :3], out[0][0, :, :3])
+
+
 def test_bf16_model_on_cpu_uses_matmul_attention_and_keeps_its_masks(monkeypatch):
     cfg = tiny()
     torch.manual_seed(0)
