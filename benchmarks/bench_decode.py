@@ -47,10 +47,13 @@ PARAMS = SamplingParams(cfg_scale=4.0, temperature=1.0, top_k=1000, top_p=1.0)
 # --- the simple references ------------------------------------------------------------------
 
 
-def draw_multinomial(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]
-                     ) -> torch.Tensor:
+def draw_multinomial(
+    logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]
+) -> torch.Tensor:
     """The plain sampler: mask to top-k/top-p over all V logits, then multinomial row by row."""
-    probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(-1)
+    probs = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p).softmax(
+        -1
+    )
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
 
 
@@ -59,8 +62,9 @@ def _gens(seeds: list[int]) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def naive_cached_generate(model: GPT, cond: torch.Tensor, params: SamplingParams,
-                          seeds: list[int], grid: int) -> torch.Tensor:
+def naive_cached_generate(
+    model: GPT, cond: torch.Tensor, params: SamplingParams, seeds: list[int], grid: int
+) -> torch.Tensor:
     """LlamaGen-style naive caching: K/V concatenated per step; masks rebuilt per step."""
     B, P, N = cond.size(0), model.cfg.prefix_len, grid * grid
     cond2 = torch.cat([cond, cond])
@@ -80,15 +84,18 @@ def naive_cached_generate(model: GPT, cond: torch.Tensor, params: SamplingParams
             mask = torch.cat([pmask, pmask.new_ones(R, end - P)], 1)[:, None, None, :]
         for i, blk in enumerate(model.blocks):
             a = blk.attn
-            q, k, v = a.qkv(blk.attn_norm(x)).split([a.n_head * a.hd, a.n_kv * a.hd, a.n_kv * a.hd], -1)
+            q, k, v = a.qkv(blk.attn_norm(x)).split(
+                [a.n_head * a.hd, a.n_kv * a.hd, a.n_kv * a.hd], -1
+            )
             q = apply_rope(q.view(R, T, a.n_head, a.hd), rope[start:end]).transpose(1, 2)
             k = apply_rope(k.view(R, T, a.n_kv, a.hd), rope[start:end]).transpose(1, 2)
             v = v.view(R, T, a.n_kv, a.hd).transpose(1, 2)
             if past[i] is not None:
                 k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
             past[i] = (k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               is_causal=mask is None and T > 1)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1
+            )
             x = x + a.proj(y.transpose(1, 2).reshape(R, T, C))
             x = x + blk.mlp(blk.mlp_norm(x))
         return model.head(model.norm(x[:, -1])).float()
@@ -97,15 +104,18 @@ def naive_cached_generate(model: GPT, cond: torch.Tensor, params: SamplingParams
     tokens = torch.zeros(B, N, dtype=torch.long)
     logits = run(prefix.to(model.head.weight.dtype), 0)
     for i in range(N):
-        tokens[:, i] = draw_multinomial(cfg_mix(logits[:B], logits[B:], params.cfg_scale), params, gens)
+        tokens[:, i] = draw_multinomial(
+            cfg_mix(logits[:B], logits[B:], params.cfg_scale), params, gens
+        )
         if i + 1 < N:
             logits = run(model.tok_embed(torch.cat([tokens[:, i], tokens[:, i]])[:, None]), P + i)
     return tokens
 
 
 @torch.no_grad()
-def gpt_cache_generate(model: GPT, cond: torch.Tensor, params: SamplingParams, seeds: list[int],
-                       grid: int) -> torch.Tensor:
+def gpt_cache_generate(
+    model: GPT, cond: torch.Tensor, params: SamplingParams, seeds: list[int], grid: int
+) -> torch.Tensor:
     """The model's own static cache (growing-slice attention) with the plain sampler."""
     B, N = cond.size(0), grid * grid
     cond2 = torch.cat([cond, cond])
@@ -116,8 +126,9 @@ def gpt_cache_generate(model: GPT, cond: torch.Tensor, params: SamplingParams, s
     try:
         logits = model.prefill(cond2, None, drop).float()
         for i in range(N):
-            tokens[:, i] = draw_multinomial(cfg_mix(logits[:B], logits[B:], params.cfg_scale),
-                                            params, gens)
+            tokens[:, i] = draw_multinomial(
+                cfg_mix(logits[:B], logits[B:], params.cfg_scale), params, gens
+            )
             if i + 1 < N:
                 logits = model.decode_step(torch.cat([tokens[:, i], tokens[:, i]]), i).float()
     finally:
@@ -135,8 +146,9 @@ def _time(fn) -> float:
 
 
 @torch.no_grad()
-def no_cache_extrapolated(model: GPT, cond: torch.Tensor, grid: int,
-                          lengths: tuple[int, ...] = (1, 64, 128, 192, 256)) -> float:
+def no_cache_extrapolated(
+    model: GPT, cond: torch.Tensor, grid: int, lengths: tuple[int, ...] = (1, 64, 128, 192, 256)
+) -> float:
     """Seconds for a full no-cache run, from one timed step at a few lengths (interpolated)."""
     N = grid * grid
     cond2 = torch.cat([cond, cond])
@@ -147,15 +159,18 @@ def no_cache_extrapolated(model: GPT, cond: torch.Tensor, grid: int,
     def one_step(n: int) -> None:  # what generate(use_cache=False) does at step n - 1
         seq = torch.zeros(cond2.size(0), n, dtype=torch.long)
         logits = model(seq, cond2, None, drop=drop, grid_size=grid)[:, -1].float()
-        draw(cfg_mix(logits[: cond.size(0)], logits[cond.size(0):], PARAMS.cfg_scale), PARAMS, gens)
+        draw(
+            cfg_mix(logits[: cond.size(0)], logits[cond.size(0) :], PARAMS.cfg_scale), PARAMS, gens
+        )
 
     one_step(lengths[0])  # warm-up
     per = [min(_time(lambda n=n: one_step(n)) for _ in range(2)) for n in lengths]
     return float(np.interp(np.arange(1, N + 1), lengths, per).sum())
 
 
-def bench_preset(name: str, dtype: str, batch: int, repeat: int, no_cache: str,
-                 compile_mode: str | None) -> list[dict]:
+def bench_preset(
+    name: str, dtype: str, batch: int, repeat: int, no_cache: str, compile_mode: str | None
+) -> list[dict]:
     """Rows for one preset / dtype / batch; ``no_cache`` is "full", "extrapolate" or "skip"."""
     cfg = GPTConfig.from_name(name)
     torch.manual_seed(0)
@@ -176,7 +191,9 @@ def bench_preset(name: str, dtype: str, batch: int, repeat: int, no_cache: str,
         compiled = Sampler(model, batch, g, cfg=True, compile_mode=compile_mode)
         compile_s = _time(lambda: compiled.sample(cond, None, PARAMS, seeds))  # compiles
         if compiled.compile_mode:
-            variants[f"ours compiled ({compile_mode})"] = lambda: compiled.sample(cond, None, PARAMS, seeds)
+            variants[f"ours compiled ({compile_mode})"] = lambda: compiled.sample(
+                cond, None, PARAMS, seeds
+            )
     # interleaved runs, best of ``repeat`` (the first run of each doubles as its warm-up)
     times: dict[str, list[float]] = {k: [] for k in variants}
     out: dict[str, torch.Tensor] = {}
@@ -187,7 +204,9 @@ def bench_preset(name: str, dtype: str, batch: int, repeat: int, no_cache: str,
             times[k].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     # sanity: the two plain-sampler paths agree token for token, and so do ours and no cache
-    checks = {"naive == gpt.py cache tokens": torch.equal(out["naive cat cache"], out["gpt.py cache"])}
+    checks = {
+        "naive == gpt.py cache tokens": torch.equal(out["naive cat cache"], out["gpt.py cache"])
+    }
     if no_cache == "full":
         t0 = time.perf_counter()
         slow = generate(model, cond, None, PARAMS, seeds, g, use_cache=False)
@@ -198,30 +217,46 @@ def bench_preset(name: str, dtype: str, batch: int, repeat: int, no_cache: str,
     ref = best.get("no cache", best.get("no cache (extrapolated)"))
     rows = []
     for k, t in best.items():
-        rows.append({
-            "preset": name, "dtype": dtype, "batch": batch, "variant": k, "s_per_batch": t,
-            "ms_per_step": 1e3 * t / N, "vs_no_cache": ref / t if ref else None,
-            "vs_naive_cache": best["naive cat cache"] / t,
-            "compile_s": compile_s if k.startswith("ours compiled") else None,
-        })
+        rows.append(
+            {
+                "preset": name,
+                "dtype": dtype,
+                "batch": batch,
+                "variant": k,
+                "s_per_batch": t,
+                "ms_per_step": 1e3 * t / N,
+                "vs_no_cache": ref / t if ref else None,
+                "vs_naive_cache": best["naive cat cache"] / t,
+                "compile_s": compile_s if k.startswith("ours compiled") else None,
+            }
+        )
     rows[0]["checks"] = checks
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| preset | dtype | images | variant | s / batch | ms / step | vs no cache | "
-             "vs naive cache |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| preset | dtype | images | variant | s / batch | ms / step | vs no cache | "
+        "vs naive cache |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         vs = f"{r['vs_no_cache']:.1f}x" if r["vs_no_cache"] else "n/a"
-        lines.append(f"| {r['preset']} | {r['dtype']} | {r['batch']} | {r['variant']} | "
-                     f"{r['s_per_batch']:.2f} | {r['ms_per_step']:.2f} | {vs} | "
-                     f"{r['vs_naive_cache']:.2f}x |")
+        lines.append(
+            f"| {r['preset']} | {r['dtype']} | {r['batch']} | {r['variant']} | "
+            f"{r['s_per_batch']:.2f} | {r['ms_per_step']:.2f} | {vs} | "
+            f"{r['vs_naive_cache']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
-def run(presets: tuple[str, ...] = ("debug", "B"), dtypes: tuple[str, ...] = ("fp32", "bf16"),
-        batches: tuple[int, ...] = (1, 8), repeat: int = 2,
-        compile_mode: str | None = "default") -> list[dict]:
+def run(
+    presets: tuple[str, ...] = ("debug", "B"),
+    dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    batches: tuple[int, ...] = (1, 8),
+    repeat: int = 2,
+    compile_mode: str | None = "default",
+) -> list[dict]:
     """Every preset x dtype x batch (for ``make bench``): debug's no-cache run in full, B's
     extrapolated at batch 1 and skipped above it; the compiled variant where compile works."""
     ok = bool(compile_mode) and compile_available()[0]
@@ -246,16 +281,26 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile-mode", default="default", help="'' to skip the compiled variant")
-    ap.add_argument("--full-no-cache", default="debug",
-                    help="presets whose no-cache run is timed in full (others extrapolated)")
-    ap.add_argument("--no-cache-max-batch", type=int, default=1,
-                    help="skip the no-cache baseline above this batch at presets not run in full")
+    ap.add_argument(
+        "--full-no-cache",
+        default="debug",
+        help="presets whose no-cache run is timed in full (others extrapolated)",
+    )
+    ap.add_argument(
+        "--no-cache-max-batch",
+        type=int,
+        default=1,
+        help="skip the no-cache baseline above this batch at presets not run in full",
+    )
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ok, why = compile_available() if a.compile_mode else (False, "skipped")
-    print(f"torch {torch.__version__}, {a.threads} thread(s), load average {os.getloadavg()}, "
-          f"compile available: {ok} {why}", flush=True)
+    print(
+        f"torch {torch.__version__}, {a.threads} thread(s), load average {os.getloadavg()}, "
+        f"compile available: {ok} {why}",
+        flush=True,
+    )
     rows: list[dict] = []
     dtypes = fast_dtypes(a.dtypes.split(","))
     if len(dtypes) < len(a.dtypes.split(",")):
@@ -263,9 +308,16 @@ def main() -> None:
     for name in a.presets.split(","):
         for dtype in dtypes:
             for batch in (int(b) for b in a.batches.split(",")):
-                mode = ("full" if name in a.full_no_cache.split(",") else
-                        "extrapolate" if batch <= a.no_cache_max_batch else "skip")
-                new = bench_preset(name, dtype, batch, a.repeat, mode, a.compile_mode if ok else None)
+                mode = (
+                    "full"
+                    if name in a.full_no_cache.split(",")
+                    else "extrapolate"
+                    if batch <= a.no_cache_max_batch
+                    else "skip"
+                )
+                new = bench_preset(
+                    name, dtype, batch, a.repeat, mode, a.compile_mode if ok else None
+                )
                 rows += new
                 print(format_table(new), "\nchecks:", new[0]["checks"], flush=True)
                 if a.json:

@@ -74,7 +74,9 @@ def bare_path(cfg: GPTConfig, dtype: str):
     ]
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
     codes, feats, mask = _batch(cfg)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    )
     norm = [float("nan")]
 
     def backward():

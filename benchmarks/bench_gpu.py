@@ -102,7 +102,8 @@ def train_row(name: str, grid: int, batch: int, steps: int, compile: bool, devic
     del step
     _free(device)
     return {
-        "what": f"train GPT-{name} {grid * 16}px bf16 ZeRO-2" + (" torch.compile" if compile else ""),
+        "what": f"train GPT-{name} {grid * 16}px bf16 ZeRO-2"
+        + (" torch.compile" if compile else ""),
         "batch": batch,
         "s_per_step": t,
         "image_tokens_per_s": batch * cfg.image_tokens / t,
@@ -113,7 +114,9 @@ def train_row(name: str, grid: int, batch: int, steps: int, compile: bool, devic
     }
 
 
-def decode_rows(name: str, batches: tuple[int, ...], compile: bool, device, bandwidth) -> list[dict]:
+def decode_rows(
+    name: str, batches: tuple[int, ...], compile: bool, device, bandwidth
+) -> list[dict]:
     cfg = GPTConfig.from_name(name)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
@@ -125,27 +128,42 @@ def decode_rows(name: str, batches: tuple[int, ...], compile: bool, device, band
     for batch in batches:
         cond = torch.randn(batch, cfg.max_text_tokens, cfg.caption_dim, device=device)
         seeds = list(range(batch))
-        modes = [None] + (["reduce-overhead" if device.type == "cuda" else "default"] if compile else [])
+        modes = [None] + (
+            ["reduce-overhead" if device.type == "cuda" else "default"] if compile else []
+        )
         for mode in modes:
             sampler = Sampler(model, batch, cfg.grid_size, cfg=True, compile_mode=mode)
             if mode and not sampler.compile_mode:
                 continue  # torch.compile unavailable here (the sampler said why)
-            t = _best(lambda s=sampler, c=cond, r=seeds: s.sample(c, None, params, r), device, repeat=2)
+            t = _best(
+                lambda s=sampler, c=cond, r=seeds: s.sample(c, None, params, r), device, repeat=2
+            )
             per_token = t / cfg.image_tokens
-            rows.append({
-                "what": f"decode GPT-{name} bf16 CFG " + (f"compiled ({mode})" if mode else "eager"),
-                "batch": batch,
-                "ms_per_token": per_token * 1e3,
-                "x_weight_read": per_token / read_s,
-            })
+            rows.append(
+                {
+                    "what": f"decode GPT-{name} bf16 CFG "
+                    + (f"compiled ({mode})" if mode else "eager"),
+                    "batch": batch,
+                    "ms_per_token": per_token * 1e3,
+                    "x_weight_read": per_token / read_s,
+                }
+            )
     del model
     _free(device)
     return rows
 
 
-def run(presets=("B", "L", "XL"), batch: int = 16, batch_512: int = 4, steps: int = 5,
-        decode_batches=(1, 8), compile: bool = True, device: str = "cuda",
-        matmul_n: int = 8192, copy_mb: int = 1024) -> list[dict]:
+def run(
+    presets=("B", "L", "XL"),
+    batch: int = 16,
+    batch_512: int = 4,
+    steps: int = 5,
+    decode_batches=(1, 8),
+    compile: bool = True,
+    device: str = "cuda",
+    matmul_n: int = 8192,
+    copy_mb: int = 1024,
+) -> list[dict]:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here (use --device cpu for a small run of the same code)")
@@ -153,8 +171,12 @@ def run(presets=("B", "L", "XL"), batch: int = 16, batch_512: int = 4, steps: in
     engine.init_distributed()
     peak, bw, nominal = matmul_rate(dev, matmul_n), copy_bandwidth(dev, copy_mb), nominal_peak(dev)
     rows: list[dict] = [
-        {"what": f"matmul {matmul_n}^3 bf16", "value": peak / 1e12, "unit": "TFLOP/s",
-         "nominal": nominal / 1e12 if nominal else None},
+        {
+            "what": f"matmul {matmul_n}^3 bf16",
+            "value": peak / 1e12,
+            "unit": "TFLOP/s",
+            "nominal": nominal / 1e12 if nominal else None,
+        },
         {"what": "device copy (read + write)", "value": bw / 1e9, "unit": "GB/s"},
     ]
     try:
@@ -172,8 +194,12 @@ def run(presets=("B", "L", "XL"), batch: int = 16, batch_512: int = 4, steps: in
 
 def format_table(rows: list[dict]) -> str:
     """``run_all.table`` with MFU columns as percentages."""
-    return table([{k: f"{v:.1%}" if k.startswith("mfu") and v is not None else v
-                   for k, v in r.items()} for r in rows])
+    return table(
+        [
+            {k: f"{v:.1%}" if k.startswith("mfu") and v is not None else v for k, v in r.items()}
+            for r in rows
+        ]
+    )
 
 
 def _groups(rows: list[dict]) -> list[list[dict]]:
@@ -197,15 +223,24 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     gpu = a.device.startswith("cuda")
     rows = run(
-        tuple(a.presets.split(",")), a.batch, a.batch_512, a.steps,
-        tuple(int(b) for b in a.decode_batches.split(",")), not a.no_compile, a.device,
-        a.matmul_n or (8192 if gpu else 1024), a.copy_mb or (1024 if gpu else 64),
+        tuple(a.presets.split(",")),
+        a.batch,
+        a.batch_512,
+        a.steps,
+        tuple(int(b) for b in a.decode_batches.split(",")),
+        not a.no_compile,
+        a.device,
+        a.matmul_n or (8192 if gpu else 1024),
+        a.copy_mb or (1024 if gpu else 64),
     )
     dev = torch.device(a.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    text = (f"## gpu ({datetime.date.today()}, {name}, torch {torch.__version__})\n\n"
-            f"`python benchmarks/bench_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-            + "\n\n".join(format_table(g) for g in _groups(rows)) + "\n")
+    text = (
+        f"## gpu ({datetime.date.today()}, {name}, torch {torch.__version__})\n\n"
+        f"`python benchmarks/bench_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        + "\n\n".join(format_table(g) for g in _groups(rows))
+        + "\n"
+    )
     print(text, flush=True)
     if a.out:
         with open(a.out, "a") as f:

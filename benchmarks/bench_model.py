@@ -52,18 +52,21 @@ def read_bandwidth(mb: int = 512) -> float:
     return x.numel() * 4 / t
 
 
-def train_step_time(cfg: GPTConfig, dtype: str, batch: int = 2, repeat: int = 3,
-                    compiled: bool = False) -> float:
+def train_step_time(
+    cfg: GPTConfig, dtype: str, batch: int = 2, repeat: int = 3, compiled: bool = False
+) -> float:
     """Forward + backward + clip + AdamW (PyTorch's fused kernel, as configs/deepspeed use)."""
     torch.manual_seed(0)
     model = GPT(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True
+    )
     fwd = torch.compile(model) if compiled else model
     codes = torch.randint(0, cfg.vocab_size, (batch, cfg.image_tokens))
     feats = torch.randn(batch, cfg.max_text_tokens, cfg.caption_dim)
-    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16"
-           else contextlib.nullcontext())
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    )
 
     def step():
         with ctx:
@@ -106,8 +109,9 @@ def decode_time(cfg: GPTConfig, dtype: str, use_cache: bool, tokens: int | None 
     return sum(per) / len(per)
 
 
-def run(presets: tuple[str, ...] = ("debug", "B"), quick: bool = False,
-        compiled: bool = True) -> list[dict]:
+def run(
+    presets: tuple[str, ...] = ("debug", "B"), quick: bool = False, compiled: bool = True
+) -> list[dict]:
     # as every training rank on CPU does (pipeline.train.engine.init_distributed): freed blocks
     # stay mapped, so a step's fresh gradients and activations cost no page faults
     keep_freed_host_memory()
@@ -119,29 +123,62 @@ def run(presets: tuple[str, ...] = ("debug", "B"), quick: bool = False,
     for d in dtypes:
         rows.append({"what": f"matmul 2048^3 {d}", "value": peak[d] / 1e9, "unit": "GFLOP/s"})
     if "bf16" not in dtypes:
-        rows.append({"what": f"bf16 rows skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) "
-                             "emulates bf16 matmul", "value": None, "unit": ""})
+        rows.append(
+            {
+                "what": f"bf16 rows skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) "
+                "emulates bf16 matmul",
+                "value": None,
+                "unit": "",
+            }
+        )
     rows.append({"what": "memory read", "value": bw / 1e9, "unit": "GB/s"})
     for name in presets:
         cfg = GPTConfig.from_name(name)
         flops = 2 * train_flops_per_sample(cfg)
         for dtype in dtypes:
             t = train_step_time(cfg, dtype, repeat=1 if quick else 3)
-            rows.append({"what": f"train step GPT-{name} {dtype} (batch 2)", "value": t,
-                         "unit": "s/step", "of_limit": flops / t / peak[dtype]})
+            rows.append(
+                {
+                    "what": f"train step GPT-{name} {dtype} (batch 2)",
+                    "value": t,
+                    "unit": "s/step",
+                    "of_limit": flops / t / peak[dtype],
+                }
+            )
         if compiled and "bf16" in dtypes and compile_available()[0]:
             t = train_step_time(cfg, "bf16", repeat=1 if quick else 3, compiled=True)
-            rows.append({"what": f"train step GPT-{name} bf16 torch.compile (batch 2)",
-                         "value": t, "unit": "s/step", "of_limit": flops / t / peak["bf16"]})
+            rows.append(
+                {
+                    "what": f"train step GPT-{name} bf16 torch.compile (batch 2)",
+                    "value": t,
+                    "unit": "s/step",
+                    "of_limit": flops / t / peak["bf16"],
+                }
+            )
         for dtype in dtypes:
-            model_bytes = decode_bytes_per_token(GPT(cfg).to(torch.bfloat16 if dtype == "bf16" else torch.float32))
+            model_bytes = decode_bytes_per_token(
+                GPT(cfg).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+            )
             cached = decode_time(cfg, dtype, use_cache=True)
-            rows.append({"what": f"decode GPT-{name} {dtype} cached (CFG)", "value": cached * 1e3,
-                         "unit": "ms/token", "of_limit": model_bytes / cached / bw})
+            rows.append(
+                {
+                    "what": f"decode GPT-{name} {dtype} cached (CFG)",
+                    "value": cached * 1e3,
+                    "unit": "ms/token",
+                    "of_limit": model_bytes / cached / bw,
+                }
+            )
             if not quick:
                 full = decode_time(cfg, dtype, use_cache=False)
-                rows.append({"what": f"decode GPT-{name} {dtype} no cache (CFG)", "value": full * 1e3,
-                             "unit": "ms/token", "of_limit": None, "speedup": full / cached})
+                rows.append(
+                    {
+                        "what": f"decode GPT-{name} {dtype} no cache (CFG)",
+                        "value": full * 1e3,
+                        "unit": "ms/token",
+                        "of_limit": None,
+                        "speedup": full / cached,
+                    }
+                )
     return rows
 
 

@@ -85,15 +85,31 @@ def run(
                     }
                 )
                 del ref, ours
-    rows.append({"preset": "peak", "mode": "matmul 2048^3", "dtype": "/".join(dtypes),
-                 "ours_mfu": "/".join(f"{peak[d] / 1e9:.0f}" for d in dtypes) + " GFLOP/s"})
+    rows.append(
+        {
+            "preset": "peak",
+            "mode": "matmul 2048^3",
+            "dtype": "/".join(dtypes),
+            "ours_mfu": "/".join(f"{peak[d] / 1e9:.0f}" for d in dtypes) + " GFLOP/s",
+        }
+    )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["preset", "dtype", "mode", "reference_s", "ours_s", "speedup", "goal", "ours_mfu",
-            "reference_mfu"]
+    cols = [
+        "preset",
+        "dtype",
+        "mode",
+        "reference_s",
+        "ours_s",
+        "speedup",
+        "goal",
+        "ours_mfu",
+        "reference_mfu",
+    ]
     return markdown_table(rows, cols)
+
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -101,8 +117,15 @@ if __name__ == "__main__":
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--no-mask", action="store_true", help="causal attention only, no padded caption")
+    ap.add_argument(
+        "--no-mask", action="store_true", help="causal attention only, no padded caption"
+    )
     a = ap.parse_args()
-    rows = run(tuple(a.presets.split(",")), tuple(a.dtypes.split(",")), a.repeat,
-               not a.no_compile, not a.no_mask)
+    rows = run(
+        tuple(a.presets.split(",")),
+        tuple(a.dtypes.split(",")),
+        a.repeat,
+        not a.no_compile,
+        not a.no_mask,
+    )
     print(format_table(rows))

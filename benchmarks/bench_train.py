@@ -203,7 +203,8 @@ def run(presets: tuple[str, ...] = ("debug", "B"), repeat: int = 4) -> list[dict
             "dtype": "/".join(dtypes),
             "s_per_step": None,
             "tokens_per_s": None,
-            "mfu": "/".join(f"{peak[d] / 1e9:.0f}" for d in dtypes) + " GFLOP/s"
+            "mfu": "/".join(f"{peak[d] / 1e9:.0f}" for d in dtypes)
+            + " GFLOP/s"
             + ("" if "bf16" in dtypes else " (no bf16 rows: this CPU emulates bf16 matmul)"),
         }
     )

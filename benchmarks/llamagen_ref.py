@@ -40,7 +40,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)).type_as(
+            x
+        ) * self.weight
 
 
 def rope_pairs(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -172,7 +174,9 @@ class LlamaGenT2I(nn.Module):
         for layer in self.layers:
             h = layer(h, table, mask)
         logits = self.output(self.norm(h)).float()[:, P - 1 :].contiguous()
-        flat = F.cross_entropy(logits.view(-1, logits.size(-1)), codes.reshape(-1), reduction="none")
+        flat = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), codes.reshape(-1), reduction="none"
+        )
         if valid is None:
             return logits, flat.mean()
         v = valid[:, None].repeat(1, codes.shape[1]).view(-1)
@@ -213,7 +217,11 @@ def reference_train_step(
     opt = reference_optimizer(model)
     fwd = torch.compile(model) if compiled else model
     codes, caps, emb_mask = batch
-    mask = None if emb_mask is None else dataset_mask(emb_mask, cfg.max_text_tokens + codes.shape[1] - 1)
+    mask = (
+        None
+        if emb_mask is None
+        else dataset_mask(emb_mask, cfg.max_text_tokens + codes.shape[1] - 1)
+    )
     valid = torch.ones(codes.shape[0])
     ctx = (
         (lambda: torch.autocast("cpu", dtype=torch.bfloat16))

@@ -24,7 +24,18 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from pipeline.precision import cpu_has_native_bf16  # noqa: E402
 
-ORDER = ["model", "reference", "train", "engine", "loader", "decode", "vq", "pretokenize", "shards", "download"]
+ORDER = [
+    "model",
+    "reference",
+    "train",
+    "engine",
+    "loader",
+    "decode",
+    "vq",
+    "pretokenize",
+    "shards",
+    "download",
+]
 
 
 def _fmt(v) -> str:
@@ -54,8 +65,10 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     isa = torch.backends.cpu.get_cpu_capability()
     bf16 = "native" if cpu_has_native_bf16() else "emulated (bf16 rows skipped)"
-    return (f"{cpu} ({isa}, bf16 matmul {bf16}), {os.cpu_count()} cores, torch {torch.__version__} "
-            f"threads {torch.get_num_threads()}, {gpu}")
+    return (
+        f"{cpu} ({isa}, bf16 matmul {bf16}), {os.cpu_count()} cores, torch {torch.__version__} "
+        f"threads {torch.get_num_threads()}, {gpu}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,11 @@ from pipeline.demo import DemoConfig, run_demo
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in args and not any(a.startswith("--config=") for a in args):
-        args = ["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), *args]
+        args = [
+            "--config",
+            os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"),
+            *args,
+        ]
     cfg, _ = parse_job(DemoConfig, __doc__.splitlines()[0], args)
     report = run_demo(cfg)
     out = os.path.abspath(cfg.out)
@@ -25,16 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDemo finished in {report['seconds']:.0f} s. Outputs:")
     for stage in ("stage1", "stage2"):
         print(f"  sample grid ({stage}):  {check[stage]['grid']}")
-        print(f"  loss curve ({stage}):   {os.path.join(out, 'train', stage, 'metrics', 'loss.png')}")
+        print(
+            f"  loss curve ({stage}):   {os.path.join(out, 'train', stage, 'metrics', 'loss.png')}"
+        )
     print(f"  report:                {os.path.join(out, 'report.json')}")
     print("\nPrompt match rate (colour and shape both right), against chance:")
     for stage in ("stage1", "stage2"):
         c = check[stage]
-        print(f"  {stage}: colour {c['match_colour']:.0%}, shape {c['match_shape']:.0%}, "
-              f"both {c['match_both']:.0%}  (chance: colour {check['chance']['match_colour']:.0%}, "
-              f"shape {check['chance']['match_shape']:.0%}, both {check['chance']['match_both']:.0%}; "
-              f"the tokenizer's own reconstructions: both "
-              f"{check['tokenizer_ceiling'][stage]['match_both']:.0%})")
+        print(
+            f"  {stage}: colour {c['match_colour']:.0%}, shape {c['match_shape']:.0%}, "
+            f"both {c['match_both']:.0%}  (chance: colour {check['chance']['match_colour']:.0%}, "
+            f"shape {check['chance']['match_shape']:.0%}, both {check['chance']['match_both']:.0%}; "
+            f"the tokenizer's own reconstructions: both "
+            f"{check['tokenizer_ceiling'][stage]['match_both']:.0%})"
+        )
     print("\nCounts per stage:")
     for name, step in report["steps"].items():
         small = {k: v for k, v in step.items() if isinstance(v, (int, float, str)) and k != "note"}

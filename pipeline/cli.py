@@ -24,7 +24,9 @@ def job_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_job(
-    cls: type[C], description: str, argv: Sequence[str] | None = None,
+    cls: type[C],
+    description: str,
+    argv: Sequence[str] | None = None,
     parser: argparse.ArgumentParser | None = None,
 ) -> tuple[C, argparse.Namespace]:
     """Parse ``argv`` into (config, extra args); exits with a clear message on config errors."""

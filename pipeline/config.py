@@ -91,7 +91,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(
+                _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))
+            )
         item = args[0] if args else Any
         out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if (origin is tuple or tp is tuple) else out
@@ -173,7 +175,11 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), str):
             out[k] = {"preset": out[k]}  # "model: XL" plus "model.n_layer=2"
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        out[k] = (
+            _deep_merge(out[k], v)
+            if isinstance(v, Mapping) and isinstance(out.get(k), Mapping)
+            else v
+        )
     return out
 
 
@@ -233,7 +239,11 @@ def describe(cls: type) -> str:
         default = (
             f.default
             if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+            )
         )
-        lines.append(f"  {f.name}: {_type_name(hints[f.name])} = {default!r}  {f.metadata.get('doc', '')}")
+        lines.append(
+            f"  {f.name}: {_type_name(hints[f.name])} = {default!r}  {f.metadata.get('doc', '')}"
+        )
     return "\n".join(lines)

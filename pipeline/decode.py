@@ -51,8 +51,14 @@ class StaticDecoder(nn.Module):
     compiles anew, so a one-off decoder is better without.
     """
 
-    def __init__(self, model: GPT, rows: int, grid_size: int | None = None,
-                 compile_mode: str | None = None, freeze: bool = True):
+    def __init__(
+        self,
+        model: GPT,
+        rows: int,
+        grid_size: int | None = None,
+        compile_mode: str | None = None,
+        freeze: bool = True,
+    ):
         super().__init__()
         cfg = model.cfg
         w = model.head.weight
@@ -63,13 +69,16 @@ class StaticDecoder(nn.Module):
         self.max_len = L = P + g * g  # the last image token is never fed back, one spare slot
         shape = (rows, cfg.kv_heads, L, cfg.head_dim)
         for i in range(cfg.n_layer):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=w.dtype, device=w.device),
-                                 persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=w.dtype, device=w.device),
-                                 persistent=False)
+            self.register_buffer(
+                f"k{i}", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False
+            )
+            self.register_buffer(
+                f"v{i}", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False
+            )
         # additive attention bias of the next decode query: (rows, 1, 1, L)
-        self.register_buffer("bias", torch.zeros(rows, 1, 1, L, dtype=w.dtype, device=w.device),
-                             persistent=False)
+        self.register_buffer(
+            "bias", torch.zeros(rows, 1, 1, L, dtype=w.dtype, device=w.device), persistent=False
+        )
         self.register_buffer("rope", model.rope(g, w.device), persistent=False)  # (L, hd/2, 2)
         self.register_buffer("positions", torch.arange(L, device=w.device), persistent=False)
         self._all_valid = True  # no padded prefix key in any row (set by prefill)
@@ -82,8 +91,9 @@ class StaticDecoder(nn.Module):
                 raise ValueError(f"compile mode {compile_mode!r} is not one of {COMPILE_MODES}")
             ok, why = compile_available()
             if ok:
-                self._step = torch.compile(self._step_eager, mode=compile_mode, fullgraph=True,
-                                           dynamic=False)
+                self._step = torch.compile(
+                    self._step_eager, mode=compile_mode, fullgraph=True, dynamic=False
+                )
                 self.compile_mode = compile_mode
                 if freeze and self._freezes(compile_mode, w):
                     self._step = self._frozen_step(self._step)
@@ -120,15 +130,24 @@ class StaticDecoder(nn.Module):
 
     # -- the model's math on static buffers
 
-    def _block(self, i: int, block: Block, x: torch.Tensor, pos: torch.Tensor,
-               bias: torch.Tensor, end: int | None) -> torch.Tensor:
+    def _block(
+        self,
+        i: int,
+        block: Block,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        bias: torch.Tensor,
+        end: int | None,
+    ) -> torch.Tensor:
         """One transformer block for tokens at positions ``pos`` (T,); x: (R, T, C).
 
         Attention reads the cache up to ``end`` (None: the whole buffer, a static shape).
         """
         a = block.attn
         R, T, C = x.shape
-        q, k, v = a.qkv(block.attn_norm(x)).split([a.n_head * a.hd, a.n_kv * a.hd, a.n_kv * a.hd], -1)
+        q, k, v = a.qkv(block.attn_norm(x)).split(
+            [a.n_head * a.hd, a.n_kv * a.hd, a.n_kv * a.hd], -1
+        )
         rope = self.rope.index_select(0, pos)  # (T, hd/2, 2)
         q = apply_rope(q.view(R, T, a.n_head, a.hd), rope).transpose(1, 2)  # (R, H, T, hd)
         k = apply_rope(k.view(R, T, a.n_kv, a.hd), rope).transpose(1, 2)
@@ -147,27 +166,31 @@ class StaticDecoder(nn.Module):
         if T == 1 and q.device.type == "cpu":
             y = matmul_attention(q, kc, vc, mask)  # the bias buffer: additive
         else:
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
-                                               is_causal=mask is None and T > 1)  # (R, H, T, hd)
+            y = F.scaled_dot_product_attention(
+                q, kc, vc, attn_mask=mask, is_causal=mask is None and T > 1
+            )  # (R, H, T, hd)
         x = x + a.proj(y.transpose(1, 2).reshape(R, T, C))
         return x + block.mlp(block.mlp_norm(x))
 
-    def _forward(self, x: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor,
-                 end: int | None = None) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, end: int | None = None
+    ) -> torch.Tensor:
         for i, block in enumerate(self.model.blocks):
             x = self._block(i, block, x, pos, bias, end)
         return self.model.head(self.model.norm(x[:, -1])).float()  # (R, V)
 
-    def _step_eager(self, tokens: torch.Tensor, pos: torch.Tensor, end: int | None = None
-                    ) -> torch.Tensor:
+    def _step_eager(
+        self, tokens: torch.Tensor, pos: torch.Tensor, end: int | None = None
+    ) -> torch.Tensor:
         self.bias.index_fill_(-1, pos, 0.0)  # the new token sees itself from now on
         return self._forward(self.model.tok_embed(tokens[:, None]), pos, self.bias, end)
 
     # -- public steps
 
     @torch.no_grad()
-    def prefill(self, cond: torch.Tensor, cond_mask: torch.Tensor | None,
-                drop: torch.Tensor | None) -> torch.Tensor:
+    def prefill(
+        self, cond: torch.Tensor, cond_mask: torch.Tensor | None, drop: torch.Tensor | None
+    ) -> torch.Tensor:
         """Run the condition prefix of all rows; returns logits (rows, V) for image token 0."""
         if cond.size(0) != self.rows:
             raise ValueError(f"decoder holds {self.rows} rows, got a batch of {cond.size(0)}")
@@ -212,8 +235,11 @@ class StaticDecoder(nn.Module):
             if self._step is self._step_eager:
                 raise
             # a step is idempotent (same cache slot, same bias entry): rerunning it eagerly is safe
-            log.warning("compiled decode step failed (%s: %s); falling back to eager",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            log.warning(
+                "compiled decode step failed (%s: %s); falling back to eager",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
             self._step = self._step_eager
             self.compile_mode = None
             self._frozen_state = None

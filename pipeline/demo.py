@@ -51,7 +51,8 @@ class DemoConfig:
     stage1_steps: int = doc("stage-1 GPT steps", 500)
     stage2_steps: int = doc("stage-2 GPT steps", 600)
     min_aesthetic_quantile: float = doc(
-        "stage 2 keeps images whose aesthetic score is above this quantile of stage 1's", 0.25)
+        "stage 2 keeps images whose aesthetic score is above this quantile of stage 1's", 0.25
+    )
     t5_dim: int = doc("width of the tiny random T5", 64)
     prompts_per_check: int = doc("prompts sampled to measure the prompt match rate", 12)
     images_per_prompt: int = doc("images per prompt in the check", 8)
@@ -82,13 +83,19 @@ class Demo:
 
     def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         self.k += 1
-        log.info("=== [%d/%d] %s (%.0f s so far)", self.k, self.n_steps, name, time.time() - self.t0)
+        log.info(
+            "=== [%d/%d] %s (%.0f s so far)", self.k, self.n_steps, name, time.time() - self.t0
+        )
         t = time.time()
         result = fn()
         result["seconds"] = round(time.time() - t, 1)
         self.report["steps"][name] = result
-        log.info("=== %s done in %.0f s: %s", name, result["seconds"],
-                 json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}))
+        log.info(
+            "=== %s done in %.0f s: %s",
+            name,
+            result["seconds"],
+            json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}),
+        )
         return result
 
     # -- steps
@@ -103,8 +110,11 @@ class Demo:
         aes_dir = self.path("models", "aesthetic-tiny-random")
         self.aesthetic = build_tiny_aesthetic(aes_dir, seed=self.cfg.seed)
         self.t5 = t5
-        return {"text_encoder": t5, "aesthetic": aes_dir,
-                "note": "random weights: stand-ins for FLAN-T5-XL and CLIP ViT-L/14 + LAION head"}
+        return {
+            "text_encoder": t5,
+            "aesthetic": aes_dir,
+            "note": "random weights: stand-ins for FLAN-T5-XL and CLIP ViT-L/14 + LAION head",
+        }
 
     def data(self) -> dict[str, Any]:
         samples = synthetic.make_samples(self.cfg.num_images, seed=self.cfg.seed)
@@ -118,29 +128,42 @@ class Demo:
         from pipeline.data.download import DownloadConfig, run_download
 
         names = [f"{i:06d}.jpg" for i in range(len(self.samples))]
-        table = synthetic.laion_coco_table(self.samples, [f"{base_url}/{n}" for n in names],
-                                           size=self.cfg.image_size)
+        table = synthetic.laion_coco_table(
+            self.samples, [f"{base_url}/{n}" for n in names], size=self.cfg.image_size
+        )
         meta = self.path("metadata", "part-00000.parquet")
         os.makedirs(os.path.dirname(meta), exist_ok=True)
         table.to_parquet(meta)
         cfg = load_config(
-            DownloadConfig, os.path.join(REPO, "configs/data/download_local.yaml"),
-            input=meta, output=self.path("raw"), distributor="ray", allow_loopback=True,
-            image_size=self.cfg.image_size, min_image_size=32, threads=16, processes=2,
+            DownloadConfig,
+            os.path.join(REPO, "configs/data/download_local.yaml"),
+            input=meta,
+            output=self.path("raw"),
+            distributor="ray",
+            allow_loopback=True,
+            image_size=self.cfg.image_size,
+            min_image_size=32,
+            threads=16,
+            processes=2,
             metadata={"rows_per_unit": -(-len(self.samples) // self.cfg.shards)},
         )
         result = run_download(cfg)
         if result.failed_shards:
             raise RuntimeError(f"download left shards {result.failed_shards} unfinished; rerun")
-        return {"shards": result.shards_done, "images": result.stats["samples"]["successes"],
-                "stats": result.stats}
+        return {
+            "shards": result.shards_done,
+            "images": result.stats["samples"]["successes"],
+            "stats": result.stats,
+        }
 
     def score(self) -> dict[str, Any]:
         from pipeline.data.filter import ScoreConfig, run_score
 
         cfg = load_config(
-            ScoreConfig, os.path.join(REPO, "configs/data/score_cpu.yaml"),
-            input=self.path("raw"), output=self.path("scores"),
+            ScoreConfig,
+            os.path.join(REPO, "configs/data/score_cpu.yaml"),
+            input=self.path("raw"),
+            output=self.path("scores"),
             aesthetic=dataclasses.asdict(self.aesthetic),
             filters={"min_image_size": 32, "min_similarity": 0.28},
             executor={"num_actors": 1, "local_num_cpus": 2},
@@ -152,8 +175,11 @@ class Demo:
         from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
         cfg = load_config(
-            TokenizerTrainConfig, os.path.join(REPO, self.cfg.tokenizer_config),
-            data=self.path("raw"), run_dir=self.path("vq"), max_steps=self.cfg.tokenizer_steps,
+            TokenizerTrainConfig,
+            os.path.join(REPO, self.cfg.tokenizer_config),
+            data=self.path("raw"),
+            run_dir=self.path("vq"),
+            max_steps=self.cfg.tokenizer_steps,
             device="cpu",
         )
         summary = train_tokenizer(cfg)
@@ -174,33 +200,54 @@ class Demo:
 
         scores = pd.concat(
             pd.read_parquet(self.path("scores", n))
-            for n in sorted(os.listdir(self.path("scores"))) if n.endswith(".parquet")
+            for n in sorted(os.listdir(self.path("scores")))
+            if n.endswith(".parquet")
         )
         kept = scores[scores["keep"]]
         threshold = float(kept["aesthetic"].quantile(self.cfg.min_aesthetic_quantile))
         out = {}
-        for stage, res, min_aes in (("stage1", self.cfg.stage1_resolution, None),
-                                    ("stage2", self.cfg.image_size, threshold)):
+        for stage, res, min_aes in (
+            ("stage1", self.cfg.stage1_resolution, None),
+            ("stage2", self.cfg.image_size, threshold),
+        ):
             cfg = load_config(
-                PretokenizeConfig, os.path.join(REPO, "configs/data/pretokenize_tiny.yaml"),
-                input=self.path("raw"), output=self.path("tokens", stage),
-                scores=self.path("scores"), min_aesthetic=min_aes, resolution=res,
-                vq={"uri": self.vq}, text={"uri": self.t5},
+                PretokenizeConfig,
+                os.path.join(REPO, "configs/data/pretokenize_tiny.yaml"),
+                input=self.path("raw"),
+                output=self.path("tokens", stage),
+                scores=self.path("scores"),
+                min_aesthetic=min_aes,
+                resolution=res,
+                vq={"uri": self.vq},
+                text={"uri": self.t5},
             )
             manifest = run_pretokenize(cfg)
-            out[stage] = {k: manifest[k] for k in ("num_shards", "num_samples", "num_bytes", "dropped")
-                          if k in manifest}
+            out[stage] = {
+                k: manifest[k]
+                for k in ("num_shards", "num_samples", "num_bytes", "dropped")
+                if k in manifest
+            }
         out["stage2_min_aesthetic"] = round(threshold, 4)
         return out
 
     def train(self, stage: str, config: str, steps: int, extra: list[str]) -> dict[str, Any]:
         deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
         cmd = [
-            deepspeed, "--num_gpus", str(self.cfg.ranks), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), os.path.join(REPO, "jobs/train.py"),
-            "--config", os.path.join(REPO, config), f"run_dir={self.path('train', stage)}",
-            f"data.shards=[{self.path('tokens', stage)}]", f"steps={steps}",
-            f"model.vocab_size={self.codebook_size}", f"model.caption_dim={self.cfg.t5_dim}",
+            deepspeed,
+            "--num_gpus",
+            str(self.cfg.ranks),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            os.path.join(REPO, "jobs/train.py"),
+            "--config",
+            os.path.join(REPO, config),
+            f"run_dir={self.path('train', stage)}",
+            f"data.shards=[{self.path('tokens', stage)}]",
+            f"steps={steps}",
+            f"model.vocab_size={self.codebook_size}",
+            f"model.caption_dim={self.cfg.t5_dim}",
             *extra,
         ]
         log.info("launching: %s", " ".join(cmd))
@@ -228,11 +275,19 @@ class Demo:
         out: dict[str, Any] = {}
         for stage in ("stage1", "stage2"):
             cfg = SampleConfig(
-                checkpoint=self.path("train", stage, "export"), vq=self.vq, text_encoder=self.t5,
-                output=self.path("samples", stage), prompts_file=prompts_file,
-                images_per_prompt=self.cfg.images_per_prompt, batch_size=8, overwrite=True,
-                sampling=SamplingParams(cfg_scale=self.cfg.cfg_scale, temperature=self.cfg.temperature,
-                                        top_k=self.cfg.top_k),
+                checkpoint=self.path("train", stage, "export"),
+                vq=self.vq,
+                text_encoder=self.t5,
+                output=self.path("samples", stage),
+                prompts_file=prompts_file,
+                images_per_prompt=self.cfg.images_per_prompt,
+                batch_size=8,
+                overwrite=True,
+                sampling=SamplingParams(
+                    cfg_scale=self.cfg.cfg_scale,
+                    temperature=self.cfg.temperature,
+                    top_k=self.cfg.top_k,
+                ),
             )
             result = run_sampling(cfg)
             hits = {"colour": 0, "shape": 0, "both": 0}
@@ -245,13 +300,17 @@ class Demo:
                 hits["shape"] += got[1] == want[1]
                 hits["both"] += got == want
             out[stage] = {
-                "images": n, "grid": os.path.join(cfg.output, "grid.png"),
+                "images": n,
+                "grid": os.path.join(cfg.output, "grid.png"),
                 **{f"match_{k}": round(v / max(n, 1), 3) for k, v in hits.items()},
             }
         out["tokenizer_ceiling"] = self.tokenizer_ceiling(prompts)
         nc, ns = len(synthetic.COLOURS), len(synthetic.SHAPES)
-        out["chance"] = {"match_colour": round(1 / nc, 3), "match_shape": round(1 / ns, 3),
-                         "match_both": round(1 / (nc * ns), 3)}
+        out["chance"] = {
+            "match_colour": round(1 / nc, 3),
+            "match_shape": round(1 / ns, 3),
+            "match_both": round(1 / (nc * ns), 3),
+        }
         return out
 
     def tokenizer_ceiling(self, prompts: list[str]) -> dict[str, Any]:
@@ -268,7 +327,10 @@ class Demo:
 
         vq = VQModel.from_pretrained(self.vq)
         out = {}
-        for stage, size in (("stage1", self.cfg.stage1_resolution), ("stage2", self.cfg.image_size)):
+        for stage, size in (
+            ("stage1", self.cfg.stage1_resolution),
+            ("stage2", self.cfg.image_size),
+        ):
             wants, pics = [], []
             for i, prompt in enumerate(prompts):
                 colour, shape = synthetic.parse_caption(prompt)
@@ -301,13 +363,27 @@ class Demo:
         self.step("score and filter (aesthetic, basic filters)", self.score)
         self.step("train the VQ tokenizer", self.tokenizer)
         self.step("pretokenize stage 1 and stage 2", self.pretokenize)
-        s1 = self.step("train stage 1 (DeepSpeed)", lambda: self.train(
-            "stage1", self.cfg.stage1_config, self.cfg.stage1_steps,
-            [f"model.grid_size={self.cfg.stage1_resolution // self.downsample}"]))
-        self.step("train stage 2 from stage 1 (DeepSpeed)", lambda: self.train(
-            "stage2", self.cfg.stage2_config, self.cfg.stage2_steps,
-            [f"model.grid_size={self.cfg.image_size // self.downsample}",
-             f"init_from={s1['export']}"]))
+        s1 = self.step(
+            "train stage 1 (DeepSpeed)",
+            lambda: self.train(
+                "stage1",
+                self.cfg.stage1_config,
+                self.cfg.stage1_steps,
+                [f"model.grid_size={self.cfg.stage1_resolution // self.downsample}"],
+            ),
+        )
+        self.step(
+            "train stage 2 from stage 1 (DeepSpeed)",
+            lambda: self.train(
+                "stage2",
+                self.cfg.stage2_config,
+                self.cfg.stage2_steps,
+                [
+                    f"model.grid_size={self.cfg.image_size // self.downsample}",
+                    f"init_from={s1['export']}",
+                ],
+            ),
+        )
         self.step("sample and check against the prompts", self.sample_and_check)
         self.report["seconds"] = round(time.time() - self.t0, 1)
         storage.write_json(self.path("report.json"), self.report)

@@ -51,8 +51,9 @@ class EvalConfig:
     captions: str = doc("captions file: .txt (one per line), .csv/.tsv, or COCO captions .json", "")
     caption_column: str = doc("caption column of a .csv/.tsv", "caption")
     max_captions: int = doc("use the first N captions (0: all)", 0)
-    generated: str | None = doc("an earlier sampling output (with images.json) to score instead "
-                                "of sampling", None)
+    generated: str | None = doc(
+        "an earlier sampling output (with images.json) to score instead of sampling", None
+    )
     checkpoint: str = doc("GPT export folder (when sampling)", "")
     vq: str = doc("VQ tokenizer export or LlamaGen .pt (for sampling and tokenizer metrics)", "")
     vq_preset: str | None = doc("VQ preset for a bare checkpoint file", None)
@@ -71,7 +72,8 @@ class EvalConfig:
     reference_images: str | None = doc("folder of real images or raw shards for FID", None)
     max_reference_images: int = doc("at most this many reference images (0: all)", 0)
     inception_weights: str | None = doc(
-        "torch-fidelity InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)", None)
+        "torch-fidelity InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)", None
+    )
     tokenizer_data: str | None = doc("raw shards for tokenizer reconstruction metrics", None)
     tokenizer_images: int = doc("images for tokenizer metrics", 1000)
     tokenizer_image_size: int = doc("center crop for tokenizer metrics", 256)
@@ -155,8 +157,10 @@ def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 def unavailable(what: str, how: str, missing: str | None = None) -> str:
     """The report note of a metric that cannot be computed here."""
     where = f"{missing} does not exist; " if missing else ""
-    return f"unavailable: {where}pass {how} ({what} uses local or s3:// weights only; nothing " \
-           "is downloaded)"
+    return (
+        f"unavailable: {where}pass {how} ({what} uses local or s3:// weights only; nothing "
+        "is downloaded)"
+    )
 
 
 def _missing(uri: str | None) -> str | None:
@@ -164,8 +168,9 @@ def _missing(uri: str | None) -> str | None:
     return uri if uri and not storage.exists(uri) else None
 
 
-def load_clip(name: str, weights: str, model_config: str | None = None, device: str = "cpu"
-              ) -> tuple[torch.nn.Module, Any, Any]:
+def load_clip(
+    name: str, weights: str, model_config: str | None = None, device: str = "cpu"
+) -> tuple[torch.nn.Module, Any, Any]:
     """(open_clip model, image preprocess, tokenizer) from a local or s3:// state dict."""
     import open_clip
 
@@ -178,20 +183,26 @@ def load_clip(name: str, weights: str, model_config: str | None = None, device: 
     path = storage.local_copy(weights)
     _check_not_torchscript(path, weights)
     model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=path, require_pretrained=True)
+        name, pretrained=path, require_pretrained=True
+    )
     return model.to(device).eval(), preprocess, open_clip.get_tokenizer(name)
 
 
 @torch.no_grad()
-def clip_scores(model: torch.nn.Module, preprocess: Any, tokenizer: Any,
-                images: list[Image.Image], captions: list[str], batch_size: int = 32
-                ) -> torch.Tensor:
+def clip_scores(
+    model: torch.nn.Module,
+    preprocess: Any,
+    tokenizer: Any,
+    images: list[Image.Image],
+    captions: list[str],
+    batch_size: int = 32,
+) -> torch.Tensor:
     """Per-image CLIP score ``100 * max(cos(image, caption), 0)`` (torchmetrics' definition)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        ims = torch.stack([preprocess(im) for im in images[start:start + batch_size]]).to(device)
-        txt = tokenizer(captions[start:start + batch_size]).to(device)
+        ims = torch.stack([preprocess(im) for im in images[start : start + batch_size]]).to(device)
+        txt = tokenizer(captions[start : start + batch_size]).to(device)
         a = model.encode_image(ims).float()
         b = model.encode_text(txt).float()
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
@@ -205,9 +216,11 @@ def clip_scores(model: torch.nn.Module, preprocess: Any, tokenizer: Any,
 def build_fid(inception_weights: str | None) -> tuple[Any | None, str]:
     """torchmetrics FID with InceptionV3 weights from a local / s3:// file, or (None, why)."""
     if not inception_weights or _missing(inception_weights):
-        return None, unavailable("FID", "inception_weights=<torch-fidelity "
-                                        "weights-inception-2015-12-05-6726825d.pth>",
-                                 _missing(inception_weights))
+        return None, unavailable(
+            "FID",
+            "inception_weights=<torch-fidelity weights-inception-2015-12-05-6726825d.pth>",
+            _missing(inception_weights),
+        )
     from pipeline.tokenizer.evaluate import build_fid as build_tokenizer_fid
 
     fid, _ = build_tokenizer_fid(inception_weights)
@@ -229,13 +242,17 @@ def finish_fid(fid: Any, n_real: int, n_fake: int) -> tuple[float | None, str]:
     if min(n_real, n_fake) < 2:
         return None, "unavailable: FID needs at least 2 real and 2 generated images"
     n = min(n_real, n_fake)
-    note = "" if n >= 2048 else (
-        f"only {n} images: FID is biased upwards at this size; compare like with like")
+    note = (
+        ""
+        if n >= 2048
+        else (f"only {n} images: FID is biased upwards at this size; compare like with like")
+    )
     return float(fid.compute()), note
 
 
-def compute_fid(fid: Any, real: Iterator[torch.Tensor], fake: Iterator[torch.Tensor],
-                batch_size: int = 32) -> tuple[float | None, int, int, str]:
+def compute_fid(
+    fid: Any, real: Iterator[torch.Tensor], fake: Iterator[torch.Tensor], batch_size: int = 32
+) -> tuple[float | None, int, int, str]:
     """(FID or None, real count, fake count, note) from uint8 (3, H, W) image streams."""
     n_real = update_fid(fid, real, True, batch_size)
     n_fake = update_fid(fid, fake, False, batch_size)
@@ -250,21 +267,37 @@ def _sample(cfg: EvalConfig, captions: list[str]) -> str:
     samples = storage.join(cfg.output, "samples")
     prompts = storage.join(cfg.output, "captions.txt")
     storage.write_text(prompts, "\n".join(captions) + "\n")
-    run_sampling(SampleConfig(
-        checkpoint=cfg.checkpoint, vq=cfg.vq, vq_preset=cfg.vq_preset, output=samples,
-        text_encoder=cfg.text_encoder, prompts_file=prompts,
-        images_per_prompt=cfg.images_per_caption, batch_size=cfg.batch_size, seed=cfg.seed,
-        sampling=cfg.sampling, dtype=cfg.dtype, device=cfg.device,
-        compile_mode=cfg.compile_mode, threads=cfg.threads))
+    run_sampling(
+        SampleConfig(
+            checkpoint=cfg.checkpoint,
+            vq=cfg.vq,
+            vq_preset=cfg.vq_preset,
+            output=samples,
+            text_encoder=cfg.text_encoder,
+            prompts_file=prompts,
+            images_per_prompt=cfg.images_per_caption,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            sampling=cfg.sampling,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            compile_mode=cfg.compile_mode,
+            threads=cfg.threads,
+        )
+    )
     return samples
 
 
 def tokenizer_metrics(cfg: EvalConfig) -> dict[str, Any]:
     """PSNR / SSIM / codebook usage / rFID of the VQ on raw shards, or why not."""
     if not cfg.tokenizer_data or not cfg.vq or _missing(cfg.tokenizer_data) or _missing(cfg.vq):
-        return {"note": unavailable("tokenizer reconstruction", "tokenizer_data=<raw shards> "
-                                    "and vq=<tokenizer>", _missing(cfg.tokenizer_data)
-                                    or _missing(cfg.vq))}
+        return {
+            "note": unavailable(
+                "tokenizer reconstruction",
+                "tokenizer_data=<raw shards> and vq=<tokenizer>",
+                _missing(cfg.tokenizer_data) or _missing(cfg.vq),
+            )
+        }
     try:
         from pipeline.data.raw import list_complete_shards
         from pipeline.models.vq import VQModel
@@ -272,9 +305,14 @@ def tokenizer_metrics(cfg: EvalConfig) -> dict[str, Any]:
     except ImportError as exc:
         return {"note": f"unavailable: tokenizer evaluation module missing ({exc})"}
     model = VQModel.from_pretrained(cfg.vq, cfg.vq_preset).to(cfg.device)
-    return evaluate_model(model, list_complete_shards(cfg.tokenizer_data),
-                          cfg.tokenizer_image_size, cfg.tokenizer_images,
-                          cfg.metrics_batch_size, cfg.inception_weights)
+    return evaluate_model(
+        model,
+        list_complete_shards(cfg.tokenizer_data),
+        cfg.tokenizer_image_size,
+        cfg.tokenizer_images,
+        cfg.metrics_batch_size,
+        cfg.inception_weights,
+    )
 
 
 def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
@@ -294,26 +332,42 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
             raise ValueError(f"no captions in {cfg.captions}")
         samples = _sample(cfg, captions)
     manifest = load_manifest(samples)
-    summary = storage.read_json(storage.join(samples, "summary.json")) \
-        if storage.exists(storage.join(samples, "summary.json")) else {}
-    report: dict[str, Any] = {"samples": samples, "images": len(manifest),
-                              "prompts": len({m["prompt_index"] for m in manifest}),
-                              "sampling": summary, "config": to_dict(cfg)}
+    summary = (
+        storage.read_json(storage.join(samples, "summary.json"))
+        if storage.exists(storage.join(samples, "summary.json"))
+        else {}
+    )
+    report: dict[str, Any] = {
+        "samples": samples,
+        "images": len(manifest),
+        "prompts": len({m["prompt_index"] for m in manifest}),
+        "sampling": summary,
+        "config": to_dict(cfg),
+    }
     # what can be computed: a missing weight file is a report entry, not a crash
     clip = None
     if not cfg.clip_weights or _missing(cfg.clip_weights):
-        report["clip_score"] = {"value": None, "note": unavailable(
-            "CLIP score", "clip_weights=<open_clip state dict, e.g. of ViT-L-14-quickgelu>",
-            _missing(cfg.clip_weights))}
+        report["clip_score"] = {
+            "value": None,
+            "note": unavailable(
+                "CLIP score",
+                "clip_weights=<open_clip state dict, e.g. of ViT-L-14-quickgelu>",
+                _missing(cfg.clip_weights),
+            ),
+        }
     else:
         clip = load_clip(cfg.clip_model, cfg.clip_weights, cfg.clip_model_config, cfg.device)
     fid_note = "the given feature extractor"
     if not cfg.reference_images:
-        fid, fid_note = None, "unavailable: pass reference_images=<folder of real images or " \
-                              "raw shards>"
+        fid, fid_note = (
+            None,
+            "unavailable: pass reference_images=<folder of real images or raw shards>",
+        )
     elif not storage.list_dir(cfg.reference_images):
-        fid, fid_note = None, f"unavailable: reference_images={cfg.reference_images} is empty " \
-                              "or absent"
+        fid, fid_note = (
+            None,
+            f"unavailable: reference_images={cfg.reference_images} is empty or absent",
+        )
     elif fid is None:
         fid, fid_note = build_fid(cfg.inception_weights)
     if fid is None:
@@ -349,22 +403,38 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
         sc = torch.cat(scores) if scores else torch.zeros(0)
         report["clip_score"] = {
             "value": float(sc.mean()) if len(sc) else None,
-            "std": float(sc.std()) if len(sc) > 1 else 0.0, "images": len(sc),
-            "model": cfg.clip_model, "note": "" if len(sc) else "unavailable: no images"}
+            "std": float(sc.std()) if len(sc) > 1 else 0.0,
+            "images": len(sc),
+            "model": cfg.clip_model,
+            "note": "" if len(sc) else "unavailable: no images",
+        }
     if fid is not None:
         size = size or 256
-        n_real = update_fid(fid, iter_reference_images(cfg.reference_images, size,
-                                                       cfg.max_reference_images),
-                            True, cfg.metrics_batch_size)
+        n_real = update_fid(
+            fid,
+            iter_reference_images(cfg.reference_images, size, cfg.max_reference_images),
+            True,
+            cfg.metrics_batch_size,
+        )
         value, why = finish_fid(fid, n_real, n_fake)
-        report["fid"] = {"value": value, "real_images": n_real, "generated_images": n_fake,
-                         "image_size": size, "features": fid_note, "note": why}
+        report["fid"] = {
+            "value": value,
+            "real_images": n_real,
+            "generated_images": n_fake,
+            "image_size": size,
+            "features": fid_note,
+            "note": why,
+        }
 
     report["tokenizer"] = tokenizer_metrics(cfg)
     storage.write_json(storage.join(cfg.output, "report.json"), report)
     storage.write_text(storage.join(cfg.output, "report.md"), format_report(report))
-    log.info("evaluation: CLIP score %s, FID %s -> %s", report["clip_score"]["value"],
-             report["fid"]["value"], cfg.output)
+    log.info(
+        "evaluation: CLIP score %s, FID %s -> %s",
+        report["clip_score"]["value"],
+        report["fid"]["value"],
+        cfg.output,
+    )
     return report
 
 
@@ -379,19 +449,37 @@ def format_report(r: dict[str, Any]) -> str:
     rows = [
         ("images scored", r["images"] - r["unreadable_images"], f"{r['prompts']} captions"),
         ("CLIP score", _fmt(r["clip_score"]["value"]), r["clip_score"].get("note", "")),
-        ("FID", _fmt(r["fid"]["value"]),
-         r["fid"].get("note", "") + (f" ({r['fid'].get('real_images')} real, "
-                                     f"{r['fid'].get('generated_images')} generated)"
-                                     if r["fid"]["value"] is not None else "")),
+        (
+            "FID",
+            _fmt(r["fid"]["value"]),
+            r["fid"].get("note", "")
+            + (
+                f" ({r['fid'].get('real_images')} real, "
+                f"{r['fid'].get('generated_images')} generated)"
+                if r["fid"]["value"] is not None
+                else ""
+            ),
+        ),
         ("tokenizer PSNR (dB)", _fmt(tok.get("psnr")), tok.get("note", "")),
         ("tokenizer SSIM", _fmt(tok.get("ssim"), 4), ""),
         ("tokenizer codebook usage", _fmt(tok.get("codebook_usage")), ""),
         ("tokenizer rFID", _fmt(tok.get("rfid")), tok.get("rfid_note", "")),
-        ("sampling images/s", _fmt(samp.get("images_per_second")),
-         f"{samp.get('dtype', '')} on {samp.get('device', '')}, compile "
-         f"{samp.get('compile_mode')}" if samp else ""),
+        (
+            "sampling images/s",
+            _fmt(samp.get("images_per_second")),
+            f"{samp.get('dtype', '')} on {samp.get('device', '')}, compile "
+            f"{samp.get('compile_mode')}"
+            if samp
+            else "",
+        ),
     ]
-    lines = ["# Evaluation report", "", f"Samples: `{r['samples']}`", "",
-             "| metric | value | note |", "|---|---:|---|"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Samples: `{r['samples']}`",
+        "",
+        "| metric | value | note |",
+        "|---|---:|---|",
+    ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"

@@ -31,7 +31,9 @@ def rank() -> int:
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         r = rank()
-        record.rank = f" r{r}" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+        record.rank = (
+            f" r{r}" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+        )
         return True
 
 

@@ -78,6 +78,9 @@ def warn_if_slow(dtype: torch.dtype, device: torch.device | str, what: str) -> b
         log.warning(
             "%s runs in %s on a CPU (%s) that has no native %s matmul: PyTorch emulates it, "
             "10-100x slower than float32 here. Use float32 on this machine.",
-            what, str(dtype).removeprefix("torch."), isa, str(dtype).removeprefix("torch."),
+            what,
+            str(dtype).removeprefix("torch."),
+            isa,
+            str(dtype).removeprefix("torch."),
         )
     return True

@@ -49,8 +49,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
-         ) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+) -> torch.Tensor:
     """One token per row, each row from its own generator. logits: (B, V) -> (B,).
 
     The distribution is ``filter_logits``' (top-k, then top-p). Sampling is by inverse CDF in
@@ -100,7 +101,9 @@ def _double_for_cfg(cond: torch.Tensor, cond_mask: torch.Tensor | None, use_cfg:
         return cond, cond_mask, torch.zeros(B, dtype=torch.bool, device=cond.device)
     cond2 = torch.cat([cond, cond])
     mask2 = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(cond.device)
+    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(
+        cond.device
+    )
     return cond2, mask2, drop
 
 
@@ -112,14 +115,22 @@ class Sampler:
     last row (their tokens are thrown away), so shapes never change and nothing recompiles.
     """
 
-    def __init__(self, model: GPT, batch_size: int, grid_size: int | None = None, cfg: bool = True,
-                 compile_mode: str | None = None, freeze: bool = True):
+    def __init__(
+        self,
+        model: GPT,
+        batch_size: int,
+        grid_size: int | None = None,
+        cfg: bool = True,
+        compile_mode: str | None = None,
+        freeze: bool = True,
+    ):
         self.model = model.eval()
         self.batch_size = batch_size
         self.cfg = cfg
         self.grid_size = grid_size or model.cfg.grid_size
-        self.decoder = StaticDecoder(model, batch_size * (2 if cfg else 1), self.grid_size,
-                                     compile_mode, freeze)
+        self.decoder = StaticDecoder(
+            model, batch_size * (2 if cfg else 1), self.grid_size, compile_mode, freeze
+        )
 
     @property
     def compile_mode(self) -> str | None:
@@ -127,15 +138,21 @@ class Sampler:
         return self.decoder.compile_mode
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
-               params: SamplingParams = SamplingParams(), seeds: list[int] | None = None
-               ) -> torch.Tensor:
+    def sample(
+        self,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+        params: SamplingParams = SamplingParams(),
+        seeds: list[int] | None = None,
+    ) -> torch.Tensor:
         """Image tokens (B, grid**2) for B <= batch_size conditions; row i depends only on seeds[i]."""
         B, S = cond.size(0), self.batch_size
         if not 1 <= B <= S:
             raise ValueError(f"sampler takes 1..{S} conditions per call, got {B}")
         if (params.cfg_scale != 1.0) != self.cfg:
-            raise ValueError(f"sampler built with cfg={self.cfg}, params.cfg_scale={params.cfg_scale}")
+            raise ValueError(
+                f"sampler built with cfg={self.cfg}, params.cfg_scale={params.cfg_scale}"
+            )
         seeds = list(range(B)) if seeds is None else list(seeds)
         if len(seeds) != B:
             raise ValueError(f"{len(seeds)} seeds for {B} conditions")

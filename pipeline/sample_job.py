@@ -80,8 +80,14 @@ def load_exported_gpt(uri: str, map_location: str = "cpu") -> GPT:
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     model = GPT(cfg)
     model.load_state_dict(state, strict=True)
-    log.info("loaded GPT (%d layers, dim %d, %s-conditioned, grid %d) from %s",
-             cfg.n_layer, cfg.dim, cfg.cond, cfg.grid_size, uri)
+    log.info(
+        "loaded GPT (%d layers, dim %d, %s-conditioned, grid %d) from %s",
+        cfg.n_layer,
+        cfg.dim,
+        cfg.cond,
+        cfg.grid_size,
+        uri,
+    )
     return model.to(map_location).eval()
 
 
@@ -110,18 +116,25 @@ class SampleConfig:
     compile_mode: str | None = doc(
         "torch.compile mode for the decode step (default, reduce-overhead, max-autotune); "
         "null: eager. Falls back to eager if compiling fails. bf16 on CPU in 'default' compiles "
-        "the weights in as constants (inductor freezing: faster, one more copy of them)", None)
+        "the weights in as constants (inductor freezing: faster, one more copy of them)",
+        None,
+    )
     threads: int = doc(
         "torch CPU threads (0: torch's default). On a shared CPU box 1 can be much faster: "
-        "OpenMP threads stall whenever another process holds a core", 0)
+        "OpenMP threads stall whenever another process holds a core",
+        0,
+    )
     overwrite: bool = doc(
-        "delete images made with other settings in output instead of refusing to mix them", False)
+        "delete images made with other settings in output instead of refusing to mix them", False
+    )
     grid_max_prompts: int = doc("at most this many prompt rows in grid.png", 16)
     grid_caption_chars: int = doc("caption characters per line in grid.png", 60)
 
     def __post_init__(self) -> None:
-        given = sum(x is not None and x != [] for x in (self.prompt, self.prompts_file,
-                                                        self.class_labels or None))
+        given = sum(
+            x is not None and x != []
+            for x in (self.prompt, self.prompts_file, self.class_labels or None)
+        )
         if given != 1:
             raise ValueError("give exactly one of prompt, prompts_file, class_labels")
         if self.images_per_prompt < 1 or self.batch_size < 1:
@@ -149,12 +162,15 @@ def read_prompts(uri: str) -> list[str]:
 
 def image_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """A 63-bit seed for one image, independent of batching and of images_per_prompt."""
-    return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(2, np.uint64)[0]
+        >> np.uint64(1)
+    )
 
 
-def encode_prompts(uri: str, prompts: list[str], model_cfg: GPTConfig, device: str
-                   ) -> tuple[list[torch.Tensor | None], dict[str, int]]:
+def encode_prompts(
+    uri: str, prompts: list[str], model_cfg: GPTConfig, device: str
+) -> tuple[list[torch.Tensor | None], dict[str, int]]:
     """T5 features (L, D) float16 per prompt (None for a prompt that cannot be used), skips."""
     from pipeline.models.text_encoder import TextEncoder
 
@@ -162,8 +178,10 @@ def encode_prompts(uri: str, prompts: list[str], model_cfg: GPTConfig, device: s
         raise ValueError("text prompts need text_encoder (a local dir or s3:// URI of the T5)")
     enc = TextEncoder.from_pretrained(uri, device=device, max_length=model_cfg.max_text_tokens)
     if enc.dim != model_cfg.caption_dim:
-        raise ValueError(f"text encoder gives {enc.dim}-d features, the GPT takes "
-                         f"{model_cfg.caption_dim}-d (caption_dim)")
+        raise ValueError(
+            f"text encoder gives {enc.dim}-d features, the GPT takes "
+            f"{model_cfg.caption_dim}-d (caption_dim)"
+        )
     # float16: what the token shards store, so what the model was trained on
     out = enc.encode(prompts, out_dtype=torch.float16)
     feats: list[torch.Tensor | None] = list(out.features)
@@ -173,7 +191,9 @@ def encode_prompts(uri: str, prompts: list[str], model_cfg: GPTConfig, device: s
         feats[i] = None
         skipped["nonfinite_features"] = skipped.get("nonfinite_features", 0) + 1
     if out.n_truncated:
-        log.warning("%d prompts were cut to %d T5 tokens", out.n_truncated, model_cfg.max_text_tokens)
+        log.warning(
+            "%d prompts were cut to %d T5 tokens", out.n_truncated, model_cfg.max_text_tokens
+        )
     return feats, skipped
 
 
@@ -183,8 +203,8 @@ def batch_text(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.zeros(len(feats), L, feats[0].size(1), dtype=feats[0].dtype)
     mask = torch.zeros(len(feats), L, dtype=torch.bool)
     for i, f in enumerate(feats):
-        out[i, L - f.size(0):] = f
-        mask[i, L - f.size(0):] = True
+        out[i, L - f.size(0) :] = f
+        mask[i, L - f.size(0) :] = True
     return out, mask
 
 
@@ -229,8 +249,9 @@ def make_grid(rows: list[tuple[str, list[Image.Image]]], caption_chars: int = 60
 # --- the job ----------------------------------------------------------------------------------
 
 
-def run_sampling(cfg: SampleConfig, model: GPT | None = None, vq: Any | None = None
-                 ) -> SampleResult:
+def run_sampling(
+    cfg: SampleConfig, model: GPT | None = None, vq: Any | None = None
+) -> SampleResult:
     """Sample every missing image of ``cfg``, then write grid.png, images.json, summary.json.
 
     ``model`` / ``vq`` may be given already loaded (the evaluation job does); otherwise they are
@@ -257,8 +278,10 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     vq = (vq or VQModel.from_pretrained(cfg.vq, cfg.vq_preset)).to(cfg.device).float().eval()
     mcfg = model.cfg
     if mcfg.vocab_size > vq.config.codebook_size:
-        raise ValueError(f"GPT vocabulary {mcfg.vocab_size} exceeds the VQ codebook "
-                         f"{vq.config.codebook_size}: not the tokenizer this GPT was trained on")
+        raise ValueError(
+            f"GPT vocabulary {mcfg.vocab_size} exceeds the VQ codebook "
+            f"{vq.config.codebook_size}: not the tokenizer this GPT was trained on"
+        )
     g = cfg.grid_size or mcfg.grid_size
     result = SampleResult(output=cfg.output)
 
@@ -277,28 +300,39 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         captions = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file)
         if not captions:
             raise ValueError(f"no prompts in {cfg.prompts_file}")
-        conds, result.skipped_prompts = encode_prompts(cfg.text_encoder, captions, mcfg,
-                                                      cfg.device)
+        conds, result.skipped_prompts = encode_prompts(cfg.text_encoder, captions, mcfg, cfg.device)
 
     existing = set(storage.list_dir(cfg.output, ".png"))
     todo = []
     for p, cond in enumerate(conds):
         for j in range(cfg.images_per_prompt):
-            item = {"file": f"{p:05d}_{j:03d}.png", "prompt_index": p, "prompt": captions[p],
-                    "sample_index": j, "seed": image_seed(cfg.seed, p, j)}
+            item = {
+                "file": f"{p:05d}_{j:03d}.png",
+                "prompt_index": p,
+                "prompt": captions[p],
+                "sample_index": j,
+                "seed": image_seed(cfg.seed, p, j),
+            }
             if cond is None:
                 continue
             result.images.append(item)
             if item["file"] not in existing:
                 todo.append(item)
-    log.info("%d images for %d prompts: %d to sample, %d already there",
-             len(result.images), len(captions), len(todo), len(result.images) - len(todo))
+    log.info(
+        "%d images for %d prompts: %d to sample, %d already there",
+        len(result.images),
+        len(captions),
+        len(todo),
+        len(result.images) - len(todo),
+    )
 
     t_sample = time.perf_counter()
     if todo:
         use_cfg = cfg.sampling.cfg_scale != 1.0
         sampler = Sampler(model, min(cfg.batch_size, len(todo)), g, use_cfg, cfg.compile_mode)
-        batches = [todo[i:i + sampler.batch_size] for i in range(0, len(todo), sampler.batch_size)]
+        batches = [
+            todo[i : i + sampler.batch_size] for i in range(0, len(todo), sampler.batch_size)
+        ]
         for batch in progress(batches, "sample", unit="batch"):
             rows = [conds[it["prompt_index"]] for it in batch]
             if mcfg.cond == "class":
@@ -319,24 +353,48 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
 
     _write_grid(cfg, result)
     storage.write_json(storage.join(cfg.output, "images.json"), result.images)
-    result.summary.update({
-        "images": len(result.images), "sampled": result.sampled,
-        "prompts": len(captions), "skipped_prompts": result.skipped_prompts,
-        "sample_seconds": round(elapsed, 3),
-        "images_per_second": round(result.sampled / elapsed, 4) if result.sampled else None,
-        "tokens_per_second": round(result.sampled * g * g / elapsed, 2) if result.sampled else None,
-        "total_seconds": round(time.perf_counter() - t_start, 3),
-        "grid_size": g, "dtype": cfg.dtype, "device": cfg.device, "batch_size": cfg.batch_size,
-    })
+    result.summary.update(
+        {
+            "images": len(result.images),
+            "sampled": result.sampled,
+            "prompts": len(captions),
+            "skipped_prompts": result.skipped_prompts,
+            "sample_seconds": round(elapsed, 3),
+            "images_per_second": round(result.sampled / elapsed, 4) if result.sampled else None,
+            "tokens_per_second": round(result.sampled * g * g / elapsed, 2)
+            if result.sampled
+            else None,
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "grid_size": g,
+            "dtype": cfg.dtype,
+            "device": cfg.device,
+            "batch_size": cfg.batch_size,
+        }
+    )
     storage.write_json(storage.join(cfg.output, "summary.json"), result.summary)
-    log.info("sampled %d images (%s img/s) into %s", result.sampled,
-             result.summary["images_per_second"], cfg.output)
+    log.info(
+        "sampled %d images (%s img/s) into %s",
+        result.sampled,
+        result.summary["images_per_second"],
+        cfg.output,
+    )
     return result
 
 
 # the settings an image depends on: a rerun with the same ones keeps the images already there
-IMAGE_SETTINGS = ("checkpoint", "vq", "vq_preset", "text_encoder", "prompt", "prompts_file",
-                  "class_labels", "seed", "sampling", "grid_size", "dtype")
+IMAGE_SETTINGS = (
+    "checkpoint",
+    "vq",
+    "vq_preset",
+    "text_encoder",
+    "prompt",
+    "prompts_file",
+    "class_labels",
+    "seed",
+    "sampling",
+    "grid_size",
+    "dtype",
+)
 
 
 def _check_output(cfg: SampleConfig) -> None:
@@ -356,7 +414,8 @@ def _check_output(cfg: SampleConfig) -> None:
         raise ValueError(
             f"{cfg.output} holds {len(pngs)} images sampled with other settings "
             f"({', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed)}); "
-            "use a new output or overwrite=true")
+            "use a new output or overwrite=true"
+        )
     log.info("overwrite: deleting %d images made with other %s", len(pngs), ", ".join(changed))
     for name in pngs:
         storage.remove(storage.join(cfg.output, name))
@@ -368,8 +427,10 @@ def _write_grid(cfg: SampleConfig, result: SampleResult) -> None:
         by_prompt.setdefault(it["prompt_index"], []).append(it)
     rows = []
     for p in sorted(by_prompt)[: cfg.grid_max_prompts]:
-        ims = [Image.open(io.BytesIO(storage.read_bytes(storage.join(cfg.output, it["file"]))))
-               for it in by_prompt[p]]
+        ims = [
+            Image.open(io.BytesIO(storage.read_bytes(storage.join(cfg.output, it["file"]))))
+            for it in by_prompt[p]
+        ]
         rows.append((by_prompt[p][0]["prompt"], ims))
     if not rows:
         log.warning("no images: no grid written")

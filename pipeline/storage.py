@@ -135,9 +135,7 @@ def _is_retryable_one(exc: BaseException) -> bool:
     )
 
 
-def with_retries(
-    fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.2
-) -> T:
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.2) -> T:
     """Run ``fn``; retry transient storage errors with jittered exponential backoff."""
     for attempt in range(1, attempts + 1):
         try:

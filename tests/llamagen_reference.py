@@ -32,8 +32,10 @@ def _rotate(x, rot):  # x: (B, T, H, D)
 def reference_t2i_logits(sd, n_head, grid, captions, emb_mask, codes, base=10000.0):
     """LlamaGen t2i teacher-forced logits for image tokens. captions: (B, 120, D), left-padded."""
     B, P, _ = captions.shape
-    cond = F.linear(F.gelu(F.linear(captions, sd["cls_embedding.cap_proj.fc1.weight"]),
-                           approximate="tanh"), sd["cls_embedding.cap_proj.fc2.weight"])
+    cond = F.linear(
+        F.gelu(F.linear(captions, sd["cls_embedding.cap_proj.fc1.weight"]), approximate="tanh"),
+        sd["cls_embedding.cap_proj.fc2.weight"],
+    )
     h = torch.cat([cond, F.embedding(codes[:, :-1], sd["tok_embeddings.weight"])], dim=1)
     T = h.size(1)
     dim = h.size(-1)
@@ -54,7 +56,9 @@ def reference_t2i_logits(sd, n_head, grid, captions, emb_mask, codes, base=10000
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         h = h + F.linear(a.transpose(1, 2).reshape(B, T, dim), sd[p + "attention.wo.weight"])
         x = _rms(h, sd[p + "ffn_norm.weight"])
-        ff = F.silu(F.linear(x, sd[p + "feed_forward.w1.weight"])) * F.linear(x, sd[p + "feed_forward.w3.weight"])
+        ff = F.silu(F.linear(x, sd[p + "feed_forward.w1.weight"])) * F.linear(
+            x, sd[p + "feed_forward.w3.weight"]
+        )
         h = h + F.linear(ff, sd[p + "feed_forward.w2.weight"])
     h = _rms(h, sd["norm.weight"])
     return F.linear(h, sd["output.weight"])[:, P - 1 :]

@@ -79,9 +79,15 @@ def wait_gone(procs: Sequence[psutil.Process], timeout: float = 30.0) -> list[ps
 
 # every port of the head explicit and distinct: other tests may run their own Ray on this machine
 RAY_HEAD_PORT_FLAGS = (
-    "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-    "--node-manager-port", "--object-manager-port",
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--node-manager-port",
+    "--object-manager-port",
 )
 
 
@@ -93,7 +99,9 @@ class RayHead:
         self.start_timeout = start_timeout
         # short: Ray's unix socket paths under it must stay below 108 bytes
         self.temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
-        self.ports = dict(zip(RAY_HEAD_PORT_FLAGS, free_ports(len(RAY_HEAD_PORT_FLAGS)), strict=True))
+        self.ports = dict(
+            zip(RAY_HEAD_PORT_FLAGS, free_ports(len(RAY_HEAD_PORT_FLAGS)), strict=True)
+        )
         self.port, self.dashboard_port = self.ports["--port"], self.ports["--dashboard-port"]
         self.gcs_address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"

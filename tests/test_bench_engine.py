@@ -11,8 +11,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_engine_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
     env.update(DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "benchmarks/bench_engine.py", "--presets", "debug", "--repeat", "1",
-           "--dtypes", "fp32"]
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_engine.py",
+        "--presets",
+        "debug",
+        "--repeat",
+        "1",
+        "--dtypes",
+        "fp32",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]

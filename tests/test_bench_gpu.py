@@ -13,19 +13,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
     out = tmp_path / "results.md"
-    cmd = [sys.executable, "benchmarks/bench_gpu.py", "--device", "cpu", "--presets", "debug",
-           "--batch", "2", "--batch-512", "1", "--steps", "1", "--decode-batches", "1",
-           "--no-compile", "--matmul-n", "256", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_gpu.py",
+        "--device",
+        "cpu",
+        "--presets",
+        "debug",
+        "--batch",
+        "2",
+        "--batch-512",
+        "1",
+        "--steps",
+        "1",
+        "--decode-batches",
+        "1",
+        "--no-compile",
+        "--matmul-n",
+        "256",
+        "--out",
+        str(out),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the script picks one
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("\n## gpu (") and "CPU" in text.splitlines()[1]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| what")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| what")
+    }
     assert set(rows) == {
-        "matmul 256^3 bf16", "device copy (read + write)",
-        "train GPT-debug 256px bf16 ZeRO-2", "train GPT-debug 512px bf16 ZeRO-2",
+        "matmul 256^3 bf16",
+        "device copy (read + write)",
+        "train GPT-debug 256px bf16 ZeRO-2",
+        "train GPT-debug 512px bf16 ZeRO-2",
         "decode GPT-debug bf16 CFG eager",
     }
     peak = float(rows["matmul 256^3 bf16"][0]) * 1e12  # printed in TFLOP/s

@@ -20,8 +20,16 @@ from tests.llamagen_reference import reference_t2i_logits  # noqa: E402
 
 
 def tiny(**kw):
-    base = dict(caption_dim=16, max_text_tokens=6, grid_size=4, vocab_size=64,
-                token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, cond_dropout_p=0.0)
+    base = dict(
+        caption_dim=16,
+        max_text_tokens=6,
+        grid_size=4,
+        vocab_size=64,
+        token_dropout_p=0.0,
+        resid_dropout_p=0.0,
+        ffn_dropout_p=0.0,
+        cond_dropout_p=0.0,
+    )
     return GPTConfig.from_name("debug", **{**base, **kw})
 
 
@@ -46,7 +54,9 @@ def test_baseline_is_llamagens_model_and_imports_into_ours():
     logits, loss = ref(codes, feats, dataset_mask(mask, T))
     assert logits.shape == (3, cfg.image_tokens, cfg.vocab_size)
     # the functional restatement the checkpoint-import test uses
-    functional = reference_t2i_logits(ref.state_dict(), cfg.n_head, cfg.grid_size, feats, mask, codes)
+    functional = reference_t2i_logits(
+        ref.state_dict(), cfg.n_head, cfg.grid_size, feats, mask, codes
+    )
     assert torch.allclose(logits, functional, atol=1e-5)
     ours = GPT(cfg).eval()
     ours.load_state_dict(from_llamagen(ref.state_dict()), strict=True)

@@ -12,9 +12,16 @@ from pipeline.demo import DemoConfig, run_demo
 def test_demo_pipeline_small(tmp_path, monkeypatch):
     monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
     cfg = load_config(
-        DemoConfig, "configs/demo.yaml",
-        out=str(tmp_path / "demo"), num_images=48, shards=2, tokenizer_steps=20,
-        stage1_steps=6, stage2_steps=3, prompts_per_check=2, images_per_prompt=1,
+        DemoConfig,
+        "configs/demo.yaml",
+        out=str(tmp_path / "demo"),
+        num_images=48,
+        shards=2,
+        tokenizer_steps=20,
+        stage1_steps=6,
+        stage2_steps=3,
+        prompts_per_check=2,
+        images_per_prompt=1,
     )
     report = run_demo(cfg)
     steps = report["steps"]

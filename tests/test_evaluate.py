@@ -47,18 +47,26 @@ def setup(tmp_path_factory) -> dict[str, str]:
     samples = synthetic.make_samples(12)
     synthetic.write_images(samples, str(root / "real"), size=48)
     (root / "captions.tsv").write_text(
-        "id\tcaption\n" + "".join(f"{i}\t{s.caption}\n" for i, s in enumerate(samples[:3])))
+        "id\tcaption\n" + "".join(f"{i}\t{s.caption}\n" for i, s in enumerate(samples[:3]))
+    )
     write_raw_shards(str(root / "raw"), 1, 4, size=64)
-    return {**m, "clip_weights": clip.clip_weights, "clip_config": clip.clip_model_config,
-            "clip_model": clip.clip_model, "real": str(root / "real"),
-            "captions": str(root / "captions.tsv"), "raw": str(root / "raw")}
+    return {
+        **m,
+        "clip_weights": clip.clip_weights,
+        "clip_config": clip.clip_model_config,
+        "clip_model": clip.clip_model,
+        "real": str(root / "real"),
+        "captions": str(root / "captions.tsv"),
+        "raw": str(root / "raw"),
+    }
 
 
 def test_read_captions_formats(tmp_path):
     (tmp_path / "c.txt").write_text("a  cat\n\nA dog\n")
     (tmp_path / "c.csv").write_text('id,caption\n1,"a cat, sitting"\n2,\n3,a dog\n')
-    (tmp_path / "c.json").write_text(json.dumps(
-        {"annotations": [{"image_id": 1, "caption": "a cat\n"}, {"caption": "a dog"}]}))
+    (tmp_path / "c.json").write_text(
+        json.dumps({"annotations": [{"image_id": 1, "caption": "a cat\n"}, {"caption": "a dog"}]})
+    )
     assert read_captions(str(tmp_path / "c.txt")) == ["a cat", "A dog"]
     assert read_captions(str(tmp_path / "c.csv")) == ["a cat, sitting", "a dog"]
     assert read_captions(str(tmp_path / "c.json"), limit=1) == ["a cat"]
@@ -69,21 +77,26 @@ def test_read_captions_formats(tmp_path):
 def test_fid_is_zero_on_identical_sets_and_grows_with_a_shift(setup):
     real = list(iter_reference_images(setup["real"], 32))
     assert len(real) == 12 and real[0].shape == (3, 32, 32) and real[0].dtype == torch.uint8
-    same, n_real, n_fake, _ = compute_fid(FrechetInceptionDistance(feature=TinyFeatures()),
-                                          iter(real), iter(real), batch_size=5)
+    same, n_real, n_fake, _ = compute_fid(
+        FrechetInceptionDistance(feature=TinyFeatures()), iter(real), iter(real), batch_size=5
+    )
     assert (n_real, n_fake) == (12, 12)
     assert abs(same) < 1e-2
     darker = [(x // 2) for x in real]
-    shifted, *_ = compute_fid(FrechetInceptionDistance(feature=TinyFeatures()),
-                              iter(real), iter(darker))
+    shifted, *_ = compute_fid(
+        FrechetInceptionDistance(feature=TinyFeatures()), iter(real), iter(darker)
+    )
     assert shifted > same + 0.01
 
 
 def test_clip_score_matches_its_definition(setup):
-    model, preprocess, tok = load_clip(setup["clip_model"], setup["clip_weights"],
-                                       setup["clip_config"])
-    images = [synthetic.draw_shape("red", "circle", "white", 48),
-              synthetic.draw_shape("blue", "square", "black", 48)]
+    model, preprocess, tok = load_clip(
+        setup["clip_model"], setup["clip_weights"], setup["clip_config"]
+    )
+    images = [
+        synthetic.draw_shape("red", "circle", "white", 48),
+        synthetic.draw_shape("blue", "square", "black", 48),
+    ]
     caps = ["a red circle", "a blue square"]
     got = clip_scores(model, preprocess, tok, images, caps, batch_size=1)
     with torch.no_grad():
@@ -95,12 +108,24 @@ def test_clip_score_matches_its_definition(setup):
 
 def test_evaluation_report_end_to_end(setup, tmp_path):
     out = tmp_path / "eval"
-    cfg = load_config(EvalConfig, "configs/evaluate/tiny_cpu.yaml", [
-        f"output={out}", f"captions={setup['captions']}", f"checkpoint={setup['gpt']}",
-        f"vq={setup['vq']}", f"text_encoder={setup['t5']}", "threads=1",
-        f"clip_weights={setup['clip_weights']}", f"clip_model_config={setup['clip_config']}",
-        f"reference_images={setup['real']}", f"tokenizer_data={setup['raw']}",
-        "tokenizer_images=4", "tokenizer_image_size=32"])
+    cfg = load_config(
+        EvalConfig,
+        "configs/evaluate/tiny_cpu.yaml",
+        [
+            f"output={out}",
+            f"captions={setup['captions']}",
+            f"checkpoint={setup['gpt']}",
+            f"vq={setup['vq']}",
+            f"text_encoder={setup['t5']}",
+            "threads=1",
+            f"clip_weights={setup['clip_weights']}",
+            f"clip_model_config={setup['clip_config']}",
+            f"reference_images={setup['real']}",
+            f"tokenizer_data={setup['raw']}",
+            "tokenizer_images=4",
+            "tokenizer_image_size=32",
+        ],
+    )
     report = run_evaluation(cfg, fid=FrechetInceptionDistance(feature=TinyFeatures()))
     assert report["images"] == 6 and report["prompts"] == 3  # 3 captions x 2 images
     assert 0 <= report["clip_score"]["value"] <= 100 and report["clip_score"]["images"] == 6
@@ -120,18 +145,35 @@ def test_evaluation_report_end_to_end(setup, tmp_path):
 def test_missing_weights_are_reported_not_fatal(setup, tmp_path):
     # score an earlier sampling output (no sampling here) with every weight file missing
     first = tmp_path / "first"
-    run_evaluation(EvalConfig(output=str(first), captions=setup["captions"],
-                              checkpoint=setup["gpt"], vq=setup["vq"], text_encoder=setup["t5"],
-                              images_per_caption=1, threads=1))
+    run_evaluation(
+        EvalConfig(
+            output=str(first),
+            captions=setup["captions"],
+            checkpoint=setup["gpt"],
+            vq=setup["vq"],
+            text_encoder=setup["t5"],
+            images_per_caption=1,
+            threads=1,
+        )
+    )
     out = tmp_path / "second"
-    evaluate_main([f"output={out}", f"generated={first / 'samples'}",
-                   f"clip_weights={tmp_path / 'nope.bin'}", f"reference_images={setup['real']}",
-                   f"inception_weights={tmp_path / 'nope.pth'}"])
+    evaluate_main(
+        [
+            f"output={out}",
+            f"generated={first / 'samples'}",
+            f"clip_weights={tmp_path / 'nope.bin'}",
+            f"reference_images={setup['real']}",
+            f"inception_weights={tmp_path / 'nope.pth'}",
+        ]
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["images"] == 3
     assert report["clip_score"]["value"] is None
-    assert "unavailable" in report["clip_score"]["note"] and "nope.bin does not exist" in \
-        report["clip_score"]["note"] and "pass clip_weights=" in report["clip_score"]["note"]
+    assert (
+        "unavailable" in report["clip_score"]["note"]
+        and "nope.bin does not exist" in report["clip_score"]["note"]
+        and "pass clip_weights=" in report["clip_score"]["note"]
+    )
     assert report["fid"]["value"] is None and "pass inception_weights=" in report["fid"]["note"]
     assert "pass tokenizer_data=" in report["tokenizer"]["note"]
     assert "unavailable" in (out / "report.md").read_text()

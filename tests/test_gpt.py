@@ -9,9 +9,14 @@ from tests.llamagen_reference import reference_t2i_logits
 
 # LlamaGen's published parameter counts (millions).
 PAPER_COUNTS = [
-    ("B", "text", 112.3), ("L", "text", 345.0), ("XL", "text", 777.7),
-    ("B", "class", 110.9), ("L", "class", 342.9), ("XL", "class", 774.7),
-    ("XXL", "class", 1411.0), ("3B", "class", 3096.7),
+    ("B", "text", 112.3),
+    ("L", "text", 345.0),
+    ("XL", "text", 777.7),
+    ("B", "class", 110.9),
+    ("L", "class", 342.9),
+    ("XL", "class", 774.7),
+    ("XXL", "class", 1411.0),
+    ("3B", "class", 3096.7),
 ]
 
 
@@ -35,8 +40,15 @@ def test_unknown_preset_is_named():
 
 
 def tiny(**kw):
-    base = dict(caption_dim=16, max_text_tokens=6, grid_size=4, vocab_size=64,
-                token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    base = dict(
+        caption_dim=16,
+        max_text_tokens=6,
+        grid_size=4,
+        vocab_size=64,
+        token_dropout_p=0.0,
+        resid_dropout_p=0.0,
+        ffn_dropout_p=0.0,
+    )
     return GPTConfig.from_name("debug", **{**base, **kw})
 
 
@@ -58,7 +70,9 @@ def test_rope_relative_position_property():
 
     def score(pos_q, pos_k):
         idx_q, idx_k = P + pos_q[0] * g + pos_q[1], P + pos_k[0] * g + pos_k[1]
-        return (apply_rope(q, table[idx_q : idx_q + 1]) * apply_rope(k, table[idx_k : idx_k + 1])).sum()
+        return (
+            apply_rope(q, table[idx_q : idx_q + 1]) * apply_rope(k, table[idx_k : idx_k + 1])
+        ).sum()
 
     base = score((1, 2), (3, 1))
     for dy, dx in [(1, 0), (0, 3), (2, 2), (4, 1)]:
@@ -112,7 +126,9 @@ def test_matmul_attention_equals_sdpa(kind):
         pmask[0, :2] = False
         mask = GPT.attention_mask(pmask, T, "cpu")
     elif kind == "cached block":  # T new queries after S - T cached keys, key 1 padded
-        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)[None, None].repeat(B, 1, 1, 1)
+        mask = (
+            torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)[None, None].repeat(B, 1, 1, 1)
+        )
         mask[0, :, :, 1] = False
     q, k, v = (torch.randn(B, H, n, hd, dtype=torch.float64) for n in (T, S, S))
 
@@ -212,7 +228,9 @@ def test_padded_caption_tokens_are_ignored():
     assert torch.allclose(model(codes, feats, mask), model(codes, noisy, mask), atol=1e-5)
     # and shorter unpadded input is left-padded the same way
     short = feats[1:2, -3:]
-    assert torch.allclose(model(codes[1:2], short), model(codes[1:2], feats[1:2], mask[1:2]), atol=1e-5)
+    assert torch.allclose(
+        model(codes[1:2], short), model(codes[1:2], feats[1:2], mask[1:2]), atol=1e-5
+    )
 
 
 def test_output_head_is_zero_initialised():
@@ -231,14 +249,20 @@ def test_cfg_dropout_uses_unconditional_caption():
     model.eval()
     all_drop = torch.ones(3, dtype=torch.bool)
     assert torch.allclose(dropped, model(codes, feats, mask, drop=all_drop), atol=1e-6)
-    assert torch.allclose(dropped, model(codes, torch.randn_like(feats), mask, drop=all_drop), atol=1e-6)
+    assert torch.allclose(
+        dropped, model(codes, torch.randn_like(feats), mask, drop=all_drop), atol=1e-6
+    )
     assert not torch.allclose(dropped, model(codes, feats, mask), atol=1e-4)
 
 
 def test_drop_rate_is_about_ten_percent():
     model = GPT(tiny()).train()
     torch.manual_seed(1)
-    rate = torch.cat([model.cfg_drop_mask(1000, torch.device("cpu")) for _ in range(10)]).float().mean()
+    rate = (
+        torch.cat([model.cfg_drop_mask(1000, torch.device("cpu")) for _ in range(10)])
+        .float()
+        .mean()
+    )
     assert 0.08 < rate < 0.12
 
 
@@ -284,14 +308,16 @@ def test_activation_checkpointing_replays_the_dropout_masks():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        cfg = tiny(token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1,
-                   grad_checkpointing=ckpt)
+        cfg = tiny(
+            token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1, grad_checkpointing=ckpt
+        )
         model = GPT(cfg).train()
         torch.nn.init.normal_(model.head.weight, std=0.02)
         codes, feats, mask = random_batch(cfg)
         torch.manual_seed(1)
-        torch.nn.functional.cross_entropy(model(codes, feats, mask).flatten(0, 1),
-                                          codes.flatten()).backward()
+        torch.nn.functional.cross_entropy(
+            model(codes, feats, mask).flatten(0, 1), codes.flatten()
+        ).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
@@ -340,8 +366,12 @@ def test_text_model_compiles_to_one_graph_and_matches_eager(dtype):
         out = compiled(codes, feats, m, drop=drop)
         torch.testing.assert_close(out, ref, **tol)
     g = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad((model(codes, feats, mask, drop=drop) * g).sum(), model.parameters())
-    grads = torch.autograd.grad((compiled(codes, feats, mask, drop=drop) * g).sum(), model.parameters())
+    ref_grads = torch.autograd.grad(
+        (model(codes, feats, mask, drop=drop) * g).sum(), model.parameters()
+    )
+    grads = torch.autograd.grad(
+        (compiled(codes, feats, mask, drop=drop) * g).sum(), model.parameters()
+    )
     for a, b in zip(grads, ref_grads):
         if dtype == torch.float32:
             torch.testing.assert_close(a, b, **tol)

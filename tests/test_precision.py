@@ -52,8 +52,13 @@ def test_slow_dtypes():
     assert not precision.is_slow_on(torch.float32, "cpu")
     assert not precision.is_slow_on(torch.float16, torch.device("cuda", 0))
     assert not precision.is_slow_on(torch.bfloat16, "cuda")
-    assert precision.fast_dtypes(("fp32", "bf16", "fp16")) == ["fp32"] + (["bf16"] if native else [])
-    assert precision.fast_dtypes((torch.bfloat16, torch.float16), "cuda") == [torch.bfloat16, torch.float16]
+    assert precision.fast_dtypes(("fp32", "bf16", "fp16")) == ["fp32"] + (
+        ["bf16"] if native else []
+    )
+    assert precision.fast_dtypes((torch.bfloat16, torch.float16), "cuda") == [
+        torch.bfloat16,
+        torch.float16,
+    ]
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -7,8 +7,15 @@ from pipeline.sample import Sampler, SamplingParams, cfg_mix, draw, filter_logit
 
 
 def model_and_cond(cond="text"):
-    cfg = GPTConfig.from_name("debug", caption_dim=16, max_text_tokens=6, grid_size=4,
-                              vocab_size=64, cond=cond, num_classes=10)
+    cfg = GPTConfig.from_name(
+        "debug",
+        caption_dim=16,
+        max_text_tokens=6,
+        grid_size=4,
+        vocab_size=64,
+        cond=cond,
+        num_classes=10,
+    )
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)  # a peaked but not degenerate distribution
@@ -82,8 +89,15 @@ def test_top_k_and_top_p_filters():
 
 
 def test_static_decoder_matches_uncached_with_gqa_and_padding():
-    cfg = GPTConfig.from_name("debug", caption_dim=16, max_text_tokens=6, grid_size=4,
-                              vocab_size=64, n_head=4, n_kv_head=2)
+    cfg = GPTConfig.from_name(
+        "debug",
+        caption_dim=16,
+        max_text_tokens=6,
+        grid_size=4,
+        vocab_size=64,
+        n_head=4,
+        n_kv_head=2,
+    )
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)
@@ -166,8 +180,9 @@ def test_bf16_cpu_decoder_freezes_its_weights_and_refuses_changed_ones():
         frozen.prefill(feats, mask, None)
     changed = first_logits(StaticDecoder(model, 3))
     assert (changed - ref).abs().max() > 1.0  # a change the check below can see
-    torch.testing.assert_close(first_logits(StaticDecoder(model, 3, compile_mode="default")),
-                               changed, rtol=0.05, atol=0.3)
+    torch.testing.assert_close(
+        first_logits(StaticDecoder(model, 3, compile_mode="default")), changed, rtol=0.05, atol=0.3
+    )
 
 
 def test_compile_mode_gives_the_same_tokens():
@@ -178,8 +193,9 @@ def test_compile_mode_gives_the_same_tokens():
     sampler = Sampler(model, batch_size=3, cfg=True, compile_mode="default")
     compiled = sampler.sample(feats, mask, PARAMS, seeds=[1, 2, 3])
     assert sampler.compile_mode == "default"  # it really compiled (no silent eager fallback)
-    assert torch.equal(compiled, generate(model, feats, mask, PARAMS, seeds=[1, 2, 3],
-                                          use_cache=False))
+    assert torch.equal(
+        compiled, generate(model, feats, mask, PARAMS, seeds=[1, 2, 3], use_cache=False)
+    )
     with pytest.raises(ValueError, match="compile mode"):
         Sampler(model, 1, compile_mode="fastest")
 

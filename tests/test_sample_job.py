@@ -29,8 +29,15 @@ PROMPTS = "a red circle on a blue background\n\n  a green square  \nan orange tr
 
 
 def tiny_gpt(cond: str = "text") -> GPT:
-    cfg = GPTConfig.from_name("debug", caption_dim=64, max_text_tokens=16, grid_size=4,
-                              vocab_size=512, cond=cond, num_classes=10)
+    cfg = GPTConfig.from_name(
+        "debug",
+        caption_dim=64,
+        max_text_tokens=16,
+        grid_size=4,
+        vocab_size=512,
+        cond=cond,
+        num_classes=10,
+    )
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)  # peaked but not degenerate
@@ -45,8 +52,13 @@ def build_sampling_models(root) -> dict[str, str]:
     save_exported_gpt(tiny_gpt(), str(root / "gpt"))
     save_exported_gpt(tiny_gpt("class"), str(root / "gpt_class"))
     (root / "prompts.txt").write_text(PROMPTS)
-    return {"t5": str(root / "t5"), "vq": str(root / "vq"), "gpt": str(root / "gpt"),
-            "gpt_class": str(root / "gpt_class"), "prompts": str(root / "prompts.txt")}
+    return {
+        "t5": str(root / "t5"),
+        "vq": str(root / "vq"),
+        "gpt": str(root / "gpt"),
+        "gpt_class": str(root / "gpt_class"),
+        "prompts": str(root / "prompts.txt"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +67,17 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 
 def args(models, out, *extra) -> list[str]:
-    return ["--config", "configs/sample/tiny_cpu.yaml", f"checkpoint={models['gpt']}",
-            f"vq={models['vq']}", f"text_encoder={models['t5']}", f"output={out}",
-            f"prompts_file={models['prompts']}", "threads=1", *extra]
+    return [
+        "--config",
+        "configs/sample/tiny_cpu.yaml",
+        f"checkpoint={models['gpt']}",
+        f"vq={models['vq']}",
+        f"text_encoder={models['t5']}",
+        f"output={out}",
+        f"prompts_file={models['prompts']}",
+        "threads=1",
+        *extra,
+    ]
 
 
 def pixels(uri: str) -> np.ndarray:
@@ -82,15 +102,24 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path):
     names = sorted(os.listdir(out))
     pngs = [n for n in names if n.endswith(".png") and n != "grid.png"]
     # 3 prompts (the blank line is dropped) x 2 images, deterministic names
-    assert pngs == ["00000_000.png", "00000_001.png", "00001_000.png", "00001_001.png",
-                    "00002_000.png", "00002_001.png"]
+    assert pngs == [
+        "00000_000.png",
+        "00000_001.png",
+        "00001_000.png",
+        "00001_001.png",
+        "00002_000.png",
+        "00002_001.png",
+    ]
     assert {"grid.png", "images.json", "summary.json", "config.yaml"} <= set(names)
     assert pixels(str(out / "00000_000.png")).shape == (32, 32, 3)  # 4x4 codes x downsample 8
     grid = Image.open(out / "grid.png")
     assert grid.width >= 2 * 32 and grid.height >= 3 * 32  # 3 rows of 2 images, plus captions
     manifest = json.loads((out / "images.json").read_text())
     assert [m["prompt"] for m in manifest][::2] == [
-        "a red circle on a blue background", "a green square", "an orange triangle, small"]
+        "a red circle on a blue background",
+        "a green square",
+        "an orange triangle, small",
+    ]
     assert manifest[3]["seed"] == image_seed(0, 1, 1)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sampled"] == 6 and summary["images"] == 6
@@ -116,14 +145,23 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path):
 
 
 def test_batched_equals_one_by_one_and_seed_matters(models, tmp_path):
-    cfg = load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",
-                      args(models, tmp_path / "b3")[2:] + ["batch_size=3"])
+    cfg = load_config(
+        SampleConfig,
+        "configs/sample/tiny_cpu.yaml",
+        args(models, tmp_path / "b3")[2:] + ["batch_size=3"],
+    )
     run_sampling(cfg)
-    one = load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",
-                      args(models, tmp_path / "b1")[2:] + ["batch_size=1"])
+    one = load_config(
+        SampleConfig,
+        "configs/sample/tiny_cpu.yaml",
+        args(models, tmp_path / "b1")[2:] + ["batch_size=1"],
+    )
     run_sampling(one)
-    other = load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",
-                        args(models, tmp_path / "s7")[2:] + ["batch_size=3", "seed=7"])
+    other = load_config(
+        SampleConfig,
+        "configs/sample/tiny_cpu.yaml",
+        args(models, tmp_path / "s7")[2:] + ["batch_size=3", "seed=7"],
+    )
     run_sampling(other)
     for name in ("00000_000.png", "00001_001.png", "00002_000.png"):
         x = pixels(str(tmp_path / "b3" / name))
@@ -134,11 +172,24 @@ def test_batched_equals_one_by_one_and_seed_matters(models, tmp_path):
 def test_class_labels_and_s3_in_and_out(models, s3_bucket):
     storage.put_dir(models["gpt_class"], f"{s3_bucket}/gpt_class")
     out = f"{s3_bucket}/samples"
-    sample_main(["--config", "configs/sample/tiny_cpu.yaml", f"checkpoint={s3_bucket}/gpt_class",
-                 f"vq={models['vq']}", f"output={out}", "class_labels=[3,7]",
-                 "images_per_prompt=1", "sampling.top_k=0", "sampling.top_p=0.9", "threads=1"])
+    sample_main(
+        [
+            "--config",
+            "configs/sample/tiny_cpu.yaml",
+            f"checkpoint={s3_bucket}/gpt_class",
+            f"vq={models['vq']}",
+            f"output={out}",
+            "class_labels=[3,7]",
+            "images_per_prompt=1",
+            "sampling.top_k=0",
+            "sampling.top_p=0.9",
+            "threads=1",
+        ]
+    )
     names = storage.list_dir(out)
-    assert {"00000_000.png", "00001_000.png", "grid.png", "images.json", "config.yaml"} <= set(names)
+    assert {"00000_000.png", "00001_000.png", "grid.png", "images.json", "config.yaml"} <= set(
+        names
+    )
     assert storage.read_json(f"{out}/images.json")[1]["prompt"] == "class 7"
 
 
@@ -146,11 +197,22 @@ def test_bad_inputs_are_clear(models, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match="no prompts"):
-        run_sampling(load_config(SampleConfig, "configs/sample/tiny_cpu.yaml",
-                                 args(models, tmp_path / "o")[2:] + [f"prompts_file={empty}"]))
+        run_sampling(
+            load_config(
+                SampleConfig,
+                "configs/sample/tiny_cpu.yaml",
+                args(models, tmp_path / "o")[2:] + [f"prompts_file={empty}"],
+            )
+        )
     with pytest.raises(ValueError, match="text-conditioned"):
-        run_sampling(SampleConfig(checkpoint=models["gpt"], vq=models["vq"],
-                                  output=str(tmp_path / "o2"), class_labels=[1]))
+        run_sampling(
+            SampleConfig(
+                checkpoint=models["gpt"],
+                vq=models["vq"],
+                output=str(tmp_path / "o2"),
+                class_labels=[1],
+            )
+        )
     with pytest.raises(ValueError, match="exactly one of"):
         SampleConfig(checkpoint="x", vq="y", output="z", prompt="a", prompts_file="b")
 

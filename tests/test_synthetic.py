@@ -38,8 +38,9 @@ def test_caption_names_what_is_drawn():
         assert synthetic.parse_caption(sample.caption) == (sample.colour, sample.shape)
 
 
-@pytest.mark.parametrize("colour,shape", [("blue", "circle"), ("red", "square"),
-                                          ("yellow", "triangle")])
+@pytest.mark.parametrize(
+    "colour,shape", [("blue", "circle"), ("red", "square"), ("yellow", "triangle")]
+)
 def test_checker_ignores_a_frame_of_other_colour_around_the_object(colour, shape):
     # what the demo's stage-2 samples often show: the object, a gap, then a smeared green frame
     img = synthetic.draw_shape(colour, shape, "white", 128, random.Random(0))

@@ -290,7 +290,11 @@ def zero13(bucket, shards, zero2, tmp_path_factory) -> dict:
         "export=false",
     ]
     # last: compiling sets inductor's fallback_random for the rest of the process
-    compiled = [*_common(str(tmp / "compiled"), tmp / "compiled", shards), "steps=12", "compile=true"]
+    compiled = [
+        *_common(str(tmp / "compiled"), tmp / "compiled", shards),
+        "steps=12",
+        "compile=true",
+    ]
     out = _train_many([*refs, stage2, compiled], tmp, "refs")
     return {
         "tmp": tmp,

@@ -263,7 +263,9 @@ class Recorder(TorchDispatchMode):  # the ops run and the dtypes they make, whil
 engine.init_distributed()
 """
 
-_NORM_SCRIPT = _STEP_SCRIPT_HEAD + r"""
+_NORM_SCRIPT = (
+    _STEP_SCRIPT_HEAD
+    + r"""
 cfg = GPTConfig.from_name("debug", token_dropout_p=0.0, resid_dropout_p=0.0,
                           ffn_dropout_p=0.0, cond_dropout_p=0.0)
 g = torch.Generator().manual_seed(0)
@@ -295,6 +297,7 @@ for stage in sys.argv[1:]:
 print(json.dumps({"want": want, "torch": torch_fp32, "got": out}))
 engine.shutdown(0)
 """
+)
 
 
 def test_cpu_engine_takes_gradient_norms_in_fp32():
@@ -306,7 +309,10 @@ def test_cpu_engine_takes_gradient_norms_in_fp32():
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", _NORM_SCRIPT, "1", "2", "3"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -317,7 +323,9 @@ def test_cpu_engine_takes_gradient_norms_in_fp32():
         assert norm == pytest.approx(res["want"], rel=2e-4), stage
 
 
-_BF16_SKIP_SCRIPT = _STEP_SCRIPT_HEAD + r"""
+_BF16_SKIP_SCRIPT = (
+    _STEP_SCRIPT_HEAD
+    + r"""
 cfg = GPTConfig.from_name("debug", grid_size=2, max_text_tokens=4)
 g = torch.Generator().manual_seed(0)
 codes = torch.randint(0, cfg.vocab_size, (2, cfg.image_tokens), generator=g)
@@ -345,6 +353,7 @@ for stage in sys.argv[1:]:
 print(json.dumps(out))
 engine.shutdown(0)
 """
+)
 
 
 def test_cpu_bf16_engine_skips_non_finite_steps_by_the_norm():
@@ -355,7 +364,10 @@ def test_cpu_bf16_engine_skips_non_finite_steps_by_the_norm():
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", _BF16_SKIP_SCRIPT, "1", "2"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -55,8 +55,9 @@ def caption_for(colour: str, shape: str, background: str, rng: random.Random | N
     return t.format(c=colour, s=shape, b=background)
 
 
-def draw_shape(colour: str, shape: str, background: str, size: int = 256,
-               rng: random.Random | None = None) -> Image.Image:
+def draw_shape(
+    colour: str, shape: str, background: str, size: int = 256, rng: random.Random | None = None
+) -> Image.Image:
     """An RGB image of one shape; position and scale jitter with ``rng``."""
     rng = rng or random.Random(0)
     img = Image.new("RGB", (size, size), BACKGROUNDS[background])
@@ -87,8 +88,9 @@ def make_samples(n: int, seed: int = 0) -> list[ShapeSample]:
     return out
 
 
-def write_images(samples: list[ShapeSample], folder: str, size: int = 256, seed: int = 0,
-                 quality: int = 95) -> list[str]:
+def write_images(
+    samples: list[ShapeSample], folder: str, size: int = 256, seed: int = 0, quality: int = 95
+) -> list[str]:
     """Write each sample as ``{i:06d}.jpg`` under ``folder``; returns the file names."""
     os.makedirs(folder, exist_ok=True)
     names = []
@@ -160,7 +162,7 @@ def check_image(img: Image.Image) -> tuple[str | None, str | None]:
     if n == 0:
         return None, None
     cy, cx, r = h // 2, w // 2, max(1, round(0.1 * min(h, w)))
-    central = np.bincount(labels[cy - r:cy + r, cx - r:cx + r].ravel(), minlength=n + 1)
+    central = np.bincount(labels[cy - r : cy + r, cx - r : cx + r].ravel(), minlength=n + 1)
     central[0] = 0
     if central.max() == 0:
         return None, None
@@ -179,10 +181,14 @@ def check_image(img: Image.Image) -> tuple[str | None, str | None]:
     xs = np.nonzero(cols >= max(1.0, 0.05 * cols.max()))[0]
     if min(ys[-1] - ys[0], xs[-1] - xs[0]) < 3:
         return colour, None
-    box = mask[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1].astype(np.float32)
+    box = mask[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1].astype(np.float32)
     ch, cw = max(1, box.shape[0] // 5), max(1, box.shape[1] // 5)
-    corners = [box[:ch, :cw].mean(), box[:ch, -cw:].mean(),
-               box[-ch:, :cw].mean(), box[-ch:, -cw:].mean()]
+    corners = [
+        box[:ch, :cw].mean(),
+        box[:ch, -cw:].mean(),
+        box[-ch:, :cw].mean(),
+        box[-ch:, -cw:].mean(),
+    ]
     q = max(1, box.shape[0] // 4)
     top, bottom = box[:q].mean(), box[-q:].mean()
     taper = top / max(bottom, 1e-6)
@@ -214,8 +220,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_folder(folder: str, handler: type[http.server.BaseHTTPRequestHandler] | None = None
-                 ) -> Iterator[str]:
+def serve_folder(
+    folder: str, handler: type[http.server.BaseHTTPRequestHandler] | None = None
+) -> Iterator[str]:
     """Serve ``folder`` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
     h = handler or functools.partial(_QuietHandler, directory=folder)
     # the default listen backlog (5) drops connections under img2dataset's many threads

@@ -122,7 +122,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32: bf16 sums of squares lose too much precision
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(
+            x
+        ) * self.weight
 
 
 def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -136,7 +138,9 @@ def _dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
 # int16 view. ``nondeterministic_seeded`` keeps it from being merged with another call of the
 # same shape or recomputed in the backward pass.
 cpu_dropout_keep = torch.library.custom_op(
-    "pipeline::cpu_dropout_keep", _dropout_keep, mutates_args=(),
+    "pipeline::cpu_dropout_keep",
+    _dropout_keep,
+    mutates_args=(),
     tags=(torch.Tag.nondeterministic_seeded,),
 )
 
@@ -222,7 +226,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -249,8 +255,9 @@ biased_softmax = torch.library.custom_op(
 
 @biased_softmax.register_fake
 def _(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return scores.new_empty(torch.broadcast_shapes(scores.shape, bias.shape),
-                            dtype=torch.result_type(scores, bias))
+    return scores.new_empty(
+        torch.broadcast_shapes(scores.shape, bias.shape), dtype=torch.result_type(scores, bias)
+    )
 
 
 def _biased_softmax_setup(ctx, inputs, output):
@@ -265,8 +272,13 @@ def _biased_softmax_backward(ctx, grad):
 biased_softmax.register_autograd(_biased_softmax_backward, setup_context=_biased_softmax_setup)
 
 
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+def matmul_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
     """Attention as two matmuls and a softmax: q (B, H, T, hd), k/v (B, H, S, hd).
 
     ``mask`` is SDPA's ``attn_mask``, broadcast to (B, H, T, S): boolean (True: may attend) or
@@ -311,10 +323,17 @@ class Attention(nn.Module):
         self.resid_dropout = Dropout(cfg.resid_dropout_p)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                start: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None,
+        start: int | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1
+        )
         q = apply_rope(q.view(B, T, self.n_head, self.hd), rope).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k.view(B, T, self.n_kv, self.hd), rope).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
@@ -329,8 +348,9 @@ class Attention(nn.Module):
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0:
             y = matmul_attention(q, k, v, mask, causal)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
+            )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -424,8 +444,9 @@ class GPT(nn.Module):
 
     # -- conditioning
 
-    def embed_condition(self, cond: torch.Tensor, cond_mask: torch.Tensor | None,
-                        drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed_condition(
+        self, cond: torch.Tensor, cond_mask: torch.Tensor | None, drop: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prefix embeddings (B, P, C) and the prefix key mask (B, P) (None: all valid).
 
         ``drop`` (B,) bool replaces a row's condition with the unconditional one (CFG).
@@ -439,7 +460,11 @@ class GPT(nn.Module):
         P = self.cfg.max_text_tokens
         if L > P:
             raise ValueError(f"caption features have {L} tokens; the model takes at most {P}")
-        mask = torch.ones(B, L, dtype=torch.bool, device=cond.device) if cond_mask is None else cond_mask.bool()
+        mask = (
+            torch.ones(B, L, dtype=torch.bool, device=cond.device)
+            if cond_mask is None
+            else cond_mask.bool()
+        )
         if L < P:  # left-pad: valid tokens end right before the image
             cond = F.pad(cond, (0, 0, P - L, 0))
             mask = F.pad(mask, (P - L, 0), value=False)
@@ -486,8 +511,14 @@ class GPT(nn.Module):
 
     # -- training / full forward
 
-    def forward(self, codes: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None, grid_size: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        codes: torch.Tensor,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+        grid_size: int | None = None,
+    ) -> torch.Tensor:
         """Teacher-forced logits (B, N, V); ``logits[:, i]`` predicts ``codes[:, i]``.
 
         codes: (B, N) image tokens in raster order, N <= grid_size**2 (a prefix of the image).
@@ -518,15 +549,22 @@ class GPT(nn.Module):
 
     # -- cached generation
 
-    def setup_cache(self, batch: int, grid_size: int | None = None, dtype=None,
-                    device=None) -> None:
+    def setup_cache(
+        self, batch: int, grid_size: int | None = None, dtype=None, device=None
+    ) -> None:
         """Allocate static KV buffers for ``batch`` rows of prefix + grid**2 tokens."""
         g = grid_size or self.cfg.grid_size
         max_len = find_multiple(self.cfg.prefix_len + g * g, 8)
         w = self.head.weight
         for b in self.blocks:
-            b.attn.cache = KVCache(batch, max_len, self.cfg.kv_heads, self.cfg.head_dim,
-                                   dtype or w.dtype, device or w.device)
+            b.attn.cache = KVCache(
+                batch,
+                max_len,
+                self.cfg.kv_heads,
+                self.cfg.head_dim,
+                dtype or w.dtype,
+                device or w.device,
+            )
         self._key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device or w.device)
         self._all_valid = True
         self._cache_grid = g
@@ -555,8 +593,12 @@ class GPT(nn.Module):
         return self.head(self.norm(x[:, -1:]))[:, 0]  # (B, V)
 
     @torch.no_grad()
-    def prefill(self, cond: torch.Tensor, cond_mask: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(
+        self,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run the condition prefix into the cache; returns logits for the first image token."""
         prefix, pmask = self.embed_condition(cond, cond_mask, drop)
         self._key_valid.fill_(True)
@@ -576,7 +618,11 @@ def train_flops_per_sample(cfg: GPTConfig, grid_size: int | None = None) -> floa
     """Matmul FLOPs of forward + backward for one sample (6 x params x tokens + attention)."""
     g = grid_size or cfg.grid_size
     T = cfg.prefix_len + g * g - 1
-    per_layer = cfg.dim * (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim + cfg.dim**2 + 3 * cfg.dim * cfg.ffn_hidden
+    per_layer = (
+        cfg.dim * (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
+        + cfg.dim**2
+        + 3 * cfg.dim * cfg.ffn_hidden
+    )
     cond = cfg.caption_dim * cfg.dim + cfg.dim**2 if cfg.cond == "text" else 0
     dense = cfg.n_layer * per_layer * T + cfg.dim * cfg.vocab_size * g * g + cond * cfg.prefix_len
     attn = cfg.n_layer * 2 * T * T * cfg.dim  # q.k and att.v, causal counted as full (as PaLM)
@@ -589,4 +635,3 @@ def decode_bytes_per_token(model: GPT) -> int:
     if isinstance(model.cond_embed, ClassEmbedder):
         skip.add(id(model.cond_embed.table.weight))
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
-

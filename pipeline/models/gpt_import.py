@@ -123,6 +123,8 @@ def load_llamagen_gpt(uri: str, cfg: GPTConfig, strict: bool = True) -> GPT:
             "(check the preset, cond type, vocab_size and caption_dim)"
         )
     if cfg.rope_prefix != "llamagen":
-        log.warning("LlamaGen weights were trained with rope_prefix='llamagen'; you chose %r",
-                    cfg.rope_prefix)
+        log.warning(
+            "LlamaGen weights were trained with rope_prefix='llamagen'; you chose %r",
+            cfg.rope_prefix,
+        )
     return model

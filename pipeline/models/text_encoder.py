@@ -30,7 +30,6 @@ log = get_logger(__name__)
 RANDOM_WEIGHTS_KEY = "t2i_random_weights"
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:
     """Where the T5 encoder lives and how to run it (embedded in the pretokenize config)."""
@@ -108,9 +107,9 @@ class TextEncoder:
         # AutoTokenizer reads tokenizer_config.json; T5Tokenizer(vocab_file=...) would silently
         # ignore the file (see ENVIRONMENT.md).
         tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
-        model = T5EncoderModel.from_pretrained(
-            local_dir, dtype=dtype, local_files_only=True
-        ).to(device)
+        model = T5EncoderModel.from_pretrained(local_dir, dtype=dtype, local_files_only=True).to(
+            device
+        )
         random_weights = bool(getattr(model.config, RANDOM_WEIGHTS_KEY, False))
         if random_weights:
             log.warning(
