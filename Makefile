@@ -30,6 +30,7 @@ demo: $(STAMP)
 ## The tests (pytest's exit code 5, "no tests collected", counts as a failure here).
 test: $(STAMP)
 	$(PY) -m ruff check pipeline jobs tests benchmarks
+	$(PY) -m ruff format --check pipeline jobs tests benchmarks
 	$(PY) -m pytest tests $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
