@@ -17,20 +17,11 @@ from llamagen_ref import LlamaGenT2I, dataset_mask, reference_train_step  # noqa
 from pipeline.models.gpt import GPT, GPTConfig  # noqa: E402
 from pipeline.models.gpt_import import from_llamagen  # noqa: E402
 from tests.llamagen_reference import reference_t2i_logits  # noqa: E402
+from tests.test_gpt import tiny as gpt_tiny  # noqa: E402
 
 
 def tiny(**kw):
-    base = dict(
-        caption_dim=16,
-        max_text_tokens=6,
-        grid_size=4,
-        vocab_size=64,
-        token_dropout_p=0.0,
-        resid_dropout_p=0.0,
-        ffn_dropout_p=0.0,
-        cond_dropout_p=0.0,
-    )
-    return GPTConfig.from_name("debug", **{**base, **kw})
+    return gpt_tiny(**{"cond_dropout_p": 0.0, **kw})
 
 
 def batch(cfg, B=3):

@@ -6,19 +6,18 @@ from pipeline.models.gpt import GPT, GPTConfig, matmul_attention
 from pipeline.sample import Sampler, SamplingParams, cfg_mix, draw, filter_logits, generate
 
 
-def model_and_cond(cond="text"):
+def small_model(**kw) -> GPT:
     cfg = GPTConfig.from_name(
-        "debug",
-        caption_dim=16,
-        max_text_tokens=6,
-        grid_size=4,
-        vocab_size=64,
-        cond=cond,
-        num_classes=10,
+        "debug", caption_dim=16, max_text_tokens=6, grid_size=4, vocab_size=64, **kw
     )
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)  # a peaked but not degenerate distribution
+    return model
+
+
+def model_and_cond(cond="text"):
+    model = small_model(cond=cond, num_classes=10)
     feats = torch.randn(3, 6, 16)
     mask = torch.arange(6)[None] >= torch.tensor([[0], [3], [5]])
     return model, feats, mask
@@ -89,18 +88,7 @@ def test_top_k_and_top_p_filters():
 
 
 def test_static_decoder_matches_uncached_with_gqa_and_padding():
-    cfg = GPTConfig.from_name(
-        "debug",
-        caption_dim=16,
-        max_text_tokens=6,
-        grid_size=4,
-        vocab_size=64,
-        n_head=4,
-        n_kv_head=2,
-    )
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.5)
+    model = small_model(n_head=4, n_kv_head=2)
     feats = torch.randn(2, 6, 16)
     mask = torch.arange(6)[None] >= torch.tensor([[2], [5]])
     fast = generate(model, feats, mask, PARAMS, seeds=[3, 4])
@@ -110,7 +98,7 @@ def test_static_decoder_matches_uncached_with_gqa_and_padding():
     dec = StaticDecoder(model, 2)
     steps = [dec.prefill(feats, mask, None)]
     for i in range(15):
-        steps.append(dec.step(fast[:, i], cfg.prefix_len + i))
+        steps.append(dec.step(fast[:, i], model.cfg.prefix_len + i))
     full = model(fast, feats, mask, drop=torch.zeros(2, dtype=torch.bool))
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
 
