@@ -232,7 +232,7 @@ def update_fid(fid: Any, images: Iterator[torch.Tensor], real: bool, batch_size:
     """Feed uint8 (3, H, W) images to the FID metric; returns how many."""
     n = 0
     for batch in _batched(images, batch_size):
-        fid.update(torch.stack(batch), real=real)
+        fid.update(torch.stack(batch).to(fid.device), real=real)  # the metric's device
         n += len(batch)
     return n
 

@@ -254,15 +254,25 @@ def put_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
             put_file(p, join(str(uri), *p.relative_to(root).parts))
 
 
-def get_dir(uri: str | os.PathLike, local_dir: str | os.PathLike) -> None:
-    """Copy every object under ``uri`` into ``local_dir``, keeping relative paths."""
+def get_dir(
+    uri: str | os.PathLike, local_dir: str | os.PathLike, missing_only: bool = False
+) -> int:
+    """Copy every object under ``uri`` into ``local_dir``, keeping relative paths; returns how
+    many were copied. ``missing_only``: skip files ``local_dir`` already has (each copy is
+    atomic, so a file that exists is whole)."""
     fs, path = filesystem(uri)
     files = with_retries(lambda: fs.find(path), f"list {uri}")
     if not files:
         raise FileNotFoundError(f"nothing found under {uri}")
+    copied = 0
     for f in files:
         rel = os.path.relpath(f, path)
-        get_file(join(str(uri), *rel.split("/")), os.path.join(str(local_dir), rel))
+        dest = os.path.join(str(local_dir), rel)
+        if missing_only and os.path.exists(dest):
+            continue
+        get_file(join(str(uri), *rel.split("/")), dest)
+        copied += 1
+    return copied
 
 
 def remove(uri: str | os.PathLike, recursive: bool = False) -> None:

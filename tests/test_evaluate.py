@@ -19,6 +19,7 @@ from pipeline.evaluate import (
     load_clip,
     read_captions,
     run_evaluation,
+    update_fid,
 )
 from pipeline.models.aesthetic import build_tiny_aesthetic
 from tests.rawshards import write_raw_shards
@@ -183,3 +184,21 @@ def test_shipped_evaluate_configs_load():
     for name in ("coco", "tiny_cpu"):
         cfg = load_config(EvalConfig, f"configs/evaluate/{name}.yaml", ["output=o"])
         assert cfg.images_per_caption >= 1
+
+
+def test_update_fid_moves_images_to_the_metrics_device():
+    """The images are built on the CPU; FID's Inception runs where the metric was moved
+    (``device: cuda`` in the COCO config) and does not move its inputs itself."""
+
+    class Metric:
+        device = torch.device("meta")
+        seen: list = []
+
+        def update(self, imgs, real):
+            self.seen.append((imgs.device, imgs.shape, real))
+
+    m = Metric()
+    images = (torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in range(5))
+    assert update_fid(m, images, real=False, batch_size=2) == 5
+    assert [s[0].type for s in m.seen] == ["meta"] * 3
+    assert [s[1][0] for s in m.seen] == [2, 2, 1] and not m.seen[0][2]

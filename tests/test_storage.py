@@ -67,3 +67,18 @@ def test_retry_classification():
 
     assert storage.with_retries(flaky, "test", base_delay=0.001) == "ok"
     assert len(calls) == 3
+
+
+def test_get_dir_missing_only_keeps_what_is_there(root, tmp_path):
+    for name, data in (("a.bin", b"remote a"), ("sub/b.bin", b"remote b"), ("c.bin", b"remote c")):
+        storage.write_bytes(storage.join(root, *name.split("/")), data)
+    local = tmp_path / "local"
+    (local / "sub").mkdir(parents=True)
+    (local / "a.bin").write_bytes(b"local a")
+    assert storage.get_dir(root, str(local), missing_only=True) == 2
+    assert (local / "a.bin").read_bytes() == b"local a"  # not overwritten
+    assert (local / "sub" / "b.bin").read_bytes() == b"remote b"
+    assert (local / "c.bin").read_bytes() == b"remote c"
+    assert storage.get_dir(root, str(local), missing_only=True) == 0
+    assert storage.get_dir(root, str(local)) == 3  # by default every file
+    assert (local / "a.bin").read_bytes() == b"remote a"

@@ -11,9 +11,12 @@ import sys
 import pytest
 import torch
 
+from pipeline import storage
 from pipeline.config import ConfigError, load_config
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.train.checkpoint import (
+    MARKER,
+    CheckpointManager,
     complete_tags,
     export_weights,
     init_from_export,
@@ -21,7 +24,7 @@ from pipeline.train.checkpoint import (
     step_of,
     tag_for,
 )
-from pipeline.train.engine import build_ds_config, zero_stage
+from pipeline.train.engine import DistInfo, build_ds_config, local_world_size, zero_stage
 from pipeline.train.metrics import MetricsLogger, read_steps
 from pipeline.train.optim import OptimConfig, lr_lambda, param_groups, peak_lr
 from pipeline.train.trainer import TrainConfig, batch_loss
@@ -143,6 +146,59 @@ def test_complete_tags_need_their_marker(tmp_path):
     (tmp_path / "step_00000010" / "COMPLETE.json").write_text("{}")
     (tmp_path / "step_00000030" / "COMPLETE.json").write_text("{}")
     assert complete_tags(str(tmp_path)) == ["step_00000010", "step_00000030"]
+
+
+def test_local_world_size_from_each_launcher():
+    assert local_world_size({"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "16"}) == 4  # torchrun
+    assert local_world_size({"LOCAL_SIZE": "8", "WORLD_SIZE": "16"}) == 8  # deepspeed launcher
+    assert local_world_size({"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "WORLD_SIZE": "4"}) == 2
+    assert local_world_size({"WORLD_SIZE": "3"}) == 3  # no launcher says: one node
+    assert local_world_size({}) == 1
+
+
+def _node_files(ranks) -> dict[str, bytes]:
+    """What DeepSpeed ZeRO-2 and the trainer write for ``ranks`` of a 4-rank run."""
+    files = {}
+    for r in ranks:
+        files[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = f"optim {r}".encode()
+        files[f"rank_state_{r:05d}.pt"] = f"rng {r}".encode()
+        if r == 0:  # data-parallel rank 0 alone writes the model states
+            files["mp_rank_00_model_states.pt"] = b"model"
+    return files
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_resume_on_a_second_node_fetches_the_other_nodes_files(s3_bucket, tmp_path, nodes):
+    """4 ranks on two nodes without a shared disk: each node saved its own ranks' files and
+    uploaded them; resuming on node 1 (ranks 2-3) needs node 0's too, and gets them from S3
+    without touching its own. On one node of 4 ranks nothing is fetched."""
+    run_dir = f"{s3_bucket}/run"
+    tag = tag_for(20)
+    remote = f"{run_dir}/checkpoints/{tag}"
+    for name, data in {**_node_files(range(4)), MARKER: b'{"host_rank0": true}'}.items():
+        storage.write_bytes(f"{remote}/{name}", data)
+    local = tmp_path / "node" / "checkpoints" / tag
+    local.mkdir(parents=True)
+    mine = _node_files([2, 3]) if nodes == 2 else {}
+    for name, data in {**mine, MARKER: b'{"host_rank0": false}'}.items():
+        (local / name).write_bytes(data)
+    world, local_world = 4, 4 // nodes
+    dist = DistInfo(
+        rank=4 - local_world,
+        world=world,
+        local_rank=0,
+        local_world=local_world,
+        device=torch.device("cpu"),
+    )
+    ckpt = CheckpointManager(run_dir, str(tmp_path / "node"), keep_last=2, dist=dist)
+    assert ckpt.ensure_local(tag) == str(local)
+    have = {p.name for p in local.iterdir()}
+    if nodes == 2:
+        assert have == set(_node_files(range(4))) | {MARKER}
+        assert (local / "mp_rank_00_model_states.pt").read_bytes() == b"model"
+        assert (local / MARKER).read_bytes() == b'{"host_rank0": false}'  # its own, kept
+    else:
+        assert have == {MARKER}  # one node: its copy is taken as whole, nothing fetched
 
 
 def test_metrics_files_and_resume_cut(tmp_path):

@@ -175,7 +175,13 @@ class CheckpointManager:
         return engine.broadcast_object(tag)
 
     def ensure_local(self, tag: str) -> str:
-        """The local directory of ``tag``, downloaded from the run dir when only S3 has it."""
+        """The local directory of ``tag``, downloaded from the run dir when only S3 has it.
+
+        On several nodes without a shared file system a node's own copy holds only its ranks'
+        files: DeepSpeed writes the model states on data-parallel rank 0 alone, and every rank
+        reads every rank's optimizer partition when it loads. There the files the node lacks
+        come from the run dir, which has every node's (on a shared file system none are
+        missing)."""
         local = os.path.join(self.local_root, tag)
         if self.dist.is_local_main and not os.path.exists(os.path.join(local, MARKER)):
             if not self.remote_root:
@@ -185,6 +191,12 @@ class CheckpointManager:
             staging = tempfile.mkdtemp(prefix=f".{tag}-", dir=self.local_root)
             storage.get_dir(storage.join(self.remote_root, tag), staging)
             os.replace(staging, local)
+        elif (
+            self.dist.is_local_main and self.remote_root and self.dist.world > self.dist.local_world
+        ):
+            n = storage.get_dir(storage.join(self.remote_root, tag), local, missing_only=True)
+            if n:
+                log.info("checkpoint %s: %d files of other nodes from %s", tag, n, self.remote_root)
         engine.barrier()
         return local
 

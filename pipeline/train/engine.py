@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -106,9 +106,18 @@ def init_distributed() -> DistInfo:
         rank=dist.get_rank(),
         world=dist.get_world_size(),
         local_rank=local_rank,
-        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
+        local_world=local_world_size(),
         device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
     )
+
+
+def local_world_size(env: Mapping[str, str] = os.environ) -> int:
+    """Ranks on this node: torchrun's ``LOCAL_WORLD_SIZE``, the ``deepspeed`` launcher's
+    ``LOCAL_SIZE``, Open MPI's ``OMPI_COMM_WORLD_LOCAL_SIZE``; else all ranks (one node)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if env.get(key):
+            return int(env[key])
+    return int(env.get("WORLD_SIZE", "1"))
 
 
 def _free_port() -> int:
