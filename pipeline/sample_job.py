@@ -394,7 +394,14 @@ IMAGE_SETTINGS = (
     "sampling",
     "grid_size",
     "dtype",
+    "device",  # by type: CPU and CUDA generators give other draws for the same seed
 )
+
+
+def _image_setting(key: str, value: Any) -> Any:
+    if key == "device" and isinstance(value, str):
+        return torch.device(value).type  # cuda:0 and cuda:1 draw alike
+    return value
 
 
 def _check_output(cfg: SampleConfig) -> None:
@@ -404,7 +411,11 @@ def _check_output(cfg: SampleConfig) -> None:
         return
     saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
     now = to_dict(cfg)
-    changed = [k for k in IMAGE_SETTINGS if k in saved and saved[k] != now[k]]
+    changed = [
+        k
+        for k in IMAGE_SETTINGS
+        if k in saved and _image_setting(k, saved[k]) != _image_setting(k, now[k])
+    ]
     if not changed:
         return
     pngs = storage.list_dir(cfg.output, ".png")

@@ -142,6 +142,12 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path):
     sample_main(args(models, out, "batch_size=2", "sampling.cfg_scale=5.0", "overwrite=true"))
     assert json.loads((out / "summary.json").read_text())["sampled"] == 6
     assert (out / "00001_001.png").read_bytes() != before
+    # images sampled on another kind of device came from other random draws
+    saved = (out / "config.yaml").read_text()
+    assert "device: cpu" in saved
+    (out / "config.yaml").write_text(saved.replace("device: cpu", "device: cuda:1"))
+    with pytest.raises(ValueError, match=r"device: 'cuda:1' -> 'cpu'"):
+        sample_main(args(models, out, "batch_size=2", "sampling.cfg_scale=5.0"))
 
 
 def test_batched_equals_one_by_one_and_seed_matters(models, tmp_path):
