@@ -341,6 +341,30 @@ def test_guard_resolves_each_host_once():
     assert len(calls) == 3
 
 
+def test_guard_retries_a_throttled_lookup_and_never_drops_a_host_for_it():
+    """EAI_AGAIN is "try again", not an answer: a transient lookup failure must not remove every
+    URL of a host for the rest of the run (the verdict is cached and written to the unit)."""
+    calls = []
+
+    def flaky_dns(host, port):
+        calls.append(host)
+        if host == "cdn.example" and calls.count(host) < 3:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "down.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "inner.example":
+            return ["10.0.0.7"]
+        return ["93.184.216.34"]
+
+    guard = AddressGuard(resolver=flaky_dns)
+    guard.dns_backoff = 0.001
+    urls = ["http://cdn.example/a.jpg", "http://down.example/b.jpg", "http://inner.example/c"]
+    assert guard.check_many(urls) == [None, None, "private"]
+    assert calls.count("cdn.example") == 3  # answered on the third try
+    assert calls.count("down.example") == guard.dns_attempts  # never answered: kept, unjudged
+    assert guard.transient_failures == 1
+
+
 def test_connect_time_guard_follows_redirects(server, monkeypatch):
     opener = guarded_opener(allow_loopback=True)
     assert opener.open(server.good_urls()[0], timeout=5).read() == server.good[0]

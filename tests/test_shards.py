@@ -130,3 +130,21 @@ def test_decode_never_unpickles():
     with pytest.raises(ValueError, match="uint16"):
         shards.decode_token_sample({**good, "codes.npy": shards.npy_bytes(np.zeros((2, 2)))})
     assert json.loads(good["json"])["score"] == 0.5
+
+
+def test_a_refused_raw_shard_is_raised_not_counted_as_damage(tmp_path, monkeypatch):
+    """Access denied, expired credentials, an archived object: s3fs raises PermissionError (an
+    OSError). Counted as a damaged tar, the shard would be marked done with its samples lost."""
+    (tmp_path / "00000.tar").write_bytes(b"not a tar at all" * 64)
+    stats: dict = {}
+    assert list(shards.iter_raw_shard(str(tmp_path), 0, stats)) == []
+    assert stats["corrupt_tar"] == 1  # real damage: counted, the shard ends
+
+    def refused(uri):
+        raise PermissionError(f"Access Denied: {uri}")
+
+    monkeypatch.setattr(shards.storage, "open_read", refused)
+    stats = {}
+    with pytest.raises(PermissionError, match="Access Denied"):
+        list(shards.iter_raw_shard(str(tmp_path), 0, stats))
+    assert "corrupt_tar" not in stats and "raw_samples" not in stats

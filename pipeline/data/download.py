@@ -431,6 +431,12 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
     guard_counts = guard_units(units_dir, input_dir, unit_names, guard)
     if guard_counts:
         log.info("address guard: %s (%d DNS lookups)", dict(guard_counts), guard.lookups)
+    if guard.transient_failures:
+        log.warning(
+            "address guard: %d hosts kept failing DNS with 'try again' (a throttled resolver?); "
+            "their URLs were kept, each download worker checks their addresses when it connects",
+            guard.transient_failures,
+        )
 
     missing = sorted(set(range(total)) - done_shards(cfg.output))
     if total and not missing:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,14 @@ def system_resolver(host: str, port: int) -> list[str]:
     """All addresses ``host`` resolves to, through the system resolver."""
     infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     return sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
+
+
+def is_transient_dns_error(exc: BaseException) -> bool:
+    """A lookup that may succeed when retried: ``EAI_AGAIN`` (a throttled or unreachable
+    resolver), a timeout. ``EAI_NONAME`` and the like are answers, not failures."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == getattr(socket, "EAI_AGAIN", -3)
+    return isinstance(exc, TimeoutError)
 
 
 def classify_address(
@@ -90,6 +99,9 @@ class AddressGuard:
         self._cache: dict[tuple[str, int], str | None] = {}
         self._lock = threading.Lock()
         self.lookups = 0  # DNS lookups actually made (cache misses), for tests and logs
+        self.transient_failures = 0  # hosts left unjudged after every attempt said "try again"
+        self.dns_attempts = 4
+        self.dns_backoff = 0.25  # seconds, doubled per attempt
 
     def _judge_host(self, host: str, port: int) -> str | None:
         try:
@@ -100,12 +112,26 @@ class AddressGuard:
             return classify_address(literal, self.allow_loopback, self.allow_private)
         if self.allow_private:
             return None  # everything is allowed: no reason to resolve
-        with self._lock:
-            self.lookups += 1
-        try:
-            addresses = self.resolver(host, port)
-        except (OSError, UnicodeError, ValueError):
-            return "unresolvable_host"
+        addresses = None
+        for attempt in range(self.dns_attempts):
+            with self._lock:
+                self.lookups += 1
+            try:
+                addresses = self.resolver(host, port)
+                break
+            except (OSError, UnicodeError, ValueError) as exc:
+                if not is_transient_dns_error(exc):
+                    return "unresolvable_host"
+                if attempt + 1 < self.dns_attempts:
+                    time.sleep(self.dns_backoff * 2**attempt)
+        if addresses is None:
+            # the resolver kept saying "try again" (throttled, timed out): no verdict on the
+            # host, so its URLs stay in; each download worker's connection guard still resolves
+            # and refuses a non-public address before connecting (and a host that never
+            # resolves fails its downloads, counted by img2dataset)
+            with self._lock:
+                self.transient_failures += 1
+            return None
         if not addresses:
             return "unresolvable_host"
         for a in addresses:

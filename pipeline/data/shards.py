@@ -395,7 +395,8 @@ def iter_raw_shard(uri: str, index: int, stats: dict[str, Any]) -> Iterator[dict
     A tar that is not a tar, or breaks off mid-member, ends the shard: the samples read intact
     before the damage are yielded, ``stats["corrupt_tar"]`` is set to 1 with the error in
     ``stats["tar_error"]``. Transient storage errors are raised (the executor retries the shard)
-    so that a network blip never passes for a short shard. When img2dataset's stats say more
+    so that a network blip never passes for a short shard, and so is a refused or vanished
+    object (``PermissionError``, ``FileNotFoundError``). When img2dataset's stats say more
     images were written than the tar holds, ``stats["missing_from_tar"]`` counts the difference.
     """
     tar_uri = raw_tar_uri(uri, index)
@@ -407,6 +408,11 @@ def iter_raw_shard(uri: str, index: int, stats: dict[str, Any]) -> Iterator[dict
                 yield sample
     except Exception as exc:  # noqa: BLE001 - classified: transient is raised, damage counted
         if storage.is_retryable(exc):
+            raise
+        # access denied, expired credentials, an archived or vanished object: the shard is not
+        # damaged, the store refused it (s3fs raises PermissionError / FileNotFoundError), and
+        # counting that as a short shard would mark it done with its samples lost
+        if isinstance(exc, (PermissionError, FileNotFoundError)):
             raise
         if not isinstance(exc, (tarfile.TarError, EOFError, OSError, ValueError)):
             raise
