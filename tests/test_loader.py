@@ -1,5 +1,7 @@
 import itertools
 import os
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -140,6 +142,31 @@ def test_damaged_shards_are_counted_and_skipped(tmp_path):
                 TokenLoader(LoaderConfig(shards=[uri], num_workers=0, on_error="fail"), SPEC), 10
             )
         )
+
+
+def test_an_epoch_with_no_readable_shard_is_an_error_not_a_hang(tmp_path):
+    """Every shard damaged (or refused by the store): no batch can ever be filled, so the
+    loader says so after one epoch instead of spinning over empty epochs forever."""
+    uri = str(tmp_path / "allbad")
+    write_toy_token_shards(uri, num_shards=2, per_shard=5)
+    for i in range(2):
+        with open(os.path.join(uri, shard_name(i)), "wb") as f:
+            f.write(os.urandom(3000))
+    loader = TokenLoader(LoaderConfig(shards=[uri], batch_size=2, num_workers=0), SPEC)
+    outcome: list = []
+
+    def first_batch():
+        try:
+            outcome.append(next(iter(loader)))
+        except Exception as exc:  # noqa: BLE001 - the outcome is checked below
+            outcome.append(exc)
+
+    t = threading.Thread(target=first_batch, daemon=True)  # a regression hangs: fail instead
+    t.start()
+    t.join(timeout=120)
+    assert outcome, "the loader is still looking for a readable sample"
+    assert isinstance(outcome[0], RuntimeError)
+    assert re.search(r"whole epoch of 10 samples in 2 shards .*bad_shards", str(outcome[0]))
 
 
 def read_token_shard_prefix(data: bytes, n: int):

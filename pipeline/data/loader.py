@@ -298,6 +298,7 @@ class _Stream:
             epoch, cursor = self.state["epoch"], self.state["cursor"]
             plan = plan_epoch(self.shards, self.cfg, epoch, self.stream, self.n_streams)
             if cursor < plan.size:
+                whole_epoch, readable = cursor == 0, 0
                 done = np.zeros(plan.size, dtype=bool)
                 done[plan.order[:cursor]] = True
                 reader = self._read(plan, int(plan.order[cursor:].min()), done)
@@ -318,7 +319,19 @@ class _Stream:
                         self._count("missing_samples")
                         yield None
                     else:
-                        yield self._decode(raw, bool(plan.flips[q]))
+                        sample = self._decode(raw, bool(plan.flips[q]))
+                        readable += sample is not None
+                        yield sample
+                if whole_epoch and readable == 0:
+                    # every shard refused or damaged: the next epoch would be the same, and the
+                    # trainer would wait for a batch forever
+                    damage = {c: self.state.get(c, 0) for c in _COUNTERS if self.state.get(c)}
+                    raise RuntimeError(
+                        f"stream {self.stream} of {self.n_streams}: a whole epoch of {plan.size} "
+                        f"samples in {len(plan.reads)} shards gave none that could be read "
+                        f"({damage}); check the shards "
+                        "and the access to them"
+                    )
             elif plan.size == 0:
                 raise RuntimeError(f"stream {self.stream} of {self.n_streams} has no samples")
             self.state.update(epoch=epoch + 1, cursor=0)
