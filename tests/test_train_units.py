@@ -24,7 +24,13 @@ from pipeline.train.checkpoint import (
     step_of,
     tag_for,
 )
-from pipeline.train.engine import DistInfo, build_ds_config, local_world_size, zero_stage
+from pipeline.train.engine import (
+    DistInfo,
+    build_ds_config,
+    collective_timeout,
+    local_world_size,
+    zero_stage,
+)
 from pipeline.train.metrics import MetricsLogger, read_steps
 from pipeline.train.optim import OptimConfig, lr_lambda, param_groups, peak_lr
 from pipeline.train.trainer import TrainConfig, batch_loss
@@ -154,6 +160,11 @@ def test_local_world_size_from_each_launcher():
     assert local_world_size({"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "WORLD_SIZE": "4"}) == 2
     assert local_world_size({"WORLD_SIZE": "3"}) == 3  # no launcher says: one node
     assert local_world_size({}) == 1
+
+
+def test_collective_timeout_outlasts_a_long_export():
+    assert collective_timeout({}).total_seconds() == 3600  # DeepSpeed's own default is 600
+    assert collective_timeout({"DEEPSPEED_TIMEOUT": "90"}).total_seconds() == 5400
 
 
 def _node_files(ranks) -> dict[str, bytes]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import glob
 import json
 import logging
@@ -99,7 +100,9 @@ def init_distributed() -> DistInfo:
     else:
         keep_freed_host_memory()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=collective_timeout()
+        )
     # DeepSpeed's own INFO lines are many; ours say what matters
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return DistInfo(
@@ -109,6 +112,16 @@ def init_distributed() -> DistInfo:
         local_world=local_world_size(),
         device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
     )
+
+
+def collective_timeout(env: Mapping[str, str] = os.environ) -> datetime.timedelta:
+    """How long a rank waits in a collective (a barrier) before the job fails.
+
+    DeepSpeed's default is 10 minutes, but at a checkpoint's end and at export rank 0 alone
+    downloads, consolidates and uploads the ZeRO state (12 GB for GPT-XL, more for 3B) while
+    every other rank waits in a barrier. Here the default is 60 minutes; ``DEEPSPEED_TIMEOUT``
+    (minutes, DeepSpeed's own variable) sets it."""
+    return datetime.timedelta(minutes=float(env.get("DEEPSPEED_TIMEOUT") or 60))
 
 
 def local_world_size(env: Mapping[str, str] = os.environ) -> int:
