@@ -17,6 +17,7 @@ from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.train.checkpoint import (
     MARKER,
     CheckpointManager,
+    check_world_size,
     complete_tags,
     export_weights,
     init_from_export,
@@ -160,6 +161,13 @@ def test_local_world_size_from_each_launcher():
     assert local_world_size({"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "WORLD_SIZE": "4"}) == 2
     assert local_world_size({"WORLD_SIZE": "3"}) == 3  # no launcher says: one node
     assert local_world_size({}) == 1
+
+
+def test_resuming_on_another_world_size_is_refused_with_the_way_out(tmp_path):
+    (tmp_path / MARKER).write_text(json.dumps({"tag": "step_00000020", "world_size": 4}))
+    check_world_size(str(tmp_path), "step_00000020", 4)
+    with pytest.raises(ValueError, match=r"written by 4 ranks and this run has 2.*init_from"):
+        check_world_size(str(tmp_path), "step_00000020", 2)
 
 
 def test_collective_timeout_outlasts_a_long_export():

@@ -73,6 +73,21 @@ def complete_tags(root: str) -> list[str]:
     return [t for t in _tags(root) if storage.exists(storage.join(root, t, MARKER))]
 
 
+def check_world_size(ckpt_dir: str, tag: str, world: int) -> None:
+    """Raise if the checkpoint in ``ckpt_dir`` was written by another number of ranks."""
+    marker = storage.read_json(os.path.join(ckpt_dir, MARKER))
+    written = marker.get("world_size")
+    if written is not None and int(written) != world:
+        raise ValueError(
+            f"checkpoint {tag} was written by {written} ranks and this run has {world}: ZeRO's "
+            "optimizer state is partitioned per rank and cannot be resumed on another number. "
+            f"Resume on {written} ranks, or carry the weights over: export the checkpoint "
+            "(python jobs/export.py --checkpoint <run dir> --out <uri>) and start a new run with "
+            "init_from=<that uri> "
+            "(the optimizer state and the LR schedule start afresh)"
+        )
+
+
 class CheckpointManager:
     """Saves, finds and loads this run's checkpoints on every rank of the job."""
 
@@ -201,8 +216,14 @@ class CheckpointManager:
         return local
 
     def load(self, eng, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load ``tag`` into ``eng``; returns (client state, this rank's RNG + loader state)."""
+        """Load ``tag`` into ``eng``; returns (client state, this rank's RNG + loader state).
+
+        Only on the number of ranks that wrote it: ZeRO's optimizer partitions are cut per
+        data-parallel rank, and DeepSpeed re-cuts them only from a converted ("universal")
+        checkpoint, which this trainer does not make. Another world size is refused before
+        anything loads, with the way out (weights only, through an export)."""
         local = self.ensure_local(tag)
+        check_world_size(local, tag, self.dist.world)
         client = engine.load_checkpoint(eng, self.local_root, tag)
         path = os.path.join(local, f"rank_state_{self.dist.rank:05d}.pt")
         if not os.path.exists(path):

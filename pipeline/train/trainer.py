@@ -62,7 +62,7 @@ class TrainConfig:
     keep_last: int = doc("complete checkpoints kept", 2)
     resume: str = doc("auto (newest complete checkpoint), none, or a tag step_NNNNNNNN", "auto")
     resume_data: bool = doc(
-        "restore the data loader's place (false after a world-size change)", True
+        "restore the data loader's place (false: the data order starts afresh)", True
     )
     init_from: str | None = doc(
         "export to start from (stage 2 from stage 1), when not resuming", None
