@@ -13,6 +13,7 @@ therefore never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -312,7 +313,9 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
 
     Local paths are returned as they are; remote ones are copied once into ``cache_dir``
     (default ``$T2I_CACHE`` or ``~/.cache/t2i-pipeline``) and reused on later calls. A copy
-    counts as complete only once its ``.complete`` marker exists.
+    counts as complete only once its ``.complete`` marker exists. Processes that share the cache
+    (the actors of one node) copy it once: the first takes a file lock and copies, the others
+    wait for it and then find the marker.
     """
     uri = _strip_file(str(uri))
     if not is_remote(uri):
@@ -324,15 +327,20 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     marker = dest + ".complete"
     if os.path.exists(marker):
         return dest
-    fs, path = filesystem(uri)
-    if with_retries(lambda: fs.isdir(path), f"stat {uri}"):
-        staging = f"{dest}.partial-{uuid.uuid4().hex[:8]}"
-        get_dir(uri, staging)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(staging, dest)
-    else:
-        get_file(uri, dest)
-    Path(marker).touch()
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with open(dest + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if os.path.exists(marker):  # another process copied it while we waited
+            return dest
+        fs, path = filesystem(uri)
+        if with_retries(lambda: fs.isdir(path), f"stat {uri}"):
+            staging = f"{dest}.partial-{uuid.uuid4().hex[:8]}"
+            get_dir(uri, staging)
+            shutil.rmtree(dest, ignore_errors=True)  # an earlier, unfinished copy
+            os.replace(staging, dest)
+        else:
+            get_file(uri, dest)
+        Path(marker).touch()
     log.info("copied %s to local cache %s", uri, dest)
     return dest
 

@@ -82,3 +82,42 @@ def test_get_dir_missing_only_keeps_what_is_there(root, tmp_path):
     assert storage.get_dir(root, str(local), missing_only=True) == 0
     assert storage.get_dir(root, str(local)) == 3  # by default every file
     assert (local / "a.bin").read_bytes() == b"remote a"
+
+
+def test_local_copy_is_made_once_by_concurrent_processes(s3_bucket, tmp_path, monkeypatch):
+    """The actors of one node share the cache: one copies, the others wait and reuse it (before,
+    each copied, and one's rmtree could delete the copy another was loading)."""
+    import threading
+    import time
+
+    uri = f"{s3_bucket}/models/t5"
+    for name in ("config.json", "weights.bin", "tok/spiece.model"):
+        storage.write_bytes(storage.join(uri, *name.split("/")), name.encode() * 100)
+    copies = []
+    real_get_dir = storage.get_dir
+
+    def slow_get_dir(*a, **kw):
+        copies.append(1)
+        time.sleep(0.3)  # a long download: the others arrive meanwhile
+        return real_get_dir(*a, **kw)
+
+    monkeypatch.setattr(storage, "get_dir", slow_get_dir)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(storage.local_copy(uri, tmp_path / "cache"))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(copies) == 1
+    assert len(set(results)) == 1
+    assert (
+        open(os.path.join(results[0], "tok", "spiece.model"), "rb").read()
+        == b"tok/spiece.model" * 100
+    )
