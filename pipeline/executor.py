@@ -203,13 +203,13 @@ def _run_ray(
 
     n_actors = max(1, min(cfg.num_actors, len(todo)))
     actors = [new_actor() for _ in range(n_actors)]
+    # ready() ref -> actor, for actors not yet started: a unit goes only to a started actor, so
+    # one the cluster never places (a pod left Pending, a node that never comes) holds no work
+    starting = {a.ready.remote(): a for a in actors}
     try:
-        # Work is queued on every actor at once; actors the cluster cannot place yet start later.
-        # But when none starts, or the first one fails loading its models (a configuration
+        # When none starts, or the first one fails loading its models (a configuration
         # problem), stop now with the reason instead of retrying every unit into the same wall.
-        first, _ = ray.wait(
-            [a.ready.remote() for a in actors], num_returns=1, timeout=cfg.start_timeout_s
-        )
+        first, _ = ray.wait(list(starting), num_returns=1, timeout=cfg.start_timeout_s)
         if not first:
             raise TimeoutError(
                 f"no actor started within {cfg.start_timeout_s:.0f}s: does the cluster have "
@@ -218,15 +218,37 @@ def _run_ray(
             )
         ray.get(first[0])
         pending = collections.deque(todo)
-        idle = list(actors)
+        idle = [starting.pop(first[0])]
         inflight: dict[Any, tuple[Any, int]] = {}
         while pending or inflight:
             while idle and pending:
                 actor, u = idle.pop(), pending.popleft()
                 report.attempts[u] = report.attempts.get(u, 0) + 1
                 inflight[actor.run.remote(u)] = (actor, u)
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            waiting = list(inflight) + (list(starting) if pending else [])
+            if not waiting:
+                raise RuntimeError(
+                    f"{desc}: every actor failed to start; {len(pending)} units left"
+                )
+            # with nothing running, only actors still starting can take the rest: bounded wait
+            timeout = None if inflight else cfg.start_timeout_s
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+            if not ready:
+                raise TimeoutError(
+                    f"{desc}: {len(pending)} units left and no actor could take them within "
+                    f"{cfg.start_timeout_s:.0f}s (cluster resources: {ray.cluster_resources()})"
+                )
             for ref in ready:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(actor)
+                    except ray.exceptions.RayError as exc:  # it could not load its models
+                        log.warning("%s: an actor failed to start: %s", desc, _short(exc))
+                        ray.kill(actor)
+                        actors.remove(actor)
+                    continue
                 actor, u = inflight.pop(ref)
                 try:
                     report.results[u] = ray.get(ref)
@@ -243,7 +265,7 @@ def _run_ray(
                     actors.remove(actor)
                     fresh = new_actor()
                     actors.append(fresh)
-                    idle.append(fresh)
+                    starting[fresh.ready.remote()] = fresh
                 log.warning("%s: unit %d attempt %d failed: %s", desc, u, report.attempts[u], err)
                 report.failed[u] = err
                 if report.attempts[u] <= cfg.max_retries:

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import threading
 
 import pytest
 import ray.cloudpickle
@@ -54,9 +55,10 @@ def test_executor_skips_retries_and_replaces_dead_workers(ray_head, tmp_path):
     assert sorted(report.results) == [1, 3, 4, 5]
     assert list(report.failed) == [2] and "unit 2 is broken" in report.failed[2]
     assert report.attempts[1] == 2 and report.attempts[2] == 2  # max_retries=1: two tries
-    # models load once per actor: two actors, plus one fresh actor for the one that died
+    # models load once per actor: two actors, plus the fresh one started for the one that died
+    # when it is ready before the other actor has finished the rest (then it takes work)
     inits = sorted(n for n in os.listdir(tmp_path) if n.startswith("init-"))
-    assert len(inits) == 3
+    assert len(inits) in (2, 3)
     assert {f"init-{r['pid']}" for r in report.results.values()} <= set(inits)
 
     with pytest.raises(Exception, match="model weights cannot load"):
@@ -65,6 +67,30 @@ def test_executor_skips_retries_and_replaces_dead_workers(ray_head, tmp_path):
     no_gpu = ExecutorConfig(address=ray_head.gcs_address, gpus_per_actor=1, start_timeout_s=3)
     with pytest.raises(TimeoutError, match="GPUs free"):
         run_units([0], _make_flaky(str(tmp_path)), no_gpu)
+
+
+def test_actors_the_cluster_cannot_place_hold_no_work(ray_head, tmp_path):
+    """Four actors of one CPU each on a 2-CPU head: two start, two stay pending for good. The
+    units go to the started ones only, and the run ends (before: each pending actor held a unit
+    and the run waited for them forever)."""
+    cfg = ExecutorConfig(address=ray_head.gcs_address, num_actors=4, start_timeout_s=60)
+    units = [0, 3, 4, 5, 6, 7]
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(run_units(units, _make_flaky(str(tmp_path)), cfg))
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            outcome.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)  # a regression hangs: fail instead
+    t.start()
+    t.join(timeout=240)
+    assert outcome, "the run is still waiting for actors that cannot be placed"
+    report = outcome[0]
+    assert not isinstance(report, Exception), report
+    assert sorted(report.results) == units and not report.failed
+    assert len({r["pid"] for r in report.results.values()}) <= 2  # only the two placed actors
 
 
 def test_pretokenize_job_submitted_to_cluster_with_s3(ray_head, s3_bucket, tmp_path):
