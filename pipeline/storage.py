@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -130,10 +131,14 @@ def _is_retryable_one(exc: BaseException) -> bool:
             "ServerDisconnected",
             "IncompleteRead",
             "ResponseStreamingError",
-            "503",
             "500 Internal",
         )
-    )
+    ) or bool(_HTTP_503.search(text))
+
+
+# An HTTP 503 as botocore and aiohttp word it: "(503)", "503 Service Unavailable", "status 503".
+# Not any "503": a shard named 00503.tar or "ends after 503 of 1000 samples" is no server error.
+_HTTP_503 = re.compile(r"\(503\)|\b503 Service|\b(?:HTTP|[Ss]tatus(?: code)?)[ :=]*503\b")
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.2) -> T:

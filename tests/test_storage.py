@@ -57,6 +57,15 @@ def test_retry_classification():
     assert storage.is_retryable(FakeClientError("SlowDown"))
     assert storage.is_retryable(ConnectionResetError("Connection reset by peer"))
     assert not storage.is_retryable(FakeClientError("NoSuchKey"))
+    for transient in (
+        "An error occurred (503) when calling the GetObject operation: Slow Down",
+        "503 Service Unavailable",
+        "server returned HTTP 503",
+        "Status code 503",
+    ):
+        assert storage.is_retryable(OSError(transient)), transient
+    for damage in ("ends after 503 of 1000 samples", "s3://b/raw/00503.tar: not a gzip file"):
+        assert not storage.is_retryable(EOFError(damage)), damage
     calls = []
 
     def flaky():
