@@ -74,6 +74,7 @@ def test_done_markers_and_manifest_on_s3(s3_bucket):
     storage.write_bytes(storage.join(out, shards.shard_name(1)), b"half a shard")
     done = shards.list_done_shards(out)
     assert [d.index for d in done] == [0, 2]
+    assert shards.list_done_shards(out, threads=1) == done  # markers read in parallel or not
     assert shards.is_done(out, 2) and not shards.is_done(out, 1)
     m = shards.merge_manifest(out)
     assert (m["num_shards"], m["num_samples"]) == (2, 8)

@@ -27,6 +27,7 @@ import re
 import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -256,13 +257,23 @@ def done_indices(uri: str) -> set[int]:
     return {int(n[: -len(DONE_SUFFIX)]) for n in names if n[: -len(DONE_SUFFIX)].isdigit()}
 
 
-def list_done_shards(uri: str) -> list[ShardInfo]:
-    """Every finished shard under ``uri`` (those with a done marker), sorted by index."""
-    out = []
-    for name in storage.list_dir(uri, suffix=DONE_SUFFIX):
+def list_done_shards(uri: str, threads: int = 32) -> list[ShardInfo]:
+    """Every finished shard under ``uri`` (those with a done marker), sorted by index.
+
+    The markers are read ``threads`` at a time: one GET each, and a dataset has thousands (5,000
+    serial GETs to S3 took minutes at every training start, on every rank)."""
+
+    def read(name: str) -> ShardInfo:
         info = ShardInfo.from_dict(storage.read_json(storage.join(uri, name)))
         # the dataset may have been moved since: trust the marker's name, not its old uri
-        out.append(dataclasses.replace(info, uri=storage.join(uri, shard_name(info.index))))
+        return dataclasses.replace(info, uri=storage.join(uri, shard_name(info.index)))
+
+    names = storage.list_dir(uri, suffix=DONE_SUFFIX)
+    if len(names) <= 1 or threads <= 1:
+        out = [read(n) for n in names]
+    else:
+        with ThreadPoolExecutor(min(threads, len(names))) as pool:
+            out = list(pool.map(read, names))
     return sorted(out, key=lambda s: s.index)
 
 
