@@ -1,6 +1,7 @@
 import math
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -10,6 +11,7 @@ from pipeline.data import synthetic
 from pipeline.data.metadata import (
     STATS_NAME,
     MetadataConfig,
+    SeenKeys,
     clean_caption,
     clean_url,
     list_inputs,
@@ -196,3 +198,28 @@ def test_top_caption_column_and_s3_glob(s3_bucket, tmp_path):
         unit = pq.read_table(f)
     assert unit.column("caption").to_pylist() == table.column("top_caption").to_pylist()[4:]
     assert not any(math.isnan(v) for v in unit.column("similarity").to_pylist())
+
+
+def test_seen_keys_answers_as_a_set_would_at_8_bytes_a_key():
+    """Streaming first-occurrence dedup over batches with repeats inside a batch and across
+    batches, against a Python set row by row; sizes that force many merges."""
+    rng = np.random.default_rng(0)
+    seen, ref = SeenKeys(max_runs=4), set()
+    total = 0
+    for b in range(60):
+        n = int(rng.integers(0, 700))
+        keys = rng.integers(0, 5000, n).astype(np.uint64)  # many repeats
+        if b % 7 == 0:
+            keys = np.concatenate([keys, np.array([2**64 - 1, 0], dtype=np.uint64)])
+        want = []
+        for k in keys.tolist():
+            want.append(k not in ref)
+            ref.add(k)
+        got = seen.first_seen(keys)
+        assert got.tolist() == want, b
+        total += int(got.sum())
+        assert len(seen) == len(ref) == total
+        assert len(seen.runs) <= 4
+    assert sum(r.nbytes for r in seen.runs) == 8 * len(ref)
+    for a, b in zip(seen.runs, seen.runs[1:]):  # disjoint, each sorted
+        assert np.all(a[1:] > a[:-1]) and not np.intersect1d(a, b).size
