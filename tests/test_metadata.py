@@ -223,3 +223,23 @@ def test_seen_keys_answers_as_a_set_would_at_8_bytes_a_key():
     assert sum(r.nbytes for r in seen.runs) == 8 * len(ref)
     for a, b in zip(seen.runs, seen.runs[1:]):  # disjoint, each sorted
         assert np.all(a[1:] > a[:-1]) and not np.intersect1d(a, b).size
+
+
+def test_more_units_than_five_digits_name_is_a_clear_error(tmp_path, monkeypatch):
+    from pipeline.data import metadata
+
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(_laion(30), src / "part.parquet")
+    monkeypatch.setattr(metadata, "SHARD_DIGITS", 1)  # 10 units at most, as 100,000 really
+    cfg = MetadataConfig(rows_per_unit=2)
+    with pytest.raises(ValueError, match=r"more than 9 work units: raise rows_per_unit \(now 2\)"):
+        prepare_units(str(src), str(tmp_path / "units"), cfg)
+    assert (
+        len(
+            prepare_units(str(src), str(tmp_path / "units2"), MetadataConfig(rows_per_unit=5))[
+                "units"
+            ]
+        )
+        <= 9
+    )

@@ -38,13 +38,12 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import doc, save_config, to_dict
-from pipeline.data.metadata import MetadataConfig, prepare_units
+from pipeline.data.metadata import SHARD_DIGITS, MetadataConfig, prepare_units
 from pipeline.data.netguard import AddressGuard
 from pipeline.log import get_logger, progress
 
 log = get_logger(__name__)
 
-SHARD_DIGITS = 5  # 00000.tar: img2dataset's oom_shard_count
 REFUSED_PREFIX = "t2i-refused-"
 DEFAULT_OPT_OUT = ["noai", "noimageai", "noindex", "noimageindex"]
 # settings that change what a finished shard holds: a resumed run must use the same ones

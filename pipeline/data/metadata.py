@@ -37,6 +37,8 @@ from pipeline.log import get_logger
 
 log = get_logger(__name__)
 
+SHARD_DIGITS = 5  # unit and raw shard names: 00000 ... 99999
+
 STATS_NAME = "metadata_stats.json"
 _WS = re.compile(r"\s+")
 
@@ -315,7 +317,13 @@ def prepare_units(source: str, output: str, cfg: MetadataConfig) -> dict[str, An
     buf: list[tuple[str, str, list[Any]]] = []
 
     def flush() -> None:
-        name = f"{len(units):05d}.parquet"
+        if len(units) >= 10**SHARD_DIGITS:
+            # unit i becomes raw shard i, five digits wide (img2dataset sorts its inputs by name)
+            raise ValueError(
+                f"more than {10**SHARD_DIGITS - 1:,} work units: raise rows_per_unit "
+                f"(now {cfg.rows_per_unit:,}) so that the dataset fits"
+            )
+        name = f"{len(units):0{SHARD_DIGITS}d}.parquet"
         cols = {"url": [r[0] for r in buf], "caption": [r[1] for r in buf]}
         for j, c in enumerate(cfg.extra_columns):
             cols[c] = [r[2][j] for r in buf]
