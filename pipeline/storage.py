@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -313,14 +314,38 @@ def open_read(uri: str | os.PathLike) -> IO[bytes]:
     return with_retries(lambda: fs.open(path, "rb", block_size=8 << 20), f"open {uri}")
 
 
+def _source_fingerprint(fs: Any, path: str) -> tuple[bool, str]:
+    """(is a directory, a digest of its objects' names, sizes and ETags) for a remote path."""
+    is_dir = fs.isdir(path)
+    entries = fs.find(path, detail=True).values() if is_dir else [fs.info(path)]
+    items = sorted(
+        (
+            str(e.get("name", "")).removeprefix(path),
+            e.get("size"),
+            str(e.get("ETag") or e.get("LastModified") or ""),
+        )
+        for e in entries
+    )
+    return is_dir, hashlib.sha256(repr(items).encode()).hexdigest()[:20]
+
+
+def _marker_matches(marker: str, fingerprint: str) -> bool:
+    try:
+        with open(marker) as f:
+            return json.load(f).get("fingerprint") == fingerprint
+    except (OSError, ValueError, AttributeError):  # absent, or an old empty marker
+        return False
+
+
 def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """A local path holding ``uri``'s content (a file or a directory).
 
-    Local paths are returned as they are; remote ones are copied once into ``cache_dir``
-    (default ``$T2I_CACHE`` or ``~/.cache/t2i-pipeline``) and reused on later calls. A copy
-    counts as complete only once its ``.complete`` marker exists. Processes that share the cache
-    (the actors of one node) copy it once: the first takes a file lock and copies, the others
-    wait for it and then find the marker.
+    Local paths are returned as they are; remote ones are copied into ``cache_dir`` (default
+    ``$T2I_CACHE`` or ``~/.cache/t2i-pipeline``) and reused while the source is unchanged: the
+    copy's ``.complete`` marker holds a digest of the source's object names, sizes and ETags,
+    checked with one listing per call, so a model replaced at the same URI is copied again.
+    Processes that share the cache (the actors of one node) copy it once: the first takes a
+    file lock and copies, the others wait for it and then find the marker.
     """
     uri = _strip_file(str(uri))
     if not is_remote(uri):
@@ -330,22 +355,29 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     cache_dir = str(cache_dir or os.environ.get("T2I_CACHE", "~/.cache/t2i-pipeline"))
     dest = os.path.join(os.path.expanduser(cache_dir), uri.replace("://", "/").rstrip("/"))
     marker = dest + ".complete"
-    if os.path.exists(marker):
+    fs, path = filesystem(uri)
+    is_dir, fingerprint = with_retries(lambda: _source_fingerprint(fs, path), f"stat {uri}")
+    if _marker_matches(marker, fingerprint):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with open(dest + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if os.path.exists(marker):  # another process copied it while we waited
+        if _marker_matches(marker, fingerprint):  # another process copied it while we waited
             return dest
-        fs, path = filesystem(uri)
-        if with_retries(lambda: fs.isdir(path), f"stat {uri}"):
+        if os.path.exists(marker):
+            log.info("%s changed since it was cached: copying it again", uri)
+            os.remove(marker)
+        if is_dir:
             staging = f"{dest}.partial-{uuid.uuid4().hex[:8]}"
             get_dir(uri, staging)
-            shutil.rmtree(dest, ignore_errors=True)  # an earlier, unfinished copy
+            shutil.rmtree(dest, ignore_errors=True)  # an earlier or outdated copy
             os.replace(staging, dest)
         else:
             get_file(uri, dest)
-        Path(marker).touch()
+        tmp = f"{marker}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            json.dump({"uri": uri, "fingerprint": fingerprint}, f)
+        os.replace(tmp, marker)
     log.info("copied %s to local cache %s", uri, dest)
     return dest
 

@@ -130,3 +130,32 @@ def test_local_copy_is_made_once_by_concurrent_processes(s3_bucket, tmp_path, mo
         open(os.path.join(results[0], "tok", "spiece.model"), "rb").read()
         == b"tok/spiece.model" * 100
     )
+
+
+def test_local_copy_is_copied_again_when_the_source_changes(s3_bucket, tmp_path, monkeypatch):
+    uri = f"{s3_bucket}/models/vq"
+    storage.write_bytes(f"{uri}/weights.bin", b"version 1")
+    storage.write_bytes(f"{uri}/config.json", b"{}")
+    single = f"{s3_bucket}/models/head.pth"
+    storage.write_bytes(single, b"head 1")
+    copies = []
+    real_get_dir, real_get_file = storage.get_dir, storage.get_file
+    monkeypatch.setattr(
+        storage, "get_dir", lambda *a, **k: copies.append(a[0]) or real_get_dir(*a, **k)
+    )
+    monkeypatch.setattr(
+        storage, "get_file", lambda *a, **k: copies.append(a[0]) or real_get_file(*a, **k)
+    )
+    cache = tmp_path / "cache"
+
+    local = storage.local_copy(uri, cache)
+    assert storage.local_copy(uri, cache) == local and copies.count(uri) == 1  # reused
+    storage.write_bytes(f"{uri}/weights.bin", b"version 2 (retrained)")
+    local2 = storage.local_copy(uri, cache)
+    assert local2 == local and copies.count(uri) == 2
+    assert open(os.path.join(local, "weights.bin"), "rb").read() == b"version 2 (retrained)"
+
+    path = storage.local_copy(single, cache)
+    storage.write_bytes(single, b"head 2")
+    assert open(storage.local_copy(single, cache), "rb").read() == b"head 2"
+    assert path.endswith("head.pth") and copies.count(single) == 2
