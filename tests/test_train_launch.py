@@ -45,15 +45,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launcher(launcher: str, port: int) -> list[str]:
-    """``deepspeed`` or ``torchrun`` for 2 local ranks on loopback."""
-    ranks = ["--num_gpus", "2"] if launcher == "deepspeed" else ["--nproc_per_node", "2"]
+def _launcher(launcher: str, port: int, n: int = 2) -> list[str]:
+    """``deepspeed`` or ``torchrun`` for ``n`` local ranks on loopback."""
+    ranks = ["--num_gpus", str(n)] if launcher == "deepspeed" else ["--nproc_per_node", str(n)]
     return [str(BIN / launcher), *ranks, "--master_addr", "127.0.0.1", "--master_port", str(port)]
 
 
-def _cmd(launcher: str, port: int, args: list[str]) -> list[str]:
+def _cmd(launcher: str, port: int, args: list[str], n: int = 2) -> list[str]:
     return [
-        *_launcher(launcher, port),
+        *_launcher(launcher, port, n),
         "jobs/train.py",
         "--config",
         "configs/train/tiny.yaml",
@@ -66,12 +66,12 @@ def _cleanup_shm(port: int) -> None:
         os.remove(p)
 
 
-def _train(launcher: str, args: list[str], log_path: Path, timeout: int = 240) -> str:
-    """Run a training job to the end; returns its output (asserting success)."""
+def _train(launcher: str, args: list[str], log_path: Path, timeout: int = 240, n: int = 2) -> str:
+    """Run a training job to the end on ``n`` ranks; returns its output (asserting success)."""
     port = free_port()
     try:
         proc = subprocess.run(
-            _cmd(launcher, port, args),
+            _cmd(launcher, port, args, n),
             cwd=REPO,
             env=_env(),
             timeout=timeout,
@@ -229,6 +229,39 @@ def test_checkpoints_pruned_exported_and_logged(zero2):
     # had its marker, and the resumed run finished with the newest two
     killed = storage.list_dir(f"{zero2['bucket']}/runs/killed/checkpoints")
     assert killed[-2:] == ["step_00000030", "step_00000040"]
+
+
+def test_resume_on_another_number_of_ranks_goes_through_the_universal_format(
+    bucket, shards, tmp_path
+):
+    """A 2-rank ZeRO-2 checkpoint resumed on 1 rank (a node lost) and back on 2: DeepSpeed
+    re-cuts the optimizer partitions from the universal form; the step, samples seen, weights
+    and the schedule carry over."""
+    run = f"{bucket}/runs/rescaled"
+
+    def args(local: str, steps: int) -> list[str]:
+        return _common(run, tmp_path / local, shards, [f"steps={steps}"])
+
+    _train("deepspeed", args("two", 10), tmp_path / "two.log")
+    out = _train("deepspeed", args("one", 20), tmp_path / "one.log", n=1)  # a fresh local dir
+    assert "converting checkpoint step_00000010 to DeepSpeed's universal format" in out
+    assert "came from 2 ranks, this run has 1" in out
+    two = _steps(tmp_path / "two" / "metrics" / "steps.jsonl")
+    one = _steps(tmp_path / "one" / "metrics" / "steps.jsonl")
+    assert [r["step"] for r in one] == list(range(1, 21))  # steps 1-10 fetched from S3
+    assert one[10]["samples"] * 2 == two[-1]["samples"]  # the global batch of 1 rank, not 2
+    # trained weights: a fresh model starts at log(64) exactly (zero-initialised head)
+    assert one[10]["loss"] < two[0]["loss"] - 0.3, (
+        two[0]["loss"],
+        two[-1]["loss"],
+        one[10]["loss"],
+    )
+    assert one[10]["lr"] == pytest.approx(two[-1]["lr"])
+    # and back to 2 ranks from the 1-rank checkpoint
+    out = _train("deepspeed", args("two_again", 25), tmp_path / "again.log")
+    assert "came from 1 ranks, this run has 2" in out
+    again = _steps(tmp_path / "two_again" / "metrics" / "steps.jsonl")
+    assert again[-1]["step"] == 25 and again[20]["loss"] < two[0]["loss"] - 0.3
 
 
 # Several training runs in one torchrun launch: each is a fresh engine, loader and model, and

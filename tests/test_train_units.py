@@ -163,10 +163,10 @@ def test_local_world_size_from_each_launcher():
     assert local_world_size({}) == 1
 
 
-def test_resuming_on_another_world_size_is_refused_with_the_way_out(tmp_path):
+def test_a_plain_load_on_another_world_size_is_refused(tmp_path):
     (tmp_path / MARKER).write_text(json.dumps({"tag": "step_00000020", "world_size": 4}))
     check_world_size(str(tmp_path), "step_00000020", 4)
-    with pytest.raises(ValueError, match=r"written by 4 ranks and this run has 2.*init_from"):
+    with pytest.raises(ValueError, match=r"written by 4 ranks and this run has 2.*universal"):
         check_world_size(str(tmp_path), "step_00000020", 2)
 
 

@@ -24,6 +24,8 @@ import dataclasses
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -79,12 +81,8 @@ def check_world_size(ckpt_dir: str, tag: str, world: int) -> None:
     written = marker.get("world_size")
     if written is not None and int(written) != world:
         raise ValueError(
-            f"checkpoint {tag} was written by {written} ranks and this run has {world}: ZeRO's "
-            "optimizer state is partitioned per rank and cannot be resumed on another number. "
-            f"Resume on {written} ranks, or carry the weights over: export the checkpoint "
-            "(python jobs/export.py --checkpoint <run dir> --out <uri>) and start a new run with "
-            "init_from=<that uri> "
-            "(the optimizer state and the LR schedule start afresh)"
+            f"checkpoint {tag} was written by {written} ranks and this run has {world}: "
+            "load it as a universal checkpoint (CheckpointManager.load(universal=True))"
         )
 
 
@@ -215,14 +213,57 @@ class CheckpointManager:
         engine.barrier()
         return local
 
-    def load(self, eng, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def written_world(self, tag: str) -> int | None:
+        """How many ranks wrote ``tag`` (from its marker; fetched first when only S3 has it)."""
+        marker = storage.read_json(os.path.join(self.ensure_local(tag), MARKER))
+        return None if marker.get("world_size") is None else int(marker["world_size"])
+
+    def universal_root(self, tag: str) -> str:
+        """Where ``tag`` converted to DeepSpeed's universal format lies (converted on each node
+        once, by its first rank, from the local copy that :meth:`ensure_local` made): the form
+        from which ZeRO re-cuts its optimizer partitions for another number of ranks. Every
+        rank calls it (it ends with a barrier)."""
+        root = os.path.join(os.path.dirname(self.local_root), "universal")
+        out = os.path.join(root, tag)
+        done = os.path.join(out, "CONVERTED")
+        if self.dist.is_local_main and not os.path.exists(done):
+            shutil.rmtree(out, ignore_errors=True)
+            log.info("converting checkpoint %s to DeepSpeed's universal format in %s", tag, out)
+            cmd = [
+                sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder", os.path.join(self.local_root, tag), "--output_folder", out,
+                # our client state has no Megatron-style universal_checkpoint_info: add it
+                "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "2",
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"converting checkpoint {tag} to the universal format failed "
+                    f"(exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+                )
+            open(done, "w").close()
+        engine.barrier()
+        return root
+
+    def load(
+        self, eng, tag: str, universal: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load ``tag`` into ``eng``; returns (client state, this rank's RNG + loader state).
 
-        Only on the number of ranks that wrote it: ZeRO's optimizer partitions are cut per
-        data-parallel rank, and DeepSpeed re-cuts them only from a converted ("universal")
-        checkpoint, which this trainer does not make. Another world size is refused before
-        anything loads, with the way out (weights only, through an export)."""
+        ``universal``: ``tag`` was written by another number of ranks. ZeRO's optimizer
+        partitions are cut per data-parallel rank; DeepSpeed re-cuts them from the universal
+        form (:meth:`universal_root`), which ``eng`` must have been built to load
+        (``checkpoint.load_universal`` in its config). Model, optimizer, LR schedule and step
+        carry over; the per-rank RNG and data-loader places do not (None is returned for them).
+        """
         local = self.ensure_local(tag)
+        if universal:
+            client = engine.load_checkpoint(eng, self.universal_root(tag), tag)
+            log.info(
+                "resumed from checkpoint %s (step %d) written by %s ranks, on %d",
+                tag, client.get("step", -1), self.written_world(tag), self.dist.world,
+            )  # fmt: skip
+            return client, None
         check_world_size(local, tag, self.dist.world)
         client = engine.load_checkpoint(eng, self.local_root, tag)
         path = os.path.join(local, f"rank_state_{self.dist.rank:05d}.pt")

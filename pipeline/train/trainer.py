@@ -62,7 +62,9 @@ class TrainConfig:
     keep_last: int = doc("complete checkpoints kept", 2)
     resume: str = doc("auto (newest complete checkpoint), none, or a tag step_NNNNNNNN", "auto")
     resume_data: bool = doc(
-        "restore the data loader's place (false: the data order starts afresh)", True
+        "restore the data loader's place (false: the data order starts afresh; so does a "
+        "resume on another number of ranks)",
+        True,
     )
     init_from: str | None = doc(
         "export to start from (stage 2 from stage 1), when not resuming", None
@@ -136,6 +138,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optim=cfg.optim,
         lr=lr,
     )
+    # a checkpoint of another world size resumes through DeepSpeed's universal form (ZeRO only:
+    # without ZeRO the optimizer state is whole in every checkpoint)
+    written = ckpt.written_world(tag) if tag is not None else None
+    universal = written not in (None, dist.world) and engine.zero_stage(ds_config) >= 1
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     eng = engine.create_engine(
         model, param_groups(model, cfg.optim), ds_config, lr_lambda(cfg.optim, cfg.steps)
@@ -168,11 +176,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # -- resume
     step, samples_seen = 0, 0
     if tag is not None:
-        client, rank_state = ckpt.load(eng, tag)
+        client, rank_state = ckpt.load(eng, tag, universal=universal)
         step, samples_seen = int(client["step"]), int(client["samples_seen"])
-        restore_rng_state(rank_state["rng"])
-        if cfg.resume_data:
-            loader.load_state_dict(rank_state["loader"])
+        if rank_state is None:  # another world size: no rank's place maps onto a new rank
+            seed_everything(cfg.seed + 1 + 7919 * dist.rank + 104729 * step)
+            if dist.is_main:
+                log.warning(
+                    "checkpoint %s came from %d ranks, this run has %d: model, optimizer, LR "
+                    "schedule and step carried over; the data order starts afresh",
+                    tag, written, dist.world,
+                )  # fmt: skip
+        else:
+            restore_rng_state(rank_state["rng"])
+            if cfg.resume_data:
+                loader.load_state_dict(rank_state["loader"])
     metrics_dir = os.path.join(local_dir, "metrics")
     remote_metrics = (
         storage.join(cfg.run_dir, "metrics") if storage.is_remote(cfg.run_dir) else None
