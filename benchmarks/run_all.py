@@ -34,6 +34,7 @@ ORDER = [
     "vq",
     "pretokenize",
     "shards",
+    "dedup",
     "download",
 ]
 
