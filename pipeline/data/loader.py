@@ -329,8 +329,7 @@ class _Stream:
                     raise RuntimeError(
                         f"stream {self.stream} of {self.n_streams}: a whole epoch of {plan.size} "
                         f"samples in {len(plan.reads)} shards gave none that could be read "
-                        f"({damage}); check the shards "
-                        "and the access to them"
+                        f"({damage}); check the shards and the access to them"
                     )
             elif plan.size == 0:
                 raise RuntimeError(f"stream {self.stream} of {self.n_streams} has no samples")

@@ -151,12 +151,11 @@ def _url_key(url: str) -> int:
 class SeenKeys:
     """A set of 64-bit keys at 8 bytes a key: sorted numpy runs, merged as they pile up.
 
-    A Python set of the same keys costs about 85 bytes a key (the object plus its slot): 50 GB
-    for the 600M rows of LAION-COCO, against 4.8 GB here (twice the largest run while merging).
-    ``first_seen`` answers for a whole batch at once, as a set would row by row: a key is new if
-    no earlier batch and no earlier row of this batch had it. 4M keys in batches of 8192 (10%
-    repeats): 1.7 s and 7.2 bytes a key, against 10 s and 70 bytes for a set of 8-byte
-    ``bytes`` (2 cores)."""
+    A Python set of the same keys as 8-byte ``bytes`` costs about 78 bytes a key (the object plus
+    its slot): 47 GB for the 600M rows of LAION-COCO, against 4.8 GB here (and up to 1.5x that
+    while the largest runs merge); ``benchmarks/bench_dedup.py`` measures both. ``first_seen``
+    answers for a whole batch at once, as a set would row by row: a key is new if no earlier
+    batch and no earlier row of this batch had it."""
 
     def __init__(self, max_runs: int = 12) -> None:
         self.runs: list[np.ndarray] = []  # sorted, disjoint uint64 arrays

@@ -75,11 +75,16 @@ def complete_tags(root: str) -> list[str]:
     return [t for t in _tags(root) if storage.exists(storage.join(root, t, MARKER))]
 
 
+def written_world_size(ckpt_dir: str) -> int | None:
+    """How many ranks wrote the checkpoint in local ``ckpt_dir`` (None: its marker predates it)."""
+    written = storage.read_json(os.path.join(ckpt_dir, MARKER)).get("world_size")
+    return None if written is None else int(written)
+
+
 def check_world_size(ckpt_dir: str, tag: str, world: int) -> None:
     """Raise if the checkpoint in ``ckpt_dir`` was written by another number of ranks."""
-    marker = storage.read_json(os.path.join(ckpt_dir, MARKER))
-    written = marker.get("world_size")
-    if written is not None and int(written) != world:
+    written = written_world_size(ckpt_dir)
+    if written is not None and written != world:
         raise ValueError(
             f"checkpoint {tag} was written by {written} ranks and this run has {world}: "
             "load it as a universal checkpoint (CheckpointManager.load(universal=True))"
@@ -97,6 +102,7 @@ class CheckpointManager:
             storage.join(run_dir, "checkpoints") if storage.is_remote(run_dir) else None
         )
         os.makedirs(self.local_root, exist_ok=True)
+        self._local_tags: set[str] = set()  # made local by ensure_local (the same on every rank)
 
     # -- saving
 
@@ -194,8 +200,10 @@ class CheckpointManager:
         files: DeepSpeed writes the model states on data-parallel rank 0 alone, and every rank
         reads every rank's optimizer partition when it loads. There the files the node lacks
         come from the run dir, which has every node's (on a shared file system none are
-        missing)."""
+        missing). Once per tag: a resume asks twice (the world size, then the load)."""
         local = os.path.join(self.local_root, tag)
+        if tag in self._local_tags:
+            return local
         if self.dist.is_local_main and not os.path.exists(os.path.join(local, MARKER)):
             if not self.remote_root:
                 raise FileNotFoundError(f"no complete checkpoint {tag} under {self.local_root}")
@@ -211,12 +219,12 @@ class CheckpointManager:
             if n:
                 log.info("checkpoint %s: %d files of other nodes from %s", tag, n, self.remote_root)
         engine.barrier()
+        self._local_tags.add(tag)
         return local
 
     def written_world(self, tag: str) -> int | None:
         """How many ranks wrote ``tag`` (from its marker; fetched first when only S3 has it)."""
-        marker = storage.read_json(os.path.join(self.ensure_local(tag), MARKER))
-        return None if marker.get("world_size") is None else int(marker["world_size"])
+        return written_world_size(self.ensure_local(tag))
 
     def universal_root(self, tag: str) -> str:
         """Where ``tag`` converted to DeepSpeed's universal format lies (converted on each node
@@ -259,10 +267,7 @@ class CheckpointManager:
         local = self.ensure_local(tag)
         if universal:
             client = engine.load_checkpoint(eng, self.universal_root(tag), tag)
-            log.info(
-                "resumed from checkpoint %s (step %d) written by %s ranks, on %d",
-                tag, client.get("step", -1), self.written_world(tag), self.dist.world,
-            )  # fmt: skip
+            log.info("resumed from checkpoint %s (step %d), universal", tag, client.get("step", -1))
             return client, None
         check_world_size(local, tag, self.dist.world)
         client = engine.load_checkpoint(eng, self.local_root, tag)
