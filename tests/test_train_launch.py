@@ -280,11 +280,11 @@ engine.shutdown(0)
 """
 
 
-def _train_many(runs: list[list[str]], tmp: Path, name: str) -> str:
+def _train_many(runs: list[list[str]], tmp: Path, name: str, n: int = 2) -> str:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
     port = free_port()
-    cmd = [*_launcher("torchrun", port), str(driver), json.dumps(runs)]
+    cmd = [*_launcher("torchrun", port, n), str(driver), json.dumps(runs)]
     try:
         proc = subprocess.run(
             cmd,
@@ -300,6 +300,63 @@ def _train_many(runs: list[list[str]], tmp: Path, name: str) -> str:
     (tmp / f"{name}.log").write_text(proc.stdout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}"
     return proc.stdout
+
+
+def test_resume_on_another_number_of_ranks_for_every_optimizer_layout(shards, tmp_path):
+    """2 ranks -> 1 for each way DeepSpeed lays out the optimizer state: cut per rank by ZeRO-1's
+    bf16 optimizer and by ZeRO-3 (through the universal form), and whole in the checkpoint
+    without ZeRO, fp32 and bf16 (loaded as it is; the bf16 export takes the fp32 masters)."""
+    stage0 = tmp_path / "zero0.json"
+    stage0.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 0},
+                "optimizer": {"type": "AdamW", "params": {"torch_adam": True, "fused": True}},
+            }
+        )
+    )
+    layouts = {
+        "zero1_bf16": ["deepspeed_config=configs/deepspeed/zero1.json", "precision=bf16"],
+        "zero3": ["deepspeed_config=configs/deepspeed/zero3.json"],
+        "zero0_bf16": [f"deepspeed_config={stage0}", "precision=bf16"],
+        "zero0_fp32": [f"deepspeed_config={stage0}"],
+    }
+
+    def runs(steps: int) -> list[list[str]]:
+        return [
+            [*_common(str(tmp_path / k), tmp_path / k, shards, [*v, f"steps={steps}"])]
+            for k, v in layouts.items()
+        ]
+
+    _train_many(runs(10), tmp_path, "two")
+    out = _train_many(runs(20), tmp_path, "one", n=1)
+    assert out.count("came from 2 ranks, this run has 1") == len(layouts)
+    for k in layouts:
+        converted = f"{tmp_path / k / 'universal'}" in out
+        assert converted == k.startswith(("zero1", "zero3")), k
+        steps = _steps(tmp_path / k / "metrics" / "steps.jsonl")
+        assert [r["step"] for r in steps] == list(range(1, 21)), k
+        # trained weights and optimizer: a fresh model starts at log(64) (zero-initialised head)
+        assert steps[10]["loss"] < steps[0]["loss"] - 0.3, (k, steps[0], steps[10])
+        assert steps[10]["samples"] * 2 == steps[9]["samples"]  # 1 rank's global batch
+        assert steps[10]["lr"] == pytest.approx(steps[9]["lr"])  # the schedule went on
+    # the bf16 run without ZeRO exports its fp32 master weights, of which the model's bf16
+    # weights are the rounding
+    import torch
+
+    from pipeline.models.gpt import GPT
+    from pipeline.train.checkpoint import load_export
+
+    state, cfg = load_export(str(tmp_path / "zero0_bf16" / "export"))
+    GPT(cfg).load_state_dict(state, strict=True)
+    saved = torch.load(
+        tmp_path / "zero0_bf16" / "checkpoints" / "step_00000020" / "mp_rank_00_model_states.pt",
+        weights_only=False,
+    )["module"]
+    w = state["blocks.0.attn.qkv.weight"]
+    assert saved["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16 and w.dtype == torch.float32
+    assert torch.equal(w.bfloat16(), saved["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(w, w.bfloat16().float())  # not bf16 values: the masters
 
 
 @pytest.fixture(scope="module")

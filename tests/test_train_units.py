@@ -134,7 +134,7 @@ def test_export_round_trip_and_architecture_check(tmp_path, monkeypatch):
     monkeypatch.setattr(
         engine,
         "consolidated_state_dict",
-        lambda root, tag: {k: v.clone() for k, v in model.state_dict().items()},
+        lambda root, tag, names: {k: v.clone() for k, v in model.state_dict().items()},
     )
     export_weights("unused", "step_00000007", cfg, str(tmp_path / "exp"))
     state, saved = load_export(str(tmp_path / "exp"))
@@ -163,11 +163,22 @@ def test_local_world_size_from_each_launcher():
     assert local_world_size({}) == 1
 
 
-def test_a_plain_load_on_another_world_size_is_refused(tmp_path):
+def test_a_plain_load_on_another_world_size_is_refused_when_the_optimizer_is_cut(tmp_path):
     (tmp_path / MARKER).write_text(json.dumps({"tag": "step_00000020", "world_size": 4}))
-    check_world_size(str(tmp_path), "step_00000020", 4)
-    with pytest.raises(ValueError, match=r"written by 4 ranks and this run has 2.*universal"):
-        check_world_size(str(tmp_path), "step_00000020", 2)
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    # without ZeRO the optimizer state is whole: any number of ranks loads it
+    check_world_size(str(tmp_path), "step_00000020", 2)
+    for name in (
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ):
+        d = tmp_path / name.split("_pp")[0]
+        d.mkdir()
+        (d / MARKER).write_text(json.dumps({"tag": "step_00000020", "world_size": 4}))
+        (d / name).write_bytes(b"")
+        check_world_size(str(d), "step_00000020", 4)
+        with pytest.raises(ValueError, match=r"written by 4 ranks and this run has 2.*universal"):
+            check_world_size(str(d), "step_00000020", 2)
 
 
 def test_collective_timeout_outlasts_a_long_export():

@@ -37,7 +37,7 @@ from pipeline import storage
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPTConfig
 from pipeline.train import engine
-from pipeline.train.engine import DistInfo
+from pipeline.train.engine import DistInfo, partitioned_optimizer
 
 log = get_logger(__name__)
 
@@ -82,9 +82,10 @@ def written_world_size(ckpt_dir: str) -> int | None:
 
 
 def check_world_size(ckpt_dir: str, tag: str, world: int) -> None:
-    """Raise if the checkpoint in ``ckpt_dir`` was written by another number of ranks."""
+    """Raise if the checkpoint in ``ckpt_dir`` was written by another number of ranks and cut
+    its optimizer state per rank (:func:`partitioned_optimizer`)."""
     written = written_world_size(ckpt_dir)
-    if written is not None and written != world:
+    if written is not None and written != world and partitioned_optimizer(ckpt_dir):
         raise ValueError(
             f"checkpoint {tag} was written by {written} ranks and this run has {world}: "
             "load it as a universal checkpoint (CheckpointManager.load(universal=True))"
@@ -226,6 +227,13 @@ class CheckpointManager:
         """How many ranks wrote ``tag`` (from its marker; fetched first when only S3 has it)."""
         return written_world_size(self.ensure_local(tag))
 
+    def needs_universal(self, tag: str) -> bool:
+        """Whether resuming ``tag`` on this run's ranks goes through the universal form: it was
+        written by another number of ranks and its optimizer state is cut per rank."""
+        local = self.ensure_local(tag)
+        written = written_world_size(local)
+        return written not in (None, self.dist.world) and partitioned_optimizer(local)
+
     def universal_root(self, tag: str) -> str:
         """Where ``tag`` converted to DeepSpeed's universal format lies (converted on each node
         once, by its first rank, from the local copy that :meth:`ensure_local` made): the form
@@ -258,11 +266,13 @@ class CheckpointManager:
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load ``tag`` into ``eng``; returns (client state, this rank's RNG + loader state).
 
-        ``universal``: ``tag`` was written by another number of ranks. ZeRO's optimizer
-        partitions are cut per data-parallel rank; DeepSpeed re-cuts them from the universal
-        form (:meth:`universal_root`), which ``eng`` must have been built to load
-        (``checkpoint.load_universal`` in its config). Model, optimizer, LR schedule and step
-        carry over; the per-rank RNG and data-loader places do not (None is returned for them).
+        ``universal`` (:meth:`needs_universal`): ``tag`` was written by another number of
+        ranks, which cut the optimizer state per data-parallel rank; DeepSpeed re-cuts it from
+        the universal form (:meth:`universal_root`), which ``eng`` must have been built to load
+        (``checkpoint.load_universal`` in its config). Without per-rank optimizer state (no
+        ZeRO, fp32) another number of ranks loads the checkpoint as it is. Either way model,
+        optimizer, LR schedule and step carry over; the per-rank RNG and data-loader places do
+        not (None is returned for them).
         """
         local = self.ensure_local(tag)
         if universal:
@@ -271,6 +281,13 @@ class CheckpointManager:
             return client, None
         check_world_size(local, tag, self.dist.world)
         client = engine.load_checkpoint(eng, self.local_root, tag)
+        if written_world_size(local) not in (None, self.dist.world):
+            log.info(
+                "resumed from checkpoint %s (step %d), whole optimizer state",
+                tag,
+                client.get("step", -1),
+            )
+            return client, None
         path = os.path.join(local, f"rank_state_{self.dist.rank:05d}.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -293,7 +310,9 @@ def export_weights(
 ) -> str:
     """Consolidate checkpoint ``tag`` under local ``ckpt_root`` into ``out_uri``:
     ``model.safetensors`` (fp32), ``gpt_config.json``, and ``export.json`` (written last)."""
-    state = engine.consolidated_state_dict(ckpt_root, tag)
+    meta_path = os.path.join(ckpt_root, tag, "meta.json")
+    meta = storage.read_json(meta_path) if os.path.exists(meta_path) else {}
+    state = engine.consolidated_state_dict(ckpt_root, tag, meta.get("param_groups"))
     fd, tmp = tempfile.mkstemp(suffix=".safetensors")
     os.close(fd)
     try:

@@ -311,11 +311,51 @@ def load_checkpoint(eng, root: str, tag: str) -> dict[str, Any]:
     return client or {}
 
 
-def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights (and buffers) merged from a ZeRO 1/2/3 checkpoint, on CPU."""
-    with contextlib.redirect_stdout(sys.stderr):  # it prints progress to stdout
-        sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    return {k: v.contiguous() for k, v in sd.items()}
+def partitioned_optimizer(ckpt_dir: str) -> bool:
+    """Whether the checkpoint in local ``ckpt_dir`` holds its optimizer state cut per rank: ZeRO
+    stages 1-3 (``zero_pp_rank_*``; ``bf16_zero_pp_rank_*`` from ZeRO-1's bf16 optimizer).
+    Without ZeRO (stage 0, fp32 or bf16) the whole state is in the model-states file, which any
+    number of ranks loads as it is."""
+    return bool(glob.glob(os.path.join(ckpt_dir, "*zero_pp_rank_*_optim_states.pt")))
+
+
+def consolidated_state_dict(
+    root: str, tag: str, param_names: list[list[str]] | None = None
+) -> dict[str, torch.Tensor]:
+    """fp32 weights (and buffers) of a checkpoint, on CPU.
+
+    ZeRO 1/2/3: merged from the per-rank partitions. Without ZeRO the model states file holds
+    the whole model; in bf16 its parameters are bf16 and DeepSpeed's optimizer keeps their fp32
+    master copies (``fp32_groups``) in the order of the parameter groups, whose names
+    ``param_names`` gives (the trainer writes them in the checkpoint's ``meta.json``)."""
+    ckpt = os.path.join(root, tag)
+    if partitioned_optimizer(ckpt):
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress to stdout
+            sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        return {k: v.contiguous() for k, v in sd.items()}
+    path = os.path.join(ckpt, "mp_rank_00_model_states.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{ckpt} has neither ZeRO partitions nor {os.path.basename(path)}")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    state = dict(saved["module"])
+    low = sorted(k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32)
+    if low:
+        masters = (saved.get("optimizer") or {}).get("fp32_groups")
+        if masters is None or param_names is None:
+            raise ValueError(
+                f"{ckpt}: {len(low)} parameters (e.g. {low[0]}) are {state[low[0]].dtype} and "
+                + (
+                    "the optimizer state has no fp32 master copies"
+                    if masters is None
+                    else "the parameter groups' names are unknown (meta.json: param_groups)"
+                )
+            )
+        for names, tensors in zip(param_names, masters, strict=True):
+            for name, t in zip(names, tensors, strict=True):
+                if t.shape != state[name].shape:
+                    raise ValueError(f"{ckpt}: fp32 master of {name} has shape {tuple(t.shape)}")
+                state[name] = t
+    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
 # --- collectives --------------------------------------------------------------------------------

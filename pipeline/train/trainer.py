@@ -138,16 +138,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optim=cfg.optim,
         lr=lr,
     )
-    # a checkpoint of another world size resumes through DeepSpeed's universal form (ZeRO only:
-    # without ZeRO the optimizer state is whole in every checkpoint)
+    # a checkpoint of another world size whose optimizer state is cut per rank (ZeRO, or
+    # DeepSpeed's bf16 optimizer) resumes through DeepSpeed's universal form; without that cut
+    # (no ZeRO, fp32) the state is whole in the checkpoint and loads as it is
     written = ckpt.written_world(tag) if tag is not None else None
-    universal = written not in (None, dist.world) and engine.zero_stage(ds_config) >= 1
+    universal = tag is not None and ckpt.needs_universal(tag)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
-    eng = engine.create_engine(
-        model, param_groups(model, cfg.optim), ds_config, lr_lambda(cfg.optim, cfg.steps)
-    )
+    groups = param_groups(model, cfg.optim)
+    group_names = [g["names"] for g in groups]
+    eng = engine.create_engine(model, groups, ds_config, lr_lambda(cfg.optim, cfg.steps))
     if cfg.compile:
         engine.compile_engine(eng)
     spec = BatchSpec(
@@ -230,7 +231,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             at,
             client_state,
             rank_state,
-            meta={"model": to_dict(cfg.model), "step": at, "run": cfg.name},
+            meta={
+                "model": to_dict(cfg.model),
+                "step": at,
+                "run": cfg.name,
+                # the order of DeepSpeed's fp32 master copies without ZeRO (for the export)
+                "param_groups": group_names,
+            },
         )
 
     # -- the loop
