@@ -82,6 +82,54 @@ def test_raw_stream_reads_complete_shards_and_resumes_exactly(raw_dir):
     assert e1 != keys[0]
 
 
+def test_raw_stream_resume_skips_the_shards_it_no_longer_needs(raw_dir, monkeypatch):
+    """Resumed after any batch (mid-shard, in the final buffer flush, in the next epoch), the
+    stream gives exactly the batches an uninterrupted one does, and late in an epoch it does not
+    read again the shards that only held samples before its position."""
+    import pipeline.data.raw as raw
+
+    shards = list_complete_shards(raw_dir)
+    a = _stream(shards, shuffle_buffer=16)
+    it = iter(a)
+    states, batches = [], []
+    for _ in range(36):  # 143 good images an epoch: 28.6 batches, so into epoch 1
+        batches.append(next(it))
+        states.append(a.state_dict())
+    assert states[-1]["epoch"] == 1 and states[27]["epoch"] == 0
+    assert states[27]["shard_sizes"] == [48, 48, 48]
+    opened: list[str] = []
+    real = raw.iter_raw_samples
+
+    def counting(uris, handler=None):
+        opened.extend(uris)
+        return real(uris, handler)
+
+    monkeypatch.setattr(raw, "iter_raw_samples", counting)
+    reads = {}
+    for k in range(len(states) - 2):
+        b = _stream(shards, shuffle_buffer=16)
+        b.load_state_dict(states[k])
+        it_b = iter(b)
+        opened.clear()
+        for j in (1, 2):
+            assert torch.equal(next(it_b), batches[k + j]), (k, j)
+        reads[k] = list(opened)
+        assert b.state_dict()["consumed"] == states[k + 2]["consumed"]
+    # the epoch's third shard starts at raw sample 96, and the source is 16 samples (the
+    # buffer) ahead of the position: resumed from there on, at least one of the first two
+    # shards (whose samples were all handed out) is not read again; a full re-read takes all 3
+    late = [k for k in reads if states[k]["epoch"] == 0 and states[k]["consumed"] > 96 - 16]
+    assert len(late) >= 6 and all(len(set(reads[k])) <= 2 for k in late), reads
+    order = _stream(shards)._shard_order(0)
+    # a state saved before shard sizes were recorded reads the prefix again, as exactly
+    old = {k: v for k, v in states[22].items() if k != "shard_sizes"}
+    b = _stream(shards, shuffle_buffer=16)
+    b.load_state_dict(old)
+    opened.clear()
+    assert torch.equal(next(iter(b)), batches[23])
+    assert order[0] in opened
+
+
 def test_decode_image_accepts_only_known_formats():
     from PIL import Image
 

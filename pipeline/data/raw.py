@@ -12,7 +12,9 @@ are skipped and counted.
 each epoch permutes the shard list, gives every rank its share, and passes the raw samples
 through a seeded shuffle buffer; every sample's crop and flip come from its own seeded RNG. The
 position is (epoch, raw samples consumed), so ``state_dict()`` / ``load_state_dict()`` resume
-mid-epoch at exactly the next batch an uninterrupted run would have seen.
+mid-epoch at exactly the next batch an uninterrupted run would have seen. The state also holds
+the sizes of the epoch's shards read so far, so that a resume reads again only the shards still
+holding samples after its position (and the few the shuffle buffer held), not the epoch's prefix.
 """
 
 from __future__ import annotations
@@ -186,36 +188,148 @@ class RawImageStream:
         self.epoch = 0
         self.consumed = 0  # raw samples of this epoch behind the last yielded batch
         self.broken = 0  # images skipped as undecodable, over the whole run
+        # raw samples in each of this rank's shards of an epoch, in reading order, as far as
+        # read: what lets a resume skip the shards it does not need (:meth:`_resumed`)
+        self._sizes: dict[int, list[int]] = {}
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out."""
-        return {"epoch": self.epoch, "consumed": self.consumed, "broken": self.broken}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "broken": self.broken,
+            "shard_sizes": list(self._sizes.get(self.epoch, [])),
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.broken = int(state.get("broken", 0))
+        self._sizes = {self.epoch: [int(n) for n in state.get("shard_sizes", [])]}
 
-    def epoch_samples(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """This rank's raw samples of ``epoch`` in their shuffled order."""
+    def _shard_order(self, epoch: int) -> list[str]:
         order = list(self.tar_uris)
         random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
+        return order
+
+    def _buffer_rng(self, epoch: int) -> random.Random:
+        return random.Random(f"buffer-{self.seed}-{epoch}-{self.rank}")
+
+    def _source(self, epoch: int, shards: list[str], start: int = 0) -> Iterator[dict[str, Any]]:
+        """Raw samples of ``shards[start:]`` in order, recording each shard's size."""
+        sizes = self._sizes.setdefault(epoch, [])
+        for k in range(start, len(shards)):
+            n = 0
+            for s in iter_raw_samples([shards[k]]):
+                n += 1
+                yield s
+            if k == len(sizes):
+                sizes.append(n)
+
+    def epoch_samples(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """This rank's raw samples of ``epoch`` in their shuffled order, from position ``skip``.
+
+        With the shard sizes of a saved state the shards that only held samples before
+        ``skip`` are not read (:meth:`_resumed`); else the prefix is read and dropped."""
+        order = self._shard_order(epoch)
         if len(order) >= self.world_size:
-            source = iter_raw_samples(order[self.rank :: self.world_size])
+            mine = order[self.rank :: self.world_size]
+            if skip:
+                yield from self._resumed(epoch, skip, mine)
+                return
+            source = self._source(epoch, mine)
         else:  # fewer shards than ranks: every rank reads all and keeps its stride of samples
             source = (
                 s for i, s in enumerate(iter_raw_samples(order)) if i % self.world_size == self.rank
             )
-        rng = random.Random(f"buffer-{self.seed}-{epoch}-{self.rank}")
+        rng = self._buffer_rng(epoch)
         buf: list[dict[str, Any]] = []
+        pos = 0
         for s in source:
             if len(buf) < self.shuffle_buffer:
                 buf.append(s)
                 continue
             i = rng.randrange(len(buf))
             buf[i], s = s, buf[i]
-            yield s
+            if pos >= skip:
+                yield s
+            pos += 1
         rng.shuffle(buf)
-        yield from buf
+        yield from buf[max(0, skip - pos) :]
+
+    def _resumed(self, epoch: int, skip: int, mine: list[str]) -> Iterator[dict[str, Any]]:
+        """:meth:`epoch_samples` from position ``skip`` on, reading only the shards needed.
+
+        The shuffle buffer's draws depend on its length alone, never on the samples, so a
+        replay over sample numbers tells how far the source had read at ``skip`` and which
+        samples the buffer held then. With the shard sizes of the saved state, the shards
+        before the source's place that hold none of those are not read again (a state without
+        sizes reads every shard, dropping what came before)."""
+        sizes = self._sizes.get(epoch, [])
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        # every size known: the epoch's length too (the source had ended when it was saved)
+        end = starts[-1] if len(sizes) == len(mine) else None
+        rng = self._buffer_rng(epoch)
+        buf: list[int] = []  # sample numbers in the buffer
+        n_src = pos = 0  # samples the source has given, and positions yielded
+        while pos < skip and n_src != end:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(n_src)
+            else:
+                buf[rng.randrange(len(buf))] = n_src
+                pos += 1
+            n_src += 1
+        flush = None
+        if pos < skip:  # the source ended before skip: it falls in the final flush
+            rng.shuffle(buf)
+            flush = buf[skip - pos :]
+        return self._replay(epoch, mine, starts, buf, n_src, rng, flush)
+
+    def _replay(
+        self,
+        epoch: int,
+        mine: list[str],
+        starts: list[int],
+        buf: list[Any],
+        n_src: int,
+        rng: random.Random,
+        flush: list[int] | None,
+    ) -> Iterator[dict[str, Any]]:
+        wanted = set(buf if flush is None else flush)
+        # the shard the source goes on in (the first not known to end before n_src)
+        first = next((k for k in range(len(starts) - 1) if starts[k + 1] > n_src), len(starts) - 1)
+        shards = sorted(
+            {k for k in range(first) if any(starts[k] <= i < starts[k + 1] for i in wanted)}
+        )
+        log.info(
+            "rank %d resumes epoch %d at raw sample %d: reads %d of the %d shards before it",
+            self.rank, epoch, n_src, len(shards), first,
+        )  # fmt: skip
+        held: dict[int, dict[str, Any]] = {}
+        for k in shards:
+            for j, s in enumerate(iter_raw_samples([mine[k]])):
+                if starts[k] + j in wanted:
+                    held[starts[k] + j] = s
+        if flush is not None:  # every sample is in shards before the end
+            yield from (held.pop(i) for i in flush)
+            return
+        i = starts[first]
+        for s in self._source(epoch, mine, first):
+            if i < n_src:  # before the resume point in the shard it falls in: buffered or done
+                if i in wanted:
+                    held[i] = s
+                i += 1
+                continue
+            i += 1
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            out, buf[j] = buf[j], s
+            yield held.pop(out) if isinstance(out, int) else out
+        rng.shuffle(buf)
+        yield from (held.pop(x) if isinstance(x, int) else x for x in buf)
 
     def _prepare(self, sample: dict[str, Any], epoch: int, pos: int) -> torch.Tensor | None:
         img = decode_image(sample)
@@ -229,10 +343,9 @@ class RawImageStream:
         epoch, skip = self.epoch, self.consumed
         while True:
             pos = -1
-            for pos, sample in enumerate(self.epoch_samples(epoch)):
-                if pos >= skip:  # skipped samples are read but never decoded
-                    yield epoch, pos, sample
-            if pos < 0:
+            for pos, sample in enumerate(self.epoch_samples(epoch, skip), start=skip):
+                yield epoch, pos, sample
+            if pos < 0 and skip == 0:
                 raise RuntimeError(
                     f"rank {self.rank} got no samples in epoch {epoch} from "
                     f"{len(self.tar_uris)} shards: are the shards empty?"
