@@ -55,6 +55,27 @@ def test_quantizer_picks_nearest_normalised_code():
     assert torch.equal(q(z)[2], idx)
 
 
+def test_quantizer_under_bf16_autocast_picks_the_fp32_codes():
+    """Training runs the VQ under bf16 autocast: the code search and the entropy loss's logits
+    must stay fp32 (bf16 distances between unit vectors pick another code for ~6% of them)."""
+    from pipeline.models.vq import VQConfig, VectorQuantizer
+
+    torch.manual_seed(0)
+    cfg = VQConfig(codebook_size=16384, codebook_embed_dim=8, entropy_loss_ratio=0.05)
+    q = VectorQuantizer(cfg).train()
+    with torch.no_grad():  # a spread-out codebook, as after training
+        q.embedding.weight.copy_(F.normalize(torch.randn(16384, 8), dim=-1))
+    z = torch.randn(2, 8, 32, 32)
+    _, losses32, idx32 = q(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, losses16, idx16 = q(z)
+    zn = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+    assert torch.equal(idx32.flatten(), (zn @ q.codebook().t()).argmax(1))
+    assert torch.equal(idx16, idx32)
+    assert losses16.entropy.dtype == torch.float32
+    assert torch.allclose(losses16.entropy, losses32.entropy, rtol=1e-5)
+
+
 def test_presets_and_parameter_count_on_meta():
     with torch.device("meta"):
         vq16 = VQModel(VQConfig.from_name("VQ-16"))

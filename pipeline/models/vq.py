@@ -336,7 +336,11 @@ class VectorQuantizer(nn.Module):
             z = F.normalize(z, dim=-1)
         emb = self.codebook()
         z_flat = z.reshape(-1, d)
-        with torch.no_grad():
+        # Distances in fp32 even under autocast: l2-normalised vectors have z.e near 1, where
+        # bf16's step (~0.004) cannot tell 16384 codes apart (a bf16 matmul picked another
+        # code than fp32 for 6% of random vectors), and the entropy loss divides the logits
+        # by a temperature of 0.01
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
             idx = self.nearest(z_flat.detach().float(), emb.detach().float())
         z_q = emb[idx].view(b, h, w, d).to(z.dtype)
         zero = z.new_zeros(())
@@ -344,8 +348,10 @@ class VectorQuantizer(nn.Module):
         commit = self.cfg.commit_loss_beta * F.mse_loss(z, z_q.detach())
         ent = zero
         if self.cfg.entropy_loss_ratio > 0 and self.training:
-            logits = -((z_flat**2).sum(1, keepdim=True) + (emb**2).sum(1) - 2 * z_flat @ emb.t())
-            ent = self.cfg.entropy_loss_ratio * entropy_loss(logits)
+            with torch.autocast(z.device.type, enabled=False):
+                zf, ef = z_flat.float(), emb.float()
+                logits = -((zf**2).sum(1, keepdim=True) + (ef**2).sum(1) - 2 * zf @ ef.t())
+                ent = self.cfg.entropy_loss_ratio * entropy_loss(logits)
         # straight-through estimator: forward uses the code, backward copies the gradient to z
         z_q = z + (z_q - z).detach()
         return z_q.permute(0, 3, 1, 2), VQLosses(codebook, commit, ent), idx.view(b, h, w)
