@@ -344,6 +344,16 @@ def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):
     assert model.config == cfg.model
     again = ev.evaluate_model(model, shards, 32, 48)
     assert again["psnr"] == pytest.approx(after["psnr"])
+    # pruning keeps the highest steps: a fresh run here, or one resumed from the older
+    # checkpoint, would lose its own checkpoints to the finished run's, so both are refused
+    # before anything is written
+    with pytest.raises(ValueError, match=r"already has checkpoints \(newest: step 300\)"):
+        train_tokenizer(cfg, resume="none")
+    with pytest.raises(ValueError, match=r"from step 150, but .* newer checkpoint \(step 300\)"):
+        train_tokenizer(cfg, resume="150")
+    assert [json.loads(x)["step"] for x in Path(run, "metrics.jsonl").read_text().splitlines()] == (
+        list(range(1, 301))
+    )
 
 
 def _launch(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:

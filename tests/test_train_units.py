@@ -231,6 +231,25 @@ def test_resume_on_a_second_node_fetches_the_other_nodes_files(s3_bucket, tmp_pa
         assert have == {MARKER}  # one node: its copy is taken as whole, nothing fetched
 
 
+def test_a_fresh_start_or_an_older_resume_in_a_run_dir_with_checkpoints_is_refused(
+    tmp_path, s3_bucket
+):
+    """Pruning keeps the highest steps: a new run there would lose its own checkpoints."""
+    run_dir = f"{s3_bucket}/runs/busy"
+    for step in (10, 20):
+        storage.write_json(f"{run_dir}/checkpoints/{tag_for(step)}/{MARKER}", {"step": step})
+    dist = DistInfo(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    ckpt = CheckpointManager(run_dir, str(tmp_path / "node"), keep_last=2, dist=dist)
+    assert ckpt.find("auto") == "step_00000020"
+    assert ckpt.find("step_00000020") == "step_00000020"
+    with pytest.raises(ValueError, match=r"already has checkpoints \(newest: step 20\).*another"):
+        ckpt.find("none")
+    with pytest.raises(ValueError, match=r"from step 10, but .* newer checkpoint \(step 20\)"):
+        ckpt.find("step_00000010")
+    empty = CheckpointManager(f"{s3_bucket}/runs/new", str(tmp_path / "n2"), keep_last=2, dist=dist)
+    assert empty.find("none") is None and empty.find("auto") is None
+
+
 def test_metrics_files_and_resume_cut(tmp_path):
     def run(start, stop):
         m = MetricsLogger(

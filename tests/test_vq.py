@@ -58,7 +58,7 @@ def test_quantizer_picks_nearest_normalised_code():
 def test_quantizer_under_bf16_autocast_picks_the_fp32_codes():
     """Training runs the VQ under bf16 autocast: the code search and the entropy loss's logits
     must stay fp32 (bf16 distances between unit vectors pick another code for ~6% of them)."""
-    from pipeline.models.vq import VQConfig, VectorQuantizer
+    from pipeline.models.vq import VectorQuantizer, VQConfig
 
     torch.manual_seed(0)
     cfg = VQConfig(codebook_size=16384, codebook_embed_dim=8, entropy_loss_ratio=0.05)

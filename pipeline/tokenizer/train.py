@@ -35,6 +35,7 @@ from pipeline.data.raw import RawImageStream, list_complete_shards
 from pipeline.log import get_logger
 from pipeline.models.vq import VQConfig, VQModel, count_params
 from pipeline.precision import warn_if_slow
+from pipeline.resume import resume_conflict
 from pipeline.tokenizer import checkpoint as ckpt
 from pipeline.tokenizer.discriminator import PatchGANDiscriminator
 from pipeline.tokenizer.losses import (
@@ -244,11 +245,15 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     step = 0
     state: dict[str, Any] | None = None
     resume_step: int | None = None
-    if resume != "none":
-        found = None
-        if d.rank == 0:  # one rank decides, so all resume from the same step
-            found = ckpt.newest_step(ckpt_local, ckpt_remote) if resume == "auto" else int(resume)
-        resume_step = d.broadcast(found)
+    found, conflict = None, None
+    if d.rank == 0:  # one rank decides, so all resume from the same step
+        newest = ckpt.newest_step(ckpt_local, ckpt_remote)
+        if resume != "none":
+            found = newest if resume == "auto" else int(resume)
+        conflict = resume_conflict(resume, found, newest, cfg.run_dir)
+    resume_step, conflict = d.broadcast((found, conflict))
+    if conflict:
+        raise ValueError(conflict)
     if resume_step is not None:
         state = ckpt.load_checkpoint(resume_step, ckpt_local, ckpt_remote)
         if len(state["ranks"]) != d.world:

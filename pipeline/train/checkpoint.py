@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import storage
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPTConfig
+from pipeline.resume import resume_conflict
 from pipeline.train import engine
 from pipeline.train.engine import DistInfo, partitioned_optimizer
 
@@ -180,19 +181,30 @@ class CheckpointManager:
         """The tag to resume from (same answer on every rank), or None to start fresh.
 
         ``auto``: the newest complete checkpoint, local or remote; ``none``: start fresh; a tag
-        (``step_00001000``): that one.
+        (``step_00001000``): that one. A fresh start in a run dir with checkpoints, or a resume
+        from an older one than the newest, raises (:func:`pipeline.resume.resume_conflict`).
         """
-        tag = None
-        if self.dist.is_main and resume != "none":
+        tag, conflict = None, None
+        if self.dist.is_main:
+            found = complete_tags(self.local_root)
+            if self.remote_root:
+                found += complete_tags(self.remote_root)
+            newest = max(found, default=None)
             if resume == "auto":
-                found = complete_tags(self.local_root)
-                if self.remote_root:
-                    found += complete_tags(self.remote_root)
-                tag = max(found, default=None)
-            else:
+                tag = newest
+            elif resume != "none":
                 tag = os.path.basename(resume.rstrip("/"))
                 step_of(tag)
-        return engine.broadcast_object(tag)
+            conflict = resume_conflict(
+                resume,
+                None if tag is None else step_of(tag),
+                None if newest is None else step_of(newest),
+                self.remote_root or self.local_root,
+            )
+        tag, conflict = engine.broadcast_object((tag, conflict))
+        if conflict:
+            raise ValueError(conflict)
+        return tag
 
     def ensure_local(self, tag: str) -> str:
         """The local directory of ``tag``, downloaded from the run dir when only S3 has it.
