@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -382,10 +383,25 @@ def _launch(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.
     )
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once. torchrun starts each worker in a session of
+    its own, so killing the launcher's process group would leave them training on."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(procs[1:], timeout=30)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+
+
 def _losses(metrics_text: str) -> dict[int, dict]:
     rows = [json.loads(x) for x in metrics_text.splitlines()]
     keys = ("loss", "rec", "perceptual", "codebook", "commit", "entropy", "g_adv", "d_loss")
-    return {r["step"]: {k: r[k] for k in keys} for r in rows}
+    # codebook usage is logged every log_every steps, over the codes seen since the last line
+    return {r["step"]: {k: r.get(k) for k in (*keys, "codebook_usage")} for r in rows}
 
 
 def test_kill_and_resume_reproduces_uninterrupted_losses(raw_dir, tmp_path, s3_bucket):
@@ -394,6 +410,7 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(raw_dir, tmp_path, s3_b
         "OMP_NUM_THREADS": "1",
         "T2I_CACHE": str(tmp_path / "cache"),
         "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",  # log lines reach the file as they are written
     }
     common = [
         "image_size=32",
@@ -401,7 +418,7 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(raw_dir, tmp_path, s3_b
         "max_steps=12",
         "ckpt_every=3",
         "disc_start=2",
-        "log_every=1",
+        "log_every=2",  # a checkpoint (every 3) inside a logging interval: the usage carries over
         "eval_images=0",
         "decode_threads=1",
         "keep_checkpoints=0",
@@ -414,24 +431,29 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(raw_dir, tmp_path, s3_b
     storage.put_dir(raw_dir, f"{s3_bucket}/raw")
     run = f"{s3_bucket}/run"
     s3_args = [f"data={s3_bucket}/raw", f"run_dir={run}", *common]
-    victim = _launch([*s3_args, f"local_dir={tmp_path / 'node_a'}"], tmp_path / "a.log", env)
-    marker = f"{run}/checkpoints/step_0000003/COMPLETE"
+    # told to go on far longer (the learning rate is constant: nothing else changes), so that
+    # it is surely still training when it is killed, right after its step-3 checkpoint is on S3
+    victim = _launch(
+        [*s3_args, f"local_dir={tmp_path / 'node_a'}", "max_steps=100000"], tmp_path / "a.log", env
+    )
     deadline = time.time() + 300
-    while not storage.exists(marker):
+    while "saved checkpoint step 3 " not in Path(tmp_path / "a.log").read_text():
         assert victim.poll() is None, Path(tmp_path / "a.log").read_text()[-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)  # polling the store, not waiting for a guess at timing
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+        time.sleep(0.01)  # the log says when: no guess at timing
+    _kill_tree(victim)
+    assert storage.exists(f"{run}/checkpoints/step_0000003/COMPLETE")
     assert not storage.exists(f"{run}/export/model.safetensors"), "run ended before the kill"
     # resume on a "new machine": empty local folder, everything comes from the S3 mirror
     resumed = _launch([*s3_args, f"local_dir={tmp_path / 'node_b'}"], tmp_path / "b.log", env)
     assert resumed.wait(timeout=300) == 0, Path(tmp_path / "b.log").read_text()[-3000:]
     assert ref.wait(timeout=300) == 0, Path(tmp_path / "ref.log").read_text()[-3000:]
     log_b = Path(tmp_path / "b.log").read_text()
-    assert "resumed from checkpoint step" in log_b
+    resumed_at = int(log_b.split("resumed from checkpoint step ")[1].split()[0])
+    assert resumed_at in (3, 6, 9), resumed_at  # a real mid-run resume
     expected = _losses(Path(ref_dir, "metrics.jsonl").read_text())
     got = _losses(storage.read_text(f"{run}/metrics.jsonl"))
     assert sorted(got) == list(range(1, 13)) == sorted(expected)
     assert got == expected  # bit-identical per-step losses, GAN phase included
     assert got[12]["d_loss"] > 0 and got[12]["perceptual"] > 0 and got[12]["entropy"] != 0
+    assert got[4]["codebook_usage"] > 0 and got[3]["codebook_usage"] is None

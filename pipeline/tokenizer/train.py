@@ -243,6 +243,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     torch.manual_seed(cfg.seed * 1000 + d.rank)
 
     step = 0
+    used_at_resume: torch.Tensor | None = None
     state: dict[str, Any] | None = None
     resume_step: int | None = None
     found, conflict = None, None
@@ -267,7 +268,18 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
         opt_d.load_state_dict(state["opt_disc"])
         step = int(state["step"])
 
-    shards = _training_shards(cfg.data, state)
+    # one rank lists the shards and every rank reads that list: listed apart, ranks could see
+    # different shard sets while the download stage is still finishing shards, and split them
+    # differently (samples read twice or never)
+    shards, error = None, None
+    if d.rank == 0:
+        try:
+            shards = _training_shards(cfg.data, state)
+        except (RuntimeError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    shards, error = d.broadcast((shards, error))
+    if error:
+        raise RuntimeError(f"training shards under {cfg.data}: {error}")
     stream = RawImageStream(
         shards,
         cfg.image_size,
@@ -283,6 +295,8 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
         mine = state["ranks"][d.rank]
         stream.load_state_dict(mine["data"])
         restore_rng_state(mine["rng"])
+        if "used" in mine:  # codes seen since the last log line (the next one counts them)
+            used_at_resume = mine["used"]
         state = None  # free the optimizer copies
         log.info("resumed from checkpoint step %d", step)
 
@@ -306,6 +320,8 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     if cfg.precision == "bf16":
         warn_if_slow(torch.bfloat16, d.device, "tokenizer training")
     used = torch.zeros(cfg.model.codebook_size, dtype=torch.bool, device=d.device)
+    if used_at_resume is not None:
+        used.copy_(used_at_resume.to(d.device))
     t0, steps_since = time.time(), 0
     batches = iter(stream)
     while step < cfg.max_steps:
@@ -400,10 +416,25 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
             metrics.write(row)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             _checkpoint(
-                d, cfg, step, model, disc, opt, opt_d, stream, ckpt_local, ckpt_remote, metrics
+                d,
+                cfg,
+                step,
+                model,
+                disc,
+                opt,
+                opt_d,
+                stream,
+                used,
+                ckpt_local,
+                ckpt_remote,
+                metrics,
             )
 
     summary: dict[str, Any] = {"step": step, "broken_images": stream.broken}
+    if d.world > 1:
+        # every rank's last step is saved; the export and the evaluation are rank 0's alone and
+        # need no collective, so no rank waits in one (a timeout) while they run
+        dist.barrier()
     if d.rank == 0:
         export = storage.join(cfg.run_dir, "export")
         model.save_pretrained(export)
@@ -421,8 +452,6 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
                 inception_weights=cfg.inception_weights,
             )
             storage.write_json(storage.join(cfg.run_dir, "eval.json"), summary["eval"])
-    if d.world > 1:
-        dist.barrier()
     return summary
 
 
@@ -435,11 +464,14 @@ def _checkpoint(
     opt: torch.optim.Optimizer,
     opt_d: torch.optim.Optimizer,
     stream: RawImageStream,
+    used: torch.Tensor,
     local: str,
     remote: str | None,
     metrics: _Metrics | None,
 ) -> None:
-    ranks = d.gather({"rng": capture_rng_state(), "data": stream.state_dict()})
+    ranks = d.gather(
+        {"rng": capture_rng_state(), "data": stream.state_dict(), "used": used.cpu().clone()}
+    )
     if d.rank == 0:
         state = {
             "model": model.state_dict(),
