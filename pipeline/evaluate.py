@@ -426,7 +426,11 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
             "note": why,
         }
 
-    report["tokenizer"] = tokenizer_metrics(cfg)
+    try:  # the metrics above took the longest: a failure here must not lose them
+        report["tokenizer"] = tokenizer_metrics(cfg)
+    except Exception as exc:  # noqa: BLE001 - reported in the note, the rest is written
+        log.exception("tokenizer metrics failed")
+        report["tokenizer"] = {"note": f"failed: {type(exc).__name__}: {exc}"}
     storage.write_json(storage.join(cfg.output, "report.json"), report)
     storage.write_text(storage.join(cfg.output, "report.md"), format_report(report))
     log.info(

@@ -15,6 +15,7 @@ importing the training engine.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -270,8 +271,10 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     from pipeline.models.vq import VQModel
 
     t_start = time.perf_counter()
-    _check_output(cfg)
+    inputs = input_fingerprints(cfg)
+    _check_output(cfg, inputs)
     save_config(cfg, storage.join(cfg.output, "config.yaml"))
+    storage.write_json(storage.join(cfg.output, "inputs.json"), inputs)
     dtype = torch_dtype(cfg.dtype)
     warn_if_slow(dtype, cfg.device, "sampling (GPT)")
     model = (model or load_exported_gpt(cfg.checkpoint)).to(cfg.device, dtype).eval()
@@ -404,18 +407,48 @@ def _image_setting(key: str, value: Any) -> Any:
     return value
 
 
-def _check_output(cfg: SampleConfig) -> None:
-    """Refuse (or with overwrite, clear) an output whose images came from other settings."""
+# settings naming files whose content decides the images: a model exported again or a prompts
+# file rewritten at the same URI changes the images as much as another URI does
+INPUT_FILES = ("checkpoint", "vq", "text_encoder", "prompts_file")
+
+
+def input_fingerprints(cfg: SampleConfig) -> dict[str, str | None]:
+    """What the files of :data:`INPUT_FILES` hold now: the prompts file by its text, the model
+    folders by their files' names, sizes and ETags or times (None: not a file, e.g. a preset)."""
+    out: dict[str, str | None] = {}
+    for k in INPUT_FILES:
+        uri = getattr(cfg, k)
+        if not uri:
+            out[k] = None
+        elif k == "prompts_file":
+            data = storage.read_bytes(uri) if storage.exists(uri) else None
+            out[k] = None if data is None else hashlib.sha256(data).hexdigest()[:20]
+        else:
+            out[k] = storage.fingerprint(uri)
+    return out
+
+
+def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
+    """Refuse (or with overwrite, clear) an output whose images came from other settings, or
+    from other content at the same model or prompts URIs (``inputs``, saved beside them)."""
     saved_uri = storage.join(cfg.output, "config.yaml")
     if not storage.exists(saved_uri):
         return
     saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
     now = to_dict(cfg)
     changed = [
-        k
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
         for k in IMAGE_SETTINGS
         if k in saved and _image_setting(k, saved[k]) != _image_setting(k, now[k])
     ]
+    inputs_uri = storage.join(cfg.output, "inputs.json")
+    if not changed and storage.exists(inputs_uri):
+        saved_inputs = storage.read_json(inputs_uri)
+        changed = [
+            f"the content of {k} {now[k]!r}"
+            for k in INPUT_FILES
+            if k in saved_inputs and saved_inputs[k] != inputs[k]
+        ]
     if not changed:
         return
     pngs = storage.list_dir(cfg.output, ".png")
@@ -424,10 +457,9 @@ def _check_output(cfg: SampleConfig) -> None:
     if not cfg.overwrite:
         raise ValueError(
             f"{cfg.output} holds {len(pngs)} images sampled with other settings "
-            f"({', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed)}); "
-            "use a new output or overwrite=true"
+            f"({'; '.join(changed)}); use a new output or overwrite=true"
         )
-    log.info("overwrite: deleting %d images made with other %s", len(pngs), ", ".join(changed))
+    log.info("overwrite: deleting %d images made with other %s", len(pngs), "; ".join(changed))
     for name in pngs:
         storage.remove(storage.join(cfg.output, name))
 

@@ -329,6 +329,28 @@ def _source_fingerprint(fs: Any, path: str) -> tuple[bool, str]:
     return is_dir, hashlib.sha256(repr(items).encode()).hexdigest()[:20]
 
 
+def fingerprint(uri: str | os.PathLike) -> str | None:
+    """A digest of what ``uri`` holds (a file, or a directory's files): names, sizes, and the
+    ETags (S3) or modification times (local) that change when a file is written again; None
+    when nothing is there."""
+    uri = _strip_file(str(uri))
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        if not with_retries(lambda: fs.exists(path), f"stat {uri}"):
+            return None
+        return with_retries(lambda: _source_fingerprint(fs, path), f"stat {uri}")[1]
+    if not os.path.exists(uri):
+        return None
+    paths = [uri]
+    if os.path.isdir(uri):
+        paths = [os.path.join(d, f) for d, _, files in os.walk(uri) for f in files]
+    items = []
+    for p in paths:
+        st = os.stat(p)
+        items.append((os.path.relpath(p, uri), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(repr(sorted(items)).encode()).hexdigest()[:20]
+
+
 def _marker_matches(marker: str, fingerprint: str) -> bool:
     try:
         with open(marker) as f:

@@ -180,6 +180,31 @@ def test_missing_weights_are_reported_not_fatal(setup, tmp_path):
     assert "unavailable" in (out / "report.md").read_text()
 
 
+def test_a_failing_tokenizer_metric_keeps_the_report(setup, tmp_path, monkeypatch):
+    """The tokenizer metrics come last: their failure is the report's note, not a lost report."""
+    import pipeline.evaluate as evaluate
+
+    def broken(cfg):
+        raise RuntimeError("no decodable evaluation images")
+
+    monkeypatch.setattr(evaluate, "tokenizer_metrics", broken)
+    out = tmp_path / "out"
+    run_evaluation(
+        EvalConfig(
+            output=str(out),
+            captions=setup["captions"],
+            checkpoint=setup["gpt"],
+            vq=setup["vq"],
+            text_encoder=setup["t5"],
+            images_per_caption=1,
+            threads=1,
+        )
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 3
+    assert report["tokenizer"]["note"] == "failed: RuntimeError: no decodable evaluation images"
+
+
 def test_shipped_evaluate_configs_load():
     for name in ("coco", "tiny_cpu"):
         cfg = load_config(EvalConfig, f"configs/evaluate/{name}.yaml", ["output=o"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +149,36 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path):
     (out / "config.yaml").write_text(saved.replace("device: cpu", "device: cuda:1"))
     with pytest.raises(ValueError, match=r"device: 'cuda:1' -> 'cpu'"):
         sample_main(args(models, out, "batch_size=2", "sampling.cfg_scale=5.0"))
+
+
+def test_the_same_uris_with_other_content_do_not_keep_the_old_images(models, tmp_path):
+    """A prompts file rewritten, or a model exported again, at the same URI: the images made
+    from the old content are not taken as the new run's (refused, or cleared by overwrite)."""
+    import shutil
+
+    prompts, gpt = tmp_path / "prompts.txt", tmp_path / "gpt"
+    prompts.write_text(Path(models["prompts"]).read_text())
+    shutil.copytree(models["gpt"], gpt)
+    out = tmp_path / "out"
+    run = args({**models, "prompts": str(prompts), "gpt": str(gpt)}, out, "batch_size=4")
+    sample_main(run)
+    sample_main(run)  # nothing changed: every image is kept
+    assert json.loads((out / "summary.json").read_text())["sampled"] == 0
+    original = prompts.read_text()
+    prompts.write_text("a purple hexagon\n" + original)
+    with pytest.raises(ValueError, match=r"the content of prompts_file .*overwrite=true"):
+        sample_main(run)
+    prompts.write_text(original)  # the same text again (a newer file): the images stand
+    sample_main(run)
+    assert json.loads((out / "summary.json").read_text())["sampled"] == 0
+    model = load_exported_gpt(str(gpt))
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    save_exported_gpt(model, str(gpt))
+    with pytest.raises(ValueError, match=r"the content of checkpoint"):
+        sample_main(run)
+    sample_main([*run, "overwrite=true"])
+    assert json.loads((out / "summary.json").read_text())["sampled"] == 6
 
 
 def test_batched_equals_one_by_one_and_seed_matters(models, tmp_path):
