@@ -1,6 +1,6 @@
 """Evaluate a VQ tokenizer (our export or a LlamaGen .pt) on raw shards: PSNR, SSIM, usage, rFID.
 
-python jobs/eval_tokenizer.py --config configs/tokenizer/eval.yaml model=DIR data=DIR output=F
+python jobs/eval_tokenizer.py --config configs/tokenizer/eval.yaml model=DIR data=DIR output=FILE.json
 """
 
 from __future__ import annotations

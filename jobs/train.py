@@ -1,6 +1,6 @@
 """Train the GPT (stage 1, stage 2, class-conditional, tiny) under DeepSpeed ZeRO.
 
-    deepspeed [--hostfile infra/hostfile] jobs/train.py --config configs/train/stage1.yaml
+    deepspeed [--hostfile ~/hostfile] jobs/train.py --config configs/train/stage1.yaml
     deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port 29500 \
         jobs/train.py --config configs/train/tiny.yaml steps=50      # on CPU, gloo
     torchrun --nproc_per_node 2 jobs/train.py --config configs/train/tiny.yaml

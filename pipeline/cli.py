@@ -16,7 +16,7 @@ C = TypeVar("C")
 def job_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=description,
-        epilog="Any further arguments are dotted overrides, e.g. optim.lr=2e-4 data.batch_size=8.",
+        epilog="Any further arguments are dotted overrides, e.g. optim.lr_per_256=2e-4 data.batch_size=8.",
     )
     p.add_argument("--config", help="YAML config file (local path or s3:// URI)")
     p.add_argument("--show-config", action="store_true", help="list the config fields and exit")

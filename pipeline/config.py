@@ -2,7 +2,7 @@
 
 Each stage declares a frozen dataclass (fields documented with ``doc("...")``), e.g.
 ``pipeline.train.trainer.TrainConfig``. ``load_config(TrainConfig, "configs/train/stage1.yaml",
-["optim.lr=2e-4"])`` builds it, rejecting unknown keys (naming the key and the file) and values of
+["optim.lr_per_256=2e-4"])`` builds it, rejecting unknown keys (naming the key and the file) and values of
 the wrong type. ``save_config`` writes the resolved config beside an output so every result says
 exactly how it was made.
 
@@ -184,7 +184,7 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["optim.lr=2e-4", "data.shards=[a,b]"]`` -> nested dict (values parsed as YAML)."""
+    """``["optim.lr_per_256=2e-4", "data.shards=[a,b]"]`` -> nested dict (values parsed as YAML)."""
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:

@@ -201,6 +201,14 @@ def test_shipped_configs_load():
     assert big.image_size == 256 and big.disc_start > 0 and big.lpips_backbone == "pretrained"
     with pytest.raises(ConfigError, match="lr_max"):
         load_config(TokenizerTrainConfig, TINY, [*over, "lr_max=1"])
+    from pipeline.tokenizer.evaluate import TokenizerEvalConfig
+
+    ev_cfg = load_config(
+        TokenizerEvalConfig,
+        str(ROOT / "configs/tokenizer/eval.yaml"),
+        ["model=m", "data=d", "output=o"],
+    )
+    assert ev_cfg.image_size == 256 and ev_cfg.num_images == 50000
 
 
 def test_psnr_ssim_on_known_inputs():
@@ -306,6 +314,7 @@ def test_eval_job_writes_metrics(raw_dir, tmp_path):
               "num_images=5", "batch_size=2"])  # fmt: skip
     got = json.loads(out.read_text())
     assert got["images"] == 5 and got["rfid"] is None and 0 < got["psnr"] < 60
+    assert got["config"]["num_images"] == 5 and got["config"]["image_size"] == 32
 
 
 def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):

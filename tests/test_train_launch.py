@@ -351,7 +351,7 @@ def test_resume_on_another_number_of_ranks_for_every_optimizer_layout(shards, tm
     GPT(cfg).load_state_dict(state, strict=True)
     saved = torch.load(
         tmp_path / "zero0_bf16" / "checkpoints" / "step_00000020" / "mp_rank_00_model_states.pt",
-        weights_only=False,
+        weights_only=True,
     )["module"]
     w = state["blocks.0.attn.qkv.weight"]
     assert saved["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16 and w.dtype == torch.float32

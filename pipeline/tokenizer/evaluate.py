@@ -21,7 +21,7 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from pipeline import storage
-from pipeline.config import doc
+from pipeline.config import doc, to_dict
 from pipeline.data.raw import iter_eval_images, list_complete_shards
 from pipeline.log import get_logger, progress
 from pipeline.models.vq import VQModel
@@ -169,5 +169,6 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict[str, Any]:
         model, shards, cfg.image_size, cfg.num_images, cfg.batch_size, cfg.inception_weights
     )
     out["model"] = cfg.model
+    out["config"] = to_dict(cfg)  # the resolved config, with the figures it produced
     storage.write_json(cfg.output, out)
     return out

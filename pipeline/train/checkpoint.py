@@ -282,7 +282,7 @@ class CheckpointManager:
         ranks, which cut the optimizer state per data-parallel rank; DeepSpeed re-cuts it from
         the universal form (:meth:`universal_root`), which ``eng`` must have been built to load
         (``checkpoint.load_universal`` in its config). Without per-rank optimizer state (no
-        ZeRO, fp32) another number of ranks loads the checkpoint as it is. Either way model,
+        ZeRO) another number of ranks loads the checkpoint as it is. Either way model,
         optimizer, LR schedule and step carry over; the per-rank RNG and data-loader places do
         not (None is returned for them).
         """

@@ -336,7 +336,7 @@ def consolidated_state_dict(
     path = os.path.join(ckpt, "mp_rank_00_model_states.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{ckpt} has neither ZeRO partitions nor {os.path.basename(path)}")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     state = dict(saved["module"])
     low = sorted(k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32)
     if low:

@@ -138,9 +138,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optim=cfg.optim,
         lr=lr,
     )
-    # a checkpoint of another world size whose optimizer state is cut per rank (ZeRO, or
-    # DeepSpeed's bf16 optimizer) resumes through DeepSpeed's universal form; without that cut
-    # (no ZeRO, fp32) the state is whole in the checkpoint and loads as it is
+    # a checkpoint of another world size whose optimizer state is cut per rank (ZeRO 1-3)
+    # resumes through DeepSpeed's universal form; without ZeRO the state is whole in the
+    # checkpoint and loads as it is
     written = ckpt.written_world(tag) if tag is not None else None
     universal = tag is not None and ckpt.needs_universal(tag)
     if universal:
