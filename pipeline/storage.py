@@ -206,8 +206,21 @@ def makedirs(uri: str | os.PathLike) -> None:
         os.makedirs(_strip_file(str(uri)), exist_ok=True)
 
 
+def _durable_replace(tmp: str, uri: str) -> None:
+    """``os.replace`` after the file's data is on disk, and the rename itself made durable: a
+    marker written after this never survives a crash that loses the file."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, uri)
+    fd = os.open(os.path.dirname(os.path.abspath(uri)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Atomically write ``data`` to ``uri``."""
+    """Atomically and durably write ``data`` to ``uri``."""
     uri = _strip_file(str(uri))
     if is_remote(uri):
         fs, path = filesystem(uri)
@@ -217,9 +230,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, uri)
+    _durable_replace(tmp, uri)
 
 
 def write_text(uri: str | os.PathLike, text: str) -> None:
@@ -231,7 +242,7 @@ def write_json(uri: str | os.PathLike, obj: Any) -> None:
 
 
 def put_file(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
-    """Atomically copy a local file to ``uri`` (local or remote)."""
+    """Atomically copy a local file to ``uri`` (local or remote; on disk before it is renamed)."""
     uri = _strip_file(str(uri))
     if is_remote(uri):
         fs, path = filesystem(uri)
@@ -240,7 +251,7 @@ def put_file(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
     shutil.copyfile(local_path, tmp)
-    os.replace(tmp, uri)
+    _durable_replace(tmp, uri)
 
 
 def get_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:

@@ -168,3 +168,24 @@ def test_score_job_cli(tmp_path):
     rows = flt.read_scores(out, 0)
     assert [r["reason"] for r in rows.values()] == ["punsafe_missing", "", ""]
     assert storage.read_json(os.path.join(out, flt.SUMMARY_NAME))["kept"] == 2
+
+
+def test_read_scores_keeps_the_first_row_of_a_key_the_shard_holds_twice(tmp_path):
+    """The score stage scores a key's first copy and marks the second ``duplicate_key``; the
+    first row is the key's, so pretokenize keeps the first copy (and drops the second itself)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"key": "k1", "keep": True, "reason": "", "aesthetic": 6.0},
+        {"key": "k2", "keep": True, "reason": "", "aesthetic": 5.0},
+        {"key": "k1", "keep": False, "reason": "duplicate_key", "aesthetic": float("nan")},
+    ]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    storage.write_bytes(flt.score_uri(str(tmp_path), 3), buf.getvalue())
+    got = flt.read_scores(str(tmp_path), 3)
+    assert got["k1"]["keep"] is True and got["k1"]["aesthetic"] == 6.0
+    assert set(got) == {"k1", "k2"}

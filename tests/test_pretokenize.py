@@ -144,6 +144,33 @@ def test_pretokenize_content_drops_and_damage(tmp_path, models):
         run_pretokenize(
             load_config(PretokenizeConfig, TINY, _overrides(raw, out2, models, "resolution=32"))
         )
+    # other batch sizes and devices make the same shards: a rerun on other hardware adds to them
+    other_hw = ["batch_size=3", "text.batch_size=5", "vq.device=cpu", "text.cache_dir=/tmp/x"]
+    again = run_pretokenize(
+        load_config(PretokenizeConfig, TINY, _overrides(raw, out2, models, *other_hw))
+    )
+    assert {s["index"]: s["sha256"] for s in again["shards"]} == before
+    with pytest.raises(ValueError, match="at most 120 caption tokens"):
+        load_config(PretokenizeConfig, TINY, _overrides(raw, out2, models, "text.max_length=128"))
+
+
+def test_new_weights_at_the_same_uri_are_not_mixed_into_existing_shards(tmp_path, models):
+    import shutil
+
+    raw = str(tmp_path / "raw")
+    write_raw_shards(raw, 1, 4)
+    vq_dir = str(tmp_path / "vq")
+    shutil.copytree(models["vq"], vq_dir)
+    out = str(tmp_path / "tokens")
+    over = _overrides(raw, out, {**models, "vq": vq_dir})
+    run_pretokenize(load_config(PretokenizeConfig, TINY, over))
+    run_pretokenize(load_config(PretokenizeConfig, TINY, over))  # unchanged: accepted
+    vq = VQModel.from_pretrained(vq_dir)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.mul_(-1.0)
+    vq.save_pretrained(vq_dir)  # a retrained tokenizer written over the old one
+    with pytest.raises(ConfigError, match=r"content of vq.uri"):
+        run_pretokenize(load_config(PretokenizeConfig, TINY, over))
 
 
 def _run_job(raw, out, models, env, stop_after_first_shard=False):
@@ -230,3 +257,23 @@ def test_shipped_pretokenize_configs_load(name):
     assert cfg.resolution in (64, 256, 512) and cfg.text.max_length == 120
     if name.endswith("stage2.yaml"):
         assert (cfg.resolution, cfg.min_aesthetic, cfg.vq.preset) == (512, 5.0, "VQ-16")
+
+
+def test_bf16_vq_searches_its_codes_in_fp32(tmp_path, models):
+    """vq.dtype=bfloat16 runs the encoder in bf16; the last conv and the nearest-code search
+    stay fp32, so the latent and the codebook are not rounded before the search."""
+    from pipeline.data.pretokenize import PretokenizeWorker
+
+    cfg = load_config(
+        PretokenizeConfig,
+        TINY,
+        _overrides(str(tmp_path), str(tmp_path / "o"), models, "vq.dtype=bfloat16"),
+    )
+    w = PretokenizeWorker(cfg, text=TextEncoder.from_pretrained(models["t5"]))
+    assert next(w.vq.encoder.parameters()).dtype == torch.bfloat16
+    assert w.vq.quant_conv.weight.dtype == w.vq.quantize.embedding.weight.dtype == torch.float32
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    codes = w.vq.encode(x.bfloat16())
+    with torch.no_grad():
+        h = w.vq.quant_conv(w.vq.encoder(x.bfloat16()).float())
+    assert torch.equal(codes, w.vq.quantize(h)[2])  # the search ran on the fp32 latent

@@ -149,3 +149,42 @@ def test_a_refused_raw_shard_is_raised_not_counted_as_damage(tmp_path, monkeypat
     with pytest.raises(PermissionError, match="Access Denied"):
         list(shards.iter_raw_shard(str(tmp_path), 0, stats))
     assert "corrupt_tar" not in stats and "raw_samples" not in stats
+
+
+def test_a_read_error_mid_shard_is_raised_not_counted_as_damage(tmp_path, monkeypatch):
+    """The store failing mid-read (s3fs turns InvalidToken into OSError(EINVAL), unknown codes
+    into EIO) is raised as the store raised it: the shard is retried, never marked done short.
+    A tar cut off in the middle of a member is damage: counted, the intact samples kept."""
+    import errno
+    import tarfile
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(4):
+            add(tar, f"{i:05d}.jpg", bytes(3000))
+            add(tar, f"{i:05d}.txt", b"a caption")
+    data = buf.getvalue()
+    (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2 + 100])  # cut mid-member
+    stats: dict = {}
+    got = list(shards.iter_raw_shard(str(tmp_path), 0, stats))
+    assert 0 < len(got) < 4 and stats["corrupt_tar"] == 1 and stats["raw_samples"] == len(got)
+
+    (tmp_path / "00000.tar").write_bytes(data)
+
+    class Expiring(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > 5000:
+                raise OSError(errno.EINVAL, "The provided token has expired (InvalidToken)")
+            return super().read(n)
+
+    monkeypatch.setattr(shards.storage, "open_read", lambda uri: Expiring(data))
+    stats = {}
+    with pytest.raises(OSError, match="InvalidToken") as info:
+        list(shards.iter_raw_shard(str(tmp_path), 0, stats))
+    assert info.value.errno == errno.EINVAL
+    assert "corrupt_tar" not in stats and "raw_samples" not in stats

@@ -306,9 +306,15 @@ def scored_indices(out: str) -> set[int]:
 
 
 def read_scores(out: str, index: int) -> dict[str, dict[str, Any]]:
-    """Score rows of shard ``index`` by key: ``{"keep", "reason", "aesthetic", ...}``."""
+    """Score rows of shard ``index`` by key: ``{"keep", "reason", "aesthetic", ...}``.
+
+    A key the shard holds twice has two rows, the second marked ``duplicate_key``: the first
+    row is the one for that key (it scored the first copy, which is the one kept)."""
     table = pq.read_table(io.BytesIO(storage.read_bytes(score_uri(out, index))))
-    return {r["key"]: r for r in table.to_pylist()}
+    rows: dict[str, dict[str, Any]] = {}
+    for r in table.to_pylist():
+        rows.setdefault(r["key"], r)
+    return rows
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:

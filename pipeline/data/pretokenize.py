@@ -47,8 +47,37 @@ from pipeline.precision import torch_dtype, warn_if_slow
 log = get_logger(__name__)
 
 CONFIG_NAME = "pretokenize_config.yaml"
-# Fields that decide the content of a shard: an output folder must not mix two settings of them.
-_CONTENT_FIELDS = ("input", "scores", "min_aesthetic", "resolution", "flip", "vq", "text")
+# Fields that decide the content of a shard: an output folder must not mix two settings of them
+# (devices and batch sizes do not: a rerun on other hardware adds to the same output).
+_CONTENT_FIELDS = (
+    "input",
+    "scores",
+    "min_aesthetic",
+    "resolution",
+    "flip",
+    "vq.uri",
+    "vq.preset",
+    "vq.dtype",
+    "text.uri",
+    "text.max_length",
+    "text.dtype",
+)
+INPUTS_NAME = "pretokenize_inputs.json"
+
+
+def _field(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _inputs(cfg: PretokenizeConfig) -> dict[str, str | None]:
+    """What the model URIs hold now (names, sizes, ETags or times): weights replaced at the same
+    URI change the shards as much as another URI does."""
+    return {
+        k: storage.fingerprint(u) if u else None
+        for k, u in (("vq", cfg.vq.uri), ("text", cfg.text.uri))
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +112,11 @@ class PretokenizeConfig:
             raise ValueError("resolution and batch_size must be positive")
         if self.min_aesthetic is not None and not self.scores:
             raise ValueError("min_aesthetic needs the score parquets (scores: ...)")
+        if not 1 <= self.text.max_length <= shards.MAX_T5_TOKENS:
+            raise ValueError(
+                f"text.max_length is {self.text.max_length}: token shards hold at most "
+                f"{shards.MAX_T5_TOKENS} caption tokens"
+            )
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -134,6 +168,11 @@ class PretokenizeWorker:
         dtype = torch_dtype(cfg.vq.dtype)
         warn_if_slow(dtype, cfg.vq.device, "the VQ encoder")
         self.vq = vq.to(cfg.vq.device, dtype).eval()
+        # the encoder runs in dtype; the last 1x1 conv and the code search stay fp32: in bf16 the
+        # latent and the codebook are rounded before the nearest-code search (0.9% of codes
+        # changed on random unit vectors)
+        self.vq.quant_conv.float()
+        self.vq.quantize.float()
         ds = vq.config.downsample
         if cfg.resolution % ds:
             raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VQ's {ds}")
@@ -328,11 +367,23 @@ def _check_same_content(cfg: PretokenizeConfig) -> None:
 
     old = yaml.safe_load(storage.read_text(uri)) or {}
     new = to_dict(cfg)
-    diff = [f for f in _CONTENT_FIELDS if old.get(f) != new.get(f)]
+    diff = [
+        f"{f!r} ({_field(old, f)!r} != {_field(new, f)!r})"
+        for f in _CONTENT_FIELDS
+        if _field(old, f) != _field(new, f)
+    ]
+    inputs_uri = storage.join(cfg.output, INPUTS_NAME)
+    if not diff and storage.exists(inputs_uri):
+        saved = storage.read_json(inputs_uri)
+        diff = [
+            f"content of {k}.uri (the weights at {_field(new, k + '.uri')!r} changed)"
+            for k, v in _inputs(cfg).items()
+            if k in saved and saved[k] != v
+        ]
     if diff and shards.list_done_shards(cfg.output):
         raise ConfigError(
-            f"{cfg.output} already holds shards made with a different {diff[0]!r} "
-            f"({old.get(diff[0])!r} != {new.get(diff[0])!r}); use a new output folder"
+            f"{cfg.output} already holds shards made with a different {diff[0]}; use a new "
+            "output folder"
         )
 
 
@@ -350,12 +401,14 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
                 len(unscored),
                 unscored[:20],
             )
-        indices = [i for i in indices if i not in set(unscored)]
+        skip = set(unscored)
+        indices = [i for i in indices if i not in skip]
     if not indices:
         raise FileNotFoundError(f"no complete (and scored) raw shards under {cfg.input}")
     storage.makedirs(cfg.output)
     _check_same_content(cfg)
     save_config(cfg, storage.join(cfg.output, CONFIG_NAME))
+    storage.write_json(storage.join(cfg.output, INPUTS_NAME), _inputs(cfg))
     report = run_units(
         indices,
         _WorkerFactory(cfg),

@@ -400,24 +400,46 @@ def raw_tar_uri(uri: str, index: int) -> str:
     return storage.join(uri, shard_name(index))
 
 
+class StoreReadError(Exception):
+    """Reading a shard's bytes from the store failed (the error is its ``__cause__``): unlike a
+    tar that breaks off, it says nothing about the shard, so the shard is not done."""
+
+
+class _TaggedReads:
+    """A binary stream whose read errors come out as :class:`StoreReadError`, so that they are
+    told apart from what the tar parser raises about the bytes that did arrive."""
+
+    def __init__(self, f: Any):
+        self._f = f
+
+    def read(self, *args: Any) -> bytes:
+        try:
+            return self._f.read(*args)
+        except Exception as exc:  # noqa: BLE001 - re-raised, tagged
+            raise StoreReadError(f"{type(exc).__name__}: {exc}") from exc
+
+
 def iter_raw_shard(uri: str, index: int, stats: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The raw samples (bytes per member) of raw shard ``index``, recording problems in ``stats``.
 
     A tar that is not a tar, or breaks off mid-member, ends the shard: the samples read intact
     before the damage are yielded, ``stats["corrupt_tar"]`` is set to 1 with the error in
-    ``stats["tar_error"]``. Transient storage errors are raised (the executor retries the shard)
-    so that a network blip never passes for a short shard, and so is a refused or vanished
-    object (``PermissionError``, ``FileNotFoundError``). When img2dataset's stats say more
+    ``stats["tar_error"]``. An error of the store itself is raised (the executor retries the
+    shard, and it is not marked done): opening it (a refused or vanished object, expired
+    credentials) or reading its bytes (:class:`StoreReadError`, whatever the store raised), so
+    that no storage failure passes for a short shard. When img2dataset's stats say more
     images were written than the tar holds, ``stats["missing_from_tar"]`` counts the difference.
     """
     tar_uri = raw_tar_uri(uri, index)
     n = 0
     try:
         with storage.open_read(tar_uri) as f:
-            for sample in iter_tar_samples(f):
+            for sample in iter_tar_samples(_TaggedReads(f)):
                 n += 1
                 yield sample
-    except Exception as exc:  # noqa: BLE001 - classified: transient is raised, damage counted
+    except Exception as exc:  # noqa: BLE001 - classified: the store's errors raised, damage counted
+        if isinstance(exc, StoreReadError):
+            raise exc.__cause__ from exc  # as the store raised it: retryable or not, not damage
         if storage.is_retryable(exc):
             raise
         # access denied, expired credentials, an archived or vanished object: the shard is not

@@ -67,6 +67,9 @@ class TextEncoder:
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # features are read as the first `length` rows of each caption: padding must follow them
+        # (a tokenizer_config.json may say padding_side: left)
+        self.tokenizer.padding_side = "right"
         self.max_length = max_length
         self.batch_size = batch_size
         self.random_weights = random_weights

@@ -387,7 +387,8 @@ class VQModel(nn.Module):
         ds = self.config.downsample
         if x.shape[-1] % ds or x.shape[-2] % ds:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of {ds}")
-        return self.quantize(self.quant_conv(self.encoder(x)))[2]
+        h = self.encoder(x)
+        return self.quantize(self.quant_conv(h.to(self.quant_conv.weight.dtype)))[2]
 
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
