@@ -14,7 +14,7 @@ from pipeline.data.loader import (
     buffer_order,
     collate,
 )
-from pipeline.data.shards import read_token_shard, shard_name
+from pipeline.data.shards import list_done_shards, read_token_shard, shard_name
 from pipeline.train.toy_data import write_toy_token_shards
 
 SPEC = BatchSpec(grid_size=4, caption_dim=16, max_text_tokens=8)
@@ -166,7 +166,29 @@ def test_an_epoch_with_no_readable_shard_is_an_error_not_a_hang(tmp_path):
     t.join(timeout=120)
     assert outcome, "the loader is still looking for a readable sample"
     assert isinstance(outcome[0], RuntimeError)
-    assert re.search(r"whole epoch of 10 samples in 2 shards .*bad_shards", str(outcome[0]))
+    assert re.search(
+        r"10 samples in 2 shards gave none .*, 3 epochs in a row .*bad_shards", str(outcome[0])
+    )
+
+
+def test_a_stream_whose_one_shard_is_damaged_goes_on_with_the_next_epoch(tmp_path):
+    """3 shards, 3 streams: each stream reads one shard an epoch. The stream dealt the damaged
+    one gets nothing readable that epoch; it goes on (the next epoch deals it another) instead
+    of stopping the run, and the damage is counted."""
+    from pipeline.data.loader import plan_epoch
+
+    uri = str(tmp_path / "onebad")
+    write_toy_token_shards(uri, num_shards=3, per_shard=4)
+    with open(os.path.join(uri, shard_name(1)), "wb") as f:
+        f.write(os.urandom(3000))
+    cfg = LoaderConfig(shards=[uri], batch_size=2, num_workers=0)
+    shards = list_done_shards(uri)
+    rank = next(r for r in range(3) if plan_epoch(shards, cfg, 0, r, 3).reads[0].index == 1)
+    loader = TokenLoader(cfg, SPEC, rank=rank, world=3)
+    batches = list(itertools.islice(iter(loader), 4))
+    assert len(batches) == 4 and loader.epoch >= 1
+    assert all(not k.startswith("s00001_") for b in batches for k in b["keys"])
+    assert loader.counters()["bad_shards"] >= 1
 
 
 def read_token_shard_prefix(data: bytes, n: int):

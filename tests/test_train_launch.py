@@ -204,6 +204,8 @@ def zero2(bucket, shards, tmp_path_factory) -> dict:
 
 
 def test_tiny_preset_overfits(zero2):
+    # the learning rate each step applied: warmup over 2 steps to the peak (3e-3, unscaled)
+    assert [r["lr"] for r in zero2["ref"][:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])
     losses = [r["loss"] for r in zero2["ref"]]
     assert losses[0] == pytest.approx(math.log(64), abs=1e-3)  # zero-initialised head
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses

@@ -481,3 +481,103 @@ def test_cpu_bf16_engine_skips_non_finite_steps_by_the_norm():
         assert r["by_norm"], stage
         assert r["finite"] == {"changed": True, "finite": True, "skipped": 0, "scanned": False}
         assert r["nan"] == {"changed": False, "finite": True, "skipped": 1, "scanned": False}
+
+
+_MASTERS_AND_LR_SCRIPT = (
+    _STEP_SCRIPT_HEAD
+    + r"""
+from deepspeed.utils import safe_get_full_fp32_param
+cfg = GPTConfig.from_name("debug", grid_size=2, max_text_tokens=4)
+g = torch.Generator().manual_seed(0)
+codes = torch.randint(0, cfg.vocab_size, (2, cfg.image_tokens), generator=g)
+feats = torch.randn(2, cfg.max_text_tokens, cfg.caption_dim, generator=g).bfloat16()
+torch.manual_seed(0)
+export = {k: v.clone() for k, v in GPT(cfg).state_dict().items()}  # fp32, not bf16 values
+
+def build(lr, stage):
+    model = GPT(cfg)
+    model.load_state_dict(export)
+    ds = engine.build_ds_config(f"configs/deepspeed/zero{stage}.json", micro_batch=2,
+                                grad_accum=1, world=1, precision="bf16", optim=OptimConfig(),
+                                lr=lr)
+    return engine.create_engine(model, param_groups(model, OptimConfig()), ds,
+                                lambda s: min(1.0, (s + 1) / 4))
+
+def master_error(eng):
+    return max((safe_get_full_fp32_param(p) - export[n]).abs().max().item()
+               for n, p in eng.module.named_parameters())
+
+out = {}
+for stage in sys.argv[2:]:
+    eng = build(1e-3, stage)
+    before = master_error(eng)
+    engine.set_fp32_weights(eng, export)
+    out[stage] = {"before": before, "after": master_error(eng)}
+    eng.train()
+    eng.backward(F.cross_entropy(eng(codes, feats).float().flatten(0, 1), codes.flatten()))
+    eng.step()
+    engine.save_checkpoint(eng, sys.argv[1], f"s{stage}", {"step": 1})
+    again = build(2e-3, stage)  # resumed with twice the global batch: twice the peak
+    engine.load_checkpoint(again, sys.argv[1], f"s{stage}")
+    loaded = engine.current_lr(again)
+    old = engine.set_peak_lr(again, 2e-3)
+    out[stage].update(loaded=loaded, old=old, now=engine.current_lr(again),
+                      same=engine.set_peak_lr(again, 2e-3))
+print(json.dumps(out))
+engine.shutdown(0)
+"""
+)
+
+
+def test_fp32_weights_reach_the_bf16_masters_and_a_resume_takes_the_new_peak_lr(tmp_path):
+    """Stage 2 starts from stage 1's fp32 export: in bf16 the engine's fp32 masters get those
+    values, not their bf16 rounding. A run resumed with another global batch (so another
+    scaled peak) goes on at the new peak, at the same point of the schedule."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _MASTERS_AND_LR_SCRIPT, str(tmp_path), "1", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for stage in ("1", "2"):
+        r = res[stage]
+        assert r["before"] > 1e-4 and r["after"] == 0.0, (stage, r)  # rounded, then exact
+        # after one step of a 4-step warmup the schedule is at 2/4 of the peak
+        assert r["loaded"] == pytest.approx(0.5e-3) and r["old"] == pytest.approx(1e-3)
+        assert r["now"] == pytest.approx(1e-3) and r["same"] is None, (stage, r)
+
+
+def test_rng_state_holds_and_restores_only_the_ranks_own_cuda_device(monkeypatch):
+    """A rank draws on its own GPU: its state alone is saved, and restored into the device the
+    resumed process uses, whatever the number of GPUs it sees (Slurm shows each task one)."""
+    from pipeline.train.rng import capture_rng_state, restore_rng_state
+
+    devices = {2: torch.tensor([2], dtype=torch.uint8), 0: torch.tensor([0], dtype=torch.uint8)}
+    current = {"dev": 2}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["dev"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: devices[d].clone())
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state_all", lambda: pytest.fail("every device's state was saved")
+    )
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: restored.append((s, d)))
+    state = capture_rng_state()
+    assert torch.equal(state["cuda_device"], devices[2]) and "cuda" not in state
+    current["dev"] = 0  # resumed where the process sees its GPU as device 0
+    restore_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0][0], devices[2]) and restored[0][1] == 0
+    # a state saved the old way (every visible device's): this device's entry
+    restored.clear()
+    old = {k: v for k, v in state.items() if k != "cuda_device"}
+    restore_rng_state({**old, "cuda": [devices[0], torch.tensor([1], dtype=torch.uint8)]})
+    assert torch.equal(restored[0][0], devices[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        restore_rng_state(state)

@@ -23,7 +23,15 @@ through ``pipeline.storage``) and its tar iterators (``tar_file_expander``, ``gr
 Its own shard shuffle, node/worker split and shuffle buffer are not used: their state cannot be
 saved, and an exact resume needs it. A damaged shard (not a tar, or cut short) is logged, counted
 and skipped from the point of damage (or fails the run with ``on_error: fail``); a transient
-storage error reopens the shard and skips what was read.
+storage error reopens the shard and skips what was read. A stream that gets nothing readable in
+an epoch goes on to the next (which deals it other shards); three such epochs in a row are an
+error (every shard it can get is refused or damaged).
+
+Split by shard, streams get whole shards, so their epochs differ in length by up to a shard
+while every stream feeds batches at the same rate: a stream with fewer samples starts its next
+epoch sooner. Over a run every sample is seen about equally often, not exactly (with 1000
+shards over 256 streams, a run of about 2.5 passes reads some shards twice and others three
+times). ``split: sample`` gives every stream the same share.
 """
 
 from __future__ import annotations
@@ -204,6 +212,10 @@ def plan_epoch(
 # --- one stream ---------------------------------------------------------------------------------
 
 
+# epochs in a row with no readable sample after which a stream gives up
+EMPTY_EPOCHS = 3
+
+
 class _Stream:
     """One stream's samples from its saved place on, forever (epoch after epoch)."""
 
@@ -322,18 +334,35 @@ class _Stream:
                         sample = self._decode(raw, bool(plan.flips[q]))
                         readable += sample is not None
                         yield sample
-                if whole_epoch and readable == 0:
-                    # every shard refused or damaged: the next epoch would be the same, and the
-                    # trainer would wait for a batch forever
-                    damage = {c: self.state.get(c, 0) for c in _COUNTERS if self.state.get(c)}
-                    raise RuntimeError(
-                        f"stream {self.stream} of {self.n_streams}: a whole epoch of {plan.size} "
-                        f"samples in {len(plan.reads)} shards gave none that could be read "
-                        f"({damage}); check the shards and the access to them"
-                    )
-            elif plan.size == 0:
-                raise RuntimeError(f"stream {self.stream} of {self.n_streams} has no samples")
+                if whole_epoch:
+                    self._after_epoch(epoch, plan, readable)
+            else:
+                self._after_epoch(epoch, plan, 0)
             self.state.update(epoch=epoch + 1, cursor=0)
+
+    def _after_epoch(self, epoch: int, plan: EpochPlan, readable: int) -> None:
+        """Raise once :data:`EMPTY_EPOCHS` epochs in a row gave this stream nothing readable.
+
+        One such epoch is not the end: a stream may have drawn a single shard, damaged or
+        empty, and the next epoch deals it others (an epoch is quickly over when nothing can be
+        read). Several in a row mean every shard it can get is refused or damaged: the trainer
+        would wait for a batch forever."""
+        if readable > 0:
+            self.state.pop("empty_epochs", None)
+            return
+        n = self.state.get("empty_epochs", 0) + 1
+        self.state["empty_epochs"] = n
+        what = (
+            f"epoch {epoch} of stream {self.stream} of {self.n_streams}: {plan.size} samples in "
+            f"{len(plan.reads)} shards gave none that could be read"
+        )
+        if n < EMPTY_EPOCHS:
+            log.warning("%s; going on to the next epoch", what)
+            return
+        damage = {c: self.state.get(c, 0) for c in _COUNTERS if self.state.get(c)}
+        raise RuntimeError(
+            f"{what}, {n} epochs in a row ({damage}); check the shards and the access to them"
+        )
 
 
 def collate(samples: list[dict[str, Any]], spec: BatchSpec) -> dict[str, Any]:
@@ -389,6 +418,16 @@ class _StreamDataset(IterableDataset):
                 samples = []
 
 
+def list_training_shards(uris: list[str]) -> list[ShardInfo]:
+    """The finished token shards (done markers) under every folder of ``uris``, in order."""
+    if not uris:
+        raise ValueError("data.shards is empty: give at least one token shard folder")
+    found = [s for uri in uris for s in list_done_shards(uri)]
+    if not found:
+        raise FileNotFoundError(f"no finished token shards (done markers) under {uris}")
+    return found
+
+
 class TokenLoader:
     """This rank's endless sequence of training batches, with ``state_dict`` for exact resume.
 
@@ -397,13 +436,19 @@ class TokenLoader:
     labels with ``cond_mask`` None.
     """
 
-    def __init__(self, cfg: LoaderConfig, spec: BatchSpec, rank: int = 0, world: int = 1):
-        if not cfg.shards:
-            raise ValueError("data.shards is empty: give at least one token shard folder")
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        spec: BatchSpec,
+        rank: int = 0,
+        world: int = 1,
+        shards: list[ShardInfo] | None = None,
+    ):
+        """``shards``: the finished shards of ``cfg.shards`` as one rank listed them
+        (:func:`list_training_shards`; every rank of a job must read the same list), or None to
+        list them here."""
         self.cfg, self.spec, self.rank, self.world = cfg, spec, rank, world
-        self.shards = [s for uri in cfg.shards for s in list_done_shards(uri)]
-        if not self.shards:
-            raise FileNotFoundError(f"no finished token shards (done markers) under {cfg.shards}")
+        self.shards = list(shards) if shards is not None else list_training_shards(cfg.shards)
         self.n_local = max(1, cfg.num_workers)
         self._state: dict[str, Any] = {
             "streams": [{"epoch": 0, "cursor": 0} for _ in range(self.n_local)],

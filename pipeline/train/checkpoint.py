@@ -348,20 +348,16 @@ def export_weights(
 
 
 def load_export(uri: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:
-    """(state dict, GPTConfig) of an export folder (local or s3://)."""
+    """(state dict, GPTConfig) of an export folder (local or s3://). A remote export is copied
+    once per machine into the local model cache (``storage.local_copy``: the ranks of a node
+    share one download, and a new export at the same URI is copied again)."""
     cfg = GPTConfig(**storage.read_json(storage.join(uri, "gpt_config.json")))
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
-    os.close(fd)
-    try:
-        storage.get_file(storage.join(uri, "model.safetensors"), tmp)
-        state = load_file(tmp)
-    finally:
-        os.remove(tmp)
-    return state, cfg
+    return load_file(storage.local_copy(storage.join(uri, "model.safetensors"))), cfg
 
 
-def init_from_export(model: torch.nn.Module, uri: str, cfg: GPTConfig) -> None:
-    """Load an export into ``model`` (built from ``cfg``): same architecture, any grid size."""
+def init_from_export(model: torch.nn.Module, uri: str, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Load an export into ``model`` (built from ``cfg``): same architecture, any grid size.
+    Returns the exported (fp32) state, for the engine's master weights."""
     state, saved = load_export(uri)
     diff = {
         f.name
@@ -380,6 +376,7 @@ def init_from_export(model: torch.nn.Module, uri: str, cfg: GPTConfig) -> None:
         saved.grid_size,
         cfg.grid_size,
     )
+    return state
 
 
 def export_checkpoint(path: str, out_uri: str) -> str:

@@ -29,6 +29,7 @@ import datetime
 import glob
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -293,7 +294,42 @@ def grad_norm(eng) -> float:
 
 
 def current_lr(eng) -> float:
+    """The learning rate the next optimizer step applies."""
     return float(eng.get_lr()[0])
+
+
+def set_peak_lr(eng, lr: float) -> float | None:
+    """Make ``lr`` the schedule's peak after a resume; returns the old peak if it differed.
+
+    A resumed LambdaLR takes its state from the checkpoint, including the peak (``base_lrs``)
+    it was built with: a run resumed with another global batch (another number of ranks, say),
+    whose peak scales with it, would otherwise go on at the old one."""
+    sched = eng.lr_scheduler
+    old = float(sched.base_lrs[0])
+    if math.isclose(old, lr, rel_tol=1e-12):
+        return None
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas, strict=True):
+        group["lr"] = lr * fn(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+    return old
+
+
+def skipped_steps(eng) -> int:
+    """Optimizer steps DeepSpeed skipped so far (a non-finite gradient norm in bf16/fp16)."""
+    return int(getattr(eng, "skipped_steps", 0))
+
+
+def set_fp32_weights(eng, state: Mapping[str, torch.Tensor]) -> None:
+    """Give the engine's fp32 master weights the exact values of ``state`` (by parameter name).
+
+    In bf16 DeepSpeed builds its fp32 masters from the bf16 model, so weights loaded into the
+    model before (stage 2 from stage 1's fp32 export) would start rounded to bf16. ZeRO 1-3."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, p in eng.module.named_parameters():
+        if name in state:
+            safe_set_full_fp32_param(p, state[name].to(torch.float32))
 
 
 def save_checkpoint(eng, root: str, tag: str, client_state: dict[str, Any]) -> None:

@@ -1,8 +1,8 @@
 """Capture and restore every random number generator a training process draws from.
 
 An exact resume needs the same random draws after a restart as in an uninterrupted run: Python's
-``random``, NumPy's global generator, torch's CPU generator and, where present, every CUDA
-device's generator. The captured state is a plain dict of tensors, lists and ints, so it can be
+``random``, NumPy's global generator, torch's CPU generator and, where present, the generator of
+the CUDA device the process draws on (its current device: a rank's own GPU). The captured state is a plain dict of tensors, lists and ints, so it can be
 stored with ``torch.save`` and read back with ``torch.load(weights_only=True)``.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Every RNG state of this process (python, numpy, torch CPU, all CUDA devices if any)."""
+    """Every RNG state of this process (python, numpy, torch CPU, its current CUDA device)."""
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         # tuple -> list: weights_only loading accepts lists and ints, not arbitrary objects
@@ -31,15 +31,18 @@ def capture_rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # only this process's own device: the others are other ranks' (and a launcher that shows
+        # each process one GPU, e.g. Slurm's --gpus-per-task=1, must still resume)
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Put back what :func:`capture_rng_state` captured.
 
-    CUDA states are restored only when this process sees the same number of devices; a
-    mismatch (say, resuming a GPU run on CPU) is an error rather than a silent reseed.
+    A CUDA state is restored into the current device; one where this process has no CUDA
+    device (say, resuming a GPU run on CPU) is an error rather than a silent reseed. States
+    written before (``cuda``: every visible device's) give the current device's entry.
     """
     random.setstate(_to_tuples(state["python"]))
     n = state["numpy"]
@@ -52,14 +55,19 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         }
     )
     torch.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda")
-    if cuda is not None:
-        if not torch.cuda.is_available() or torch.cuda.device_count() != len(cuda):
-            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    own, every = state.get("cuda_device"), state.get("cuda")
+    if own is None and every is None:
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError("checkpoint holds a CUDA RNG state; this process has no CUDA device")
+    dev = torch.cuda.current_device()
+    if own is None:  # every visible device's, as states were once saved: this device's entry
+        if dev >= len(every):
             raise RuntimeError(
-                f"checkpoint holds RNG states of {len(cuda)} CUDA devices, this process sees {have}"
+                f"checkpoint holds RNG states of {len(every)} CUDA devices, not {dev}"
             )
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        own = every[dev]
+    torch.cuda.set_rng_state(own.cpu(), dev)
 
 
 def _to_lists(x: Any) -> Any:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.config import doc, save_config, to_dict
-from pipeline.data.loader import BatchSpec, LoaderConfig, TokenLoader
+from pipeline.data.loader import BatchSpec, LoaderConfig, TokenLoader, list_training_shards
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPT, GPTConfig, train_flops_per_sample
 from pipeline.precision import warn_if_slow
@@ -123,8 +123,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = GPT(cfg.model)
     ckpt = CheckpointManager(cfg.run_dir, local_dir, cfg.keep_last, dist)
     tag = ckpt.find(cfg.resume)
+    init_state = None
     if tag is None and cfg.init_from:
-        init_from_export(model, cfg.init_from, cfg.model)
+        init_state = init_from_export(model, cfg.init_from, cfg.model)
     seed_everything(cfg.seed + 1 + 7919 * dist.rank)
 
     global_batch = cfg.data.batch_size * cfg.grad_accum * dist.world
@@ -149,6 +150,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     groups = param_groups(model, cfg.optim)
     group_names = [g["names"] for g in groups]
     eng = engine.create_engine(model, groups, ds_config, lr_lambda(cfg.optim, cfg.steps))
+    if init_state is not None:  # the export's fp32 values, not their bf16 rounding
+        engine.set_fp32_weights(eng, init_state)
+        init_state = None
     if cfg.compile:
         engine.compile_engine(eng)
     spec = BatchSpec(
@@ -157,7 +161,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         max_text_tokens=cfg.model.max_text_tokens,
         caption_dim=cfg.model.caption_dim,
     )
-    loader = TokenLoader(cfg.data, spec, rank=dist.rank, world=dist.world)
+    # one rank lists the token shards and every rank reads that list: listed apart, ranks could
+    # see different sets while pretokenize is still finishing shards, and plan different orders
+    shard_list, error = None, None
+    if dist.is_main:
+        try:
+            shard_list = list_training_shards(cfg.data.shards)
+        except (OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    shard_list, error = engine.broadcast_object((shard_list, error))
+    if error:
+        raise RuntimeError(f"token shards {cfg.data.shards}: {error}")
+    loader = TokenLoader(cfg.data, spec, rank=dist.rank, world=dist.world, shards=shard_list)
     if dist.is_main:
         log.info(
             "%s: GPT %.1fM params, ZeRO-%d, %s%s, %d ranks x %d x %d accum = global batch %d, "
@@ -191,6 +206,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             restore_rng_state(rank_state["rng"])
             if cfg.resume_data:
                 loader.load_state_dict(rank_state["loader"])
+        old_lr = engine.set_peak_lr(eng, lr)
+        if old_lr is not None and dist.is_main:
+            log.warning(
+                "peak learning rate %.4g (global batch %d) replaces the checkpoint's %.4g",
+                lr, global_batch, old_lr,
+            )  # fmt: skip
     metrics_dir = os.path.join(local_dir, "metrics")
     remote_metrics = (
         storage.join(cfg.run_dir, "metrics") if storage.is_remote(cfg.run_dir) else None
@@ -198,7 +219,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if dist.is_main:
         save_config(cfg, storage.join(cfg.run_dir, "config.yaml"))
         steps_file = os.path.join(metrics_dir, "steps.jsonl")
-        if remote_metrics and step > 0 and not os.path.exists(steps_file):
+        if remote_metrics and step > 0:
+            # the run dir's copy, uploaded before every checkpoint, is the run's history; a
+            # local one may be another attempt's (rank 0 ran on this node before, then elsewhere)
             remote_steps = storage.join(remote_metrics, "steps.jsonl")
             if storage.exists(remote_steps):
                 storage.get_file(remote_steps, steps_file)
@@ -247,6 +270,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loss_value = float("nan")
     while step < cfg.steps:
         t0 = time.perf_counter()
+        lr_now = engine.current_lr(eng)  # what this step applies (the schedule moves in eng.step)
+        skipped_before = engine.skipped_steps(eng)
         losses, keys = [], []
         data_seconds = 0.0
         for _ in range(cfg.grad_accum):
@@ -262,12 +287,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         samples_seen += global_batch
         loss_value = engine.mean_across_ranks(torch.stack(losses).mean())
         extra = {"epoch": loader.epoch, "data_seconds": data_seconds}
+        if engine.skipped_steps(eng) > skipped_before:
+            # DeepSpeed skipped the update (non-finite gradient norm) and did not move the
+            # schedule: the step is counted, the weights and the learning rate are not
+            extra["skipped"] = True
+            if dist.is_main:
+                log.warning("step %d skipped by DeepSpeed: the gradient norm was not finite", step)
         if cfg.log_keys:
             extra["keys"] = engine.gather_objects(keys)
         metrics.step(
             step,
             loss=loss_value,
-            lr=engine.current_lr(eng),
+            lr=lr_now,
             grad_norm=engine.grad_norm(eng),
             samples=global_batch,
             seconds=time.perf_counter() - t0,
