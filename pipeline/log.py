@@ -61,7 +61,18 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def progress(it: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """A tqdm bar on rank 0 (to stderr); plain iteration elsewhere."""
+def progress(
+    it: Iterable[T], desc: str, total: int | None = None, unit: str = "it", initial: int = 0
+) -> Iterator[T]:
+    """A tqdm bar on rank 0 (to stderr); plain iteration elsewhere. ``initial``: items done
+    before (a resumed run's bar starts where the run is)."""
     enabled = rank() == 0 and (sys.stderr.isatty() or os.environ.get("T2I_PROGRESS") == "1")
-    yield from tqdm(it, desc=desc, total=total, unit=unit, disable=not enabled, dynamic_ncols=True)
+    yield from tqdm(
+        it,
+        desc=desc,
+        total=total,
+        unit=unit,
+        initial=initial,
+        disable=not enabled,
+        dynamic_ncols=True,
+    )

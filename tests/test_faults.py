@@ -219,6 +219,7 @@ def test_pretokenize_through_s3_faults_loses_and_duplicates_nothing(
         *(f"tokens/{shards.done_name(i)}" for i in range(2)),
         "tokens/manifest.json",
         "tokens/pretokenize_config.yaml",
+        "tokens/pretokenize_inputs.json",  # the model weights' fingerprints
     }
     assert set(got) == names
     for entry in reference["shards"]:

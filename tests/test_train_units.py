@@ -250,7 +250,9 @@ def test_a_fresh_start_or_an_older_resume_in_a_run_dir_with_checkpoints_is_refus
     assert empty.find("none") is None and empty.find("auto") is None
 
 
-def test_metrics_files_and_resume_cut(tmp_path):
+def test_metrics_files_and_resume_cut(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("T2I_PROGRESS", "1")  # the bar, as on a terminal
+
     def run(start, stop):
         m = MetricsLogger(
             str(tmp_path),
@@ -268,7 +270,10 @@ def test_metrics_files_and_resume_cut(tmp_path):
         return m.close()
 
     run(0, 7)
+    capsys.readouterr()
     png = run(4, 10)  # resumed at 4: steps 5-7 of the first run are dropped, then rewritten
+    bar = capsys.readouterr().err
+    assert "| 4/10 " in bar and "| 0/10 " not in bar  # the resumed bar counts from step 4
     steps = read_steps(str(tmp_path / "steps.jsonl"))
     assert [r["step"] for r in steps] == list(range(1, 11))
     assert png and (tmp_path / "loss.png").stat().st_size > 1000

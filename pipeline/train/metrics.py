@@ -77,7 +77,13 @@ class MetricsLogger:
                 os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1
             )
         self._bar = iter(
-            progress(range(start_step, total_steps), desc="train", total=total_steps, unit="step")
+            progress(
+                range(start_step, total_steps),
+                desc="train",
+                total=total_steps,
+                unit="step",
+                initial=start_step,
+            )
         )
 
     def step(
