@@ -156,13 +156,23 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: 
     raise AssertionError("unreachable")
 
 
-def exists(uri: str | os.PathLike) -> bool:
+def _fresh(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of ``uri``, with s3fs's cached listing of it dropped: after a
+    ``list_dir`` in this process, a file another process wrote since would look absent, or keep
+    its old size and ETag."""
     fs, path = filesystem(uri)
+    if is_remote(str(uri)):
+        fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = _fresh(uri)
     return with_retries(lambda: fs.exists(path), f"exists {uri}")
 
 
 def size(uri: str | os.PathLike) -> int:
-    fs, path = filesystem(uri)
+    fs, path = _fresh(uri)
     return int(with_retries(lambda: fs.size(path), f"size {uri}"))
 
 
@@ -340,13 +350,33 @@ def _source_fingerprint(fs: Any, path: str) -> tuple[bool, str]:
     return is_dir, hashlib.sha256(repr(items).encode()).hexdigest()[:20]
 
 
+_SAMPLE_BLOCKS, _SAMPLE_BYTES = 16, 1 << 16
+
+
+def _content_digest(path: str) -> str:
+    """sha256 of a local file's content: all of it up to 1 MiB, else 16 blocks of 64 KiB spread
+    evenly through it (a model saved again with the same weights digests the same; retrained
+    weights differ in every block)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _SAMPLE_BLOCKS * _SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            step = (size - _SAMPLE_BYTES) // (_SAMPLE_BLOCKS - 1)
+            for i in range(_SAMPLE_BLOCKS):
+                f.seek(i * step)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def fingerprint(uri: str | os.PathLike) -> str | None:
-    """A digest of what ``uri`` holds (a file, or a directory's files): names, sizes, and the
-    ETags (S3) or modification times (local) that change when a file is written again; None
-    when nothing is there."""
+    """A digest of what ``uri`` holds (a file, or a directory's files); None when nothing is
+    there. On S3 the objects' names, sizes and ETags; locally the files' names and content
+    (:func:`_content_digest`), not their times: the same bytes written again are unchanged."""
     uri = _strip_file(str(uri))
     if is_remote(uri):
-        fs, path = filesystem(uri)
+        fs, path = _fresh(uri)
         if not with_retries(lambda: fs.exists(path), f"stat {uri}"):
             return None
         return with_retries(lambda: _source_fingerprint(fs, path), f"stat {uri}")[1]
@@ -355,11 +385,8 @@ def fingerprint(uri: str | os.PathLike) -> str | None:
     paths = [uri]
     if os.path.isdir(uri):
         paths = [os.path.join(d, f) for d, _, files in os.walk(uri) for f in files]
-    items = []
-    for p in paths:
-        st = os.stat(p)
-        items.append((os.path.relpath(p, uri), st.st_size, st.st_mtime_ns))
-    return hashlib.sha256(repr(sorted(items)).encode()).hexdigest()[:20]
+    items = sorted((os.path.relpath(p, uri), _content_digest(p)) for p in paths)
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:20]
 
 
 def _marker_matches(marker: str, fingerprint: str) -> bool:
@@ -388,7 +415,7 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     cache_dir = str(cache_dir or os.environ.get("T2I_CACHE", "~/.cache/t2i-pipeline"))
     dest = os.path.join(os.path.expanduser(cache_dir), uri.replace("://", "/").rstrip("/"))
     marker = dest + ".complete"
-    fs, path = filesystem(uri)
+    fs, path = _fresh(uri)
     is_dir, fingerprint = with_retries(lambda: _source_fingerprint(fs, path), f"stat {uri}")
     if _marker_matches(marker, fingerprint):
         return dest

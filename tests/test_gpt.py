@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 import torch
 
@@ -225,6 +227,25 @@ def test_compiled_token_embedding_backward_is_atens_and_matches_eager():
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_compiled_model_compiles_once():
+    """The RoPE table cache is not filled from inside a compiled forward (that failed the
+    graph's own guard on the cache: a second full compile, minutes at GPT-XL)."""
+    import torch._dynamo
+
+    ok, why = compile_available()
+    if not ok:
+        pytest.skip(f"torch.compile unavailable here: {why}")
+    torch._dynamo.reset()
+    cfg = tiny()
+    model = GPT(cfg).eval()
+    compiled = torch.compile(model, backend="eager")
+    codes, feats, mask = random_batch(cfg)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        first = compiled(codes, feats, mask)
+        second = compiled(codes, feats, mask)  # a recompile raises here
+    assert torch.equal(first, second)
+
+
 def test_bf16_model_on_cpu_uses_matmul_attention_and_keeps_its_masks(monkeypatch):
     cfg = tiny()
     torch.manual_seed(0)
@@ -448,16 +469,40 @@ def test_llamagen_import_matches_reference_forward(tmp_path):
         torch.nn.init.normal_(p, std=0.5 if "qkv" in name else 0.05)
     theirs = to_llamagen(ours.state_dict())
     assert "layers.0.attention.wqkv.weight" in theirs and "cls_embedding.uncond_embedding" in theirs
-    torch.save({"model": theirs, "steps": 10}, tmp_path / "ckpt.pt")
+    # as LlamaGen's training scripts save it: its argparse arguments beside the weights
+    args = argparse.Namespace(gpt_model="GPT-B", lr=1e-4)
+    torch.save({"model": theirs, "steps": 10, "args": args}, tmp_path / "ckpt.pt")
     loaded = load_llamagen_gpt(str(tmp_path / "ckpt.pt"), cfg).eval()
     codes, feats, mask = random_batch(cfg)
     ref = reference_t2i_logits(theirs, cfg.n_head, cfg.grid_size, feats, mask, codes)
     assert torch.allclose(loaded(codes, feats, mask), ref, atol=1e-4)
+    # CFG's unconditional rows: LlamaGen puts its null caption under the caption's own mask
+    drop = torch.tensor([True, False, True])[: codes.shape[0]]
+    uncond = theirs["cls_embedding.uncond_embedding"]
+    dropped = torch.where(drop[:, None, None], uncond.expand_as(feats), feats)
+    ref_u = reference_t2i_logits(theirs, cfg.n_head, cfg.grid_size, dropped, mask, codes)
+    assert not mask[drop].all()  # a padded caption among the dropped rows
+    assert torch.allclose(loaded(codes, feats, mask, drop=drop), ref_u, atol=1e-4)
     assert from_llamagen(to_llamagen(ours.state_dict())).keys() == ours.state_dict().keys()
     # the default (identity) prefix rotation is a different model: it must differ
     default = GPT(cfg.replace(rope_prefix="identity")).eval()
     default.load_state_dict(loaded.state_dict())
     assert not torch.allclose(default(codes, feats, mask), ref, atol=1e-3)
+
+
+def test_class_checkpoint_without_a_null_class_row_imports(tmp_path):
+    """LlamaGen sizes its class table num_classes + (class dropout > 0): a model trained
+    without class dropout has no null row; ours always has one (a zero row is added)."""
+    cfg = tiny(cond="class", num_classes=5, rope_prefix="llamagen")
+    torch.manual_seed(0)
+    theirs = to_llamagen(GPT(cfg).state_dict())
+    table = theirs["cls_embedding.embedding_table.weight"]
+    assert table.shape[0] == 6
+    theirs["cls_embedding.embedding_table.weight"] = table[:5].clone()
+    torch.save({"model": theirs}, tmp_path / "ckpt.pt")
+    loaded = load_llamagen_gpt(str(tmp_path / "ckpt.pt"), cfg)
+    got = loaded.cond_embed.table.weight
+    assert torch.equal(got[:5], table[:5]) and not got[5].any()
 
 
 def test_import_rejects_mismatched_checkpoint(tmp_path):

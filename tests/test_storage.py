@@ -159,3 +159,43 @@ def test_local_copy_is_copied_again_when_the_source_changes(s3_bucket, tmp_path,
     storage.write_bytes(single, b"head 2")
     assert open(storage.local_copy(single, cache), "rb").read() == b"head 2"
     assert path.endswith("head.pth") and copies.count(single) == 2
+
+
+def test_local_fingerprint_follows_content_not_times(tmp_path):
+    """The same bytes written again keep their fingerprint (a model exported again unchanged);
+    other bytes of the same size change it, in a small file and in a large one (sampled)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    small, big = d / "config.json", d / "weights.bin"
+    small.write_bytes(b'{"dim": 64}')
+    data = bytearray(os.urandom(8 << 20))
+    big.write_bytes(bytes(data))
+    first = storage.fingerprint(str(d))
+    os.utime(big, ns=(1, 1))
+    small.write_bytes(b'{"dim": 64}')  # rewritten, same content
+    assert storage.fingerprint(str(d)) == first
+    small.write_bytes(b'{"dim": 65}')
+    assert storage.fingerprint(str(d)) != first
+    small.write_bytes(b'{"dim": 64}')
+    step = ((8 << 20) - storage._SAMPLE_BYTES) // (storage._SAMPLE_BLOCKS - 1)
+    data[8 * step + 10] ^= 0xFF  # one byte inside a sampled block of the large file
+    big.write_bytes(bytes(data))
+    assert storage.fingerprint(str(d)) != first
+    assert storage.fingerprint(str(tmp_path / "absent")) is None
+
+
+def test_remote_checks_see_what_another_process_wrote_after_a_listing(s3_server, s3_bucket):
+    """s3fs caches a listing: after ``list_dir``, an object another client wrote since must
+    still be seen by ``exists``, ``size`` and ``fingerprint`` (done markers, replaced models)."""
+    import boto3
+
+    root = f"{s3_bucket}/d"
+    storage.write_bytes(f"{root}/a.txt", b"a")
+    assert storage.list_dir(root) == ["a.txt"]  # fills the listing cache
+    other = boto3.client("s3", endpoint_url=s3_server)
+    bucket = s3_bucket.removeprefix("s3://")
+    other.put_object(Bucket=bucket, Key="d/b.txt", Body=b"bbb")
+    other.put_object(Bucket=bucket, Key="d/a.txt", Body=b"aaaa")
+    assert storage.exists(f"{root}/b.txt")
+    assert storage.size(f"{root}/a.txt") == 4
+    assert storage.fingerprint(f"{root}/b.txt") is not None

@@ -11,6 +11,11 @@ rotation, which multiplies the prefix's q and k by zero, so image tokens can nev
 caption by content (only through the residual stream of later positions). Our default gives the
 prefix the identity rotation (q and k pass unchanged); ``rope_prefix="llamagen"`` reproduces the
 reference bit for bit, for importing its checkpoints.
+
+A second, tied to the first: a row whose caption is dropped for classifier-free guidance sees the
+whole 120-token null caption (every prefix key valid), in training and in sampling alike. LlamaGen
+keeps the dropped caption's own padding mask over the null caption (the unconditional branch then
+depends on the caption's length); ``rope_prefix="llamagen"`` does the same.
 """
 
 from __future__ import annotations
@@ -487,9 +492,15 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def rope(self, grid_size: int, device: torch.device) -> torch.Tensor:
+        """The fp32 RoPE table of ``grid_size`` on ``device``, cached. Under torch.compile a
+        missing one is built in the graph and not cached: filling the cache from a compiled
+        forward would fail its own guard on the cache and compile the model a second time."""
         key = (grid_size, str(device))
         if key not in self._rope:
-            self._rope[key] = rope_2d_table(self.cfg, grid_size).to(device)
+            table = rope_2d_table(self.cfg, grid_size).to(device)
+            if torch.compiler.is_compiling():
+                return table
+            self._rope[key] = table
         return self._rope[key]
 
     # -- conditioning
@@ -521,7 +532,8 @@ class GPT(nn.Module):
         if drop is not None:
             uncond = self.cond_embed.uncond.to(cond.dtype)
             cond = torch.where(drop[:, None, None], uncond, cond)
-            mask = mask | drop[:, None]
+            if self.cfg.rope_prefix != "llamagen":  # LlamaGen keeps the caption's mask
+                mask = mask | drop[:, None]
         # a row with no valid token would attend to nothing: treat it as the null caption.
         # Eager, two data-dependent checks skip work (and keep SDPA's is_causal fast path when
         # every token is valid); torch.compile would split the graph at each, so it does the

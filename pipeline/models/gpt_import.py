@@ -17,6 +17,7 @@ to reproduce their outputs exactly.
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import torch
@@ -110,9 +111,20 @@ def to_llamagen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_llamagen_gpt(uri: str, cfg: GPTConfig, strict: bool = True) -> GPT:
     """Build ``GPT(cfg)`` and load a LlamaGen ``.pt`` checkpoint from a local path or s3://."""
     path = storage.local_copy(uri)
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    # LlamaGen's training checkpoints hold its argparse arguments ("args") beside the weights:
+    # allow that one class, nothing else is unpickled
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     state = from_llamagen(unwrap_checkpoint(raw))
     model = GPT(cfg)
+    table = state.get("cond_embed.table.weight")
+    if cfg.cond == "class" and table is not None and table.shape[0] == cfg.num_classes:
+        # trained without class dropout, LlamaGen has no null-class row: add a zero one (our
+        # table always has it; only CFG sampling reads it)
+        state["cond_embed.table.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])
+        log.warning(
+            "%s has no null-class row (trained without class dropout): a zero row added", uri
+        )
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
