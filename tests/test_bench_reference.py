@@ -12,7 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_reference  # noqa: E402
-from llamagen_ref import LlamaGenT2I, dataset_mask, reference_train_step  # noqa: E402
+from llamagen_ref import (  # noqa: E402
+    LlamaGenT2I,
+    dataset_mask,
+    reference_optimizer,
+    reference_train_step,
+)
 
 from pipeline.models.gpt import GPT, GPTConfig  # noqa: E402
 from pipeline.models.gpt_import import from_llamagen  # noqa: E402
@@ -91,3 +96,12 @@ def test_bench_reference_table_is_consistent():
     assert peak["preset"] == "peak" and "GFLOP/s" in peak["ours_mfu"]
     table = bench_reference.format_table(rows)
     assert table.splitlines()[0].startswith("| preset | dtype | mode | reference_s | ours_s")
+
+
+def test_reference_optimizer_is_fused_as_llamagen_chooses():
+    """LlamaGen's creat_optimizer passes fused=True wherever AdamW takes it, on any device: the
+    reference runs the fused kernel on CPU too, as ours does."""
+    with torch.device("cpu"):
+        opt = reference_optimizer(LlamaGenT2I(tiny()))
+    assert opt.defaults["fused"] is True
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
