@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -127,6 +128,12 @@ class Demo:
     def download(self, base_url: str) -> dict[str, Any]:
         from pipeline.data.download import DownloadConfig, run_download
 
+        done = self.path("raw", "_demo_download.json")
+        if os.path.exists(done):  # a rerun: the images are here, whatever port served them
+            return storage.read_json(done)
+        # an attempt cut short fetched from another port (the server's is new each run): its
+        # units and partial shards would point there, so the small download starts over
+        shutil.rmtree(self.path("raw"), ignore_errors=True)
         names = [f"{i:06d}.jpg" for i in range(len(self.samples))]
         table = synthetic.laion_coco_table(
             self.samples, [f"{base_url}/{n}" for n in names], size=self.cfg.image_size
@@ -150,11 +157,13 @@ class Demo:
         result = run_download(cfg)
         if result.failed_shards:
             raise RuntimeError(f"download left shards {result.failed_shards} unfinished; rerun")
-        return {
+        out = {
             "shards": result.shards_done,
             "images": result.stats["samples"]["successes"],
             "stats": result.stats,
         }
+        storage.write_json(done, out)
+        return out
 
     def score(self) -> dict[str, Any]:
         from pipeline.data.filter import ScoreConfig, run_score
@@ -169,6 +178,8 @@ class Demo:
             executor={"num_actors": 1, "local_num_cpus": 2},
         )
         summary = run_score(cfg)
+        if summary.get("failed_shards"):
+            raise RuntimeError(f"scoring left shards {summary['failed_shards']} unfinished; rerun")
         return {"summary": summary}
 
     def tokenizer(self) -> dict[str, Any]:
@@ -222,6 +233,10 @@ class Demo:
                 text={"uri": self.t5},
             )
             manifest = run_pretokenize(cfg)
+            if manifest.get("failed_shards"):
+                raise RuntimeError(
+                    f"pretokenize ({stage}) left shards {manifest['failed_shards']} unfinished; rerun"
+                )
             out[stage] = {
                 k: manifest[k]
                 for k in ("num_shards", "num_samples", "num_bytes", "dropped")
@@ -244,7 +259,7 @@ class Demo:
             "--config",
             os.path.join(REPO, config),
             f"run_dir={self.path('train', stage)}",
-            f"data.shards=[{self.path('tokens', stage)}]",
+            f"data.shards={json.dumps([self.path('tokens', stage)])}",
             f"steps={steps}",
             f"model.vocab_size={self.codebook_size}",
             f"model.caption_dim={self.cfg.t5_dim}",

@@ -58,6 +58,17 @@ class ExecutorConfig:
         900.0,
     )
 
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"executor.max_retries must be >= 0, got {self.max_retries}")
+        if self.num_actors < 1:
+            raise ValueError(f"executor.num_actors must be >= 1, got {self.num_actors}")
+        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError(
+                f"executor.cpus_per_actor must be > 0 and gpus_per_actor >= 0, got "
+                f"{self.cpus_per_actor} and {self.gpus_per_actor}"
+            )
+
 
 @dataclasses.dataclass
 class RunReport:

@@ -39,3 +39,9 @@ def test_demo_pipeline_small(tmp_path, monkeypatch):
         assert os.path.exists(tmp_path / "demo" / "train" / stage / "metrics" / "loss.png")
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["steps"].keys() == steps.keys()
+    # a rerun finds every step's work done and goes through (the README: "rerunning continues
+    # where it stopped"): no new download, the same shards, the trained steps kept
+    again = run_demo(cfg)["steps"]
+    assert again["download (img2dataset, local Ray)"]["images"] == 48
+    assert again["pretokenize stage 1 and stage 2"]["stage1"] == tokens["stage1"]
+    assert again["train stage 2 from stage 1 (DeepSpeed)"]["step"] == 3

@@ -243,3 +243,21 @@ def test_more_units_than_five_digits_name_is_a_clear_error(tmp_path, monkeypatch
         )
         <= 9
     )
+
+
+def test_config_refuses_columns_img2dataset_writes_and_bad_executor_settings():
+    """A user column named like a field img2dataset writes into every sample would be silently
+    overwritten; a negative retry count ran no unit at all (inline): both are config errors."""
+    from pipeline.data.metadata import MetadataConfig
+    from pipeline.executor import ExecutorConfig
+
+    MetadataConfig(extra_columns=["similarity", "punsafe"])
+    for name in ("caption", "width", "status", "exif"):
+        with pytest.raises(ValueError, match="may not include"):
+            MetadataConfig(extra_columns=["similarity", name])
+    with pytest.raises(ValueError, match="max_retries"):
+        ExecutorConfig(max_retries=-1)
+    with pytest.raises(ValueError, match="num_actors"):
+        ExecutorConfig(num_actors=0)
+    with pytest.raises(ValueError, match="cpus_per_actor"):
+        ExecutorConfig(cpus_per_actor=0)

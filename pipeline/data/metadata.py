@@ -65,10 +65,30 @@ class MetadataConfig:
             raise ValueError(f"rows_per_unit must be >= 1, got {self.rows_per_unit}")
         if self.max_caption_chars < 1:
             raise ValueError(f"max_caption_chars must be >= 1, got {self.max_caption_chars}")
-        reserved = {"url", "caption"}
-        clash = reserved.intersection(self.extra_columns)
+        clash = RESERVED_COLUMNS.intersection(self.extra_columns)
         if clash:
-            raise ValueError(f"extra_columns may not include {sorted(clash)} (used for the unit)")
+            raise ValueError(
+                f"extra_columns may not include {sorted(clash)}: the unit's url and caption, or "
+                "fields img2dataset writes into every sample (they would be overwritten)"
+            )
+
+
+# the unit's own columns, and the fields img2dataset writes into each sample's json and parquet row
+RESERVED_COLUMNS = frozenset(
+    {
+        "url",
+        "caption",
+        "key",
+        "status",
+        "error_message",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "exif",
+        "sha256",
+    }
+)
 
 
 def list_inputs(source: str) -> list[str]:

@@ -14,6 +14,7 @@ import http.server
 import os
 import random
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -116,7 +117,8 @@ def laion_coco_table(samples: list[ShapeSample], urls: list[str], size: int = 25
             "WIDTH": [size] * len(samples),
             "HEIGHT": [size] * len(samples),
             "similarity": [0.35] * len(samples),
-            "hash": [hash(u) & 0x7FFFFFFFFFFFFFFF for u in urls],
+            # stable across processes (Python's hash() of a str is salted per process)
+            "hash": [zlib.crc32(u.encode()) for u in urls],
             "pwatermark": [0.05] * len(samples),
             "punsafe": [0.01] * len(samples),
         }
