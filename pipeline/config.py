@@ -53,7 +53,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin is typing.Union or origin is types.UnionType:
         args = get_args(tp)
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or value == "None"):  # Python's spelling too
             return None
         errors = []
         for arg in args:
@@ -65,6 +65,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: take the word
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            named = [a for a in get_args(tp) if isinstance(a, str) and a.lower() in words]
+            if len(named) == 1:
+                return named[0]
         if value not in get_args(tp):
             allowed = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{where}: {value!r} is not one of {allowed}")
@@ -166,7 +171,18 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    if os.path.isabs(base) or storage.is_remote(base):
+        base_path = base
+    elif storage.is_remote(path):  # relative to a config on S3: join and resolve ".." by hand
+        parts: list[str] = []
+        for p in f"{path.rsplit('/', 1)[0]}/{base}".split("/"):
+            if p == ".." and parts and parts[-1] not in ("", "s3:"):
+                parts.pop()
+            elif p != ".":
+                parts.append(p)
+        base_path = "/".join(parts)
+    else:
+        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
     return _deep_merge(_read_yaml(base_path, (*seen, path)), data)
 
 

@@ -78,3 +78,28 @@ def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["steps"])
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@dataclass(frozen=True)
+class Resize:
+    mode: Literal["no", "border", "center_crop"] = doc("img2dataset's resize_mode", "border")
+    tmp_dir: str | None = doc("a folder, or null", "/tmp")
+
+
+def test_yaml_words_read_as_booleans_and_python_none(tmp_path):
+    """YAML 1.1 reads ``no`` as False: a Literal naming the word still takes it (in a file and
+    as an override); ``None`` as Python spells it is null for an optional field."""
+    path = write(tmp_path, {"mode": False})  # what `mode: no` in a YAML file loads as
+    assert load_config(Resize, path).mode == "no"
+    assert load_config(Resize, None, ["mode=no", "tmp_dir=None"]) == Resize(mode="no", tmp_dir=None)
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(Resize, None, ["mode=yes"])
+
+
+def test_base_on_s3_resolves_relative_paths(s3_bucket):
+    from pipeline import storage
+
+    storage.write_text(f"{s3_bucket}/configs/base.yaml", "name: base\nsteps: 7\n")
+    storage.write_text(f"{s3_bucket}/configs/train/child.yaml", "base: ../base.yaml\nname: child\n")
+    cfg = load_config(Stage, f"{s3_bucket}/configs/train/child.yaml")
+    assert (cfg.name, cfg.steps) == ("child", 7)
