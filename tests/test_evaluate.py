@@ -143,20 +143,23 @@ def test_evaluation_report_end_to_end(setup, tmp_path):
     assert (out / "samples" / "grid.png").exists() and (out / "config.yaml").exists()
 
 
+def _sampling_eval(setup, out) -> EvalConfig:
+    """An evaluation that samples one image per caption from the tiny models."""
+    return EvalConfig(
+        output=str(out),
+        captions=setup["captions"],
+        checkpoint=setup["gpt"],
+        vq=setup["vq"],
+        text_encoder=setup["t5"],
+        images_per_caption=1,
+        threads=1,
+    )
+
+
 def test_missing_weights_are_reported_not_fatal(setup, tmp_path):
     # score an earlier sampling output (no sampling here) with every weight file missing
     first = tmp_path / "first"
-    run_evaluation(
-        EvalConfig(
-            output=str(first),
-            captions=setup["captions"],
-            checkpoint=setup["gpt"],
-            vq=setup["vq"],
-            text_encoder=setup["t5"],
-            images_per_caption=1,
-            threads=1,
-        )
-    )
+    run_evaluation(_sampling_eval(setup, first))
     out = tmp_path / "second"
     evaluate_main(
         [
@@ -189,17 +192,7 @@ def test_a_failing_tokenizer_metric_keeps_the_report(setup, tmp_path, monkeypatc
 
     monkeypatch.setattr(evaluate, "tokenizer_metrics", broken)
     out = tmp_path / "out"
-    run_evaluation(
-        EvalConfig(
-            output=str(out),
-            captions=setup["captions"],
-            checkpoint=setup["gpt"],
-            vq=setup["vq"],
-            text_encoder=setup["t5"],
-            images_per_caption=1,
-            threads=1,
-        )
-    )
+    run_evaluation(_sampling_eval(setup, out))
     report = json.loads((out / "report.json").read_text())
     assert report["images"] == 3
     assert report["tokenizer"]["note"] == "failed: RuntimeError: no decodable evaluation images"

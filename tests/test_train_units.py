@@ -410,22 +410,28 @@ engine.shutdown(0)
 )
 
 
-def test_cpu_engine_takes_gradient_norms_in_fp32():
-    """On CPU the ZeRO engine's clipping norm is computed without an fp64 copy of every
-    gradient (``engine.fp32_grad_norms``): for ZeRO-1, -2 and -3 it is the norm PyTorch's
-    ``clip_grad_norm_`` gives for the same gradients, within PyTorch's fp32 rounding of the
-    fp64 norm (its CPU norm kernel sums in fp32 lanes: about 1e-5 relative at 2M weights)."""
+def _run_engine_script(script: str, *args: str) -> dict:
+    """Run ``script`` (an in-process DeepSpeed engine on CPU) in a fresh interpreter; returns
+    the JSON it prints last."""
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _NORM_SCRIPT, "1", "2", "3"],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_engine_takes_gradient_norms_in_fp32():
+    """On CPU the ZeRO engine's clipping norm is computed without an fp64 copy of every
+    gradient (``engine.fp32_grad_norms``): for ZeRO-1, -2 and -3 it is the norm PyTorch's
+    ``clip_grad_norm_`` gives for the same gradients, within PyTorch's fp32 rounding of the
+    fp64 norm (its CPU norm kernel sums in fp32 lanes: about 1e-5 relative at 2M weights)."""
+    res = _run_engine_script(_NORM_SCRIPT, "1", "2", "3")
     assert set(res["got"]) == {"1", "2", "3"}
     for stage, (norm, dtypes) in res["got"].items():
         assert "torch.float64" not in dtypes, (stage, dtypes)
@@ -470,17 +476,7 @@ def test_cpu_bf16_engine_skips_non_finite_steps_by_the_norm():
     """bf16 ZeRO-1/2 on CPU: no separate inf/NaN scan of the gradients (``amax``/``amin``) in
     a step, a finite step updates the weights, and a step with NaN gradients is still skipped
     (weights unchanged and finite, DeepSpeed's skipped-step count up by one)."""
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _BF16_SKIP_SCRIPT, "1", "2"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _run_engine_script(_BF16_SKIP_SCRIPT, "1", "2")
     for stage in ("1", "2"):
         r = res[stage]
         assert r["by_norm"], stage
@@ -538,17 +534,7 @@ def test_fp32_weights_reach_the_bf16_masters_and_a_resume_takes_the_new_peak_lr(
     """Stage 2 starts from stage 1's fp32 export: in bf16 the engine's fp32 masters get those
     values, not their bf16 rounding. A run resumed with another global batch (so another
     scaled peak) goes on at the new peak, at the same point of the schedule."""
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _MASTERS_AND_LR_SCRIPT, str(tmp_path), "1", "2"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _run_engine_script(_MASTERS_AND_LR_SCRIPT, str(tmp_path), "1", "2")
     for stage in ("1", "2"):
         r = res[stage]
         assert r["before"] > 1e-4 and r["after"] == 0.0, (stage, r)  # rounded, then exact
