@@ -439,13 +439,18 @@ def test_cpu_engine_takes_gradient_norms_in_fp32():
         assert norm == pytest.approx(res["want"], rel=2e-4), stage
 
 
-_BF16_SKIP_SCRIPT = (
-    _STEP_SCRIPT_HEAD
-    + r"""
+# a small bf16 batch for the debug preset at a 2x2 grid
+_TINY_BF16_BATCH = r"""
 cfg = GPTConfig.from_name("debug", grid_size=2, max_text_tokens=4)
 g = torch.Generator().manual_seed(0)
 codes = torch.randint(0, cfg.vocab_size, (2, cfg.image_tokens), generator=g)
 feats = torch.randn(2, cfg.max_text_tokens, cfg.caption_dim, generator=g).bfloat16()
+"""
+
+_BF16_SKIP_SCRIPT = (
+    _STEP_SCRIPT_HEAD
+    + _TINY_BF16_BATCH
+    + r"""
 out = {}
 for stage in sys.argv[1:]:
     torch.manual_seed(0)
@@ -486,12 +491,9 @@ def test_cpu_bf16_engine_skips_non_finite_steps_by_the_norm():
 
 _MASTERS_AND_LR_SCRIPT = (
     _STEP_SCRIPT_HEAD
+    + _TINY_BF16_BATCH
     + r"""
 from deepspeed.utils import safe_get_full_fp32_param
-cfg = GPTConfig.from_name("debug", grid_size=2, max_text_tokens=4)
-g = torch.Generator().manual_seed(0)
-codes = torch.randint(0, cfg.vocab_size, (2, cfg.image_tokens), generator=g)
-feats = torch.randn(2, cfg.max_text_tokens, cfg.caption_dim, generator=g).bfloat16()
 torch.manual_seed(0)
 export = {k: v.clone() for k, v in GPT(cfg).state_dict().items()}  # fp32, not bf16 values
 
