@@ -428,3 +428,19 @@ def test_shipped_configs_load(name):
     assert cfg.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
     assert cfg.allow_private_addresses is False
     assert cfg.allow_loopback is (name == "download_local.yaml")
+
+
+def test_a_stats_file_cut_short_makes_its_shard_failed_not_done(tmp_path):
+    """img2dataset writes a shard's _stats.json (its done marker) with a plain open(): cut
+    short by a kill, it would keep the shard done without its counts. It is removed instead, and
+    the shard counted failed, so the next run downloads it again."""
+    out = str(tmp_path / "raw")
+    full = {"count": 5, "successes": 4, "failed_to_download": 1, "failed_to_resize": 0,
+            "status_dict": {"success": 4, "HTTP Error 404: Not Found": 1}}  # fmt: skip
+    storage.write_json(f"{out}/00000_stats.json", full)
+    storage.write_bytes(f"{out}/00001_stats.json", b'{"count": 5, "succ')
+    stats = aggregate_stats(out, 2)
+    assert stats["shards"]["done"] == 1 and stats["shards"]["failed"] == [1]
+    assert stats["samples"]["successes"] == 4 and stats["by_reason"]["http_404"] == 1
+    assert not storage.exists(f"{out}/00001_stats.json")
+    assert storage.exists(f"{out}/00000_stats.json")

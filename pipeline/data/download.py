@@ -355,16 +355,25 @@ def reason_of(status: str) -> str:
 
 
 def aggregate_stats(output: str, shards_total: int) -> dict[str, Any]:
-    """Sum every ``{shard}_stats.json`` under ``output`` into counts per reason."""
+    """Sum every ``{shard}_stats.json`` under ``output`` into counts per reason.
+
+    A stats file that cannot be read (img2dataset writes it with a plain ``open``: a kill can
+    cut it short) does not make its shard done: it is removed and the shard counted as failed,
+    so that the next run downloads it again instead of keeping it without its counts."""
     samples: Counter = Counter()
     statuses: Counter = Counter()
-    done = sorted(i for i in done_shards(output) if i < shards_total)
-    for i in done:
+    done = []
+    for i in sorted(i for i in done_shards(output) if i < shards_total):
+        uri = storage.join(output, f"{shard_name(i)}_stats.json")
         try:
-            s = storage.read_json(storage.join(output, f"{shard_name(i)}_stats.json"))
+            s = storage.read_json(uri)
+            if not isinstance(s, dict):
+                raise ValueError(f"not a JSON object: {type(s).__name__}")
         except (ValueError, OSError) as e:
-            log.warning("unreadable stats for shard %d: %s", i, e)
+            log.warning("unreadable stats for shard %d (%s): removed, the shard is redone", i, e)
+            storage.remove(uri)
             continue
+        done.append(i)
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             samples[k] += int(s.get(k, 0))
         statuses.update({str(k): int(v) for k, v in s.get("status_dict", {}).items()})
