@@ -1,12 +1,35 @@
-"""The rule both checkpoint managers (GPT training, tokenizer training) apply before a run starts.
+"""What GPT training and tokenizer training decide once, on rank 0, before a run starts.
 
-Each keeps the checkpoints with the highest step numbers. A run started afresh (``--resume
+:func:`decided_on_rank0` runs such a decision (which checkpoint to resume, which shards to read)
+on rank 0 and gives every rank its answer, or its error. :func:`resume_conflict` is the rule
+both checkpoint managers apply: each keeps the checkpoints with the highest step numbers. A run started afresh (``--resume
 none``) in a run dir that already holds checkpoints, or resumed from an older step than the
 newest there, would have its own checkpoints pruned as the oldest, and a later ``--resume auto``
 would go back to the other run: its work would be lost. Such a start is refused, with what to do.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def decided_on_rank0(is_main: bool, broadcast: Callable[[Any], Any], decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 alone, its answer given to every rank through ``broadcast``
+    (the job's broadcast-from-rank-0). An error it raises is raised on every rank: raised on rank
+    0 alone, it would leave the others waiting in the broadcast until the collective timeout."""
+    answer, error = None, None
+    if is_main:
+        try:
+            answer = decide()
+        except Exception as exc:  # noqa: BLE001 - handed to every rank and raised there
+            error = exc
+    answer, error = broadcast((answer, error))
+    if error is not None:
+        raise error
+    return answer
 
 
 def resume_conflict(resume: str, chosen: int | None, newest: int | None, where: str) -> str | None:

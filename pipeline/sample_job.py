@@ -15,7 +15,6 @@ importing the training engine.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -413,19 +412,11 @@ INPUT_FILES = ("checkpoint", "vq", "text_encoder", "prompts_file")
 
 
 def input_fingerprints(cfg: SampleConfig) -> dict[str, str | None]:
-    """What the files of :data:`INPUT_FILES` hold now: the prompts file by its text, the model
-    folders by their files' names, sizes and ETags or times (None: not a file, e.g. a preset)."""
-    out: dict[str, str | None] = {}
-    for k in INPUT_FILES:
-        uri = getattr(cfg, k)
-        if not uri:
-            out[k] = None
-        elif k == "prompts_file":
-            data = storage.read_bytes(uri) if storage.exists(uri) else None
-            out[k] = None if data is None else hashlib.sha256(data).hexdigest()[:20]
-        else:
-            out[k] = storage.fingerprint(uri)
-    return out
+    """What the files of :data:`INPUT_FILES` hold now (:func:`pipeline.storage.fingerprint`:
+    content, not times; None: not a file, e.g. a preset name)."""
+    return {
+        k: storage.fingerprint(getattr(cfg, k)) if getattr(cfg, k) else None for k in INPUT_FILES
+    }
 
 
 def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:

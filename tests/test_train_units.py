@@ -574,3 +574,24 @@ def test_rng_state_holds_and_restores_only_the_ranks_own_cuda_device(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="no CUDA device"):
         restore_rng_state(state)
+
+
+def test_a_decision_on_rank0_reaches_every_rank_error_included():
+    from pipeline.resume import decided_on_rank0
+
+    sent = []
+
+    def broadcast(obj):  # rank 0 sends, the others receive what it sent
+        if obj != (None, None):
+            sent.append(obj)
+        return sent[-1]
+
+    assert decided_on_rank0(True, broadcast, lambda: ["a", "b"]) == ["a", "b"]
+    assert decided_on_rank0(False, broadcast, lambda: pytest.fail("ran off rank 0")) == ["a", "b"]
+
+    def refuse():
+        raise ValueError("run dir already has checkpoints")
+
+    for is_main in (True, False):  # rank 0 first: the others get its error
+        with pytest.raises(ValueError, match="already has checkpoints"):
+            decided_on_rank0(is_main, broadcast, refuse)

@@ -72,8 +72,8 @@ def _field(d: dict[str, Any], dotted: str) -> Any:
 
 
 def _inputs(cfg: PretokenizeConfig) -> dict[str, str | None]:
-    """What the model URIs hold now (names, sizes, ETags or times): weights replaced at the same
-    URI change the shards as much as another URI does."""
+    """What the model URIs hold now (:func:`pipeline.storage.fingerprint`): weights replaced at
+    the same URI change the shards as much as another URI does."""
     return {
         k: storage.fingerprint(u) if u else None
         for k, u in (("vq", cfg.vq.uri), ("text", cfg.text.uri))

@@ -35,7 +35,7 @@ from pipeline.data.raw import RawImageStream, list_complete_shards
 from pipeline.log import get_logger
 from pipeline.models.vq import VQConfig, VQModel, count_params
 from pipeline.precision import warn_if_slow
-from pipeline.resume import resume_conflict
+from pipeline.resume import decided_on_rank0, resume_conflict
 from pipeline.tokenizer import checkpoint as ckpt
 from pipeline.tokenizer.discriminator import PatchGANDiscriminator
 from pipeline.tokenizer.losses import (
@@ -246,15 +246,16 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     used_at_resume: torch.Tensor | None = None
     state: dict[str, Any] | None = None
     resume_step: int | None = None
-    found, conflict = None, None
-    if d.rank == 0:  # one rank decides, so all resume from the same step
+
+    def decide_resume() -> int | None:  # one rank decides, so all resume from the same step
         newest = ckpt.newest_step(ckpt_local, ckpt_remote)
-        if resume != "none":
-            found = newest if resume == "auto" else int(resume)
+        found = None if resume == "none" else newest if resume == "auto" else int(resume)
         conflict = resume_conflict(resume, found, newest, cfg.run_dir)
-    resume_step, conflict = d.broadcast((found, conflict))
-    if conflict:
-        raise ValueError(conflict)
+        if conflict:
+            raise ValueError(conflict)
+        return found
+
+    resume_step = decided_on_rank0(d.rank == 0, d.broadcast, decide_resume)
     if resume_step is not None:
         state = ckpt.load_checkpoint(resume_step, ckpt_local, ckpt_remote)
         if len(state["ranks"]) != d.world:
@@ -271,15 +272,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     # one rank lists the shards and every rank reads that list: listed apart, ranks could see
     # different shard sets while the download stage is still finishing shards, and split them
     # differently (samples read twice or never)
-    shards, error = None, None
-    if d.rank == 0:
-        try:
-            shards = _training_shards(cfg.data, state)
-        except (RuntimeError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-    shards, error = d.broadcast((shards, error))
-    if error:
-        raise RuntimeError(f"training shards under {cfg.data}: {error}")
+    shards = decided_on_rank0(d.rank == 0, d.broadcast, lambda: _training_shards(cfg.data, state))
     stream = RawImageStream(
         shards,
         cfg.image_size,

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import storage
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPTConfig
-from pipeline.resume import resume_conflict
+from pipeline.resume import decided_on_rank0, resume_conflict
 from pipeline.train import engine
 from pipeline.train.engine import DistInfo, partitioned_optimizer
 
@@ -184,27 +184,26 @@ class CheckpointManager:
         (``step_00001000``): that one. A fresh start in a run dir with checkpoints, or a resume
         from an older one than the newest, raises (:func:`pipeline.resume.resume_conflict`).
         """
-        tag, conflict = None, None
-        if self.dist.is_main:
+
+        def decide() -> str | None:
             found = complete_tags(self.local_root)
             if self.remote_root:
                 found += complete_tags(self.remote_root)
             newest = max(found, default=None)
-            if resume == "auto":
-                tag = newest
-            elif resume != "none":
+            tag = newest if resume == "auto" else None
+            if resume not in ("auto", "none"):
                 tag = os.path.basename(resume.rstrip("/"))
-                step_of(tag)
             conflict = resume_conflict(
                 resume,
                 None if tag is None else step_of(tag),
                 None if newest is None else step_of(newest),
                 self.remote_root or self.local_root,
             )
-        tag, conflict = engine.broadcast_object((tag, conflict))
-        if conflict:
-            raise ValueError(conflict)
-        return tag
+            if conflict:
+                raise ValueError(conflict)
+            return tag
+
+        return decided_on_rank0(self.dist.is_main, engine.broadcast_object, decide)
 
     def ensure_local(self, tag: str) -> str:
         """The local directory of ``tag``, downloaded from the run dir when only S3 has it.

@@ -28,6 +28,7 @@ from pipeline.data.loader import BatchSpec, LoaderConfig, TokenLoader, list_trai
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPT, GPTConfig, train_flops_per_sample
 from pipeline.precision import warn_if_slow
+from pipeline.resume import decided_on_rank0
 from pipeline.train import engine
 from pipeline.train.checkpoint import CheckpointManager, export_weights, init_from_export
 from pipeline.train.metrics import MetricsLogger
@@ -163,15 +164,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     # one rank lists the token shards and every rank reads that list: listed apart, ranks could
     # see different sets while pretokenize is still finishing shards, and plan different orders
-    shard_list, error = None, None
-    if dist.is_main:
-        try:
-            shard_list = list_training_shards(cfg.data.shards)
-        except (OSError, ValueError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-    shard_list, error = engine.broadcast_object((shard_list, error))
-    if error:
-        raise RuntimeError(f"token shards {cfg.data.shards}: {error}")
+    shard_list = decided_on_rank0(
+        dist.is_main, engine.broadcast_object, lambda: list_training_shards(cfg.data.shards)
+    )
     loader = TokenLoader(cfg.data, spec, rank=dist.rank, world=dist.world, shards=shard_list)
     if dist.is_main:
         log.info(
