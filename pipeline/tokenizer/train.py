@@ -477,9 +477,11 @@ def _checkpoint(
             "shards": [u.rsplit("/", 1)[-1] for u in stream.tar_uris],
             "config": json.dumps(to_dict(cfg)),
         }
-        ckpt.save_checkpoint(state, step, local, remote, cfg.keep_checkpoints)
+        # the metrics first: a checkpoint complete on S3 before its steps' metrics were mirrored
+        # (a kill in between) would resume with the history of those steps lost
         if metrics:
             metrics.mirror()
+        ckpt.save_checkpoint(state, step, local, remote, cfg.keep_checkpoints)
     if d.world > 1:
         dist.barrier()  # nobody runs ahead into a step that a crash could leave unsaved
 
