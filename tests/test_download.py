@@ -444,3 +444,48 @@ def test_a_stats_file_cut_short_makes_its_shard_failed_not_done(tmp_path):
     assert stats["samples"]["successes"] == 4 and stats["by_reason"]["http_404"] == 1
     assert not storage.exists(f"{out}/00001_stats.json")
     assert storage.exists(f"{out}/00000_stats.json")
+
+
+# --- distributors ---------------------------------------------------------------------------------
+
+
+def _done(d) -> set[int]:
+    return {int(n.split(".")[0]) for n in os.listdir(d)}
+
+
+@pytest.mark.timeout(180)
+def test_pool_distributor_ends_a_pass_when_a_worker_dies(tmp_path):
+    """img2dataset's Pool waits forever for a dead worker's shard; ours reports it and returns."""
+    import multiprocessing
+
+    from pipeline.data.img2dataset_guards import pool_distributor
+    from tests.fakeworkers import FakeDownloader
+
+    rows = [(i, f"unit{i}") for i in range(6)]
+    down = FakeDownloader(str(tmp_path), die=1, fail=4, slow=0.2)
+    left = pool_distributor(2, down, iter(rows), None, 1)
+    done = _done(tmp_path)
+    assert 1 in {r[0] for r in left} and 1 not in done
+    # every shard is either finished or reported: nothing lost silently
+    assert done | {r[0] for r in left} == set(range(6))
+    assert not done & {r[0] for r in left}
+    assert multiprocessing.active_children() == []  # no worker goes on writing
+
+    # without a dying worker: the failing shard is retried once in the pass, then reported
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    down = FakeDownloader(str(healthy), fail=4)
+    assert pool_distributor(2, down, iter(rows), None, 1) == [(4, "unit4")]
+    assert _done(healthy) == {0, 1, 2, 3, 5}
+
+
+def test_ray_distributor_waits_for_every_task(local_ray, tmp_path):
+    """img2dataset's ``ray.get`` returns at the first failed task while others still write."""
+    from pipeline.data.img2dataset_guards import ray_distributor
+    from tests.fakeworkers import FakeDownloader
+
+    rows = [(i, f"unit{i}") for i in range(3)]
+    down = FakeDownloader(str(tmp_path), raise_on=0, slow=3.0)
+    left = ray_distributor(2, down, iter(rows), None, 0)
+    assert left == [(0, "unit0")]
+    assert _done(tmp_path) == {1, 2}  # the slow tasks had finished when it returned

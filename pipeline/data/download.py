@@ -8,9 +8,11 @@
    ``t2i-refused-<reason>:<url>``: urllib fails it at once with no network traffic, the shard's
    parquet keeps the row and its reason, and unit i stays shard i. In the workers the same
    policy is applied again at connect time (redirects, DNS rebinding);
-3. img2dataset (``distributor`` multiprocessing on one box, ray on a cluster) writes
-   ``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` per unit into ``{output}``;
-4. shards without ``_stats.json`` (img2dataset's ray distributor never retries) get their partial
+3. img2dataset (``distributor`` multiprocessing on one box, ray on a cluster; both run through
+   our distributors in ``img2dataset_guards``, which end a pass only when no task can still be
+   writing) writes ``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` per unit into
+   ``{output}``;
+4. shards without ``_stats.json`` (a worker died, or a shard failed as a whole) get their partial
    files removed and are run again, up to ``shard_retry_rounds`` times; the rest are reported;
 5. per-shard stats are summed into ``{output}/_meta/download_stats.json`` with counts per reason,
    next to the resolved ``download_config.yaml``.
@@ -250,13 +252,20 @@ def _run_img2dataset(cfg: DownloadConfig, input_dir: str) -> None:
     import functools
     import importlib
 
-    from pipeline.data.img2dataset_guards import GuardedDownloader, GuardedResizer
+    from pipeline.data.img2dataset_guards import (
+        GuardedDownloader,
+        GuardedResizer,
+        pool_distributor,
+        ray_distributor,
+    )
 
     # the package re-exports a function named ``main``: fetch the module itself
     i2d = importlib.import_module("img2dataset.main")
 
     extras = list(cfg.metadata.extra_columns) or None
-    original = i2d.Resizer, i2d.Downloader
+    original = i2d.Resizer, i2d.Downloader, i2d.multiprocessing_distributor, i2d.ray_distributor
+    # its distributors can hang on a dead worker or return with tasks still writing: ours wait
+    i2d.multiprocessing_distributor, i2d.ray_distributor = pool_distributor, ray_distributor
     # img2dataset builds these itself: hand it ours (pickled by reference to the workers)
     i2d.Resizer = functools.partial(GuardedResizer, max_pixels=cfg.max_image_pixels)
     i2d.Downloader = functools.partial(
@@ -298,7 +307,7 @@ def _run_img2dataset(cfg: DownloadConfig, input_dir: str) -> None:
             enable_wandb=False,
         )
     finally:
-        i2d.Resizer, i2d.Downloader = original
+        i2d.Resizer, i2d.Downloader, i2d.multiprocessing_distributor, i2d.ray_distributor = original
 
 
 def _remove_partial(output: str, shard: int) -> None:

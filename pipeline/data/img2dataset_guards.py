@@ -29,6 +29,9 @@ from img2dataset.resizer import Resizer
 from PIL import Image
 
 from pipeline.data.netguard import install_connection_guard
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
 
 # Error strings written into img2dataset's per-shard status_dict (keep them constant).
 ERR_BOMB = "decompression bomb (image larger than max_image_pixels)"
@@ -122,3 +125,110 @@ class GuardedDownloader(Downloader):
         # runs in the worker (a pool process or a Ray task): guard before the first request
         install_connection_guard(self.allow_loopback, self.allow_private)
         return super().__call__(row)
+
+
+# --- distributors ---------------------------------------------------------------------------------
+# img2dataset 1.47's own distributors lose track of shards in two ways (read in its source):
+# - multiprocessing: ``Pool.imap_unordered`` waits forever for a task whose worker process died
+#   (the OOM killer, a segfault in a decoder): the download hangs;
+# - ray: ``ray.get(all tasks)`` returns at the first task that fails as a whole, while the other
+#   tasks go on writing their shards; our retry round then removes and rewrites a shard that a
+#   task of the previous pass may still be writing (two writers on one tar).
+# Ours end a pass only when no task of it can still be writing, and say what was lost; the shards
+# left without ``_stats.json`` are removed and rerun by ``download``'s retry rounds.
+
+
+def _retry(run, tasks: list, max_shard_retry: int) -> list:
+    failed = run(tasks)
+    for i in range(max_shard_retry):
+        if not failed:
+            break
+        log.warning("retrying %d failed shards in the same pass (try %d)", len(failed), i + 1)
+        failed = run(failed)
+    return failed
+
+
+def pool_distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry) -> list:
+    """img2dataset's multiprocessing distributor on a ``ProcessPoolExecutor``.
+
+    A worker that dies breaks the pool (``BrokenProcessPool``): the executor stops the other
+    workers and every pending shard is reported lost, so the pass ends instead of hanging.
+    Returns the shards (``(id, file)`` rows) that failed or were lost.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    lost: list = []
+
+    def run(tasks: list) -> list:
+        if lost:  # the pool broke earlier in this pass: the rest waits for the next round
+            return list(tasks)
+        failed = []
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(processes_count, mp_context=ctx, max_tasks_per_child=5)
+        try:
+            futures = {pool.submit(downloader, row): row for row in tasks}
+            for fut in as_completed(futures):
+                try:
+                    ok, row = fut.result()
+                except BrokenProcessPool:
+                    lost.append(futures[fut])
+                    continue
+                if not ok:
+                    failed.append(row)
+        except BaseException:  # an interrupt: no worker may go on writing after we return
+            for proc in list((pool._processes or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        if lost:
+            log.error(
+                "a download worker process died (out of memory? a crash in a decoder?); shards %s "
+                "were not finished and go to the next retry round",
+                sorted(r[0] for r in lost)[:50],
+            )
+        return failed
+
+    return _retry(run, list(reader), max_shard_retry) + lost
+
+
+def _ray_call(downloader, row):
+    return downloader(row)
+
+
+def ray_distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry) -> list:
+    """img2dataset's Ray distributor, waiting for every task before it returns.
+
+    A task that fails as a whole (its worker died after Ray's own retries) is logged and its
+    shard reported; the others run to their end. An interrupt cancels every task still running,
+    so none writes after the driver has gone. Returns the failed or lost shards.
+    """
+    import ray
+
+    remote = ray.remote(_ray_call)
+
+    def run(tasks: list) -> list:
+        refs = {remote.remote(downloader, row): row for row in tasks}
+        pending, failed = list(refs), []
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    try:
+                        ok, row = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        row = refs[ref]
+                        log.error("download task of shard %s failed: %s", row[0], exc)
+                        failed.append(row)
+                        continue
+                    if not ok:
+                        failed.append(row)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        return failed
+
+    return _retry(run, list(reader), max_shard_retry)
