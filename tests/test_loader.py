@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import os
 import re
@@ -71,20 +72,82 @@ def test_state_dict_gives_identical_next_batches(toy, workers, split):
 
     again = TokenLoader(cfg, SPEC)
     again.load_state_dict(state)
+    assert again.load_state_dict(state)
     replay = list(itertools.islice(again, 20))
-    assert all(_same(a, b) for a, b in zip(tail, replay))
+    assert all(_same(a, b) for a, b in zip(tail, replay, strict=True))
     assert again.epoch >= 1  # the replay crossed an epoch boundary
     # and a fresh loader repeats the whole sequence
     fresh = list(itertools.islice(TokenLoader(cfg, SPEC), 25))
-    assert all(_same(a, b) for a, b in zip(head + tail, fresh))
+    assert all(_same(a, b) for a, b in zip(head + tail, fresh, strict=True))
 
 
-def test_resume_refuses_a_different_worker_count(toy):
-    loader = TokenLoader(LoaderConfig(shards=[toy], num_workers=2), SPEC)
-    with pytest.raises(ValueError, match="num_workers"):
-        TokenLoader(LoaderConfig(shards=[toy], num_workers=0), SPEC).load_state_dict(
-            loader.state_dict()
-        )
+def _consume(loader: TokenLoader, n: int) -> list[str]:
+    return [k for b in itertools.islice(iter(loader), n) for k in b["keys"]]
+
+
+def test_a_place_that_no_longer_applies_is_not_loaded(toy, tmp_path):
+    """Another worker count, shard set or shuffle: the saved cursor would index another order
+    (repeating samples, never reaching others), so the state is refused and nothing changes."""
+    cfg = LoaderConfig(shards=[toy], batch_size=2, num_workers=0, shuffle_buffer=4)
+    loader = TokenLoader(cfg, SPEC)
+    _consume(loader, 7)
+    state = loader.state_dict()
+    assert TokenLoader(cfg, SPEC).load_state_dict(state)  # the same setting: taken
+
+    other_workers = TokenLoader(LoaderConfig(shards=[toy], num_workers=2), SPEC)
+    before = other_workers.state_dict()
+    assert not other_workers.load_state_dict(state)
+    assert other_workers.state_dict() == before
+    for field, value in [("seed", 1), ("shuffle_buffer", 8), ("split", "sample")]:
+        changed = TokenLoader(LoaderConfig(**{**vars(cfg), field: value}), SPEC)
+        assert not changed.load_state_dict(state), field
+        assert changed.state_dict()["streams"][0] == {"epoch": 0, "cursor": 0}
+    # a shard more (pretokenize finished another one)
+    write_toy_token_shards(toy, num_shards=1, per_shard=10, first_index=4)
+    assert not TokenLoader(cfg, SPEC).load_state_dict(state)
+
+
+def test_a_fresh_order_does_not_replay_the_first_epoch(tmp_path):
+    """A run resumed on another number of ranks starts a salted order: not epoch 0's again,
+    whose first samples the run has already trained on."""
+    uri = str(tmp_path / "d")
+    write_toy_token_shards(uri, num_shards=16, per_shard=5)  # 80 samples
+    cfg = LoaderConfig(shards=[uri], batch_size=4, num_workers=0, shuffle_buffer=4)
+    # 4 ranks took 4 batches of 4 each (64 of the 80 samples), then the run moved to 2 ranks
+    seen = {k for r in range(4) for k in _consume(TokenLoader(cfg, SPEC, rank=r, world=4), 4)}
+    assert len(seen) == 64
+    again = [TokenLoader(cfg, SPEC, rank=r, world=2) for r in range(2)]
+    replay = {k for ld in again for k in _consume(ld, 4)}  # what epoch 0 on 2 ranks gives first
+    for ld in again:
+        ld.start_afresh(salt=40)
+    fresh = [k for ld in again for k in _consume(ld, 4)]
+    assert len(replay & seen) >= 28  # the unsalted order re-reads the same first shards
+    assert len(set(fresh) & seen) < len(replay & seen)
+    assert len(set(fresh)) == 32
+    # a salted order is an order of its own, and covers every sample in its epoch
+    one = TokenLoader(dataclasses.replace(cfg, batch_size=1), SPEC)
+    one.start_afresh(salt=40)
+    epoch = _epoch_keys(one)
+    assert sorted(epoch) == sorted(_all(uri))
+    plain = _epoch_keys(TokenLoader(dataclasses.replace(cfg, batch_size=1), SPEC))
+    assert epoch != plain
+
+
+def test_resume_at_the_end_of_an_epoch_is_not_an_empty_epoch(tmp_path, caplog):
+    uri = str(tmp_path / "one")
+    write_toy_token_shards(uri, num_shards=1, per_shard=6)
+    cfg = LoaderConfig(shards=[uri], batch_size=3, num_workers=0)
+    loader = TokenLoader(cfg, SPEC)
+    _consume(loader, 2)  # the epoch's last sample
+    state = loader.state_dict()
+    assert state["streams"][0]["cursor"] == 6
+    again = TokenLoader(cfg, SPEC)
+    assert again.load_state_dict(state)
+    with caplog.at_level("WARNING"):
+        _consume(again, 2)
+    assert "gave none" not in caplog.text
+    assert "empty_epochs" not in again.state_dict()["streams"][0]
+    assert again.epoch == 1
 
 
 @pytest.mark.parametrize("split,n_shards", [("auto", 4), ("sample", 4), ("auto", 1)])
@@ -97,9 +160,16 @@ def test_split_by_rank_is_disjoint_and_covers_the_set(tmp_path, split, n_shards)
     assert sorted(per_rank[0] + per_rank[1]) == sorted(_all(uri))
     if split == "sample" or n_shards == 1:  # split by sample: every shard feeds both ranks
         assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
-    # the next epoch is shuffled differently
-    loader = TokenLoader(cfg, SPEC, rank=0, world=2)
-    assert _epoch_keys(loader, 0) != _epoch_keys(loader, 1)
+    # the next epoch covers the set again, in another order
+    nxt = []
+    for r in range(2):
+        loader = TokenLoader(cfg, SPEC, rank=r, world=2)
+        assert loader.load_state_dict(
+            {**loader.state_dict(), "streams": [{"epoch": 1, "cursor": 0}]}
+        )
+        nxt.append(_epoch_keys(loader, 1))
+    assert sorted(nxt[0] + nxt[1]) == sorted(_all(uri))
+    assert nxt[0] != per_rank[0]
 
 
 def test_split_by_worker_covers_the_set(toy):
@@ -135,6 +205,16 @@ def test_damaged_shards_are_counted_and_skipped(tmp_path):
     counters = loader.counters()
     assert counters["bad_shards"] == 2
     assert counters["missing_samples"] == 10 + 5
+
+    # a resume re-reads up to a buffer behind: the damage is not counted twice
+    cfg5 = dataclasses.replace(cfg, batch_size=5)
+    whole = TokenLoader(cfg5, SPEC)
+    part = TokenLoader(cfg5, SPEC)
+    _consume(part, 3)
+    resumed = TokenLoader(cfg5, SPEC)
+    assert resumed.load_state_dict(part.state_dict())
+    assert _consume(whole, 5)[15:] == _consume(resumed, 2)
+    assert resumed.counters() == whole.counters()
 
     with pytest.raises(RuntimeError, match="damaged token shard"):
         list(
@@ -207,13 +287,42 @@ def read_token_shard_prefix(data: bytes, n: int):
 
 
 def test_bad_sample_is_counted(tmp_path):
+    """A sample whose codes do not parse (inside an intact tar) is counted and skipped."""
+    import tarfile
+
     uri = str(tmp_path / "mixed")
     write_toy_token_shards(uri, num_shards=1, per_shard=6, grid_size=4)
-    write_toy_token_shards(uri, num_shards=1, per_shard=2, grid_size=3, first_index=1)
-    loader = TokenLoader(LoaderConfig(shards=[uri], batch_size=1, num_workers=0), SPEC)
-    keys = _epoch_keys(loader)
-    assert len(keys) == 6 and all(k.startswith("s00000") for k in keys)
-    assert loader.counters()["bad_samples"] == 2
+    path = os.path.join(uri, shard_name(0))
+    with tarfile.open(path) as tar:
+        m = next(m for m in tar.getmembers() if m.name.endswith("00002.codes.npy"))
+    with open(path, "r+b") as f:  # same length, garbage bytes: the tar stays readable
+        f.seek(m.offset_data)
+        f.write(b"\x00" * m.size)
+    cfg = LoaderConfig(shards=[uri], batch_size=1, num_workers=0, shuffle=False)
+    loader = TokenLoader(cfg, SPEC)
+    assert _consume(loader, 5) == [f"s00000_{j:05d}" for j in (0, 1, 3, 4, 5)]
+    assert loader.counters()["bad_samples"] == 1
+
+
+def test_shards_for_another_model_stop_the_run(tmp_path):
+    """Another grid, caption width or codebook is a config error, not damage: it stops at the
+    first sample whatever on_error says, instead of skipping every sample of the run."""
+    from pipeline.data.loader import DataMismatch
+
+    uri = str(tmp_path / "g3")
+    write_toy_token_shards(uri, num_shards=1, per_shard=4, grid_size=3)
+    cfg = LoaderConfig(shards=[uri], batch_size=1, num_workers=0, on_error="skip")
+    with pytest.raises(DataMismatch, match="grid 3x3, the model's grid is 4x4"):
+        next(iter(TokenLoader(cfg, SPEC)))
+    uri4 = str(tmp_path / "g4")
+    write_toy_token_shards(uri4, num_shards=1, per_shard=4, grid_size=4)
+    cfg4 = dataclasses.replace(cfg, shards=[uri4])
+    with pytest.raises(DataMismatch, match="features are 16-d, the model takes 32-d"):
+        next(iter(TokenLoader(cfg4, dataclasses.replace(SPEC, caption_dim=32))))
+    top = max(int(s["codes"].max()) for s in _all(uri4).values())
+    with pytest.raises(DataMismatch, match=f"code {top} is outside the model's codebook of {top}"):
+        next(iter(TokenLoader(cfg4, dataclasses.replace(SPEC, vocab_size=top))))
+    assert next(iter(TokenLoader(cfg4, dataclasses.replace(SPEC, vocab_size=top + 1))))
 
 
 def test_padding_mask_and_truncation():
@@ -287,4 +396,4 @@ def test_reads_s3_with_workers_like_local(toy, s3_bucket):
     cfg = dict(batch_size=4, num_workers=2, shuffle_buffer=8)
     a = list(itertools.islice(TokenLoader(LoaderConfig(shards=[remote], **cfg), SPEC), 6))
     b = list(itertools.islice(TokenLoader(LoaderConfig(shards=[toy], **cfg), SPEC), 6))
-    assert all(_same(x, y) for x, y in zip(a, b))
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True))

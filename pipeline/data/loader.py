@@ -91,6 +91,12 @@ class BatchSpec:
     cond: Literal["text", "class"] = "text"
     max_text_tokens: int = 120
     caption_dim: int = 2048
+    vocab_size: int | None = None  # codes must be below it (None: not checked)
+
+
+class DataMismatch(ValueError):
+    """Token shards made for another model (grid, caption width, codebook): not damage, a config
+    error, so it stops the run at once whatever ``on_error`` says."""
 
 
 # --- webdataset: s3 through pipeline.storage ----------------------------------------------------
@@ -183,11 +189,21 @@ class EpochPlan:
 
 
 def plan_epoch(
-    shards: list[ShardInfo], cfg: LoaderConfig, epoch: int, stream: int, n_streams: int
+    shards: list[ShardInfo],
+    cfg: LoaderConfig,
+    epoch: int,
+    stream: int,
+    n_streams: int,
+    salt: int = 0,
 ) -> EpochPlan:
-    """The deterministic plan of ``stream`` (of ``n_streams``) for ``epoch``."""
+    """The deterministic plan of ``stream`` (of ``n_streams``) for ``epoch``.
+
+    ``salt`` (0 for a run's own data order) gives another order with the same seed: a run that
+    cannot continue its saved order (another world size, another shard set) starts one that is
+    fresh, not a replay of epoch 0's."""
+    seed0 = [cfg.seed, epoch] if salt == 0 else [cfg.seed, epoch, salt]
     perm = (
-        np.random.default_rng([cfg.seed, epoch]).permutation(len(shards))
+        np.random.default_rng(seed0).permutation(len(shards))
         if cfg.shuffle
         else np.arange(len(shards))
     )
@@ -202,7 +218,7 @@ def plan_epoch(
     total = starts[-1]
     n = len(range(offset, total, stride))
     starts = starts[:-1]
-    seed = [cfg.seed, epoch, stream]
+    seed = [cfg.seed, epoch, stream] if salt == 0 else [cfg.seed, epoch, stream, salt]
     bufsize = cfg.shuffle_buffer if cfg.shuffle else 1
     order = buffer_order(n, bufsize, np.random.default_rng([*seed, 1]))
     flips = np.random.default_rng([*seed, 2]).random(n) < 0.5
@@ -265,6 +281,10 @@ class _Stream:
                         continue
                     if self.cfg.on_error == "fail":
                         raise RuntimeError(f"damaged token shard {info.uri}: {exc}") from exc
+                    # a resume re-reads up to a buffer behind: count and tell a shard once
+                    if k in self.state.get("damaged", ()):
+                        break
+                    self.state["damaged"] = (*self.state.get("damaged", ()), k)
                     self._count("bad_shards")
                     log.warning(
                         "token shard %s is damaged after %d samples (%s: %s); skipping the rest",
@@ -281,14 +301,22 @@ class _Stream:
             codes = s["codes_flip"] if flip and self.cfg.flip and "codes_flip" in s else s["codes"]
             g = self.spec.grid_size
             if codes.shape != (g, g):
-                raise ValueError(f"codes grid {codes.shape} but the model's grid is {g}x{g}")
+                raise DataMismatch(
+                    f"codes grid {codes.shape[0]}x{codes.shape[1]}, the model's grid is {g}x{g}"
+                )
+            vocab = self.spec.vocab_size
+            if vocab is not None and codes.size and int(codes.max()) >= vocab:
+                raise DataMismatch(
+                    f"code {int(codes.max())} is outside the model's codebook of {vocab} "
+                    "(shards from another VQ tokenizer?)"
+                )
             out = {"key": s["key"], "codes": codes.reshape(-1)}
             if self.spec.cond == "class":
                 out["label"] = int(s["json"]["label"])
             else:
                 t5 = s["t5"]
                 if t5.shape[1] != self.spec.caption_dim:
-                    raise ValueError(
+                    raise DataMismatch(
                         f"t5 features are {t5.shape[1]}-d, the model takes "
                         f"{self.spec.caption_dim}-d"
                     )
@@ -297,6 +325,11 @@ class _Stream:
                     t5 = t5[: self.spec.max_text_tokens]
                 out["t5"] = t5
             return out
+        except DataMismatch as exc:
+            raise DataMismatch(
+                f"token sample {raw.get('__key__')} from {raw.get('__url__')}: {exc}; these "
+                "shards were made for another model (check data.shards against the model config)"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - a bad sample is counted and skipped
             if self.cfg.on_error == "fail":
                 raise
@@ -308,7 +341,8 @@ class _Stream:
         """Decoded samples; None for a position that had to be skipped. ``self.state`` follows."""
         while True:
             epoch, cursor = self.state["epoch"], self.state["cursor"]
-            plan = plan_epoch(self.shards, self.cfg, epoch, self.stream, self.n_streams)
+            salt = self.state.get("salt", 0)
+            plan = plan_epoch(self.shards, self.cfg, epoch, self.stream, self.n_streams, salt)
             if cursor < plan.size:
                 whole_epoch, readable = cursor == 0, 0
                 done = np.zeros(plan.size, dtype=bool)
@@ -334,11 +368,12 @@ class _Stream:
                         sample = self._decode(raw, bool(plan.flips[q]))
                         readable += sample is not None
                         yield sample
-                if whole_epoch:
+                if whole_epoch or readable:  # a resumed epoch's rest can only clear the count
                     self._after_epoch(epoch, plan, readable)
-            else:
+            elif plan.size == 0:  # (a resume at an epoch's very end has nothing left to read)
                 self._after_epoch(epoch, plan, 0)
             self.state.update(epoch=epoch + 1, cursor=0)
+            self.state.pop("damaged", None)
 
     def _after_epoch(self, epoch: int, plan: EpochPlan, readable: int) -> None:
         """Raise once :data:`EMPTY_EPOCHS` epochs in a row gave this stream nothing readable.
@@ -450,11 +485,8 @@ class TokenLoader:
         self.cfg, self.spec, self.rank, self.world = cfg, spec, rank, world
         self.shards = list(shards) if shards is not None else list_training_shards(cfg.shards)
         self.n_local = max(1, cfg.num_workers)
-        self._state: dict[str, Any] = {
-            "streams": [{"epoch": 0, "cursor": 0} for _ in range(self.n_local)],
-            "next": 0,
-            "batches": 0,
-        }
+        self._state: dict[str, Any] = {}
+        self.start_afresh(0)
         n_samples = sum(s.num_samples for s in self.shards)
         log.info(
             "loader: %d shards, %d samples, %d streams per rank x %d ranks",
@@ -463,6 +495,21 @@ class TokenLoader:
             self.n_local,
             world,
         )
+
+    def start_afresh(self, salt: int) -> None:
+        """Begin a data order of its own, from its first sample (``salt`` 0: the run's own order;
+        another: a fresh order, for a run that cannot continue a saved one)."""
+        stream = {"epoch": 0, "cursor": 0, **({"salt": int(salt)} if salt else {})}
+        self._state = {
+            "streams": [dict(stream) for _ in range(self.n_local)],
+            "next": 0,
+            "batches": 0,
+        }
+
+    def _plan_settings(self) -> dict[str, Any]:
+        """The settings that shape a stream's plan besides the shard set."""
+        c = self.cfg
+        return {"seed": c.seed, "shuffle": c.shuffle, "buffer": c.shuffle_buffer, "split": c.split}
 
     @property
     def fingerprint(self) -> str:
@@ -520,22 +567,39 @@ class TokenLoader:
             "world": self.world,
             "num_workers": self.cfg.num_workers,
             "fingerprint": self.fingerprint,
+            "plan": self._plan_settings(),
             **copy.deepcopy(self._state),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where ``state`` was taken; the next batch is the one that would have come."""
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Continue where ``state`` was taken; the next batch is the one that would have come.
+
+        Returns False, changing nothing, when the saved place means nothing here: the number of
+        streams, the shard set or the settings that plan an epoch (seed, shuffle, buffer, split)
+        changed since. Its
+        cursor would then index another order, repeating some samples and never reaching others
+        in that epoch; the caller starts a fresh order (:meth:`start_afresh`) instead."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        changed = []
         if state["world"] != self.world or len(state["streams"]) != self.n_local:
-            raise ValueError(
-                f"loader state is for {state['world']} ranks x {len(state['streams'])} streams, "
-                f"this run has {self.world} x {self.n_local}: keep world size and num_workers "
-                "to resume exactly (or start the data from scratch with resume_data=false)"
+            changed.append(
+                f"{state['world']} ranks x {len(state['streams'])} streams -> {self.world} x "
+                f"{self.n_local} (keep world size and data.num_workers to resume exactly)"
             )
         if state["fingerprint"] != self.fingerprint:
-            log.warning(
-                "the token shard set changed since the checkpoint: the resumed data order "
-                "differs from an uninterrupted run"
+            changed.append("the token shard set")
+        plan = state.get("plan")  # (older states did not record it)
+        if plan is not None and plan != self._plan_settings():
+            now = self._plan_settings()
+            changed.extend(
+                f"data.{k} {plan.get(k)!r} -> {now[k]!r}" for k in now if plan.get(k) != now[k]
             )
+        if changed:
+            log.warning(
+                "the saved data order cannot be continued: %s changed since the checkpoint",
+                ", ".join(changed),
+            )
+            return False
         self._state = {k: copy.deepcopy(state[k]) for k in ("streams", "next", "batches")}
+        return True

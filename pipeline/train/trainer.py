@@ -161,6 +161,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cond=cfg.model.cond,
         max_text_tokens=cfg.model.max_text_tokens,
         caption_dim=cfg.model.caption_dim,
+        vocab_size=cfg.model.vocab_size,
     )
     # one rank lists the token shards and every rank reads that list: listed apart, ranks could
     # see different sets while pretokenize is still finishing shards, and plan different orders
@@ -199,8 +200,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 )  # fmt: skip
         else:
             restore_rng_state(rank_state["rng"])
-            if cfg.resume_data:
-                loader.load_state_dict(rank_state["loader"])
+        # the saved place, where it still means something; else a fresh order salted by the
+        # step (epoch 0's order again would replay the samples the run began with)
+        if not (
+            rank_state is not None
+            and cfg.resume_data
+            and loader.load_state_dict(rank_state["loader"])
+        ):
+            loader.start_afresh(salt=step)
+            if dist.is_main and rank_state is not None:
+                log.warning("the data order starts afresh at step %d (a new shuffle)", step)
         old_lr = engine.set_peak_lr(eng, lr)
         if old_lr is not None and dist.is_main:
             log.warning(
