@@ -11,14 +11,17 @@ may carry ``module.`` or ``_orig_mod.`` prefixes). Its layout maps one to one on
   layers.i.feed_forward.{w1,w3,w2}      -> blocks.i.mlp.{w_gate,w_up,w_down}
   layers.i.{attention,ffn}_norm         -> blocks.i.{attn,mlp}_norm
 
-Its models give the condition prefix a zero rotation; load them with ``rope_prefix="llamagen"``
-to reproduce their outputs exactly.
+Its models give the condition prefix a zero rotation; they are loaded with
+``rope_prefix="llamagen"``, which reproduces their outputs exactly. ``jobs/export.py --llamagen``
+writes such a checkpoint as our export (``model.safetensors`` + ``gpt_config.json``), which
+sampling, evaluation and ``init_from`` read.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +30,14 @@ from pipeline.log import get_logger
 from pipeline.models.gpt import GPT, GPTConfig
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """The model a LlamaGen checkpoint holds (``jobs/export.py --llamagen``'s overrides)."""
+
+    model: GPTConfig = field(default_factory=GPTConfig, metadata={"doc": "GPT preset + overrides"})
+
 
 # (LlamaGen prefix, our prefix); "{i}" stands for a layer index. One table serves both directions.
 _NAME_PAIRS: list[tuple[str, str]] = [
@@ -108,8 +119,20 @@ def to_llamagen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_llamagen_gpt(uri: str, cfg: GPTConfig, strict: bool = True) -> GPT:
-    """Build ``GPT(cfg)`` and load a LlamaGen ``.pt`` checkpoint from a local path or s3://."""
+def load_llamagen_gpt(
+    uri: str, cfg: GPTConfig, strict: bool = True, keep_rope_prefix: bool = False
+) -> GPT:
+    """Build ``GPT(cfg)`` and load a LlamaGen ``.pt`` checkpoint from a local path or s3://.
+
+    LlamaGen's weights were trained with its zero rotation of the condition prefix, so the
+    model is built with ``rope_prefix="llamagen"`` whatever ``cfg`` says: with our identity
+    rotation the same weights are another model (logits off by up to ~20 on a released-size
+    model). ``keep_rope_prefix=True`` keeps ``cfg``'s choice, for fine-tuning on purpose."""
+    if cfg.rope_prefix != "llamagen" and not keep_rope_prefix:
+        log.info(
+            "LlamaGen weights: rope_prefix=%r -> 'llamagen' (as they were trained)", cfg.rope_prefix
+        )
+        cfg = cfg.replace(rope_prefix="llamagen")
     path = storage.local_copy(uri)
     # LlamaGen's training checkpoints hold its argparse arguments ("args") beside the weights:
     # allow that one class, nothing else is unpickled
@@ -136,7 +159,8 @@ def load_llamagen_gpt(uri: str, cfg: GPTConfig, strict: bool = True) -> GPT:
         )
     if cfg.rope_prefix != "llamagen":
         log.warning(
-            "LlamaGen weights were trained with rope_prefix='llamagen'; you chose %r",
+            "LlamaGen weights were trained with rope_prefix='llamagen'; kept %r on request: "
+            "this model's outputs are not LlamaGen's",
             cfg.rope_prefix,
         )
     return model
