@@ -27,7 +27,26 @@ class SamplingParams:
     cfg_scale: float = doc("classifier-free guidance scale s (1 = no guidance)", 7.5)
     temperature: float = doc("softmax temperature (0 = greedy)", 1.0)
     top_k: int = doc("keep the k most likely tokens (0 = all)", 1000)
-    top_p: float = doc("nucleus: keep the smallest set with this much mass (1 = all)", 1.0)
+    top_p: float = doc(
+        "nucleus: keep the smallest set with this much mass (1 = all; 0 = the top token only)", 1.0
+    )
+    cfg_interval: int = doc(
+        "guide the first cfg_interval + 2 tokens only, then use the conditional logits alone, "
+        "as LlamaGen's cfg_interval (-1: guide every token)",
+        -1,
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p {self.top_p} is outside [0, 1]")
+        if self.top_k < 0 or self.temperature < 0:
+            raise ValueError(f"top_k {self.top_k} and temperature {self.temperature} must be >= 0")
+        if self.cfg_interval < -1:
+            raise ValueError(f"cfg_interval {self.cfg_interval}: -1 (always) or a token index")
+
+    def guided(self, i: int) -> bool:
+        """Whether image token ``i`` (0-based) is drawn from the guided logits."""
+        return self.cfg_interval < 0 or i <= self.cfg_interval + 1
 
 
 def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -45,6 +64,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         cum = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         remove = (cum - sorted_logits.softmax(-1)) >= top_p
+        remove[:, 0] = False
         logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
     return logits
 
@@ -70,7 +90,8 @@ def draw(
         # sorted candidates: the top k, or the whole vocabulary
         vals = torch.topk(logits, k, dim=-1).values if k else torch.sort(logits, -1, True).values
         p = vals.softmax(-1)
-        keep = (p.cumsum(-1) - p) < params.top_p  # the top token always stays
+        keep = (p.cumsum(-1) - p) < params.top_p
+        keep[:, 0] = True  # the top token always stays (top_p 0: greedy, as in LlamaGen)
         cutoff = vals.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)
         logits = logits.masked_fill(logits < cutoff, float("-inf"))
     elif k:
@@ -166,15 +187,35 @@ class Sampler:
         step_in = torch.zeros(self.decoder.rows, dtype=torch.long, device=device)
         tokens = torch.zeros(S, N, dtype=torch.long, device=device)
         logits = self.decoder.prefill(cond2, mask2, drop)
+        finite = torch.ones(S, dtype=torch.bool, device=device)
         for i in range(N):
-            mixed = cfg_mix(logits[:S], logits[S:], params.cfg_scale) if self.cfg else logits
+            mixed = _guide(logits, S, params, i) if self.cfg else logits
+            finite &= torch.isfinite(mixed).all(-1)  # checked once at the end: no sync a step
             tokens[:, i] = draw(mixed, params, gens)
             if i + 1 < N:
                 step_in[:S] = tokens[:, i]
                 if self.cfg:
                     step_in[S:] = tokens[:, i]
                 logits = self.decoder.step(step_in, self.decoder.prefix_len + i)
+        _check_finite(finite[:B])
         return tokens[:B]
+
+
+def _guide(logits: torch.Tensor, rows: int, params: SamplingParams, i: int) -> torch.Tensor:
+    """Token ``i``'s logits from the doubled batch: guided, or past ``cfg_interval`` the
+    conditional rows alone."""
+    if params.guided(i):
+        return cfg_mix(logits[:rows], logits[rows:], params.cfg_scale)
+    return logits[:rows]
+
+
+def _check_finite(finite: torch.Tensor) -> None:
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite).flatten().tolist()
+        raise FloatingPointError(
+            f"non-finite logits while sampling rows {rows} (a diverged or corrupt checkpoint?): "
+            "their tokens would be meaningless"
+        )
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -220,12 +261,15 @@ def generate(
         gens = _generators(list(range(B)) if seeds is None else seeds, device)
         cond2, mask2, drop = _double_for_cfg(cond, cond_mask, use_cfg)
         tokens = torch.zeros(B, g * g, dtype=torch.long, device=device)
+        finite = torch.ones(B, dtype=torch.bool, device=device)
         for i in range(g * g):
             seq = tokens[:, : i + 1]  # the last column is a placeholder: it is never read
             seq = torch.cat([seq, seq]) if use_cfg else seq
             logits = model(seq, cond2, mask2, drop=drop, grid_size=g)[:, -1].float()
-            mixed = cfg_mix(logits[:B], logits[B:], params.cfg_scale) if use_cfg else logits
+            mixed = _guide(logits, B, params, i) if use_cfg else logits
+            finite &= torch.isfinite(mixed).all(-1)
             tokens[:, i] = draw(mixed, params, gens)
+        _check_finite(finite)
         return tokens
     finally:
         model.train(was_training)
