@@ -34,6 +34,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import doc, save_config, to_dict
+from pipeline.data.raw import PIL_FORMATS
 from pipeline.log import get_logger, progress
 from pipeline.sample import SamplingParams
 from pipeline.sample_job import SampleConfig, load_manifest, run_sampling
@@ -58,6 +59,9 @@ class EvalConfig:
     vq: str = doc("VQ tokenizer export or LlamaGen .pt (for sampling and tokenizer metrics)", "")
     vq_preset: str | None = doc("VQ preset for a bare checkpoint file", None)
     text_encoder: str = doc("T5 encoder folder (when sampling)", "")
+    text_dtype: Literal["float32", "bfloat16"] = doc(
+        "T5 compute dtype: the one pretokenize used (text.dtype)", "float32"
+    )
     images_per_caption: int = doc("images sampled per caption", 1)
     batch_size: int = doc("images sampled together", 8)
     seed: int = doc("base sampling seed", 0)
@@ -66,6 +70,9 @@ class EvalConfig:
     device: str = doc("torch device", "cpu")
     compile_mode: str | None = doc("torch.compile mode for decoding (null: eager)", None)
     threads: int = doc("torch CPU threads (0: default)", 0)
+    overwrite: bool = doc(
+        "delete samples made with other settings in output/samples instead of refusing", False
+    )
     clip_model: str = doc("open_clip model name for CLIP score", "ViT-L-14-quickgelu")
     clip_weights: str = doc("open_clip state dict (local or s3://); empty: no CLIP score", "")
     clip_model_config: str | None = doc("open_clip model-config JSON to register first", None)
@@ -105,7 +112,8 @@ def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str
 
 def _load_image(data: bytes) -> Image.Image | None:
     try:
-        img = Image.open(io.BytesIO(data))
+        # the formats images come in; sniffing every format would let EPS start Ghostscript
+        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         img.load()
         return img.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - a bad file is a counted skip
@@ -274,6 +282,7 @@ def _sample(cfg: EvalConfig, captions: list[str]) -> str:
             vq_preset=cfg.vq_preset,
             output=samples,
             text_encoder=cfg.text_encoder,
+            text_dtype=cfg.text_dtype,
             prompts_file=prompts,
             images_per_prompt=cfg.images_per_caption,
             batch_size=cfg.batch_size,
@@ -283,6 +292,7 @@ def _sample(cfg: EvalConfig, captions: list[str]) -> str:
             device=cfg.device,
             compile_mode=cfg.compile_mode,
             threads=cfg.threads,
+            overwrite=cfg.overwrite,
         )
     )
     return samples

@@ -102,6 +102,11 @@ class SampleConfig:
     vq: str = doc("VQ tokenizer export folder or LlamaGen .pt (local or s3://)")
     output: str = doc("folder for the PNGs, grid.png, images.json, summary.json (local or s3://)")
     text_encoder: str = doc("T5 encoder folder (local or s3://); needed for text prompts", "")
+    text_dtype: Literal["float32", "bfloat16"] = doc(
+        "T5 compute dtype: the one pretokenize used (text.dtype), so the GPT sees the features "
+        "it was trained on",
+        "float32",
+    )
     vq_preset: str | None = doc("VQ preset for a bare checkpoint file (e.g. VQ-16)", None)
     prompt: str | None = doc("one prompt", None)
     prompts_file: str | None = doc("a text file, one prompt per line (local or s3://)", None)
@@ -168,15 +173,21 @@ def image_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     )
 
 
+# the condition of a prompt whose images all exist: never sampled, so never encoded
+_DONE = torch.empty(0)
+
+
 def encode_prompts(
-    uri: str, prompts: list[str], model_cfg: GPTConfig, device: str
+    uri: str, prompts: list[str], model_cfg: GPTConfig, device: str, dtype: str = "float32"
 ) -> tuple[list[torch.Tensor | None], dict[str, int]]:
     """T5 features (L, D) float16 per prompt (None for a prompt that cannot be used), skips."""
     from pipeline.models.text_encoder import TextEncoder
 
     if not uri:
         raise ValueError("text prompts need text_encoder (a local dir or s3:// URI of the T5)")
-    enc = TextEncoder.from_pretrained(uri, device=device, max_length=model_cfg.max_text_tokens)
+    enc = TextEncoder.from_pretrained(
+        uri, device=device, dtype=dtype, max_length=model_cfg.max_text_tokens
+    )
     if enc.dim != model_cfg.caption_dim:
         raise ValueError(
             f"text encoder gives {enc.dim}-d features, the GPT takes "
@@ -302,9 +313,21 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         captions = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file)
         if not captions:
             raise ValueError(f"no prompts in {cfg.prompts_file}")
-        conds, result.skipped_prompts = encode_prompts(cfg.text_encoder, captions, mcfg, cfg.device)
-
     existing = set(storage.list_dir(cfg.output, ".png"))
+    if mcfg.cond == "text":
+        # only prompts with an image still to make: a finished (or resumed) job loads no T5
+        need = [
+            p
+            for p in range(len(captions))
+            if any(f"{p:05d}_{j:03d}.png" not in existing for j in range(cfg.images_per_prompt))
+        ]
+        conds = [_DONE] * len(captions)
+        if need:
+            feats, result.skipped_prompts = encode_prompts(
+                cfg.text_encoder, [captions[p] for p in need], mcfg, cfg.device, cfg.text_dtype
+            )
+            for p, f in zip(need, feats, strict=True):
+                conds[p] = f
     todo = []
     for p, cond in enumerate(conds):
         for j in range(cfg.images_per_prompt):
@@ -389,6 +412,7 @@ IMAGE_SETTINGS = (
     "vq",
     "vq_preset",
     "text_encoder",
+    "text_dtype",
     "prompt",
     "prompts_file",
     "class_labels",

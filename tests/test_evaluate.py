@@ -220,3 +220,54 @@ def test_update_fid_moves_images_to_the_metrics_device():
     assert update_fid(m, images, real=False, batch_size=2) == 5
     assert [s[0].type for s in m.seen] == ["meta"] * 3
     assert [s[1][0] for s in m.seen] == [2, 2, 1] and not m.seen[0][2]
+
+
+def test_image_files_open_only_as_image_formats():
+    """An EPS file is an image to PIL's unrestricted open (which runs Ghostscript on it where
+    installed); evaluation reads JPEG/PNG/WebP only and counts anything else as unreadable."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.evaluate import _load_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    assert Image.open(io.BytesIO(eps)).format == "EPS"  # what an unrestricted open takes it for
+    assert _load_image(eps) is None
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, "PNG")
+    assert _load_image(buf.getvalue()).getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_rerun_with_other_sampling_settings_refused_or_overwritten(setup, tmp_path):
+    """The refusal names overwrite=true: an option the evaluation config must then have."""
+    import dataclasses
+
+    from pipeline.sample import SamplingParams
+
+    out = tmp_path / "eval"
+    first = _sampling_eval(setup, out)
+    run_evaluation(first)
+    before = (out / "samples" / "00000_000.png").read_bytes()
+    other = dataclasses.replace(first, sampling=SamplingParams(cfg_scale=2.0))
+    with pytest.raises(ValueError, match="overwrite=true"):
+        run_evaluation(other)
+    again = load_config(
+        EvalConfig,
+        None,
+        ["overwrite=true", "sampling.cfg_scale=2.0"],
+        **{
+            k: getattr(first, k)
+            for k in (
+                "output",
+                "captions",
+                "checkpoint",
+                "vq",
+                "text_encoder",
+                "images_per_caption",
+            )
+        },
+    )
+    report = run_evaluation(again)
+    assert report["images"] == 3
+    assert (out / "samples" / "00000_000.png").read_bytes() != before

@@ -97,7 +97,17 @@ def test_export_round_trip(tmp_path):
         load_exported_gpt(str(tmp_path / "e"))
 
 
-def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path):
+def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path, monkeypatch):
+    import pipeline.sample_job as sj
+
+    encoded: list[list[str]] = []
+    real_encode = sj.encode_prompts
+
+    def counting_encode(uri, prompts, *a, **k):
+        encoded.append(list(prompts))
+        return real_encode(uri, prompts, *a, **k)
+
+    monkeypatch.setattr(sj, "encode_prompts", counting_encode)
     out = tmp_path / "out"
     sample_main(args(models, out, "batch_size=4"))
     names = sorted(os.listdir(out))
@@ -133,9 +143,17 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path):
     # kill-and-rerun: only the missing image is sampled, and it comes back identical
     before = (out / "00001_001.png").read_bytes()
     os.remove(out / "00001_001.png")
+    encoded.clear()
     sample_main(args(models, out, "batch_size=4"))
     assert json.loads((out / "summary.json").read_text())["sampled"] == 1
     assert (out / "00001_001.png").read_bytes() == before
+    assert encoded == [["a green square"]]  # only the prompt with an image to make
+    sample_main(args(models, out, "batch_size=4"))  # nothing to do: no T5 loaded at all
+    assert encoded == [["a green square"]]
+    assert json.loads((out / "summary.json").read_text())["images"] == 6
+    # the T5's dtype changes the features, so the images
+    with pytest.raises(ValueError, match=r"text_dtype: 'float32' -> 'bfloat16'"):
+        sample_main(args(models, out, "batch_size=4", "text_dtype=bfloat16"))
 
     # a rerun with other sampling settings must not keep the old images as its own
     with pytest.raises(ValueError, match=r"other settings \(sampling: .*overwrite=true"):

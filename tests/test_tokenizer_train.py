@@ -269,6 +269,14 @@ def test_rfid_from_local_inception_weights(tmp_path):
     assert torch.equal(fid.inception.state_dict()[w], net.state_dict()[w])
     feats = fid.inception(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     assert feats.shape == (2, 2048)
+    # the standard FID's features: torch-fidelity's own network, its TF1-style resize to 299 px
+    # (torchmetrics' default antialiased resize of a 512 px image gives other features, and
+    # another score)
+    x = torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8)
+    feats = fid.inception(x)
+    with torch.no_grad():
+        (standard,) = net.eval()(x)
+    assert torch.allclose(feats.double(), standard.double(), rtol=1e-4, atol=0)
     # a weights file holding pickled objects is refused before torch-fidelity's unsafe load
     bad = tmp_path / "bad.pth"
     torch.save({"w": _NotATensor()}, bad)

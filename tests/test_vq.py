@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -171,6 +173,7 @@ def test_llamagen_checkpoint_import_roundtrip(tmp_path):
         "model": {**sd, "quantize.codebook_used": torch.zeros(65536)},
         "optimizer": {"state": {}, "param_groups": []},
         "steps": 100,
+        "args": argparse.Namespace(vq_model="VQ-16", lr=1e-4),  # as LlamaGen's vq_train.py saves
     }
     path = tmp_path / "vq_tiny.pt"
     torch.save(ckpt, path)

@@ -448,8 +448,12 @@ def load_vq_state_dict(path: str, map_location: str = "cpu") -> dict[str, torch.
 
         sd: Any = load_file(path, device=map_location)
     else:
-        # weights_only: a checkpoint is data, never code
-        sd = torch.load(path, map_location=map_location, weights_only=True)
+        import argparse
+
+        # weights_only: a checkpoint is data, never code. LlamaGen's vq_train.py saves its
+        # argparse arguments ("args") beside the weights: that one class is allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            sd = torch.load(path, map_location=map_location, weights_only=True)
     return llamagen_to_state_dict(sd)
 
 

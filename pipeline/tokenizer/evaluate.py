@@ -61,7 +61,12 @@ def build_fid(inception_weights: str | None) -> tuple[Any | None, str]:
     path = storage.local_copy(inception_weights)
     # torch-fidelity loads with weights_only=False; refuse anything that is not plain tensors
     torch.load(path, map_location="cpu", weights_only=True)
-    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path)
+    # antialias=False: torch-fidelity's TF1-style bilinear resize to 299 px, the standard FID
+    # (torchmetrics' default antialiased resize moves 256/512 px images by 0.5/1.3 grey levels
+    # on average, and the score with them; it could not be compared with published FIDs)
+    fid = FrechetInceptionDistance(
+        feature=2048, feature_extractor_weights_path=path, antialias=False
+    )
     return fid, f"rFID with InceptionV3 weights from {inception_weights}"
 
 
