@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline import storage
 from pipeline.config import load_config
 from pipeline.log import get_logger, setup_logging
 from pipeline.models.gpt_import import ImportConfig, load_llamagen_gpt
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint:
         if args.overrides:
             p.error("model overrides go with --llamagen only (a checkpoint knows its model)")
-        export_checkpoint(args.checkpoint, args.out)
+        export_checkpoint(storage.normalize(args.checkpoint), args.out)
         return
     cfg = load_config(ImportConfig, None, args.overrides)
     model = load_llamagen_gpt(args.llamagen, cfg.model)

@@ -52,8 +52,10 @@ _RETRYABLE_CODES = {
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
-    """True for ``s3://`` (and other fsspec protocols), False for local paths."""
-    return "://" in str(uri) and not str(uri).startswith("file://")
+    """True for ``s3://`` (and other fsspec protocols), False for local paths (a URI this module
+    would misread raises: :func:`check_uri`)."""
+    uri = check_uri(uri)
+    return "://" in uri and not uri.startswith("file://")
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -71,9 +73,38 @@ def _strip_file(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
+# "s3:/bucket/key": what Path() and os.path.normpath make of "s3://bucket/key"
+_ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
+
+
+def check_uri(uri: str | os.PathLike) -> str:
+    """``uri`` as this module reads it, or a ValueError for one it would misread.
+
+    ``s3:/bucket/run`` (a slash lost to ``Path`` or ``os.path.normpath``) would otherwise be a
+    relative local folder named ``s3:``, and ``S3://`` an unknown protocol."""
+    uri = str(uri)
+    m = _ONE_SLASH.match(uri)
+    if m:
+        raise ValueError(
+            f"{uri!r} has one slash after '{m.group(1)}:' (Path() and os.path.normpath drop one "
+            f"from URIs): write {m.group(1).lower()}://{uri[m.end() :]}"
+        )
+    m = _SCHEME.match(uri)
+    if m and m.group(1) != m.group(1).lower():
+        raise ValueError(f"{uri!r}: write the scheme in lower case ({m.group(1).lower()}://)")
+    return uri
+
+
+def normalize(uri: str | os.PathLike) -> str:
+    """A checked URI with ``file://`` dropped: code that also uses ``os.path`` on a location
+    (checkpoint folders, local caches) takes it in this form."""
+    return _strip_file(check_uri(uri))
+
+
 def filesystem(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the protocol-less path for ``uri``."""
-    uri = _strip_file(str(uri))
+    uri = _strip_file(check_uri(uri))
     if is_remote(uri):
         protocol = uri.split("://", 1)[0]
         fs = fsspec.filesystem(protocol, **_storage_options(protocol))
@@ -84,7 +115,14 @@ def filesystem(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
 def _storage_options(protocol: str) -> dict[str, Any]:
     if protocol != "s3":
         return {}
-    opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "adaptive"}}}
+    # botocore retries throttling and dropped connections itself; a connect timeout keeps an
+    # endpoint that drops packets from holding every call for minutes
+    opts: dict[str, Any] = {
+        "config_kwargs": {
+            "retries": {"max_attempts": 5, "mode": "adaptive"},
+            "connect_timeout": 10,
+        }
+    }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_url"] = endpoint
@@ -142,12 +180,26 @@ def _is_retryable_one(exc: BaseException) -> bool:
 _HTTP_503 = re.compile(r"\(503\)|\b503 Service|\b(?:HTTP|[Ss]tatus(?: code)?)[ :=]*503\b")
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """The S3 endpoint cannot be reached at all (botocore has already retried the connection):
+    a wrong AWS_ENDPOINT_URL or a network that is down, not a blip worth minutes more."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "EndpointConnectionError" in text or "Could not connect to the endpoint URL" in text
+
+
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.2) -> T:
     """Run ``fn``; retry transient storage errors with jittered exponential backoff."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
+            if _unreachable(exc):
+                endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+                    "AWS_ENDPOINT_URL", "AWS's default for the region"
+                )
+                raise ConnectionError(
+                    f"{what}: the S3 endpoint ({endpoint}) cannot be reached: {exc}"
+                ) from exc
             if attempt == attempts or not is_retryable(exc):
                 raise
             delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
@@ -187,6 +239,7 @@ def list_dir(uri: str | os.PathLike, suffix: str = "") -> list[str]:
                 fs.invalidate_cache(path)
             entries = fs.ls(path, detail=False)
         except FileNotFoundError:
+            _check_bucket(fs, uri, path)
             return []
         return sorted(
             os.path.basename(str(e).rstrip("/"))
@@ -195,6 +248,20 @@ def list_dir(uri: str | os.PathLike, suffix: str = "") -> list[str]:
         )
 
     return [n for n in with_retries(_ls, f"list {uri}") if n.endswith(suffix)]
+
+
+def _check_bucket(fs: fsspec.AbstractFileSystem, uri: str | os.PathLike, path: str) -> None:
+    """An absent S3 prefix lists as empty, but an absent bucket is a mistake (a typo in the
+    URI, the wrong account): say so instead of reading it as "no data yet"."""
+    if not is_remote(str(uri)) or not str(uri).startswith("s3://"):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:  # s3fs's translation of 404 NoSuchBucket
+        raise FileNotFoundError(f"{uri}: S3 bucket {bucket!r} does not exist") from None
+    except Exception:  # noqa: BLE001 - forbidden to look at the bucket: the listing stands
+        pass
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:

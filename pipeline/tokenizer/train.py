@@ -16,6 +16,7 @@ replays steps k+1... with the same samples, augmentations and losses as an unint
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -211,6 +212,7 @@ class _Metrics:
 
 def train_tokenizer(cfg: TokenizerTrainConfig, resume: str = "auto") -> dict[str, Any]:
     """Train (or continue training) a tokenizer; returns a summary. ``resume``: auto|none|STEP."""
+    cfg = dataclasses.replace(cfg, run_dir=storage.normalize(cfg.run_dir))  # os.path-ready
     saved_threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

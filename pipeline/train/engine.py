@@ -159,8 +159,13 @@ def build_ds_config(
     optim: OptimConfig,
     lr: float,
 ) -> dict[str, Any]:
-    """The ds_config JSON at ``path`` with the training config's values filled in."""
+    """The ds_config JSON at ``path`` with the training config's values filled in.
+
+    The training YAML owns the batch, accumulation, clipping, precision and AdamW settings and
+    the LR schedule: a JSON that sets one of them to something else is refused (naming the YAML
+    key to use), not silently overridden."""
     ds = json.loads(storage.read_text(path))
+    _refuse_owned_keys(ds, path, micro_batch, grad_accum, world, precision, optim)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = micro_batch * grad_accum * world
@@ -180,6 +185,47 @@ def build_ds_config(
     ds.setdefault("steps_per_print", 1 << 30)  # our metrics log; DeepSpeed's would repeat it
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _refuse_owned_keys(
+    ds: dict[str, Any],
+    path: str,
+    micro_batch: int,
+    grad_accum: int,
+    world: int,
+    precision: Precision,
+    optim: OptimConfig,
+) -> None:
+    prec = resolve_precision(precision)
+    params = ds.get("optimizer", {}).get("params", {})
+    # (JSON key, its value there, the value the YAML gives, the YAML key)
+    owned = [
+        ("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu"), micro_batch,
+         "data.batch_size"),
+        ("gradient_accumulation_steps", ds.get("gradient_accumulation_steps"), grad_accum,
+         "grad_accum"),
+        ("train_batch_size", ds.get("train_batch_size"), micro_batch * grad_accum * world,
+         "data.batch_size x grad_accum x ranks"),
+        ("gradient_clipping", ds.get("gradient_clipping"), optim.grad_clip, "optim.grad_clip"),
+        ("bf16.enabled", ds.get("bf16", {}).get("enabled"), prec == "bf16", "precision"),
+        ("fp16.enabled", ds.get("fp16", {}).get("enabled"), False, "precision (bf16 or fp32)"),
+        ("optimizer.type", ds.get("optimizer", {}).get("type"), "AdamW", "(AdamW only)"),
+        ("optimizer.params.betas", params.get("betas"), list(optim.betas), "optim.betas"),
+        ("optimizer.params.eps", params.get("eps"), optim.eps, "optim.eps"),
+        ("optimizer.params.weight_decay", params.get("weight_decay"), optim.weight_decay,
+         "optim.weight_decay"),
+    ]  # fmt: skip
+    clashes = [
+        f"{key} = {there!r} (the training config gives {want!r}: set {yaml_key} instead)"
+        for key, there, want, yaml_key in owned
+        if there is not None and there != want
+    ]
+    if "lr" in params:
+        clashes.append("optimizer.params.lr (set optim.lr_per_256, scaled by the global batch)")
+    if "scheduler" in ds:
+        clashes.append("scheduler (the LR schedule is optim.warmup_steps / optim.schedule)")
+    if clashes:
+        raise ValueError(f"{path} sets what the training config owns: " + "; ".join(clashes))
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

@@ -12,6 +12,7 @@ same dropout and CFG masks and sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -110,6 +111,8 @@ def batch_loss(
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one training stage on every rank; returns a summary (on every rank)."""
+    # file:// dropped: the checkpoint folders are also handled with os.path
+    cfg = dataclasses.replace(cfg, run_dir=storage.normalize(cfg.run_dir))
     dist = engine.init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

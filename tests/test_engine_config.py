@@ -1,0 +1,49 @@
+"""A ds_config JSON that sets what the training config owns is refused, not overridden."""
+
+import json
+
+import pytest
+
+from pipeline.train.engine import build_ds_config
+from pipeline.train.optim import OptimConfig
+
+
+def _build(tmp_path, ds: dict, **kw):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    args = dict(
+        micro_batch=4, grad_accum=2, world=2, precision="fp32", optim=OptimConfig(), lr=1e-4
+    )
+    return build_ds_config(str(path), **{**args, **kw})
+
+
+def test_json_values_that_agree_pass_and_others_are_refused(tmp_path):
+    base = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {}}}
+    # the same values as the training config: accepted
+    same = {
+        **base,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 16,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": False},
+    }
+    assert _build(tmp_path, same)["train_batch_size"] == 16
+    cases = {
+        "gradient_accumulation_steps = 8": {"gradient_accumulation_steps": 8},
+        "gradient_clipping = 0.5": {"gradient_clipping": 0.5},
+        "bf16.enabled = True": {"bf16": {"enabled": True}},
+        "fp16.enabled = True": {"fp16": {"enabled": True}},
+        "optimizer.type = 'Lamb'": {"optimizer": {"type": "Lamb", "params": {}}},
+        "optimizer.params.lr": {"optimizer": {"type": "AdamW", "params": {"lr": 3e-4}}},
+        "optimizer.params.weight_decay = 0.1": {
+            "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}
+        },
+        "scheduler": {"scheduler": {"type": "WarmupLR", "params": {}}},
+    }
+    for what, extra in cases.items():
+        with pytest.raises(ValueError, match="sets what the training config owns") as e:
+            _build(tmp_path, {**base, **extra})
+        assert what in str(e.value), (what, str(e.value))
+    # the YAML key to use instead is named
+    with pytest.raises(ValueError, match=r"set grad_accum instead"):
+        _build(tmp_path, {**base, "gradient_accumulation_steps": 8})
