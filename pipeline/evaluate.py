@@ -73,6 +73,12 @@ class EvalConfig:
     overwrite: bool = doc(
         "delete samples made with other settings in output/samples instead of refusing", False
     )
+    num_parts: int = doc(
+        "sample in this many processes (one per GPU, each with its own part; no metrics), then "
+        "run once with num_parts=1 for the report",
+        1,
+    )
+    part: int = doc("the part of the images this process samples (i % num_parts == part)", 0)
     clip_model: str = doc("open_clip model name for CLIP score", "ViT-L-14-quickgelu")
     clip_weights: str = doc("open_clip state dict (local or s3://); empty: no CLIP score", "")
     clip_model_config: str | None = doc("open_clip model-config JSON to register first", None)
@@ -293,6 +299,8 @@ def _sample(cfg: EvalConfig, captions: list[str]) -> str:
             compile_mode=cfg.compile_mode,
             threads=cfg.threads,
             overwrite=cfg.overwrite,
+            num_parts=cfg.num_parts,
+            part=cfg.part,
         )
     )
     return samples
@@ -341,6 +349,12 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
         if not captions:
             raise ValueError(f"no captions in {cfg.captions}")
         samples = _sample(cfg, captions)
+        if cfg.num_parts > 1:
+            log.info(
+                "part %d/%d sampled; the report comes from a run with num_parts=1", cfg.part,
+                cfg.num_parts,
+            )  # fmt: skip
+            return {"samples": samples, "part": cfg.part, "num_parts": cfg.num_parts}
     manifest = load_manifest(samples)
     summary = (
         storage.read_json(storage.join(samples, "summary.json"))

@@ -132,6 +132,12 @@ class SampleConfig:
     overwrite: bool = doc(
         "delete images made with other settings in output instead of refusing to mix them", False
     )
+    num_parts: int = doc(
+        "split the images among this many processes (one per GPU), each run with its own part; "
+        "a final run with num_parts=1 finds every image there and writes the grid and summary",
+        1,
+    )
+    part: int = doc("which part this process samples: images i with i % num_parts == part", 0)
     grid_max_prompts: int = doc("at most this many prompt rows in grid.png", 16)
     grid_caption_chars: int = doc("caption characters per line in grid.png", 60)
 
@@ -144,6 +150,17 @@ class SampleConfig:
             raise ValueError("give exactly one of prompt, prompts_file, class_labels")
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise ValueError("images_per_prompt and batch_size must be >= 1")
+        if not 0 <= self.part < self.num_parts:
+            raise ValueError(f"part {self.part} is not in [0, num_parts={self.num_parts})")
+        if self.overwrite and self.num_parts > 1:
+            raise ValueError(
+                "overwrite=true with num_parts > 1: parts would delete one another's images; "
+                "clear the output first (or use a new one), then run the parts"
+            )
+
+    def mine(self, prompt_index: int, sample_index: int) -> bool:
+        """Whether image ``(prompt_index, sample_index)`` is this part's to sample."""
+        return (prompt_index * self.images_per_prompt + sample_index) % self.num_parts == self.part
 
 
 @dataclass
@@ -319,7 +336,10 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         need = [
             p
             for p in range(len(captions))
-            if any(f"{p:05d}_{j:03d}.png" not in existing for j in range(cfg.images_per_prompt))
+            if any(
+                f"{p:05d}_{j:03d}.png" not in existing and cfg.mine(p, j)
+                for j in range(cfg.images_per_prompt)
+            )
         ]
         conds = [_DONE] * len(captions)
         if need:
@@ -341,7 +361,7 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
             if cond is None:
                 continue
             result.images.append(item)
-            if item["file"] not in existing:
+            if item["file"] not in existing and cfg.mine(p, j):
                 todo.append(item)
     log.info(
         "%d images for %d prompts: %d to sample, %d already there",
@@ -375,6 +395,23 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         result.summary["compile_mode"] = sampler.compile_mode
         result.summary["frozen_weights"] = sampler.decoder.frozen
     elapsed = time.perf_counter() - t_sample
+    if cfg.num_parts > 1:  # the grid, manifest and summary are the final run's (num_parts=1)
+        part_summary = {
+            "part": cfg.part,
+            "num_parts": cfg.num_parts,
+            "sampled": result.sampled,
+            "sample_seconds": round(elapsed, 3),
+            "skipped_prompts": result.skipped_prompts,
+        }
+        name = f"summary.part-{cfg.part:03d}-of-{cfg.num_parts:03d}.json"
+        storage.write_json(storage.join(cfg.output, name), part_summary)
+        result.summary.update(part_summary)
+        log.info(
+            "part %d/%d: sampled %d images into %s; run once more with num_parts=1 (it samples "
+            "nothing if every part finished) for grid.png, images.json and summary.json",
+            cfg.part, cfg.num_parts, result.sampled, cfg.output,
+        )  # fmt: skip
+        return result
 
     _write_grid(cfg, result)
     storage.write_json(storage.join(cfg.output, "images.json"), result.images)

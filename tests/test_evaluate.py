@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -271,3 +272,18 @@ def test_rerun_with_other_sampling_settings_refused_or_overwritten(setup, tmp_pa
     report = run_evaluation(again)
     assert report["images"] == 3
     assert (out / "samples" / "00000_000.png").read_bytes() != before
+
+
+def test_evaluation_sampled_in_parts(setup, tmp_path):
+    import dataclasses
+
+    out = tmp_path / "eval"
+    cfg = _sampling_eval(setup, out)
+    for part in range(2):
+        got = run_evaluation(dataclasses.replace(cfg, num_parts=2, part=part))
+        assert got == {"samples": str(out / "samples"), "part": part, "num_parts": 2}
+        assert not (out / "report.json").exists()
+    assert len([n for n in os.listdir(out / "samples") if n.endswith("0.png")]) == 3
+    report = run_evaluation(cfg)
+    assert report["images"] == 3 and report["sampling"]["sampled"] == 0
+    assert (out / "report.json").exists()

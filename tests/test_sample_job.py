@@ -279,3 +279,32 @@ def test_shipped_sample_configs_load():
             extra.append("prompt=a cat")
         cfg = load_config(SampleConfig, f"configs/sample/{name}.yaml", extra)
         assert cfg.sampling.temperature == 1.0
+
+
+def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path):
+    """One process per GPU: each samples its part; the final run (num_parts=1) samples nothing
+    and writes the grid and summary. The images equal a single process's, byte for byte."""
+    whole = tmp_path / "whole"
+    sample_main(args(models, whole, "batch_size=4"))
+    out = tmp_path / "parts"
+    made = []
+    for part in range(2):
+        sample_main(args(models, out, "batch_size=4", "num_parts=2", f"part={part}"))
+        pngs = {n for n in os.listdir(out) if n.endswith(".png")}
+        made.append(pngs - set().union(*made) if made else pngs)
+        summary = json.loads((out / f"summary.part-{part:03d}-of-002.json").read_text())
+        assert summary["sampled"] == len(made[-1]) == 3
+    assert not (out / "summary.json").exists() and not (out / "grid.png").exists()
+    assert made[0] == {"00000_000.png", "00001_000.png", "00002_000.png"}  # i % 2 == 0
+    sample_main(args(models, out, "batch_size=4"))
+    final = json.loads((out / "summary.json").read_text())
+    assert final["sampled"] == 0 and final["images"] == 6 and (out / "grid.png").exists()
+    for name in made[0] | made[1]:
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+    base = args(models, out)[2:]
+    with pytest.raises(ValueError, match="part 2 is not in"):
+        load_config(SampleConfig, "configs/sample/tiny_cpu.yaml", [*base, "num_parts=2", "part=2"])
+    with pytest.raises(ValueError, match="parts would delete one another's images"):
+        load_config(
+            SampleConfig, "configs/sample/tiny_cpu.yaml", [*base, "num_parts=2", "overwrite=true"]
+        )
