@@ -6,7 +6,9 @@
         --config configs/data/pretokenize_stage2.yaml ...
 
 Exit status 0 when every shard is done, 3 when some failed (rerun the same command: done shards
-are skipped, the others redone from scratch).
+are skipped, the others redone from scratch). Raw shards without a score parquet yet are not
+failures: they are left for a later run, listed in the manifest (``unscored_shards``) and named
+in a warning on stderr; the exit status stays 0.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from pipeline.data.pretokenize import PretokenizeConfig, run_pretokenize
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_job(PretokenizeConfig, __doc__.splitlines()[0], argv)
     manifest = run_pretokenize(cfg)
+    unscored = manifest["unscored_shards"]
+    if unscored:
+        print(
+            f"WARNING: {len(unscored)} raw shards under {cfg.input} have no score parquet in "
+            f"{cfg.scores} and were NOT pretokenized: {unscored[:20]}"
+            f"{' ...' if len(unscored) > 20 else ''}. Score them, then rerun this command.",
+            file=sys.stderr,
+        )
     return 3 if manifest["failed_shards"] else 0
 
 

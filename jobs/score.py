@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- python jobs/score.py --config configs/data/score.yaml ...
 
 Exit status 0 when every shard is scored, 3 when some failed (rerun the same command: scored
-shards are skipped).
+shards are skipped). A rerun into the same output with other filters or another aesthetic model
+(or new weights at its URIs) is refused with an error naming what changed: score into a new
+output folder instead.
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+import io
 import math
 import os
 
@@ -5,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import storage
-from pipeline.config import load_config, to_dict
+from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.data import filter as flt
 from pipeline.data.filter import FilterConfig, ScoreConfig, filter_reason, run_score
 from tests.rawshards import build_tiny_models, raw_key, write_raw_shards
@@ -189,3 +190,156 @@ def test_read_scores_keeps_the_first_row_of_a_key_the_shard_holds_twice(tmp_path
     got = flt.read_scores(str(tmp_path), 3)
     assert got["k1"]["keep"] is True and got["k1"]["aesthetic"] == 6.0
     assert set(got) == {"k1", "k2"}
+
+
+# --- what a score output folder records ------------------------------------------------------
+
+
+def _score_cfg(raw, out, aesthetic, *extra):
+    over = [f"input={raw}", f"output={out}", "executor.backend=inline", "filters.min_image_size=32"]
+    return load_config(ScoreConfig, None, [*over, *extra], aesthetic=aesthetic)
+
+
+def test_rerun_with_other_content_settings_is_refused(tmp_path, models):
+    """Scored parquets are skipped on a rerun: one made with other filters, another aesthetic
+    model, or new weights at the same URI would keep its old rows under a score_config.yaml
+    that no longer describes them. Such a rerun is refused, naming what changed; devices and
+    batch sizes are not content and a rerun with others adds to the folder."""
+    import shutil
+
+    import torch
+
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 2, 3)
+    aes_dir = str(tmp_path / "aesthetic")
+    shutil.copytree(os.path.dirname(models["aesthetic"].head_weights), aes_dir)
+    aesthetic = {
+        **to_dict(models["aesthetic"]),
+        "clip_weights": os.path.join(aes_dir, "clip.pt"),
+        "head_weights": os.path.join(aes_dir, "head.pth"),
+        "clip_model_config": os.path.join(
+            aes_dir, os.path.basename(models["aesthetic"].clip_model_config)
+        ),
+    }
+    run_score(_score_cfg(raw, out, aesthetic, "max_shards=1"))
+    saved = storage.read_text(os.path.join(out, flt.SCORE_CONFIG_NAME))
+
+    with pytest.raises(ConfigError, match=r"'filters.min_similarity' \(0.28 != 0.3\)"):
+        run_score(_score_cfg(raw, out, aesthetic, "filters.min_similarity=0.3"))
+    with pytest.raises(ConfigError) as info:
+        bf16 = {**aesthetic, "dtype": "bfloat16"}
+        run_score(_score_cfg(raw, out, bf16, "filters.max_punsafe=0.4"))
+    assert "'aesthetic.dtype' ('float32' != 'bfloat16')" in str(info.value)
+    assert "'filters.max_punsafe' (0.5 != 0.4)" in str(info.value)
+    with pytest.raises(ConfigError, match=r"'aesthetic' \(\{"):
+        run_score(_score_cfg(raw, out, None))
+    assert storage.read_text(os.path.join(out, flt.SCORE_CONFIG_NAME)) == saved  # not overwritten
+
+    # other hardware: accepted, and it scores the shard left
+    other_hw = {**aesthetic, "batch_size": 2, "device": "cpu", "cache_dir": str(tmp_path)}
+    summary = run_score(_score_cfg(raw, out, other_hw))
+    assert summary["shards"] == 2 and summary["skipped_done"] == 1
+
+    # a retrained aesthetic head written over the old one
+    head = torch.load(aesthetic["head_weights"], weights_only=True)
+    torch.save({k: -v for k, v in head.items()}, aesthetic["head_weights"])
+    with pytest.raises(ConfigError, match=r"content of aesthetic.head_weights"):
+        run_score(_score_cfg(raw, out, aesthetic))
+
+    # an empty folder (nothing scored yet) takes any settings
+    other = str(tmp_path / "scores_other")
+    run_score(_score_cfg(raw, other, None, "max_shards=1"))
+    storage.remove(flt.score_uri(other, 0))
+    run_score(_score_cfg(raw, other, None, "max_shards=1", "filters.min_similarity=0.3"))
+    assert "min_similarity: 0.3" in storage.read_text(os.path.join(other, flt.SCORE_CONFIG_NAME))
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_decode_rgb_scales_16bit_flattens_transparency_on_white_and_sniffs_nothing():
+    from PIL import Image
+
+    from pipeline.data.raw import decode_rgb
+
+    grey16 = Image.fromarray(np.array([[0, 257, 30000, 65535]], dtype=np.uint16))
+    img, problem, notes = decode_rgb({"png": _png(grey16)})
+    assert problem is None and notes == ("converted_16bit",)
+    assert [img.getpixel((x, 0)) for x in range(4)] == [(0,) * 3, (1,) * 3, (117,) * 3, (255,) * 3]
+
+    # transparent pixels store black (or any colour) underneath: a viewer shows the background
+    rgba = Image.new("RGBA", (4, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (200, 0, 0, 255))
+    rgba.putpixel((2, 0), (200, 0, 0, 128))
+    img, _, notes = decode_rgb({"png": _png(rgba)})
+    assert notes == ("converted_transparent",)
+    assert img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 0)) == (200, 0, 0)
+    assert img.getpixel((2, 0)) == (227, 127, 127)  # half over white
+    la = Image.new("LA", (2, 2), (0, 0))
+    assert decode_rgb({"png": _png(la)})[0].getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (2, 2), 0)
+    pal.putpalette([0, 0, 0, 10, 200, 30])
+    pal.putpixel((1, 1), 1)
+    pal.info["transparency"] = 0
+    img, _, notes = decode_rgb({"png": _png(pal)})
+    assert notes == ("converted_transparent",)
+    assert img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 1)) == (10, 200, 30)
+    # opaque alpha: nothing to flatten, nothing counted
+    img, _, notes = decode_rgb({"png": _png(Image.new("RGBA", (2, 2), (9, 8, 7, 255)))})
+    assert notes == () and img.getpixel((0, 0)) == (9, 8, 7)
+    # only the JPEG, PNG and WebP decoders: a GIF under any name is not decoded
+    gif = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(gif, "GIF")
+    assert decode_rgb({"png": gif.getvalue()})[:2] == (None, "undecodable_image")
+    assert decode_rgb({"txt": b"x"})[:2] == (None, "missing_image")
+
+
+def test_damage_and_mended_inputs_are_kept_with_each_shard_and_summed(tmp_path):
+    """A damaged tar's counts, non-UTF-8 captions and converted images are stored inside the
+    shard's parquet and summed in score_summary.json, on every run: a rerun that skips the
+    scored shards reports them as the first run did."""
+    import json as jsonlib
+
+    import webdataset as wds
+    from PIL import Image
+
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 2, 3)
+    # shard 1 again, by hand: a 16-bit PNG, a transparent PNG, a caption that is not utf-8
+    # and one from the json with a lone surrogate (json.dumps writes it as \\ud800)
+    meta = {"original_width": 64, "original_height": 64, "punsafe": 0.0, "pwatermark": 0.0,
+            "similarity": 0.5, "url": "http://x/\ud800.jpg"}  # fmt: skip
+    grey16 = Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16))
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    samples = [
+        {"png": _png(grey16), "txt": b"a grey square"},
+        {"png": _png(rgba), "txt": b"caf\xe9 on a \xff wall"},
+        {"png": _png(rgba), "json-caption": "a lone \ud800 surrogate"},
+    ]
+    with wds.TarWriter(os.path.join(raw, "00001.tar")) as tw:
+        for i, s in enumerate(samples):
+            m = {**meta, "caption": s.pop("json-caption", "")}
+            tw.write({"__key__": raw_key(1, i), **s, "json": jsonlib.dumps(m).encode()})
+    storage.write_json(os.path.join(raw, "00001_stats.json"), {"successes": 3})
+    # shard 2: broken off after its first sample; img2dataset said 3
+    write_raw_shards(str(tmp_path / "more"), 3, 3)
+    data = open(tmp_path / "more" / "00002.tar", "rb").read()
+    storage.write_bytes(os.path.join(raw, "00002.tar"), data[: len(data) // 2])
+    storage.write_json(os.path.join(raw, "00002_stats.json"), {"successes": 3})
+
+    cfg = _score_cfg(raw, out, None, "filters.min_caption_chars=1")
+    for summary in (run_score(cfg), run_score(cfg)):  # the second run skips every shard
+        sums = summary["stats_sum"]
+        assert 3 + 3 <= sums["raw_samples"] < 9  # shard 2 gave what came before the damage
+        assert sums["corrupt_tar"] == 1 and sums["missing_from_tar"] == 9 - sums["raw_samples"]
+        assert list(summary["damaged_shards"]) == ["2"] and summary["damaged_shards"]["2"]
+        assert sums["caption_not_utf8"] == 2
+        assert sums["converted_16bit"] == 1 and sums["converted_transparent"] == 2
+        assert summary["shards_without_stats"] == 0
+    assert storage.read_json(os.path.join(out, flt.SUMMARY_NAME))["stats_sum"] == sums
+    rows = flt.read_scores(out, 1)
+    assert [r["keep"] for r in rows.values()] == [True, True, True]
+    assert rows[raw_key(1, 0)]["url"] == "http://x/\ufffd.jpg"

@@ -261,3 +261,65 @@ def test_config_refuses_columns_img2dataset_writes_and_bad_executor_settings():
         ExecutorConfig(num_actors=0)
     with pytest.raises(ValueError, match="cpus_per_actor"):
         ExecutorConfig(cpus_per_actor=0)
+
+
+def test_invalid_utf8_in_the_url_or_any_text_column_is_counted_not_raised(tmp_path):
+    """Arrow's string columns may hold invalid UTF-8 (real dumps do); reading one as Python
+    strings raised UnicodeDecodeError and ended the stage. The URL with bad bytes is dropped
+    (bad_url: no server has that name), a text extra keeps its row with the bytes replaced and
+    is counted (<column>_not_utf8), lists of strings too."""
+
+    def text(values):  # bytes, viewed as a string column without validation
+        return pa.array(values, pa.binary()).view(pa.string())
+
+    table = pa.table(
+        {
+            "URL": text(
+                [b"http://a.example/\xff.jpg", b"http://a.example/1.jpg", b"http://a.example/2.jpg"]
+            ),
+            "top_caption": text([b"one", b"two", b"thr\xe9e"]),
+            "note": text([b"ok", b"caf\xe9", None]),
+            "all_captions": pa.array([[b"x"], [b"y", b"\xfe"], []], pa.list_(pa.binary())).view(
+                pa.list_(pa.string())
+            ),
+            "hash": pa.array([b"\xff\x00", b"\x01", b"\x02"], pa.binary()),  # bytes stay bytes
+        }
+    )
+    src = tmp_path / "m.parquet"
+    pq.write_table(table, src)
+    cfg = MetadataConfig(
+        caption_column="top_caption", extra_columns=["note", "all_captions", "hash"]
+    )
+    stats = prepare_units(str(src), str(tmp_path / "units"), cfg)
+    c = stats["counts"]
+    assert c["rows_read"] == 3 and c["rows_kept"] == 2 and c["bad_url"] == 1
+    assert c["note_not_utf8"] == 1 and c["all_captions_not_utf8"] == 1
+    assert c["caption_not_utf8"] == 1 and c["null_note"] == 1
+    rows = pa.concat_tables(_read_units(str(tmp_path / "units"))).to_pylist()
+    assert [r["url"] for r in rows] == ["http://a.example/1.jpg", "http://a.example/2.jpg"]
+    assert rows[0]["note"] == "caf\ufffd" and rows[1]["note"] is None
+    assert rows[0]["all_captions"] == ["y", "\ufffd"] and rows[1]["all_captions"] == []
+    assert rows[0]["hash"] == b"\x01" and rows[1]["caption"] == "thr\ufffde"
+    assert clean_url(b"http://a.example/\xff.jpg") == (None, "bad_url")
+
+
+@pytest.mark.parametrize("name", ["download.yaml", "download_hq.yaml", "download_local.yaml"])
+def test_shipped_download_configs_read_laion_cocos_blip_caption(name, tmp_path):
+    """LAION-COCO's TEXT is the original web alt-text; top_caption is the BLIP caption that
+    LlamaGen trains on. The shipped configs (and so the demo, which mimics LAION-COCO) read
+    top_caption."""
+    from pipeline.config import load_config
+    from pipeline.data.download import DownloadConfig
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    cfg = load_config(DownloadConfig, os.path.join(root, "data", name), ["input=a", "output=b"])
+    assert cfg.metadata.caption_column == "top_caption"
+    assert "similarity" in cfg.metadata.extra_columns
+    table = _laion(4)
+    alt = pa.array([f"IMG_{i:04d}.JPG" for i in range(4)])  # what alt-texts look like
+    table = table.set_column(table.schema.get_field_index("TEXT"), "TEXT", alt)
+    src = tmp_path / "m.parquet"
+    pq.write_table(table, src)
+    prepare_units(str(src), str(tmp_path / "units"), cfg.metadata)
+    rows = pa.concat_tables(_read_units(str(tmp_path / "units"))).to_pylist()
+    assert [r["caption"] for r in rows] == table.column("top_caption").to_pylist()

@@ -82,8 +82,9 @@ def test_pretokenize_content_drops_and_damage(tmp_path, models):
     out = str(tmp_path / "tokens")
     cfg = load_config(PretokenizeConfig, TINY, _overrides(raw, out, models, f"scores={scores}"))
     m = run_pretokenize(cfg)
-    # shards 2 and 3 have no score parquet (max_shards=2): left for later, not failed
+    # shards 2 and 3 have no score parquet (max_shards=2): left for later, not failed, listed
     assert [s["index"] for s in m["shards"]] == [0, 1]
+    assert m["unscored_shards"] == [2, 3] and not m["failed_shards"]
     assert m["dropped"] == {
         "filtered_empty_caption": 1,
         "filtered_unsafe": 1,
@@ -135,6 +136,14 @@ def test_pretokenize_content_drops_and_damage(tmp_path, models):
     assert m2["stats_sum"]["corrupt_tar"] == sum(
         s["stats"].get("corrupt_tar", 0) for s in m2["shards"]
     )
+    assert m2["unscored_shards"] == []
+    # the dataset's mean caption length: over the samples stored (not a sum of shard means)
+    lengths = [
+        g["t5"].shape[0] for i in by_index for g in shards.read_token_shard(f"{out2}/{i:05d}.tar")
+    ]
+    assert m2["t5_tokens_mean"] == pytest.approx(np.mean(lengths))
+    assert "t5_tokens_mean" not in m2["stats_sum"]
+    assert m2["stats_sum"]["t5_tokens_sum"] == sum(lengths)
 
     # rerun: nothing to do, bytes unchanged; another resolution into the same folder is refused
     before = {s["index"]: s["sha256"] for s in m2["shards"]}
@@ -277,3 +286,144 @@ def test_bf16_vq_searches_its_codes_in_fp32(tmp_path, models):
     with torch.no_grad():
         h = w.vq.quant_conv(w.vq.encoder(x.bfloat16()).float())
     assert torch.equal(codes, w.vq.quantize(h)[2])  # the search ran on the fp32 latent
+
+
+def _rewrite_raw_shard(raw: str, index: int, edit) -> None:
+    """Raw shard ``index`` again, with ``edit(i, sample)`` applied to each sample dict."""
+    samples = list(shards.iter_raw_shard(raw, index, {}))
+    with wds.TarWriter(os.path.join(raw, f"{index:05d}.tar")) as tw:
+        for i, s in enumerate(samples):
+            tw.write(edit(i, dict(s)))
+
+
+def test_one_bad_sample_is_a_counted_drop_never_a_failed_shard(tmp_path, models, monkeypatch):
+    """Only a failed decode was caught per sample: anything raised in resize / crop, T5 or the
+    shard encoding failed the whole shard on every retry. A json caption with a lone
+    surrogate (T5's tokenizer and utf-8 raise on it) is mended and counted; the others are
+    dropped, counted by reason; the rest of the shard is written, features as they would be."""
+    import io
+    import json
+
+    from pipeline.data import pretokenize as ptk
+
+    raw = str(tmp_path / "raw")
+    write_raw_shards(raw, 1, 6)
+
+    def edit(i, s):
+        if i == 1:  # the caption only in the json, with a lone surrogate
+            del s["txt"]
+            s["json"] = json.dumps({**json.loads(s["json"]), "caption": "a red \ud800 circle"})
+        if i == 2:  # an image whose resize fails (as one of 10000:1 would run out of memory)
+            buf = io.BytesIO()
+            Image.new("RGB", (77, 64), (1, 2, 3)).save(buf, "JPEG")
+            s["jpg"] = buf.getvalue()
+        if i == 3:
+            s["txt"] = b"a BOOM caption"
+        return s
+
+    _rewrite_raw_shard(raw, 0, edit)
+    real_crop, real_encode = ptk.resize_center_crop, TextEncoder.encode
+    real_sample = shards.encode_token_sample
+
+    def crop(img, size):
+        if img.size == (77, 64):
+            raise MemoryError("cannot allocate 2.6 GB")
+        return real_crop(img, size)
+
+    def encode(self, captions, *a, **kw):
+        if any("BOOM" in c for c in captions):
+            raise RuntimeError("T5 cannot take this caption")
+        return real_encode(self, captions, *a, **kw)
+
+    def encode_sample(key, *a, **kw):
+        if key == raw_key(0, 4):
+            raise ValueError("t5 must be (L, D) with 0 < L <= 120")
+        return real_sample(key, *a, **kw)
+
+    monkeypatch.setattr(ptk, "resize_center_crop", crop)
+    monkeypatch.setattr(TextEncoder, "encode", encode)
+    monkeypatch.setattr(shards, "encode_token_sample", encode_sample)
+    out = str(tmp_path / "tokens")
+    m = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out, models)))
+    assert not m["failed_shards"] and m["num_shards"] == 1
+    stats = m["shards"][0]["stats"]
+    assert stats["dropped"] == {"encode_error": 1, "t5_error": 1, "unprocessable_image": 1}
+    assert stats["caption_not_utf8"] == 1 and stats["written"] == 3
+    got = {g["key"]: g for g in shards.read_token_shard(os.path.join(out, "00000.tar"))}
+    assert sorted(got) == [raw_key(0, i) for i in (0, 1, 5)]
+    assert got[raw_key(0, 1)]["txt"] == "a red \ufffd circle"
+    # the batch T5 failed on was encoded caption by caption: the same features
+    text = TextEncoder.from_pretrained(models["t5"], batch_size=16)
+    for g in got.values():
+        np.testing.assert_array_equal(g["t5"], real_encode(text, [g["txt"]]).features[0].numpy())
+
+    # a T5 that fails on every caption of a batch is the encoder, not the captions: the shard
+    # fails (and is retried), nothing is marked done
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, c, *a, **kw: 1 / 0)
+    out2 = str(tmp_path / "tokens2")
+    m2 = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out2, models)))
+    assert list(m2["failed_shards"]) == ["0"] and m2["num_shards"] == 0
+
+
+def _resize_then_crop(img, size):
+    """The old way (LlamaGen's order without its box pre-shrink): resize all, then crop."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def test_center_crop_gives_the_same_pixels_without_resizing_the_whole_image(monkeypatch):
+    """The crop is computed from the source region it needs: the same pixels as resizing the
+    whole image and cropping (a few 1-2 levels off, from the offset's float rounding; on
+    noise, the worst case), and an extreme aspect ratio costs no more than a square image."""
+    rng = np.random.default_rng(0)
+    for w, h in [(640, 480), (480, 640), (300, 301), (1000, 333), (257, 256), (64, 64),
+                 (100, 37), (513, 1024), (33, 77), (350, 700), (2000, 9)]:  # fmt: skip
+        for size in (64, 256):
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            want = np.asarray(_resize_then_crop(img, size), np.int16)
+            got = np.asarray(resize_center_crop(img, size), np.int16)
+            assert got.shape == want.shape == (size, size, 3)
+            assert np.abs(got - want).max() <= 2 and (got != want).mean() < 0.005, (w, h, size)
+
+    biggest = []
+    real_resize = Image.Image.resize
+
+    def resize(self, size, *a, **kw):
+        biggest.append(size[0] * size[1])
+        if size[0] * size[1] > 4 * 256 * 256:
+            raise MemoryError(f"a {size} intermediate on the way to a 256 x 256 crop")
+        return real_resize(self, size, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    for w, h in [(10000, 1), (1, 10000), (20000, 3)]:
+        img = Image.new("RGB", (w, h), (10, 20, 30))
+        out = resize_center_crop(img, 256)
+        assert out.size == (256, 256) and out.getpixel((5, 200)) == (10, 20, 30)
+    assert max(biggest) <= 256 * 256
+
+
+def test_job_warns_about_unscored_shards(tmp_path, models, capsys):
+    """Unscored raw shards are left for a later run; the job says so on stderr, names them,
+    and the manifest lists them (exit status 0: they are not failures)."""
+    import importlib.util
+
+    raw, scores = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 3, 2)
+    over = [f"input={raw}", f"output={scores}", "executor.backend=inline", "max_shards=1"]
+    run_score(load_config(ScoreConfig, None, [*over, "filters.min_image_size=32"]))
+    spec = importlib.util.spec_from_file_location(
+        "ptk_job", os.path.join(ROOT, "jobs", "pretokenize.py")
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = str(tmp_path / "tokens")
+    rc = job.main(["--config", TINY, *_overrides(raw, out, models, f"scores={scores}")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "WARNING: 2 raw shards" in err and "NOT pretokenized: [1, 2]" in err
+    assert storage.read_json(os.path.join(out, shards.MANIFEST))["unscored_shards"] == [1, 2]

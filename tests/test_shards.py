@@ -188,3 +188,76 @@ def test_a_read_error_mid_shard_is_raised_not_counted_as_damage(tmp_path, monkey
         list(shards.iter_raw_shard(str(tmp_path), 0, stats))
     assert info.value.errno == errno.EINVAL
     assert "corrupt_tar" not in stats and "raw_samples" not in stats
+
+
+def test_manifest_t5_tokens_mean_is_over_samples_not_a_sum_of_shard_means(tmp_path):
+    """Each shard stores its caption-token sum; the manifest's mean is sum / samples (it was the
+    sum of the shards' means). A marker from before the sums were kept counts mean x samples."""
+    out = str(tmp_path)
+    for index, n, tokens in ((0, 3, 30), (1, 1, 2)):
+        with shards.TokenShardWriter(out, index) as w:
+            for s in _samples(n, seed=index):
+                w.write(shards.encode_token_sample(**s))
+            w.close({"written": n, "t5_tokens_sum": tokens, "t5_tokens_mean": tokens / n})
+    m = shards.merge_manifest(out)
+    assert m["t5_tokens_mean"] == pytest.approx(32 / 4)
+    assert "t5_tokens_mean" not in m["stats_sum"] and m["stats_sum"]["t5_tokens_sum"] == 32
+    marker = storage.join(out, shards.done_name(1))
+    old = storage.read_json(marker)
+    old["stats"] = {"written": 1, "t5_tokens_mean": 2.0}  # as written before
+    storage.write_json(marker, old)
+    assert shards.merge_manifest(out)["t5_tokens_mean"] == pytest.approx(32 / 4)
+
+
+def _raw_tars(root, n=2, per=4):
+    from tests.rawshards import write_raw_shards
+
+    write_raw_shards(str(root), n, per, size=16)
+    return [str(root / f"{i:05d}.tar") for i in range(n)]
+
+
+def test_tokenizer_stream_raises_store_errors_instead_of_dropping_the_shard(
+    tmp_path, monkeypatch, s3_bucket
+):
+    """The tokenizer-training stream read shards through a webdataset handler that swallowed
+    every error: a missing object or a failing read lost the shard for the epoch (and put its
+    size in the resumable state as 0). The store's errors are raised now, as for the score and
+    pretokenize stages; a tar that breaks off gives what was intact and is counted."""
+    from pipeline.data import raw
+
+    tars = _raw_tars(tmp_path)
+    storage.put_dir(str(tmp_path), f"{s3_bucket}/raw")
+    remote = [f"{s3_bucket}/raw/{i:05d}.tar" for i in range(2)]
+    storage.remove(remote[1])  # vanished (or an archived, refused object)
+    got = []
+    with pytest.raises(FileNotFoundError):
+        for s in raw.iter_raw_samples(remote):
+            got.append(s["__key__"])
+    assert len(got) == 4  # the first shard, then the error
+    stream = raw.RawImageStream(remote, image_size=8, batch_size=2, shuffle_buffer=2)
+    with pytest.raises(FileNotFoundError):
+        list(stream.epoch_samples(0))
+
+    class Expiring(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > 2000:
+                raise OSError(5, "The provided token has expired (InvalidToken)")
+            return super().read(n)
+
+    monkeypatch.setattr(shards.storage, "open_read", lambda uri: Expiring(open(uri, "rb").read()))
+    with pytest.raises(OSError, match="InvalidToken"):
+        list(raw.iter_raw_samples(tars[:1]))
+
+    monkeypatch.undo()
+    data = open(tars[1], "rb").read()
+    open(tars[1], "wb").write(data[: len(data) // 2])  # broken off mid-way: damage
+    damaged: set[str] = set()
+    keys = [s["__key__"] for s in raw.iter_raw_samples(tars, damaged)]
+    assert 4 < len(keys) < 8 and damaged == {tars[1]}
+    stream = raw.RawImageStream(tars, image_size=8, batch_size=2, shuffle_buffer=2)
+    assert len(list(stream.epoch_samples(0))) == len(keys)
+    assert stream.state_dict()["damaged_shards"] == [tars[1]]
+    again = raw.RawImageStream(tars, image_size=8, batch_size=2, shuffle_buffer=2)
+    again.load_state_dict(stream.state_dict())
+    list(again.epoch_samples(1))  # read again in another epoch: still one damaged shard
+    assert again.state_dict()["damaged_shards"] == [tars[1]]

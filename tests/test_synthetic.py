@@ -61,3 +61,5 @@ def test_serve_folder(tmp_path):
     assert data == (tmp_path / names[1]).read_bytes()
     table = synthetic.laion_coco_table(samples, [f"{base}/{n}" for n in names], size=32)
     assert list(table.TEXT) == [s.caption for s in samples]
+    # the BLIP-caption column the shipped download config reads
+    assert list(table.top_caption) == [s.caption for s in samples]

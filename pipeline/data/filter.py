@@ -3,7 +3,15 @@
 For every sample of raw shard ``i`` the output ``{i:05d}.parquet`` holds a row: key, url, the
 metadata the filters read, the aesthetic score, ``keep`` and, for a drop, ``reason`` (the first
 filter that failed, e.g. ``too_small``, ``punsafe_missing``, ``undecodable_image``). The parquet is
-written atomically and is its own done marker, so a rerun skips finished shards.
+written atomically and is its own done marker, so a rerun skips finished shards. Its key-value
+metadata holds the shard's stats (``SHARD_STATS_KEY``): what the reader found wrong with the raw
+tar (``corrupt_tar``, ``tar_error``, ``missing_from_tar``) and what was mended on the way
+(``caption_not_utf8``, ``converted_16bit``, ``converted_transparent``); ``score_summary.json``
+sums them over the shards.
+
+An output folder holds the results of one setting: a rerun with other filters, another
+aesthetic model or other weights at the same URI is refused while scored parquets are there
+(``score_config.yaml`` and ``score_inputs.json`` say what made them).
 
 Basic filters run on the sample's json (img2dataset's columns plus the carried metadata); only
 the survivors are decoded and scored. Missing or NaN metadata fails its filter with a reason of
@@ -18,6 +26,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -25,20 +34,30 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipeline import storage
-from pipeline.config import doc, save_config
+from pipeline.config import doc
 from pipeline.data import shards
+from pipeline.data.raw import decode_rgb
 from pipeline.executor import ExecutorConfig, prefetch, run_units
 from pipeline.log import get_logger
 from pipeline.models.aesthetic import AestheticConfig
 
 log = get_logger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SCORE_CONFIG_NAME = "score_config.yaml"
+SCORE_INPUTS_NAME = "score_inputs.json"
 SUMMARY_NAME = "score_summary.json"
+SHARD_STATS_KEY = b"t2i.score_stats"  # the parquet's key-value metadata: the shard's stats (json)
+# What decides a score parquet's rows: a folder must not mix two settings of them (the device,
+# batch size and cache of the aesthetic model do not).
+_CONTENT_FIELDS = ("filters", "aesthetic")
+_NOT_CONTENT = ("aesthetic.batch_size", "aesthetic.device", "aesthetic.cache_dir")
+_WEIGHTS = {
+    "clip_weights": "aesthetic.clip_weights",
+    "head_weights": "aesthetic.head_weights",
+    "clip_model_config": "aesthetic.clip_model_config",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +70,11 @@ class FilterConfig:
     max_caption_chars: int | None = doc("Longest allowed caption (characters, stripped)", 1000)
     max_punsafe: float | None = doc("Keep only punsafe < this", 0.5)
     max_pwatermark: float | None = doc("Keep only pwatermark < this", 0.8)
-    min_similarity: float | None = doc("Keep only CLIP image-text similarity >= this", 0.28)
+    min_similarity: float | None = doc(
+        "Keep only CLIP image-text similarity >= this. LAION-COCO's similarity column scores "
+        "the image against its original alt-text (TEXT), not the BLIP caption (top_caption)",
+        0.28,
+    )
     min_aesthetic: float | None = doc("Keep only aesthetic score >= this (stage-2 selection)", None)
     missing: Literal["drop", "keep"] = doc(
         "What a filter does with a missing/NaN value: drop (reason <field>_missing/_nan) or keep",
@@ -170,27 +193,29 @@ def sample_meta(sample: Mapping[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def sample_caption(sample: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    """The caption: the ``txt`` member, else the json's ``caption``; bad utf-8 replaced."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def sample_caption(sample: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(caption, problem): the ``txt`` member, else the json's ``caption``, stripped.
+
+    Bytes that are not UTF-8, and lone surrogates (which a json string may hold, and which no
+    encoder takes: T5's tokenizer and the token shard's utf-8 would raise), are replaced with
+    U+FFFD; ``problem`` is then ``caption_not_utf8``, for the caller to count."""
     raw = sample.get("txt")
     if raw is not None:
-        return raw.decode("utf-8", errors="replace").strip()
-    return str(meta.get("caption") or "").strip()
-
-
-def decode_rgb(sample: Mapping[str, Any]) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None), or (None, ``missing_image`` / ``undecodable_image``)."""
-    for ext in IMAGE_EXTS:
-        data = sample.get(ext)
-        if data is None:
-            continue
         try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            return img.convert("RGB"), None
-        except Exception:  # noqa: BLE001 - any decoder failure (truncated, bomb) is one reason
-            return None, "undecodable_image"
-    return None, "missing_image"
+            return raw.decode("utf-8").strip(), None
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace").strip(), "caption_not_utf8"
+    text = str(meta.get("caption") or "")
+    clean = _storable(text)
+    return clean.strip(), None if clean == text else "caption_not_utf8"
+
+
+def _storable(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD: what utf-8 (and parquet) can hold."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 # --- the score worker -----------------------------------------------------------------------------
@@ -214,17 +239,22 @@ class ScoreWorker:
     def __call__(self, index: int) -> dict[str, Any]:
         cfg, f = self.cfg, self.cfg.filters
         stats: dict[str, Any] = {"unit": index}
+        mended: collections.Counter[str] = collections.Counter()  # kept, but changed on the way
         rows: list[dict[str, Any]] = []
         to_score: list[tuple[int, Mapping[str, Any]]] = []  # (row, raw sample) passing filters
         seen: set[str] = set()
         for sample in shards.iter_raw_shard(cfg.input, index, stats):
             key = str(sample["__key__"])
             meta = sample_meta(sample)
-            caption = sample_caption(sample, meta)
+            caption, caption_problem = sample_caption(sample, meta)
+            if caption_problem is not None:
+                mended[caption_problem] += 1
             w, h = _size(meta)
             row = {
-                "key": key,
-                "url": str(meta.get("url") or ""),
+                # a tar member name that was not utf-8 comes with surrogates (pretokenize drops
+                # its sample as bad_key); so may a json url
+                "key": _storable(key),
+                "url": _storable(str(meta.get("url") or "")),
                 "caption_chars": len(caption),
                 "width": w,
                 "height": h,
@@ -239,20 +269,27 @@ class ScoreWorker:
             rows.append(row)
             if row["reason"] is None:
                 to_score.append((len(rows) - 1, sample))
-        self._score(rows, to_score)
+        self._score(rows, to_score, mended)
         for row in rows:
             if row["reason"] is None:
                 row["reason"] = aesthetic_reason(row["aesthetic"], f.min_aesthetic)
             row["keep"] = row["reason"] is None
             row["reason"] = row["reason"] or ""
-        storage.write_bytes(score_uri(cfg.output, index), _to_parquet(rows))
         reasons = collections.Counter(r["reason"] for r in rows if not r["keep"])
-        stats.update(samples=len(rows), kept=sum(r["keep"] for r in rows))
+        stats.update(mended, samples=len(rows), kept=sum(r["keep"] for r in rows))
         stats["dropped"] = dict(sorted(reasons.items()))
+        # the stats travel inside the parquet: written with it, atomically, or not at all
+        storage.write_bytes(score_uri(cfg.output, index), _to_parquet(rows, stats))
         return stats
 
-    def _score(self, rows: list[dict[str, Any]], to_score: list[tuple[int, Any]]) -> None:
-        """Decode the survivors (in threads, a chunk ahead) and score them in model batches."""
+    def _score(
+        self,
+        rows: list[dict[str, Any]],
+        to_score: list[tuple[int, Any]],
+        mended: collections.Counter[str],
+    ) -> None:
+        """Decode the survivors (in threads, a chunk ahead) and score them in model batches;
+        images converted on the way are counted in ``mended``."""
         batch = self.cfg.aesthetic.batch_size if self.cfg.aesthetic else 64
         chunks = [to_score[i : i + batch] for i in range(0, len(to_score), batch)]
         with ThreadPoolExecutor(self.cfg.decode_threads) as pool:
@@ -262,7 +299,8 @@ class ScoreWorker:
 
             for chunk, decoded in prefetch(map(decode, chunks), depth=2):
                 good = []
-                for (r, _), (img, problem) in zip(chunk, decoded):
+                for (r, _), (img, problem, conversions) in zip(chunk, decoded):
+                    mended.update(conversions)
                     if problem is not None:
                         rows[r]["reason"] = problem
                     else:
@@ -291,9 +329,10 @@ _SCHEMA = pa.schema(
 )
 
 
-def _to_parquet(rows: list[dict[str, Any]]) -> bytes:
+def _to_parquet(rows: list[dict[str, Any]], stats: Mapping[str, Any]) -> bytes:
     cols = {name: [r[name] for r in rows] for name in _SCHEMA.names}
-    table = pa.table(cols, schema=_SCHEMA)
+    meta = {SHARD_STATS_KEY: json.dumps(dict(stats), sort_keys=True, default=str).encode()}
+    table = pa.table(cols, schema=_SCHEMA.with_metadata(meta))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -324,8 +363,16 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         indices = indices[: cfg.max_shards]
     if not indices:
         raise FileNotFoundError(f"no complete raw shards (with _stats.json) under {cfg.input}")
-    storage.makedirs(cfg.output)
-    save_config(cfg, storage.join(cfg.output, SCORE_CONFIG_NAME))
+    shards.claim_output(
+        cfg.output,
+        cfg,
+        SCORE_CONFIG_NAME,
+        SCORE_INPUTS_NAME,
+        _CONTENT_FIELDS,
+        _WEIGHTS,
+        has_results=lambda: bool(scored_indices(cfg.output)),
+        ignore=_NOT_CONTENT,
+    )
     report = run_units(
         indices,
         _ScoreFactory(cfg),
@@ -344,19 +391,50 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         summary["shards"],
         summary["dropped"],
     )
+    if summary["damaged_shards"]:
+        log.warning(
+            "score: %d raw tars are damaged (scored up to the damage): %s",
+            len(summary["damaged_shards"]),
+            dict(list(summary["damaged_shards"].items())[:5]),
+        )
     return summary
 
 
+def read_shard_stats(table: pa.Table) -> dict[str, Any] | None:
+    """The shard stats a score parquet carries (None for one written before they were kept)."""
+    raw = (table.schema.metadata or {}).get(SHARD_STATS_KEY)
+    return json.loads(raw) if raw else None
+
+
 def summarize_scores(out: str, indices: list[int]) -> dict[str, Any]:
-    """Counts over the finished score parquets among ``indices``."""
+    """Counts over the finished score parquets among ``indices``, with their shard stats summed
+    (``stats_sum``: damage such as ``corrupt_tar`` and ``missing_from_tar``, mended captions and
+    images) and each damaged tar's error (``damaged_shards``)."""
     dropped: collections.Counter[str] = collections.Counter()
-    n = kept = done = 0
+    sums: collections.Counter[str] = collections.Counter()
+    damaged: dict[str, str] = {}
+    n = kept = done = without_stats = 0
     aesthetic: list[np.ndarray] = []
     scored = scored_indices(out)
     for i in indices:
         if i not in scored:
             continue
         table = pq.read_table(io.BytesIO(storage.read_bytes(score_uri(out, i))))
+        stats = read_shard_stats(table)
+        if stats is None:
+            without_stats += 1
+        else:
+            sums.update(
+                {
+                    k: v
+                    for k, v in stats.items()
+                    if isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                    and k not in ("unit", "samples", "kept")  # counted from the rows below
+                }
+            )
+            if stats.get("corrupt_tar"):
+                damaged[str(i)] = str(stats.get("tar_error", ""))
         keep = table["keep"].to_numpy(zero_copy_only=False)
         reasons = table["reason"].to_pylist()
         done += 1
@@ -371,6 +449,10 @@ def summarize_scores(out: str, indices: list[int]) -> dict[str, Any]:
         "samples": n,
         "kept": kept,
         "dropped": dict(sorted(dropped.items())),
+        "stats_sum": dict(sorted(sums.items())),
+        "damaged_shards": damaged,
+        # parquets written before their stats were kept: stats_sum leaves them out
+        "shards_without_stats": without_stats,
         "aesthetic_mean": float(scores.mean()) if scores.size else None,
         "aesthetic_quantiles": (
             {str(q): float(np.quantile(scores, q)) for q in (0.1, 0.5, 0.9)} if scores.size else {}

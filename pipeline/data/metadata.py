@@ -8,9 +8,16 @@ for byte in content: files are read in sorted order and rows in file order, firs
 URL wins.
 
 What is dropped (counted): null / NaN / empty URLs, URLs that are not http(s) (``file://`` would
-read the worker's own disk), duplicates. What is kept but counted: NaN / missing captions (as
-``""``, for the filter stage to drop), non-UTF-8 captions (bad bytes replaced), over-long captions
-(cut to ``max_caption_chars``), NaN extras (stored as null).
+read the worker's own disk) or not valid UTF-8 (``bad_url``), duplicates. What is kept but
+counted: NaN / missing captions (as ``""``, for the filter stage to drop), non-UTF-8 captions (bad
+bytes replaced), over-long captions (cut to ``max_caption_chars``), NaN extras (stored as null),
+non-UTF-8 text in an extra column (bad bytes replaced, ``<column>_not_utf8``). Every text column
+is read as bytes and decoded here: Arrow's string columns may hold invalid UTF-8, which
+``to_pylist`` would raise on.
+
+The caption: LAION-COCO has two. ``top_caption`` is the BLIP caption LlamaGen trains on (what
+``configs/data/download.yaml`` reads); ``TEXT`` is the image's original web alt-text, which is
+also what the dataset's ``similarity`` column scores the image against.
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ class MetadataConfig:
 
     url_column: str = doc("column holding the image URL", "URL")
     caption_column: str = doc(
-        "column holding the caption (LAION-COCO: TEXT or top_caption)", "TEXT"
+        "column holding the caption. LAION-COCO: top_caption, the BLIP caption LlamaGen trains "
+        "on (configs/data/download.yaml); TEXT is the original web alt-text, as in LAION-400M/5B",
+        "TEXT",
     )
     extra_columns: list[str] = doc(
         "columns carried along into each sample's json (missing ones become null, counted)",
@@ -122,7 +131,10 @@ def clean_url(v: Any) -> tuple[str | None, str | None]:
     if _is_missing(v):
         return None, "missing_url"
     if isinstance(v, bytes):
-        v = v.decode("utf-8", errors="replace")
+        try:
+            v = v.decode("utf-8")
+        except UnicodeDecodeError:  # no server has that name; a mended one would fetch another
+            return None, "bad_url"
     if not isinstance(v, str):
         return None, "bad_url"
     url = v.strip()
@@ -215,8 +227,54 @@ class SeenKeys:
             self.runs.append(merged)
 
 
-def _read_batches(path: str, cfg: MetadataConfig, counts: Counter) -> Iterator[dict[str, list]]:
-    """Batches of (url, caption, extras) as Python lists; captions read as raw bytes."""
+def _as_bytes(t: pa.DataType) -> pa.DataType | None:
+    """``t`` with every string in it read as bytes instead; None when it holds no string."""
+    if pa.types.is_string(t) or pa.types.is_string_view(t):
+        return pa.binary()
+    if pa.types.is_large_string(t):
+        return pa.large_binary()
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = _as_bytes(t.value_type)
+        if inner is None:
+            return None
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(inner, t.list_size)
+        return pa.large_list(inner) if pa.types.is_large_list(t) else pa.list_(inner)
+    if pa.types.is_struct(t):
+        fields = list(t)
+        inner_types = [_as_bytes(f.type) for f in fields]
+        if all(x is None for x in inner_types):
+            return None
+        return pa.struct([f.with_type(x or f.type) for f, x in zip(fields, inner_types)])
+    return None
+
+
+def _decode_text(v: Any, t: pa.DataType) -> tuple[Any, bool]:
+    """A value read through :func:`_as_bytes`, its strings decoded as ``t`` says: UTF-8, bad
+    bytes replaced with U+FFFD; and whether any were bad."""
+    if v is None:
+        return None, False
+    if pa.types.is_string(t) or pa.types.is_string_view(t) or pa.types.is_large_string(t):
+        try:
+            return v.decode("utf-8"), False
+        except UnicodeDecodeError:
+            return v.decode("utf-8", errors="replace"), True
+    if pa.types.is_struct(t):
+        parts = {f.name: _decode_text(v.get(f.name), f.type) for f in t}
+        return {k: x for k, (x, _) in parts.items()}, any(bad for _, bad in parts.values())
+    if isinstance(v, list):
+        items = [_decode_text(x, t.value_type) for x in v]
+        return [x for x, _ in items], any(bad for _, bad in items)
+    return v, False
+
+
+def _read_batches(
+    path: str, cfg: MetadataConfig, counts: Counter
+) -> Iterator[tuple[dict[str, list], dict[str, pa.DataType]]]:
+    """Batches of (url, caption, extras) as Python lists, and the Arrow type of each column that
+    was read as bytes: every text column is (a string column may hold invalid UTF-8; Arrow's
+    ``to_pylist`` would raise on it), for ``clean_url`` / ``clean_caption`` /
+    :func:`_decode_text` to decode leniently."""
     with storage.open_read(path) as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
@@ -235,18 +293,18 @@ def _read_batches(path: str, cfg: MetadataConfig, counts: Counter) -> Iterator[d
         ):
             n = batch.num_rows
             out: dict[str, list] = {}
+            text_types: dict[str, pa.DataType] = {}
             for col in batch.schema.names:
                 arr = batch.column(col)
-                if col == cfg.caption_column and pa.types.is_string(arr.type):
-                    # a string column may still hold invalid UTF-8: decode ourselves, leniently
-                    arr = arr.cast(pa.binary())
-                elif col == cfg.caption_column and pa.types.is_large_string(arr.type):
-                    arr = arr.cast(pa.large_binary())
+                as_bytes = _as_bytes(arr.type)
+                if as_bytes is not None:
+                    text_types[col] = arr.type
+                    arr = arr.cast(as_bytes)
                 out[col] = arr.to_pylist()
             for c in missing:
                 out[c] = [None] * n
                 counts[f"missing_column_{c}"] += n
-            yield out
+            yield out, text_types
 
 
 def _unit_schema(extra_types: dict[str, pa.DataType]) -> pa.Schema:
@@ -261,7 +319,7 @@ def iter_clean_rows(
     """(url, caption, extras) for every kept row, in input order; ``counts`` gets the reasons."""
     seen = SeenKeys()
     for path in files:
-        for batch in _read_batches(path, cfg, counts):
+        for batch, text_types in _read_batches(path, cfg, counts):
             caps = batch[cfg.caption_column]
             extras = [batch[c] for c in cfg.extra_columns]
             cleaned = [clean_url(u) for u in batch[cfg.url_column]]
@@ -287,6 +345,10 @@ def iter_clean_rows(
                     if _is_missing(v):
                         counts[f"null_{name}"] += 1
                         v = None
+                    elif name in text_types:
+                        v, bad = _decode_text(v, text_types[name])
+                        if bad:
+                            counts[f"{name}_not_utf8"] += 1
                     row_extras.append(v)
                 counts["rows_kept"] += 1
                 yield url, caption, row_extras

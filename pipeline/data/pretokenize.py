@@ -9,9 +9,14 @@ decodes the next batch while the models run on this one.
 
 Every sample that does not make it is counted by reason in the shard's stats (``not_scored``,
 ``filtered_<score reason>``, ``low_aesthetic``, ``empty_caption``, ``missing_image``,
-``undecodable_image``, ``duplicate_key``, ``bad_key``, ``nonfinite_t5``); a damaged raw tar is
-flagged (``corrupt_tar``) and what was intact before the damage is kept. A rerun redoes only
-the shards without a done marker, and gives the same bytes.
+``undecodable_image``, ``unprocessable_image`` (resize or crop failed), ``t5_error``,
+``encode_error``, ``duplicate_key``, ``bad_key``, ``nonfinite_t5``): one bad sample never fails
+its shard. A damaged raw tar is flagged (``corrupt_tar``) and what was intact before the damage
+is kept. What was mended is counted too: ``caption_not_utf8`` (bad bytes or lone surrogates
+replaced with U+FFFD), ``converted_16bit`` and ``converted_transparent`` (``raw.to_rgb``). Raw
+shards without a score parquet yet are left for a later run and listed in the manifest
+(``unscored_shards``). A rerun redoes only the shards without a done marker, and gives the
+same bytes.
 """
 
 from __future__ import annotations
@@ -25,22 +30,22 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pipeline import storage
-from pipeline.config import ConfigError, doc, save_config, to_dict
+from pipeline.config import ConfigError, doc
 from pipeline.data import shards
 from pipeline.data.filter import (
     aesthetic_reason,
-    decode_rgb,
     read_scores,
     sample_caption,
     sample_meta,
     scored_indices,
 )
+from pipeline.data.raw import center_crop as resize_center_crop
+from pipeline.data.raw import decode_rgb
+from pipeline.data.raw import to_tensor as to_pixels
 from pipeline.executor import ExecutorConfig, prefetch, run_units
 from pipeline.log import get_logger
-from pipeline.models.text_encoder import TextEncoder, TextEncoderConfig
+from pipeline.models.text_encoder import EncodedCaptions, TextEncoder, TextEncoderConfig
 from pipeline.models.vq import VQModel, codes_to_uint16
 from pipeline.precision import torch_dtype, warn_if_slow
 
@@ -63,21 +68,9 @@ _CONTENT_FIELDS = (
     "text.dtype",
 )
 INPUTS_NAME = "pretokenize_inputs.json"
-
-
-def _field(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
-
-
-def _inputs(cfg: PretokenizeConfig) -> dict[str, str | None]:
-    """What the model URIs hold now (:func:`pipeline.storage.fingerprint`): weights replaced at
-    the same URI change the shards as much as another URI does."""
-    return {
-        k: storage.fingerprint(u) if u else None
-        for k, u in (("vq", cfg.vq.uri), ("text", cfg.text.uri))
-    }
+# The model URIs whose content decides the shards too (weights replaced at the same URI change
+# them as much as another URI does): their fingerprints are saved as INPUTS_NAME.
+_WEIGHTS = {"vq": "vq.uri", "text": "text.uri"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,24 +112,7 @@ class PretokenizeConfig:
             )
 
 
-# --- images ---------------------------------------------------------------------------------------
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to ``size`` (bicubic), then crop the centre ``size`` x ``size``."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def to_pixels(img: Image.Image) -> torch.Tensor:
-    """RGB image -> (3, H, W) float32 in [-1, 1]."""
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return a.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+# --- the worker ---------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -145,9 +121,6 @@ class _Batch:
     pixels: torch.Tensor  # (B, 3, S, S) in [-1, 1]
     captions: list[str]
     metas: list[dict[str, Any]]
-
-
-# --- the worker ---------------------------------------------------------------------------------
 
 
 class PretokenizeWorker:
@@ -182,13 +155,15 @@ class PretokenizeWorker:
         cfg = self.cfg
         t0 = time.perf_counter()
         stats: dict[str, Any] = {"unit": index, "source": shards.raw_tar_uri(cfg.input, index)}
+        # reading and decoding run in a background thread: it counts into its own counters
+        read_dropped: collections.Counter[str] = collections.Counter()
+        mended: collections.Counter[str] = collections.Counter()  # kept, but changed on the way
         dropped: collections.Counter[str] = collections.Counter()
         scores = read_scores(cfg.scores, index) if cfg.scores else None
         vq_s = t5_s = wait_s = 0.0
-        tokens: list[int] = []
-        truncated = 0
+        n_tokens = truncated = 0
         with shards.TokenShardWriter(cfg.output, index) as writer:
-            batches = prefetch(self._batches(index, scores, stats, dropped), depth=2)
+            batches = prefetch(self._batches(index, scores, stats, read_dropped, mended), depth=2)
             while True:
                 t = time.perf_counter()
                 batch = next(batches, None)
@@ -199,31 +174,38 @@ class PretokenizeWorker:
                 codes, codes_flip = self._encode_images(batch.pixels)
                 vq_s += time.perf_counter() - t
                 t = time.perf_counter()
-                enc = self.text.encode(batch.captions)
+                enc = self._encode_captions(batch, dropped)
                 t5_s += time.perf_counter() - t
                 truncated += enc.n_truncated
                 bad = set(enc.nonfinite)
                 for i, key in enumerate(batch.keys):
+                    if enc.features[i] is None:  # counted as t5_error
+                        continue
                     if i in bad:
                         dropped["nonfinite_t5"] += 1
                         continue
-                    meta = {**batch.metas[i], "t5_tokens": enc.lengths[i]}
-                    tokens.append(enc.lengths[i])
-                    writer.write(
-                        shards.encode_token_sample(
+                    try:
+                        sample = shards.encode_token_sample(
                             key,
                             codes[i],
                             enc.features[i].numpy(),
                             batch.captions[i],
-                            meta,
+                            {**batch.metas[i], "t5_tokens": enc.lengths[i]},
                             codes_flip[i] if codes_flip is not None else None,
                         )
-                    )
+                    except ValueError as exc:  # what the shard format cannot hold: this sample
+                        log.warning("shard %d: sample %s not stored: %s", index, key, exc)
+                        dropped["encode_error"] += 1
+                        continue
+                    writer.write(sample)
+                    n_tokens += enc.lengths[i]
             wall = time.perf_counter() - t0
             stats.update(
+                mended,
                 written=len(writer),
-                dropped=dict(sorted(dropped.items())),
-                t5_tokens_mean=float(np.mean(tokens)) if tokens else 0.0,
+                dropped=dict(sorted((dropped + read_dropped).items())),
+                t5_tokens_sum=n_tokens,
+                t5_tokens_mean=n_tokens / len(writer) if len(writer) else 0.0,
                 t5_truncated=truncated,
                 vq_s=round(vq_s, 4),
                 t5_s=round(t5_s, 4),
@@ -232,6 +214,37 @@ class PretokenizeWorker:
             )
             writer.close(stats)
         return stats
+
+    def _encode_captions(self, batch: _Batch, dropped: collections.Counter[str]) -> EncodedCaptions:
+        """T5 features of the batch's captions. When the batch fails, it is encoded caption by
+        caption (the same features: padding is masked), and a caption T5 cannot take gets None,
+        counted as ``t5_error``. Every caption of a batch failing is raised: that is the
+        encoder, not the captions, and the shard is retried."""
+        try:
+            return self.text.encode(batch.captions)
+        except Exception as exc:  # noqa: BLE001 - narrowed down caption by caption below
+            error = exc
+        features: list[torch.Tensor | None] = []
+        lengths: list[int] = []
+        nonfinite: list[int] = []
+        truncated = 0
+        for i, caption in enumerate(batch.captions):
+            try:
+                one = self.text.encode([caption])
+            except Exception as exc:  # noqa: BLE001 - this caption alone: counted, dropped
+                log.warning("T5 failed on the caption of %s: %s", batch.keys[i], exc)
+                features.append(None)
+                lengths.append(0)
+                continue
+            features.append(one.features[0])
+            lengths.append(one.lengths[0])
+            truncated += one.n_truncated
+            nonfinite += [i] if one.nonfinite else []
+        failed = sum(f is None for f in features)
+        if failed == len(features) > 1:
+            raise error
+        dropped["t5_error"] += failed
+        return EncodedCaptions(features, lengths, truncated, nonfinite)  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def _encode_images(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -248,6 +261,7 @@ class PretokenizeWorker:
         scores: dict[str, dict[str, Any]] | None,
         stats: dict[str, Any],
         dropped: collections.Counter[str],
+        mended: collections.Counter[str],
     ) -> Iterator[_Batch]:
         """Kept samples of the raw shard, decoded and cropped, ``batch_size`` at a time."""
         cfg = self.cfg
@@ -257,20 +271,22 @@ class PretokenizeWorker:
             for sample in shards.iter_raw_shard(cfg.input, index, stats):
                 key = str(sample["__key__"])
                 meta = sample_meta(sample)
-                caption = sample_caption(sample, meta)
+                caption, caption_problem = sample_caption(sample, meta)
                 reason = self._select(key, caption, scores, seen)
                 seen.add(key)
                 if reason is not None:
                     dropped[reason] += 1
                     continue
+                if caption_problem is not None:
+                    mended[caption_problem] += 1
                 pending.append((key, sample, caption, meta))
                 if len(pending) == cfg.batch_size:
-                    batch = self._decode(pending, pool, index, scores, dropped)
+                    batch = self._decode(pending, pool, index, scores, dropped, mended)
                     pending = []
                     if batch is not None:
                         yield batch
             if pending:
-                batch = self._decode(pending, pool, index, scores, dropped)
+                batch = self._decode(pending, pool, index, scores, dropped, mended)
                 if batch is not None:
                     yield batch
 
@@ -306,17 +322,25 @@ class PretokenizeWorker:
         index: int,
         scores: dict[str, dict[str, Any]] | None,
         dropped: collections.Counter[str],
+        mended: collections.Counter[str],
     ) -> _Batch | None:
         size = self.cfg.resolution
 
-        def prepare(item):
-            img, problem = decode_rgb(item[1])
-            return (
-                (None, problem) if img is None else (to_pixels(resize_center_crop(img, size)), None)
-            )
+        def prepare(item) -> tuple[torch.Tensor | None, str | None, tuple[str, ...]]:
+            img, problem, conversions = decode_rgb(item[1])
+            if img is None:
+                return None, problem, conversions
+            try:
+                return to_pixels(resize_center_crop(img, size)), None, conversions
+            except Exception as exc:  # noqa: BLE001 - one image that will not crop: one drop
+                log.warning("shard %d: sample %s: resize / crop failed: %r", index, item[0], exc)
+                return None, "unprocessable_image", conversions
 
         keys, pixels, captions, metas = [], [], [], []
-        for (key, _, caption, meta), (px, problem) in zip(pending, pool.map(prepare, pending)):
+        for (key, _, caption, meta), (px, problem, conversions) in zip(
+            pending, pool.map(prepare, pending)
+        ):
+            mended.update(conversions)
             if problem is not None:
                 dropped[problem] += 1
                 continue
@@ -358,46 +382,19 @@ class _WorkerFactory:
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def _check_same_content(cfg: PretokenizeConfig) -> None:
-    """Refuse to add shards made with different content settings to an existing output."""
-    uri = storage.join(cfg.output, CONFIG_NAME)
-    if not storage.exists(uri):
-        return
-    import yaml
-
-    old = yaml.safe_load(storage.read_text(uri)) or {}
-    new = to_dict(cfg)
-    diff = [
-        f"{f!r} ({_field(old, f)!r} != {_field(new, f)!r})"
-        for f in _CONTENT_FIELDS
-        if _field(old, f) != _field(new, f)
-    ]
-    inputs_uri = storage.join(cfg.output, INPUTS_NAME)
-    if not diff and storage.exists(inputs_uri):
-        saved = storage.read_json(inputs_uri)
-        diff = [
-            f"content of {k}.uri (the weights at {_field(new, k + '.uri')!r} changed)"
-            for k, v in _inputs(cfg).items()
-            if k in saved and saved[k] != v
-        ]
-    if diff and shards.list_done_shards(cfg.output):
-        raise ConfigError(
-            f"{cfg.output} already holds shards made with a different {diff[0]}; use a new "
-            "output folder"
-        )
-
-
 def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
     """Pretokenize every complete raw shard not done yet; returns the merged manifest."""
     indices = shards.raw_shard_indices(cfg.input)
     if cfg.max_shards is not None:
         indices = indices[: cfg.max_shards]
+    unscored: list[int] = []
     if cfg.scores:
         scored = scored_indices(cfg.scores)
         unscored = [i for i in indices if i not in scored]
         if unscored:
             log.warning(
-                "%d raw shards have no score parquet yet; left for a later run: %s",
+                "%d raw shards have no score parquet yet; left for a later run (score them, "
+                "then rerun): %s",
                 len(unscored),
                 unscored[:20],
             )
@@ -405,10 +402,15 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
         indices = [i for i in indices if i not in skip]
     if not indices:
         raise FileNotFoundError(f"no complete (and scored) raw shards under {cfg.input}")
-    storage.makedirs(cfg.output)
-    _check_same_content(cfg)
-    save_config(cfg, storage.join(cfg.output, CONFIG_NAME))
-    storage.write_json(storage.join(cfg.output, INPUTS_NAME), _inputs(cfg))
+    shards.claim_output(
+        cfg.output,
+        cfg,
+        CONFIG_NAME,
+        INPUTS_NAME,
+        _CONTENT_FIELDS,
+        _WEIGHTS,
+        has_results=lambda: bool(shards.done_indices(cfg.output)),
+    )
     report = run_units(
         indices,
         _WorkerFactory(cfg),
@@ -422,6 +424,8 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
             "resolution": cfg.resolution,
             "flip": cfg.flip,
             "failed_shards": {str(k): v for k, v in sorted(report.failed.items())},
+            # raw shards not pretokenized because they have no score parquet yet
+            "unscored_shards": unscored,
         },
     )
     log.info(

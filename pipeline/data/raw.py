@@ -2,11 +2,15 @@
 
 A raw shard is what img2dataset writes: ``00000.tar`` (members ``{key}.jpg/.txt/.json``), plus
 ``00000.parquet`` and ``00000_stats.json``; it counts as complete only once its stats file
-exists. Shards are read through webdataset's tar iterators at local paths or ``s3://`` URIs
-(an ``s3`` scheme registered in ``webdataset.gopen`` opens through ``pipeline.storage``).
+exists. Shards are read at local paths or ``s3://`` URIs with the same reader as the score and
+pretokenize stages (``shards.iter_raw_tar``): a tar that breaks off gives what was intact before
+the damage and is counted; an error of the store (a missing object, refused access, a read that
+fails) is raised, never taken for a short shard. (An ``s3`` scheme is also registered in
+``webdataset.gopen``, for code that reads shards through webdataset.)
 
-Only known image extensions are decoded, with PIL; nothing is ever unpickled. Broken images
-are skipped and counted.
+Only known image extensions are decoded, with PIL and only its JPEG, PNG and WebP decoders
+(:func:`decode_rgb`, shared with the score and pretokenize stages); nothing is ever unpickled.
+Broken images are skipped and counted.
 
 ``RawImageStream`` is the training stream. Its order is a pure function of (seed, epoch, rank):
 each epoch permutes the shard list, gives every rank its share, and passes the raw samples
@@ -21,18 +25,19 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import random
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from webdataset.gopen import gopen_schemes
-from webdataset.tariterators import tarfile_samples
 
 from pipeline import storage
+from pipeline.data.shards import iter_raw_tar
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -78,39 +83,80 @@ def count_successes(root: str) -> int:
     return total
 
 
-class _SkipCounter:
-    """A webdataset error handler that logs, counts and continues (a broken shard loses itself)."""
+def iter_raw_samples(
+    tar_uris: list[str], damaged: set[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "jpg": bytes, "txt": bytes, ...}`` of the given tars, in order.
 
-    def __init__(self) -> None:
-        self.errors = 0
-
-    def __call__(self, exn: Exception) -> bool:
-        self.errors += 1
-        log.warning("skipping unreadable shard data: %s", exn)
-        return True
-
-
-def iter_raw_samples(tar_uris: list[str], handler: Any = None) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__", "jpg": bytes, "txt": bytes, ...}`` of the given tars, in order."""
-    handler = handler or _SkipCounter()
-    yield from tarfile_samples([{"url": u} for u in tar_uris], handler=handler)
+    A damaged tar gives the samples intact before the damage, and its URI is added to
+    ``damaged``; an error of the store is raised (:func:`pipeline.data.shards.iter_raw_tar`)."""
+    for uri in tar_uris:
+        stats: dict[str, Any] = {}
+        yield from iter_raw_tar(uri, stats)
+        if stats.get("corrupt_tar") and damaged is not None:
+            damaged.add(uri)
 
 
-def decode_image(sample: dict[str, Any]) -> Image.Image | None:
-    """The sample's image as RGB, or None if it has no image member or the image is broken."""
+class DecodedImage(NamedTuple):
+    """What :func:`decode_rgb` made of a sample's image member."""
+
+    image: Image.Image | None  # 8-bit RGB; None when there is none that decodes
+    problem: str | None  # missing_image / undecodable_image
+    conversions: tuple[str, ...]  # converted_16bit / converted_transparent: counted by callers
+
+
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
+    """``img`` as 8-bit RGB the way a viewer shows it, and what that took beyond a plain convert.
+
+    16-bit greyscale (PNG) is scaled to 8 bits (``convert`` would clip every value over 255 to
+    white); transparency (an alpha channel, or a palette / colour key marked transparent) is
+    flattened onto white (``convert`` would drop the alpha and show the colour stored under it,
+    black in most files)."""
+    notes: list[str] = []
+    if img.mode in _16BIT_MODES:
+        a = np.asarray(img).astype(np.int64).clip(0, 65535)
+        img = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")  # round(a * 255 / 65535)
+        notes.append("converted_16bit")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            flat.alpha_composite(rgba)
+            rgba = flat
+            notes.append("converted_transparent")
+        img = rgba
+    return img.convert("RGB"), tuple(notes)
+
+
+def decode_rgb(sample: dict[str, Any]) -> DecodedImage:
+    """The sample's first image member (jpg, jpeg, png, webp) decoded to RGB (:func:`to_rgb`).
+
+    Only PIL's JPEG, PNG and WebP decoders are tried: PIL would otherwise sniff other formats
+    too, whatever the member's extension (EPS runs Ghostscript). Any decoder failure (truncated,
+    another format, a decompression bomb) is ``undecodable_image``; no image member at all is
+    ``missing_image``."""
     for ext in IMAGE_EXTS:
         data = sample.get(ext)
         if data is None:
             continue
         try:
-            # only these decoders: PIL would otherwise sniff other formats too (EPS runs Ghostscript)
             img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
             img.load()
-            return img.convert("RGB")
+            rgb, notes = to_rgb(img)
+            return DecodedImage(rgb, None, notes)
         except Exception as exc:  # noqa: BLE001 - any decoder error means a broken image
             log.debug("broken image %s: %s", sample.get("__key__"), exc)
-            return None
-    return None
+            return DecodedImage(None, "undecodable_image", ())
+    return DecodedImage(None, "missing_image", ())
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image | None:
+    """The sample's image as RGB, or None if it has no image member or the image is broken."""
+    return decode_rgb(sample).image
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -134,17 +180,46 @@ def random_crop_flip(
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
-    img = _resize_short(img, size)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    """Resize the short side to ``size`` (bicubic), then crop the centre ``size`` x ``size``.
+
+    The pixels are those of resizing the whole image and cropping (a few differ by 1 or 2
+    levels: the crop's offset rounds differently in floating point), but only what the crop
+    needs is computed: the source rows it draws on, then its columns (first,
+    as ``Image.resize`` does), then its rows. Resizing first made a 10000:1 image a 2.6 GB
+    array on the way to a 256 x 256 crop."""
+    w, h = img.size
+    nw, nh = _short_side_size(w, h, size)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if (nw, nh) == (w, h):
+        return img.crop((left, top, left + size, top + size))
+    sx, sy = w / nw, h / nh
+    # rows are resized independently: keep only the source rows the crop's rows draw on
+    # (bicubic reaches 2 * max(sy, 1) source rows from each centre), with a margin, so that no
+    # weight changes: a dropped row had none, and the image's own edges stay where they were
+    reach = 2 * max(sy, 1.0) + 2
+    y0 = max(0, math.floor(top * sy - reach))
+    y1 = min(h, math.ceil((top + size) * sy + reach))
+    img = img.crop((0, y0, w, y1))
+    bicubic = Image.Resampling.BICUBIC
+    if nw != w:
+        img = img.resize((size, y1 - y0), bicubic, box=(left * sx, 0, (left + size) * sx, y1 - y0))
+    else:
+        img = img.crop((left, 0, left + size, y1 - y0))
+    if nh != h:
+        return img.resize(
+            (size, size), bicubic, box=(0, top * sy - y0, size, (top + size) * sy - y0)
+        )
+    return img.crop((0, top - y0, size, top - y0 + size))
+
+
+def _short_side_size(w: int, h: int, short: int) -> tuple[int, int]:
+    """(w, h) scaled so that the short side is ``short``, neither side below it."""
+    s = short / min(w, h)
+    return max(short, round(w * s)), max(short, round(h * s))
 
 
 def _resize_short(img: Image.Image, short: int) -> Image.Image:
-    w, h = img.size
-    s = short / min(w, h)
-    return img.resize(
-        (max(short, round(w * s)), max(short, round(h * s))), Image.Resampling.BICUBIC
-    )
+    return img.resize(_short_side_size(*img.size, short), Image.Resampling.BICUBIC)
 
 
 def iter_eval_images(
@@ -188,6 +263,9 @@ class RawImageStream:
         self.epoch = 0
         self.consumed = 0  # raw samples of this epoch behind the last yielded batch
         self.broken = 0  # images skipped as undecodable, over the whole run
+        # tars that broke off (read up to the damage), over the whole run: a set, so that a
+        # shard read again (every epoch, or by a resume) counts once
+        self.damaged_shards: set[str] = set()
         # raw samples in each of this rank's shards of an epoch, in reading order, as far as
         # read: what lets a resume skip the shards it does not need (:meth:`_resumed`)
         self._sizes: dict[int, list[int]] = {}
@@ -198,12 +276,14 @@ class RawImageStream:
             "epoch": self.epoch,
             "consumed": self.consumed,
             "broken": self.broken,
+            "damaged_shards": sorted(self.damaged_shards),
             "shard_sizes": list(self._sizes.get(self.epoch, [])),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.broken = int(state.get("broken", 0))
+        self.damaged_shards = set(state.get("damaged_shards", []))
         self._sizes = {self.epoch: [int(n) for n in state.get("shard_sizes", [])]}
 
     def _shard_order(self, epoch: int) -> list[str]:
@@ -219,7 +299,7 @@ class RawImageStream:
         sizes = self._sizes.setdefault(epoch, [])
         for k in range(start, len(shards)):
             n = 0
-            for s in iter_raw_samples([shards[k]]):
+            for s in iter_raw_samples([shards[k]], self.damaged_shards):
                 n += 1
                 yield s
             if k == len(sizes):
@@ -239,7 +319,9 @@ class RawImageStream:
             source = self._source(epoch, mine)
         else:  # fewer shards than ranks: every rank reads all and keeps its stride of samples
             source = (
-                s for i, s in enumerate(iter_raw_samples(order)) if i % self.world_size == self.rank
+                s
+                for i, s in enumerate(iter_raw_samples(order, self.damaged_shards))
+                if i % self.world_size == self.rank
             )
         rng = self._buffer_rng(epoch)
         buf: list[dict[str, Any]] = []
@@ -308,7 +390,7 @@ class RawImageStream:
         )  # fmt: skip
         held: dict[int, dict[str, Any]] = {}
         for k in shards:
-            for j, s in enumerate(iter_raw_samples([mine[k]])):
+            for j, s in enumerate(iter_raw_samples([mine[k]], self.damaged_shards)):
                 if starts[k] + j in wanted:
                     held[starts[k] + j] = s
         if flush is not None:  # every sample is in shards before the end

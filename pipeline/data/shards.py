@@ -26,13 +26,15 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import yaml
 
 from pipeline import storage
+from pipeline.config import ConfigError, save_config, to_dict
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -287,14 +289,18 @@ def merge_manifest(uri: str, extra: Mapping[str, Any] | None = None) -> dict[str
     }
     dropped: dict[str, int] = {}
     sums: dict[str, float] = {}
+    t5_tokens = 0
     for s in shards:
         for reason, n in (s.stats.get("dropped") or {}).items():
             dropped[reason] = dropped.get(reason, 0) + int(n)
         for k, v in s.stats.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "unit":
+            # a shard's mean summed over shards means nothing: the dataset's is a sum / count
+            if _is_number(v) and k != "unit" and not k.endswith("_mean"):
                 sums[k] = sums.get(k, 0) + v
+        t5_tokens += _t5_tokens(s)
     totals["dropped"] = dict(sorted(dropped.items()))
     totals["stats_sum"] = dict(sorted(sums.items()))
+    totals["t5_tokens_mean"] = t5_tokens / totals["num_samples"] if totals["num_samples"] else 0.0
     manifest = {
         "format": "t2i-token-shards/1",
         **totals,
@@ -303,6 +309,85 @@ def merge_manifest(uri: str, extra: Mapping[str, Any] | None = None) -> dict[str
     }
     storage.write_json(storage.join(uri, MANIFEST), manifest)
     return manifest
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _t5_tokens(shard: ShardInfo) -> float:
+    """Caption tokens stored in ``shard``: its ``t5_tokens_sum`` (a marker written before that
+    was recorded has only its mean: mean x samples)."""
+    st = shard.stats
+    if _is_number(st.get("t5_tokens_sum")):
+        return st["t5_tokens_sum"]
+    return float(st.get("t5_tokens_mean") or 0.0) * shard.num_samples
+
+
+# --- what made an output folder ----------------------------------------------------------------
+
+
+def _field(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _changes(old: Any, new: Any, path: str, ignore: Collection[str]) -> Iterator[str]:
+    """``'path' (old != new)`` for every field at or under ``path`` that differs."""
+    if path in ignore:
+        return
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            yield from _changes(old.get(k), new.get(k), f"{path}.{k}", ignore)
+    elif old != new:
+        yield f"{path!r} ({old!r} != {new!r})"
+
+
+def claim_output(
+    output: str,
+    cfg: Any,
+    config_name: str,
+    inputs_name: str,
+    fields: Sequence[str],
+    weights: Mapping[str, str],
+    has_results: Callable[[], bool],
+    ignore: Collection[str] = (),
+) -> None:
+    """Refuse to add to ``output`` results made with other content settings; then save ``cfg``
+    (as ``config_name``) and what its model URIs hold (as ``inputs_name``) beside them.
+
+    ``fields`` are the dotted config fields that decide the results (a section stands for each
+    field in it, but those in ``ignore``); ``weights`` maps a name to the dotted field of a
+    model URI, whose content (:func:`pipeline.storage.fingerprint`: weights replaced at the same
+    URI) decides them too. Either differing from what the last run saved is a
+    :class:`ConfigError` naming the fields, when ``has_results()``: one output folder never
+    mixes two settings, and the saved config always describes what is there."""
+    new = to_dict(cfg)
+    prints = {
+        k: storage.fingerprint(u) if (u := _field(new, f)) else None for k, f in weights.items()
+    }
+    config_uri = storage.join(output, config_name)
+    inputs_uri = storage.join(output, inputs_name)
+    diff: list[str] = []
+    if storage.exists(config_uri):
+        old = yaml.safe_load(storage.read_text(config_uri)) or {}
+        diff = [c for f in fields for c in _changes(_field(old, f), _field(new, f), f, ignore)]
+        if not diff and storage.exists(inputs_uri):
+            saved = storage.read_json(inputs_uri)
+            diff = [
+                f"content of {weights[k]} (the weights at {_field(new, weights[k])!r} changed)"
+                for k, v in prints.items()
+                if k in saved and saved[k] != v
+            ]
+    if diff and has_results():
+        raise ConfigError(
+            f"{output} already holds results made with a different {'; '.join(diff)}; use a new "
+            "output folder (or the settings it was made with)"
+        )
+    storage.makedirs(output)
+    save_config(cfg, config_uri)
+    storage.write_json(inputs_uri, prints)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -419,18 +504,16 @@ class _TaggedReads:
             raise StoreReadError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def iter_raw_shard(uri: str, index: int, stats: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The raw samples (bytes per member) of raw shard ``index``, recording problems in ``stats``.
+def iter_raw_tar(tar_uri: str, stats: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The raw samples (bytes per member) of one raw tar, recording damage in ``stats``.
 
-    A tar that is not a tar, or breaks off mid-member, ends the shard: the samples read intact
+    A tar that is not a tar, or breaks off mid-member, ends early: the samples read intact
     before the damage are yielded, ``stats["corrupt_tar"]`` is set to 1 with the error in
-    ``stats["tar_error"]``. An error of the store itself is raised (the executor retries the
-    shard, and it is not marked done): opening it (a refused or vanished object, expired
-    credentials) or reading its bytes (:class:`StoreReadError`, whatever the store raised), so
-    that no storage failure passes for a short shard. When img2dataset's stats say more
-    images were written than the tar holds, ``stats["missing_from_tar"]`` counts the difference.
+    ``stats["tar_error"]``, and ``stats["raw_samples"]`` counts what was read. An error of the
+    store itself is raised (and ``raw_samples`` left unset): opening the tar (a refused or
+    vanished object, expired credentials) or reading its bytes (:class:`StoreReadError`,
+    re-raised as whatever the store raised), so that no storage failure passes for a short tar.
     """
-    tar_uri = raw_tar_uri(uri, index)
     n = 0
     try:
         with storage.open_read(tar_uri) as f:
@@ -453,6 +536,17 @@ def iter_raw_shard(uri: str, index: int, stats: dict[str, Any]) -> Iterator[dict
         stats["tar_error"] = f"{type(exc).__name__}: {exc}"[:500]
         log.warning("raw shard %s is damaged after %d samples: %s", tar_uri, n, exc)
     stats["raw_samples"] = n
+
+
+def iter_raw_shard(uri: str, index: int, stats: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The raw samples of raw shard ``index`` under ``uri`` (:func:`iter_raw_tar`: damage
+    counted in ``stats``, store errors raised, so the executor retries the shard and does not
+    mark it done). When img2dataset's stats say more images were written than the tar holds,
+    ``stats["missing_from_tar"]`` counts the difference.
+    """
+    tar_uri = raw_tar_uri(uri, index)
+    yield from iter_raw_tar(tar_uri, stats)
+    n = stats["raw_samples"]
     try:
         expected = int(
             storage.read_json(storage.join(uri, f"{index:05d}{RAW_STATS_SUFFIX}")).get(

@@ -104,7 +104,11 @@ def write_images(
 
 
 def laion_coco_table(samples: list[ShapeSample], urls: list[str], size: int = 256):
-    """A pandas DataFrame with LAION-COCO's metadata columns for these samples."""
+    """A pandas DataFrame with LAION-COCO's metadata columns for these samples.
+
+    In LAION-COCO, ``top_caption`` is the BLIP caption (what the shipped download config
+    reads) and ``TEXT`` the page's original alt-text, which ``similarity`` scores the image
+    against; a generated picture has no alt-text of its own, so both hold its caption."""
     import pandas as pd
 
     return pd.DataFrame(
