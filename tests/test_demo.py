@@ -1,12 +1,41 @@
 """The README's main job, end to end at a CI-sized scale: every stage runs for real."""
 
+import glob
+import hashlib
 import json
 import os
 
+import pytest
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.demo import DemoConfig, run_demo
+
+# every stage for real, twice (162 s on 2 idle cores; it waits for CPU on a busy machine)
+pytestmark = pytest.mark.timeout(900)
+
+
+def _snapshot(root, pattern):
+    """{path: (mtime in ns, sha256)} of the files under ``root`` matching ``pattern``."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            out[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns, digest)
+    return out
+
+
+# What a rerun must keep as it is: the downloaded shards, the scores, the token shards and every
+# checkpoint (exports, configs and samples are legitimately written again).
+KEPT = {
+    "raw shards": "raw/*.tar",
+    "scores": "scores/*.parquet",
+    "token shards": "tokens/*/*.tar",
+    "tokenizer checkpoints": "vq/checkpoints/**",
+    "stage 1 checkpoints": "train/stage1/checkpoints/**",
+    "stage 2 checkpoints": "train/stage2/checkpoints/**",
+}
 
 
 def test_demo_pipeline_small(tmp_path, monkeypatch):
@@ -41,7 +70,13 @@ def test_demo_pipeline_small(tmp_path, monkeypatch):
     assert saved["steps"].keys() == steps.keys()
     # a rerun finds every step's work done and goes through (the README: "rerunning continues
     # where it stopped"): no new download, the same shards, the trained steps kept
+    root = str(tmp_path / "demo")
+    before = {what: _snapshot(root, pattern) for what, pattern in KEPT.items()}
+    for what, files in before.items():
+        assert files, f"no {what} ({KEPT[what]}) after the first run"
     again = run_demo(cfg)["steps"]
+    for what, pattern in KEPT.items():
+        assert _snapshot(root, pattern) == before[what], f"the rerun rewrote {what}"
     assert again["download (img2dataset, local Ray)"]["images"] == 48
     assert again["pretokenize stage 1 and stage 2"]["stage1"] == tokens["stage1"]
     assert again["train stage 2 from stage 1 (DeepSpeed)"]["step"] == 3

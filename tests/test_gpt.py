@@ -9,7 +9,7 @@ from pipeline.models.gpt import GPT, GPTConfig, apply_rope, matmul_attention, ro
 from pipeline.models.gpt_import import from_llamagen, load_llamagen_gpt, to_llamagen
 from tests.llamagen_reference import reference_t2i_logits
 
-# LlamaGen's published parameter counts (millions).
+# LlamaGen's published parameter counts (millions), to the precision they were published.
 PAPER_COUNTS = [
     ("B", "text", 112.3),
     ("L", "text", 345.0),
@@ -17,16 +17,64 @@ PAPER_COUNTS = [
     ("B", "class", 110.9),
     ("L", "class", 342.9),
     ("XL", "class", 774.7),
-    ("XXL", "class", 1411.0),
-    ("3B", "class", 3096.7),
+    ("XXL", "class", 1410.0),  # 1.41B
+    ("3B", "class", 3100.0),  # 3.10B
 ]
+# LlamaGen's GPT sizes (n_layer, dim), from its model code's GPT_B ... GPT_3B.
+LLAMAGEN_SIZES = {
+    "B": (12, 768),
+    "L": (24, 1024),
+    "XL": (36, 1280),
+    "XXL": (48, 1536),
+    "3B": (24, 3200),
+}
+
+
+def llamagen_param_count(
+    n_layer: int,
+    dim: int,
+    cond: str,
+    multiple_of: int = 256,
+    vocab_size: int = 16384,
+    caption_dim: int = 2048,
+    num_classes: int = 1000,
+) -> int:
+    """Trainable parameters of LlamaGen's GPT, counted from the shapes of its modules (not from
+    our model): no biases, n_kv_head = n_head."""
+    hidden = 2 * 4 * dim // 3  # FeedForward: int(2 * 4 * dim / 3) rounded up to multiple_of
+    hidden = -(-hidden // multiple_of) * multiple_of
+    attention = dim * 3 * dim + dim * dim  # wqkv, wo
+    feed_forward = 3 * dim * hidden  # w1, w3, w2
+    layer = attention + feed_forward + 2 * dim  # + attention_norm, ffn_norm
+    if cond == "text":  # CaptionEmbedder.cap_proj: fc1, fc2 (uncond_embedding is a buffer)
+        cond_embedding = caption_dim * dim + dim * dim
+    else:  # LabelEmbedder: num_classes + 1 (the CFG null class)
+        cond_embedding = (num_classes + 1) * dim
+    # tok_embeddings, layers, norm, output
+    return cond_embedding + vocab_size * dim + n_layer * layer + dim + dim * vocab_size
+
+
+def _published_precision(millions: float) -> float:
+    # counts under a billion were published to 0.1M, larger ones to 0.01B
+    return 0.05 if millions < 1000 else 5.0
+
+
+@pytest.mark.parametrize("name,cond,millions", PAPER_COUNTS)
+def test_llamagen_count_reproduces_the_published_figures(name, cond, millions):
+    """The count above, from LlamaGen's architecture, gives its paper's figures: a check on the
+    independent count that the next test holds our model to."""
+    n_layer, dim = LLAMAGEN_SIZES[name]
+    count = llamagen_param_count(n_layer, dim, cond) / 1e6
+    assert abs(count - millions) < _published_precision(millions)
 
 
 @pytest.mark.parametrize("name,cond,millions", PAPER_COUNTS)
 def test_preset_parameter_counts(name, cond, millions):
     with torch.device("meta"):
         model = GPT(GPTConfig.from_name(name, cond=cond))
-    assert round(model.num_params() / 1e6, 1) == pytest.approx(millions, abs=0.05)
+    n_layer, dim = LLAMAGEN_SIZES[name]
+    assert model.num_params() == llamagen_param_count(n_layer, dim, cond)
+    assert abs(model.num_params() / 1e6 - millions) < _published_precision(millions)
 
 
 def test_3b_has_head_dim_100_and_swiglu_hidden():
@@ -161,8 +209,7 @@ def test_compiled_matmul_attention_runs_atens_softmax_and_matches_eager(dtype):
     from torch.profiler import ProfilerActivity, profile
 
     ok, why = compile_available()
-    if not ok:
-        pytest.skip(f"torch.compile unavailable here: {why}")
+    assert ok, f"torch.compile unavailable here: {why}"
     torch.manual_seed(0)
     B, H, T, hd = 2, 3, 13, 8
     pmask = torch.ones(B, 5, dtype=torch.bool)
@@ -202,8 +249,7 @@ def test_compiled_token_embedding_backward_is_atens_and_matches_eager():
     from torch.profiler import ProfilerActivity, profile
 
     ok, why = compile_available()
-    if not ok:
-        pytest.skip(f"torch.compile unavailable here: {why}")
+    assert ok, f"torch.compile unavailable here: {why}"
     cfg = tiny()
     torch.manual_seed(0)
     model = GPT(cfg).eval()  # eval: no dropout, so eager and compiled see the same function
@@ -233,8 +279,7 @@ def test_a_compiled_model_compiles_once():
     import torch._dynamo
 
     ok, why = compile_available()
-    if not ok:
-        pytest.skip(f"torch.compile unavailable here: {why}")
+    assert ok, f"torch.compile unavailable here: {why}"
     torch._dynamo.reset()
     cfg = tiny()
     model = GPT(cfg).eval()
@@ -378,8 +423,7 @@ def test_activation_checkpointing_replays_the_dropout_masks():
 
 def test_compiled_dropout_draws_a_mask_per_call_and_keeps_it_for_backward():
     ok, why = compile_available()
-    if not ok:
-        pytest.skip(f"torch.compile unavailable here: {why}")
+    assert ok, f"torch.compile unavailable here: {why}"
     d1, d2 = gpt_module.Dropout(0.5).train(), gpt_module.Dropout(0.5).train()
 
     def f(x):
@@ -402,8 +446,7 @@ def test_text_model_compiles_to_one_graph_and_matches_eager(dtype):
     two of them skip work); padded, full and empty captions and CFG drop give eager's logits and
     gradients. In bf16 the attention is matmul_attention with the mask folded into its softmax."""
     ok, why = compile_available()
-    if not ok:
-        pytest.skip(f"torch.compile unavailable here: {why}")
+    assert ok, f"torch.compile unavailable here: {why}"
     cfg = tiny()
     torch.manual_seed(0)
     model = GPT(cfg).to(dtype).eval()

@@ -442,24 +442,36 @@ def test_infra_readme_names_existing_files():
 
 
 def _readme_commands() -> list[list[str]]:
-    """Each `python jobs/X.py ...` / `deepspeed ... jobs/X.py ...` command of infra/README.md."""
+    """Each `python jobs/X.py ...` / `deepspeed ... jobs/X.py ...` command of infra/README.md:
+    the lines of its bash blocks, and inline code that is a whole `python jobs/...` command."""
     text = open(os.path.join(ROOT, "infra", "README.md")).read()
+    lines = [
+        line
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+    ]
+    lines += re.findall(r"(?<!`)`(python jobs/[^`]+)`(?!`)", text)
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for cmd in block.replace("\\\n", " ").splitlines():
-            if "jobs/" not in cmd:
-                continue
-            cmd = cmd.split(" #", 1)[0].replace("$BUCKET", "bucket").replace("~", "/home/u")
-            argv = shlex.split(cmd)
-            scripts = [i for i, a in enumerate(argv) if re.fullmatch(r"jobs/\w+\.py", a)]
-            if scripts:
-                out.append(argv[scripts[0] :])
+    for cmd in lines:
+        if "jobs/" not in cmd:
+            continue
+        cmd = cmd.split(" #", 1)[0].replace("$BUCKET", "bucket").replace("~", "/home/u")
+        argv = shlex.split(cmd)
+        scripts = [i for i, a in enumerate(argv) if re.fullmatch(r"jobs/\w+\.py", a)]
+        if scripts:
+            out.append(argv[scripts[0] :])
     return out
 
 
+# Jobs that take flags instead of --config (no parse_job), with the library function their
+# main() calls for the README's command.
+NO_CONFIG_JOBS = {"jobs/export.py": "export_checkpoint"}
+
+
 @pytest.mark.parametrize("argv", _readme_commands(), ids=lambda a: a[0])
-def test_infra_readme_commands_parse(argv):
-    """The README's job commands give configs their jobs accept (file, keys and values)."""
+def test_infra_readme_commands_parse(argv, monkeypatch):
+    """The README's job commands give configs their jobs accept (file, keys and values); the
+    few jobs without a --config accept the README's flags."""
     script, args = argv[0], argv[1:]
     mod = _load_job(os.path.basename(script))
     classes = [
@@ -467,8 +479,18 @@ def test_infra_readme_commands_parse(argv):
         for k, v in vars(mod).items()
         if k.endswith("Config") and isinstance(v, type) and k != "ExecutorConfig"
     ]
-    if len(classes) != 1 or not hasattr(mod, "parse_job"):
-        pytest.skip(f"{script} does not take a --config")
+    if script in NO_CONFIG_JOBS:
+        assert not hasattr(mod, "parse_job"), f"{script} takes a --config now"
+        calls = []
+        monkeypatch.setattr(mod, NO_CONFIG_JOBS[script], lambda *a, **kw: calls.append((a, kw)))
+        monkeypatch.setattr(mod, "setup_logging", lambda *a, **kw: None)  # leave the root logger
+        mod.main(args)  # argparse exits on a flag it does not know or one that is missing
+        assert len(calls) == 1
+        return
+    assert len(classes) == 1 and hasattr(mod, "parse_job"), (
+        f"{script}: no single *Config class plus parse_job; if it takes no --config, add it to "
+        "NO_CONFIG_JOBS"
+    )
     config = None
     if "--config" in args:
         config = os.path.join(ROOT, args[args.index("--config") + 1])

@@ -142,8 +142,7 @@ def test_bf16_cpu_decoder_freezes_its_weights_and_refuses_changed_ones():
     weights change in place the decoder refuses to go on (it would use the old ones), and a new
     decoder compiles the new ones in."""
     ok, why = compile_available()
-    if not ok:
-        pytest.skip(f"torch.compile unavailable here: {why}")
+    assert ok, f"torch.compile unavailable here: {why}"
     model, feats, mask = model_and_cond()
     model = model.to(torch.bfloat16)
     feats, tokens, P = feats.to(torch.bfloat16), torch.tensor([3, 5, 7]), model.cfg.prefix_len
@@ -175,8 +174,7 @@ def test_bf16_cpu_decoder_freezes_its_weights_and_refuses_changed_ones():
 
 def test_compile_mode_gives_the_same_tokens():
     ok, why = compile_available()
-    if not ok:
-        pytest.skip(f"torch.compile unavailable here: {why}")
+    assert ok, f"torch.compile unavailable here: {why}"
     model, feats, mask = model_and_cond()
     sampler = Sampler(model, batch_size=3, cfg=True, compile_mode="default")
     compiled = sampler.sample(feats, mask, PARAMS, seeds=[1, 2, 3])

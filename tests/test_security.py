@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline import storage
-from pipeline.data import shards
+from pipeline.data import netguard, shards
 from tests.s3faults import FaultProxy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,10 +88,9 @@ def test_secret_key_is_never_logged_nor_sent(s3_server, s3_bucket, monkeypatch, 
         assert storage.read_json(f"{root}/meta.json") == {"ok": True}
         with storage.open_write(f"{root}/stream.bin") as f:
             f.write(b"y" * 1000)
-        try:
+        with pytest.raises(FileNotFoundError) as missing:
             storage.read_bytes(f"{root}/missing.bin")
-        except FileNotFoundError as e:
-            errors.append(f"{e!r} {e}")
+        errors.append(f"{missing.value!r} {missing.value}")
     assert proxy.total_faults >= 1
     text = _log_text(all_debug_logs)
     assert any(r.name.startswith("botocore") for r in all_debug_logs), "DEBUG logs not captured"
@@ -342,7 +341,6 @@ def test_members_with_unsafe_paths_are_refused(tmp_path, prefix):
     ],
 )
 def test_address_guard_sees_through_encodings(url):
-    netguard = pytest.importorskip("pipeline.data.netguard")
     # numeric host forms resolve without DNS (the C library parses them)
     reason = netguard.AddressGuard().check(url)
     assert reason is not None, f"{url!r} was allowed"

@@ -78,6 +78,34 @@ def test_retry_classification():
     assert len(calls) == 3
 
 
+class _SlowDown(Exception):
+    response = {"Error": {"Code": "SlowDown"}}
+
+
+def test_with_retries_gives_up_after_attempts():
+    calls = []
+
+    def always_slow():
+        calls.append(1)
+        raise _SlowDown(f"attempt {len(calls)}")
+
+    with pytest.raises(_SlowDown, match="attempt 4"):  # the last attempt's error
+        storage.with_retries(always_slow, "test", attempts=4, base_delay=0.001)
+    assert len(calls) == 4
+
+
+def test_with_retries_raises_a_non_retryable_error_at_once():
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("s3://b/missing.bin")
+
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        storage.with_retries(missing, "test", attempts=6, base_delay=0.001)
+    assert len(calls) == 1
+
+
 def test_get_dir_missing_only_keeps_what_is_there(root, tmp_path):
     for name, data in (("a.bin", b"remote a"), ("sub/b.bin", b"remote b"), ("c.bin", b"remote c")):
         storage.write_bytes(storage.join(root, *name.split("/")), data)
@@ -93,24 +121,40 @@ def test_get_dir_missing_only_keeps_what_is_there(root, tmp_path):
     assert (local / "a.bin").read_bytes() == b"remote a"
 
 
-def test_local_copy_is_made_once_by_concurrent_processes(s3_bucket, tmp_path, monkeypatch):
+def test_local_copy_is_made_once_by_concurrent_threads(s3_bucket, tmp_path, monkeypatch):
     """The actors of one node share the cache: one copies, the others wait and reuse it (before,
-    each copied, and one's rmtree could delete the copy another was loading)."""
+    each copied, and one's rmtree could delete the copy another was loading). Threads stand in
+    for the actors' processes: ``flock`` locks belong to an open file, so two threads that open
+    the lock file contend for it as two processes do. The copy waits until every caller has
+    reached the lock, so all of them overlap it for certain."""
+    import fcntl
     import threading
-    import time
 
+    n_callers = 6
     uri = f"{s3_bucket}/models/t5"
     for name in ("config.json", "weights.bin", "tok/spiece.model"):
         storage.write_bytes(storage.join(uri, *name.split("/")), name.encode() * 100)
     copies = []
-    real_get_dir = storage.get_dir
+    arrived = threading.Condition()
+    at_lock = [0]
+    real_flock, real_get_dir = fcntl.flock, storage.get_dir
 
-    def slow_get_dir(*a, **kw):
+    def counting_flock(fd, op):
+        if op == fcntl.LOCK_EX:
+            with arrived:
+                at_lock[0] += 1
+                arrived.notify_all()
+        return real_flock(fd, op)
+
+    def copy_when_all_wait(*a, **kw):
         copies.append(1)
-        time.sleep(0.3)  # a long download: the others arrive meanwhile
+        with arrived:  # every caller passed the cache check before the copy exists
+            everyone = arrived.wait_for(lambda: at_lock[0] == n_callers, timeout=60)
+        assert everyone, f"only {at_lock[0]} of {n_callers} callers reached the lock"
         return real_get_dir(*a, **kw)
 
-    monkeypatch.setattr(storage, "get_dir", slow_get_dir)
+    monkeypatch.setattr(storage.fcntl, "flock", counting_flock)
+    monkeypatch.setattr(storage, "get_dir", copy_when_all_wait)
     results, errors = [], []
 
     def worker():
@@ -119,13 +163,13 @@ def test_local_copy_is_made_once_by_concurrent_processes(s3_bucket, tmp_path, mo
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
+    threads = [threading.Thread(target=worker) for _ in range(n_callers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert errors == [] and len(copies) == 1
-    assert len(set(results)) == 1
+    assert len(results) == n_callers and len(set(results)) == 1
     assert (
         open(os.path.join(results[0], "tok", "spiece.model"), "rb").read()
         == b"tok/spiece.model" * 100

@@ -566,11 +566,21 @@ def test_rng_state_holds_and_restores_only_the_ranks_own_cuda_device(monkeypatch
     current["dev"] = 0  # resumed where the process sees its GPU as device 0
     restore_rng_state(state)
     assert len(restored) == 1 and torch.equal(restored[0][0], devices[2]) and restored[0][1] == 0
-    # a state saved the old way (every visible device's): this device's entry
-    restored.clear()
+    # a state saved the old way (every visible device's): the current device's entry, into
+    # the current device (device 1 here, so taking entry 0 or device 0 would show)
     old = {k: v for k, v in state.items() if k != "cuda_device"}
-    restore_rng_state({**old, "cuda": [devices[0], torch.tensor([1], dtype=torch.uint8)]})
-    assert torch.equal(restored[0][0], devices[0])
+    every = [torch.tensor([10], dtype=torch.uint8), torch.tensor([11], dtype=torch.uint8)]
+    current["dev"] = 1
+    restored.clear()
+    restore_rng_state({**old, "cuda": every})
+    assert len(restored) == 1 and torch.equal(restored[0][0], every[1]) and restored[0][1] == 1
+    current["dev"] = 0
+    restored.clear()
+    restore_rng_state({**old, "cuda": every})
+    assert len(restored) == 1 and torch.equal(restored[0][0], every[0]) and restored[0][1] == 0
+    current["dev"] = 2  # more devices now than the old state has entries for
+    with pytest.raises(RuntimeError, match="RNG states of 2 CUDA devices"):
+        restore_rng_state({**old, "cuda": every})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="no CUDA device"):
         restore_rng_state(state)

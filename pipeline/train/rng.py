@@ -64,7 +64,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if own is None:  # every visible device's, as states were once saved: this device's entry
         if dev >= len(every):
             raise RuntimeError(
-                f"checkpoint holds RNG states of {len(every)} CUDA devices, not {dev}"
+                f"checkpoint holds RNG states of {len(every)} CUDA devices, none for device {dev}"
             )
         own = every[dev]
     torch.cuda.set_rng_state(own.cpu(), dev)
