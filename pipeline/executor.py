@@ -296,6 +296,11 @@ def _short(exc: BaseException, limit: int = 2000) -> str:
 _END = object()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Raised:
+    exc: BaseException
+
+
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     """Iterate ``items`` in a background thread, up to ``depth`` ahead of the consumer.
 
@@ -313,7 +318,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
                 q.put(item)
             q.put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(exc)
+            q.put(_Raised(exc))
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     thread.start()
@@ -322,8 +327,8 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             item = q.get()
             if item is _END:
                 return
-            if isinstance(item, BaseException):
-                raise item
+            if isinstance(item, _Raised):  # (an item that is an exception object is an item)
+                raise item.exc
             yield item
     finally:
         stop.set()

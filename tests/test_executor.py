@@ -75,6 +75,9 @@ def _prefetch_threads(before: set) -> list[threading.Thread]:
 def test_prefetch_yields_every_item_in_order():
     assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
     assert list(prefetch([], depth=1)) == []
+    # an item that happens to be an exception object is passed on, not raised
+    errors = [KeyError("a"), ValueError("b")]
+    assert list(prefetch(iter(errors))) == errors
 
 
 def test_an_error_in_the_producer_reaches_the_consumer():

@@ -427,3 +427,43 @@ def test_job_warns_about_unscored_shards(tmp_path, models, capsys):
     err = capsys.readouterr().err
     assert "WARNING: 2 raw shards" in err and "NOT pretokenized: [1, 2]" in err
     assert storage.read_json(os.path.join(out, shards.MANIFEST))["unscored_shards"] == [1, 2]
+
+
+def test_tokenizer_random_crop_needs_no_whole_image_resize(monkeypatch):
+    """The tokenizer's augmentation (resize the short side by U(1, 1.1), crop at random,
+    mirror) draws the same random numbers and gives the pixels of resizing the whole image,
+    computed from the region the crop needs."""
+    import random
+
+    from pipeline.data.raw import random_crop_flip
+
+    def old(img, size, rng, max_scale=1.1):
+        short = int(round(size * rng.uniform(1.0, max_scale)))
+        s = max(short, size) / min(img.size)
+        big = img.resize(
+            (max(short, size, round(img.width * s)), max(short, size, round(img.height * s))),
+            Image.Resampling.BICUBIC,
+        )
+        left, top = rng.randint(0, big.width - size), rng.randint(0, big.height - size)
+        out = big.crop((left, top, left + size, top + size))
+        return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
+
+    gen = np.random.default_rng(1)
+    for w, h in [(640, 480), (480, 640), (300, 301), (1000, 333), (100, 37), (2000, 9)]:
+        img = Image.fromarray(gen.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for seed in range(3):
+            want = np.asarray(old(img, 64, random.Random(seed)), np.int16)
+            got = np.asarray(random_crop_flip(img, 64, random.Random(seed)), np.int16)
+            assert got.shape == want.shape == (64, 64, 3)
+            assert np.abs(got - want).max() <= 2 and (got != want).mean() < 0.01, (w, h, seed)
+
+    real_resize = Image.Image.resize
+
+    def resize(self, size, *a, **kw):
+        if size[0] * size[1] > 4 * 256 * 256:
+            raise MemoryError(f"a {size} intermediate on the way to a 256 x 256 crop")
+        return real_resize(self, size, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    out = random_crop_flip(Image.new("RGB", (20000, 3), (10, 20, 30)), 256, random.Random(0))
+    assert out.size == (256, 256) and out.getpixel((5, 200)) == (10, 20, 30)
