@@ -6,10 +6,13 @@ both checkpoint managers apply: each keeps the checkpoints with the highest step
 none``) in a run dir that already holds checkpoints, or resumed from an older step than the
 newest there, would have its own checkpoints pruned as the oldest, and a later ``--resume auto``
 would go back to the other run: its work would be lost. Such a start is refused, with what to do.
+:func:`fsync` is what both managers call before a completion marker: the files it names must be
+on disk first, or a power loss could leave a marker that points at truncated files.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,3 +56,12 @@ def resume_conflict(resume: str, chosen: int | None, newest: int | None, where: 
             "another folder first"
         )
     return None
+
+
+def fsync(path: str) -> None:
+    """Put a local file's data (or a directory's entries: a rename or a new file in it) on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -369,6 +369,11 @@ def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):
         train_tokenizer(cfg, resume="none")
     with pytest.raises(ValueError, match=r"from step 150, but .* newer checkpoint \(step 300\)"):
         train_tokenizer(cfg, resume="150")
+    # a step that has no complete checkpoint is named as such, before anything is written
+    with pytest.raises(ValueError, match=r"no complete checkpoint of step 400 .*\[150, 300\]"):
+        train_tokenizer(cfg, resume="400")
+    with pytest.raises(ValueError, match=r"give auto, none or a step number"):
+        train_tokenizer(cfg, resume="latest")
     assert [json.loads(x)["step"] for x in Path(run, "metrics.jsonl").read_text().splitlines()] == (
         list(range(1, 301))
     )

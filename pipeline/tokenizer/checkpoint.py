@@ -6,9 +6,11 @@ Layout under a run's checkpoint folder (``{run_dir}/checkpoints``)::
                                states and data position (one torch.save, loaded weights_only)
     step_0000400/COMPLETE      JSON marker, written last: only a folder holding it is resumed
 
-``state.pt`` is written under a temporary name and renamed; the marker follows. When the run
-folder is on S3 the same two files are uploaded in the same order after the local write, so an
-interrupted upload leaves a folder without a marker, which is ignored.
+``state.pt`` is written under a temporary name, put on disk (fsync) and renamed; the marker
+follows. When the run folder is on S3 the same two files are uploaded in the same order after the
+local write, so an interrupted upload leaves a folder without a marker, which is ignored. With an
+S3 run folder only its checkpoints count when resuming: the local folder is a cache of them,
+used while its marker is the same as the mirror's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from pipeline import storage
 from pipeline.log import get_logger
+from pipeline.resume import fsync
 
 log = get_logger(__name__)
 
@@ -56,7 +59,10 @@ def save_checkpoint(
     final = os.path.join(folder, STATE)
     tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
     torch.save(state, tmp)
+    fsync(tmp)
     os.replace(tmp, final)
+    fsync(folder)  # the rename (and the folder's own entry) on disk before the marker
+    fsync(local_root)
     marker = json.dumps({"step": step, "time": time.time()})
     storage.write_text(os.path.join(folder, MARKER), marker)
     if remote_root:
@@ -84,22 +90,26 @@ def _prune(root: str, keep: int, remote: bool) -> None:
 
 
 def newest_step(local_root: str, remote_root: str | None) -> int | None:
-    """The newest step complete locally or in the mirror, or None."""
-    steps = set(complete_steps(local_root))
-    if remote_root:
-        steps |= set(complete_steps(remote_root))
-    return max(steps) if steps else None
+    """The newest complete step, or None: in the mirror when there is one (the local folder is
+    only its cache: a run emptied on S3 to start over is not resumed from a stale local copy),
+    else locally."""
+    steps = complete_steps(remote_root or local_root)
+    return steps[-1] if steps else None
 
 
 def load_checkpoint(step: int, local_root: str, remote_root: str | None) -> dict[str, Any]:
-    """Load step ``step``, fetching it from the mirror when it is not complete locally."""
+    """Load step ``step``; with a mirror, fetched from it unless the local copy is the same
+    checkpoint (the same marker: not an older run's step of that number)."""
     folder = os.path.join(local_root, step_dir_name(step))
-    if not os.path.exists(os.path.join(folder, MARKER)):
-        if not remote_root:
-            raise FileNotFoundError(f"checkpoint {folder} is not complete and there is no mirror")
+    local_marker = os.path.join(folder, MARKER)
+    if remote_root:
         remote = storage.join(remote_root, step_dir_name(step))
-        storage.get_file(storage.join(remote, STATE), os.path.join(folder, STATE))
-        storage.write_text(
-            os.path.join(folder, MARKER), storage.read_text(storage.join(remote, MARKER))
-        )
+        marker = storage.read_text(storage.join(remote, MARKER))
+        if not os.path.exists(local_marker) or storage.read_text(local_marker) != marker:
+            storage.get_file(storage.join(remote, STATE), os.path.join(folder, STATE))
+            fsync(os.path.join(folder, STATE))
+            fsync(folder)
+            storage.write_text(local_marker, marker)
+    elif not os.path.exists(local_marker):
+        raise FileNotFoundError(f"checkpoint {folder} is not complete and there is no mirror")
     return torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)

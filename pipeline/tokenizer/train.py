@@ -250,9 +250,22 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     resume_step: int | None = None
 
     def decide_resume() -> int | None:  # one rank decides, so all resume from the same step
-        newest = ckpt.newest_step(ckpt_local, ckpt_remote)
-        found = None if resume == "none" else newest if resume == "auto" else int(resume)
-        conflict = resume_conflict(resume, found, newest, cfg.run_dir)
+        where = ckpt_remote or ckpt_local  # with a mirror, it alone says what is complete
+        complete = ckpt.complete_steps(where)
+        newest = complete[-1] if complete else None
+        if resume in ("none", "auto"):
+            found = None if resume == "none" else newest
+        else:
+            try:
+                found = int(resume)
+            except ValueError:
+                raise ValueError(f"resume={resume!r}: give auto, none or a step number") from None
+            if found not in complete:
+                raise ValueError(
+                    f"resume={resume}: no complete checkpoint of step {found} under {where} "
+                    f"(complete: {complete or 'none'})"
+                )
+        conflict = resume_conflict(resume, found, newest, where)
         if conflict:
             raise ValueError(conflict)
         return found

@@ -5,14 +5,21 @@ Layout under the run's local directory (and, when the run dir is ``s3://``, the 
     checkpoints/step_00001000/          DeepSpeed's files (model, ZeRO optimizer partitions,
                                         LR schedule, client state: step, samples, config)
     checkpoints/step_00001000/rank_state_00003.pt   rank 3's RNG states and data-loader place
-    checkpoints/step_00001000/COMPLETE.json         written last: the checkpoint is usable
+    checkpoints/step_00001000/COMPLETE.json         written last: the checkpoint is usable; it
+                                        lists every file of the checkpoint with its size
 
-Save order: every rank writes locally, barrier, each node's first rank uploads that node's
-files, barrier, each node's local marker, barrier, then rank 0 writes the remote marker. A
-checkpoint without its marker (a run killed mid-save) is never resumed from. ``resume: auto``
-takes the newest complete checkpoint, local or remote (downloading it when only S3 has it);
-only the newest ``keep_last`` complete ones are kept. A multi-node run needs an ``s3://`` run dir
-(or a shared file system) so that resuming and exporting see every node's files.
+Save order: each node's first rank clears what an earlier attempt at the same step left (and
+rank 0 the run dir's copy), every rank writes locally, barrier, each node's first rank makes
+its files durable (fsync) and lists them, each uploads its share, each writes the node's marker,
+then rank 0 writes the remote marker. A checkpoint without its marker (a run killed mid-save)
+is never resumed from. With an ``s3://`` run dir the run dir alone says which checkpoints
+exist (``resume: auto`` takes the newest complete one there); the local directory is a cache,
+checked against the marker's file list and completed from S3. Only the newest ``keep_last``
+complete checkpoints are kept. A multi-node run needs an ``s3://`` run dir (or a shared file
+system) so that resuming and exporting see every node's files. Nodes may share the local
+directory (an NFS home): what each node's first rank does there is safe when another does it
+at the same time (downloads and conversions are staged under unique names and renamed into
+place; one that finds the result already there keeps it).
 
 Exports are consolidated fp32 weights as ``model.safetensors`` plus ``gpt_config.json``: what
 sampling and stage 2 load.
@@ -20,7 +27,10 @@ sampling and stage 2 load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import glob
 import os
 import re
 import shutil
@@ -28,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,13 +48,14 @@ from safetensors.torch import load_file, save_file
 from pipeline import storage
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPTConfig
-from pipeline.resume import decided_on_rank0, resume_conflict
+from pipeline.resume import decided_on_rank0, fsync, resume_conflict
 from pipeline.train import engine
 from pipeline.train.engine import DistInfo, partitioned_optimizer
 
 log = get_logger(__name__)
 
 MARKER = "COMPLETE.json"
+CONVERTED = "CONVERTED"  # in a universal-format folder: the marker of the checkpoint it came from
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 # Fields that may differ between an export and the model that loads it: they change no weight.
 TRANSFERABLE = {
@@ -76,6 +89,27 @@ def complete_tags(root: str) -> list[str]:
     return [t for t in _tags(root) if storage.exists(storage.join(root, t, MARKER))]
 
 
+def _requested_tag(resume: str, complete: list[str], where: str) -> str:
+    """The tag that ``--resume`` names (neither ``auto`` nor ``none``), if it is among the
+    ``complete`` checkpoints in ``where``; else why not."""
+    if "://" in resume or "/" in resume:
+        raise ValueError(
+            f"--resume {resume!r}: give auto, none or a checkpoint tag of this run "
+            f"(step_NNNNNNNN, from {where}), not a path; to start from another run's weights, "
+            "export them (jobs/export.py) and give init_from"
+        )
+    if not _TAG_RE.match(resume):
+        raise ValueError(
+            f"--resume {resume!r} is neither auto, none nor a checkpoint tag (step_NNNNNNNN)"
+        )
+    if resume not in complete:
+        raise ValueError(
+            f"--resume {resume}: {where} has no complete checkpoint {resume} (complete ones: "
+            f"{', '.join(complete) or 'none'})"
+        )
+    return resume
+
+
 def written_world_size(ckpt_dir: str) -> int | None:
     """How many ranks wrote the checkpoint in local ``ckpt_dir`` (None: its marker predates it)."""
     written = storage.read_json(os.path.join(ckpt_dir, MARKER)).get("world_size")
@@ -93,6 +127,93 @@ def check_world_size(ckpt_dir: str, tag: str, world: int) -> None:
         )
 
 
+# --- local files: durable, listed, checked against a marker --------------------------------------
+
+
+def _durable_listing(folder: str) -> dict[str, int]:
+    """Every file under ``folder`` but the marker, fsynced, with its size (relative ``/`` paths);
+    the folders are fsynced too, ``folder``'s parent included: a marker written after this
+    never survives a power loss that truncates or loses a file it lists."""
+    files = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            if rel != MARKER:
+                fsync(path)
+                files[rel] = os.path.getsize(path)
+        fsync(parent)
+    fsync(os.path.dirname(os.path.abspath(folder)))
+    return files
+
+
+def _missing_files(folder: str, files: dict[str, int]) -> list[str]:
+    """The files of ``files`` (name: size) that local ``folder`` lacks or holds at another size."""
+
+    def size(name: str) -> int:
+        try:
+            return os.path.getsize(os.path.join(folder, *name.split("/")))
+        except OSError:
+            return -1
+
+    return sorted(n for n, s in files.items() if size(n) != s)
+
+
+def _check_whole(folder: str, files: dict[str, int], context: str = "") -> None:
+    """Raise unless local ``folder`` holds every file of ``files`` (name: size) at its size."""
+    wrong = _missing_files(folder, files)
+    if wrong:
+        shown = ", ".join(wrong[:4]) + (", ..." if len(wrong) > 4 else "")
+        raise FileNotFoundError(
+            f"checkpoint {folder} lacks {len(wrong)} of the files its marker lists, or holds them "
+            f"at other sizes ({shown}){context}"
+        )
+
+
+def _read_marker(path: str) -> dict[str, Any] | None:
+    """A local marker's content; None when absent or unreadable (an old empty one)."""
+    try:
+        return storage.read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _publish(staging: str, target: str, is_current: Callable[[], bool]) -> None:
+    """Rename the finished folder ``staging`` to ``target``. Another node sharing this file
+    system may have put the same result there first (then its copy is kept and ``staging``
+    removed); an outdated ``target`` is moved aside and removed, then the rename is tried again."""
+    for _ in range(5):
+        try:
+            os.rename(staging, target)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if is_current():
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        aside = f"{target}.old-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(FileNotFoundError):  # another node moved it first
+            os.rename(target, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    raise RuntimeError(f"could not put {staging} in place of {target}: it keeps changing")
+
+
+def _fetch(remote: str, local: str, files: dict[str, int], names: list[str]) -> list[str]:
+    """Download ``names`` of checkpoint ``remote`` (whose marker lists ``files``) into folder
+    ``local`` and onto disk, then check every listed file there; returns ``names``."""
+    folders = set()
+    for name in names:
+        path = os.path.join(local, *name.split("/"))
+        storage.get_file(storage.join(remote, name), path)
+        fsync(path)
+        folders.add(os.path.dirname(path))
+    for folder in sorted(folders):
+        fsync(folder)
+    _check_whole(local, files, f" after a download from {remote}")
+    return names
+
+
 class CheckpointManager:
     """Saves, finds and loads this run's checkpoints on every rank of the job."""
 
@@ -105,6 +226,25 @@ class CheckpointManager:
         )
         os.makedirs(self.local_root, exist_ok=True)
         self._local_tags: set[str] = set()  # made local by ensure_local (the same on every rank)
+
+    def _on_each_node(self, what: str, fn: Callable[[], Any]) -> dict[int, Any]:
+        """``fn()`` on each node's first rank, then every rank waits for all of them; returns
+        their answers by rank. An error on one node's first rank is raised on every rank:
+        raised there alone, it would leave the others in a collective until its timeout."""
+        answer, error = None, None
+        if self.dist.is_local_main:
+            try:
+                answer = fn()
+            except Exception as exc:  # noqa: BLE001 - reported to every rank, raised here below
+                error = exc
+        failed = None if error is None else f"{type(error).__name__}: {error}"
+        reports = engine.gather_objects((self.dist.rank, self.dist.is_local_main, answer, failed))
+        if error is not None:
+            raise error
+        for rank, _, _, failed in reports:
+            if failed is not None:
+                raise RuntimeError(f"{what} failed on rank {rank}: {failed}")
+        return {rank: a for rank, first, a, _ in reports if first}
 
     # -- saving
 
@@ -122,32 +262,62 @@ class CheckpointManager:
         unpickling them (the export job takes the model config from it)."""
         tag = tag_for(step)
         local = os.path.join(self.local_root, tag)
+        remote = storage.join(self.remote_root, tag) if self.remote_root else None
         t0 = time.time()
-        if self.dist.is_local_main and os.path.exists(os.path.join(local, MARKER)):
-            os.remove(os.path.join(local, MARKER))  # about to be overwritten: not complete now
-        engine.barrier()
+
+        def clear() -> None:
+            # an earlier attempt at this step (killed mid-save, perhaps on another number of
+            # ranks) left files that are not this checkpoint's: its marker goes first, so that a
+            # half-cleared folder never looks complete. The run dir's copy has no marker (a step
+            # is saved again only when it was never complete there: find() resumes the newest).
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(local, MARKER))
+            shutil.rmtree(local, ignore_errors=True)
+            if remote and self.dist.is_main:
+                storage.remove(storage.join(remote, MARKER))
+                storage.remove(remote, recursive=True)
+
+        self._on_each_node(f"clearing checkpoint {tag}", clear)
         engine.save_checkpoint(eng, self.local_root, tag, client_state)
         torch.save(rank_state, os.path.join(local, f"rank_state_{self.dist.rank:05d}.pt"))
         if self.dist.is_main and meta is not None:
             storage.write_json(os.path.join(local, "meta.json"), meta)
-        engine.barrier()
-        if self.remote_root and self.dist.is_local_main:
-            storage.put_dir(local, storage.join(self.remote_root, tag))
-        engine.barrier()
+        engine.barrier()  # every rank's files are written
+        held = self._on_each_node(
+            f"writing checkpoint {tag}", lambda: (_durable_listing(local), time.time())
+        )
+        # the same on every rank: every node's files (one node's when they share a disk) and
+        # rank 0's time; each file is uploaded by the first node that holds it
+        files: dict[str, int] = {}
+        uploader: dict[str, int] = {}
+        for rank in sorted(held):
+            for name, size in held[rank][0].items():
+                files.setdefault(name, size)
+                uploader.setdefault(name, rank)
         marker = {
             "tag": tag,
             "step": step,
             "world_size": self.dist.world,
-            "time": time.time(),
-            "host_rank0": self.dist.rank == 0,
+            "time": held[min(held)][1],
+            "files": dict(sorted(files.items())),
         }
-        if self.dist.is_local_main:
+
+        def upload_and_mark() -> None:
+            if remote:
+                for name in sorted(n for n, r in uploader.items() if r == self.dist.rank):
+                    storage.put_file(
+                        os.path.join(local, *name.split("/")), storage.join(remote, name)
+                    )
             storage.write_json(os.path.join(local, MARKER), marker)
-        engine.barrier()
-        if self.remote_root and self.dist.is_main:
-            storage.write_json(storage.join(self.remote_root, tag, MARKER), marker)
-        self._prune()
-        engine.barrier()
+
+        self._on_each_node(f"uploading checkpoint {tag}", upload_and_mark)
+
+        def finish() -> None:
+            if remote and self.dist.is_main:
+                storage.write_json(storage.join(remote, MARKER), marker)
+            self._prune(tag)
+
+        self._on_each_node(f"completing checkpoint {tag}", finish)
         log.info(
             "checkpoint %s complete in %.1fs%s",
             tag,
@@ -156,48 +326,61 @@ class CheckpointManager:
         )
         return tag
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints (and anything newer)."""
-        roots = []
-        if self.dist.is_local_main:
-            roots.append(self.local_root)
+    def _prune(self, saved: str) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints (and anything newer); on each
+        node's first rank. With an ``s3://`` run dir, complete local copies newer than ``saved``
+        are another run's (the run dir decides what is resumed: :meth:`find`) and go too."""
+        roots = [self.local_root]
         if self.remote_root and self.dist.is_main:
             roots.append(self.remote_root)
         for root in roots:
+            remote = storage.is_remote(root)
             complete = complete_tags(root)
-            if len(complete) <= self.keep_last:
-                continue
-            oldest_kept = complete[-self.keep_last]
-            for t in _tags(root):
-                if t < oldest_kept:
-                    if storage.is_remote(root):
-                        storage.remove(storage.join(root, t), recursive=True)
-                    else:
-                        shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+            doomed = [t for t in complete if t > saved] if self.remote_root and not remote else []
+            complete = [t for t in complete if t not in doomed]
+            if len(complete) > self.keep_last:
+                oldest_kept = complete[-self.keep_last]
+                doomed += [t for t in _tags(root) if t < oldest_kept]
+            for t in doomed:
+                if remote:
+                    storage.remove(storage.join(root, t), recursive=True)
+                else:
+                    shutil.rmtree(os.path.join(root, t), ignore_errors=True)
 
     # -- finding and loading
 
     def find(self, resume: str) -> str | None:
         """The tag to resume from (same answer on every rank), or None to start fresh.
 
-        ``auto``: the newest complete checkpoint, local or remote; ``none``: start fresh; a tag
-        (``step_00001000``): that one. A fresh start in a run dir with checkpoints, or a resume
-        from an older one than the newest, raises (:func:`pipeline.resume.resume_conflict`).
+        ``auto``: the newest complete checkpoint; ``none``: start fresh; a tag
+        (``step_00001000``): that one, which must be complete. With an ``s3://`` run dir only
+        its checkpoints count (the local directory is a cache of them). A fresh start in a run
+        dir with checkpoints, or a resume from an older one than the newest, raises
+        (:func:`pipeline.resume.resume_conflict`).
         """
 
         def decide() -> str | None:
-            found = complete_tags(self.local_root)
+            where = self.remote_root or self.local_root
+            found = complete_tags(where)
             if self.remote_root:
-                found += complete_tags(self.remote_root)
+                cached = sorted(set(complete_tags(self.local_root)) - set(found))
+                if cached:
+                    log.warning(
+                        "the local cache %s holds checkpoints that the run dir %s has not (%s): "
+                        "ignored, the run dir decides",
+                        self.local_root,
+                        where,
+                        ", ".join(cached),
+                    )
             newest = max(found, default=None)
             tag = newest if resume == "auto" else None
             if resume not in ("auto", "none"):
-                tag = os.path.basename(resume.rstrip("/"))
+                tag = _requested_tag(resume, found, where)
             conflict = resume_conflict(
                 resume,
                 None if tag is None else step_of(tag),
                 None if newest is None else step_of(newest),
-                self.remote_root or self.local_root,
+                where,
             )
             if conflict:
                 raise ValueError(conflict)
@@ -206,33 +389,86 @@ class CheckpointManager:
         return decided_on_rank0(self.dist.is_main, engine.broadcast_object, decide)
 
     def ensure_local(self, tag: str) -> str:
-        """The local directory of ``tag``, downloaded from the run dir when only S3 has it.
+        """The local directory of ``tag``, every file of it there (every rank calls it).
 
-        On several nodes without a shared file system a node's own copy holds only its ranks'
-        files: DeepSpeed writes the model states on data-parallel rank 0 alone, and every rank
-        reads every rank's optimizer partition when it loads. There the files the node lacks
-        come from the run dir, which has every node's (on a shared file system none are
-        missing). Once per tag: a resume asks twice (the world size, then the load)."""
+        The checkpoint's marker lists its files. With an ``s3://`` run dir the local copy is
+        a cache: taken when its marker is the run dir's, completed from the run dir with the
+        files it lacks (on several nodes without a shared file system a node's own copy holds
+        only its ranks' files: DeepSpeed writes the model states on data-parallel rank 0 alone,
+        and every rank reads every rank's optimizer partition when it loads), else downloaded
+        anew. Once per tag: a resume asks twice (the world size, then the load)."""
         local = os.path.join(self.local_root, tag)
-        if tag in self._local_tags:
-            return local
-        if self.dist.is_local_main and not os.path.exists(os.path.join(local, MARKER)):
-            if not self.remote_root:
-                raise FileNotFoundError(f"no complete checkpoint {tag} under {self.local_root}")
-            log.info("downloading checkpoint %s from %s", tag, self.remote_root)
-            shutil.rmtree(local, ignore_errors=True)
-            staging = tempfile.mkdtemp(prefix=f".{tag}-", dir=self.local_root)
-            storage.get_dir(storage.join(self.remote_root, tag), staging)
-            os.replace(staging, local)
-        elif (
-            self.dist.is_local_main and self.remote_root and self.dist.world > self.dist.local_world
-        ):
-            n = storage.get_dir(storage.join(self.remote_root, tag), local, missing_only=True)
-            if n:
-                log.info("checkpoint %s: %d files of other nodes from %s", tag, n, self.remote_root)
-        engine.barrier()
-        self._local_tags.add(tag)
+        if tag not in self._local_tags:
+            self._on_each_node(f"fetching checkpoint {tag}", lambda: self._make_whole(tag))
+            self._local_tags.add(tag)
         return local
+
+    def _make_whole(self, tag: str) -> None:
+        local = os.path.join(self.local_root, tag)
+        mine = _read_marker(os.path.join(local, MARKER))
+        if not self.remote_root:
+            if mine is None:
+                raise FileNotFoundError(f"no complete checkpoint {tag} under {self.local_root}")
+            _check_whole(
+                local,
+                mine.get("files", {}),
+                ": written on other nodes? A run on several nodes needs an s3:// run dir or a "
+                "shared file system",
+            )
+            return
+        remote = storage.join(self.remote_root, tag)
+        try:
+            marker = storage.read_json(storage.join(remote, MARKER))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"checkpoint {tag} is not complete in {self.remote_root}"
+            ) from None
+        if "files" not in marker:  # written before markers listed their files
+            self._make_whole_unlisted(tag, mine is not None, marker)
+            return
+        files = marker["files"]
+        if mine == marker:  # this checkpoint: fetch what the node lacks
+            lacking = _fetch(remote, local, files, _missing_files(local, files))
+            if lacking:
+                log.info("checkpoint %s: %d files fetched from %s", tag, len(lacking), remote)
+            return
+        # absent, partial, or another run's checkpoint of the same step: download it
+        log.info("downloading checkpoint %s from %s", tag, self.remote_root)
+        staging = tempfile.mkdtemp(prefix=f".{tag}-", dir=self.local_root)
+        try:
+            _fetch(remote, staging, files, sorted(files))
+            storage.write_json(os.path.join(staging, MARKER), marker)
+            _publish(
+                staging,
+                local,
+                lambda: (
+                    _read_marker(os.path.join(local, MARKER)) == marker
+                    and not _missing_files(local, files)
+                ),
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _make_whole_unlisted(self, tag: str, have_marker: bool, marker: dict[str, Any]) -> None:
+        """:meth:`_make_whole` for a checkpoint whose marker lists no files: the whole prefix
+        when the local copy has no marker; the files it lacks when the run spans nodes, or when
+        it holds fewer ranks' states than the checkpoint's world size."""
+        local = os.path.join(self.local_root, tag)
+        remote = storage.join(self.remote_root, tag)
+        if not have_marker:
+            log.info("downloading checkpoint %s from %s", tag, self.remote_root)
+            staging = tempfile.mkdtemp(prefix=f".{tag}-", dir=self.local_root)
+            try:
+                storage.get_dir(remote, staging)
+                _publish(staging, local, lambda: os.path.exists(os.path.join(local, MARKER)))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            return
+        ranks_here = len(glob.glob(os.path.join(local, "rank_state_*.pt")))
+        if self.dist.world > self.dist.local_world or ranks_here < marker.get("world_size", 0):
+            n = storage.get_dir(remote, local, missing_only=True)
+            if n:
+                log.info("checkpoint %s: %d files of other nodes from %s", tag, n, remote)
 
     def written_world(self, tag: str) -> int | None:
         """How many ranks wrote ``tag`` (from its marker; fetched first when only S3 has it)."""
@@ -249,27 +485,44 @@ class CheckpointManager:
         """Where ``tag`` converted to DeepSpeed's universal format lies (converted on each node
         once, by its first rank, from the local copy that :meth:`ensure_local` made): the form
         from which ZeRO re-cuts its optimizer partitions for another number of ranks. Every
-        rank calls it (it ends with a barrier)."""
+        rank calls it. A conversion is kept while it names the checkpoint's marker."""
         root = os.path.join(os.path.dirname(self.local_root), "universal")
         out = os.path.join(root, tag)
-        done = os.path.join(out, "CONVERTED")
-        if self.dist.is_local_main and not os.path.exists(done):
-            shutil.rmtree(out, ignore_errors=True)
+
+        def convert() -> None:
+            source = storage.read_json(os.path.join(self.local_root, tag, MARKER))
+
+            def current() -> bool:
+                return _read_marker(os.path.join(out, CONVERTED)) == {"source": source}
+
+            if current():
+                return
             log.info("converting checkpoint %s to DeepSpeed's universal format in %s", tag, out)
-            cmd = [
-                sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                "--input_folder", os.path.join(self.local_root, tag), "--output_folder", out,
-                # our client state has no Megatron-style universal_checkpoint_info: add it
-                "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "2",
-            ]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(
-                    f"converting checkpoint {tag} to the universal format failed "
-                    f"(exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
-                )
-            open(done, "w").close()
-        engine.barrier()
+            os.makedirs(root, exist_ok=True)
+            # in a folder of its own: DeepSpeed writes latest_universal beside its output
+            staging = tempfile.mkdtemp(prefix=f".{tag}-", dir=root)
+            try:
+                target = os.path.join(staging, tag)
+                cmd = [
+                    sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder", os.path.join(self.local_root, tag), "--output_folder", target,
+                    # our client state has no Megatron-style universal_checkpoint_info: add it
+                    "--inject_missing_state", "--num_extract_workers", "2",
+                    "--num_merge_workers", "2",
+                ]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(
+                        f"converting checkpoint {tag} to the universal format failed "
+                        f"(exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+                    )
+                _durable_listing(target)
+                storage.write_json(os.path.join(target, CONVERTED), {"source": source})
+                _publish(target, out, current)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        self._on_each_node(f"converting checkpoint {tag}", convert)
         return root
 
     def load(
@@ -395,6 +648,8 @@ def export_checkpoint(path: str, out_uri: str) -> str:
     local_root = root
     if storage.is_remote(root):
         local_root = os.path.dirname(storage.local_copy(storage.join(root, tag)))
+    listed = storage.read_json(storage.join(root, tag, MARKER)).get("files", {})
+    _check_whole(os.path.join(local_root, tag), listed)
     meta = storage.read_json(os.path.join(local_root, tag, "meta.json"))
     cfg = GPTConfig(**meta["model"])
     return export_weights(local_root, tag, cfg, out_uri, extra={"source": storage.join(root, tag)})

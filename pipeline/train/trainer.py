@@ -318,16 +318,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     export_uri = None
     if cfg.export and last_tag is not None:
         export_uri = storage.join(cfg.run_dir, "export")
+        # every rank: each node's copy checked against the marker's file list and completed
+        # from the run dir (other nodes' partitions); an error there reaches every rank
+        ckpt.ensure_local(last_tag)
         if dist.is_main:
-            root = ckpt.local_root
-            if dist.world > dist.local_world and ckpt.remote_root:
-                # other nodes' partitions are only in the run dir (else: a shared file system)
-                root = os.path.join(local_dir, "export_staging")
-                storage.get_dir(
-                    storage.join(ckpt.remote_root, last_tag), os.path.join(root, last_tag)
-                )
             export_weights(
-                root,
+                ckpt.local_root,
                 last_tag,
                 cfg.model,
                 export_uri,

@@ -1,0 +1,461 @@
+"""Checkpoint saving, finding and fetching (pipeline/train/checkpoint.py and the tokenizer's):
+leftovers of an aborted save, the marker's file list, multi-node copies, a local folder shared
+by nodes, durability before the marker, S3 as the one record of a remote run, explicit tags."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import storage
+from pipeline.tokenizer import checkpoint as tok_ckpt
+from pipeline.train import checkpoint as ckpt_mod
+from pipeline.train.checkpoint import (
+    MARKER,
+    CheckpointManager,
+    complete_tags,
+    export_checkpoint,
+    tag_for,
+)
+from pipeline.train.engine import DistInfo
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def _dist(rank: int = 0, world: int = 1, local_world: int | None = None) -> DistInfo:
+    """A rank that is its node's first (``local_rank`` 0); no process group behind it."""
+    return DistInfo(rank, world, 0, local_world or world, CPU)
+
+
+def _rank_files(ranks) -> dict[str, bytes]:
+    """What DeepSpeed ZeRO-2 and the trainer write for ``ranks`` (distinct sizes per file)."""
+    files = {}
+    for r in ranks:
+        files[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = b"o" * (10 + r)
+        files[f"rank_state_{r:05d}.pt"] = b"r" * (20 + r)
+        if r == 0:
+            files["mp_rank_00_model_states.pt"] = b"model"
+    return files
+
+
+def _marker(tag: str, world: int, files: dict[str, bytes]) -> dict:
+    """A marker as CheckpointManager.save writes it: the same on every node and on S3."""
+    sizes = {n: len(d) for n, d in sorted(files.items())}
+    return {"tag": tag, "step": 20, "world_size": world, "time": 1.5, "files": sizes}
+
+
+def _write(folder: str, files: dict[str, bytes], marker: dict | None) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(folder, name), data)
+    if marker is not None:
+        storage.write_json(storage.join(folder, MARKER), marker)
+
+
+def _as_two_nodes(work, run_dir: str, local_dir: str) -> list:
+    """``work(manager)`` at once in two threads acting as the first ranks of two 2-rank nodes
+    that share ``local_dir``; returns their answers, node 0's first (raises the first error)."""
+    answers, errors = {}, []
+
+    def node(k: int) -> None:
+        try:
+            answers[k] = work(CheckpointManager(run_dir, local_dir, 2, _dist(2 * k, 4, 2)))
+        except Exception as exc:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [answers[0], answers[1]]
+
+
+class FakeEngine:
+    """Writes what DeepSpeed's one-rank ZeRO save writes, as it does: plain writes, no fsync."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        folder = os.path.join(root, tag)
+        os.makedirs(folder, exist_ok=True)
+        torch.save(client_state, os.path.join(folder, "mp_rank_00_model_states.pt"))
+        torch.save(
+            {"m": torch.zeros(3)}, os.path.join(folder, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        )
+
+
+# --- a real DeepSpeed save over the leftovers of an aborted 2-rank attempt -------------------------
+
+_SAVE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from pipeline.train import engine
+    from pipeline.train.checkpoint import CheckpointManager
+    from pipeline.train.optim import OptimConfig
+    dist = engine.init_distributed()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    ds = engine.build_ds_config("configs/deepspeed/zero2.json", micro_batch=2, grad_accum=1,
+                                world=1, precision="fp32", optim=OptimConfig(), lr=1e-3)
+    eng = engine.create_engine(model, [{"params": list(model.parameters()), "names": []}], ds,
+                               lambda s: 1.0)
+    for _ in range(2):
+        eng.backward(eng(torch.randn(2, 8)).pow(2).mean())
+        eng.step()
+    ck = CheckpointManager(sys.argv[1], sys.argv[2], 2, dist)
+    ck.save(eng, 20, {"step": 20, "samples_seen": 40}, {"rng": None}, meta={"model": {}})
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, sys.argv[3])
+    print(json.dumps({"ok": True}))
+    engine.shutdown(0)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def resaved(s3_server, tmp_path_factory) -> dict:
+    """Step 20 of a 1-rank ZeRO-2 run saved where a 2-rank attempt at step 20 was killed
+    mid-upload: rank 1's partition and state are on S3 and in the local folder, no marker."""
+    import boto3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    run_dir, tmp = f"s3://{bucket}/run", tmp_path_factory.mktemp("resaved")
+    local_dir, tag = str(tmp / "node"), tag_for(20)
+    stale = {k: b"stale" for k in _rank_files([1])}
+    _write(f"{run_dir}/checkpoints/{tag}", stale, None)
+    _write(os.path.join(local_dir, "checkpoints", tag), stale, None)
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1")
+    weights = str(tmp / "weights.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SAVE_SCRIPT, run_dir, local_dir, weights],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"run_dir": run_dir, "local_dir": local_dir, "tag": tag, "tmp": tmp, "weights": weights}
+
+
+def test_a_step_saved_again_holds_only_its_own_files(resaved):
+    """The marker lists exactly the checkpoint's files; the old attempt's rank-1 files are gone
+    from S3 and the local folder, so the export sees one rank, as written."""
+    remote = f"{resaved['run_dir']}/checkpoints/{resaved['tag']}"
+    local = os.path.join(resaved["local_dir"], "checkpoints", resaved["tag"])
+    old = set(_rank_files([1]))
+    assert old & set(storage.list_dir(remote)) == set() and old & set(os.listdir(local)) == set()
+    out = str(resaved["tmp"] / "export")
+    export_checkpoint(resaved["run_dir"], out)
+    exported, saved = load_file(f"{out}/model.safetensors"), torch.load(resaved["weights"])
+    assert exported.keys() == saved.keys()
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    marker = storage.read_json(f"{remote}/{MARKER}")
+    assert marker["world_size"] == 1
+    listed = marker["files"]
+    assert "rank_state_00000.pt" in listed and "meta.json" in listed
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in listed
+    assert set(storage.list_dir(remote)) == set(listed) | {MARKER}
+    assert {n: storage.size(f"{remote}/{n}") for n in listed} == listed
+    assert set(os.listdir(local)) == set(listed) | {MARKER}
+    assert storage.read_json(os.path.join(local, MARKER)) == marker  # the same on every node
+
+
+def test_nodes_sharing_a_local_dir_convert_to_universal_at_once(resaved, tmp_path, monkeypatch):
+    """Two nodes' first ranks on one (NFS-like) folder convert the same checkpoint at the same
+    moment: each converts in a folder of its own and one result is kept, whole."""
+    shared = tmp_path / "shared"
+    shutil.copytree(
+        os.path.join(resaved["local_dir"], "checkpoints", resaved["tag"]),
+        shared / "checkpoints" / resaved["tag"],
+    )
+    run = subprocess.run
+    both_started = threading.Barrier(2, timeout=120)
+
+    def run_together(*args, **kwargs):  # both conversions run at once
+        both_started.wait()
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run_together)
+    roots = _as_two_nodes(
+        lambda ck: ck.universal_root(resaved["tag"]), resaved["run_dir"], str(shared)
+    )
+    assert roots == [str(shared / "universal")] * 2
+    out = shared / "universal" / resaved["tag"]
+    assert (out / "mp_rank_00_model_states.pt").exists()
+    assert (out / "zero" / "0.weight" / "fp32.pt").exists()
+    assert not (out / "tmp").exists()
+    assert [p.name for p in (shared / "universal").iterdir() if p.name.startswith(".")] == []
+    source = storage.read_json(str(shared / "checkpoints" / resaved["tag"] / MARKER))
+    assert json.loads((out / ckpt_mod.CONVERTED).read_text()) == {"source": source}
+
+
+# --- durability -----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fsynced(monkeypatch) -> list[tuple[int, str]]:
+    """Every os.fsync, in order, as (inode, path of the file or folder)."""
+    seen: list[tuple[int, str]] = []
+    real = os.fsync
+
+    def record(fd):
+        seen.append((os.fstat(fd).st_ino, os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return seen
+
+
+def test_every_checkpoint_file_is_on_disk_before_the_marker(tmp_path, fsynced):
+    ck = CheckpointManager(str(tmp_path / "run"), str(tmp_path / "run"), 2, _dist())
+    tag = ck.save(FakeEngine(), 10, {"step": 10}, {"rng": None}, meta={"model": {}})
+    folder = tmp_path / "run" / "checkpoints" / tag
+    marker_ino = (folder / MARKER).stat().st_ino
+    order = [ino for ino, _ in fsynced]
+    # the marker's own fsync comes from its atomic write (a temporary file renamed onto it)
+    at_marker = order.index(marker_ino) if marker_ino in order else len(order)
+    before = set(order[:at_marker])
+    files = [p for p in folder.iterdir() if p.name != MARKER]
+    assert {p.name for p in files} == {
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "rank_state_00000.pt",
+        "meta.json",
+    }
+    for p in [*files, folder, folder.parent]:
+        assert p.stat().st_ino in before, p
+
+
+def test_tokenizer_state_is_on_disk_before_its_marker(tmp_path, fsynced):
+    root = tmp_path / "checkpoints"
+    folder = tok_ckpt.save_checkpoint({"w": torch.ones(2)}, 3, str(root), None, keep=2)
+    state = Path(folder) / tok_ckpt.STATE
+    inos = [ino for ino, _ in fsynced]
+    marker_writes = [i for i, (_, path) in enumerate(fsynced) if "/COMPLETE" in path]
+    first_marker = marker_writes[0] if marker_writes else len(inos)
+    assert state.stat().st_ino in inos[:first_marker]  # its data, before it is renamed in
+    assert Path(folder).stat().st_ino in inos[:first_marker]  # the rename itself
+    assert torch.equal(tok_ckpt.load_checkpoint(3, str(root), None)["w"], torch.ones(2))
+
+
+# --- the marker's file list, and the files a node lacks -----------------------------------------
+
+
+def test_a_download_takes_the_markers_files_and_checks_their_sizes(s3_bucket, tmp_path):
+    run_dir, tag = f"{s3_bucket}/run", tag_for(20)
+    remote = f"{run_dir}/checkpoints/{tag}"
+    files = _rank_files([0, 1])
+    marker = _marker(tag, 2, files)
+    # a leftover the marker does not list (an old attempt's, written before the fix)
+    _write(remote, {**files, "zero_pp_rank_2_mp_rank_00_optim_states.pt": b"old"}, marker)
+    ck = CheckpointManager(run_dir, str(tmp_path / "a"), 2, _dist(0, 2))
+    local = Path(ck.ensure_local(tag))
+    assert {p.name for p in local.iterdir()} == set(files) | {MARKER}
+    assert storage.read_json(str(local / MARKER)) == marker
+    assert [p.name for p in local.parent.iterdir()] == [tag]  # no staging folder left
+    # an object of another size than listed (a damaged upload) is refused, by name
+    storage.write_bytes(f"{remote}/rank_state_00001.pt", b"short")
+    fresh = CheckpointManager(run_dir, str(tmp_path / "b"), 2, _dist(0, 2))
+    with pytest.raises(FileNotFoundError, match=r"rank_state_00001\.pt"):
+        fresh.ensure_local(tag)
+    assert not (tmp_path / "b" / "checkpoints" / tag).exists()
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["marker-lists-files", "old-marker"])
+def test_one_node_resuming_a_two_node_checkpoint_fetches_the_other_nodes_files(
+    s3_bucket, tmp_path, listed
+):
+    """A 2x2 checkpoint resumed on node 0 alone with 2 ranks (world == local world): node 1's
+    partitions come from S3, so the universal conversion sees all 4 ranks."""
+    run_dir, tag = f"{s3_bucket}/run", tag_for(20)
+    everything, mine = _rank_files(range(4)), _rank_files([0, 1])
+    marker = _marker(tag, 4, everything) if listed else {"tag": tag, "world_size": 4}
+    _write(f"{run_dir}/checkpoints/{tag}", everything, marker)
+    local = tmp_path / "node" / "checkpoints" / tag
+    _write(str(local), mine, marker)
+    ck = CheckpointManager(run_dir, str(tmp_path / "node"), 2, _dist(0, 2, 2))
+    assert ck.ensure_local(tag) == str(local)
+    assert {p.name for p in local.iterdir()} == set(everything) | {MARKER}
+    assert all((local / n).read_bytes() == d for n, d in everything.items())
+    assert ck.written_world(tag) == 4 and ck.needs_universal(tag)
+
+
+def test_a_local_checkpoint_without_the_other_nodes_files_is_refused_by_name(tmp_path):
+    """Without an s3:// run dir nothing can complete a node's copy: the error says so, instead
+    of DeepSpeed failing later on the partitions it does not find."""
+    tag = tag_for(20)
+    _write(
+        str(tmp_path / "checkpoints" / tag),
+        _rank_files([0, 1]),
+        _marker(tag, 4, _rank_files(range(4))),
+    )
+    ck = CheckpointManager(str(tmp_path), str(tmp_path), 2, _dist(0, 2, 2))
+    with pytest.raises(FileNotFoundError, match=r"lacks 4 of the files.*s3:// run dir"):
+        ck.ensure_local(tag)
+
+
+def test_nodes_sharing_a_local_dir_download_a_checkpoint_at_once(s3_bucket, tmp_path, monkeypatch):
+    """Two nodes' first ranks on one folder (an NFS home) find the checkpoint missing and
+    download it at the same moment: both succeed, one whole copy stays, no staging is left."""
+    run_dir, tag = f"{s3_bucket}/run", tag_for(20)
+    files = _rank_files(range(4))
+    marker = _marker(tag, 4, files)
+    _write(f"{run_dir}/checkpoints/{tag}", files, marker)
+    get_file, both_downloading = storage.get_file, threading.Barrier(2, timeout=60)
+    first_call = threading.local()
+
+    def get_file_together(uri, path):  # both have decided to download before either finishes
+        if not getattr(first_call, "done", False):
+            first_call.done = True
+            both_downloading.wait()
+        return get_file(uri, path)
+
+    monkeypatch.setattr(storage, "get_file", get_file_together)
+    _as_two_nodes(lambda ck: ck.ensure_local(tag), run_dir, str(tmp_path / "shared"))
+    root = tmp_path / "shared" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [tag]
+    assert {p.name for p in (root / tag).iterdir()} == set(files) | {MARKER}
+    assert storage.read_json(str(root / tag / MARKER)) == marker
+
+
+# --- with an s3:// run dir, S3 decides; explicit tags -----------------------------------------
+
+
+def test_with_an_s3_run_dir_the_local_cache_is_not_a_checkpoint_record(s3_bucket, tmp_path):
+    """The user emptied s3://.../run to start over; the local cache still holds step 5000."""
+    run_dir, local_dir = f"{s3_bucket}/run", str(tmp_path / "cache")
+    stale = _rank_files([0])
+    _write(
+        os.path.join(local_dir, "checkpoints", tag_for(5000)),
+        stale,
+        _marker(tag_for(5000), 1, stale),
+    )
+    ck = CheckpointManager(run_dir, local_dir, 2, _dist())
+    assert ck.find("auto") is None
+    assert ck.find("none") is None  # a fresh start is what the empty run dir allows
+    # the new run saves step 10; the stale cached 5000 goes, or keep_last would keep it
+    assert ck.save(FakeEngine(), 10, {"step": 10}, {"rng": None}) == tag_for(10)
+    assert complete_tags(ck.local_root) == [tag_for(10)]
+    assert complete_tags(ck.remote_root) == [tag_for(10)]
+    with pytest.raises(ValueError, match=rf"{run_dir}/checkpoints already has checkpoints"):
+        ck.find("none")
+
+
+def test_a_cached_copy_of_another_runs_step_is_replaced_by_the_run_dirs(s3_bucket, tmp_path):
+    run_dir, tag = f"{s3_bucket}/run", tag_for(20)
+    new, old = _rank_files([0]), {k: b"x" * 99 for k in _rank_files([0])}
+    _write(f"{run_dir}/checkpoints/{tag}", new, _marker(tag, 1, new))
+    old_marker = {**_marker(tag, 1, old), "time": 0.5}
+    _write(str(tmp_path / "checkpoints" / tag), old, old_marker)
+    ck = CheckpointManager(run_dir, str(tmp_path), 2, _dist())
+    local = Path(ck.ensure_local(tag))
+    assert all((local / n).read_bytes() == d for n, d in new.items())
+    assert storage.read_json(str(local / MARKER)) == _marker(tag, 1, new)
+
+
+def test_the_tokenizer_resumes_only_what_its_s3_mirror_has(s3_bucket, tmp_path):
+    local, remote = str(tmp_path / "checkpoints"), f"{s3_bucket}/tok/checkpoints"
+    tok_ckpt.save_checkpoint({"run": torch.tensor(1)}, 500, local, None, keep=2)  # stale cache
+    assert tok_ckpt.newest_step(local, remote) is None  # the mirror is empty: start afresh
+    # a new run reaches step 500 on another machine: this cache's step 500 is another run's
+    other = str(tmp_path / "elsewhere")
+    tok_ckpt.save_checkpoint({"run": torch.tensor(2)}, 500, other, remote, keep=2)
+    assert tok_ckpt.newest_step(local, remote) == 500
+    assert int(tok_ckpt.load_checkpoint(500, local, remote)["run"]) == 2
+    assert int(tok_ckpt.load_checkpoint(500, local, None)["run"]) == 2  # now cached
+
+
+def test_an_explicit_resume_must_name_a_complete_checkpoint_of_this_run(s3_bucket, tmp_path):
+    run_dir = f"{s3_bucket}/run"
+    _write(f"{run_dir}/checkpoints/{tag_for(10)}", {}, {"step": 10})
+    _write(f"{run_dir}/checkpoints/{tag_for(20)}", {"x.pt": b"x"}, None)  # killed mid-save
+    ck = CheckpointManager(run_dir, str(tmp_path), 2, _dist())
+    assert ck.find(tag_for(10)) == tag_for(10)
+    with pytest.raises(
+        ValueError,
+        match=r"has no complete checkpoint step_00000020 \(complete ones: step_00000010\)",
+    ):
+        ck.find(tag_for(20))
+    with pytest.raises(ValueError, match="has no complete checkpoint step_00000050"):
+        ck.find(tag_for(50))
+    for path in (
+        f"s3://elsewhere/run/checkpoints/{tag_for(10)}",
+        f"{tag_for(10)}/",
+        "other/step_00000010",
+    ):
+        with pytest.raises(ValueError, match=r"not a path.*init_from"):
+            ck.find(path)
+    with pytest.raises(ValueError, match="neither auto, none nor a checkpoint tag"):
+        ck.find("latest")
+
+
+# --- an error on one node reaches every rank --------------------------------------------------------
+
+_NODE_SCRIPT = textwrap.dedent(
+    """
+    import datetime, json, os, sys
+    import torch, torch.distributed as dist
+    from pipeline.train.checkpoint import CheckpointManager
+    from pipeline.train.engine import DistInfo
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(sys.argv[3])))
+    ck = CheckpointManager(sys.argv[1], sys.argv[2] + str(rank), 2,
+                           DistInfo(rank, 2, 0, 1, torch.device("cpu")))
+    try:
+        ck.ensure_local("step_00000020")
+        print(json.dumps({"rank": rank, "ok": True}))
+    except Exception as exc:
+        print(json.dumps({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}))
+    os._exit(0)
+    """
+)
+
+
+def test_a_failure_on_one_nodes_first_rank_is_raised_on_every_rank(tmp_path):
+    """Two one-rank nodes without a shared disk or S3: node 1 lacks the checkpoint. Both raise
+    at once, node 0 naming node 1's error, instead of waiting in a barrier until the timeout."""
+    tag = tag_for(20)
+    _write(str(tmp_path / "node0" / "checkpoints" / tag), _rank_files([0]), {"world_size": 1})
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _NODE_SCRIPT,
+                str(tmp_path / "node0"),
+                str(tmp_path / "node"),
+                "60",
+            ],
+            env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    results = {}
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        r = json.loads(out.strip().splitlines()[-1])
+        results[r["rank"]] = r.get("error")
+    assert results[1].startswith("FileNotFoundError: no complete checkpoint step_00000020")
+    assert "failed on rank 1: FileNotFoundError: no complete checkpoint" in results[0]
