@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import os
 import queue
+import re
 import threading
 import time
 import traceback
@@ -267,9 +268,17 @@ def _run_ray(
                     idle.append(actor)
                     _log_unit(desc, u, report, len(todo))
                     continue
-                except RayTaskError as exc:  # the worker raised; the actor is fine
+                except RayTaskError as exc:  # the worker raised
                     err = _short(exc)
-                    idle.append(actor)
+                    if not _poisons_process(err):  # the actor is fine
+                        idle.append(actor)
+                    else:  # a CUDA context left broken fails every later unit: a fresh actor
+                        err = f"{err} (its actor is replaced: the error is sticky)"
+                        ray.kill(actor)
+                        actors.remove(actor)
+                        fresh = new_actor()
+                        actors.append(fresh)
+                        starting[fresh.ready.remote()] = fresh
                 except (RayActorError, ray.exceptions.RayError) as exc:  # the process died
                     err = f"worker process died: {_short(exc)}"
                     ray.kill(actor)
@@ -286,6 +295,18 @@ def _run_ray(
             ray.kill(a)
         if started:
             ray.shutdown()
+
+
+# Errors after which a process's CUDA context (or NCCL communicator) stays broken: every later
+# kernel fails too, so the actor would burn the retries of every unit it is given.
+_STICKY = re.compile(
+    r"CUDA error|device-side assert|illegal memory access|CUBLAS_STATUS_|CUDNN_STATUS_|"
+    r"cuDNN error|NCCL error|uncorrectable ECC"
+)
+
+
+def _poisons_process(message: str) -> bool:
+    return bool(_STICKY.search(message))
 
 
 def _short(exc: BaseException, limit: int = 2000) -> str:

@@ -44,6 +44,27 @@ def _make_flaky(root):
     return lambda: _FlakyWorker(root)
 
 
+class _PoisonedWorker:
+    """Unit 3's first try leaves the worker broken (a CUDA context after an illegal memory
+    access): every unit it gets afterwards fails with a CUDA error too."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.broken, self.pid = root, False, os.getpid()
+
+    def __call__(self, unit: int) -> dict:
+        if self.broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if unit == 3 and not os.path.exists(os.path.join(self.root, "poisoned-once")):
+            open(os.path.join(self.root, "poisoned-once"), "w").close()
+            self.broken = True
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return {"unit": unit, "pid": self.pid}
+
+
+def _make_poisoned(root):
+    return lambda: _PoisonedWorker(root)
+
+
 def _broken_factory():
     raise RuntimeError("model weights cannot load")
 
@@ -67,6 +88,16 @@ def test_executor_skips_retries_and_replaces_dead_workers(ray_head, tmp_path):
     no_gpu = ExecutorConfig(address=ray_head.gcs_address, gpus_per_actor=1, start_timeout_s=3)
     with pytest.raises(TimeoutError, match="GPUs free"):
         run_units([0], _make_flaky(str(tmp_path)), no_gpu)
+
+
+def test_an_actor_left_broken_by_a_cuda_error_is_replaced(ray_head, tmp_path):
+    """One actor: after unit 3's CUDA error it would fail units 4 and 5 and unit 3's retry
+    as well; a fresh actor takes them instead."""
+    cfg = ExecutorConfig(address=ray_head.gcs_address, num_actors=1, max_retries=1)
+    report = run_units([3, 4, 5], _make_poisoned(str(tmp_path)), cfg)
+    assert sorted(report.results) == [3, 4, 5] and not report.failed
+    assert report.attempts == {3: 2, 4: 1, 5: 1}
+    assert len({r["pid"] for r in report.results.values()}) == 1  # all on the fresh actor
 
 
 def test_actors_the_cluster_cannot_place_hold_no_work(ray_head, tmp_path):
