@@ -213,6 +213,14 @@ def _run_ray(
         # Retries are ours (a fresh actor per death), so Ray restarts nothing by itself.
         return actor_cls.options(max_restarts=0, max_task_retries=0).remote(make_worker)
 
+    def replace(actor) -> None:
+        """Kill ``actor`` and start a fresh one in its place (it takes work once ready)."""
+        ray.kill(actor)
+        actors.remove(actor)
+        fresh = new_actor()
+        actors.append(fresh)
+        starting[fresh.ready.remote()] = fresh
+
     n_actors = max(1, min(cfg.num_actors, len(todo)))
     actors = [new_actor() for _ in range(n_actors)]
     # ready() ref -> actor, for actors not yet started: a unit goes only to a started actor, so
@@ -274,18 +282,10 @@ def _run_ray(
                         idle.append(actor)
                     else:  # a CUDA context left broken fails every later unit: a fresh actor
                         err = f"{err} (its actor is replaced: the error is sticky)"
-                        ray.kill(actor)
-                        actors.remove(actor)
-                        fresh = new_actor()
-                        actors.append(fresh)
-                        starting[fresh.ready.remote()] = fresh
+                        replace(actor)
                 except (RayActorError, ray.exceptions.RayError) as exc:  # the process died
                     err = f"worker process died: {_short(exc)}"
-                    ray.kill(actor)
-                    actors.remove(actor)
-                    fresh = new_actor()
-                    actors.append(fresh)
-                    starting[fresh.ready.remote()] = fresh
+                    replace(actor)
                 log.warning("%s: unit %d attempt %d failed: %s", desc, u, report.attempts[u], err)
                 report.failed[u] = err
                 if report.attempts[u] <= cfg.max_retries:
