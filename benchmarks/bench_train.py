@@ -16,7 +16,7 @@ after a warm-up, bare and engine steps taken in turns), image tokens/s, MFU agai
 and the engine's step time over the bare model's (goal: within 10%), in wall and in process CPU
 seconds (on a shared machine the second is the steadier comparison).
 
-    python benchmarks/bench_train.py [--presets debug,B] [--repeat 3]
+    python benchmarks/bench_train.py [--presets debug,B] [--repeat 3] [--batches 2,8]
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def _best_alternating(
     return wall, cpu
 
 
-def bare_step(cfg: GPTConfig, dtype: str, compiled: bool = False, mask: bool = True):
+def bare_step(
+    cfg: GPTConfig, dtype: str, compiled: bool = False, mask: bool = True, batch: int = BATCH
+):
     """The bare model's training step; ``compiled``: its forward under ``torch.compile``;
     ``mask=False``: no padded caption (causal attention only)."""
     torch.manual_seed(0)
@@ -100,7 +102,7 @@ def bare_step(cfg: GPTConfig, dtype: str, compiled: bool = False, mask: bool = T
         {k: v for k, v in g.items() if k != "names"} for g in param_groups(model, OptimConfig())
     ]
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
-    codes, feats, cap_mask = _batch(cfg)
+    codes, feats, cap_mask = _batch(cfg, batch)
     cap_mask = cap_mask if mask else None
     ctx = (
         torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
@@ -161,7 +163,9 @@ def engine_step(cfg: GPTConfig, dtype: str, batch: int = BATCH, compile: bool = 
     return step
 
 
-def run(presets: tuple[str, ...] = ("debug", "B"), repeat: int = 4) -> list[dict]:
+def run(
+    presets: tuple[str, ...] = ("debug", "B"), repeat: int = 4, batches: tuple[int, ...] = (BATCH,)
+) -> list[dict]:
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     engine.init_distributed()
     # bf16 only where this CPU has it natively (emulated, a GPT-B step takes many minutes)
@@ -169,31 +173,32 @@ def run(presets: tuple[str, ...] = ("debug", "B"), repeat: int = 4) -> list[dict
     peak = {d: matmul_rate(torch_dtype(d)) for d in dtypes}
     rows: list[dict] = []
     try:
-        for name in presets:
-            for ckpt in (False, True):
-                cfg = GPTConfig.from_name(name, grad_checkpointing=ckpt)
-                flops = BATCH * train_flops_per_sample(cfg)
-                for dtype in dtypes:
-                    (bare, ds), (bare_cpu, ds_cpu) = _best_alternating(
-                        [bare_step(cfg, dtype), engine_step(cfg, dtype)], repeat
+        for name, batch, ckpt in (
+            (n, b, c) for n in presets for b in batches for c in (False, True)
+        ):
+            cfg = GPTConfig.from_name(name, grad_checkpointing=ckpt)
+            flops = batch * train_flops_per_sample(cfg)
+            for dtype in dtypes:
+                (bare, ds), (bare_cpu, ds_cpu) = _best_alternating(
+                    [bare_step(cfg, dtype, batch=batch), engine_step(cfg, dtype, batch)],
+                    repeat,
+                )
+                for what, t, c in (("bare", bare, bare_cpu), ("deepspeed", ds, ds_cpu)):
+                    rows.append(
+                        {
+                            "preset": name,
+                            "batch": batch,
+                            "act_ckpt": ckpt,
+                            "dtype": dtype,
+                            "path": what,
+                            "s_per_step": t,
+                            "cpu_s_per_step": c,
+                            "tokens_per_s": batch * cfg.image_tokens / t,
+                            "mfu": flops / t / peak[dtype],
+                            "ds_over_bare": ds / bare if what == "deepspeed" else None,
+                            "ds_over_bare_cpu": ds_cpu / bare_cpu if what == "deepspeed" else None,
+                        }
                     )
-                    for what, t, c in (("bare", bare, bare_cpu), ("deepspeed", ds, ds_cpu)):
-                        rows.append(
-                            {
-                                "preset": name,
-                                "act_ckpt": ckpt,
-                                "dtype": dtype,
-                                "path": what,
-                                "s_per_step": t,
-                                "cpu_s_per_step": c,
-                                "tokens_per_s": BATCH * cfg.image_tokens / t,
-                                "mfu": flops / t / peak[dtype],
-                                "ds_over_bare": ds / bare if what == "deepspeed" else None,
-                                "ds_over_bare_cpu": ds_cpu / bare_cpu
-                                if what == "deepspeed"
-                                else None,
-                            }
-                        )
     finally:
         engine.remove_shm_buffers(os.environ.get("MASTER_PORT"))
     rows.append(
@@ -214,6 +219,7 @@ def run(presets: tuple[str, ...] = ("debug", "B"), repeat: int = 4) -> list[dict
 def format_table(rows: list[dict]) -> str:
     cols = [
         "preset",
+        "batch",
         "act_ckpt",
         "dtype",
         "path",
@@ -251,8 +257,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="debug,B")
     ap.add_argument("--repeat", type=int, default=4)
+    ap.add_argument(
+        "--batches", default=str(BATCH), help="e.g. 2,8: the engine's cost is fixed per step"
+    )
     a = ap.parse_args()
-    rows = run(tuple(a.presets.split(",")), a.repeat)
+    batches = tuple(int(b) for b in a.batches.split(","))
+    rows = run(tuple(a.presets.split(",")), a.repeat, batches)
     print(format_table(rows))
     sys.stdout.flush()
     engine.shutdown(0)
