@@ -1,9 +1,16 @@
 # Each target does its own set-up: the venv lives in .venv and is (re)installed when pyproject.toml
-# changes. PYTHON may name another interpreter for the venv (3.11 takes torch from this disk).
+# or requirements-lock.txt changes. PYTHON may name another interpreter for the venv (3.11 or 3.12;
+# 3.11 takes torch from this disk). A fresh Debian/Ubuntu needs python3-venv python3-dev g++ make.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+
+# The venv's bin first on PATH for every recipe and what it starts: DeepSpeed JIT-builds its ops
+# (the CPU shm op when a CPU run starts) with the `ninja` that pip put there, and the `deepspeed`
+# and `ray` commands are there too. The venv itself is made with the PATH from before.
+SYSTEM_PATH := $(PATH)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -17,8 +24,8 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(STAMP): pyproject.toml requirements-lock.txt
+	test -x $(PY) || PATH='$(SYSTEM_PATH)' $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q -c requirements-lock.txt -e '.[test]'
 	touch $(STAMP)

@@ -163,6 +163,41 @@ def test_ray_cluster_config_passes_rays_schema():
     assert not types[raw["head_node_type"]]["node_config"]["InstanceType"].startswith("p")
 
 
+def test_ray_cluster_config_efa_block_is_valid_when_uncommented():
+    """The commented EFA block of the p4d node type: one EFA interface per network card (0..3),
+    device index 0 only on the primary card, fields EC2 and Ray's AWS bootstrap accept."""
+    import botocore.session
+    from ray.autoscaler._private.aws.config import (
+        _configure_subnets_and_groups_from_network_interfaces,
+    )
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    text = open(RAY_YAML).read()
+    block = re.search(r"# EFA-BEGIN\n(.*?)\n\s*# EFA-END", text, re.S).group(1)
+    uncommented = "\n".join(re.sub(r"^\s*# ?", "", line) for line in block.splitlines())
+    efa = yaml.safe_load(uncommented)
+    nics = efa["NetworkInterfaces"]
+    assert [n["NetworkCardIndex"] for n in nics] == [0, 1, 2, 3]  # p4d.24xlarge: 4 cards
+    assert [n["DeviceIndex"] for n in nics] == [0, 1, 1, 1]
+    assert all(n["InterfaceType"] == "efa" for n in nics)
+    assert len({n["SubnetId"] for n in nics}) == 1  # one subnet, so one zone
+
+    raw = yaml.safe_load(text)
+    (gpu,) = [t for t in raw["available_node_types"].values() if "p4d" in str(t)]
+    gpu["node_config"].update(efa)
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    run_instances = (
+        botocore.session.get_session()
+        .get_service_model("ec2")
+        .operation_model("RunInstances")
+        .input_shape
+    )
+    _ec2_members_check(gpu["node_config"], run_instances, "gpu.node_config")
+    # what `ray up` does with it: subnet and groups taken from the interfaces
+    out = _configure_subnets_and_groups_from_network_interfaces(gpu["node_config"])
+    assert out["SubnetIds"] == [nics[0]["SubnetId"]] * 4
+
+
 def test_ray_cluster_config_installs_this_checkout():
     with open(RAY_YAML) as f:
         raw = yaml.safe_load(f)
@@ -172,6 +207,12 @@ def test_ray_cluster_config_installs_this_checkout():
     setup = " && ".join(raw["setup_commands"])
     assert "-c requirements-lock.txt -e ." in setup  # the pinned torch / ray / deepspeed
     assert "venv" in setup
+    # the venv lives outside the synced folder (rsync and Ray's file-mount hash walk all of it)
+    venvs = set(re.findall(r"(~/[\w./-]*venv)/bin/", setup))
+    assert venvs and not any(v.startswith(remote.replace("/home/ubuntu", "~") + "/") for v in venvs)
+    # rsync skips what git and Ray's --working-dir upload skip; neither drops the code
+    assert raw["rsync_filter"] == [".gitignore", ".rayignore"]
+    assert "DPkg::Lock::Timeout" in setup  # unattended-upgrades may hold dpkg's lock at boot
     for cmd in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]:
         assert "0.0.0.0" not in cmd, "the dashboard / job API must not face the open network"
     # the local ray that runs `ray up` must match what the nodes install
@@ -179,6 +220,40 @@ def test_ray_cluster_config_installs_this_checkout():
 
     lock = open(os.path.join(ROOT, "requirements-lock.txt")).read()
     assert f"ray=={ray.__version__}" in lock
+
+
+def test_ignore_files_keep_inputs_off_the_cluster_and_the_code_on_it(tmp_path):
+    """.gitignore + .rayignore, as Ray's --working-dir upload reads them (``ray up``'s
+    rsync_filter names the same two files, checked with the cluster config): local inputs,
+    venvs and .git stay behind; pipeline/models/ (a folder named like the local models/ input)
+    and every job and config go."""
+    import logging
+    from pathlib import Path
+
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    src = tmp_path / "src"
+    kept = ["pipeline/models/gpt.py", "jobs/train.py", "configs/train/stage1.yaml",
+            "infra/ray/aws-a100.yaml", ".gitignore", ".rayignore"]  # fmt: skip
+    dropped = ["models/flan-t5-xl/model.safetensors", "laion-coco/part-0.parquet",
+               "infra/ray/my-cluster.yaml", ".venv/bin/python", ".git/HEAD", "hostfile",
+               "outputs/demo/report.json", "pipeline/__pycache__/x.pyc"]  # fmt: skip
+    for rel in kept + dropped:
+        f = src / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if rel in (".gitignore", ".rayignore"):
+            shutil.copy(os.path.join(ROOT, rel), f)
+        else:
+            f.write_text("x")
+
+    uploaded: list[str] = []
+
+    def collect(p: Path) -> None:
+        if p.is_file():
+            uploaded.append(p.relative_to(src).as_posix())
+
+    _dir_travel(src, [], collect, include_gitignore=True, logger=logging.getLogger("test"))
+    assert sorted(uploaded) == sorted(kept)
 
 
 # --- the KubeRay RayJob -----------------------------------------------------------------------
@@ -344,10 +419,81 @@ def test_hostfile_entries_rules():
     assert entries(nodes, host="hostname") == [("ip-10-0-0-3", 8), ("ip-10-0-0-9", 8)]
     # two raylets on one machine: one line with both GPU counts (DeepSpeed rejects duplicates)
     assert entries([_node("10.0.0.7", GPU=4.0), _node("10.0.0.7", GPU=4.0)]) == [("10.0.0.7", 8)]
-    # no GPUs anywhere: CPU training, slots from the flag, nodes without CPUs left out
+    # no GPUs anywhere: nothing for GPU training (no silent fall back to CPU slots) ...
     cpu_only = [_node("10.0.0.1", CPU=0.0), _node("10.0.0.2", CPU=8.0), _node("10.0.0.3", CPU=8.0)]
-    assert entries(cpu_only, cpu_slots=2) == [("10.0.0.2", 2), ("10.0.0.3", 2)]
-    assert entries([_node("10.0.0.1", alive=False, CPU=8.0)]) == []
+    assert entries(cpu_only, cpu_slots=2) == []
+    # ... CPU training only when asked for: slots from the flag, nodes without CPUs left out
+    assert entries(cpu_only, cpu_slots=2, device="cpu") == [("10.0.0.2", 2), ("10.0.0.3", 2)]
+    assert entries(nodes, device="cpu") == [(ip, 1) for ip in ("10.0.0.3", "10.0.0.5", "10.0.0.9")]
+    assert entries([_node("10.0.0.1", alive=False, CPU=8.0)], device="cpu") == []
+
+
+def test_hostfile_checks_name_the_problem(caplog):
+    mod = _load_job("hostfile.py")
+    cfg = load_config(mod.HostfileConfig, None, ["address=10.0.0.1:6379"])
+    with pytest.raises(RuntimeError, match=r"no alive node with GPUs.*device=cpu"):
+        mod.check_entries([], cfg, 3)
+    cpu = load_config(mod.HostfileConfig, None, ["device=cpu"])
+    with pytest.raises(RuntimeError, match="no alive node with CPUs"):
+        mod.check_entries([], cpu, 3)
+    with pytest.raises(ConfigError, match="device=cpu"):
+        load_config(mod.HostfileConfig, None, ["device=cpu", "wait_for_gpus=8"])
+    # more GPUs alive than asked for: all are listed, with a warning on world size and batch
+    entries = [("10.0.0.3", 8), ("10.0.0.9", 8)]
+    asked = load_config(mod.HostfileConfig, None, ["wait_for_gpus=8"])
+    with caplog.at_level("WARNING", logger="hostfile"):
+        assert mod.check_entries(entries, asked, 3) == entries
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "16 GPUs are alive, more than wait_for_gpus=8" in warning and "global batch" in warning
+    caplog.clear()
+    exact = load_config(mod.HostfileConfig, None, ["wait_for_gpus=16"])
+    with caplog.at_level("WARNING", logger="hostfile"):
+        mod.check_entries(entries, exact, 3)
+    assert not caplog.records
+
+
+def test_deepspeed_env_file_is_what_deepspeeds_runner_reads(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    mod = _load_job("hostfile.py")
+    environ = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/home/ubuntu",
+        "TORCH_EXTENSIONS_DIR": "/home/ubuntu/.cache/torch_extensions",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "not-copied",
+        "AWS_SECRET_ACCESS_KEY": "not-copied",
+        "AWS_SESSION_TOKEN": "not-copied",
+        "NCCL_DEBUG": "INFO",
+        "FI_PROVIDER": "efa",
+        "FI_EFA_USE_DEVICE_RDMA": "1",
+        "T2I_CACHE": "/tmp/t2i cache",  # a space: the launcher quotes it
+        "DEEPSPEED_TIMEOUT": "$(reboot)",  # would run on the remote shell: left out
+    }
+    lines = mod.deepspeed_env_lines(environ, "/home/ubuntu/t2i-venv/bin")
+    assert lines[0] == "PATH=/home/ubuntu/t2i-venv/bin:/usr/local/bin:/usr/bin:/bin"
+    path = tmp_path / "ds_env"
+    assert mod.write_deepspeed_env(str(path), environ, "/home/ubuntu/t2i-venv/bin")
+    text = path.read_text()
+    # what runner.py does with every line of the file (no blank or comment line survives it)
+    runner = PDSHRunner(SimpleNamespace(user_args=[], user_script="jobs/train.py"), "")
+    for line in text.splitlines(keepends=True):
+        key, val = line.split("=", maxsplit=1)
+        runner.add_export(key, val)
+    assert runner.exports == {
+        "PATH": "/home/ubuntu/t2i-venv/bin:/usr/local/bin:/usr/bin:/bin",
+        "TORCH_EXTENSIONS_DIR": "/home/ubuntu/.cache/torch_extensions",
+        "T2I_CACHE": '"/tmp/t2i cache"',
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FI_EFA_USE_DEVICE_RDMA": "1",
+        "FI_PROVIDER": "efa",
+        "NCCL_DEBUG": "INFO",
+    }
+    # an existing file (perhaps edited by hand) is left alone
+    assert not mod.write_deepspeed_env(str(path), {"PATH": "/bin"}, "/venv/bin")
+    assert path.read_text() == text
 
 
 @pytest.fixture()
@@ -419,8 +565,20 @@ def test_hostfile_job_reads_a_live_ray_cluster(local_ray_head, tmp_path):
     r = job(f"out={tmp_path / 'none'}", "wait_for_gpus=4", "wait_timeout_s=1")
     assert r.returncode != 0 and "only 2 of 4 GPUs came up" in r.stderr
     assert not (tmp_path / "none").exists()
+    # more GPUs up than asked for: all listed, with a warning; the ranks' env file beside it
+    env_file = tmp_path / "deepspeed_env"
+    r = job(f"out={out}", "wait_for_gpus=1", f"deepspeed_env={env_file}")
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == "127.0.0.1 slots=2\n"
+    assert "2 GPUs are alive, more than wait_for_gpus=1" in r.stderr
+    venv_bin = os.path.dirname(sys.executable)
+    assert env_file.read_text().startswith(f"PATH={venv_bin}:")
     r = job("release=true")
     assert r.returncode == 0, r.stderr
+    # CPU training only when asked for (this cluster's head offers 1 CPU)
+    r = job(f"out={out}", "device=cpu", "cpu_slots=2")
+    assert r.returncode == 0, r.stderr
+    assert _parse_hostfile(str(out)) == {"127.0.0.1": 2}
 
 
 # --- the README's commands point at real files --------------------------------------------------
