@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from pipeline.cli import parse_job
+from pipeline.cli import parse_job, run_main
 from pipeline.demo import DemoConfig, run_demo
 
 
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # img2dataset's worker processes re-import this file
-    sys.exit(main())
+    run_main(main)

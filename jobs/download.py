@@ -11,9 +11,7 @@ shards are skipped).
 
 from __future__ import annotations
 
-import sys
-
-from pipeline.cli import parse_job
+from pipeline.cli import parse_job, run_main
 from pipeline.data.download import DownloadConfig, run_download
 
 
@@ -24,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # img2dataset's worker processes re-import this file
-    sys.exit(main())
+    run_main(main)

@@ -5,7 +5,7 @@ python jobs/eval_tokenizer.py --config configs/tokenizer/eval.yaml model=DIR dat
 
 from __future__ import annotations
 
-from pipeline.cli import parse_job
+from pipeline.cli import parse_job, run_main
 from pipeline.tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
 
 
@@ -15,4 +15,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

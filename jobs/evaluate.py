@@ -11,7 +11,7 @@ unavailable. Rerunning samples only the images that are missing.
 
 from __future__ import annotations
 
-from pipeline.cli import parse_job
+from pipeline.cli import parse_job, run_main
 from pipeline.evaluate import EvalConfig, run_evaluation
 
 
@@ -21,4 +21,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

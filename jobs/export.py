@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline import storage
+from pipeline.cli import EXIT_STATUS, run_main
 from pipeline.config import load_config
 from pipeline.log import get_logger, setup_logging
 from pipeline.models.gpt_import import ImportConfig, load_llamagen_gpt
@@ -27,7 +28,11 @@ log = get_logger("export")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run dir or checkpoint folder (local/s3)")
     src.add_argument("--llamagen", help="a LlamaGen GPT .pt checkpoint (local/s3) to import")
@@ -49,4 +54,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pipeline import storage
-from pipeline.cli import parse_job
+from pipeline.cli import parse_job, run_main
 from pipeline.config import doc
 from pipeline.log import get_logger
 
@@ -254,4 +254,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import parse_job
+from pipeline.cli import parse_job, run_main
 from pipeline.data.pretokenize import PretokenizeConfig, run_pretokenize
 
 
@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

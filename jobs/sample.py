@@ -11,7 +11,7 @@ Rerunning the same command samples only the images that are missing.
 
 from __future__ import annotations
 
-from pipeline.cli import parse_job
+from pipeline.cli import parse_job, run_main
 from pipeline.sample_job import SampleConfig, run_sampling
 
 
@@ -21,4 +21,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,9 +11,7 @@ output folder instead.
 
 from __future__ import annotations
 
-import sys
-
-from pipeline.cli import parse_job
+from pipeline.cli import parse_job, run_main
 from pipeline.data.filter import ScoreConfig, run_score
 
 
@@ -24,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

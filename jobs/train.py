@@ -6,6 +6,11 @@
     torchrun --nproc_per_node 2 jobs/train.py --config configs/train/tiny.yaml
 
 ``--resume auto`` (the default) continues from the newest complete checkpoint in the run dir.
+
+Every rank runs this file. A rank that fails ends at once (``os._exit``: no barrier, no exit
+handlers that could hang on the other ranks, which the launcher then stops) after flushing its
+logs: a config error with status 2, a missing file or missing S3 credentials with status 1, each
+as one line; anything else with status 1 and the traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 
-from pipeline.cli import job_parser, parse_job
+from pipeline.cli import job_parser, parse_job, report_failure, run_main
+from pipeline.log import flush_logging
 from pipeline.train import engine
 from pipeline.train.trainer import TrainConfig, train
 
@@ -32,14 +37,15 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(cfg, resume=args.resume)
     try:
         train(cfg)
-    except BaseException:
-        logging.getLogger("jobs.train").exception("training failed")
-        for h in logging.getLogger().handlers:
-            h.flush()
-        sys.stderr.flush()
-        os._exit(1)  # the other ranks are stopped by the launcher
+    except BaseException as e:  # noqa: BLE001 - this rank ends here whatever it was
+        status = report_failure(e) if isinstance(e, Exception) else None
+        if status is None:
+            logging.getLogger("jobs.train").exception("training failed")
+            status = 1
+        flush_logging()
+        os._exit(status)  # the other ranks are stopped by the launcher
     engine.shutdown(0)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

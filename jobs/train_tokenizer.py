@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.cli import job_parser, parse_job
+from pipeline.cli import job_parser, parse_job, run_main
 from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 
@@ -31,4 +31,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

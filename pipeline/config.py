@@ -8,7 +8,12 @@ exactly how it was made.
 
 A YAML file may hold ``base: other.yaml`` (relative to itself) to start from another file, and a
 field typed as a dataclass may be given as a preset name where the dataclass has ``from_name``
-(``model: XL``), or as ``{preset: XL, n_layer: 2}`` to change a preset's fields.
+(``model: XL``), or as ``{preset: XL, n_layer: 2}`` to change a preset's fields. A key given
+twice in one file is an error (YAML itself would keep the last one silently).
+
+An override's value is read by its field's type: a ``str`` field takes the text as typed
+(``prompt=a cat # on a mat``, ``name=2024``, ``out=-``), an optional field reads ``null``, ``~``
+or ``None`` as null, and anything else is parsed as YAML (``steps=5``, ``shards=[a,b]``).
 """
 
 from __future__ import annotations
@@ -42,28 +47,95 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     return dataclasses.field(default=default, metadata={"doc": text}, **kw)
 
 
+class _Text(str):
+    """An override's value as typed on the command line: its field's type decides how to read it."""
+
+
+_NULL_WORDS = ("null", "Null", "NULL", "~", "None")
+
+
+def _yaml_value(text: str) -> Any:
+    """An override's text read as YAML (``5``, ``2e-4``, ``[a, b]``); the text itself if it is
+    no valid YAML."""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return str(text)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every override text in it read as YAML (for fields typed ``Any``/``dict``)."""
+    if isinstance(value, _Text):
+        return _yaml_value(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType)
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """``str``, ``int | None``, ``Literal['md5', 'sha256']`` (the values show), ``list[str]``."""
+    if tp is type(None):
+        return "None"
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if isinstance(tp, type) and get_origin(tp) is None:
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce_text(text: _Text, tp: Any, where: str) -> Any:
+    """An override's text for a field of type ``tp``: strings stay as typed, the rest is YAML."""
+    if tp is str:
+        return str(text)
+    if _is_union(tp):
+        if type(None) in get_args(tp) and text in _NULL_WORDS:
+            return None
+        if str in get_args(tp):
+            return str(text)
+        return _coerce_union(text, tp, where)
+    if get_origin(tp) is Literal and text in get_args(tp):
+        return str(text)
+    return _coerce(_yaml_value(text), tp, where)
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    """The first member of the union ``tp`` that takes ``value``; else every member's reason."""
+    members = [a for a in get_args(tp) if a is not type(None)]
+    nullable = len(members) < len(get_args(tp))
+    errors = []
+    for arg in members:
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    if len(errors) == 1:  # X | None: X's own reason (an unknown key, the allowed values)
+        raise ConfigError(f"{errors[0]} (or null)" if nullable else errors[0])
+    reasons = "; ".join(e.removeprefix(f"{where}: ") for e in errors)
+    raise ConfigError(
+        f"{where}: {_plain(value)!r} is not a valid {_type_name(tp)} ({reasons}"
+        f"{'; or null' if nullable else ''})"
+    )
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert YAML quirks (``1e-4`` as str)."""
+    if isinstance(value, _Text):
+        return _coerce_text(value, tp, where)
     origin = get_origin(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin is typing.Union or origin is types.UnionType:
-        args = get_args(tp)
-        if type(None) in args and (value is None or value == "None"):  # Python's spelling too
+        if type(None) in get_args(tp) and (value is None or value == "None"):  # Python's too
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+        return _coerce_union(value, tp, where)
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: take the word
             words = ("yes", "on", "true") if value else ("no", "off", "false")
@@ -84,8 +156,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: {e.args[0]}") from None
         if isinstance(value, Mapping) and "preset" in value and hasattr(tp, "from_name"):
             rest = {k: v for k, v in value.items() if k != "preset"}
-            base = _coerce(value["preset"], tp, f"{where}.preset")
+            base = _coerce(_plain(value["preset"]), tp, f"{where}.preset")
             return _build(tp, {**to_dict(base), **rest}, where)
+        if (
+            isinstance(value, Mapping)
+            and "preset" in value
+            and "preset" not in {f.name for f in dataclasses.fields(tp)}
+        ):
+            raise ConfigError(
+                f"{where}: {tp.__name__} has no named presets, so {value['preset']!r} cannot "
+                "go with keys below it (give its fields, or null alone where it may be null)"
+            )
         if isinstance(value, Mapping):
             return _build(tp, value, where)
         raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
@@ -105,7 +186,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        return _plain(dict(value))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -129,7 +210,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
-    return value
+    return _plain(value)
 
 
 def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
@@ -149,21 +230,63 @@ def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
-    if missing:
-        raise ConfigError(f"{where}: missing required key {missing[0]!r} for {cls.__name__}")
+    if missing:  # all of them at once, not one per try
+        more = f" (and {', '.join(repr(m) for m in missing[1:])})" if missing[1:] else ""
+        raise ConfigError(f"{where}: missing required key {missing[0]!r}{more} for {cls.__name__}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error."""
+
+    path = "<yaml>"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(
+                    f"{self.path}, line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    "(YAML would keep only the last one): merge the two"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, path: str) -> Any:
+    loader = _UniqueKeyLoader(text)
+    loader.path = path
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(storage.read_text(path)) or {}
+        data = _parse_yaml(storage.read_text(path), path) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a config file") from None
+    except (ConnectionError, TimeoutError):  # the storage is down, not the config wrong
+        raise
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a text (UTF-8) file: {e.reason}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{at}: invalid YAML: {e.problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -171,6 +294,8 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be one file name (a string), got {base!r}")
     if os.path.isabs(base) or storage.is_remote(base):
         base_path = base
     elif storage.is_remote(path):  # relative to a config on S3: join and resolve ".." by hand
@@ -200,24 +325,27 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["optim.lr_per_256=2e-4", "data.shards=[a,b]"]`` -> nested dict (values parsed as YAML)."""
+    """``["optim.lr_per_256=2e-4", "model=L", "model.n_layer=2"]`` -> nested dict of the values'
+    text (``{"optim": {"lr_per_256": "2e-4"}, "model": {"preset": "L", "n_layer": "2"}}``),
+    which :func:`load_config` reads by each field's type. A preset and a key below it combine,
+    in either order."""
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        key = key.strip().lstrip("-")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        parts = key.strip().lstrip("-").split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key name")
         node = out
-        parts = key.split(".")
         for p in parts[:-1]:
+            if p in node and not isinstance(node[p], dict):
+                node[p] = {"preset": node[p]}  # "model=L" then "model.n_layer=2"
             node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override")
-        node[parts[-1]] = value
+        if isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]]["preset"] = _Text(raw)  # "model.n_layer=2" then "model=L"
+        else:
+            node[parts[-1]] = _Text(raw)
     return out
 
 
@@ -242,24 +370,55 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def dump_config(cfg: Any) -> str:
+    """The resolved config as YAML text (what :func:`save_config` writes)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, uri: str) -> None:
     """Write the resolved config as YAML to ``uri`` (a file path, local or s3://)."""
-    storage.write_text(uri, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    storage.write_text(uri, dump_config(cfg))
 
 
-def describe(cls: type) -> str:
-    """One line per field with its type, default and docstring (for ``--help``)."""
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass a field holds (also as ``X | None``), or None."""
+    for t in get_args(tp) if _is_union(tp) else (tp,):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def describe(cls: type, _prefix: str = "", _defaults: Any = None) -> str:
+    """One line per field: its dotted name (``optim.lr_per_256``, as an override spells it),
+    type, default (or ``required``) and docstring (for ``--show-config``). A nested dataclass's
+    fields follow its own line, with the defaults the enclosing field gives them."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
-            )
-        )
-        lines.append(
-            f"  {f.name}: {_type_name(hints[f.name])} = {default!r}  {f.metadata.get('doc', '')}"
-        )
+        if not f.init:
+            continue
+        tp, name = hints[f.name], _prefix + f.name
+        default = _field_default(f) if _defaults is None else getattr(_defaults, f.name)
+        text = f.metadata.get("doc", "")
+        indent = "  " * (name.count(".") + 1)
+        sub = _dataclass_in(tp)
+        if default is dataclasses.MISSING:
+            value = " (required)"
+        elif sub is not None and default is not None:
+            value = ""  # its fields below say
+        else:
+            value = f" = {default!r}"
+        if sub is not None and hasattr(sub, "from_name"):
+            text = f"{text} (a preset name, or the fields below with an optional preset)".strip()
+        lines.append(f"{indent}{name}: {_type_name(tp)}{value}  {text}".rstrip())
+        if sub is not None:
+            lines.append(describe(sub, f"{name}.", default if isinstance(default, sub) else None))
     return "\n".join(lines)

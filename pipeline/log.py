@@ -7,6 +7,7 @@ a progress bar through ``progress(...)`` (tqdm, disabled off rank 0 and when not
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -37,12 +38,28 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def _level(level: str | int) -> tuple[int, str | None]:
+    """A logging level from a number or a name in any case (``debug``, ``Info``); INFO and a
+    warning for a name logging does not know."""
+    if isinstance(level, int):
+        return level, None
+    name = level.strip().upper()
+    if name.isdigit():
+        return int(name), None
+    number = logging.getLevelName(name)  # the number for a known name
+    if isinstance(number, int):
+        return number, None
+    return logging.INFO, f"unknown log level {level!r} (T2I_LOG_LEVEL?): using INFO"
+
+
 def setup_logging(level: str | int | None = None, all_ranks: bool = False) -> None:
-    """Configure the root logger once: INFO on rank 0, WARNING elsewhere (unless ``all_ranks``)."""
+    """Configure the root logger once: INFO on rank 0, WARNING elsewhere (unless ``all_ranks``).
+    ``level`` (default ``$T2I_LOG_LEVEL``) is a name in any case or a number."""
     if level is None:
         level = os.environ.get("T2I_LOG_LEVEL", "INFO")
+    number, problem = _level(level)
     if rank() != 0 and not all_ranks:
-        level = "WARNING"
+        number = logging.WARNING
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_t2i", False):
@@ -52,9 +69,18 @@ def setup_logging(level: str | int | None = None, all_ranks: bool = False) -> No
     handler.addFilter(_RankFilter())
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(number)
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if problem:
+        logging.getLogger(__name__).warning(problem)
+
+
+def flush_logging() -> None:
+    """Flush every log handler and the standard streams (before ``os._exit``, which skips it)."""
+    for stream in [*logging.getLogger().handlers, sys.stdout, sys.stderr]:
+        with contextlib.suppress(Exception):  # a closed stream must not stop the exit
+            stream.flush()
 
 
 def get_logger(name: str) -> logging.Logger:

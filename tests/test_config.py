@@ -1,11 +1,16 @@
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, doc, load_config, parse_overrides, save_config
 from pipeline.models.gpt import GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ def test_wrong_type_is_clear(tmp_path):
 def test_missing_required_and_bad_preset(tmp_path):
     with pytest.raises(ConfigError, match="missing required key 'name'"):
         load_config(Stage, write(tmp_path, {"steps": 1}))
+    with pytest.raises(ConfigError, match=r"missing required key 'a' \(and 'b', 'c'\) for Three"):
+        load_config(Three)  # all of them at once, not one per try
     with pytest.raises(ConfigError, match="unknown GPT preset"):
         load_config(Stage, write(tmp_path, {"name": "a", "model": "Huge"}))
     with pytest.raises(ConfigError, match="not divisible"):
@@ -77,7 +84,8 @@ def test_base_file_and_round_trip(tmp_path):
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["steps"])
-    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    # the values' text: each field's type decides how to read it
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": "1", "c": "x"}}
 
 
 @dataclass(frozen=True)
@@ -103,3 +111,141 @@ def test_base_on_s3_resolves_relative_paths(s3_bucket):
     storage.write_text(f"{s3_bucket}/configs/train/child.yaml", "base: ../base.yaml\nname: child\n")
     cfg = load_config(Stage, f"{s3_bucket}/configs/train/child.yaml")
     assert (cfg.name, cfg.steps) == ("child", 7)
+
+
+@dataclass(frozen=True)
+class Three:
+    a: str = doc("first")
+    b: int = doc("second")
+    c: float = doc("third")
+
+
+@dataclass(frozen=True)
+class Texts:
+    prompt: str | None = doc("a prompt", None)
+    name: str = doc("run name", "run")
+    out: str = doc("file, or '-' for stdout", "out.txt")
+    steps: int = doc("steps", 1)
+    lr: float = doc("learning rate", 1e-4)
+    shards: list[str] = doc("shards", [])
+    mode: Literal["no", "border"] = doc("resize", "border")
+    limit: int | None = doc("a limit, or null", 3)
+    extra: dict[str, Any] = doc("free-form", {})
+
+
+def test_override_values_are_read_by_field_type(tmp_path):
+    """Text fields take an override as typed, where YAML would read these as 'a cat', None, a
+    mapping, False, True, 1000, 493, a list and [None]; other fields read it as YAML; values
+    from a YAML file keep their YAML types (its author quotes what they mean)."""
+    texts = ["a cat # on a mat", "#1 dog", "a cat: sitting", "no", "yes", "1000", "0755", "[a, b]"]
+    for text in [*texts, "-"]:
+        cfg = load_config(Texts, None, [f"prompt={text}", f"name={text}", f"out={text}"])
+        assert cfg.prompt == cfg.name == cfg.out == text
+        assert type(cfg.prompt) is str and type(cfg.name) is str  # plain str: YAML can save it
+        save_config(cfg, str(tmp_path / "config.yaml"))
+        assert load_config(Texts, str(tmp_path / "config.yaml")) == cfg
+
+    cfg = load_config(
+        Texts,
+        None,
+        ["steps=5", "lr=2e-4", "shards=[a, b]", "mode=no", "limit=7", "extra.k=1", "extra.s=x"],
+    )
+    assert (cfg.steps, cfg.lr, cfg.shards, cfg.mode, cfg.limit) == (5, 2e-4, ["a", "b"], "no", 7)
+    assert cfg.extra == {"k": 1, "s": "x"}
+    for null in ("null", "~", "None"):
+        assert load_config(Texts, None, [f"prompt={null}", f"limit={null}"]) == Texts(limit=None)
+    assert load_config(Texts, None, ["prompt="]).prompt == ""
+    with pytest.raises(ConfigError, match="steps: expected an integer, got 'five'"):
+        load_config(Texts, None, ["steps=five"])
+
+    with pytest.raises(ConfigError, match="name: expected a string, got 2024"):
+        load_config(Texts, write(tmp_path, {"name": 2024}))
+    assert load_config(Texts, write(tmp_path, {"name": "2024"})).name == "2024"
+
+
+def test_hostfile_out_dash_means_stdout():
+    spec = importlib.util.spec_from_file_location("hostfile_job", f"{ROOT}/jobs/hostfile.py")
+    job = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = job  # dataclasses look their module up while being created
+    try:
+        spec.loader.exec_module(job)
+        assert load_config(job.HostfileConfig, None, ["out=-"]).out == "-"
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize(
+    "overrides", [["model=debug", "model.n_layer=3"], ["model.n_layer=3", "model=debug"]]
+)
+def test_preset_and_a_key_below_it_combine_in_either_order(overrides, tmp_path):
+    cfg = load_config(Stage, None, ["name=a", *overrides])
+    assert (cfg.model.dim, cfg.model.n_layer) == (64, 3)  # debug's width, the layer count given
+    # over a file that names another preset: the overrides' preset and key both win
+    cfg = load_config(Stage, write(tmp_path, {"name": "a", "model": "B"}), overrides)
+    assert (cfg.model.dim, cfg.model.n_layer) == (64, 3)
+
+
+def test_duplicate_yaml_key_names_key_file_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\noptim:\n  lr: 1.0e-3\nsteps: 2\noptim:\n  betas: [0.8, 0.9]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Stage, str(path))
+    assert "duplicate key 'optim'" in str(e.value) and f"{path}, line 5" in str(e.value)
+    path.write_text("name: a\noptim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"line 4: duplicate key 'lr'"):
+        load_config(Stage, str(path))
+    # a YAML merge key may repeat a key on purpose: the explicit one wins, as in YAML
+    path.write_text("extra:\n  a: &a {x: 1, y: 2}\n  b:\n    <<: *a\n    x: 3\n")
+    assert load_config(Texts, str(path)).extra["b"] == {"x": 3, "y": 2}
+
+
+@dataclass(frozen=True)
+class Optionals:
+    optim: Optim | None = doc("optimizer, or null", None)
+    hash: Literal["md5", "sha256"] | None = doc("hash, or null", None)
+    size: int | list[int] = doc("one size or one per stage", 1)
+
+
+def test_errors_inside_optional_fields_say_why():
+    with pytest.raises(ConfigError) as e:
+        load_config(Optionals, None, ["optim.bogus=1"])
+    assert "unknown key 'bogus' for Optim" in str(e.value) and "or null" in str(e.value)
+    with pytest.raises(ConfigError, match=r"hash: 'bogus' is not one of 'md5', 'sha256' \(or null"):
+        load_config(Optionals, None, ["hash=bogus"])
+    with pytest.raises(ConfigError) as e:
+        load_config(Optionals, None, ["size=big"])
+    assert "int | list[int]" in str(e.value)
+    assert "expected an integer" in str(e.value) and "expected a list" in str(e.value)
+    assert load_config(Optionals, None, ["hash=md5", "size=[1, 2]"]).size == [1, 2]
+    with pytest.raises(ConfigError, match="Optim has no named presets, so 'null' cannot go"):
+        load_config(Optionals, None, ["optim=null", "optim.lr=1"])
+
+
+def test_unknown_key_in_the_shipped_score_config_is_named():
+    from pipeline.data.filter import ScoreConfig
+
+    with pytest.raises(ConfigError, match="unknown key 'bogus' for AestheticConfig"):
+        load_config(ScoreConfig, f"{ROOT}/configs/data/score.yaml", ["aesthetic.bogus=1"])
+
+
+def test_bad_base_and_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"base must be one file name \(a string\)"):
+        load_config(Stage, write(tmp_path, {"base": ["a.yaml"], "name": "a"}))
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(Stage, str(tmp_path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: a\noptim: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line \d+, column \d+: invalid YAML"):
+        load_config(Stage, str(bad))
+
+
+def test_describe_lists_nested_fields_dotted():
+    from pipeline.config import describe
+
+    text = describe(Stage)
+    assert "  name: str (required)  run name" in text
+    assert "    optim.lr: float = 0.0001  peak learning rate" in text
+    assert "    optim.betas: tuple[float, float] = (0.9, 0.95)  AdamW betas" in text
+    assert "precision: Literal['fp32', 'bf16'] = 'fp32'  compute dtype" in text
+    assert "    model.n_layer: int = 12" in text and "Optim(" not in text
+    assert "  hash: Literal['md5', 'sha256'] | None = None  hash, or null" in describe(Optionals)
