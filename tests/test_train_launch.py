@@ -504,3 +504,49 @@ def test_compiled_training_follows_the_eager_run(zero2, zero13):
     ref = [r["loss"] for r in zero2["ref"][:12]]
     assert [r["loss"] for r in compiled] == pytest.approx(ref, rel=1e-4)
     assert (zero13["tmp"] / "compiled" / "checkpoints" / "step_00000010" / "COMPLETE.json").exists()
+
+
+def test_a_diverged_run_stops_and_says_why(tmp_path):
+    """A learning rate of 1e30: after the first update every gradient is NaN and DeepSpeed skips
+    every step. The run stops after max_skipped_steps of them in a row, with status 1 and the
+    reason, instead of burning the rest; steps.jsonl stays strict JSON (NaN losses are null)."""
+    shards = str(tmp_path / "tokens")
+    write_toy_token_shards(
+        shards, num_shards=2, per_shard=16, grid_size=4, caption_dim=16, vocab_size=64
+    )
+    args = [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.shards=[{shards}]",
+        "optim.lr_per_256=1e30",
+        "optim.warmup_steps=0",
+        "max_skipped_steps=3",
+        "ckpt_every=100",
+        "data.num_workers=0",
+    ]
+    port = free_port()
+    try:
+        proc = subprocess.run(
+            _cmd("torchrun", port, args, n=1),
+            cwd=REPO,
+            env=_env(),
+            timeout=240,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    finally:
+        _cleanup_shm(port)
+    (tmp_path / "run.log").write_text(proc.stdout)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "were all skipped for a non-finite gradient norm: the run has diverged" in proc.stdout
+    lines = (tmp_path / "run" / "metrics" / "steps.jsonl").read_text().splitlines()
+    steps = [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in steps.jsonl"))
+        for line in lines
+    ]
+    skipped = [r["step"] for r in steps if r.get("skipped")]
+    assert len(skipped) == 3 and skipped == list(
+        range(steps[-1]["step"] - 2, steps[-1]["step"] + 1)
+    )
+    assert steps[-1]["step"] < 40  # stopped, not run to the end
+    assert any(r["loss"] is None for r in steps)  # NaN written as null

@@ -109,7 +109,9 @@ class MetricsLogger:
             "seconds": seconds,
             **(extra or {}),
         }
-        self._file.write(json.dumps(rec) + "\n")
+        # strict JSON: a non-finite number is null (json.dumps would write NaN, which jq and
+        # other readers refuse); the log line and TensorBoard still show the step
+        self._file.write(json.dumps(_finite_or_null(rec)) + "\n")
         self._file.flush()
         if self._tb is not None:
             self._tb.add_scalar("train/loss", loss, step)
@@ -123,10 +125,17 @@ class MetricsLogger:
 
     def _log_interval(self, step: int) -> None:
         w, self._window = self._window, []
+        if not w:
+            return
         secs = sum(r["seconds"] for r in w) or float("nan")
         samples = sum(r["samples"] for r in w)
         tok_s = samples * self.tokens_per_sample / secs
-        mfu = samples * self.flops_per_sample / secs / self.peak_total
+        # peak_flops <= 0: no peak configured, no MFU
+        mfu = (
+            samples * self.flops_per_sample / secs / self.peak_total
+            if self.peak_total > 0
+            else float("nan")
+        )
         loss = sum(r["loss"] for r in w) / len(w)
         wait = (
             sum(r.get("data_seconds", 0.0) for r in w) / secs
@@ -151,9 +160,12 @@ class MetricsLogger:
             self._tb.flush()
 
     def close(self) -> str | None:
-        """Close files and draw ``loss.png`` from the whole steps.jsonl; returns its path."""
+        """Log the last, partial interval; close files and draw ``loss.png`` from the whole
+        steps.jsonl; returns its path."""
         if not self.enabled:
             return None
+        if self._window:
+            self._log_interval(self._window[-1]["step"])
         self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -169,8 +181,14 @@ def plot_loss(records: list[dict[str, Any]], path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in records]
-    losses = [r["loss"] for r in records]
+    # non-finite losses (null in steps.jsonl) are left out, not averaged into their neighbours
+    kept = [
+        r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
+    ]
+    if not kept:
+        return None
+    steps = [r["step"] for r in kept]
+    losses = [r["loss"] for r in kept]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss")
     k = max(1, len(losses) // 50)
@@ -191,6 +209,12 @@ def plot_loss(records: list[dict[str, Any]], path: str) -> str | None:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _finite_or_null(rec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()
+    }
 
 
 def timer() -> float:

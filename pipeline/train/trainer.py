@@ -73,13 +73,31 @@ class TrainConfig:
     )
     export: bool = doc("write consolidated weights to <run_dir>/export at the end", True)
     seed: int = doc("model init and per-rank dropout seeds", 0)
-    peak_flops: float = doc("peak FLOP/s of one device, for MFU (A100 bf16: 312e12)", 312e12)
+    peak_flops: float = doc(
+        "peak FLOP/s of one device, for MFU (A100 bf16: 312e12; 0: no MFU)", 312e12
+    )
+    max_skipped_steps: int = doc(
+        "stop after this many steps in a row that DeepSpeed skipped for a non-finite gradient "
+        "(the run has diverged: more steps would only burn compute); 0: never",
+        100,
+    )
     log_keys: bool = doc("record every rank's sample keys per step in steps.jsonl", False)
     tensorboard: bool = doc("write TensorBoard logs", True)
     threads: int = doc("torch CPU threads per rank (0: leave as is)", 0)
     compile: bool = doc(
         "torch.compile the model (DeepSpeed's engine.compile; same random draws as eager)", False
     )
+
+    def __post_init__(self) -> None:
+        small = [
+            f"{k} {getattr(self, k)}"
+            for k in ("steps", "grad_accum", "log_every", "ckpt_every", "keep_last")
+            if getattr(self, k) < 1
+        ]
+        if small:
+            raise ValueError(f"{', '.join(small)}: each must be at least 1")
+        if self.max_skipped_steps < 0 or self.peak_flops < 0:
+            raise ValueError("max_skipped_steps and peak_flops must not be negative")
 
 
 def default_local_dir(run_dir: str) -> str:
@@ -275,44 +293,62 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     batches = iter(loader)
     last_tag = tag
     loss_value = float("nan")
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr_now = engine.current_lr(eng)  # what this step applies (the schedule moves in eng.step)
-        skipped_before = engine.skipped_steps(eng)
-        losses, keys = [], []
-        data_seconds = 0.0
-        for _ in range(cfg.grad_accum):
-            t_data = time.perf_counter()
-            batch = next(batches)
-            data_seconds += time.perf_counter() - t_data
-            loss = batch_loss(eng, batch, eng.device, cond_dtype)
-            eng.backward(loss)
-            eng.step()
-            losses.append(loss.detach())
-            keys.extend(batch["keys"])
-        step += 1
-        samples_seen += global_batch
-        loss_value = engine.mean_across_ranks(torch.stack(losses).mean())
-        extra = {"epoch": loader.epoch, "data_seconds": data_seconds}
-        if engine.skipped_steps(eng) > skipped_before:
-            # DeepSpeed skipped the update (non-finite gradient norm) and did not move the
-            # schedule: the step is counted, the weights and the learning rate are not
-            extra["skipped"] = True
-            if dist.is_main:
-                log.warning("step %d skipped by DeepSpeed: the gradient norm was not finite", step)
-        if cfg.log_keys:
-            extra["keys"] = engine.gather_objects(keys)
-        metrics.step(
-            step,
-            loss=loss_value,
-            lr=lr_now,
-            grad_norm=engine.grad_norm(eng),
-            samples=global_batch,
-            seconds=time.perf_counter() - t0,
-            extra=extra,
-        )
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            last_tag = save(step)
+    skipped_in_a_row = 0
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            # what this step applies (the schedule moves in eng.step)
+            lr_now = engine.current_lr(eng)
+            skipped_before = engine.skipped_steps(eng)
+            losses, keys = [], []
+            data_seconds = 0.0
+            for _ in range(cfg.grad_accum):
+                t_data = time.perf_counter()
+                batch = next(batches)
+                data_seconds += time.perf_counter() - t_data
+                loss = batch_loss(eng, batch, eng.device, cond_dtype)
+                eng.backward(loss)
+                eng.step()
+                losses.append(loss.detach())
+                keys.extend(batch["keys"])
+            step += 1
+            samples_seen += global_batch
+            loss_value = engine.mean_across_ranks(torch.stack(losses).mean())
+            extra = {"epoch": loader.epoch, "data_seconds": data_seconds}
+            if engine.skipped_steps(eng) > skipped_before:
+                # DeepSpeed skipped the update (non-finite gradient norm) and did not move the
+                # schedule: the step is counted, the weights and the learning rate are not
+                extra["skipped"] = True
+                skipped_in_a_row += 1
+                if dist.is_main:
+                    log.warning(
+                        "step %d skipped by DeepSpeed: the gradient norm was not finite", step
+                    )
+            else:
+                skipped_in_a_row = 0
+            if cfg.log_keys:
+                extra["keys"] = engine.gather_objects(keys)
+            metrics.step(
+                step,
+                loss=loss_value,
+                lr=lr_now,
+                grad_norm=engine.grad_norm(eng),
+                samples=global_batch,
+                seconds=time.perf_counter() - t0,
+                extra=extra,
+            )
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                last_tag = save(step)
+            if cfg.max_skipped_steps and skipped_in_a_row >= cfg.max_skipped_steps:
+                raise FloatingPointError(
+                    f"the last {skipped_in_a_row} steps (to step {step}) were all skipped for a "
+                    "non-finite gradient norm: the run has diverged. Resume from an earlier "
+                    "checkpoint with a lower learning rate (optim.lr_per_256), or raise "
+                    "max_skipped_steps (0: never stop)"
+                )
+    except BaseException:
+        metrics.flush()  # TensorBoard's events of the steps before the failure
+        raise
 
     # -- the end: export, plots, summary
     export_uri = None
