@@ -8,7 +8,10 @@ For the debug and B presets (text-to-image, batch 2, 120 text + 256 image tokens
 - deepspeed: the engine of ``pipeline.train.engine`` (fp32, or DeepSpeed bf16: bf16 weights and
   activations, fp32 master weights in the optimizer);
 
-each with and without activation checkpointing. Both run in one process after
+each with and without activation checkpointing. The fp32 rows compare the same work; in bf16
+the two differ (autocast casts the fp32 weights every step, DeepSpeed keeps bf16 weights and
+updates fp32 master copies), so a bf16 ``ds_over_bare`` compares the two ways of training in
+bf16, not DeepSpeed's overhead alone. Both run in one process after
 ``engine.init_distributed``, which on CPU makes glibc keep freed memory for reuse (without it
 ZeRO's per-step gradient buffers are page-faulted in anew every step: 1.45-1.6x the bare step at
 GPT-B fp32 instead of about 1.05-1.08x). Reported: seconds per step (the best of a few
@@ -57,7 +60,11 @@ def _batch(cfg: GPTConfig, batch: int = BATCH, device: torch.device | str = "cpu
     codes = torch.randint(0, cfg.vocab_size, (batch, cfg.image_tokens), generator=g)
     feats = torch.randn(batch, cfg.max_text_tokens, cfg.caption_dim, generator=g)
     mask = torch.ones(batch, cfg.max_text_tokens, dtype=torch.bool)
-    mask[0, :60] = False  # a padded caption, as in real batches
+    # padded captions, as in real batches: every row, so that a caption dropped for CFG (the
+    # null caption is whole) never leaves our model a mask-free, causal-only batch that the
+    # reference (which keeps the caption's mask) does not get
+    mask[:, : cfg.max_text_tokens // 2] = False
+    mask[1:, : (3 * cfg.max_text_tokens) // 4] = False
     return codes.to(device), feats.to(device), mask.to(device)
 
 
