@@ -2,7 +2,8 @@
 
     deepspeed [--hostfile ~/hostfile] jobs/train.py --config configs/train/stage1.yaml
     deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port 29500 \
-        jobs/train.py --config configs/train/tiny.yaml steps=50      # on CPU, gloo
+        jobs/train.py --config configs/train/tiny.yaml steps=50      # on CPU, gloo (the toy
+        shards first: pipeline.train.toy_data.write_toy_token_shards("outputs/tokens/toy"))
     torchrun --nproc_per_node 2 jobs/train.py --config configs/train/tiny.yaml
 
 ``--resume auto`` (the default) continues from the newest complete checkpoint in the run dir.

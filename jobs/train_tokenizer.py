@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 8 jobs/train_tokenizer.py --config configs/tokenizer/vq16_256.yaml \
         data=s3://bucket/raw run_dir=s3://bucket/runs/vq16
 
-``--resume auto`` (default) continues from the newest complete checkpoint; ``none`` starts over;
-a number resumes from that step.
+``--resume auto`` (default) continues from the newest complete checkpoint; ``none`` starts afresh
+(refused where the run dir already has checkpoints); a step number resumes from that complete
+checkpoint (refused if a newer one exists).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the local demo (the defaults finish in about 15 minutes on 2 CPU cores)."""
+    """Sizes of the local demo (the defaults finish in 9-16 minutes on 2 CPU cores)."""
 
     out: str = doc("output folder (local)", "outputs/demo")
     num_images: int = doc("generated image-caption pairs", 720)
