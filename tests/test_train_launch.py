@@ -66,12 +66,13 @@ def _cleanup_shm(port: int) -> None:
         os.remove(p)
 
 
-def _train(launcher: str, args: list[str], log_path: Path, timeout: int = 240, n: int = 2) -> str:
-    """Run a training job to the end on ``n`` ranks; returns its output (asserting success)."""
+def _launch(cmd_for_port, timeout: int) -> subprocess.CompletedProcess:
+    """Run ``cmd_for_port(port)`` on a free port to its end, output captured; the port's shared
+    memory buffers are removed after."""
     port = free_port()
     try:
-        proc = subprocess.run(
-            _cmd(launcher, port, args, n),
+        return subprocess.run(
+            cmd_for_port(port),
             cwd=REPO,
             env=_env(),
             timeout=timeout,
@@ -81,6 +82,11 @@ def _train(launcher: str, args: list[str], log_path: Path, timeout: int = 240, n
         )
     finally:
         _cleanup_shm(port)
+
+
+def _train(launcher: str, args: list[str], log_path: Path, timeout: int = 240, n: int = 2) -> str:
+    """Run a training job to the end on ``n`` ranks; returns its output (asserting success)."""
+    proc = _launch(lambda port: _cmd(launcher, port, args, n), timeout)
     log_path.write_text(proc.stdout)
     assert proc.returncode == 0, f"{launcher} run failed:\n{proc.stdout[-4000:]}"
     return proc.stdout
@@ -286,20 +292,9 @@ engine.shutdown(0)
 def _train_many(runs: list[list[str]], tmp: Path, name: str, n: int = 2) -> str:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
-    port = free_port()
-    cmd = [*_launcher("torchrun", port, n), str(driver), json.dumps(runs)]
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=REPO,
-            env=_env(),
-            timeout=300,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    finally:
-        _cleanup_shm(port)
+    proc = _launch(
+        lambda port: [*_launcher("torchrun", port, n), str(driver), json.dumps(runs)], 300
+    )
     (tmp / f"{name}.log").write_text(proc.stdout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}"
     return proc.stdout
@@ -523,19 +518,7 @@ def test_a_diverged_run_stops_and_says_why(tmp_path):
         "ckpt_every=100",
         "data.num_workers=0",
     ]
-    port = free_port()
-    try:
-        proc = subprocess.run(
-            _cmd("torchrun", port, args, n=1),
-            cwd=REPO,
-            env=_env(),
-            timeout=240,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    finally:
-        _cleanup_shm(port)
+    proc = _launch(lambda port: _cmd("torchrun", port, args, n=1), 240)
     (tmp_path / "run.log").write_text(proc.stdout)
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "were all skipped for a non-finite gradient norm: the run has diverged" in proc.stdout
