@@ -27,8 +27,8 @@ exit status:
      are skipped)"""
 
 CREDENTIALS_HINT = (
-    "set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance "
-    "role (or a pod's IRSA role) grants S3 access"
+    "set AWS_PROFILE (or the standard AWS credential environment variables), or run where an "
+    "instance role (or a pod's IRSA role) grants S3 access"
 )
 
 
