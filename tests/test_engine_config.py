@@ -47,3 +47,26 @@ def test_json_values_that_agree_pass_and_others_are_refused(tmp_path):
     # the YAML key to use instead is named
     with pytest.raises(ValueError, match=r"set grad_accum instead"):
         _build(tmp_path, {**base, "gradient_accumulation_steps": 8})
+
+
+def test_a_visible_gpu_does_not_override_the_cpu_accelerator(monkeypatch):
+    """DS_ACCELERATOR=cpu (the demo, the tests) on a GPU machine: DeepSpeed keeps the model on
+    the CPU, so the process group must be gloo and the precision fp32, whatever
+    torch.cuda.is_available() says (NCCL on CPU tensors failed in deepspeed.initialize)."""
+    import types
+
+    import torch
+
+    from pipeline.train import engine
+
+    def accelerator(name):  # what deepspeed.accelerator.get_accelerator() reports
+        return lambda: types.SimpleNamespace(device_name=lambda: name)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine, "get_accelerator", accelerator("cpu"))
+    assert not engine.on_cuda()
+    assert engine.resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(engine, "get_accelerator", accelerator("cuda"))
+    assert engine.on_cuda() and engine.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not engine.on_cuda()

@@ -81,6 +81,15 @@ class DistInfo:
         return self.local_rank == 0
 
 
+def on_cuda() -> bool:
+    """Whether training runs on CUDA: a GPU is visible *and* DeepSpeed's accelerator is CUDA.
+
+    ``DS_ACCELERATOR=cpu`` (the demo, the tests) trains on CPU with gloo even on a GPU machine,
+    where DeepSpeed's launcher still sets ``CUDA_VISIBLE_DEVICES``: choosing NCCL, bf16 or a CUDA
+    device from ``torch.cuda.is_available()`` alone then broadcast CPU tensors over NCCL."""
+    return torch.cuda.is_available() and get_accelerator().device_name() == "cuda"
+
+
 def init_distributed() -> DistInfo:
     """Join the process group of the launcher (deepspeed, torchrun) or make a group of one.
 
@@ -94,7 +103,7 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    cuda = torch.cuda.is_available()
+    cuda = on_cuda()
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -143,9 +152,9 @@ def _free_port() -> int:
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
-    """``auto``: bf16 on GPU, fp32 on CPU."""
+    """``auto``: bf16 on GPU, fp32 on CPU (DeepSpeed's accelerator decides: :func:`on_cuda`)."""
     if precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
+        return "bf16" if on_cuda() else "fp32"
     return precision
 
 
@@ -453,7 +462,7 @@ def mean_across_ranks(x: torch.Tensor) -> float:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return float(x)
     t = x.detach().float().reshape(1).clone()
-    if torch.cuda.is_available():
+    if on_cuda():  # NCCL reduces CUDA tensors only
         t = t.cuda()
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
