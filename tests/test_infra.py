@@ -118,6 +118,18 @@ def test_no_credentials_in_infra_files():
 # --- the Ray cluster launcher config ----------------------------------------------------------
 
 
+def _run_instances_shape():
+    """EC2 RunInstances' request shape, from botocore's service model (offline)."""
+    import botocore.session
+
+    return (
+        botocore.session.get_session()
+        .get_service_model("ec2")
+        .operation_model("RunInstances")
+        .input_shape
+    )
+
+
 def _ec2_members_check(value, shape, where: str) -> None:
     """Every key of ``value`` must be a member of the botocore ``shape`` (recursively)."""
     if shape.type_name == "structure":
@@ -139,14 +151,7 @@ def test_ray_cluster_config_passes_rays_schema():
     # Ray's own path of `ray up`: fill in the AWS defaults, then check against ray-schema.json
     validate_config(prepare_config(copy.deepcopy(raw)))
 
-    import botocore.session
-
-    run_instances = (
-        botocore.session.get_session()
-        .get_service_model("ec2")
-        .operation_model("RunInstances")
-        .input_shape
-    )
+    run_instances = _run_instances_shape()
     types = raw["available_node_types"]
     for name, node_type in types.items():
         # node_config goes to EC2 RunInstances as it is: a typo there fails only at launch
@@ -166,7 +171,6 @@ def test_ray_cluster_config_passes_rays_schema():
 def test_ray_cluster_config_efa_block_is_valid_when_uncommented():
     """The commented EFA block of the p4d node type: one EFA interface per network card (0..3),
     device index 0 only on the primary card, fields EC2 and Ray's AWS bootstrap accept."""
-    import botocore.session
     from ray.autoscaler._private.aws.config import (
         _configure_subnets_and_groups_from_network_interfaces,
     )
@@ -186,12 +190,7 @@ def test_ray_cluster_config_efa_block_is_valid_when_uncommented():
     (gpu,) = [t for t in raw["available_node_types"].values() if "p4d" in str(t)]
     gpu["node_config"].update(efa)
     validate_config(prepare_config(copy.deepcopy(raw)))
-    run_instances = (
-        botocore.session.get_session()
-        .get_service_model("ec2")
-        .operation_model("RunInstances")
-        .input_shape
-    )
+    run_instances = _run_instances_shape()
     _ec2_members_check(gpu["node_config"], run_instances, "gpu.node_config")
     # what `ray up` does with it: subnet and groups taken from the interfaces
     out = _configure_subnets_and_groups_from_network_interfaces(gpu["node_config"])

@@ -173,17 +173,16 @@ def build_ds_config(
     The training YAML owns the batch, accumulation, clipping, precision and AdamW settings and
     the LR schedule: a JSON that sets one of them to something else is refused (naming the YAML
     key to use), not silently overridden."""
-    ds = json.loads(storage.read_text(path))
-    _refuse_owned_keys(ds, path, micro_batch, grad_accum, world, precision, optim)
+    given = json.loads(storage.read_text(path))
+    ds = copy.deepcopy(given)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = micro_batch * grad_accum * world
     ds["gradient_clipping"] = optim.grad_clip
-    prec = resolve_precision(precision)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": prec == "bf16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": resolve_precision(precision) == "bf16"}
     ds["fp16"] = {"enabled": False}
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    opt["type"] = opt.get("type", "AdamW")
+    opt = ds.setdefault("optimizer", {})
+    opt["type"] = "AdamW"
     opt["params"] = {
         **opt.get("params", {}),
         "lr": lr,
@@ -193,45 +192,45 @@ def build_ds_config(
     }
     ds.setdefault("steps_per_print", 1 << 30)  # our metrics log; DeepSpeed's would repeat it
     ds.setdefault("wall_clock_breakdown", False)
+    _refuse_overridden(given, ds, path)
     return ds
 
 
-def _refuse_owned_keys(
-    ds: dict[str, Any],
-    path: str,
-    micro_batch: int,
-    grad_accum: int,
-    world: int,
-    precision: Precision,
-    optim: OptimConfig,
-) -> None:
-    prec = resolve_precision(precision)
-    params = ds.get("optimizer", {}).get("params", {})
-    # (JSON key, its value there, the value the YAML gives, the YAML key)
-    owned = [
-        ("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu"), micro_batch,
-         "data.batch_size"),
-        ("gradient_accumulation_steps", ds.get("gradient_accumulation_steps"), grad_accum,
-         "grad_accum"),
-        ("train_batch_size", ds.get("train_batch_size"), micro_batch * grad_accum * world,
-         "data.batch_size x grad_accum x ranks"),
-        ("gradient_clipping", ds.get("gradient_clipping"), optim.grad_clip, "optim.grad_clip"),
-        ("bf16.enabled", ds.get("bf16", {}).get("enabled"), prec == "bf16", "precision"),
-        ("fp16.enabled", ds.get("fp16", {}).get("enabled"), False, "precision (bf16 or fp32)"),
-        ("optimizer.type", ds.get("optimizer", {}).get("type"), "AdamW", "(AdamW only)"),
-        ("optimizer.params.betas", params.get("betas"), list(optim.betas), "optim.betas"),
-        ("optimizer.params.eps", params.get("eps"), optim.eps, "optim.eps"),
-        ("optimizer.params.weight_decay", params.get("weight_decay"), optim.weight_decay,
-         "optim.weight_decay"),
-    ]  # fmt: skip
+# ds_config keys the training config fills in, and the training config's key that owns each
+_OWNED = (
+    ("train_micro_batch_size_per_gpu", "data.batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("train_batch_size", "data.batch_size x grad_accum x ranks"),
+    ("gradient_clipping", "optim.grad_clip"),
+    ("bf16.enabled", "precision"),
+    ("fp16.enabled", "precision (bf16 or fp32)"),
+    ("optimizer.type", "(AdamW only)"),
+    ("optimizer.params.betas", "optim.betas"),
+    ("optimizer.params.eps", "optim.eps"),
+    ("optimizer.params.weight_decay", "optim.weight_decay"),
+)
+
+
+def _at(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _refuse_overridden(given: dict[str, Any], filled: dict[str, Any], path: str) -> None:
+    """Raise if the JSON as written (``given``) sets an owned key to another value than the
+    training config filled in."""
     clashes = [
-        f"{key} = {there!r} (the training config gives {want!r}: set {yaml_key} instead)"
-        for key, there, want, yaml_key in owned
-        if there is not None and there != want
+        f"{key} = {_at(given, key)!r} (the training config gives {_at(filled, key)!r}: set "
+        f"{owner} instead)"
+        for key, owner in _OWNED
+        if _at(given, key) is not None and _at(given, key) != _at(filled, key)
     ]
-    if "lr" in params:
+    if _at(given, "optimizer.params.lr") is not None:
         clashes.append("optimizer.params.lr (set optim.lr_per_256, scaled by the global batch)")
-    if "scheduler" in ds:
+    if "scheduler" in given:
         clashes.append("scheduler (the LR schedule is optim.warmup_steps / optim.schedule)")
     if clashes:
         raise ValueError(f"{path} sets what the training config owns: " + "; ".join(clashes))
