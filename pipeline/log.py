@@ -23,7 +23,7 @@ _FORMAT = "%(asctime)s %(levelname).1s [%(name)s%(rank)s] %(message)s"
 
 def rank() -> int:
     """This process's global rank from the launcher's environment (0 when not distributed)."""
-    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
         if var in os.environ:
             return int(os.environ[var])
     return 0

@@ -374,7 +374,11 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     t_sample = time.perf_counter()
     if todo:
         use_cfg = cfg.sampling.cfg_scale != 1.0
-        sampler = Sampler(model, min(cfg.batch_size, len(todo)), g, use_cfg, cfg.compile_mode)
+        # rows by the whole job, not by what is left: a resumed run or one part of several
+        # decodes with the same number of rows as one run would (a GEMM of other rows may
+        # round differently, on a GPU especially), so its images are that run's
+        rows = min(cfg.batch_size, len(result.images))
+        sampler = Sampler(model, rows, g, use_cfg, cfg.compile_mode)
         batches = [
             todo[i : i + sampler.batch_size] for i in range(0, len(todo), sampler.batch_size)
         ]

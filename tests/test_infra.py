@@ -697,3 +697,46 @@ def test_iam_policies_and_ray_bootstrap_against_loopback_aws(s3_server, monkeypa
         assert nc["IamInstanceProfile"]["Arn"] in profiles, name
         assert len(nc["SubnetIds"]) == 4 and nc["SecurityGroupIds"] and nc["KeyName"], name
     assert os.path.isfile(out["auth"]["ssh_private_key"])
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [(None, ["grad_accum=2"]), ("configs/train/stage2.yaml", [])],
+    ids=["stage1", "stage2"],
+)
+def test_slurm_script_starts_one_train_task_per_gpu_with_a_valid_config(tmp_path, config, extra):
+    """infra/slurm/train.sbatch under a stand-in srun (which records what it was asked to run):
+    the command is ``python -u jobs/train.py --config ... --resume auto`` plus the arguments
+    given to sbatch, and that config loads with them. (That srun's tasks join one group is
+    tested in test_launch_env.)"""
+    script = os.path.join(ROOT, "infra", "slurm", "train.sbatch")
+    subprocess.run(["bash", "-n", script], check=True)
+    directives = re.findall(r"^#SBATCH (\S+)", open(script).read(), re.M)
+    assert "--ntasks-per-node=8" in directives and "--gpus-per-node=8" in directives
+    assert not any(d.startswith("--output=") and "/" in d for d in directives), (
+        "Slurm opens the log before the script runs: a folder in --output must already exist"
+    )
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    for name in (".venv", "jobs", "configs", "pipeline"):
+        (submit / name).symlink_to(os.path.join(ROOT, name))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "srun.args"
+    (bindir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
+    (bindir / "srun").chmod(0o755)
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(submit), "SLURM_CPUS_PER_TASK": "10"}
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    if config:
+        env["CONFIG"] = config
+    subprocess.run(["bash", script, *extra], env=env, check=True, timeout=60)
+    argv = record.read_text().splitlines()
+    assert "--kill-on-bad-exit=1" in argv
+    start = argv.index("jobs/train.py")
+    assert argv[start - 2 : start] == ["python", "-u"]
+    args = argv[start + 1 :]
+    want = config or "configs/train/stage1.yaml"
+    assert args == ["--config", want, "--resume", "auto", *extra]
+    from pipeline.train.trainer import TrainConfig
+
+    load_config(TrainConfig, os.path.join(ROOT, want), extra)

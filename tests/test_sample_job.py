@@ -108,6 +108,14 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path, monkeyp
         return real_encode(uri, prompts, *a, **k)
 
     monkeypatch.setattr(sj, "encode_prompts", counting_encode)
+    rows: list[int] = []
+    real_sampler = sj.Sampler
+
+    def recording_sampler(model, batch_size, *a, **k):
+        rows.append(batch_size)
+        return real_sampler(model, batch_size, *a, **k)
+
+    monkeypatch.setattr(sj, "Sampler", recording_sampler)
     out = tmp_path / "out"
     sample_main(args(models, out, "batch_size=4"))
     names = sorted(os.listdir(out))
@@ -148,6 +156,8 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path, monkeyp
     assert json.loads((out / "summary.json").read_text())["sampled"] == 1
     assert (out / "00001_001.png").read_bytes() == before
     assert encoded == [["a green square"]]  # only the prompt with an image to make
+    # the one missing image is decoded in as many rows as the first run used (padded)
+    assert rows == [4, 4]
     sample_main(args(models, out, "batch_size=4"))  # nothing to do: no T5 loaded at all
     assert encoded == [["a green square"]]
     assert json.loads((out / "summary.json").read_text())["images"] == 6

@@ -29,7 +29,6 @@ from pipeline.train.engine import (
     DistInfo,
     build_ds_config,
     collective_timeout,
-    local_world_size,
     zero_stage,
 )
 from pipeline.train.metrics import MetricsLogger, read_steps
@@ -153,14 +152,6 @@ def test_complete_tags_need_their_marker(tmp_path):
     (tmp_path / "step_00000010" / "COMPLETE.json").write_text("{}")
     (tmp_path / "step_00000030" / "COMPLETE.json").write_text("{}")
     assert complete_tags(str(tmp_path)) == ["step_00000010", "step_00000030"]
-
-
-def test_local_world_size_from_each_launcher():
-    assert local_world_size({"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "16"}) == 4  # torchrun
-    assert local_world_size({"LOCAL_SIZE": "8", "WORLD_SIZE": "16"}) == 8  # deepspeed launcher
-    assert local_world_size({"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "WORLD_SIZE": "4"}) == 2
-    assert local_world_size({"WORLD_SIZE": "3"}) == 3  # no launcher says: one node
-    assert local_world_size({}) == 1
 
 
 def test_a_plain_load_on_another_world_size_is_refused_when_the_optimizer_is_cut(tmp_path):

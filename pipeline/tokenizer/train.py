@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline import storage
+from pipeline import launch_env, storage
 from pipeline.config import doc, save_config, to_dict
 from pipeline.data.raw import RawImageStream, list_complete_shards
 from pipeline.log import get_logger
@@ -155,12 +155,15 @@ class _Dist:
 
 
 def _setup_distributed(kind: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """The launcher's group (torchrun, deepspeed, mpirun, srun: :mod:`pipeline.launch_env`)."""
+    le = launch_env.export(os.environ)
+    world = le.world
     use_cuda = kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device = torch.device(
+            "cuda", launch_env.cuda_index(le.local_rank, torch.cuda.device_count())
+        )
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():

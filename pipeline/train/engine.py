@@ -44,7 +44,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch.optim.lr_scheduler import LambdaLR
 
-from pipeline import storage
+from pipeline import launch_env, storage
 from pipeline.hostmem import keep_freed_host_memory
 from pipeline.log import get_logger
 from pipeline.train.optim import OptimConfig
@@ -91,36 +91,45 @@ def on_cuda() -> bool:
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group of the launcher (deepspeed, torchrun) or make a group of one.
+    """Join the process group of the launcher or make a group of one.
 
-    On CPU it also calls :func:`pipeline.hostmem.keep_freed_host_memory`."""
-    for k, v in (
-        ("RANK", "0"),
-        ("LOCAL_RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-    ):
-        os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    Any launcher :mod:`pipeline.launch_env` reads: deepspeed (pdsh, or ``--launcher
+    openmpi|mvapich|mpich|impi|slurm``), torchrun, ``mpirun`` or ``srun`` around ``python
+    jobs/train.py``. On CUDA a rank takes its local rank's GPU, or the one GPU it sees when the
+    launcher gave each process its own. On CPU it also calls
+    :func:`pipeline.hostmem.keep_freed_host_memory`."""
+    le = launch_env.export(os.environ)
     cuda = on_cuda()
-    local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
-        torch.cuda.set_device(local_rank)
+        device = torch.device(
+            "cuda", launch_env.cuda_index(le.local_rank, torch.cuda.device_count())
+        )
+        torch.cuda.set_device(device)
     else:
+        device = torch.device("cpu")
         keep_freed_host_memory()
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=collective_timeout()
         )
+    if (dist.get_rank(), dist.get_world_size()) != (le.rank, le.world):
+        raise launch_env.LaunchError(
+            f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, the "
+            f"launcher ({le.launcher}) said {le.rank} of {le.world}"
+        )
     # DeepSpeed's own INFO lines are many; ours say what matters
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if le.world > 1:
+        log.info(
+            "rank %d of %d (%s launcher; %d on this node), rendezvous %s:%d",
+            le.rank, le.world, le.launcher, le.local_world, le.master_addr, le.master_port,
+        )  # fmt: skip
     return DistInfo(
-        rank=dist.get_rank(),
-        world=dist.get_world_size(),
-        local_rank=local_rank,
-        local_world=local_world_size(),
-        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+        rank=le.rank,
+        world=le.world,
+        local_rank=le.local_rank,
+        local_world=le.local_world,
+        device=device,
     )
 
 
@@ -132,23 +141,6 @@ def collective_timeout(env: Mapping[str, str] = os.environ) -> datetime.timedelt
     every other rank waits in a barrier. Here the default is 60 minutes; ``DEEPSPEED_TIMEOUT``
     (minutes, DeepSpeed's own variable) sets it."""
     return datetime.timedelta(minutes=float(env.get("DEEPSPEED_TIMEOUT") or 60))
-
-
-def local_world_size(env: Mapping[str, str] = os.environ) -> int:
-    """Ranks on this node: torchrun's ``LOCAL_WORLD_SIZE``, the ``deepspeed`` launcher's
-    ``LOCAL_SIZE``, Open MPI's ``OMPI_COMM_WORLD_LOCAL_SIZE``; else all ranks (one node)."""
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
-        if env.get(key):
-            return int(env[key])
-    return int(env.get("WORLD_SIZE", "1"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:

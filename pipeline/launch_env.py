@@ -1,0 +1,278 @@
+"""Where this process sits in a distributed job, from whichever launcher started it.
+
+PyTorch's ``env://`` rendezvous (what DeepSpeed and our tokenizer trainer use) reads ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. The ``deepspeed`` launcher
+(pdsh, the default), torchrun and DeepSpeed's MPICH/Intel MPI helpers set them. Its other
+launchers do not: ``deepspeed --launcher openmpi`` and ``--launcher mvapich`` run ``mpirun``,
+``--launcher slurm`` runs ``srun``, and each process gets only that launcher's own variables
+(DeepSpeed then asks ``mpi4py``, which is not installed here). The same holds for a job script
+that calls ``srun python jobs/train.py`` or ``mpirun python jobs/train.py`` itself. Without them
+every process used to take the defaults of a job of one: N copies of rank 0, each training alone
+and writing the same checkpoint.
+
+:func:`discover` reads, in this order:
+
+- ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (deepspeed, torchrun, DeepSpeed's MPI helpers);
+- Open MPI's ``OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}``;
+- MVAPICH2's ``MV2_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}``;
+- MPICH and Intel MPI (Hydra): ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``,
+  ``MPI_LOCALNRANKS``;
+- Slurm's ``srun`` (a job step: ``SLURM_STEP_NUM_TASKS`` is set, which an ``sbatch`` script
+  alone does not have): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, this
+  node's count in ``SLURM_STEP_TASKS_PER_NODE``;
+- none of these: a job of one.
+
+Rank 0's address: ``MASTER_ADDR`` if set; on one node, loopback; under Slurm, the first host of
+the step's node list (where task 0 runs); otherwise an error that says to set it (an MPI
+launcher has no such variable: ``mpirun -x MASTER_ADDR=...``, or a line in ``.deepspeed_env``).
+The port: ``MASTER_PORT`` if set; a free one for a job of one; under Slurm ``20000 + job id %
+20000`` (the same on every task, and two jobs sharing a node do not collide); otherwise 29500,
+PyTorch's default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+# (launcher, rank, size, local rank, local size): the first whose rank and size are both set wins
+_MPI_VARS = (
+    (
+        "openmpi",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    (
+        "mvapich",
+        "MV2_COMM_WORLD_RANK",
+        "MV2_COMM_WORLD_SIZE",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+        "MV2_COMM_WORLD_LOCAL_SIZE",
+    ),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+# where a local size may come from when the launcher sets RANK/WORLD_SIZE (torchrun, deepspeed)
+_LOCAL_SIZE_VARS = (
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+)
+DEFAULT_PORT = 29500
+
+
+class LaunchError(RuntimeError):
+    """The launcher's variables do not describe a job this process can join."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    launcher: str  # "env" (RANK/WORLD_SIZE), "openmpi", "mvapich", "mpich", "slurm" or "none"
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def multi_node(self) -> bool:
+        return self.world > self.local_world
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise LaunchError(f"{key}={env[key]!r} is not a whole number") from None
+
+
+def expand_hostlist(spec: str) -> list[str]:
+    """Slurm's compressed host list as names: ``gpu[01-03,07],login1`` -> gpu01, gpu02, gpu03,
+    gpu07, login1 (zero padding kept; several bracket groups in one name multiply out)."""
+    hosts: list[str] = []
+    for item in _split_top(spec.strip()):
+        if not item:
+            continue
+        names = [""]
+        for literal, ranges in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", item):
+            options = [literal]
+            if ranges:
+                options = [literal + n for n in _expand_ranges(ranges, item)]
+            names = [a + b for a in names for b in options]
+        hosts.extend(names)
+    return hosts
+
+
+def _split_top(spec: str) -> list[str]:
+    """Split at commas outside brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise LaunchError(f"unbalanced ']' in the host list {spec!r}")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise LaunchError(f"unbalanced '[' in the host list {spec!r}")
+    parts.append("".join(cur))
+    return parts
+
+
+def _expand_ranges(ranges: str, item: str) -> list[str]:
+    out = []
+    for r in ranges.split(","):
+        lo, sep, hi = r.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise LaunchError(f"cannot read the range {r!r} in the host list entry {item!r}")
+        if not sep:
+            out.append(lo)
+            continue
+        width = len(lo) if lo.startswith("0") else 0
+        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's task count from Slurm's ``SLURM_STEP_TASKS_PER_NODE`` (``2(x3),1``: three
+    nodes with 2 tasks, then one with 1)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise LaunchError(f"cannot read SLURM_STEP_TASKS_PER_NODE={tasks_per_node!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not 0 <= node_id < len(counts):
+        raise LaunchError(
+            f"SLURM_NODEID={node_id} but SLURM_STEP_TASKS_PER_NODE={tasks_per_node!r} "
+            f"lists {len(counts)} nodes"
+        )
+    return counts[node_id]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover(env: Mapping[str, str] = os.environ) -> LaunchEnv:
+    """This process's place in the job from the launcher's variables (see the module text)."""
+    if "RANK" in env or "WORLD_SIZE" in env:
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            have, lack = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+            raise LaunchError(f"the launcher set {have} but not {lack}")
+        launcher, rank, world = "env", _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_world = next((_int(env, k) for k in _LOCAL_SIZE_VARS if env.get(k)), world)
+        local_keys = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+        local_key = next((k for k in local_keys if k in env), None)
+        if local_key is not None:
+            local_rank = _int(env, local_key)
+        elif local_world == world:  # one node: the local rank is the rank
+            local_rank = rank
+        else:
+            raise LaunchError(
+                f"RANK={rank} of {world} on nodes of {local_world}, but no LOCAL_RANK: "
+                "set it (torchrun and deepspeed do)"
+            )
+    else:
+        found = next(
+            ((name, *keys) for name, *keys in _MPI_VARS if keys[0] in env and keys[1] in env),
+            None,
+        )
+        if found is not None:
+            launcher, rk, sz, lrk, lsz = found
+            rank, world = _int(env, rk), _int(env, sz)
+            local_rank = _int(env, lrk) if lrk in env else (rank if lsz not in env else -1)
+            local_world = _int(env, lsz) if lsz in env else world
+            if local_rank < 0:
+                raise LaunchError(f"{launcher}: {lsz} is set but {lrk} is not")
+        elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+            launcher = "slurm"
+            rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS")
+            local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+            per_node = env.get("SLURM_STEP_TASKS_PER_NODE")
+            local_world = (
+                tasks_on_node(per_node, _int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else 0)
+                if per_node
+                else world
+            )
+        else:
+            launcher, rank, world, local_rank, local_world = "none", 0, 1, 0, 1
+    if world < 1 or not 0 <= rank < world:
+        raise LaunchError(f"{launcher}: rank {rank} is not in a world of {world}")
+    if local_world < 1 or not 0 <= local_rank < local_world or local_world > world:
+        raise LaunchError(
+            f"{launcher}: local rank {local_rank} of {local_world} on this node, "
+            f"in a world of {world}"
+        )
+    multi_node = world > local_world
+    if env.get("MASTER_ADDR"):
+        addr = env["MASTER_ADDR"]
+    elif not multi_node:
+        addr = "127.0.0.1"
+    elif launcher == "slurm" and (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")):
+        hosts = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+        if not hosts:
+            raise LaunchError("slurm: the step's node list is empty; set MASTER_ADDR")
+        addr = hosts[0]
+    else:
+        raise LaunchError(
+            f"{launcher}: {world} ranks on several nodes and no MASTER_ADDR: set it to rank 0's "
+            "host on every rank (mpirun -x MASTER_ADDR=<host>, or MASTER_ADDR=<host> in "
+            ".deepspeed_env for deepspeed --launcher openmpi/mvapich)"
+        )
+    if env.get("MASTER_PORT"):
+        port = _int(env, "MASTER_PORT")
+    elif world == 1:
+        port = _free_port()
+    elif launcher == "slurm" and env.get("SLURM_JOB_ID", "").isdigit():
+        port = 20000 + int(env["SLURM_JOB_ID"]) % 20000
+    else:
+        port = DEFAULT_PORT
+    return LaunchEnv(launcher, rank, world, local_rank, local_world, addr, port)
+
+
+def export(env: MutableMapping[str, str] = os.environ) -> LaunchEnv:
+    """:func:`discover`, then write what ``env://`` and the rest of the pipeline read:
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT`` (values a launcher set are left as they are)."""
+    le = discover(env)
+    for key, value in (
+        ("RANK", le.rank),
+        ("WORLD_SIZE", le.world),
+        ("LOCAL_RANK", le.local_rank),
+        ("LOCAL_WORLD_SIZE", le.local_world),
+        ("MASTER_ADDR", le.master_addr),
+        ("MASTER_PORT", le.master_port),
+    ):
+        env.setdefault(key, str(value))
+    return le
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a rank: its local rank when the node's GPUs are all visible, 0 when
+    the launcher gave each process one GPU (``srun --gpus-per-task=1``,
+    ``CUDA_VISIBLE_DEVICES`` per rank)."""
+    if visible < 1:
+        raise LaunchError("no CUDA device is visible to this process")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise LaunchError(
+        f"local rank {local_rank} but {visible} CUDA devices visible: give each process one GPU "
+        "or all of the node's, and at most one process per GPU"
+    )
