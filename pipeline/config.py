@@ -18,6 +18,7 @@ or ``None`` as null, and anything else is parsed as YAML (``steps=5``, ``shards=
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import types
@@ -213,16 +214,43 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return _plain(value)
 
 
+# the label of the files being read (load_config's), to tell their keys from the overrides'
+_ROOT: contextvars.ContextVar[str] = contextvars.ContextVar("config_root", default="")
+
+
+def _from_command_line(value: Any) -> bool:
+    """Whether ``value`` came from the overrides alone (no file gave any part of it)."""
+    if isinstance(value, _Text):
+        return True
+    return (
+        isinstance(value, Mapping) and bool(value) and all(map(_from_command_line, value.values()))
+    )
+
+
+def _key_where(where: str, key: str, value: Any) -> str:
+    """Where ``key`` under ``where`` was set, for a message: ``FILE: data: batch_size`` for a
+    file's key, ``override data.batch_size`` for one the command line gave."""
+    if where.startswith("override "):
+        return f"{where}.{key}"
+    root = _ROOT.get()
+    if root and _from_command_line(value) and (where == root or where.startswith(root + ": ")):
+        inner = where[len(root) :].removeprefix(": ")
+        return "override " + ".".join([*inner.split(": "), key] if inner else [key])
+    return f"{where}: {key}"
+
+
 def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         known = ", ".join(sorted(fields))
+        at = _key_where(where, unknown[0], data[unknown[0]])
+        at = at if at.startswith("override ") else where
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} for {cls.__name__} (known keys: {known})"
+            f"{at}: unknown key {unknown[0]!r} for {cls.__name__} (known keys: {known})"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}: {k}") for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], _key_where(where, k, v)) for k, v in data.items()}
     missing = [
         n
         for n, f in fields.items()
@@ -268,7 +296,10 @@ def _parse_yaml(text: str, path: str) -> Any:
         loader.dispose()
 
 
-def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def _read_yaml(
+    path: str, seen: tuple[str, ...] = (), bases: list[str] | None = None
+) -> dict[str, Any]:
+    """The file's mapping over its ``base`` chain's; ``bases`` collects the chain's files."""
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
@@ -308,7 +339,9 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         base_path = "/".join(parts)
     else:
         base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
-    return _deep_merge(_read_yaml(base_path, (*seen, path)), data)
+    if bases is not None:
+        bases.append(base_path)
+    return _deep_merge(_read_yaml(base_path, (*seen, path), bases), data)
 
 
 def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,10 +386,17 @@ def load_config(
     cls: type[C], path: str | None = None, overrides: Sequence[str] = (), **values: Any
 ) -> C:
     """Build ``cls`` from a YAML file (optional), dotted overrides and keyword values."""
-    data: dict[str, Any] = _read_yaml(str(path)) if path else {}
+    bases: list[str] = []
+    data: dict[str, Any] = _read_yaml(str(path), bases=bases) if path else {}
     data = _deep_merge(data, parse_overrides(overrides))
     data = _deep_merge(data, values)
-    return _build(cls, data, str(path) if path else "<overrides>")
+    # a key of the file or of a base it names: the message names the whole chain
+    root = f"{path} (with its base {', '.join(bases)})" if bases else str(path or "<overrides>")
+    token = _ROOT.set(root)
+    try:
+        return _build(cls, data, root)
+    finally:
+        _ROOT.reset(token)
 
 
 def to_dict(cfg: Any) -> Any:

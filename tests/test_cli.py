@@ -163,7 +163,7 @@ def test_export_override_error_exits_2(tmp_path):
     proc = _job("export.py", "--llamagen", str(tmp_path / "x.pt"), "--out", str(tmp_path / "o"),
                 "model.bogus=1")  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert _last_line(proc).startswith("config error: <overrides>: model: unknown key 'bogus'")
+    assert _last_line(proc).startswith("config error: override model.bogus: unknown key 'bogus'")
 
 
 def test_train_failure_on_a_rank_exits_with_one_line(tmp_path):

@@ -60,6 +60,28 @@ def test_wrong_type_is_clear(tmp_path):
         load_config(GPTConfig, None, ["grad_checkpointing=yes please"])
 
 
+def test_errors_say_whether_a_file_or_an_override_set_the_key(tmp_path):
+    """A bad value typed on the command line is named as the override, not blamed on the file;
+    a key from a file with a base chain names the chain."""
+    path = write(tmp_path, {"name": "s1", "optim": {"lr": 1e-3}})
+    with pytest.raises(ConfigError, match=r"^override steps: expected an integer, got 'ten'$"):
+        load_config(Stage, path, ["steps=ten"])
+    with pytest.raises(ConfigError, match=r"^override optim\.lr: expected a number, got 'x'$"):
+        load_config(Stage, path, ["optim.lr=x"])  # optim also has keys from the file
+    with pytest.raises(ConfigError, match=r"^override optim\.learning_rate: unknown key"):
+        load_config(Stage, path, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"^override model\.n_layer: expected an integer"):
+        load_config(Stage, None, ["name=a", "model=debug", "model.n_layer=x"])
+    # the file's own mistakes still name the file, next to a good override
+    bad = write(tmp_path, {"name": "s1", "optim": {"lr": "fast"}}, "bad.yaml")
+    with pytest.raises(ConfigError, match=rf"^{bad}: optim: lr: expected a number"):
+        load_config(Stage, bad, ["steps=3"])
+    write(tmp_path, {"name": "base", "steps": "ten"}, "base.yaml")
+    child = write(tmp_path, {"base": "base.yaml", "name": "child"}, "child.yaml")
+    with pytest.raises(ConfigError, match=r"child\.yaml \(with its base .*base\.yaml\): steps"):
+        load_config(Stage, child)
+
+
 def test_missing_required_and_bad_preset(tmp_path):
     with pytest.raises(ConfigError, match="missing required key 'name'"):
         load_config(Stage, write(tmp_path, {"steps": 1}))
