@@ -6,18 +6,21 @@
         clip_weights=/models/clip-vit-l14.bin inception_weights=/models/pt_inception.pth
 
 Weights are read from local paths or s3:// only; a metric without its weights is reported as
-unavailable. Rerunning samples only the images that are missing.
+unavailable. Rerunning samples only the images that are missing. Under a launcher of several
+ranks (``torchrun --nproc_per_node 8 jobs/evaluate.py ... device=cuda``, ``srun``, ``mpirun``)
+each rank samples its part on its own GPU and rank 0 then scores them all.
 """
 
 from __future__ import annotations
 
 from pipeline.cli import parse_job, run_main
 from pipeline.evaluate import EvalConfig, run_evaluation
+from pipeline.launch_env import run_in_parts
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_job(EvalConfig, __doc__.splitlines()[0], argv)
-    run_evaluation(cfg)
+    run_in_parts(cfg, run_evaluation)  # several ranks of a launcher: one part each
 
 
 if __name__ == "__main__":

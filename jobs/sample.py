@@ -6,18 +6,22 @@
     python jobs/sample.py --config configs/sample/t2i.yaml ... prompts_file=prompts.txt \
         sampling.cfg_scale=7.5 sampling.top_k=1000 images_per_prompt=4 compile_mode=default
 
-Rerunning the same command samples only the images that are missing.
+Rerunning the same command samples only the images that are missing. Started by a launcher on
+several ranks (``torchrun --nproc_per_node 8 jobs/sample.py ... device=cuda``, ``srun``,
+``mpirun``), each rank samples its part on its own GPU and rank 0 then writes the grid and the
+summary.
 """
 
 from __future__ import annotations
 
 from pipeline.cli import parse_job, run_main
+from pipeline.launch_env import run_in_parts
 from pipeline.sample_job import SampleConfig, run_sampling
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_job(SampleConfig, __doc__.splitlines()[0], argv)
-    run_sampling(cfg)
+    run_in_parts(cfg, run_sampling)  # several ranks of a launcher: one part each
 
 
 if __name__ == "__main__":

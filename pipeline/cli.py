@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeVar
 
 from pipeline.config import ConfigError, describe, dump_config, load_config
+from pipeline.launch_env import LaunchError
 from pipeline.log import get_logger, setup_logging
 
 C = TypeVar("C")
@@ -22,7 +23,8 @@ EXIT_STATUS = """\
 exit status:
   0  success
   1  failure (a missing file, no S3 credentials, an unreachable endpoint, an error)
-  2  config error (an unknown key, a wrong type, a missing required key)
+  2  config error (an unknown key, a wrong type, a missing required key), or a launcher's
+     variables that do not describe a job (launch error)
   3  download, score, pretokenize: some shards failed (rerun the same command: done shards
      are skipped)"""
 
@@ -107,6 +109,8 @@ def report_failure(exc: BaseException) -> int | None:
     return the exit status (2: a config error, 1: the others). None for anything else."""
     if isinstance(exc, ConfigError):
         status, line = 2, f"config error: {_one_line(exc)}"
+    elif isinstance(exc, LaunchError):
+        status, line = 2, f"launch error: {_one_line(exc)}"
     elif _no_credentials(exc):
         status, line = 1, f"error: no AWS credentials found ({_one_line(exc)}): {CREDENTIALS_HINT}"
     elif isinstance(exc, FileNotFoundError):

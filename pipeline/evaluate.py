@@ -75,7 +75,8 @@ class EvalConfig:
     )
     num_parts: int = doc(
         "sample in this many processes (one per GPU, each with its own part; no metrics), then "
-        "run once with num_parts=1 for the report",
+        "run once with num_parts=1 for the report. Under a launcher of several ranks (torchrun, "
+        "srun, mpirun) the ranks are the parts and rank 0 writes the report: leave it out",
         1,
     )
     part: int = doc("the part of the images this process samples (i % num_parts == part)", 0)

@@ -32,11 +32,13 @@ PyTorch's default.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
 import re
 import socket
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import TypeVar
 
 # (launcher, rank, size, local rank, local size): the first whose rank and size are both set wins
 _MPI_VARS = (
@@ -71,7 +73,7 @@ class LaunchError(RuntimeError):
     """The launcher's variables do not describe a job this process can join."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LaunchEnv:
     launcher: str  # "env" (RANK/WORLD_SIZE), "openmpi", "mvapich", "mpich", "slurm" or "none"
     rank: int
@@ -276,3 +278,59 @@ def cuda_index(local_rank: int, visible: int) -> int:
         f"local rank {local_rank} but {visible} CUDA devices visible: give each process one GPU "
         "or all of the node's, and at most one process per GPU"
     )
+
+
+# how long a finished rank waits for the slowest part (sampling 30k images may take hours)
+PARTS_TIMEOUT = datetime.timedelta(hours=48)
+
+C = TypeVar("C")
+R = TypeVar("R")
+
+
+def parts_from_launcher(cfg: C, env: Mapping[str, str] = os.environ) -> tuple[C, LaunchEnv]:
+    """``cfg`` (a config with ``num_parts``, ``part`` and ``device``) for this rank's part of a
+    job a launcher started on several ranks: ``num_parts`` = the world, ``part`` = the rank, and a
+    bare ``device=cuda`` becomes this rank's GPU. Unchanged under no launcher (a world of one)."""
+    le = discover(env)
+    if le.world == 1:
+        return cfg, le
+    num_parts, part = cfg.num_parts, cfg.part  # type: ignore[attr-defined]
+    if num_parts != 1 and (num_parts, part) != (le.world, le.rank):
+        raise LaunchError(
+            f"num_parts={num_parts} part={part}, but the launcher ({le.launcher}) started "
+            f"{le.world} ranks and this is rank {le.rank}: under a launcher the ranks are the "
+            "parts; leave num_parts and part out"
+        )
+    device = cfg.device  # type: ignore[attr-defined]
+    if device == "cuda":
+        import torch
+
+        device = f"cuda:{cuda_index(le.local_rank, torch.cuda.device_count())}"
+    return dataclasses.replace(cfg, num_parts=le.world, part=le.rank, device=device), le  # type: ignore[type-var]
+
+
+def run_in_parts(cfg: C, run: Callable[[C], R]) -> R | None:
+    """``run(cfg)`` split over the ranks of a launcher (torchrun, deepspeed, mpirun, srun).
+
+    Each rank runs its part (:func:`parts_from_launcher`); when all are done (a gloo barrier),
+    rank 0 runs ``cfg`` whole with ``num_parts=1``, which finds every part's output and only
+    collects (the grid and summary, or the evaluation report). Returns that on rank 0 and None
+    elsewhere; with no launcher, ``run(cfg)``. A rank that fails ends the job: the launchers
+    stop the others (torchrun, ``srun --kill-on-bad-exit``, mpirun), and gloo's barrier fails
+    when a peer is gone; a rerun redoes only the missing outputs."""
+    part_cfg, le = parts_from_launcher(cfg)
+    if le.world == 1:
+        return run(cfg)
+    import torch.distributed as dist
+
+    export(os.environ)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=PARTS_TIMEOUT)
+    try:
+        run(part_cfg)
+        dist.barrier()
+        if le.rank == 0:
+            return run(dataclasses.replace(part_cfg, num_parts=1, part=0))  # type: ignore[type-var]
+        return None
+    finally:
+        dist.destroy_process_group()

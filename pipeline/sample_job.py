@@ -134,7 +134,9 @@ class SampleConfig:
     )
     num_parts: int = doc(
         "split the images among this many processes (one per GPU), each run with its own part; "
-        "a final run with num_parts=1 finds every image there and writes the grid and summary",
+        "a final run with num_parts=1 finds every image there and writes the grid and summary. "
+        "Under a launcher of several ranks (torchrun, srun, mpirun) the ranks are the parts and "
+        "rank 0 makes the final run: leave num_parts and part out",
         1,
     )
     part: int = doc("which part this process samples: images i with i % num_parts == part", 0)

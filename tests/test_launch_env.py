@@ -304,3 +304,29 @@ def test_two_processes_from_mpirun_or_srun_form_one_group(kind):
     for r in seen:
         assert (r["world"], r["local_world"], r["local_rank"]) == (2, 2, r["rank"])
         assert r["sum"] == 3.0  # 1 + 2: both ranks took part in the all-reduce
+
+
+def test_parts_come_from_the_launchers_ranks(monkeypatch):
+    from dataclasses import dataclass
+
+    from pipeline.launch_env import parts_from_launcher
+
+    @dataclass(frozen=True)
+    class Job:
+        num_parts: int = 1
+        part: int = 0
+        device: str = "cpu"
+
+    ranks = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    ranks["MASTER_ADDR"] = "h0"
+    assert parts_from_launcher(Job(), {})[0] == Job()  # no launcher: as given
+    cfg, le = parts_from_launcher(Job(), ranks)
+    assert (cfg, le.rank) == (Job(4, 3, "cpu"), 3)
+    assert parts_from_launcher(Job(4, 3), ranks)[0] == Job(4, 3)  # the same, spelled out
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert parts_from_launcher(Job(device="cuda"), ranks)[0].device == "cuda:1"
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)  # one GPU per task
+    assert parts_from_launcher(Job(device="cuda"), ranks)[0].device == "cuda:0"
+    assert parts_from_launcher(Job(device="cuda:0"), ranks)[0].device == "cuda:0"  # as chosen
+    with pytest.raises(LaunchError, match="num_parts=2 part=0, but the launcher"):
+        parts_from_launcher(Job(2, 0), ranks)

@@ -318,3 +318,43 @@ def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path
         load_config(
             SampleConfig, "configs/sample/tiny_cpu.yaml", [*base, "num_parts=2", "overwrite=true"]
         )
+
+
+def test_a_launcher_of_two_ranks_samples_the_parts_and_rank0_collects(models, tmp_path):
+    """``torchrun --nproc_per_node 2 jobs/sample.py ...``: the ranks are the parts (no num_parts
+    given), rank 0 then writes the grid and summary; the images equal one process's."""
+    import socket
+    import subprocess
+    import sys
+
+    whole = tmp_path / "whole"
+    sample_main(args(models, whole, "batch_size=4"))
+    out = tmp_path / "ranks"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "T2I_PROGRESS": "0"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(port), "jobs/sample.py", *args(models, out, "batch_size=4")]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for part in range(2):
+        summary = json.loads((out / f"summary.part-{part:03d}-of-002.json").read_text())
+        assert summary["sampled"] == 3
+    final = json.loads((out / "summary.json").read_text())
+    assert final["sampled"] == 0 and final["images"] == 6 and (out / "grid.png").exists()
+    pngs = sorted(n for n in os.listdir(whole) if n.endswith(".png") and n != "grid.png")
+    assert len(pngs) == 6
+    for name in pngs:
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+    # parts given by hand that disagree with the launcher are refused, not half-applied
+    bad = subprocess.run(
+        [*cmd[:5], "--master_port", str(port), "jobs/sample.py",
+         *args(models, tmp_path / "bad", "num_parts=3", "part=1")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert "launch error: num_parts=3 part=1, but the launcher (env) started 2 ranks" in bad.stderr
