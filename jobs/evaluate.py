@@ -20,7 +20,8 @@ from pipeline.launch_env import run_in_parts
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_job(EvalConfig, __doc__.splitlines()[0], argv)
-    run_in_parts(cfg, run_evaluation)  # several ranks of a launcher: one part each
+    # several ranks of a launcher: a part each (scoring images made earlier: rank 0 alone)
+    run_in_parts(cfg, run_evaluation, split=not cfg.generated)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ as one line; anything else with status 1 and the traceback.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -29,7 +28,6 @@ from pipeline.train.trainer import TrainConfig, train
 
 def main(argv: list[str] | None = None) -> None:
     parser = job_parser(__doc__.splitlines()[0])
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--resume", default=None, help="auto (newest complete checkpoint), none, or step_NNNNNNNN"
     )

@@ -48,6 +48,9 @@ def job_parser(description: str) -> argparse.ArgumentParser:
         help="list the config fields and exit; with --config or overrides, also print the "
         "resolved config",
     )
+    # the deepspeed launcher appends --local_rank=N to every rank's command line; the rank's
+    # place comes from the environment (pipeline.launch_env), so it is accepted and ignored
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 

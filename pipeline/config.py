@@ -157,7 +157,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: {e.args[0]}") from None
         if isinstance(value, Mapping) and "preset" in value and hasattr(tp, "from_name"):
             rest = {k: v for k, v in value.items() if k != "preset"}
-            base = _coerce(_plain(value["preset"]), tp, f"{where}.preset")
+            base = _coerce(
+                _plain(value["preset"]), tp, _key_where(where, "preset", value["preset"])
+            )
             return _build(tp, {**to_dict(base), **rest}, where)
         if (
             isinstance(value, Mapping)
@@ -260,7 +262,10 @@ def _build(cls: type[C], data: Mapping[str, Any], where: str) -> C:
     ]
     if missing:  # all of them at once, not one per try
         more = f" (and {', '.join(repr(m) for m in missing[1:])})" if missing[1:] else ""
-        raise ConfigError(f"{where}: missing required key {missing[0]!r}{more} for {cls.__name__}")
+        # not blamed on an override: a missing key is what no file and no override gave
+        at = where.removeprefix("override ")
+        at = f"{_ROOT.get()}: {at}" if at != where and _ROOT.get() else where
+        raise ConfigError(f"{at}: missing required key {missing[0]!r}{more} for {cls.__name__}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

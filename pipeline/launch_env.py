@@ -16,7 +16,8 @@ and writing the same checkpoint.
 - Open MPI's ``OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}``;
 - MVAPICH2's ``MV2_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}``;
 - MPICH and Intel MPI (Hydra): ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``,
-  ``MPI_LOCALNRANKS``;
+  ``MPI_LOCALNRANKS`` (only with the last: Slurm's ``srun --mpi=pmi2`` sets ``PMI_RANK`` and
+  ``PMI_SIZE`` alone, and is read as Slurm below);
 - Slurm's ``srun`` (a job step: ``SLURM_STEP_NUM_TASKS`` is set, which an ``sbatch`` script
   alone does not have): ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, this
   node's count in ``SLURM_STEP_TASKS_PER_NODE``;
@@ -26,8 +27,10 @@ Rank 0's address: ``MASTER_ADDR`` if set; on one node, loopback; under Slurm, th
 the step's node list (where task 0 runs); otherwise an error that says to set it (an MPI
 launcher has no such variable: ``mpirun -x MASTER_ADDR=...``, or a line in ``.deepspeed_env``).
 The port: ``MASTER_PORT`` if set; a free one for a job of one; under Slurm ``20000 + job id %
-20000`` (the same on every task, and two jobs sharing a node do not collide); otherwise 29500,
-PyTorch's default.
+20000`` (the same on every task; two jobs sharing a node seldom meet there, but a port in use,
+or two steps of one job at once, need ``MASTER_PORT``); otherwise 29500, PyTorch's default.
+Under Slurm rank 0 runs on the step's first node with the usual block or cyclic distributions;
+with ``--distribution=arbitrary`` set ``MASTER_ADDR``.
 """
 
 from __future__ import annotations
@@ -178,7 +181,12 @@ def discover(env: Mapping[str, str] = os.environ) -> LaunchEnv:
             raise LaunchError(f"the launcher set {have} but not {lack}")
         launcher, rank, world = "env", _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local_world = next((_int(env, k) for k in _LOCAL_SIZE_VARS if env.get(k)), world)
-        local_keys = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+        local_keys = (
+            "LOCAL_RANK",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MV2_COMM_WORLD_LOCAL_RANK",
+            "MPI_LOCALRANKID",
+        )
         local_key = next((k for k in local_keys if k in env), None)
         if local_key is not None:
             local_rank = _int(env, local_key)
@@ -191,7 +199,11 @@ def discover(env: Mapping[str, str] = os.environ) -> LaunchEnv:
             )
     else:
         found = next(
-            ((name, *keys) for name, *keys in _MPI_VARS if keys[0] in env and keys[1] in env),
+            (
+                (name, *keys)
+                for name, *keys in _MPI_VARS
+                if keys[0] in env and keys[1] in env and (name != "mpich" or keys[3] in env)
+            ),
             None,
         )
         if found is not None:
@@ -249,19 +261,31 @@ def discover(env: Mapping[str, str] = os.environ) -> LaunchEnv:
 
 def export(env: MutableMapping[str, str] = os.environ) -> LaunchEnv:
     """:func:`discover`, then write what ``env://`` and the rest of the pipeline read:
-    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
-    ``MASTER_PORT`` (values a launcher set are left as they are)."""
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (values a
+    launcher set are left as they are). Not the node size: set in a process that later starts
+    a launcher (a test, a notebook), a ``LOCAL_WORLD_SIZE`` would pass to its ranks and be read
+    before the ``LOCAL_SIZE`` the deepspeed launcher gives them."""
     le = discover(env)
     for key, value in (
         ("RANK", le.rank),
         ("WORLD_SIZE", le.world),
         ("LOCAL_RANK", le.local_rank),
-        ("LOCAL_WORLD_SIZE", le.local_world),
         ("MASTER_ADDR", le.master_addr),
         ("MASTER_PORT", le.master_port),
     ):
         env.setdefault(key, str(value))
     return le
+
+
+def use_device_for_deepspeed(
+    le: LaunchEnv, index: int, env: MutableMapping[str, str] = os.environ
+) -> None:
+    """DeepSpeed takes a rank's CUDA device from ``LOCAL_RANK`` (its NCCL ``device_id`` and the
+    engine's ``set_device``). With one GPU per process (``srun --gpus-per-task=1``) that is
+    device 0 for every rank, not the local rank: ``LOCAL_RANK`` is set to the device index then.
+    The node-local rank itself stays in ``DistInfo.local_rank``."""
+    if index != le.local_rank:
+        env["LOCAL_RANK"] = str(index)
 
 
 def cuda_index(local_rank: int, visible: int) -> int:
@@ -282,6 +306,8 @@ def cuda_index(local_rank: int, visible: int) -> int:
 
 # how long a finished rank waits for the slowest part (sampling 30k images may take hours)
 PARTS_TIMEOUT = datetime.timedelta(hours=48)
+# how long ranks wait for one another to start
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=30)
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -309,7 +335,7 @@ def parts_from_launcher(cfg: C, env: Mapping[str, str] = os.environ) -> tuple[C,
     return dataclasses.replace(cfg, num_parts=le.world, part=le.rank, device=device), le  # type: ignore[type-var]
 
 
-def run_in_parts(cfg: C, run: Callable[[C], R]) -> R | None:
+def run_in_parts(cfg: C, run: Callable[[C], R], split: bool = True) -> R | None:
     """``run(cfg)`` split over the ranks of a launcher (torchrun, deepspeed, mpirun, srun).
 
     Each rank runs its part (:func:`parts_from_launcher`); when all are done (a gloo barrier),
@@ -317,18 +343,25 @@ def run_in_parts(cfg: C, run: Callable[[C], R]) -> R | None:
     collects (the grid and summary, or the evaluation report). Returns that on rank 0 and None
     elsewhere; with no launcher, ``run(cfg)``. A rank that fails ends the job: the launchers
     stop the others (torchrun, ``srun --kill-on-bad-exit``, mpirun), and gloo's barrier fails
-    when a peer is gone; a rerun redoes only the missing outputs."""
+    when a peer is gone; a rerun redoes only the missing outputs. ``split=False`` (nothing to
+    split, e.g. scoring images made earlier): rank 0 runs ``cfg`` alone, the others do nothing.
+
+    The ranks meet within :data:`RENDEZVOUS_TIMEOUT` (a rank that never starts fails the job
+    then, not after the parts' wait), and wait for one another's parts up to
+    :data:`PARTS_TIMEOUT` (``monitored_barrier``, which names a missing rank)."""
     part_cfg, le = parts_from_launcher(cfg)
     if le.world == 1:
         return run(cfg)
+    if not split:
+        return run(dataclasses.replace(part_cfg, num_parts=1, part=0)) if le.rank == 0 else None  # type: ignore[type-var]
     import torch.distributed as dist
 
     export(os.environ)
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=PARTS_TIMEOUT)
+        dist.init_process_group("gloo", timeout=RENDEZVOUS_TIMEOUT)
     try:
         run(part_cfg)
-        dist.barrier()
+        dist.monitored_barrier(timeout=PARTS_TIMEOUT)
         if le.rank == 0:
             return run(dataclasses.replace(part_cfg, num_parts=1, part=0))  # type: ignore[type-var]
         return None

@@ -379,7 +379,7 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         # rows by the whole job, not by what is left: a resumed run or one part of several
         # decodes with the same number of rows as one run would (a GEMM of other rows may
         # round differently, on a GPU especially), so its images are that run's
-        rows = min(cfg.batch_size, len(result.images))
+        rows = min(cfg.batch_size, len(conds) * cfg.images_per_prompt)
         sampler = Sampler(model, rows, g, use_cfg, cfg.compile_mode)
         batches = [
             todo[i : i + sampler.batch_size] for i in range(0, len(todo), sampler.batch_size)

@@ -239,3 +239,15 @@ def test_unknown_log_level_falls_back_to_info_with_a_warning(monkeypatch, root_l
     setup_logging()
     assert root_logger.level == logging.INFO
     assert any("unknown log level 'loud'" in r.getMessage() for r in caplog.records)
+
+
+def test_the_deepspeed_launchers_local_rank_flag_is_accepted_by_every_job():
+    """``deepspeed jobs/sample.py ...`` appends ``--local_rank=N``: not an override."""
+    from pipeline.cli import parse_job
+    from pipeline.sample_job import SampleConfig
+
+    for flag in ("--local_rank=3", "--local-rank=3"):
+        cfg, args = parse_job(
+            SampleConfig, "sample", ["checkpoint=c", "vq=v", "output=o", "prompt=p", flag]
+        )
+        assert args.local_rank == 3 and cfg.prompt == "p"

@@ -271,3 +271,26 @@ def test_describe_lists_nested_fields_dotted():
     assert "precision: Literal['fp32', 'bf16'] = 'fp32'  compute dtype" in text
     assert "    model.n_layer: int = 12" in text and "Optim(" not in text
     assert "  hash: Literal['md5', 'sha256'] | None = None  hash, or null" in describe(Optionals)
+
+
+def test_preset_and_missing_key_origins(tmp_path):
+    path = write(tmp_path, {"name": "s1", "model": {"preset": "debug", "n_layer": 1}})
+    with pytest.raises(ConfigError, match=r"^override model\.preset: unknown GPT preset 'XX'"):
+        load_config(Stage, path, ["model.preset=XX"])
+    with pytest.raises(ConfigError, match=r"^override model\.preset: unknown GPT preset 'XX'"):
+        load_config(Stage, path, ["model=XX", "model.n_layer=2"])
+    # a required key nobody gave is not blamed on the override that replaced the file's others
+    nested = write(tmp_path, {"inner": {"b": 1}}, "n.yaml")
+    with pytest.raises(ConfigError, match=rf"^{nested}: inner: missing required key 'a'"):
+        load_config(Outer, nested, ["inner.b=2"])
+
+
+@dataclass(frozen=True)
+class Inner:
+    a: int = doc("required")
+    b: int = doc("optional", 0)
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = doc("a nested config without a default for a")

@@ -201,12 +201,12 @@ def test_export_fills_what_env_rendezvous_reads_and_keeps_the_launchers_values()
         "MASTER_PORT": "31000",
     }
     export(env)
-    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")} == {
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} == {
         "RANK": "1",
         "WORLD_SIZE": "2",
         "LOCAL_RANK": "1",
-        "LOCAL_WORLD_SIZE": "2",
     }
+    assert "LOCAL_WORLD_SIZE" not in env  # it would pass to the ranks of a later launch
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", "31000")
     assert discover(env).launcher == "env"  # a second look agrees with the first
     assert discover(env).rank == 1
@@ -330,3 +330,44 @@ def test_parts_come_from_the_launchers_ranks(monkeypatch):
     assert parts_from_launcher(Job(device="cuda:0"), ranks)[0].device == "cuda:0"  # as chosen
     with pytest.raises(LaunchError, match="num_parts=2 part=0, but the launcher"):
         parts_from_launcher(Job(2, 0), ranks)
+
+
+def test_srun_with_pmi2_is_read_as_slurm_not_as_hydra():
+    """``srun --mpi=pmi2`` adds PMI_RANK/PMI_SIZE but none of Hydra's local variables: taken
+    as MPICH it would make every rank local (world = node size) and rendezvous on loopback."""
+    le = discover({**SRUN, "PMI_RANK": "6", "PMI_SIZE": "12"})
+    assert (le.launcher, le.local_rank, le.local_world, le.master_addr) == ("slurm", 2, 4, "gpu07")
+
+
+def test_one_gpu_per_process_gives_deepspeed_device_zero():
+    from pipeline.launch_env import use_device_for_deepspeed
+
+    le = discover(SRUN)  # local rank 2
+    env = {"LOCAL_RANK": "2"}
+    use_device_for_deepspeed(le, cuda_index(le.local_rank, 1), env)
+    assert env["LOCAL_RANK"] == "0"  # what DeepSpeed sets the device from
+    env = {"LOCAL_RANK": "2"}
+    use_device_for_deepspeed(le, cuda_index(le.local_rank, 4), env)
+    assert env["LOCAL_RANK"] == "2"
+
+
+def test_nothing_to_split_runs_on_rank_0_alone(monkeypatch):
+    from dataclasses import dataclass
+
+    from pipeline.launch_env import run_in_parts
+
+    @dataclass(frozen=True)
+    class Job:
+        num_parts: int = 1
+        part: int = 0
+        device: str = "cpu"
+
+    runs = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        out = run_in_parts(Job(), lambda c, r=rank: runs.append((r, c)) or "report", split=False)
+        assert out == ("report" if rank == "0" else None)
+    assert runs == [("0", Job(1, 0, "cpu"))]  # no process group, no parts

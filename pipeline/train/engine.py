@@ -101,9 +101,9 @@ def init_distributed() -> DistInfo:
     le = launch_env.export(os.environ)
     cuda = on_cuda()
     if cuda:
-        device = torch.device(
-            "cuda", launch_env.cuda_index(le.local_rank, torch.cuda.device_count())
-        )
+        index = launch_env.cuda_index(le.local_rank, torch.cuda.device_count())
+        launch_env.use_device_for_deepspeed(le, index)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
