@@ -8,16 +8,19 @@ On one CUDA device (``--device cpu`` runs the same code with small settings; the
   caption tokens (one padded) at 256 px (16x16 grid) for each preset, and for the last preset
   also at 512 px (32x32, stage 2) and under ``torch.compile``: seconds per step (the best of
   ``--steps`` after warm-up), image tokens/s, MFU against the measured matmul rate and against
-  the device's nominal dense bf16 peak, peak memory;
+  the device's nominal dense bf16 peak, peak memory (the row's own: above what was allocated
+  when it started);
 - decode: the last preset in bf16 with CFG (batch 1 and 8, each doubled), the static-cache
   sampler eager and compiled (``reduce-overhead``: CUDA graphs), ms per token against the time
   to read every weight once at the copy's bandwidth (reads + writes per second).
 
     python benchmarks/bench_gpu.py [--presets B,L,XL] [--batch 16] [--out benchmarks/RESULTS.md]
 
-Not yet run on a GPU (none has been lent to us so far); the defaults are meant to fit a
-15-minute device slot, most of it compiling. ``--out`` appends the tables to that file as a
-section naming the device.
+Not yet run on a GPU (none has been lent to us so far). Each row is printed as soon as it is
+measured, and ``--out`` appends it to that file at once (after a section header naming the
+device), so a run cut short still leaves a valid partial table. ``--budget-s`` (default 720 s,
+for a 15-minute device slot with the machine's start) skips a row when the time so far plus a
+rough estimate of the row would pass it, and says so; later, cheaper rows still run.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ sys.path.insert(0, HERE)
 
 from bench_model import _timeit  # noqa: E402
 from bench_train import engine_step  # noqa: E402
-from run_all import table  # noqa: E402
+from run_all import _fmt  # noqa: E402
 
 from pipeline.models.gpt import GPT, GPTConfig, decode_bytes_per_token, train_flops_per_sample  # noqa: E402
 from pipeline.sample import Sampler, SamplingParams  # noqa: E402
@@ -45,6 +48,121 @@ from pipeline.train import engine  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts), FLOP/s
 NOMINAL_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10": 125e12}
+
+
+# first guesses of a row's seconds on a GPU (setup, warm-up and timing together) by kind, for a
+# kind not measured yet in this run; later rows scale the last measured one of their kind. Never
+# checked on a GPU: rough on purpose. On a CPU (small settings) only the measured times count.
+FIRST_GUESS_S = {"train": 60.0, "train compiled": 300.0, "decode": 30.0, "decode compiled": 180.0}
+
+# the columns of each table, in order: a row is written the moment it is measured, so they are
+# fixed up front rather than gathered from every row
+COLUMNS = {
+    "limits": ("what", "value", "unit", "nominal"),
+    "train": (
+        "what",
+        "batch",
+        "s_per_step",
+        "image_tokens_per_s",
+        "mfu_measured",
+        "mfu_nominal",
+        "peak_mem_GiB",
+        "setup_s",
+    ),
+    "decode": ("what", "batch", "ms_per_token", "x_weight_read"),
+}
+
+
+class Budget:
+    """Whether the next row still fits in ``budget_s`` seconds from the start of the run.
+
+    A row's estimate is the last measured row of its kind, scaled by how much more work this row
+    is (``work``: e.g. FLOPs per step), or ``FIRST_GUESS_S`` on a GPU before any such row.
+    """
+
+    def __init__(self, budget_s: float | None, device: torch.device, note) -> None:
+        self.budget_s = budget_s
+        self.gpu = device.type == "cuda"
+        self.note = note
+        self.start = time.monotonic()
+        self.last: dict[str, tuple[float, float]] = {}  # kind -> (seconds, work)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def estimate(self, kind: str, work: float = 1.0) -> float:
+        if kind in self.last:
+            seconds, done = self.last[kind]
+            return seconds * work / done
+        return FIRST_GUESS_S[kind] if self.gpu else 0.0
+
+    def fits(self, what: str, kind: str, work: float = 1.0) -> bool:
+        """True to measure the row; else say that it is skipped, and why."""
+        if self.budget_s is None:
+            return True
+        est, used = self.estimate(kind, work), self.elapsed()
+        if used + est <= self.budget_s:
+            return True
+        self.note(
+            f"skipped {what}: {used:.0f} s used + about {est:.0f} s for it > --budget-s "
+            f"{self.budget_s:g}"
+        )
+        return False
+
+    def measured(self, kind: str, seconds: float, work: float = 1.0) -> None:
+        self.last[kind] = (seconds, work)
+
+
+class Report:
+    """Prints each row as a markdown table line the moment it is measured (flushed), and appends
+    it to ``out`` at once as well: a run killed at the end of its device slot leaves the rows it
+    measured as a valid partial table. A row of another kind starts a new table."""
+
+    def __init__(self, out: str | None = None, header: str | None = None, echo: bool = True):
+        self.out = os.path.abspath(out) if out else None  # run() changes the directory
+        self.echo = echo
+        self.kind: str | None = None
+        self.rows: list[dict] = []
+        self.notes: list[str] = []
+        if header is not None:
+            self._emit(header)
+
+    def _emit(self, text: str) -> None:
+        if self.out:  # the file first: a line printed is already on disk
+            with open(self.out, "a") as f:
+                f.write(text + "\n")
+        if self.echo:
+            print(text, flush=True)
+
+    def row(self, kind: str, row: dict) -> None:
+        cols = COLUMNS[kind]
+        if set(row) - set(cols):
+            raise ValueError(f"row {row['what']!r}: columns not in the {kind} table's {cols}")
+        self.rows.append(row)
+        if kind != self.kind:
+            self.kind = kind
+            self._emit("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        cells = [_cell(c, row.get(c, "")) for c in cols]
+        self._emit("| " + " | ".join(cells) + " |")
+
+    def note(self, text: str) -> None:
+        """A line outside the tables (a skipped row): printed now, written to ``out`` once the
+        tables are done (``close``), so that it never splits one."""
+        self.notes.append(text)
+        if self.echo:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.notes and self.out:
+            with open(self.out, "a") as f:
+                f.write("\n" + "".join(f"- {n}\n" for n in self.notes))
+
+
+def _cell(col: str, value) -> str:
+    """``run_all``'s number format, MFU columns as percentages."""
+    if col.startswith("mfu") and value is not None:
+        return f"{value:.1%}"
+    return _fmt(value)
 
 
 def nominal_peak(device: torch.device) -> float | None:
@@ -92,13 +210,18 @@ def _free(device: torch.device) -> None:
 def train_row(name: str, grid: int, batch: int, steps: int, compile: bool, device, peak, nominal):
     cfg = GPTConfig.from_name(name, grid_size=grid)
     _free(device)
+    # the peak counter restarts at what is still allocated (the limits' buffers, caches): the
+    # row's own peak is the growth over that
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     t0 = time.perf_counter()
     step = engine_step(cfg, "bf16", batch=batch, compile=compile)
     # warm-up: optimizer state, and a compiled model compiles again once that state exists
     t = _best(step, device, repeat=steps, warmup=3)
     warm = time.perf_counter() - t0 - steps * t
     flops = batch * train_flops_per_sample(cfg)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    mem = None
+    if device.type == "cuda":
+        mem = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     del step
     _free(device)
     return {
@@ -114,43 +237,48 @@ def train_row(name: str, grid: int, batch: int, steps: int, compile: bool, devic
     }
 
 
-def decode_rows(
-    name: str, batches: tuple[int, ...], compile: bool, device, bandwidth
-) -> list[dict]:
+def decode_rows(name: str, batches: tuple[int, ...], compile: bool, device, bandwidth, budget):
+    """Rows of the decode table, each yielded once measured; a row ``budget`` has no time for
+    is skipped (the model is built only for a row that runs)."""
     cfg = GPTConfig.from_name(name)
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.02)  # a non-degenerate head
-    model = model.to(device=device, dtype=torch.bfloat16)
-    read_s = decode_bytes_per_token(model) / bandwidth  # the copy's reads + writes per second
+    model = None
     params = SamplingParams(cfg_scale=4.0, top_k=1000)
-    rows = []
     for batch in batches:
-        cond = torch.randn(batch, cfg.max_text_tokens, cfg.caption_dim, device=device)
-        seeds = list(range(batch))
         modes = [None] + (
             ["reduce-overhead" if device.type == "cuda" else "default"] if compile else []
         )
         for mode in modes:
+            what = f"decode GPT-{name} bf16 CFG " + (f"compiled ({mode})" if mode else "eager")
+            kind = "decode compiled" if mode else "decode"
+            if not budget.fits(f"{what}, batch {batch}", kind):
+                continue
+            t0 = time.monotonic()
+            if model is None:
+                torch.manual_seed(0)
+                model = GPT(cfg).eval()
+                torch.nn.init.normal_(model.head.weight, std=0.02)  # a non-degenerate head
+                model = model.to(device=device, dtype=torch.bfloat16)
+                # the copy's reads + writes per second
+                read_s = decode_bytes_per_token(model) / bandwidth
+            cond = torch.randn(batch, cfg.max_text_tokens, cfg.caption_dim, device=device)
+            seeds = list(range(batch))
             sampler = Sampler(model, batch, cfg.grid_size, cfg=True, compile_mode=mode)
             if mode and not sampler.compile_mode:
                 continue  # torch.compile unavailable here (the sampler said why)
             t = _best(
                 lambda s=sampler, c=cond, r=seeds: s.sample(c, None, params, r), device, repeat=2
             )
+            del sampler
+            budget.measured(kind, time.monotonic() - t0)
             per_token = t / cfg.image_tokens
-            rows.append(
-                {
-                    "what": f"decode GPT-{name} bf16 CFG "
-                    + (f"compiled ({mode})" if mode else "eager"),
-                    "batch": batch,
-                    "ms_per_token": per_token * 1e3,
-                    "x_weight_read": per_token / read_s,
-                }
-            )
+            yield {
+                "what": what,
+                "batch": batch,
+                "ms_per_token": per_token * 1e3,
+                "x_weight_read": per_token / read_s,
+            }
     del model
     _free(device)
-    return rows
 
 
 def run(
@@ -163,49 +291,51 @@ def run(
     device: str = "cuda",
     matmul_n: int = 8192,
     copy_mb: int = 1024,
+    budget_s: float | None = None,
+    report: Report | None = None,
 ) -> list[dict]:
+    """Measure the rows, handing each to ``report`` as it comes; returns them all. The limits
+    always run (the other rows are figured against them); a later row runs while ``budget_s``
+    (seconds from here) leaves room for it."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here (use --device cpu for a small run of the same code)")
+    report = report if report is not None else Report(echo=False)
+    budget = Budget(budget_s, dev, report.note)
     os.chdir(os.path.dirname(HERE))  # the engine reads configs/deepspeed/ relative to the repo
     engine.init_distributed()
-    peak, bw, nominal = matmul_rate(dev, matmul_n), copy_bandwidth(dev, copy_mb), nominal_peak(dev)
-    rows: list[dict] = [
+    peak = matmul_rate(dev, matmul_n)
+    nominal = nominal_peak(dev)
+    report.row(
+        "limits",
         {
             "what": f"matmul {matmul_n}^3 bf16",
             "value": peak / 1e12,
             "unit": "TFLOP/s",
             "nominal": nominal / 1e12 if nominal else None,
         },
-        {"what": "device copy (read + write)", "value": bw / 1e9, "unit": "GB/s"},
-    ]
+    )
+    bw = copy_bandwidth(dev, copy_mb)
+    report.row("limits", {"what": "device copy (read + write)", "value": bw / 1e9, "unit": "GB/s"})
+    last = presets[-1]
+    train = [(name, 16, batch, False) for name in presets] + [(last, 32, batch_512, False)]
+    train += [(last, 16, batch, True)] if compile else []
     try:
-        for name in presets:
-            rows.append(train_row(name, 16, batch, steps, False, dev, peak, nominal))
-        last = presets[-1]
-        rows.append(train_row(last, 32, batch_512, steps, False, dev, peak, nominal))
-        if compile:
-            rows.append(train_row(last, 16, batch, steps, True, dev, peak, nominal))
-        rows += decode_rows(last, tuple(decode_batches), compile, dev, bw)
+        for name, grid, b, compiled in train:
+            kind = "train compiled" if compiled else "train"
+            work = b * train_flops_per_sample(GPTConfig.from_name(name, grid_size=grid))
+            what = f"train GPT-{name} {grid * 16}px" + (", torch.compile" if compiled else "")
+            if not budget.fits(f"{what}, batch {b}", kind, work):
+                continue
+            t0 = time.monotonic()
+            row = train_row(name, grid, b, steps, compiled, dev, peak, nominal)
+            budget.measured(kind, time.monotonic() - t0, work)
+            report.row("train", row)
+        for row in decode_rows(last, tuple(decode_batches), compile, dev, bw, budget):
+            report.row("decode", row)
     finally:
         engine.remove_shm_buffers(os.environ.get("MASTER_PORT"))
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """``run_all.table`` with MFU columns as percentages."""
-    return table(
-        [
-            {k: f"{v:.1%}" if k.startswith("mfu") and v is not None else v for k, v in r.items()}
-            for r in rows
-        ]
-    )
-
-
-def _groups(rows: list[dict]) -> list[list[dict]]:
-    """Limits, training and decode rows, one table each."""
-    keys = ("value", "s_per_step", "ms_per_token")
-    return [g for g in ([r for r in rows if k in r] for k in keys) if g]
+    return report.rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,32 +349,40 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--matmul-n", type=int, default=None, help="default 8192 on a GPU, 1024 on CPU")
     ap.add_argument("--copy-mb", type=int, default=None, help="default 1024 on a GPU, 64 on CPU")
-    ap.add_argument("--out", default=None, help="append the table to this markdown file")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=720.0,
+        help="skip a row once the time so far plus its rough estimate would pass this (0: none)",
+    )
+    ap.add_argument("--out", default=None, help="append the tables to this markdown file")
     a = ap.parse_args(argv)
-    gpu = a.device.startswith("cuda")
-    rows = run(
-        tuple(a.presets.split(",")),
-        a.batch,
-        a.batch_512,
-        a.steps,
-        tuple(int(b) for b in a.decode_batches.split(",")),
-        not a.no_compile,
-        a.device,
-        a.matmul_n or (8192 if gpu else 1024),
-        a.copy_mb or (1024 if gpu else 64),
-    )
     dev = torch.device(a.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    text = (
-        f"## gpu ({datetime.date.today()}, {name}, torch {torch.__version__})\n\n"
-        f"`python benchmarks/bench_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-        + "\n\n".join(format_table(g) for g in _groups(rows))
-        + "\n"
+    gpu = dev.type == "cuda"
+    if gpu and not torch.cuda.is_available():  # before a header goes to --out
+        raise SystemExit("no CUDA device here (use --device cpu for a small run of the same code)")
+    name = torch.cuda.get_device_name(dev) if gpu else "CPU"
+    header = (
+        f"\n## gpu ({datetime.date.today()}, {name}, torch {torch.__version__})\n\n"
+        f"`python benchmarks/bench_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     )
-    print(text, flush=True)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write("\n" + text)
+    report = Report(a.out, header)
+    try:
+        run(
+            tuple(a.presets.split(",")),
+            a.batch,
+            a.batch_512,
+            a.steps,
+            tuple(int(b) for b in a.decode_batches.split(",")),
+            not a.no_compile,
+            a.device,
+            a.matmul_n or (8192 if gpu else 1024),
+            a.copy_mb or (1024 if gpu else 64),
+            a.budget_s or None,
+            report,
+        )
+    finally:
+        report.close()
     engine.shutdown(0)
 
 

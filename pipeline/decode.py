@@ -29,13 +29,28 @@ log = get_logger(__name__)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_available() -> tuple[bool, str]:
-    """Whether ``torch.compile`` can run here, and why not (checked by compiling a tiny function)."""
+def compile_available(device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """Whether ``torch.compile`` can run on ``device``, and why not (checked by compiling a tiny
+    function on that device: on a GPU inductor goes through triton, on a CPU through its C++
+    backend, and either can be missing while the other works). Checked once per device type."""
+    device = torch.device(device)
+    key = device.type
+    if key not in _COMPILE_CHECKED:
+        _COMPILE_CHECKED[key] = _try_compile(device)
+    return _COMPILE_CHECKED[key]
+
+
+# compile_available's answers by device type: each check compiles (seconds), the answer holds
+# for the whole process
+_COMPILE_CHECKED: dict[str, tuple[bool, str]] = {}
+
+
+def _try_compile(device: torch.device) -> tuple[bool, str]:
     try:
         import torch._dynamo  # noqa: F401
 
         fn = torch.compile(lambda x: x * 2 + 1, fullgraph=True, dynamic=False)
-        ok = bool(torch.equal(fn(torch.ones(2)), torch.full((2,), 3.0)))
+        ok = bool(torch.equal(fn(torch.ones(2, device=device)).cpu(), torch.full((2,), 3.0)))
         return ok, "" if ok else "compiled function gave a wrong result"
     except Exception as exc:  # noqa: BLE001 - any failure means "not available"
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -89,7 +104,7 @@ class StaticDecoder(nn.Module):
         if compile_mode:
             if compile_mode not in COMPILE_MODES:
                 raise ValueError(f"compile mode {compile_mode!r} is not one of {COMPILE_MODES}")
-            ok, why = compile_available()
+            ok, why = compile_available(w.device)
             if ok:
                 self._step = torch.compile(
                     self._step_eager, mode=compile_mode, fullgraph=True, dynamic=False

@@ -6,7 +6,8 @@ builds a callable ``worker(unit) -> stats``. Each Ray actor calls ``make_worker(
 models it holds load once per actor, then runs unit after unit.
 
 A unit whose worker raises is retried on the same actor; a unit whose actor process died (killed,
-out of memory, segfault, lost node) is retried on a fresh actor. After ``max_retries`` retries it
+out of memory, segfault, lost node), or that ran past ``unit_timeout_s`` (a hang), is retried on
+a fresh actor. After ``max_retries`` retries it
 counts as failed and the run goes on: finished units are never lost because one failed.
 
 ``backend="inline"`` runs the same workers in this process, one after another (for debugging
@@ -58,8 +59,18 @@ class ExecutorConfig:
         "lack the CPUs/GPUs asked per actor (an autoscaler may need minutes to add nodes)",
         900.0,
     )
+    unit_timeout_s: float | None = doc(
+        "A unit running longer than this is taken as hung (a GPU or driver hang, a stuck "
+        "read): its actor is killed and replaced and the unit retried. null: no limit. Set it "
+        "well above a unit's longest normal time (a CPU pretokenize shard takes hours)",
+        None,
+    )
 
     def __post_init__(self) -> None:
+        if self.unit_timeout_s is not None and self.unit_timeout_s <= 0:
+            raise ValueError(
+                f"executor.unit_timeout_s must be > 0 or null, got {self.unit_timeout_s}"
+            )
         if self.max_retries < 0:
             raise ValueError(f"executor.max_retries must be >= 0, got {self.max_retries}")
         if self.num_actors < 1:
@@ -240,24 +251,47 @@ def _run_ray(
         pending = collections.deque(todo)
         idle = [starting.pop(first[0])]
         inflight: dict[Any, tuple[Any, int]] = {}
+        since: dict[Any, float] = {}  # ref -> when its unit was handed out
         while pending or inflight:
             while idle and pending:
                 actor, u = idle.pop(), pending.popleft()
                 report.attempts[u] = report.attempts.get(u, 0) + 1
-                inflight[actor.run.remote(u)] = (actor, u)
+                ref = actor.run.remote(u)
+                inflight[ref], since[ref] = (actor, u), time.monotonic()
             waiting = list(inflight) + (list(starting) if pending else [])
             if not waiting:
                 raise RuntimeError(
                     f"{desc}: every actor failed to start; {len(pending)} units left"
                 )
-            # with nothing running, only actors still starting can take the rest: bounded wait
+            # with nothing running, only actors still starting can take the rest: bounded wait;
+            # with a unit limit, wake up when the oldest unit in flight reaches it
             timeout = None if inflight else cfg.start_timeout_s
+            if inflight and cfg.unit_timeout_s is not None:
+                oldest = min(since[r] for r in inflight)
+                timeout = max(0.0, oldest + cfg.unit_timeout_s - time.monotonic())
             ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
-            if not ready:
+            if not ready and not inflight:
                 raise TimeoutError(
                     f"{desc}: {len(pending)} units left and no actor could take them within "
                     f"{cfg.start_timeout_s:.0f}s (cluster resources: {ray.cluster_resources()})"
                 )
+            if not ready:  # a unit ran past unit_timeout_s: take it as hung
+                now = time.monotonic()
+                for ref in [r for r in inflight if now - since[r] >= cfg.unit_timeout_s]:
+                    actor, u = inflight.pop(ref)
+                    since.pop(ref)
+                    err = (
+                        f"no result after {cfg.unit_timeout_s:.0f}s (unit_timeout_s): taken as "
+                        "hung, its actor is replaced"
+                    )
+                    replace(actor)
+                    log.warning(
+                        "%s: unit %d attempt %d failed: %s", desc, u, report.attempts[u], err
+                    )
+                    report.failed[u] = err
+                    if report.attempts[u] <= cfg.max_retries:
+                        pending.append(u)
+                continue
             for ref in ready:
                 if ref in starting:
                     actor = starting.pop(ref)
@@ -270,6 +304,7 @@ def _run_ray(
                         actors.remove(actor)
                     continue
                 actor, u = inflight.pop(ref)
+                since.pop(ref)
                 try:
                     report.results[u] = ray.get(ref)
                     report.failed.pop(u, None)
@@ -278,7 +313,7 @@ def _run_ray(
                     continue
                 except RayTaskError as exc:  # the worker raised
                     err = _short(exc)
-                    if not _poisons_process(err):  # the actor is fine
+                    if not poisons_process(err):  # the actor is fine
                         idle.append(actor)
                     else:  # a CUDA context left broken fails every later unit: a fresh actor
                         err = f"{err} (its actor is replaced: the error is sticky)"
@@ -305,7 +340,7 @@ _STICKY = re.compile(
 )
 
 
-def _poisons_process(message: str) -> bool:
+def poisons_process(message: str) -> bool:
     return bool(_STICKY.search(message))
 
 

@@ -352,6 +352,13 @@ def run_in_parts(cfg: C, run: Callable[[C], R], split: bool = True) -> R | None:
     part_cfg, le = parts_from_launcher(cfg)
     if le.world == 1:
         return run(cfg)
+    device = str(part_cfg.device)  # type: ignore[attr-defined]
+    if device.startswith("cuda:"):
+        import torch
+
+        # the rank's GPU as the current device too: an implicit one (a library's allocation,
+        # an argument-less synchronize) would otherwise open a context on GPU 0 from every rank
+        torch.cuda.set_device(device)
     if not split:
         return run(dataclasses.replace(part_cfg, num_parts=1, part=0)) if le.rank == 0 else None  # type: ignore[type-var]
     import torch.distributed as dist

@@ -204,8 +204,12 @@ def encode_prompts(
 
     if not uri:
         raise ValueError("text prompts need text_encoder (a local dir or s3:// URI of the T5)")
+    # one prompt a forward pass: batched, a prompt is padded to the longest of the prompts it
+    # happens to be encoded with (which a resumed run or a part chooses differently), and on a
+    # GPU other shapes round differently in the low bits, so the image could change. T5 is a
+    # small part of sampling's time
     enc = TextEncoder.from_pretrained(
-        uri, device=device, dtype=dtype, max_length=model_cfg.max_text_tokens
+        uri, device=device, dtype=dtype, max_length=model_cfg.max_text_tokens, batch_size=1
     )
     if enc.dim != model_cfg.caption_dim:
         raise ValueError(

@@ -11,33 +11,65 @@ from pipeline.models.gpt import GPTConfig, train_flops_per_sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+SMALL = [
+    "--device",
+    "cpu",
+    "--presets",
+    "debug",
+    "--batch",
+    "2",
+    "--batch-512",
+    "1",
+    "--steps",
+    "1",
+    "--decode-batches",
+    "1",
+    "--no-compile",
+    "--matmul-n",
+    "256",
+]
+FIRST_TRAIN_ROW = "| train GPT-debug 256px bf16 ZeRO-2 |"
+ENV = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the script picks one
+
+
+def _table_rows_are_whole(text: str) -> None:
+    """Every table line has its header's number of cells: a valid (partial) markdown table."""
+    width = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            width = None
+        elif width is None:
+            width = line.count("|")
+        else:
+            assert line.count("|") == width, line
+
+
 def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
+    """The whole run on CPU; each row reaches stdout and --out the moment it is measured (the
+    file is read while the run goes on), so a run killed at the end of its slot keeps them."""
     out = tmp_path / "results.md"
-    cmd = [
-        sys.executable,
-        "benchmarks/bench_gpu.py",
-        "--device",
-        "cpu",
-        "--presets",
-        "debug",
-        "--batch",
-        "2",
-        "--batch-512",
-        "1",
-        "--steps",
-        "1",
-        "--decode-batches",
-        "1",
-        "--no-compile",
-        "--matmul-n",
-        "256",
-        "--out",
-        str(out),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # the script picks one
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "benchmarks/bench_gpu.py", *SMALL, "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    snapshot = None
+    try:
+        for line in proc.stdout:
+            if snapshot is None and line.startswith(FIRST_TRAIN_ROW):
+                # the row was written before it was printed: the file holds it now, and the
+                # run has not ended (decode is still to come)
+                assert proc.poll() is None
+                snapshot = out.read_text()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
     text = out.read_text()
+    assert snapshot is not None and text.startswith(snapshot)
+    assert snapshot.startswith("\n## gpu (") and FIRST_TRAIN_ROW in snapshot
+    assert "| device copy (read + write) |" in snapshot and "| decode " not in snapshot
+    _table_rows_are_whole(snapshot)
+    _table_rows_are_whole(text)
     assert text.startswith("\n## gpu (") and "CPU" in text.splitlines()[1]
     rows = {
         line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
@@ -69,3 +101,26 @@ def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
     ms, x_read = rows["decode GPT-debug bf16 CFG eager"][1:3]
     assert float(ms) > 0 and float(x_read) > 0
     assert re.search(r"\| train GPT-debug 256px bf16 ZeRO-2 \| 2 \|", text)
+
+
+def test_bench_gpu_skips_the_rows_its_budget_has_no_time_for(tmp_path):
+    """With a budget already spent by the limits, every later row is skipped with a line that
+    says so (stdout, and after the tables in --out); the limits table is still whole."""
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, "benchmarks/bench_gpu.py", *SMALL, "--budget-s", "0.001"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("skipped ")]
+    assert [s.split(":")[0] for s in skipped] == [
+        "skipped train GPT-debug 256px, batch 2",
+        "skipped train GPT-debug 512px, batch 1",
+        "skipped decode GPT-debug bf16 CFG eager, batch 1",
+    ]
+    assert all("> --budget-s 0.001" in s for s in skipped)
+    text = out.read_text()
+    assert "| matmul 256^3 bf16 |" in text and "| device copy (read + write) |" in text
+    assert "| train " not in text and "| decode " not in text
+    assert text.rstrip().endswith("\n".join(f"- {s}" for s in skipped))
+    _table_rows_are_whole(text)

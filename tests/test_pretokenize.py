@@ -365,6 +365,92 @@ def test_one_bad_sample_is_a_counted_drop_never_a_failed_shard(tmp_path, models,
     assert list(m2["failed_shards"]) == ["0"] and m2["num_shards"] == 0
 
 
+def test_a_sticky_cuda_error_on_a_one_caption_batch_fails_the_shard(tmp_path, models, monkeypatch):
+    """A T5 failure on every caption was raised only for batches of two or more: a CUDA error
+    (the executor's sticky kind) on the last, one-sample batch of a shard was counted as a
+    caption's t5_error and the shard marked done, so a rerun skipped it. Such an error fails
+    the shard wherever it comes, also in the caption-by-caption retry of a larger batch."""
+    raw = str(tmp_path / "raw")
+    write_raw_shards(raw, 1, 9)  # batch_size 8: the last batch holds one caption
+    real_encode = TextEncoder.encode
+    sticky = "CUDA error: an illegal memory access was encountered"
+
+    def one_caption_breaks(self, captions, *a, **kw):
+        if len(captions) == 1:
+            raise RuntimeError(sticky)
+        return real_encode(self, captions, *a, **kw)
+
+    monkeypatch.setattr(TextEncoder, "encode", one_caption_breaks)
+    out = str(tmp_path / "tokens")
+    m = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out, models)))
+    assert list(m["failed_shards"]) == ["0"] and m["num_shards"] == 0
+    assert "illegal memory access" in m["failed_shards"]["0"]
+    assert not shards.is_done(out, 0)
+
+    # the batch fails on one caption's account, then the context breaks on a later caption:
+    # the captions after it are not dropped as bad, the shard fails
+    def breaks_after_a_bad_caption(self, captions, *a, **kw):
+        if len(captions) > 1:
+            raise ValueError("T5 cannot take this caption")
+        if captions[0] == txts[2]:
+            raise RuntimeError(sticky)
+        return real_encode(self, captions, *a, **kw)
+
+    samples = list(shards.iter_raw_shard(raw, 0, {}))
+    txts = [s["txt"].decode() for s in samples]
+    monkeypatch.setattr(TextEncoder, "encode", breaks_after_a_bad_caption)
+    out2 = str(tmp_path / "tokens2")
+    m2 = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out2, models)))
+    assert list(m2["failed_shards"]) == ["0"] and not shards.is_done(out2, 0)
+
+    # a caption T5 cannot take, alone in the last batch, is still a counted drop
+    def last_caption_is_bad(self, captions, *a, **kw):
+        if captions == txts[8:]:
+            raise ValueError("T5 cannot take this caption")
+        return real_encode(self, captions, *a, **kw)
+
+    monkeypatch.setattr(TextEncoder, "encode", last_caption_is_bad)
+    out3 = str(tmp_path / "tokens3")
+    m3 = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out3, models)))
+    assert not m3["failed_shards"] and shards.is_done(out3, 0)
+    assert m3["shards"][0]["stats"]["dropped"] == {"t5_error": 1}
+
+
+def test_a_gpu_vq_worker_turns_tf32_off(tmp_path, models, monkeypatch):
+    """With vq.dtype float32 on a GPU, cuDNN convolutions ran in TF32 by default (PyTorch's
+    setting), so a GPU worker's codes could differ from a CPU worker's in the same output. A
+    worker whose VQ is on CUDA turns TF32 off for its process; on a CPU nothing is touched."""
+    from pipeline.data import pretokenize as ptk
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        assert not ptk.exact_fp32_on_cuda("cpu")
+        assert (matmul.fp32_precision, conv.fp32_precision) == saved
+        assert conv.fp32_precision == "tf32"  # PyTorch's default: what the worker must undo
+        assert ptk.exact_fp32_on_cuda("cuda:0")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert not matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+    # the worker calls it with its VQ's device, before moving the VQ there
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def spy(device):
+        seen.append(device)
+        raise Stop  # no CUDA here to move the VQ to
+
+    monkeypatch.setattr(ptk, "exact_fp32_on_cuda", spy)
+    cfg = load_config(PretokenizeConfig, TINY, _overrides("raw", "out", models, "vq.device=cuda:0"))
+    with pytest.raises(Stop):
+        ptk.PretokenizeWorker(cfg)
+    assert seen == ["cuda:0"]
+
+
 def _resize_then_crop(img, size):
     """The old way (LlamaGen's order without its box pre-shrink): resize all, then crop."""
     w, h = img.size

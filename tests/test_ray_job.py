@@ -3,6 +3,7 @@
 import os
 import sys
 import threading
+import time
 
 import pytest
 import ray.cloudpickle
@@ -63,6 +64,24 @@ class _PoisonedWorker:
 
 def _make_poisoned(root):
     return lambda: _PoisonedWorker(root)
+
+
+class _HangingWorker:
+    """Unit 1's first try never returns (a GPU hang); everything else is quick."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.pid = root, os.getpid()
+
+    def __call__(self, unit: int) -> dict:
+        if unit == 1 and not os.path.exists(os.path.join(self.root, "hung-once")):
+            with open(os.path.join(self.root, "hung-once"), "w") as f:
+                f.write(str(self.pid))
+            time.sleep(3600)
+        return {"unit": unit, "pid": self.pid}
+
+
+def _make_hanging(root):
+    return lambda: _HangingWorker(root)
 
 
 def _broken_factory():
@@ -170,3 +189,21 @@ def test_pretokenize_job_submitted_to_cluster_with_s3(ray_head, s3_bucket, tmp_p
     assert [g["key"] for g in got] == [k for i in range(3) for k in keys[i] if k != raw_key(2, 1)]
     assert all(g["codes"].shape == (8, 8) and g["codes_flip"].shape == (8, 8) for g in got)
     assert storage.exists(f"{out}/pretokenize_config.yaml")
+
+
+def test_a_unit_past_its_time_limit_is_retried_on_a_fresh_actor(ray_head, tmp_path):
+    """unit_timeout_s: a hung unit does not stall the stage; its actor is replaced and the
+    unit's retry succeeds, the other units are unaffected."""
+    cfg = ExecutorConfig(
+        address=ray_head.gcs_address, num_actors=1, max_retries=1, unit_timeout_s=8
+    )
+    t0 = time.monotonic()
+    report = run_units([1, 2, 3], _make_hanging(str(tmp_path)), cfg)
+    assert time.monotonic() - t0 < 300
+    assert sorted(report.results) == [1, 2, 3] and not report.failed
+    assert report.attempts == {1: 2, 2: 1, 3: 1}
+    # the hung actor was replaced: the retry ran in another process
+    hung_pid = int((tmp_path / "hung-once").read_text())
+    assert report.results[1]["pid"] != hung_pid
+    with pytest.raises(ValueError, match="unit_timeout_s must be > 0"):
+        ExecutorConfig(unit_timeout_s=0)

@@ -172,6 +172,35 @@ def test_bf16_cpu_decoder_freezes_its_weights_and_refuses_changed_ones():
     )
 
 
+def test_compile_check_runs_on_the_decoders_device_once_per_device_type(monkeypatch):
+    """compile_available compiled its probe on a CPU tensor whatever the device: on a GPU machine
+    that tests inductor's C++ backend, not triton. It runs the probe on the device it is given
+    (a tensor there), once per device type, and the decoder asks about its own device."""
+    from pipeline import decode
+
+    monkeypatch.setattr(decode, "_COMPILE_CHECKED", {})
+    # the real probe: its tensor is on the device asked about (meta holds no data to check)
+    ok, why = compile_available("meta")
+    assert not ok and "meta" in why
+    probed = []
+
+    def probe(device):
+        probed.append(device)
+        return device.type == "cuda", "" if device.type == "cuda" else "no C++ compiler"
+
+    monkeypatch.setattr(decode, "_try_compile", probe)
+    assert compile_available("cuda:1") == (True, "")
+    assert compile_available(torch.device("cuda", 0)) == (True, "")  # cached by type
+    assert compile_available("meta")[0] is False  # the real probe's answer, kept
+    assert probed == [torch.device("cuda", 1)]
+    # a CPU decoder asks about the CPU: told no, it decodes eagerly
+    model, feats, mask = model_and_cond()
+    decoder = StaticDecoder(model, 3, compile_mode="default")
+    assert probed[1:] == [torch.device("cpu")] and decoder.compile_mode is None
+    assert compile_available() == (False, "no C++ compiler")
+    assert len(probed) == 2
+
+
 def test_compile_mode_gives_the_same_tokens():
     ok, why = compile_available()
     assert ok, f"torch.compile unavailable here: {why}"

@@ -358,3 +358,35 @@ def test_a_launcher_of_two_ranks_samples_the_parts_and_rank0_collects(models, tm
     )  # fmt: skip
     assert bad.returncode != 0
     assert "launch error: num_parts=3 part=1, but the launcher (env) started 2 ranks" in bad.stderr
+
+
+def test_each_prompt_is_encoded_alone_so_its_features_do_not_depend_on_the_others(
+    models, monkeypatch
+):
+    """A prompt's T5 features are the same whichever prompts a run (a resume, a part) encodes
+    with it: one forward pass per prompt, at its own length."""
+    from pipeline.models.text_encoder import TextEncoder
+    from pipeline.sample_job import encode_prompts
+
+    shapes: list[tuple[int, ...]] = []
+    real = TextEncoder.from_pretrained
+
+    def spying(*a, **k):
+        enc = real(*a, **k)
+        forward = enc.model.forward
+
+        def recording(*fa, **fk):
+            shapes.append(tuple(fk["input_ids"].shape))
+            return forward(*fa, **fk)
+
+        enc.model.forward = recording
+        return enc
+
+    monkeypatch.setattr(TextEncoder, "from_pretrained", spying)
+    mcfg = tiny_gpt().cfg
+    prompts = ["a red circle", "an orange triangle on a long and winding road, small"]
+    both, _ = encode_prompts(models["t5"], prompts, mcfg, "cpu")
+    assert [s[0] for s in shapes] == [1, 1]  # one prompt a pass
+    assert shapes[0][1] != shapes[1][1]  # each at its own length, no padding to the other's
+    alone, _ = encode_prompts(models["t5"], prompts[:1], mcfg, "cpu")
+    assert torch.equal(alone[0], both[0])

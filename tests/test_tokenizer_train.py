@@ -170,6 +170,93 @@ def test_resume_reads_the_checkpoints_shard_set(raw_dir, tmp_path):
         _training_shards(raw_dir, {"shards": ["00000.tar", "00007.tar"]})
 
 
+def _metric_rows(steps, tag: str) -> str:
+    return "".join(json.dumps({"step": s, "loss": tag}) + "\n" for s in steps)
+
+
+def _steps_and_tags(text: str) -> list[tuple[int, str]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, text.splitlines())]
+
+
+def test_resumed_metrics_history_comes_from_the_remote_copy(tmp_path, s3_bucket):
+    """With an S3 run folder its metrics.jsonl (mirrored before each checkpoint) is the history:
+    a stale local file (the run moved to another node and back) is not read."""
+    from pipeline.tokenizer.train import _Metrics
+
+    run, node = f"{s3_bucket}/run", tmp_path / "node"
+    node.mkdir()
+    storage.write_text(f"{run}/metrics.jsonl", _metric_rows(range(1, 10), "remote"))
+    (node / "metrics.jsonl").write_text(_metric_rows(range(1, 4), "local"))
+    m = _Metrics(str(node), run, resume_step=6)
+    m.write({"step": 7, "loss": "new"})
+    m.f.close()
+    m.mirror()
+    want = [(s, "remote") for s in range(1, 7)] + [(7, "new")]
+    assert _steps_and_tags(storage.read_text(f"{run}/metrics.jsonl")) == want
+    assert _steps_and_tags((node / "metrics.jsonl").read_text()) == want
+    # no remote copy yet (killed before the first mirror): the local file is all there is
+    storage.remove(f"{run}/metrics.jsonl")
+    (node / "metrics.jsonl").write_text(_metric_rows(range(1, 4), "local"))
+    _Metrics(str(node), run, resume_step=2).f.close()
+    assert _steps_and_tags((node / "metrics.jsonl").read_text()) == [(1, "local"), (2, "local")]
+
+
+def test_resume_skips_a_torn_metrics_line(tmp_path, caplog):
+    """A last line cut short by a power loss is dropped with a warning, not a failed resume."""
+    from pipeline.tokenizer.train import _Metrics
+
+    run = tmp_path / "run"  # a local run folder: its own file is the history
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(_metric_rows(range(1, 6), "ok") + '{"step": 6, "lo')
+    with caplog.at_level("WARNING"):
+        m = _Metrics(str(run), str(run), resume_step=6)
+    m.write({"step": 6, "loss": "again"})
+    m.f.close()
+    want = [(s, "ok") for s in range(1, 6)] + [(6, "again")]
+    assert _steps_and_tags((run / "metrics.jsonl").read_text()) == want
+    assert "skipped 1 unreadable line(s)" in caplog.text
+
+
+_TWO_RANK_SCRIPT = """
+import json, os, sys
+from pipeline.config import load_config
+from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+summary = train_tokenizer(load_config(TokenizerTrainConfig, sys.argv[1], sys.argv[2:]), "none")
+print("SUMMARY " + json.dumps(summary), flush=True)
+os._exit(0)  # gloo may abort at interpreter exit (jobs/train_tokenizer.py)
+"""
+
+
+def test_summary_counts_broken_images_of_every_rank(tmp_path):
+    """Each rank reads its own shards: the summary's broken-image count is the sum over ranks
+    (the logged figure), on every rank, not rank 0's own count."""
+    data = str(tmp_path / "raw")
+    # every other image of both shards is broken, so both ranks (one shard each) skip some
+    write_raw_shards(data, 2, 12, size=32, broken={(s, i) for s in (0, 1) for i in range(0, 12, 2)})
+    run = tmp_path / "run"
+    args = [f"data={data}", f"run_dir={run}", "batch_size=2", "max_steps=2", "max_scale=1.0",
+            "log_every=1", "eval_images=0", "decode_threads=1", "shuffle_buffer=4"]  # fmt: skip
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1", T2I_CACHE=str(tmp_path / "cache"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_RANK_SCRIPT, TINY, *args],
+            cwd=ROOT,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    summaries = [json.loads(o.split("SUMMARY ", 1)[1].splitlines()[0]) for o in outs]
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and last["broken_images"] > 0
+    assert [s["broken_images"] for s in summaries] == [last["broken_images"]] * 2
+
+
 def test_lpips_backbone_is_never_downloaded(tmp_path, monkeypatch, caplog):
     from pipeline.tokenizer.losses import build_lpips
 
@@ -215,6 +302,13 @@ def test_psnr_ssim_on_known_inputs():
     x = torch.rand(2, 3, 32, 32) * 0.6 + 0.2
     y = x + 0.1  # mse 0.01 -> 20 dB exactly
     assert torch.allclose(ev.psnr(x, y), torch.full((2,), 20.0, dtype=torch.float64))
+    # pixel-exact: a finite 100 dB (MSE floored at 1e-10), so means and JSON stay finite
+    assert torch.equal(ev.psnr(x, x), torch.full((2,), 100.0, dtype=torch.float64))
+    json.dumps(float(ev.psnr(x, x).mean()), allow_nan=False)
+    # one 8-bit level off in one sample of a 32 px image: MSE 5.1e-9, 82.9 dB, not floored
+    near = x.clone()
+    near[:, 0, 0, 0] += 1 / 255
+    assert ev.psnr(x, near).tolist() == pytest.approx([20 * np.log10(255 * 3072**0.5)] * 2)
     assert torch.allclose(ev.ssim(x, x), torch.ones(2, dtype=torch.float64))
     from skimage.metrics import structural_similarity
 
@@ -352,6 +446,7 @@ def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):
     assert summary["step"] == 300 and summary["eval"] == after
     assert after["psnr"] > before["psnr"] + 4.0, (before, after)  # >2.5x lower MSE
     assert after["codebook_usage"] > 0 and after["rfid"] is None
+    assert after["images_from"] == "training shards (not held out)"
     rows = [json.loads(x) for x in Path(run, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 301))
     # the GAN terms switch on after disc_start

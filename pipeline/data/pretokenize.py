@@ -43,7 +43,7 @@ from pipeline.data.filter import (
 from pipeline.data.raw import center_crop as resize_center_crop
 from pipeline.data.raw import decode_rgb
 from pipeline.data.raw import to_tensor as to_pixels
-from pipeline.executor import ExecutorConfig, prefetch, run_units
+from pipeline.executor import ExecutorConfig, poisons_process, prefetch, run_units
 from pipeline.log import get_logger
 from pipeline.models.text_encoder import EncodedCaptions, TextEncoder, TextEncoderConfig
 from pipeline.models.vq import VQModel, codes_to_uint16
@@ -115,6 +115,26 @@ class PretokenizeConfig:
 # --- the worker ---------------------------------------------------------------------------------
 
 
+def exact_fp32_on_cuda(device: str | torch.device) -> bool:
+    """Turn TF32 off for this process's cuDNN convolutions and CUDA matmuls when the VQ runs on
+    a GPU; returns whether it did.
+
+    PyTorch lets cuDNN convolutions compute float32 in TF32 by default (a 10-bit mantissa), so a
+    GPU worker with ``vq.dtype: float32`` would find other nearest codes than a CPU worker
+    writing into the same output. In bf16 runs the last 1x1 conv and the code search stay fp32
+    (see ``PretokenizeWorker``) to keep their inputs unrounded, which TF32 would undo; bf16
+    convolutions themselves are not affected. The setting is process-wide: T5's float32 matmuls
+    in this worker are exact too (CUDA matmuls already default to that). It uses the
+    ``fp32_precision`` API, which torch 2.9+ prefers to the ``allow_tf32`` flags (after it,
+    torch refuses to read ``torch.backends.cudnn.allow_tf32``; nothing here does).
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    return True
+
+
 @dataclasses.dataclass
 class _Batch:
     keys: list[str]
@@ -140,6 +160,7 @@ class PretokenizeWorker:
             vq = VQModel.from_pretrained(cfg.vq.uri, cfg.vq.preset)
         dtype = torch_dtype(cfg.vq.dtype)
         warn_if_slow(dtype, cfg.vq.device, "the VQ encoder")
+        exact_fp32_on_cuda(cfg.vq.device)
         self.vq = vq.to(cfg.vq.device, dtype).eval()
         # the encoder runs in dtype; the last 1x1 conv and the code search stay fp32: in bf16 the
         # latent and the codebook are rounded before the nearest-code search (0.9% of codes
@@ -219,10 +240,15 @@ class PretokenizeWorker:
         """T5 features of the batch's captions. When the batch fails, it is encoded caption by
         caption (the same features: padding is masked), and a caption T5 cannot take gets None,
         counted as ``t5_error``. Every caption of a batch failing is raised: that is the
-        encoder, not the captions, and the shard is retried."""
+        encoder, not the captions, and the shard is retried. So is an error that leaves the
+        process's CUDA context broken (the executor's sticky pattern) wherever it comes: a
+        one-caption batch cannot tell the two apart by count, and its caption would otherwise be
+        dropped and the shard marked done."""
         try:
             return self.text.encode(batch.captions)
         except Exception as exc:  # noqa: BLE001 - narrowed down caption by caption below
+            if poisons_process(str(exc)):
+                raise  # a broken CUDA context: no caption is to blame, the shard is retried
             error = exc
         features: list[torch.Tensor | None] = []
         lengths: list[int] = []
@@ -232,6 +258,8 @@ class PretokenizeWorker:
             try:
                 one = self.text.encode([caption])
             except Exception as exc:  # noqa: BLE001 - this caption alone: counted, dropped
+                if poisons_process(str(exc)):
+                    raise  # as above: every later caption would fail too, and be dropped
                 log.warning("T5 failed on the caption of %s: %s", batch.keys[i], exc)
                 features.append(None)
                 lengths.append(0)

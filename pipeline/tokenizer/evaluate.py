@@ -2,8 +2,15 @@
 
 Images are center crops from raw shards; reconstructions are clamped and rounded to 8 bits (what
 a saved PNG holds) before scoring, as LlamaGen's evaluation does. PSNR and SSIM are per-image
-means on [0, 1] images. Codebook usage is the fraction of codes that occur at least once over the
-evaluation set.
+means on [0, 1] images. PSNR floors the MSE at 1e-10, so a pixel-exact reconstruction scores
+100 dB instead of inf (an inf would make the mean inf and the JSON non-standard ``Infinity``).
+Codebook usage is the fraction of codes that occur at least once over the evaluation set.
+
+SSIM is the standard one (Wang et al. 2004): an 11-px Gaussian window (sigma 1.5) with
+data_range 1 on [0, 1] images. It is not directly comparable with the SSIM of LlamaGen's
+``reconstruction_vq_ddp.py``, which calls skimage's ``structural_similarity`` with its default
+7x7 uniform window and ``data_range=2.0`` on [0, 1] images (stabilising constants four times
+those of the images' real range, which pushes the score towards 1).
 
 rFID uses torchmetrics' ``FrechetInceptionDistance`` (torch-fidelity's InceptionV3) with weights
 from a LOCAL file or s3:// URI only (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``).
@@ -34,14 +41,26 @@ RFID_UNAVAILABLE = (
 )
 
 
+# the MSE floor of psnr: a pixel-exact image scores 10 * log10(1 / 1e-10) = 100 dB, not inf
+MIN_MSE = 1e-10
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [0, 1], shapes (B, C, H, W) -> (B,)."""
+    """Per-image PSNR in dB of images in [0, 1], shapes (B, C, H, W) -> (B,).
+
+    The MSE is floored at :data:`MIN_MSE`, so identical images give 100 dB rather than inf (which
+    would turn the mean over a set into inf). Images that differ score below 100 dB unless the
+    difference is tiny: one 8-bit level in one sample of a 256 px image (MSE 7.8e-11) reads
+    100 dB too."""
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(1.0 / mse)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(MIN_MSE))
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Gaussian window 11, sigma 1.5) of images in [0, 1] -> (B,)."""
+    """Per-image SSIM (Gaussian window 11, sigma 1.5, data_range 1) of images in [0, 1] -> (B,).
+
+    The standard SSIM; LlamaGen's figures use skimage's 7x7 uniform window with data_range 2.0
+    on [0, 1] images and are not directly comparable (module docstring)."""
     return structural_similarity_index_measure(
         x.double(), y.double(), data_range=1.0, reduction="none"
     )

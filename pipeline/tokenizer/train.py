@@ -11,7 +11,9 @@ adaptive weight of taming-transformers.
 
 Exact resume: a checkpoint holds model, discriminator, both optimizers, the step, and every
 rank's RNG states and data position (``RawImageStream.state_dict``). Resuming from step k
-replays steps k+1... with the same samples, augmentations and losses as an uninterrupted run.
+replays steps k+1... with the same samples, augmentations and RNG states as an uninterrupted
+run. On CPU the losses are bit-identical too (tested with gloo and two ranks); on GPU cuDNN may
+pick nondeterministic kernels, so the losses agree closely but not to the bit.
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ class TokenizerTrainConfig:
     ckpt_every: int = doc("steps between checkpoints", 5000)
     keep_checkpoints: int = doc("complete checkpoints to keep (0 = all)", 2)
     eval_images: int = doc(
-        "images (center crops, first shards) to evaluate at the end; 0 = skip", 0
+        "images to evaluate at the end (center crops of the first TRAINING shards, not held "
+        "out: a reconstruction check, not a validation score; eval.json says so); 0 = skip",
+        0,
     )
     inception_weights: str | None = doc(
         "local/s3 InceptionV3 weights (torch-fidelity) for rFID", None
@@ -132,6 +136,14 @@ class _Dist:
         t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
+
+    def all_sum(self, value: int) -> int:
+        """The sum of ``value`` over all ranks, on every rank (a collective: all ranks call it)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
 
     def broadcast(self, obj: Any) -> Any:
         if self.world == 1:
@@ -190,19 +202,37 @@ class _Metrics:
     def __init__(self, local_root: str, run_dir: str, resume_step: int | None):
         self.local = os.path.join(local_root, "metrics.jsonl")
         self.remote = storage.join(run_dir, "metrics.jsonl") if storage.is_remote(run_dir) else None
-        lines: list[str] = []
+        keep: list[str] = []
         if resume_step is not None:
-            src = self.local if os.path.exists(self.local) else self.remote
-            if src and storage.exists(src):
-                lines = storage.read_text(src).splitlines()
-        # a resumed run rewrites the steps after its checkpoint: keep one line per step
-        keep = [
-            ln
-            for ln in lines
-            if ln and resume_step is not None and json.loads(ln)["step"] <= resume_step
-        ]
+            # a resumed run rewrites the steps after its checkpoint: keep one line per step
+            keep = [ln for ln, step in self._history() if step <= resume_step]
         storage.write_text(self.local, "".join(ln + "\n" for ln in keep))
         self.f = open(self.local, "a")
+
+    def _history(self) -> list[tuple[str, int]]:
+        """(line, step) of the saved history, from the remote copy when the run folder is remote.
+
+        The remote copy is uploaded before each checkpoint, so it holds every step up to the one
+        resumed from; the local file may be stale (the run moved to another node and back) and is
+        read only without a remote run folder, or when the remote copy is missing. Lines that do
+        not parse (one torn by a power loss mid-write) are skipped with a warning: they would
+        otherwise stop the resume."""
+        src = self.remote if self.remote and storage.exists(self.remote) else self.local
+        if not storage.exists(src):
+            return []
+        out, bad = [], 0
+        for ln in storage.read_text(src).splitlines():
+            if not ln.strip():
+                continue
+            try:
+                step = int(json.loads(ln)["step"])
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            out.append((ln, step))
+        if bad:
+            log.warning("skipped %d unreadable line(s) of %s (torn by a crash?)", bad, src)
+        return out
 
     def write(self, row: dict[str, Any]) -> None:
         self.f.write(json.dumps(row) + "\n")
@@ -402,10 +432,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
             if d.world > 1:
                 dist.all_reduce(usage, op=dist.ReduceOp.MAX)
             row["codebook_usage"] = usage.mean().item()
-            broken = torch.tensor([float(stream.broken)], device=d.device)
-            if d.world > 1:
-                dist.all_reduce(broken)
-            row["broken_images"] = int(broken.item())
+            row["broken_images"] = d.all_sum(stream.broken)
             used.zero_()
             rate = steps_since / (time.time() - t0)
             t0, steps_since = time.time(), 0
@@ -441,7 +468,8 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
                 metrics,
             )
 
-    summary: dict[str, Any] = {"step": step, "broken_images": stream.broken}
+    # every rank's count, as logged (each rank reads its own shards); every rank gets the sum
+    summary: dict[str, Any] = {"step": step, "broken_images": d.all_sum(stream.broken)}
     if d.world > 1:
         # every rank's last step is saved; the export and the evaluation are rank 0's alone and
         # need no collective, so no rank waits in one (a timeout) while they run
@@ -454,6 +482,11 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
         if cfg.eval_images > 0:
             from pipeline.tokenizer.evaluate import evaluate_model
 
+            log.info(
+                "end-of-training evaluation on %d crops of the TRAINING shards (not held out; "
+                "for held-out figures run jobs/eval_tokenizer.py on other shards)",
+                cfg.eval_images,
+            )
             summary["eval"] = evaluate_model(
                 model.eval(),
                 shards,
@@ -462,6 +495,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
                 batch_size=cfg.batch_size,
                 inception_weights=cfg.inception_weights,
             )
+            summary["eval"]["images_from"] = "training shards (not held out)"
             storage.write_json(storage.join(cfg.run_dir, "eval.json"), summary["eval"])
     return summary
 
