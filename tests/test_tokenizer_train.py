@@ -305,6 +305,11 @@ def test_psnr_ssim_on_known_inputs():
     # pixel-exact: a finite 100 dB (MSE floored at 1e-10), so means and JSON stay finite
     assert torch.equal(ev.psnr(x, x), torch.full((2,), 100.0, dtype=torch.float64))
     json.dumps(float(ev.psnr(x, x).mean()), allow_nan=False)
+    # the training log's PSNR ([-1, 1] images, range 2) is capped the same way
+    from pipeline.tokenizer.losses import psnr_from_mse
+
+    assert psnr_from_mse(0.0) == pytest.approx(100.0)
+    assert psnr_from_mse(0.04) == pytest.approx(20.0)  # 4 / 0.04 = 100 -> 20 dB
     # one 8-bit level off in one sample of a 32 px image: MSE 5.1e-9, 82.9 dB, not floored
     near = x.clone()
     near[:, 0, 0, 0] += 1 / 255

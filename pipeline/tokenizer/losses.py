@@ -82,8 +82,9 @@ def adaptive_gan_weight(
 
 
 def psnr_from_mse(mse: torch.Tensor | float, data_range: float = 2.0) -> float:
-    """PSNR in dB of a mean squared error for images spanning ``data_range`` ([-1, 1] -> 2)."""
-    mse = float(mse)
-    return (
-        float("inf") if mse <= 0 else 10.0 * torch.log10(torch.tensor(data_range**2 / mse)).item()
-    )
+    """PSNR in dB of a mean squared error for images spanning ``data_range`` ([-1, 1] -> 2).
+
+    At most 100 dB (the MSE floored at 1e-10 of the range squared, as ``evaluate.psnr`` does):
+    an exact reconstruction would give inf, which strict JSON (the metrics log) cannot hold."""
+    mse = max(float(mse), 1e-10 * data_range**2)
+    return 10.0 * torch.log10(torch.tensor(data_range**2 / mse)).item()
