@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -306,16 +307,17 @@ def test_two_processes_from_mpirun_or_srun_form_one_group(kind):
         assert r["sum"] == 3.0  # 1 + 2: both ranks took part in the all-reduce
 
 
+@dataclass(frozen=True)
+class Job:
+    """What parts_from_launcher/run_in_parts read of a sampling or evaluation config."""
+
+    num_parts: int = 1
+    part: int = 0
+    device: str = "cpu"
+
+
 def test_parts_come_from_the_launchers_ranks(monkeypatch):
-    from dataclasses import dataclass
-
     from pipeline.launch_env import parts_from_launcher
-
-    @dataclass(frozen=True)
-    class Job:
-        num_parts: int = 1
-        part: int = 0
-        device: str = "cpu"
 
     ranks = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     ranks["MASTER_ADDR"] = "h0"
@@ -352,15 +354,7 @@ def test_one_gpu_per_process_gives_deepspeed_device_zero():
 
 
 def test_nothing_to_split_runs_on_rank_0_alone(monkeypatch):
-    from dataclasses import dataclass
-
     from pipeline.launch_env import run_in_parts
-
-    @dataclass(frozen=True)
-    class Job:
-        num_parts: int = 1
-        part: int = 0
-        device: str = "cpu"
 
     runs = []
     for rank in ("0", "1"):
