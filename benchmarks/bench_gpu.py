@@ -16,7 +16,7 @@ On one CUDA device (``--device cpu`` runs the same code with small settings; the
 
     python benchmarks/bench_gpu.py [--presets B,L,XL] [--batch 16] [--out benchmarks/RESULTS.md]
 
-Not yet run on a GPU (none has been lent to us so far). Each row is printed as soon as it is
+First run on an H200 on 2026-12-04 (``benchmarks/device_run.sh``; RESULTS.md). Each row is printed as soon as it is
 measured, and ``--out`` appends it to that file at once (after a section header naming the
 device), so a run cut short still leaves a valid partial table. ``--budget-s`` (default 720 s,
 for a 15-minute device slot with the machine's start) skips a row when the time so far plus a
@@ -51,9 +51,10 @@ NOMINAL_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, 
 
 
 # first guesses of a row's seconds on a GPU (setup, warm-up and timing together) by kind, for a
-# kind not measured yet in this run; later rows scale the last measured one of their kind. Never
-# checked on a GPU: rough on purpose. On a CPU (small settings) only the measured times count.
-FIRST_GUESS_S = {"train": 60.0, "train compiled": 300.0, "decode": 30.0, "decode compiled": 180.0}
+# kind not measured yet in this run; later rows scale the last measured one of their kind. From
+# the first H200 run (2026-12-04): eager GPT-XL rows took 13-20 s, the compiled one about 165 s
+# (161 s of it compiling). On a CPU (small settings) only the measured times count.
+FIRST_GUESS_S = {"train": 30.0, "train compiled": 180.0, "decode": 30.0, "decode compiled": 120.0}
 
 # the columns of each table, in order: a row is written the moment it is measured, so they are
 # fixed up front rather than gathered from every row

@@ -100,18 +100,20 @@ class StaticDecoder(nn.Module):
         self.compile_mode = None
         # the weights as compiled in as constants (see _freezes); None: not frozen
         self._frozen_state: list[tuple[int, int]] | None = None
-        self._step = self._step_eager
+        # the compiled step; None: eager (``self._step_eager`` is a new bound method at each
+        # access, so ``is`` against it can never tell the two apart)
+        self._compiled_step = None
         if compile_mode:
             if compile_mode not in COMPILE_MODES:
                 raise ValueError(f"compile mode {compile_mode!r} is not one of {COMPILE_MODES}")
             ok, why = compile_available(w.device)
             if ok:
-                self._step = torch.compile(
+                self._compiled_step = torch.compile(
                     self._step_eager, mode=compile_mode, fullgraph=True, dynamic=False
                 )
                 self.compile_mode = compile_mode
                 if freeze and self._freezes(compile_mode, w):
-                    self._step = self._frozen_step(self._step)
+                    self._compiled_step = self._frozen_step(self._compiled_step)
                     self._frozen_state = self._weights_state()
             else:
                 log.warning("torch.compile unavailable (%s): decoding eagerly", why)
@@ -242,20 +244,18 @@ class StaticDecoder(nn.Module):
         static shape for every step, so one graph).
         """
         p = self.positions[pos : pos + 1]
-        if self._step is self._step_eager:
+        if self._compiled_step is None:
             return self._step_eager(tokens, p, pos + 1)
         try:
-            return self._step(tokens, p)
+            return self._compiled_step(tokens, p)
         except Exception as exc:  # noqa: BLE001 - a compile failure must not end the run
-            if self._step is self._step_eager:
-                raise
             # a step is idempotent (same cache slot, same bias entry): rerunning it eagerly is safe
             log.warning(
                 "compiled decode step failed (%s: %s); falling back to eager",
                 type(exc).__name__,
                 str(exc).splitlines()[0] if str(exc) else "",
             )
-            self._step = self._step_eager
+            self._compiled_step = None
             self.compile_mode = None
             self._frozen_state = None
             return self._step_eager(tokens, p, pos + 1)

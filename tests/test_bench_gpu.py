@@ -124,3 +124,21 @@ def test_bench_gpu_skips_the_rows_its_budget_has_no_time_for(tmp_path):
     assert "| train " not in text and "| decode " not in text
     assert text.rstrip().endswith("\n".join(f"- {s}" for s in skipped))
     _table_rows_are_whole(text)
+
+
+def test_the_other_gpu_check_scripts_run_on_cpu():
+    """``check_batch_invariance.py`` and ``profile_step.py`` (``device_run.sh`` runs them on a
+    lent GPU) on CPU with the debug preset: in fp32 on CPU a padded seed and a repeated batch give
+    the same tokens (exit 0), and the profile prints a step time per batch and its operators."""
+    run = dict(capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    check = [sys.executable, "benchmarks/check_batch_invariance.py", "--preset", "debug"]
+    out = subprocess.run([*check, "--device", "cpu", "--dtype", "fp32"], **run)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| GPT-debug fp32")]
+    assert len(rows) == 3 and all(r.endswith("| True | None |") for r in rows), out.stdout
+    prof = [sys.executable, "benchmarks/profile_step.py", "--preset", "debug", "--steps", "1"]
+    out = subprocess.run([*prof, "--batches", "1,2", "--rows", "5"], **run)
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout, re.M)
+    assert [b for b, _, _ in steps[-2:]] == ["1", "2"] and all(float(t) > 0 for _, t, _ in steps)
+    assert "profile of 2 steps at batch 1" in out.stdout and "aten::mm" in out.stdout

@@ -233,6 +233,11 @@ def test_rerun_with_other_content_settings_is_refused(tmp_path, models):
     assert "'filters.max_punsafe' (0.5 != 0.4)" in str(info.value)
     with pytest.raises(ConfigError, match=r"'aesthetic' \(\{"):
         run_score(_score_cfg(raw, out, None))
+    # another raw input scored into the same folder would mix two datasets' rows in it
+    other_raw = str(tmp_path / "raw_other")
+    write_raw_shards(other_raw, 2, 3)
+    with pytest.raises(ConfigError, match=r"'input'"):
+        run_score(_score_cfg(other_raw, out, aesthetic))
     assert storage.read_text(os.path.join(out, flt.SCORE_CONFIG_NAME)) == saved  # not overwritten
 
     # other hardware: accepted, and it scores the shard left

@@ -201,6 +201,57 @@ def test_compile_check_runs_on_the_decoders_device_once_per_device_type(monkeypa
     assert len(probed) == 2
 
 
+def test_eager_step_reads_the_cache_up_to_its_position_and_raises_its_own_errors(
+    monkeypatch, caplog
+):
+    """An eager decoder attends to the cache up to ``pos`` only (``end=pos+1``): the decoder told
+    eager from compiled with ``self._step is self._step_eager``, always False for bound methods,
+    so it ran the whole-buffer path and reported its own errors as a failed compiled step."""
+    model, feats, mask = model_and_cond()
+    decoder = StaticDecoder(model, 3)
+    decoder.prefill(feats, mask, None)
+    ends = []
+    real = StaticDecoder._step_eager
+
+    def spy(self, tokens, pos, end=None):
+        ends.append(end)
+        return real(self, tokens, pos, end)
+
+    monkeypatch.setattr(StaticDecoder, "_step_eager", spy)
+    P = model.cfg.prefix_len
+    decoder.step(torch.zeros(3, dtype=torch.long), P)
+    decoder.step(torch.zeros(3, dtype=torch.long), P + 1)
+    assert ends == [P + 1, P + 2]
+
+    def broken(self, tokens, pos, end=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(StaticDecoder, "_step_eager", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        decoder.step(torch.zeros(3, dtype=torch.long), P + 2)
+    assert "falling back" not in caplog.text
+
+
+def test_a_failing_compiled_step_falls_back_to_eager_once(caplog):
+    model, feats, mask = model_and_cond()
+    ref = StaticDecoder(model, 3)
+    decoder = StaticDecoder(model, 3)
+    calls = []
+
+    def failing(tokens, pos):
+        calls.append(pos)
+        raise RuntimeError("compiled graph broke")
+
+    decoder._compiled_step, decoder.compile_mode = failing, "default"
+    P = model.cfg.prefix_len
+    tok = torch.tensor([1, 2, 3])
+    torch.testing.assert_close(decoder.prefill(feats, mask, None), ref.prefill(feats, mask, None))
+    torch.testing.assert_close(decoder.step(tok, P), ref.step(tok, P))
+    torch.testing.assert_close(decoder.step(tok, P + 1), ref.step(tok, P + 1))
+    assert len(calls) == 1 and decoder.compile_mode is None
+    assert caplog.text.count("falling back to eager") == 1
+
+
 def test_compile_mode_gives_the_same_tokens():
     ok, why = compile_available()
     assert ok, f"torch.compile unavailable here: {why}"

@@ -291,9 +291,10 @@ def test_shipped_sample_configs_load():
         assert cfg.sampling.temperature == 1.0
 
 
-def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path):
-    """One process per GPU: each samples its part; the final run (num_parts=1) samples nothing
-    and writes the grid and summary. The images equal a single process's, byte for byte."""
+def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path, monkeypatch):
+    """One process per GPU: each samples its part; the final run (num_parts=1) samples nothing,
+    loads no weights, and writes the grid and summary. The images equal a single process's,
+    byte for byte."""
     whole = tmp_path / "whole"
     sample_main(args(models, whole, "batch_size=4"))
     out = tmp_path / "parts"
@@ -306,7 +307,15 @@ def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path
         assert summary["sampled"] == len(made[-1]) == 3
     assert not (out / "summary.json").exists() and not (out / "grid.png").exists()
     assert made[0] == {"00000_000.png", "00001_000.png", "00002_000.png"}  # i % 2 == 0
-    sample_main(args(models, out, "batch_size=4"))
+
+    def no_weights(*a, **k):
+        raise AssertionError("the collecting run loaded weights")
+
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.sample_job.load_exported_gpt", no_weights)
+        m.setattr("pipeline.models.vq.VQModel.from_pretrained", no_weights)
+        m.setattr("pipeline.sample_job.encode_prompts", no_weights)
+        sample_main(args(models, out, "batch_size=4"))
     final = json.loads((out / "summary.json").read_text())
     assert final["sampled"] == 0 and final["images"] == 6 and (out / "grid.png").exists()
     for name in made[0] | made[1]:

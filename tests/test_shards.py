@@ -190,6 +190,44 @@ def test_a_read_error_mid_shard_is_raised_not_counted_as_damage(tmp_path, monkey
     assert "corrupt_tar" not in stats and "raw_samples" not in stats
 
 
+@pytest.mark.parametrize("cut", ["after_a_whole_sample", "inside_a_sample", "in_the_end_block"])
+def test_a_tar_cut_exactly_after_a_member_is_damage_not_a_short_shard(tmp_path, cut):
+    """A stream tarfile ends quietly when the bytes stop right after a member (no header left to
+    read), as on a real end: the sample cut in two was yielded with members missing (its image
+    without its caption passed for an empty caption) and the shard was not counted as damaged.
+    Only the end-of-archive block ends a tar; before it, the last (maybe partial) sample is
+    dropped and the tar counted as corrupt."""
+    import tarfile
+
+    buf = io.BytesIO()
+    offsets = []  # the end of each member's data (padded to a block): a cut there is silent
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(3):
+            for ext, data in (("jpg", bytes(700)), ("txt", b"a caption"), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                offsets.append(tar.offset)
+    data = buf.getvalue()
+    stats: dict = {}
+    (tmp_path / "00000.tar").write_bytes(data)
+    assert len(list(shards.iter_raw_shard(str(tmp_path), 0, stats))) == 3
+    assert "corrupt_tar" not in stats
+    end = {
+        "after_a_whole_sample": offsets[5],  # samples 0 and 1 whole, nothing of 2
+        "inside_a_sample": offsets[6],  # sample 2 has its jpg only
+        "in_the_end_block": offsets[8] + 300,  # every member, a partial end block
+    }[cut]
+    (tmp_path / "00000.tar").write_bytes(data[:end])
+    stats = {}
+    got = list(shards.iter_raw_shard(str(tmp_path), 0, stats))
+    assert stats["corrupt_tar"] == 1 and "end-of-archive" in stats["tar_error"]
+    want = {"after_a_whole_sample": 1, "inside_a_sample": 2, "in_the_end_block": 2}[cut]
+    assert [s["__key__"] for s in got] == [f"{i:05d}" for i in range(want)]
+    assert all(set(s) == {"__key__", "jpg", "txt", "json"} for s in got)
+    assert stats["raw_samples"] == want
+
+
 def test_manifest_t5_tokens_mean_is_over_samples_not_a_sum_of_shard_means(tmp_path):
     """Each shard stores its caption-token sum; the manifest's mean is sum / samples (it was the
     sum of the shards' means). A marker from before the sums were kept counts mean x samples."""

@@ -51,7 +51,7 @@ SUMMARY_NAME = "score_summary.json"
 SHARD_STATS_KEY = b"t2i.score_stats"  # the parquet's key-value metadata: the shard's stats (json)
 # What decides a score parquet's rows: a folder must not mix two settings of them (the device,
 # batch size and cache of the aesthetic model do not).
-_CONTENT_FIELDS = ("filters", "aesthetic")
+_CONTENT_FIELDS = ("input", "filters", "aesthetic")
 _NOT_CONTENT = ("aesthetic.batch_size", "aesthetic.device", "aesthetic.cache_dir")
 _WEIGHTS = {
     "clip_weights": "aesthetic.clip_weights",

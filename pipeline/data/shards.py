@@ -433,10 +433,28 @@ def decode_token_sample(sample: Mapping[str, Any], strict: bool = False) -> dict
     return out
 
 
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Records on the archive why its member list ended. A stream ``tarfile`` ends quietly on
+    a missing header (a tar cut exactly after a member), a partial one or garbage, just as on the
+    zero block that really ends an archive; only that block (``EOFHeaderError``) is an end."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            tarfile_.t2i_end = exc  # type: ignore[attr-defined]
+            raise
+
+
 def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
-    """Group a tar stream's members into WebDataset-style dicts of raw bytes (no decoding)."""
+    """Group a tar stream's members into WebDataset-style dicts of raw bytes (no decoding).
+
+    An archive without its end-of-archive block (cut off, even exactly after a member) raises
+    ``tarfile.ReadError`` after the complete samples: its last sample may lack members, so it
+    is not yielded."""
     current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
         for m in tar:
             if not m.isfile():
                 continue
@@ -451,6 +469,14 @@ def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
                 current = {"__key__": prefix}
             f = tar.extractfile(m)
             current[ext] = f.read() if f is not None else b""
+        end = getattr(tar, "t2i_end", None)
+        if not isinstance(end, tarfile.EOFHeaderError):
+            why = f"{type(end).__name__}: {end}" if end is not None else "no header"
+            raise tarfile.ReadError(
+                f"the archive ends without its end-of-archive block ({why}) after "
+                f"{tar.offset} bytes: cut off; its last sample "
+                f"{current['__key__'] if current else None!r} is dropped"
+            )
     if current is not None:
         yield current
 
