@@ -34,13 +34,81 @@ CREDENTIALS_HINT = (
 )
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
+# One command line per job for its --help, by the name of the config class the job parses (each
+# job calls parse_job with it), as the lines it is printed on. The paths follow
+# infra/S3_LAYOUT.md, each job reading what the one before it wrote; tests/test_cli.py loads
+# every example's config and overrides.
+_S3 = "s3://BUCKET/t2i"
+_CLIP = f"{_S3}/models/clip-vit-l-14/open_clip_pytorch_model.bin"
+_VQ = f"{_S3}/models/vq_ds16_t2i.pt"
+JOB_EXAMPLES: dict[str, tuple[str, ...]] = {
+    "DemoConfig": ("python jobs/demo.py --config configs/demo.yaml stage1_steps=1000",),
+    "DownloadConfig": (
+        "python jobs/download.py --config configs/data/download.yaml",
+        f"input={_S3}/metadata/laion-coco/ output={_S3}/raw/laion-coco",
+    ),
+    "ScoreConfig": (
+        "python jobs/score.py --config configs/data/score.yaml",
+        f"input={_S3}/raw/laion-coco output={_S3}/scores/laion-coco",
+        f"aesthetic.clip_weights={_CLIP}",
+        f"aesthetic.head_weights={_S3}/models/aesthetic/sac+logos+ava1-l14-linearMSE.pth",
+    ),
+    "PretokenizeConfig": (
+        "python jobs/pretokenize.py --config configs/data/pretokenize_stage1.yaml",
+        f"input={_S3}/raw/laion-coco scores={_S3}/scores/laion-coco",
+        f"output={_S3}/tokens/stage1-256",
+        f"vq.uri={_VQ} text.uri={_S3}/models/flan-t5-xl",
+    ),
+    "TokenizerTrainConfig": (
+        "torchrun --nproc_per_node 8 jobs/train_tokenizer.py",
+        "--config configs/tokenizer/vq16_256.yaml",
+        f"data={_S3}/raw/laion-coco run_dir={_S3}/runs/vq16-256",
+    ),
+    "TokenizerEvalConfig": (
+        "python jobs/eval_tokenizer.py --config configs/tokenizer/eval.yaml",
+        f"model={_S3}/runs/vq16-256/export data={_S3}/raw/laion-coco-val",
+        f"output={_S3}/eval/vq16-256.json",
+    ),
+    "TrainConfig": (
+        "deepspeed --hostfile ~/hostfile jobs/train.py --config configs/train/stage1.yaml",
+        f'run_dir={_S3}/runs/stage1 "data.shards=[{_S3}/tokens/stage1-256]"',
+    ),
+    "SampleConfig": (
+        "python jobs/sample.py --config configs/sample/t2i.yaml",
+        f"checkpoint={_S3}/runs/stage2/export vq={_VQ} vq_preset=VQ-16",
+        f"text_encoder={_S3}/models/flan-t5-xl output={_S3}/samples/stage2",
+        'prompt="a red apple on a wooden table"',
+    ),
+    "EvalConfig": (
+        "python jobs/evaluate.py --config configs/evaluate/coco.yaml",
+        f"checkpoint={_S3}/runs/stage2/export vq={_VQ} vq_preset=VQ-16",
+        f"text_encoder={_S3}/models/flan-t5-xl captions=coco_captions.txt",
+        f"clip_weights={_CLIP} output={_S3}/eval/stage2",
+    ),
+    "HostfileConfig": (
+        "python jobs/hostfile.py out=~/hostfile wait_for_gpus=32 deepspeed_env=~/.deepspeed_env",
+    ),
+}
+
+
+def _epilog(example: Sequence[str] | None) -> str:
+    head = ("example:\n  " + " \\\n      ".join(example) + "\n\n") if example else ""
+    overrides = (
+        "Any further arguments are dotted overrides: key=value, key.sub=value (--show-config\n"
+        "lists the fields)."
+    )
+    return f"{head}{overrides}\n\n{EXIT_STATUS}"
+
+
+def job_parser(description: str, example: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The shared parser; ``example`` (a command line, as the lines to print it on) heads the
+    --help epilog. Left out, :func:`parse_job` fills in the job's own from ``JOB_EXAMPLES``."""
     p = argparse.ArgumentParser(
         description=description,
-        epilog="Any further arguments are dotted overrides, e.g. optim.lr_per_256=2e-4 "
-        f"data.batch_size=8.\n\n{EXIT_STATUS}",
+        epilog=_epilog(example),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.job_example = example  # type: ignore[attr-defined]  # parse_job: whether to fill it in
     p.add_argument("--config", help="YAML config file (local path or s3:// URI)")
     p.add_argument(
         "--show-config",
@@ -60,8 +128,12 @@ def parse_job(
     argv: Sequence[str] | None = None,
     parser: argparse.ArgumentParser | None = None,
 ) -> tuple[C, argparse.Namespace]:
-    """Parse ``argv`` into (config, extra args); exits with a clear message on config errors."""
+    """Parse ``argv`` into (config, extra args); exits with a clear message on config errors.
+    A parser from :func:`job_parser` without an example gets ``cls``'s from ``JOB_EXAMPLES``."""
     p = parser or job_parser(description)
+    if getattr(p, "job_example", "") is None and cls.__name__ in JOB_EXAMPLES:
+        p.job_example = JOB_EXAMPLES[cls.__name__]  # type: ignore[attr-defined]
+        p.epilog = _epilog(p.job_example)  # type: ignore[attr-defined]
     args, overrides = p.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     bad = [o for o in overrides if o.startswith("-") and "=" not in o]
     if bad:

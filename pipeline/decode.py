@@ -211,6 +211,10 @@ class StaticDecoder(nn.Module):
         """Run the condition prefix of all rows; returns logits (rows, V) for image token 0."""
         if cond.size(0) != self.rows:
             raise ValueError(f"decoder holds {self.rows} rows, got a batch of {cond.size(0)}")
+        if self.model.training:
+            raise ValueError(
+                "the model is in training mode (dropout would act in every step): model.eval()"
+            )
         if self._frozen_state is not None and self._weights_state() != self._frozen_state:
             raise RuntimeError(
                 "the model's weights changed after this decoder compiled them in as constants "

@@ -79,7 +79,9 @@ def draw(
     first token whose cumulative probability exceeds it, so a tiny float difference in the logits
     (cached vs uncached, batch of 1 vs 8) moves a boundary a tiny bit instead of reordering
     tokens. Cheaper than ``filter_logits`` + per-row ``torch.multinomial``: one unsorted top-k
-    for the threshold, and top-p sorts only the k survivors when top-k is on.
+    for the threshold, and top-p sorts only the k survivors when top-k is on (so with top-p on,
+    tokens tied with the k-th one beyond the k that ``topk`` returns are out: ties are a
+    measure-zero case for real logits, and which of them a sort keeps is arbitrary anyway).
     """
     if params.temperature <= 0:
         return logits.argmax(-1)
@@ -88,12 +90,14 @@ def draw(
     k = params.top_k if 0 < params.top_k < V else 0
     if params.top_p < 1.0:
         # sorted candidates: the top k, or the whole vocabulary
-        vals = torch.topk(logits, k, dim=-1).values if k else torch.sort(logits, -1, True).values
+        vals, idx = torch.topk(logits, k, dim=-1) if k else torch.sort(logits, -1, True)
         p = vals.softmax(-1)
         keep = (p.cumsum(-1) - p) < params.top_p
         keep[:, 0] = True  # the top token always stays (top_p 0: greedy, as in LlamaGen)
-        cutoff = vals.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)
-        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+        # the kept prefix by position, not by a cutoff value: tokens tied with the last kept one
+        # stay out (top_p 0 keeps one token even on a tie, as LlamaGen's scatter does)
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, keep)
+        logits = logits.masked_fill(~kept, float("-inf"))
     elif k:
         kth = torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -177,6 +181,7 @@ class Sampler:
         seeds = list(range(B)) if seeds is None else list(seeds)
         if len(seeds) != B:
             raise ValueError(f"{len(seeds)} seeds for {B} conditions")
+        _check_labels(self.model, cond)
         self.model.eval()
         device = self.model.head.weight.device
         cond = _pad_rows(cond.to(device), S)
@@ -207,6 +212,19 @@ def _guide(logits: torch.Tensor, rows: int, params: SamplingParams, i: int) -> t
     if params.guided(i):
         return cfg_mix(logits[:rows], logits[rows:], params.cfg_scale)
     return logits[:rows]
+
+
+def _check_labels(model: GPT, cond: torch.Tensor) -> None:
+    """Class labels must name a class: label ``num_classes`` is the model's null (CFG) class and
+    would pass silently for an unconditional sample, and a larger one fails deep in the model."""
+    if model.cfg.cond != "class":
+        return
+    n = model.cfg.num_classes
+    if cond.dim() != 1 or cond.is_floating_point():
+        raise ValueError(f"class labels must be a 1-D integer tensor, got {tuple(cond.shape)}")
+    bad = cond[(cond < 0) | (cond >= n)]
+    if len(bad):
+        raise ValueError(f"class labels {bad.tolist()[:5]} are outside 0..{n - 1}")
 
 
 def _check_finite(finite: torch.Tensor) -> None:
@@ -255,6 +273,9 @@ def generate(
             # one batch: a frozen-weight decoder would compile anew on every call
             sampler = Sampler(model, B, g, use_cfg, compile_mode, freeze=False)
             return sampler.sample(cond, cond_mask, params, seeds)
+        if seeds is not None and len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} conditions")
+        _check_labels(model, cond)
         device = model.head.weight.device
         cond = cond.to(device)
         cond_mask = None if cond_mask is None else cond_mask.to(device)

@@ -483,6 +483,11 @@ IMAGE_SETTINGS = (
 )
 
 
+# settings that change only the rounding of the decode (the rows a GEMM sees, compiled kernels):
+# a rerun with others is accepted, and warned about
+ROUNDING_SETTINGS = ("batch_size", "compile_mode")
+
+
 def _image_setting(key: str, value: Any) -> Any:
     if key == "device" and isinstance(value, str):
         return torch.device(value).type  # cuda:0 and cuda:1 draw alike
@@ -523,6 +528,19 @@ def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
             for k in INPUT_FILES
             if k in saved_inputs and saved_inputs[k] != inputs[k]
         ]
+    rounding = [
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in ROUNDING_SETTINGS
+        if k in saved and saved[k] != now[k]
+    ]
+    if not changed and rounding and storage.list_dir(cfg.output, ".png"):
+        log.warning(
+            "%s: this run's %s differ from the earlier run's; its images are drawn from the same "
+            "distribution with the same seeds, but their floats round differently: they need not "
+            "be the images the earlier settings would have given",
+            cfg.output,
+            "; ".join(rounding),
+        )
     if not changed:
         return
     pngs = storage.list_dir(cfg.output, ".png")

@@ -459,3 +459,79 @@ def test_a_failure_on_one_nodes_first_rank_is_raised_on_every_rank(tmp_path):
         results[r["rank"]] = r.get("error")
     assert results[1].startswith("FileNotFoundError: no complete checkpoint step_00000020")
     assert "failed on rank 1: FileNotFoundError: no complete checkpoint" in results[0]
+
+
+_SAVE_ON_OWN_DISKS = textwrap.dedent(
+    """
+    import datetime, json, os, sys
+    import torch, torch.distributed as dist
+    from pipeline.train import checkpoint
+    from pipeline.train.checkpoint import CheckpointManager
+    from pipeline.train.engine import DistInfo
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    checkpoint.SHARED_FS_WAITS_S = (0.1,)
+
+    class RankFiles:  # what DeepSpeed ZeRO-2 writes on one rank: its own optimizer partition
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            os.makedirs(os.path.join(root, tag), exist_ok=True)
+            name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            torch.save({"m": torch.zeros(3)}, os.path.join(root, tag, name))
+
+    shared = sys.argv[2] == "shared"
+    run_dir = sys.argv[1] if shared else sys.argv[1] + str(rank)  # one disk, or one a node
+    ck = CheckpointManager(run_dir, run_dir, 2, DistInfo(rank, 2, 0, 1, torch.device("cpu")))
+    try:
+        ck.save(RankFiles(), 20, {"step": 20}, {"rng": None})
+        print(json.dumps({"rank": rank, "complete": checkpoint.complete_tags(ck.local_root)}))
+    except Exception as exc:
+        print(json.dumps({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}))
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.parametrize("disks", ["own", "shared"])
+def test_a_local_run_dir_on_each_nodes_own_disk_is_refused_at_the_first_checkpoint(tmp_path, disks):
+    """Two one-rank nodes, a local run_dir and no S3: on node-local disks each node held only its
+    own rank's files, yet both wrote a complete marker listing all of them, and the run failed
+    only when it resumed or exported. Both ranks now stop at the first save, naming the fix; on
+    a folder the nodes share the same save completes."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SAVE_ON_OWN_DISKS, str(tmp_path / "run"), disks],
+            env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    if disks == "shared":
+        assert [r.get("complete") for r in results] == [[tag_for(20)]] * 2, results
+        return
+    for r in results:
+        assert "the node of rank 0 lacks 2 of the checkpoint's 4 files" in r["error"], r
+        assert "s3:// run_dir" in r["error"] and "shares" in r["error"]
+    for k in (0, 1):
+        assert complete_tags(str(tmp_path / f"run{k}" / "checkpoints")) == []  # no marker
+
+
+def test_local_dir_is_refused_beside_a_local_run_dir(tmp_path):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.train.trainer import TrainConfig
+
+    with pytest.raises(ConfigError, match="local_dir is the working copy of an s3:// run_dir"):
+        load_config(TrainConfig, None, [f"run_dir={tmp_path}/a", f"local_dir={tmp_path}/b"])
+    same = load_config(TrainConfig, None, [f"run_dir={tmp_path}/a", f"local_dir={tmp_path}/a"])
+    assert same.local_dir == f"{tmp_path}/a"
+    remote = load_config(TrainConfig, None, ["run_dir=s3://b/run", f"local_dir={tmp_path}/b"])
+    assert remote.local_dir == f"{tmp_path}/b"

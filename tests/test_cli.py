@@ -3,8 +3,11 @@ and the log level from the environment."""
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -14,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline import storage
-from pipeline.cli import job_parser, parse_job, run_main
+from pipeline.cli import JOB_EXAMPLES, job_parser, parse_job, run_main
 from pipeline.config import ConfigError, doc, load_config, to_dict
 from pipeline.log import setup_logging
 from tests.conftest import free_port
@@ -218,6 +221,51 @@ def test_help_documents_the_exit_status(capsys):
         assert line in text
     proc = _job("export.py", "--help")  # the one job with its own parser
     assert proc.returncode == 0 and "2  config error" in proc.stdout
+
+
+def _load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"cli_job_{name[:-3]}", f"{ROOT}/jobs/{name}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while being created
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# every job but export.py, which has its own parser
+PARSE_JOB_JOBS = sorted(
+    os.path.basename(p) for p in glob.glob(f"{ROOT}/jobs/*.py") if not p.endswith("export.py")
+)
+
+
+@pytest.mark.parametrize("job", PARSE_JOB_JOBS)
+def test_help_shows_the_jobs_own_example_which_parses(job, capsys):
+    mod = _load_job(job)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "example:\n" in help_text and "2  config error" in help_text
+    example = help_text.split("example:\n", 1)[1].split("\n\n", 1)[0]
+    argv = shlex.split(example.replace("\\\n", " "))
+    scripts = [a for a in argv if a.startswith("jobs/")]
+    assert scripts == [f"jobs/{job}"], example  # this job's example, not another's
+    # the example is one the job accepts: its config file, keys and values load
+    (cls,) = {v for k, v in vars(mod).items() if k in JOB_EXAMPLES and isinstance(v, type)}
+    args = argv[argv.index(scripts[0]) + 1 :]
+    config = os.path.join(ROOT, args[args.index("--config") + 1]) if "--config" in args else None
+    load_config(cls, config, [a for a in args if "=" in a and not a.startswith("-")])
+
+
+def test_an_example_given_to_job_parser_is_kept_and_unknown_jobs_get_none():
+    p = job_parser("a job", example=("python jobs/x.py", "a=1"))
+    assert "example:\n  python jobs/x.py \\\n      a=1\n" in p.format_help()
+    with pytest.raises(SystemExit):
+        parse_job(Job, "a job", ["--help"], parser=p)
+    assert "jobs/x.py" in p.epilog
+    plain = job_parser("a job")
+    with pytest.raises(SystemExit):
+        parse_job(Job, "a job", ["--help"], parser=plain)
+    assert "example:" not in plain.format_help()
 
 
 # --- T2I_LOG_LEVEL -----------------------------------------------------------------------------

@@ -136,6 +136,21 @@ def test_draw_follows_the_filtered_distribution():
     assert (cold == 0).float().mean() > 0.6
 
 
+def test_top_p_keeps_the_sorted_prefix_even_on_ties():
+    """The nucleus is a prefix of the sorted tokens, as in LlamaGen: a cutoff by value kept every
+    token tied with the last one in it, so top_p 0 was not greedy when the top logits tied."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0]])
+    gens = [torch.Generator().manual_seed(i) for i in range(300)]
+    rows = logits.expand(300, -1)
+    for k in (0, 4):
+        greedy = draw(rows, SamplingParams(top_k=k, top_p=0.0), gens)
+        assert len(set(greedy.tolist())) == 1 and greedy[0].item() in (1, 2, 4)
+        # the three tied tokens hold 3 x 0.30 of the mass: top_p 0.35 keeps two of them
+        two = set(draw(rows, SamplingParams(top_k=k, top_p=0.35), gens).tolist())
+        assert len(two) == 2 and two < {1, 2, 4}
+    assert torch.isfinite(filter_logits(logits, top_p=0.0)).sum() == 1
+
+
 def test_bf16_cpu_decoder_freezes_its_weights_and_refuses_changed_ones():
     """bf16 on CPU, mode 'default': the compiled step has the weights as constants (inductor's
     freezing, for oneDNN's packed linear). Its logits are eager's up to bf16 rounding; once the
@@ -284,3 +299,26 @@ def test_one_query_attention_with_a_bias_equals_sdpa(dtype):
     v2 = v.clone()
     v2[0, :, :10] = 1e4
     torch.testing.assert_close(matmul_attention(q, k, v2, bias.to(dtype))[0], out[0])
+
+
+def test_bad_conditions_are_refused_with_their_shapes():
+    model, feats, mask = model_and_cond()
+    with pytest.raises(ValueError, match=r"3 seeds for 2 conditions"):
+        generate(model, feats[:2], mask[:2], PARAMS, seeds=[1, 2, 3], use_cache=False)
+    with pytest.raises(ValueError, match=r"\(batch, tokens, 16\)"):
+        generate(model, feats[..., :8], mask, PARAMS, seeds=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"\(batch, tokens, 16\)"):
+        generate(model, feats[0], mask[0], PARAMS)
+    with pytest.raises(ValueError, match=r"caption mask of shape \(\d+, 5\)"):
+        generate(model, feats, mask[:, :5], PARAMS, seeds=[1, 2, 3])
+    # label 10 is the null class of a 10-class model: an unconditional sample, not a class
+    c2i = small_model(cond="class", num_classes=10)
+    for labels in (torch.tensor([3, 10]), torch.tensor([-1, 2])):
+        for use_cache in (True, False):
+            with pytest.raises(ValueError, match=r"outside 0..9"):
+                generate(c2i, labels, None, PARAMS, use_cache=use_cache)
+    assert generate(c2i, torch.tensor([3, 9]), None, PARAMS).shape == (2, 16)
+    # a decoder over a model left in training mode would apply dropout at every step
+    decoder = StaticDecoder(model.train(), 3)
+    with pytest.raises(ValueError, match="training mode"):
+        decoder.prefill(feats, mask, None)

@@ -97,7 +97,7 @@ def test_export_round_trip(tmp_path):
         load_exported_gpt(str(tmp_path / "e"))
 
 
-def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path, monkeypatch):
+def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path, monkeypatch, caplog):
     import pipeline.sample_job as sj
 
     encoded: list[list[str]] = []
@@ -161,6 +161,10 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path, monkeyp
     sample_main(args(models, out, "batch_size=4"))  # nothing to do: no T5 loaded at all
     assert encoded == [["a green square"]]
     assert json.loads((out / "summary.json").read_text())["images"] == 6
+    # another batch size changes only rounding: the images stay, with a warning
+    sample_main(args(models, out, "batch_size=3"))
+    assert json.loads((out / "summary.json").read_text())["sampled"] == 0
+    assert "batch_size: 4 -> 3" in caplog.text and "round differently" in caplog.text
     # the T5's dtype changes the features, so the images
     with pytest.raises(ValueError, match=r"text_dtype: 'float32' -> 'bfloat16'"):
         sample_main(args(models, out, "batch_size=4", "text_dtype=bfloat16"))

@@ -517,7 +517,16 @@ class GPT(nn.Module):
             if drop is not None:
                 labels = torch.where(drop, torch.full_like(labels, self.cfg.num_classes), labels)
             return self.cond_embed(labels), None
+        if cond.dim() != 3 or cond.size(-1) != self.cfg.caption_dim:
+            raise ValueError(
+                f"caption features of shape {tuple(cond.shape)}: the model takes (batch, tokens, "
+                f"{self.cfg.caption_dim})"
+            )
         B, L, _ = cond.shape
+        if cond_mask is not None and tuple(cond_mask.shape) != (B, L):
+            raise ValueError(
+                f"caption mask of shape {tuple(cond_mask.shape)} for features of {(B, L)} tokens"
+            )
         P = self.cfg.max_text_tokens
         if L > P:
             raise ValueError(f"caption features have {L} tokens; the model takes at most {P}")

@@ -130,6 +130,11 @@ def check_world_size(ckpt_dir: str, tag: str, world: int) -> None:
 # --- local files: durable, listed, checked against a marker --------------------------------------
 
 
+# Without an s3:// run dir every node must see every file of a checkpoint it saved: the seconds
+# to wait, and list again, before a node that lacks some is taken for a node-local disk
+SHARED_FS_WAITS_S = (2.0, 10.0, 30.0)
+
+
 def _durable_listing(folder: str) -> dict[str, int]:
     """Every file under ``folder`` but the marker, fsynced, with its size (relative ``/`` paths);
     the folders are fsynced too, ``folder``'s parent included: a marker written after this
@@ -294,6 +299,28 @@ class CheckpointManager:
             for name, size in held[rank][0].items():
                 files.setdefault(name, size)
                 uploader.setdefault(name, rank)
+        if not remote:
+            # without a store to upload to, every node must see every file itself (one folder
+            # that the nodes share): node-local disks would each hold a part of the checkpoint,
+            # marked complete everywhere and resumable nowhere. The same answer on every rank.
+            lacking = {r: sorted(set(files) - set(held[r][0])) for r in sorted(held)}
+            for wait in (*SHARED_FS_WAITS_S, None):
+                lacking = {r: names for r, names in sorted(lacking.items()) if names}
+                if not lacking or wait is None:
+                    break
+                time.sleep(wait)  # a shared filesystem's listing may lag the other nodes' writes
+                lacking = self._on_each_node(
+                    f"listing checkpoint {tag}", lambda: _missing_files(local, files)
+                )
+            if lacking:
+                r, names = next(iter(lacking.items()))
+                raise RuntimeError(
+                    f"checkpoint {tag}: the node of rank {r} lacks {len(names)} of the checkpoint's "
+                    f"{len(files)} files ({names[0]}, ...) in {self.local_root}: the nodes write "
+                    "to their own disks, so none holds a whole checkpoint to resume from. Give "
+                    "an s3:// run_dir (each node uploads its ranks' files) or a run_dir on a "
+                    "filesystem that every node shares"
+                )
         marker = {
             "tag": tag,
             "step": step,

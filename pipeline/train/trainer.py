@@ -98,6 +98,17 @@ class TrainConfig:
             raise ValueError(f"{', '.join(small)}: each must be at least 1")
         if self.max_skipped_steps < 0 or self.peak_flops < 0:
             raise ValueError("max_skipped_steps and peak_flops must not be negative")
+        run_dir = storage.normalize(self.run_dir)
+        if (
+            self.local_dir
+            and not storage.is_remote(run_dir)
+            and os.path.abspath(self.local_dir) != os.path.abspath(run_dir)
+        ):
+            raise ValueError(
+                f"local_dir {self.local_dir!r} with the local run_dir {self.run_dir!r}: local_dir "
+                "is the working copy of an s3:// run_dir; a local run_dir holds the checkpoints "
+                "itself (drop local_dir, or make run_dir an s3:// URI)"
+            )
 
 
 def default_local_dir(run_dir: str) -> str:
