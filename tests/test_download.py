@@ -217,6 +217,15 @@ def test_rerun_skips_done_shards_and_redoes_a_lost_one(bad_run, server):
     changed = {p for p in server.hits if server.hits[p] != before.get(p, 0)}
     assert changed == redo and all(server.hits[p] == before[p] + 1 for p in redo)
 
+    # a done marker cut short (a kill mid-write) is not done either: redone in this same run
+    # (it was only removed at the end, and the shard left failed until the next run)
+    marker = os.path.join(cfg.output, "00001_stats.json")
+    with open(marker, "r+b") as f:
+        f.truncate(os.path.getsize(marker) // 2)
+    fourth = run_download(cfg)
+    assert fourth.failed_shards == [] and fourth.stats["by_reason"] == first.stats["by_reason"]
+    assert all(server.hits[p] == before[p] + 2 for p in redo)
+
 
 # --- Ray, retries, S3 ------------------------------------------------------------------------------
 

@@ -77,6 +77,37 @@ def test_preset_parameter_counts(name, cond, millions):
     assert abs(model.num_params() / 1e6 - millions) < _published_precision(millions)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(cond="text", caption_dim=16, max_text_tokens=8),
+        dict(cond="text", caption_dim=16, max_text_tokens=8, n_head=4, n_kv_head=2),
+        dict(cond="class", num_classes=10),
+    ],
+    ids=["t2i", "t2i-gqa", "c2i"],
+)
+def test_train_flops_per_sample_counts_the_matmuls_torch_counts(kw):
+    """MFU's numerator against ``torch.utils.flop_counter`` over a real forward + backward: every
+    matmul of the step (the counter sees CPU attention only as a fused op it does not count, so
+    the causal-as-full attention term, 12 x layers x T^2 x dim, is added by hand)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models.gpt import train_flops_per_sample
+
+    cfg = GPTConfig.from_name("debug", vocab_size=64, grid_size=4, **kw)
+    model, B = GPT(cfg).train(), 2
+    codes = torch.randint(0, cfg.vocab_size, (B, cfg.grid_size**2))
+    cond = torch.randn(B, 8, 16) if cfg.cond == "text" else torch.tensor([1, 2])
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(codes, cond, None).flatten(0, 1), codes.flatten()).backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert set(counts) == {"aten.mm"}, counts  # else the attention term below counts twice
+    T = cfg.prefix_len + cfg.grid_size**2 - 1
+    attention = 6 * cfg.n_layer * 2 * T * T * cfg.dim
+    assert counts["aten.mm"] / B + attention == train_flops_per_sample(cfg)
+
+
 def test_3b_has_head_dim_100_and_swiglu_hidden():
     cfg = GPTConfig.from_name("3B")
     assert cfg.head_dim == 100

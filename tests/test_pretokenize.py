@@ -153,7 +153,9 @@ def test_pretokenize_content_drops_and_damage(tmp_path, models):
         run_pretokenize(
             load_config(PretokenizeConfig, TINY, _overrides(raw, out2, models, "resolution=32"))
         )
-    # other batch sizes and devices make the same shards: a rerun on other hardware adds to them
+    # other batch sizes and devices are not other content settings: a rerun on other hardware
+    # is accepted into the folder (here every shard is done, so it adds nothing and rewrites
+    # nothing; features it did encode could differ from these in a last fp16 bit by batching)
     other_hw = ["batch_size=3", "text.batch_size=5", "vq.device=cpu", "text.cache_dir=/tmp/x"]
     again = run_pretokenize(
         load_config(PretokenizeConfig, TINY, _overrides(raw, out2, models, *other_hw))

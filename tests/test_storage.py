@@ -47,6 +47,13 @@ def test_local_copy_of_directory(root, tmp_path, monkeypatch):
     local = storage.local_copy(storage.join(root, "model"))
     assert open(os.path.join(local, "sub", "w.bin"), "rb").read() == b"\x00\x01"
     assert open(os.path.join(local, "config.json")).read() == "{}"
+    if storage.is_remote(root):  # a download into the cache, which a second call reuses
+        assert local.startswith(str(tmp_path / "cache"))
+        storage.write_bytes(storage.join(root, "model", "config.json"), b"{}")  # unchanged
+        assert storage.local_copy(storage.join(root, "model")) == local
+    else:  # a local folder is used where it is: no copy
+        assert os.path.samefile(local, storage.join(root, "model"))
+        assert not (tmp_path / "cache").exists()
 
 
 def test_retry_classification():

@@ -363,6 +363,36 @@ def reason_of(status: str) -> str:
     return "other"
 
 
+def _read_stats(output: str, shard: int) -> dict[str, Any] | None:
+    """Shard ``shard``'s ``_stats.json``; None (and the file removed, so that the shard is
+    redone) when it cannot be read: img2dataset writes it with a plain ``open``, and a kill can
+    cut it short."""
+    uri = storage.join(output, f"{shard_name(shard)}_stats.json")
+    try:
+        s = storage.read_json(uri)
+        if not isinstance(s, dict):
+            raise ValueError(f"not a JSON object: {type(s).__name__}")
+        return s
+    except (ValueError, OSError) as e:
+        log.warning("unreadable stats for shard %d (%s): removed, the shard is redone", shard, e)
+        storage.remove(uri)
+        return None
+
+
+def readable_done_shards(output: str, checked: set[int]) -> set[int]:
+    """:func:`done_shards` whose stats file reads (:func:`_read_stats` removes one that does
+    not, so the shard counts as missing and is downloaded again in this run's retry rounds);
+    ``checked`` holds the shards read already, which are not read again."""
+    out = set()
+    for i in done_shards(output):
+        if i not in checked:
+            if _read_stats(output, i) is None:
+                continue
+            checked.add(i)
+        out.add(i)
+    return out
+
+
 def aggregate_stats(output: str, shards_total: int) -> dict[str, Any]:
     """Sum every ``{shard}_stats.json`` under ``output`` into counts per reason.
 
@@ -373,14 +403,8 @@ def aggregate_stats(output: str, shards_total: int) -> dict[str, Any]:
     statuses: Counter = Counter()
     done = []
     for i in sorted(i for i in done_shards(output) if i < shards_total):
-        uri = storage.join(output, f"{shard_name(i)}_stats.json")
-        try:
-            s = storage.read_json(uri)
-            if not isinstance(s, dict):
-                raise ValueError(f"not a JSON object: {type(s).__name__}")
-        except (ValueError, OSError) as e:
-            log.warning("unreadable stats for shard %d (%s): removed, the shard is redone", i, e)
-            storage.remove(uri)
+        s = _read_stats(output, i)
+        if s is None:
             continue
         done.append(i)
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
@@ -455,7 +479,8 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
             guard.transient_failures,
         )
 
-    missing = sorted(set(range(total)) - done_shards(cfg.output))
+    checked: set[int] = set()
+    missing = sorted(set(range(total)) - readable_done_shards(cfg.output, checked))
     if total and not missing:
         log.info("all %d shards already done in %s", total, cfg.output)
     with _img2dataset_env(cfg), _ray_session(cfg):
@@ -479,7 +504,7 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
                 raise KeyboardInterrupt("download interrupted; rerun to resume") from e
             except Exception:  # noqa: BLE001 - finished shards are safe; check what is missing
                 log.exception("img2dataset pass %d stopped with an error", attempt + 1)
-            missing = sorted(set(range(total)) - done_shards(cfg.output))
+            missing = sorted(set(range(total)) - readable_done_shards(cfg.output, checked))
     storage.remove(storage.join(cfg.output, "_tmp"), recursive=True)
 
     stats = aggregate_stats(cfg.output, total)

@@ -238,7 +238,8 @@ class PretokenizeWorker:
 
     def _encode_captions(self, batch: _Batch, dropped: collections.Counter[str]) -> EncodedCaptions:
         """T5 features of the batch's captions. When the batch fails, it is encoded caption by
-        caption (the same features: padding is masked), and a caption T5 cannot take gets None,
+        caption (the same features up to rounding: padding is masked, but a GEMM over fewer
+        rows may round a last fp16 bit differently), and a caption T5 cannot take gets None,
         counted as ``t5_error``. Every caption of a batch failing is raised: that is the
         encoder, not the captions, and the shard is retried. So is an error that leaves the
         process's CUDA context broken (the executor's sticky pattern) wherever it comes: a

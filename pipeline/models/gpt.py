@@ -694,10 +694,14 @@ def train_flops_per_sample(cfg: GPTConfig, grid_size: int | None = None) -> floa
         + cfg.dim**2
         + 3 * cfg.dim * cfg.ffn_hidden
     )
-    cond = cfg.caption_dim * cfg.dim + cfg.dim**2 if cfg.cond == "text" else 0
-    dense = cfg.n_layer * per_layer * T + cfg.dim * cfg.vocab_size * g * g + cond * cfg.prefix_len
+    text = cfg.cond == "text"
+    # the caption projector's first matmul has no input gradient (T5 features are data): forward
+    # and weight gradient only, 4 FLOPs a weight and token instead of 6
+    cond_in = cfg.caption_dim * cfg.dim * cfg.prefix_len if text else 0
+    cond = cfg.dim**2 * cfg.prefix_len if text else 0
+    dense = cfg.n_layer * per_layer * T + cfg.dim * cfg.vocab_size * g * g + cond
     attn = cfg.n_layer * 2 * T * T * cfg.dim  # q.k and att.v, causal counted as full (as PaLM)
-    return 3 * 2 * (dense + attn)
+    return 3 * 2 * (dense + attn) + 4 * cond_in
 
 
 def decode_bytes_per_token(model: GPT) -> int:
