@@ -45,7 +45,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check pipeline jobs tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py $(ARGS)
+	$(PY) benchmarks/run_all.py --out benchmarks/RESULTS-latest.md $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

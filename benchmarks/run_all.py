@@ -1,9 +1,12 @@
-"""Run every benchmark, print one table per benchmark, and write them to benchmarks/RESULTS.md.
+"""Run every benchmark, print a table per benchmark, and write them to benchmarks/RESULTS-latest.md.
 
 Each ``benchmarks/bench_*.py`` module exposes ``run() -> list[dict]``; every dict is one row.
 Benchmarks run one after another in this process (never in parallel: they measure the machine).
 
-    python benchmarks/run_all.py [--only model,decode] [--out benchmarks/RESULTS.md]
+    python benchmarks/run_all.py [--only model,decode] [--out benchmarks/RESULTS-latest.md]
+
+The output file is replaced whole. benchmarks/RESULTS.md is kept by hand (the goals, the history
+of each figure, the GPU sections): copy into it what a run here shows.
 """
 
 from __future__ import annotations
@@ -75,7 +78,11 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated names, e.g. model,decode")
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument(
+        "--out",
+        default=os.path.join(HERE, "RESULTS-latest.md"),
+        help="markdown file for the tables, replaced whole (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     names = [n for n in ORDER if os.path.exists(os.path.join(HERE, f"bench_{n}.py"))]
     if args.only:

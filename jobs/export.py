@@ -30,7 +30,8 @@ log = get_logger("export")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog=EXIT_STATUS,
+        epilog="example:\n  python jobs/export.py --checkpoint s3://b/runs/stage1 "
+        "--out s3://b/runs/stage1/export\n\n" + EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)

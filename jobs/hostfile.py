@@ -18,7 +18,9 @@ nodes without GPUs (the head, download workers) are left out, and a cluster with
 error. ``device=cpu`` (CPU training with gloo) lists every alive node that offers CPUs with
 ``cpu_slots`` slots. Nodes sharing one address (several raylets on one machine) are merged into
 one line, since DeepSpeed refuses a host listed twice. Hosts are sorted so the same cluster
-always gives the same file; DeepSpeed's rank 0 is on the first line.
+always gives the same file; DeepSpeed's rank 0 is on the first line. With one host in the file,
+DeepSpeed's launcher starts the ranks on the machine it runs on, not on that host, unless given
+``--force_multi``: a warning says so (``ONE_HOST_WARNING``).
 
 DeepSpeed's ranks on other nodes start over pdsh's non-interactive ssh: they read no
 ``~/.bashrc`` and see only the variables the launcher forwards (``PYTHON*``, ``MLFLOW*``,
@@ -64,6 +66,16 @@ DEEPSPEED_ENV_NAMES = (
     "TOKENIZERS_PARALLELISM",
 )
 DEEPSPEED_ENV_PREFIXES = ("NCCL_", "FI_")
+
+# DeepSpeed's runner (0.19.8, deepspeed/launcher/runner.py) takes its multi-node path (pdsh or
+# another --launcher, with ~/.deepspeed_env) only for `len(active_resources) > 1` or
+# --force_multi; with one host it starts the ranks with deepspeed.launcher.launch on the machine
+# it runs on, whatever host the file names.
+ONE_HOST_WARNING = (
+    "the hostfile lists one host (%s): `deepspeed --hostfile` then starts every rank on the "
+    "machine you run it on, not on that host, and does not read ~/.deepspeed_env. Run it on %s "
+    "itself, or add `--force_multi` to start the ranks there over ssh (pdsh)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +137,8 @@ def hostfile_entries(
 def check_entries(
     entries: list[tuple[str, int]], cfg: HostfileConfig, n_nodes: int
 ) -> list[tuple[str, int]]:
-    """Refuse an empty hostfile with the reason; warn when it holds more GPUs than asked for."""
+    """Refuse an empty hostfile with the reason; warn when it holds more GPUs than asked for,
+    and when it holds one host (see ``ONE_HOST_WARNING``)."""
     if not entries:
         if cfg.device == "gpu":
             raise RuntimeError(
@@ -146,6 +159,8 @@ def check_entries(
             total,
             cfg.wait_for_gpus,
         )
+    if len(entries) == 1:
+        log.warning(ONE_HOST_WARNING, entries[0][0], entries[0][0])
     return entries
 
 

@@ -3,7 +3,11 @@
     python jobs/pretokenize.py --config configs/data/pretokenize_stage1.yaml \
         input=s3://b/raw/ scores=s3://b/scores/ output=s3://b/tokens256/
     ray job submit --working-dir . -- python jobs/pretokenize.py \
-        --config configs/data/pretokenize_stage2.yaml ...
+        --config configs/data/pretokenize_stage2.yaml ... \
+        vq.uri=s3://b/models/vq_ds16_t2i.pt text.uri=s3://b/models/flan-t5-xl
+
+On a cluster give the model URIs: the YAML's local ``models/...`` paths are not shipped by
+``--working-dir .``.
 
 Exit status 0 when every shard is done, 3 when some failed (rerun the same command: done shards
 are skipped, the others redone from scratch). Raw shards without a score parquet yet are not

@@ -106,10 +106,23 @@ def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str
         rows = data["annotations"] if isinstance(data, dict) else data
         caps = [r["caption"] if isinstance(r, dict) else r for r in rows]
     elif low.endswith((".csv", ".tsv")):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if low.endswith(".tsv") else ",")
-        if column not in (reader.fieldnames or []):
-            raise ValueError(f"{uri}: no column {column!r} (columns: {reader.fieldnames})")
-        caps = [r[column] or "" for r in reader]
+        delim = "\t" if low.endswith(".tsv") else ","
+        reader = csv.reader(io.StringIO(text), delimiter=delim)
+        header = next(reader, [])
+        if column not in header:
+            raise ValueError(f"{uri}: no column {column!r} (columns: {header})")
+        i, caps = header.index(column), []
+        for line, row in enumerate(reader, 2):
+            if len(row) > len(header):
+                if len(header) != 1:
+                    raise ValueError(
+                        f"{uri}:{line}: {len(row)} fields for {len(header)} columns (a caption "
+                        f"with an unquoted {delim!r}?)"
+                    )
+                # a one-column file written without quoting (LlamaGen's coco_captions.csv):
+                # the delimiters are the caption's own
+                row = [delim.join(row)]
+            caps.append(row[i] if i < len(row) else "")
     else:
         caps = text.splitlines()
     caps = [" ".join(str(c).split()) for c in caps]

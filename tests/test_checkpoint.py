@@ -611,3 +611,27 @@ def test_a_zero3_export_holds_the_live_engines_gathered_weights(tmp_path):
     assert got["missing"] == [] and got["shapes"], got
     assert got["max_diff"] == 0.0 and got["moved"] > 1e-3, got  # trained, and exported exactly
     assert (tmp_path / "run" / "checkpoints" / tag_for(2) / "COMPLETE.json").exists()
+
+
+def test_a_save_removes_staging_leftovers_and_older_universal_copies(tmp_path):
+    """A download or conversion killed mid-way leaves its staging folder, and each resume on
+    another number of ranks a universal-format copy of the whole checkpoint (GPT-XL: ~12 GB).
+    Nothing removed them. Once a newer checkpoint is complete, the first rank of each node
+    removes them; newer staging folders and other files stay."""
+    run = tmp_path / "run"
+    ck = CheckpointManager(str(run), str(run), 2, _dist())
+    local, universal = run / "checkpoints", run / "universal"
+    leftovers = [
+        local / ".step_00000010-a1b2",
+        universal / ".step_00000010-c3d4",
+        universal / "step_00000010",
+        local / ".step_00000020-e5f6",
+    ]
+    kept = [local / ".step_00000030-x", universal / "step_00000020", universal / "notes"]
+    for d in leftovers + kept:
+        d.mkdir(parents=True)
+        (d / "f.bin").write_bytes(b"x" * 10)
+    assert ck.save(FakeEngine(), 20, {"step": 20}, {"rng": None}) == tag_for(20)
+    assert [d for d in leftovers if d.exists()] == []
+    assert all(d.exists() for d in kept)
+    assert complete_tags(str(local)) == [tag_for(20)]

@@ -74,6 +74,17 @@ def test_read_captions_formats(tmp_path):
     assert read_captions(str(tmp_path / "c.json"), limit=1) == ["a cat"]
     with pytest.raises(ValueError, match="no column 'text'"):
         read_captions(str(tmp_path / "c.csv"), column="text")
+    # LlamaGen's coco_captions.csv: one column, captions with commas and no quoting. They were
+    # cut at the first comma (the rest of the line was dropped silently)
+    (tmp_path / "llamagen.csv").write_text("Prompt\nA man, a dog, and a cat.\nA red bus\n")
+    assert read_captions(str(tmp_path / "llamagen.csv"), column="Prompt") == [
+        "A man, a dog, and a cat.",
+        "A red bus",
+    ]
+    # with several columns an unquoted comma is ambiguous: refused with the line
+    (tmp_path / "bad.csv").write_text("id,caption\n1,a cat, sitting\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2: 3 fields for 2 columns"):
+        read_captions(str(tmp_path / "bad.csv"))
 
 
 def test_fid_is_zero_on_identical_sets_and_grows_with_a_shift(setup):

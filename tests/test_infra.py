@@ -451,6 +451,58 @@ def test_hostfile_checks_name_the_problem(caplog):
     assert not caplog.records
 
 
+def test_one_host_hostfile_warns_that_deepspeed_needs_force_multi(caplog):
+    mod = _load_job("hostfile.py")
+    cfg = load_config(mod.HostfileConfig, None, [])
+    with caplog.at_level("WARNING", logger="hostfile"):
+        assert mod.check_entries([("10.0.0.3", 8)], cfg, 2) == [("10.0.0.3", 8)]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "one host (10.0.0.3)" in warning and "`--force_multi`" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hostfile"):  # two hosts: DeepSpeed goes over ssh
+        mod.check_entries([("10.0.0.3", 8), ("10.0.0.9", 8)], cfg, 3)
+    assert not caplog.records
+
+
+def _deepspeed_launch_command(tmp_path, monkeypatch, *flags: str) -> list[str]:
+    """The command DeepSpeed's runner starts for a one-host hostfile (nothing is run)."""
+    from deepspeed.launcher import runner
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("10.0.0.3 slots=2\n")
+    (tmp_path / ".deepspeed_env").write_text("T2I_MARK=1\n")
+    started = []
+
+    class Started:
+        returncode = 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner, "DEEPSPEED_ENVIRONMENT_PATHS", [str(tmp_path)])
+    monkeypatch.setattr(
+        runner.subprocess, "Popen", lambda cmd, env: started.append(cmd) or Started()
+    )
+    monkeypatch.setattr(runner.PDSHRunner, "backend_exists", lambda self: True)
+    monkeypatch.setattr(runner.signal, "signal", lambda *a: None)  # pytest's handlers stay
+    runner.main(
+        ["--hostfile", str(hostfile), "--master_addr", "10.0.0.3", "--no_ssh_check", *flags,
+         "jobs/train.py", "--config", "configs/train/stage1.yaml"]
+    )  # fmt: skip
+    (cmd,) = started
+    return cmd
+
+
+def test_deepspeed_runs_a_one_host_hostfile_locally_without_force_multi(tmp_path, monkeypatch):
+    """What ONE_HOST_WARNING says, checked against the installed DeepSpeed's runner."""
+    local = _deepspeed_launch_command(tmp_path, monkeypatch)
+    assert local[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert "T2I_MARK" not in " ".join(local)  # no ~/.deepspeed_env either
+    remote = _deepspeed_launch_command(tmp_path, monkeypatch, "--force_multi")
+    assert remote[0] == "pdsh" and remote[remote.index("-w") + 1] == "10.0.0.3"
+    assert "export T2I_MARK=1" in " ".join(remote)
+
+
 def test_deepspeed_env_file_is_what_deepspeeds_runner_reads(tmp_path):
     from types import SimpleNamespace
 

@@ -373,6 +373,27 @@ class CheckpointManager:
                     storage.remove(storage.join(root, t), recursive=True)
                 else:
                     shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+        self._prune_leftovers(saved)
+
+    def _prune_leftovers(self, saved: str) -> None:
+        """Local folders no resume needs once ``saved`` is complete: the universal-format copies
+        of older checkpoints (a resume now reads ``saved`` or newer; an older one is converted
+        again if asked for), and the staging folders (``.<tag>-xxxx``) of a download or
+        conversion killed mid-way, up to ``saved``. Every node is here at once (a collective
+        phase of the save), so no staging folder of this run is in use."""
+        universal = os.path.join(os.path.dirname(self.local_root), "universal")
+        for root in (self.local_root, universal):
+            try:
+                names = os.listdir(root)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                staged = name.startswith(".")
+                tag = name[1:].split("-", 1)[0] if staged else name
+                if not _TAG_RE.match(tag) or tag > saved:
+                    continue
+                if staged or (root == universal and tag < saved):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
     # -- finding and loading
 
