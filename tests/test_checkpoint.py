@@ -295,6 +295,30 @@ def test_one_node_resuming_a_two_node_checkpoint_fetches_the_other_nodes_files(
     assert ck.written_world(tag) == 4 and ck.needs_universal(tag)
 
 
+def test_the_export_fetches_a_checkpoint_on_rank_0s_node_only(s3_bucket, tmp_path):
+    """The end-of-run export reads the checkpoint on rank 0 alone: every other node made its copy
+    whole too (each downloading every other node's partitions, GPT-XL's ~9 GB of optimizer
+    state per node, for nothing)."""
+    run_dir, tag = f"{s3_bucket}/run", tag_for(20)
+    everything = _rank_files(range(4))
+    marker = _marker(tag, 4, everything)
+    _write(f"{run_dir}/checkpoints/{tag}", everything, marker)
+    for node, ranks in ((0, [0, 1]), (1, [2, 3])):
+        _write(str(tmp_path / f"node{node}" / "checkpoints" / tag), _rank_files(ranks), marker)
+    # node 1's first rank (rank 2 of 4): waits, fetches nothing
+    ck1 = CheckpointManager(run_dir, str(tmp_path / "node1"), 2, _dist(2, 4, 2))
+    ck1.ensure_local(tag, main_only=True)
+    node1 = tmp_path / "node1" / "checkpoints" / tag
+    assert {p.name for p in node1.iterdir()} == set(_rank_files([2, 3])) | {MARKER}
+    # rank 0: its node's copy is made whole
+    ck0 = CheckpointManager(run_dir, str(tmp_path / "node0"), 2, _dist(0, 4, 2))
+    node0 = ck0.ensure_local(tag, main_only=True)
+    assert {p.name for p in Path(node0).iterdir()} == set(everything) | {MARKER}
+    # a resume (every node loads) still completes node 1's copy
+    ck1.ensure_local(tag)
+    assert {p.name for p in node1.iterdir()} == set(everything) | {MARKER}
+
+
 def test_a_local_checkpoint_without_the_other_nodes_files_is_refused_by_name(tmp_path):
     """Without an s3:// run dir nothing can complete a node's copy: the error says so, instead
     of DeepSpeed failing later on the partitions it does not find."""

@@ -232,18 +232,22 @@ class CheckpointManager:
         os.makedirs(self.local_root, exist_ok=True)
         self._local_tags: set[str] = set()  # made local by ensure_local (the same on every rank)
 
-    def _on_each_node(self, what: str, fn: Callable[[], Any]) -> dict[int, Any]:
-        """``fn()`` on each node's first rank, then every rank waits for all of them; returns
-        their answers by rank. An error on one node's first rank is raised on every rank:
-        raised there alone, it would leave the others in a collective until its timeout."""
+    def _on_each_node(
+        self, what: str, fn: Callable[[], Any], main_only: bool = False
+    ) -> dict[int, Any]:
+        """``fn()`` on each node's first rank (``main_only``: on rank 0 alone), then every rank
+        waits for all of them; returns their answers by rank. An error on one node's first rank
+        is raised on every rank: raised there alone, it would leave the others in a collective
+        until its timeout."""
         answer, error = None, None
-        if self.dist.is_local_main:
+        ran = self.dist.is_local_main and (self.dist.is_main or not main_only)
+        if ran:
             try:
                 answer = fn()
             except Exception as exc:  # noqa: BLE001 - reported to every rank, raised here below
                 error = exc
         failed = None if error is None else f"{type(error).__name__}: {error}"
-        reports = engine.gather_objects((self.dist.rank, self.dist.is_local_main, answer, failed))
+        reports = engine.gather_objects((self.dist.rank, ran, answer, failed))
         if error is not None:
             raise error
         for rank, _, _, failed in reports:
@@ -436,8 +440,10 @@ class CheckpointManager:
 
         return decided_on_rank0(self.dist.is_main, engine.broadcast_object, decide)
 
-    def ensure_local(self, tag: str) -> str:
-        """The local directory of ``tag``, every file of it there (every rank calls it).
+    def ensure_local(self, tag: str, main_only: bool = False) -> str:
+        """The local directory of ``tag``, every file of it there (every rank calls it;
+        ``main_only``: made whole on rank 0's node alone, for the export, which reads it there
+        only: the other nodes would each download every other node's partitions for nothing).
 
         The checkpoint's marker lists its files. With an ``s3://`` run dir the local copy is
         a cache: taken when its marker is the run dir's, completed from the run dir with the
@@ -447,8 +453,11 @@ class CheckpointManager:
         anew. Once per tag: a resume asks twice (the world size, then the load)."""
         local = os.path.join(self.local_root, tag)
         if tag not in self._local_tags:
-            self._on_each_node(f"fetching checkpoint {tag}", lambda: self._make_whole(tag))
-            self._local_tags.add(tag)
+            self._on_each_node(
+                f"fetching checkpoint {tag}", lambda: self._make_whole(tag), main_only
+            )
+            if not main_only:
+                self._local_tags.add(tag)
         return local
 
     def _make_whole(self, tag: str) -> None:

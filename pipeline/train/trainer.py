@@ -365,9 +365,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     export_uri = None
     if cfg.export and last_tag is not None:
         export_uri = storage.join(cfg.run_dir, "export")
-        # every rank: each node's copy checked against the marker's file list and completed
-        # from the run dir (other nodes' partitions); an error there reaches every rank
-        ckpt.ensure_local(last_tag)
+        # every rank waits while rank 0's node checks its copy against the marker's file list
+        # and completes it from the run dir (other nodes' partitions); an error there reaches
+        # every rank
+        ckpt.ensure_local(last_tag, main_only=True)
         if dist.is_main:
             export_weights(
                 ckpt.local_root,
