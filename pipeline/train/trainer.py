@@ -353,9 +353,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.max_skipped_steps and skipped_in_a_row >= cfg.max_skipped_steps:
                 raise FloatingPointError(
                     f"the last {skipped_in_a_row} steps (to step {step}) were all skipped for a "
-                    "non-finite gradient norm: the run has diverged. Resume from an earlier "
-                    "checkpoint with a lower learning rate (optim.lr_per_256), or raise "
-                    "max_skipped_steps (0: never stop)"
+                    "non-finite gradient norm: the run has diverged. Rerun with a lower "
+                    "learning rate (optim.lr_per_256; a resumed run takes the new one): "
+                    "resume=auto takes the newest checkpoint, whose weights are those of step "
+                    f"{step - skipped_in_a_row} if it was saved since (a skipped step changes "
+                    "none); resume=step_NNNNNNNN an earlier one. Or raise max_skipped_steps "
+                    "(0: never stop)"
                 )
     except BaseException:
         metrics.flush()  # TensorBoard's events of the steps before the failure
