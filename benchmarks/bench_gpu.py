@@ -53,7 +53,7 @@ NOMINAL_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, 
 # first guesses of a row's seconds on a GPU (setup, warm-up and timing together) by kind, for a
 # kind not measured yet in this run; later rows scale the last measured one of their kind. From
 # the first H200 run (2026-12-04): eager GPT-XL rows took 13-20 s, the compiled one about 165 s
-# (161 s of it compiling). On a CPU (small settings) only the measured times count.
+# (about 150 s of it compiling). On a CPU (small settings) only the measured times count.
 FIRST_GUESS_S = {"train": 30.0, "train compiled": 180.0, "decode": 30.0, "decode compiled": 120.0}
 
 # the columns of each table, in order: a row is written the moment it is measured, so they are

@@ -2,7 +2,7 @@
 attention kernels may pick another algorithm for another row count.
 
 ``sample_job`` decodes every batch with the job's full row count (a short last batch, a resumed
-run or one part of several is padded with copies of its first row) so that an image is the same
+run or one part of several is padded with copies of its last row) so that an image is the same
 however the job was split. This script checks on this device, with a random-weight preset in
 bf16 and CFG, that:
 

@@ -107,22 +107,29 @@ def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str
         caps = [r["caption"] if isinstance(r, dict) else r for r in rows]
     elif low.endswith((".csv", ".tsv")):
         delim = "\t" if low.endswith(".tsv") else ","
-        reader = csv.reader(io.StringIO(text), delimiter=delim)
-        header = next(reader, [])
+        first, _, body = text.partition("\n")
+        header = next(csv.reader([first], delimiter=delim), [])
         if column not in header:
             raise ValueError(f"{uri}: no column {column!r} (columns: {header})")
-        i, caps = header.index(column), []
-        for line, row in enumerate(reader, 2):
-            if len(row) > len(header):
-                if len(header) != 1:
+        if len(header) == 1:
+            # one column: each line is a caption. Files written without quoting (LlamaGen's
+            # coco_captions.csv) hold the delimiter and stray quotes as the caption's own; a
+            # line that is one quoted field is unquoted
+            caps = []
+            for line in body.splitlines():
+                row = next(csv.reader([line], delimiter=delim), [])
+                quoted = line.startswith('"') and line.rstrip().endswith('"') and len(row) == 1
+                caps.append(row[0] if quoted else line)
+        else:
+            reader = csv.reader(io.StringIO(body), delimiter=delim)
+            i, caps = header.index(column), []
+            for row in reader:
+                if len(row) > len(header):
                     raise ValueError(
-                        f"{uri}:{line}: {len(row)} fields for {len(header)} columns (a caption "
-                        f"with an unquoted {delim!r}?)"
+                        f"{uri}:{reader.line_num + 1}: {len(row)} fields for {len(header)} "
+                        f"columns (a caption with an unquoted {delim!r}?)"
                     )
-                # a one-column file written without quoting (LlamaGen's coco_captions.csv):
-                # the delimiters are the caption's own
-                row = [delim.join(row)]
-            caps.append(row[i] if i < len(row) else "")
+                caps.append(row[i] if i < len(row) else "")
     else:
         caps = text.splitlines()
     caps = [" ".join(str(c).split()) for c in caps]

@@ -124,7 +124,7 @@ class SampleConfig:
     dtype: Literal["float32", "bfloat16"] = doc(
         "GPT compute dtype (VQ decodes in fp32). On a GPU only float32 gives the same image for a "
         "seed every time (a rerun, a resumed run or another split into parts): measured on an "
-        "H200, bf16 decoding of the same batch twice parted ways after 170-195 of 256 tokens",
+        "H200, bf16 decoding of the same batch twice parted ways after 169-172 of 256 tokens",
         "float32",
     )
     device: str = doc("torch device", "cpu")

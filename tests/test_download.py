@@ -455,6 +455,31 @@ def test_a_stats_file_cut_short_makes_its_shard_failed_not_done(tmp_path):
     assert storage.exists(f"{out}/00000_stats.json")
 
 
+def test_a_store_error_reading_a_stats_file_is_raised_not_taken_for_a_cut_file(
+    tmp_path, monkeypatch
+):
+    """A refused read (a missing KMS permission, throttling past the retries) says nothing
+    about the file: deleting a good _stats.json would redo its shard, whose URLs may since have
+    died. Only a file whose content does not parse is removed."""
+    from pipeline.data import download
+
+    out = str(tmp_path / "raw")
+    storage.write_json(f"{out}/00000_stats.json", {"count": 5, "successes": 5})
+    real = download.storage.read_json
+
+    def refused(uri):
+        if uri.endswith("00000_stats.json"):
+            raise PermissionError(f"Access Denied: {uri}")
+        return real(uri)
+
+    monkeypatch.setattr(download.storage, "read_json", refused)
+    with pytest.raises(PermissionError, match="Access Denied"):
+        aggregate_stats(out, 1)
+    assert storage.exists(f"{out}/00000_stats.json")
+    monkeypatch.setattr(download.storage, "read_json", real)
+    assert aggregate_stats(out, 1)["shards"]["done"] == 1
+
+
 # --- distributors ---------------------------------------------------------------------------------
 
 

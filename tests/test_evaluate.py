@@ -76,10 +76,14 @@ def test_read_captions_formats(tmp_path):
         read_captions(str(tmp_path / "c.csv"), column="text")
     # LlamaGen's coco_captions.csv: one column, captions with commas and no quoting. They were
     # cut at the first comma (the rest of the line was dropped silently)
-    (tmp_path / "llamagen.csv").write_text("Prompt\nA man, a dog, and a cat.\nA red bus\n")
+    (tmp_path / "llamagen.csv").write_text(
+        'Prompt\nA man, a dog, and a cat.\n"unclosed quote, here\nA red bus\n"quoted, whole"\n'
+    )
     assert read_captions(str(tmp_path / "llamagen.csv"), column="Prompt") == [
         "A man, a dog, and a cat.",
+        '"unclosed quote, here',  # a stray quote stays the caption's: it swallows no lines
         "A red bus",
+        "quoted, whole",
     ]
     # with several columns an unquoted comma is ambiguous: refused with the line
     (tmp_path / "bad.csv").write_text("id,caption\n1,a cat, sitting\n")

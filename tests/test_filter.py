@@ -239,6 +239,8 @@ def test_rerun_with_other_content_settings_is_refused(tmp_path, models):
     with pytest.raises(ConfigError, match=r"'input'"):
         run_score(_score_cfg(other_raw, out, aesthetic))
     assert storage.read_text(os.path.join(out, flt.SCORE_CONFIG_NAME)) == saved  # not overwritten
+    # the same input written with a trailing slash is the same folder: nothing left to score
+    assert run_score(_score_cfg(raw + "/", out, aesthetic, "max_shards=1"))["skipped_done"] == 1
 
     # other hardware: accepted, and it scores the shard left
     other_hw = {**aesthetic, "batch_size": 2, "device": "cpu", "cache_dir": str(tmp_path)}

@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -365,35 +366,40 @@ def reason_of(status: str) -> str:
 
 def _read_stats(output: str, shard: int) -> dict[str, Any] | None:
     """Shard ``shard``'s ``_stats.json``; None (and the file removed, so that the shard is
-    redone) when it cannot be read: img2dataset writes it with a plain ``open``, and a kill can
-    cut it short."""
+    redone) when its content is not a stats object: img2dataset writes it with a plain
+    ``open``, and a kill can cut it short. A store error (a refused read, throttling past the
+    retries) is raised, not taken for a bad file: deleting a good one would redo a shard whose
+    URLs may since have died."""
     uri = storage.join(output, f"{shard_name(shard)}_stats.json")
     try:
-        s = storage.read_json(uri)
+        s = storage.read_json(uri)  # a cut file: json's ValueError (UnicodeDecodeError too)
         if not isinstance(s, dict):
             raise ValueError(f"not a JSON object: {type(s).__name__}")
         return s
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         log.warning("unreadable stats for shard %d (%s): removed, the shard is redone", shard, e)
         storage.remove(uri)
         return None
 
 
-def readable_done_shards(output: str, checked: set[int]) -> set[int]:
+def readable_done_shards(output: str, read: dict[int, dict[str, Any]]) -> set[int]:
     """:func:`done_shards` whose stats file reads (:func:`_read_stats` removes one that does
-    not, so the shard counts as missing and is downloaded again in this run's retry rounds);
-    ``checked`` holds the shards read already, which are not read again."""
-    out = set()
-    for i in done_shards(output):
-        if i not in checked:
-            if _read_stats(output, i) is None:
-                continue
-            checked.add(i)
-        out.add(i)
-    return out
+    not, so the shard counts as missing and is downloaded again in this run's retry rounds).
+    ``read`` keeps the stats read so far by shard: each file is read once a run, 32 at a time
+    (a LAION-COCO download has tens of thousands of shards)."""
+    done = done_shards(output)
+    todo = sorted(done - set(read))
+    if todo:
+        with ThreadPoolExecutor(32) as pool:
+            for i, stats in zip(todo, pool.map(lambda i: _read_stats(output, i), todo)):
+                if stats is not None:
+                    read[i] = stats
+    return {i for i in done if i in read}
 
 
-def aggregate_stats(output: str, shards_total: int) -> dict[str, Any]:
+def aggregate_stats(
+    output: str, shards_total: int, read: dict[int, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Sum every ``{shard}_stats.json`` under ``output`` into counts per reason.
 
     A stats file that cannot be read (img2dataset writes it with a plain ``open``: a kill can
@@ -402,10 +408,9 @@ def aggregate_stats(output: str, shards_total: int) -> dict[str, Any]:
     samples: Counter = Counter()
     statuses: Counter = Counter()
     done = []
-    for i in sorted(i for i in done_shards(output) if i < shards_total):
-        s = _read_stats(output, i)
-        if s is None:
-            continue
+    read = {} if read is None else read
+    for i in sorted(i for i in readable_done_shards(output, read) if i < shards_total):
+        s = read[i]
         done.append(i)
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             samples[k] += int(s.get(k, 0))
@@ -479,8 +484,8 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
             guard.transient_failures,
         )
 
-    checked: set[int] = set()
-    missing = sorted(set(range(total)) - readable_done_shards(cfg.output, checked))
+    read: dict[int, dict[str, Any]] = {}  # the done shards' stats, each read once
+    missing = sorted(set(range(total)) - readable_done_shards(cfg.output, read))
     if total and not missing:
         log.info("all %d shards already done in %s", total, cfg.output)
     with _img2dataset_env(cfg), _ray_session(cfg):
@@ -504,10 +509,10 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
                 raise KeyboardInterrupt("download interrupted; rerun to resume") from e
             except Exception:  # noqa: BLE001 - finished shards are safe; check what is missing
                 log.exception("img2dataset pass %d stopped with an error", attempt + 1)
-            missing = sorted(set(range(total)) - readable_done_shards(cfg.output, checked))
+            missing = sorted(set(range(total)) - readable_done_shards(cfg.output, read))
     storage.remove(storage.join(cfg.output, "_tmp"), recursive=True)
 
-    stats = aggregate_stats(cfg.output, total)
+    stats = aggregate_stats(cfg.output, total, read)
     stats["metadata"] = units_stats["counts"]
     stats["guard_this_run"] = dict(guard_counts)
     stats["duration_s"] = round(time.time() - start, 3)

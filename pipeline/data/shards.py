@@ -340,8 +340,13 @@ def _changes(old: Any, new: Any, path: str, ignore: Collection[str]) -> Iterator
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
             yield from _changes(old.get(k), new.get(k), f"{path}.{k}", ignore)
-    elif old != new:
+    elif old != new and not (isinstance(old, str) and isinstance(new, str) and _same_uri(old, new)):
         yield f"{path!r} ({old!r} != {new!r})"
+
+
+def _same_uri(a: str, b: str) -> bool:
+    """One folder written two ways: ``s3://b/raw/`` and ``s3://b/raw``, ``file:///x`` and ``/x``."""
+    return storage.normalize(a).rstrip("/") == storage.normalize(b).rstrip("/")
 
 
 def claim_output(

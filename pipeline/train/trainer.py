@@ -102,7 +102,7 @@ class TrainConfig:
         if (
             self.local_dir
             and not storage.is_remote(run_dir)
-            and os.path.abspath(self.local_dir) != os.path.abspath(run_dir)
+            and os.path.abspath(storage.normalize(self.local_dir)) != os.path.abspath(run_dir)
         ):
             raise ValueError(
                 f"local_dir {self.local_dir!r} with the local run_dir {self.run_dir!r}: local_dir "
