@@ -288,6 +288,10 @@ def test_bf16_vq_searches_its_codes_in_fp32(tmp_path, models):
     with torch.no_grad():
         h = w.vq.quant_conv(w.vq.encoder(x.bfloat16()).float())
     assert torch.equal(codes, w.vq.quantize(h)[2])  # the search ran on the fp32 latent
+    # ... against the codebook and conv as stored, not widened back from a bf16 rounding
+    stored = VQModel.from_pretrained(cfg.vq.uri, cfg.vq.preset)
+    assert torch.equal(w.vq.quantize.embedding.weight, stored.quantize.embedding.weight)
+    assert torch.equal(w.vq.quant_conv.weight, stored.quant_conv.weight)
 
 
 def _rewrite_raw_shard(raw: str, index: int, edit) -> None:
@@ -416,6 +420,21 @@ def test_a_sticky_cuda_error_on_a_one_caption_batch_fails_the_shard(tmp_path, mo
     m3 = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out3, models)))
     assert not m3["failed_shards"] and shards.is_done(out3, 0)
     assert m3["shards"][0]["stats"]["dropped"] == {"t5_error": 1}
+
+    # out of memory on one caption of the caption-by-caption retry is not that caption's fault:
+    # it was dropped as t5_error and the shard marked done; the shard fails, to be retried
+    def runs_out_of_memory(self, captions, *a, **kw):
+        if len(captions) > 1:
+            raise ValueError("T5 cannot take this caption")
+        if captions[0] == txts[3]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_encode(self, captions, *a, **kw)
+
+    monkeypatch.setattr(TextEncoder, "encode", runs_out_of_memory)
+    out4 = str(tmp_path / "tokens4")
+    m4 = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out4, models)))
+    assert list(m4["failed_shards"]) == ["0"] and not shards.is_done(out4, 0)
+    assert "out of memory" in m4["failed_shards"]["0"]
 
 
 def test_a_gpu_vq_worker_turns_tf32_off(tmp_path, models, monkeypatch):
@@ -555,3 +574,42 @@ def test_tokenizer_random_crop_needs_no_whole_image_resize(monkeypatch):
     monkeypatch.setattr(Image.Image, "resize", resize)
     out = random_crop_flip(Image.new("RGB", (20000, 3), (10, 20, 30)), 256, random.Random(0))
     assert out.size == (256, 256) and out.getpixel((5, 200)) == (10, 20, 30)
+
+
+def test_scores_of_another_download_at_the_same_keys_are_not_applied(tmp_path, models):
+    """A key is a place in a raw shard, not an image: a raw folder downloaded again from other
+    metadata (download's overwrite=true) while its score parquets stayed would have taken each
+    old image's scores and filter decisions for the new image at the same key. Score rows carry
+    the URL; a sample whose URL is not its row's is dropped, counted."""
+    import json
+
+    raw, scores = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 1, 4)
+    over = [f"input={raw}", f"output={scores}", "executor.backend=inline"]
+    run_score(load_config(ScoreConfig, None, [*over, "filters.min_image_size=32"]))
+
+    def other_url(i, s):
+        if i in (1, 2):
+            s["json"] = json.dumps({**json.loads(s["json"]), "url": f"http://other/{i}.jpg"})
+        return s
+
+    _rewrite_raw_shard(raw, 0, other_url)
+    out = str(tmp_path / "tokens")
+    m = run_pretokenize(
+        load_config(PretokenizeConfig, TINY, _overrides(raw, out, models, f"scores={scores}"))
+    )
+    assert m["dropped"] == {"score_of_another_image": 2} and m["num_samples"] == 2
+
+    # min_aesthetic against scores made without an aesthetic model would drop every sample
+    # (aesthetic_nan) and mark the shards done, empty: refused before any work
+    with pytest.raises(ConfigError, match="without an aesthetic model"):
+        run_pretokenize(
+            load_config(
+                PretokenizeConfig,
+                TINY,
+                _overrides(
+                    raw, str(tmp_path / "t2"), models, f"scores={scores}", "min_aesthetic=5"
+                ),
+            )
+        )
+    assert not os.path.exists(tmp_path / "t2")

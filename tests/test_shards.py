@@ -150,6 +150,20 @@ def test_a_refused_raw_shard_is_raised_not_counted_as_damage(tmp_path, monkeypat
         list(shards.iter_raw_shard(str(tmp_path), 0, stats))
     assert "corrupt_tar" not in stats and "raw_samples" not in stats
 
+    # s3fs turns an S3 error code it does not know into OSError(EIO), an expired token into
+    # OSError(EINVAL): at open they are the store's too (they were counted as a damaged tar, and
+    # the shard marked done with 0 samples)
+    import errno
+
+    def eio(uri):
+        raise OSError(errno.EIO, f"KMS.DisabledException: {uri}")
+
+    monkeypatch.setattr(shards.storage, "open_read", eio)
+    stats = {}
+    with pytest.raises(OSError, match="KMS"):
+        list(shards.iter_raw_shard(str(tmp_path), 0, stats))
+    assert "corrupt_tar" not in stats and "raw_samples" not in stats
+
 
 def test_a_read_error_mid_shard_is_raised_not_counted_as_damage(tmp_path, monkeypatch):
     """The store failing mid-read (s3fs turns InvalidToken into OSError(EINVAL), unknown codes

@@ -83,3 +83,11 @@ def test_bad_inputs_are_clear(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         TextEncoder.from_pretrained(str(tmp_path))
     assert enc.encode([]).features == []
+    # float16 T5 gives finite but wrong features (HF clamps its overflows): refused, also in
+    # the config (the pretokenize YAML's text.dtype)
+    with pytest.raises(ValueError, match="finite but wrong"):
+        TextEncoder.from_pretrained(tiny_dir, dtype="float16")
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="dtype"):
+        load_config(TextEncoderConfig, None, ["dtype=float16"])

@@ -209,11 +209,11 @@ def sample_caption(sample: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace").strip(), "caption_not_utf8"
     text = str(meta.get("caption") or "")
-    clean = _storable(text)
+    clean = storable_text(text)
     return clean.strip(), None if clean == text else "caption_not_utf8"
 
 
-def _storable(text: str) -> str:
+def storable_text(text: str) -> str:
     """``text`` with lone surrogates replaced by U+FFFD: what utf-8 (and parquet) can hold."""
     return _SURROGATE.sub("\ufffd", text)
 
@@ -253,8 +253,8 @@ class ScoreWorker:
             row = {
                 # a tar member name that was not utf-8 comes with surrogates (pretokenize drops
                 # its sample as bad_key); so may a json url
-                "key": _storable(key),
-                "url": _storable(str(meta.get("url") or "")),
+                "key": storable_text(key),
+                "url": storable_text(str(meta.get("url") or "")),
                 "caption_chars": len(caption),
                 "width": w,
                 "height": h,

@@ -22,6 +22,7 @@ same bytes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -30,15 +31,19 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 
+from pipeline import storage
 from pipeline.config import ConfigError, doc
 from pipeline.data import shards
 from pipeline.data.filter import (
+    SCORE_CONFIG_NAME,
     aesthetic_reason,
     read_scores,
     sample_caption,
     sample_meta,
     scored_indices,
+    storable_text,
 )
 from pipeline.data.raw import center_crop as resize_center_crop
 from pipeline.data.raw import decode_rgb
@@ -143,6 +148,15 @@ class _Batch:
     metas: list[dict[str, Any]]
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device or host ran out of memory: the shard is retried, no
+    caption or image is dropped for it (a caption that fails alone for want of memory is not a
+    bad caption)."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        "out of memory" in str(exc).lower()
+    )
+
+
 class PretokenizeWorker:
     """Loads the VQ tokenizer and T5 once; ``worker(index)`` pretokenizes raw shard ``index``."""
 
@@ -161,12 +175,12 @@ class PretokenizeWorker:
         dtype = torch_dtype(cfg.vq.dtype)
         warn_if_slow(dtype, cfg.vq.device, "the VQ encoder")
         exact_fp32_on_cuda(cfg.vq.device)
-        self.vq = vq.to(cfg.vq.device, dtype).eval()
-        # the encoder runs in dtype; the last 1x1 conv and the code search stay fp32: in bf16 the
-        # latent and the codebook are rounded before the nearest-code search (0.9% of codes
-        # changed on random unit vectors)
-        self.vq.quant_conv.float()
-        self.vq.quantize.float()
+        # the encoder runs in dtype; the rest (the last 1x1 conv and the code search) in fp32:
+        # in bf16 the latent and the codebook are rounded before the nearest-code search (0.9%
+        # of codes changed on random unit vectors). Only the encoder is cast: casting the whole
+        # model and widening the rest again would keep the rounded codebook
+        self.vq = vq.to(cfg.vq.device).float().eval()
+        self.vq.encoder.to(dtype)
         ds = vq.config.downsample
         if cfg.resolution % ds:
             raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VQ's {ds}")
@@ -184,42 +198,44 @@ class PretokenizeWorker:
         vq_s = t5_s = wait_s = 0.0
         n_tokens = truncated = 0
         with shards.TokenShardWriter(cfg.output, index) as writer:
+            # closed on an error too: its reader thread, decode pool and open tar stop at once
             batches = prefetch(self._batches(index, scores, stats, read_dropped, mended), depth=2)
-            while True:
-                t = time.perf_counter()
-                batch = next(batches, None)
-                wait_s += time.perf_counter() - t
-                if batch is None:
-                    break
-                t = time.perf_counter()
-                codes, codes_flip = self._encode_images(batch.pixels)
-                vq_s += time.perf_counter() - t
-                t = time.perf_counter()
-                enc = self._encode_captions(batch, dropped)
-                t5_s += time.perf_counter() - t
-                truncated += enc.n_truncated
-                bad = set(enc.nonfinite)
-                for i, key in enumerate(batch.keys):
-                    if enc.features[i] is None:  # counted as t5_error
-                        continue
-                    if i in bad:
-                        dropped["nonfinite_t5"] += 1
-                        continue
-                    try:
-                        sample = shards.encode_token_sample(
-                            key,
-                            codes[i],
-                            enc.features[i].numpy(),
-                            batch.captions[i],
-                            {**batch.metas[i], "t5_tokens": enc.lengths[i]},
-                            codes_flip[i] if codes_flip is not None else None,
-                        )
-                    except ValueError as exc:  # what the shard format cannot hold: this sample
-                        log.warning("shard %d: sample %s not stored: %s", index, key, exc)
-                        dropped["encode_error"] += 1
-                        continue
-                    writer.write(sample)
-                    n_tokens += enc.lengths[i]
+            with contextlib.closing(batches):
+                while True:
+                    t = time.perf_counter()
+                    batch = next(batches, None)
+                    wait_s += time.perf_counter() - t
+                    if batch is None:
+                        break
+                    t = time.perf_counter()
+                    codes, codes_flip = self._encode_images(batch.pixels)
+                    vq_s += time.perf_counter() - t
+                    t = time.perf_counter()
+                    enc = self._encode_captions(batch, dropped)
+                    t5_s += time.perf_counter() - t
+                    truncated += enc.n_truncated
+                    bad = set(enc.nonfinite)
+                    for i, key in enumerate(batch.keys):
+                        if enc.features[i] is None:  # counted as t5_error
+                            continue
+                        if i in bad:
+                            dropped["nonfinite_t5"] += 1
+                            continue
+                        try:
+                            sample = shards.encode_token_sample(
+                                key,
+                                codes[i],
+                                enc.features[i].numpy(),
+                                batch.captions[i],
+                                {**batch.metas[i], "t5_tokens": enc.lengths[i]},
+                                codes_flip[i] if codes_flip is not None else None,
+                            )
+                        except ValueError as exc:  # what the shard format cannot hold: this sample
+                            log.warning("shard %d: sample %s not stored: %s", index, key, exc)
+                            dropped["encode_error"] += 1
+                            continue
+                        writer.write(sample)
+                        n_tokens += enc.lengths[i]
             wall = time.perf_counter() - t0
             stats.update(
                 mended,
@@ -248,9 +264,11 @@ class PretokenizeWorker:
         try:
             return self.text.encode(batch.captions)
         except Exception as exc:  # noqa: BLE001 - narrowed down caption by caption below
-            if poisons_process(str(exc)):
-                raise  # a broken CUDA context: no caption is to blame, the shard is retried
-            error = exc
+            if poisons_process(str(exc)) or _out_of_memory(exc):
+                raise  # a broken CUDA context or no memory: no caption is to blame, retried
+            # without its traceback, whose frames would hold the failed forward's activations
+            # through the captions' retries below
+            error = exc.with_traceback(None)
         features: list[torch.Tensor | None] = []
         lengths: list[int] = []
         nonfinite: list[int] = []
@@ -259,7 +277,7 @@ class PretokenizeWorker:
             try:
                 one = self.text.encode([caption])
             except Exception as exc:  # noqa: BLE001 - this caption alone: counted, dropped
-                if poisons_process(str(exc)):
+                if poisons_process(str(exc)) or _out_of_memory(exc):
                     raise  # as above: every later caption would fail too, and be dropped
                 log.warning("T5 failed on the caption of %s: %s", batch.keys[i], exc)
                 features.append(None)
@@ -278,7 +296,7 @@ class PretokenizeWorker:
     @torch.inference_mode()
     def _encode_images(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Codes (B, h, w) uint16, and those of the mirrored images when ``flip``."""
-        x = pixels.to(self.cfg.vq.device, next(self.vq.parameters()).dtype)
+        x = pixels.to(self.cfg.vq.device, next(self.vq.encoder.parameters()).dtype)
         if not self.cfg.flip:
             return codes_to_uint16(self.vq.encode(x)), None
         both = codes_to_uint16(self.vq.encode(torch.cat([x, x.flip(-1)])))
@@ -301,7 +319,7 @@ class PretokenizeWorker:
                 key = str(sample["__key__"])
                 meta = sample_meta(sample)
                 caption, caption_problem = sample_caption(sample, meta)
-                reason = self._select(key, caption, scores, seen)
+                reason = self._select(key, caption, scores, seen, str(meta.get("url") or ""))
                 seen.add(key)
                 if reason is not None:
                     dropped[reason] += 1
@@ -325,6 +343,7 @@ class PretokenizeWorker:
         caption: str,
         scores: dict[str, dict[str, Any]] | None,
         seen: set[str],
+        url: str = "",
     ) -> str | None:
         """Why this sample is left out, or None to keep it."""
         if key in seen:
@@ -335,6 +354,10 @@ class PretokenizeWorker:
             row = scores.get(key)
             if row is None:
                 return "not_scored"
+            # a key is a place in the shard, not an image: a raw folder downloaded again from
+            # other metadata while its scores stayed would take another image's scores
+            if row.get("url") is not None and row["url"] != storable_text(url):
+                return "score_of_another_image"
             if not row["keep"]:
                 return f"filtered_{row['reason'] or 'unknown'}"
             reason = aesthetic_reason(row["aesthetic"], self.cfg.min_aesthetic)
@@ -411,12 +434,29 @@ class _WorkerFactory:
 # --- the stage ------------------------------------------------------------------------------------
 
 
+def _check_scores_have_aesthetic(scores: str) -> None:
+    """``min_aesthetic`` against score parquets made without an aesthetic model would drop every
+    sample (``aesthetic_nan``) and mark every shard done, empty: refused before any work."""
+    uri = storage.join(scores, SCORE_CONFIG_NAME)
+    if not storage.exists(uri):
+        return  # nothing scored yet: the shards wait for their parquets
+    saved = yaml.safe_load(storage.read_text(uri)) or {}
+    if not saved.get("aesthetic"):
+        raise ConfigError(
+            f"min_aesthetic is set but {scores} was scored without an aesthetic model "
+            f"({SCORE_CONFIG_NAME}: aesthetic null): every sample would be dropped. Score with "
+            "one (score.yaml's aesthetic section) or drop min_aesthetic"
+        )
+
+
 def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
     """Pretokenize every complete raw shard not done yet; returns the merged manifest."""
     indices = shards.raw_shard_indices(cfg.input)
     if cfg.max_shards is not None:
         indices = indices[: cfg.max_shards]
     unscored: list[int] = []
+    if cfg.min_aesthetic is not None:
+        _check_scores_have_aesthetic(cfg.scores)
     if cfg.scores:
         scored = scored_indices(cfg.scores)
         unscored = [i for i in indices if i not in scored]

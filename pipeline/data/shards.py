@@ -546,8 +546,12 @@ def iter_raw_tar(tar_uri: str, stats: dict[str, Any]) -> Iterator[dict[str, Any]
     re-raised as whatever the store raised), so that no storage failure passes for a short tar.
     """
     n = 0
+    # opened outside the classification below: nothing of the tar has been read yet, so any
+    # error here is the store's (s3fs raises OSError(EIO) for an unknown S3 error code, and
+    # OSError(EINVAL) for an expired token), never damage that would mark the shard done empty
+    f = storage.open_read(tar_uri)
     try:
-        with storage.open_read(tar_uri) as f:
+        with f:
             for sample in iter_tar_samples(_TaggedReads(f)):
                 n += 1
                 yield sample

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Literal
 
 import torch
 
@@ -38,8 +39,10 @@ class TextEncoderConfig:
     max_length: int = doc("Most tokens per caption, EOS included (the paper: 120)", 120)
     batch_size: int = doc("Captions per forward pass", 64)
     device: str = doc("torch device, e.g. 'cuda', 'cuda:1' or 'cpu'", "cpu")
-    dtype: str = doc(
-        "Compute dtype: float32 or bfloat16 (T5 is known to overflow in float16)", "float32"
+    dtype: Literal["float32", "bfloat16"] = doc(
+        "Compute dtype: float32 or bfloat16 (not float16: T5 overflows there, and HF's T5 clamps "
+        "the infinities inside each block, so the features come out finite but wrong)",
+        "float32",
     )
     cache_dir: str | None = doc("Local cache for s3:// models (default $T2I_CACHE)", None)
 
@@ -106,7 +109,10 @@ class TextEncoder:
         dtype = precision.torch_dtype(dtype)
         precision.warn_if_slow(dtype, device, "the text encoder (T5)")
         if dtype == torch.float16:
-            log.warning("T5 in float16 may overflow to inf/nan; bfloat16 is the safe choice")
+            raise ValueError(
+                "T5 in float16 overflows, and HF's T5 clamps the infinities inside each block: "
+                "the features come out finite but wrong. Use bfloat16 or float32"
+            )
         # AutoTokenizer reads tokenizer_config.json; T5Tokenizer(vocab_file=...) would silently
         # ignore the file (see ENVIRONMENT.md).
         tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
