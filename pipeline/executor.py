@@ -82,6 +82,18 @@ class ExecutorConfig:
             )
 
 
+def check_gpu_devices(executor: ExecutorConfig, devices: dict[str, str]) -> None:
+    """Refuse CUDA devices (``devices``: field name -> device) on Ray actors that reserve no
+    GPU: Ray leaves such an actor's ``CUDA_VISIBLE_DEVICES`` alone, so every actor of the job
+    would load its models onto the node's GPU 0, unannounced."""
+    cuda = sorted(k for k, d in devices.items() if str(d).startswith("cuda"))
+    if cuda and executor.backend == "ray" and executor.gpus_per_actor <= 0:
+        raise ValueError(
+            f"{', '.join(cuda)} on CUDA with executor.gpus_per_actor 0: each Ray actor needs a "
+            "GPU reserved (1, or a fraction to share one), else every actor lands on GPU 0"
+        )
+
+
 @dataclasses.dataclass
 class RunReport:
     """What a run did: per-unit stats of the units it ran, the ones skipped, the ones that failed."""

@@ -1,6 +1,7 @@
 """pipeline/executor.py without Ray: the inline backend's retries and failure bookkeeping, and
 ``prefetch``'s producer thread (errors reach the consumer; an early exit ends the thread)."""
 
+import os
 import threading
 
 import pytest
@@ -142,3 +143,24 @@ def test_a_loop_left_by_break_ends_the_producer():
     assert first_three() == [0, 1, 2]
     assert _prefetch_threads(before) == []
     assert len(produced) <= 3 + 2 + 2  # consumed, queued, and the one the producer held
+
+
+def test_cuda_models_on_ray_actors_without_a_gpu_are_refused():
+    """Ray leaves CUDA_VISIBLE_DEVICES alone for an actor that reserves no GPU: every actor of a
+    pretokenize or score job with gpus_per_actor 0 and a CUDA device would load onto GPU 0."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data.filter import ScoreConfig
+    from pipeline.data.pretokenize import PretokenizeConfig
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    over = ["input=/in", "output=/out", "executor.gpus_per_actor=0"]
+    with pytest.raises(ConfigError, match=r"text.device, vq.device on CUDA"):
+        load_config(PretokenizeConfig, None, [*over, "vq.device=cuda", "text.device=cuda:1"])
+    with pytest.raises(ConfigError, match=r"aesthetic.device on CUDA"):
+        load_config(ScoreConfig, os.path.join(configs, "data", "score.yaml"), over)
+    # a GPU reserved (or a fraction of one), or the inline backend: accepted
+    load_config(
+        PretokenizeConfig, None, [*over[:2], "vq.device=cuda", "executor.gpus_per_actor=0.5"]
+    )
+    load_config(PretokenizeConfig, None, [*over, "vq.device=cuda", "executor.backend=inline"])
+    load_config(ScoreConfig, os.path.join(configs, "data", "score_cpu.yaml"), over[:2])

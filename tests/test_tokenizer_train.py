@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -168,6 +169,24 @@ def test_resume_reads_the_checkpoints_shard_set(raw_dir, tmp_path):
     ]
     with pytest.raises(RuntimeError, match="00007.tar"):
         _training_shards(raw_dir, {"shards": ["00000.tar", "00007.tar"]})
+
+
+def test_a_new_run_leaves_out_shards_without_an_image(raw_dir, tmp_path, caplog):
+    """Shards go to ranks whole: a rank dealt only a shard img2dataset wrote no image into had no
+    sample in its epoch and stopped the run ("got no samples"), the other ranks waiting in a
+    collective. A new run leaves such shards out, and says so."""
+    import shutil
+
+    from pipeline.tokenizer.train import _training_shards
+
+    data = tmp_path / "raw"
+    shutil.copytree(raw_dir, data)
+    (data / "00009.tar").write_bytes(b"\0" * 1024)  # an empty tar: its end blocks only
+    storage.write_json(str(data / "00009_stats.json"), {"count": 5, "successes": 0})
+    listed = list_complete_shards(str(data))
+    assert listed[-1].endswith("00009.tar")
+    assert _training_shards(str(data), None) == listed[:-1]
+    assert "1 of " in caplog.text and "hold no image" in caplog.text
 
 
 def _metric_rows(steps, tag: str) -> str:
@@ -477,6 +496,13 @@ def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):
     assert [json.loads(x)["step"] for x in Path(run, "metrics.jsonl").read_text().splitlines()] == (
         list(range(1, 301))
     )
+    # a resume with a lower learning rate trains with it: loading the optimizer put back the
+    # saved one, while config.yaml recorded the new one
+    slower = dataclasses.replace(cfg, max_steps=301, ckpt_every=1, lr=cfg.lr / 4)
+    train_tokenizer(slower, resume="auto")
+    saved = torch.load(Path(run, "checkpoints", "step_0000301", "state.pt"), weights_only=False)
+    for key in ("opt", "opt_disc"):
+        assert {g["lr"] for g in saved[key]["param_groups"]} == {cfg.lr / 4}
 
 
 def _launch(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -39,7 +39,7 @@ from pipeline import storage
 from pipeline.config import doc
 from pipeline.data import shards
 from pipeline.data.raw import decode_rgb
-from pipeline.executor import ExecutorConfig, prefetch, run_units
+from pipeline.executor import ExecutorConfig, check_gpu_devices, prefetch, run_units
 from pipeline.log import get_logger
 from pipeline.models.aesthetic import AestheticConfig
 
@@ -102,6 +102,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.aesthetic is None and self.filters.min_aesthetic is not None:
             raise ValueError("filters.min_aesthetic needs an aesthetic model (aesthetic: ...)")
+        if self.aesthetic is not None:
+            check_gpu_devices(self.executor, {"aesthetic.device": self.aesthetic.device})
 
 
 # --- basic filters ----------------------------------------------------------------------------

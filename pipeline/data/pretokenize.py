@@ -48,7 +48,13 @@ from pipeline.data.filter import (
 from pipeline.data.raw import center_crop as resize_center_crop
 from pipeline.data.raw import decode_rgb
 from pipeline.data.raw import to_tensor as to_pixels
-from pipeline.executor import ExecutorConfig, poisons_process, prefetch, run_units
+from pipeline.executor import (
+    ExecutorConfig,
+    check_gpu_devices,
+    poisons_process,
+    prefetch,
+    run_units,
+)
 from pipeline.log import get_logger
 from pipeline.models.text_encoder import EncodedCaptions, TextEncoder, TextEncoderConfig
 from pipeline.models.vq import VQModel, codes_to_uint16
@@ -110,6 +116,9 @@ class PretokenizeConfig:
             raise ValueError("resolution and batch_size must be positive")
         if self.min_aesthetic is not None and not self.scores:
             raise ValueError("min_aesthetic needs the score parquets (scores: ...)")
+        check_gpu_devices(
+            self.executor, {"vq.device": self.vq.device, "text.device": self.text.device}
+        )
         if not 1 <= self.text.max_length <= shards.MAX_T5_TOKENS:
             raise ValueError(
                 f"text.max_length is {self.text.max_length}: token shards hold at most "

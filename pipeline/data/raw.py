@@ -74,6 +74,26 @@ def list_complete_shards(root: str) -> list[str]:
     return out
 
 
+def nonempty_shards(tar_uris: list[str]) -> list[str]:
+    """The tars of ``tar_uris`` whose ``_stats.json`` says img2dataset wrote at least one image
+    (read 32 at a time). Shards go to ranks whole: a rank dealt only empty ones would have no
+    sample in an epoch and stop the run."""
+
+    def successes(tar: str) -> int:
+        return int(storage.read_json(tar[: -len(".tar")] + "_stats.json").get("successes", 1))
+
+    with ThreadPoolExecutor(32) as pool:
+        counts = list(pool.map(successes, tar_uris))
+    kept = [t for t, n in zip(tar_uris, counts, strict=True) if n > 0]
+    if len(kept) < len(tar_uris):
+        log.warning(
+            "%d of %d raw shards hold no image (img2dataset: 0 successes); left out",
+            len(tar_uris) - len(kept),
+            len(tar_uris),
+        )
+    return kept
+
+
 def count_successes(root: str) -> int:
     """Images img2dataset reported as written, over the complete shards under ``root``."""
     total = 0

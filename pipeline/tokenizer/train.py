@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import launch_env, storage
 from pipeline.config import doc, save_config, to_dict
-from pipeline.data.raw import RawImageStream, list_complete_shards
+from pipeline.data.raw import RawImageStream, list_complete_shards, nonempty_shards
 from pipeline.log import get_logger
 from pipeline.models.vq import VQConfig, VQModel, count_params
 from pipeline.precision import warn_if_slow
@@ -315,6 +315,15 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
         disc.load_state_dict(state["disc"])
         opt.load_state_dict(state["opt"])
         opt_d.load_state_dict(state["opt_disc"])
+        # loading puts back the saved hyperparameters; the config's are the ones in effect (and
+        # the ones config.yaml records): a resume may lower the learning rate, say
+        for o in (opt, opt_d):
+            for group in o.param_groups:
+                old = (group["lr"], tuple(group["betas"]), group["weight_decay"])
+                group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+                new = (cfg.lr, tuple(cfg.betas), cfg.weight_decay)
+                if old != new and o is opt:
+                    log.info("resumed with other lr, betas, weight decay: %s -> %s", old, new)
         step = int(state["step"])
 
     # one rank lists the shards and every rank reads that list: listed apart, ranks could see
@@ -542,7 +551,7 @@ def _training_shards(data: str, state: dict[str, Any] | None) -> list[str]:
     """The shards to read: all complete ones, or on resume exactly the checkpoint's set."""
     current = list_complete_shards(data)
     if state is None:
-        return current
+        return nonempty_shards(current)
     uris = [storage.join(data, name) for name in state["shards"]]
     missing = sorted(set(uris) - set(current))
     if missing:
