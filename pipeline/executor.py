@@ -250,18 +250,35 @@ def _run_ray(
     # one the cluster never places (a pod left Pending, a node that never comes) holds no work
     starting = {a.ready.remote(): a for a in actors}
     try:
-        # When none starts, or the first one fails loading its models (a configuration
-        # problem), stop now with the reason instead of retrying every unit into the same wall.
-        first, _ = ray.wait(list(starting), num_returns=1, timeout=cfg.start_timeout_s)
-        if not first:
-            raise TimeoutError(
-                f"no actor started within {cfg.start_timeout_s:.0f}s: does the cluster have "
-                f"{cfg.cpus_per_actor} CPUs and {cfg.gpus_per_actor} GPUs free for one? "
-                f"(cluster resources: {ray.cluster_resources()})"
-            )
-        ray.get(first[0])
+        # When none starts, or every one fails loading its models (a configuration problem),
+        # stop now with the reason instead of retrying every unit into the same wall. One that
+        # fails while others may still start (a bad GPU, a node's transient error) is dropped:
+        # the first to fail is often the quickest, not the only one
+        idle: list[Any] = []
+        first_error: BaseException | None = None
+        while not idle:
+            if not starting:
+                assert first_error is not None
+                raise first_error
+            first, _ = ray.wait(list(starting), num_returns=1, timeout=cfg.start_timeout_s)
+            if not first:
+                if first_error is not None:
+                    raise first_error
+                raise TimeoutError(
+                    f"no actor started within {cfg.start_timeout_s:.0f}s: does the cluster have "
+                    f"{cfg.cpus_per_actor} CPUs and {cfg.gpus_per_actor} GPUs free for one? "
+                    f"(cluster resources: {ray.cluster_resources()})"
+                )
+            actor = starting.pop(first[0])
+            try:
+                ray.get(first[0])
+                idle.append(actor)
+            except ray.exceptions.RayError as exc:
+                log.warning("%s: an actor failed to start: %s", desc, _short(exc))
+                first_error = first_error or exc
+                ray.kill(actor)
+                actors.remove(actor)
         pending = collections.deque(todo)
-        idle = [starting.pop(first[0])]
         inflight: dict[Any, tuple[Any, int]] = {}
         since: dict[Any, float] = {}  # ref -> when its unit was handed out
         while pending or inflight:

@@ -45,6 +45,23 @@ def _make_flaky(root):
     return lambda: _FlakyWorker(root)
 
 
+class _OneBadStart(_FlakyWorker):
+    """The first actor to start fails at once (a bad GPU); the others load slowly, then work."""
+
+    def __init__(self, root: str) -> None:
+        try:
+            os.close(os.open(os.path.join(root, "bad"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(1.0)
+            super().__init__(root)
+            return
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+
+def _make_one_bad(root):
+    return lambda: _OneBadStart(root)
+
+
 class _PoisonedWorker:
     """Unit 3's first try leaves the worker broken (a CUDA context after an illegal memory
     access): every unit it gets afterwards fails with a CUDA error too."""
@@ -102,7 +119,12 @@ def test_executor_skips_retries_and_replaces_dead_workers(ray_head, tmp_path):
     assert {f"init-{r['pid']}" for r in report.results.values()} <= set(inits)
 
     with pytest.raises(Exception, match="model weights cannot load"):
-        run_units([0], _broken_factory, cfg)
+        run_units([0], _broken_factory, cfg)  # every actor fails: a configuration problem
+    # one actor failing to start while another can: the run goes on with that one (it stopped)
+    bad = tmp_path / "one_bad"
+    bad.mkdir()
+    report = run_units([0, 3, 4], _make_one_bad(str(bad)), cfg)
+    assert sorted(report.results) == [0, 3, 4] and not report.failed
     # an actor the cluster can never place (a GPU on a CPU-only head): a clear error, no hang
     no_gpu = ExecutorConfig(address=ray_head.gcs_address, gpus_per_actor=1, start_timeout_s=3)
     with pytest.raises(TimeoutError, match="GPUs free"):
