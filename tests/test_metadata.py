@@ -167,6 +167,11 @@ def test_rerun_reuses_units_and_config_change_rewrites(tmp_path):
     first = os.stat(out / "00000.parquet").st_mtime_ns
     prepare_units(str(src), str(out), MetadataConfig(rows_per_unit=5))
     assert os.stat(out / "00000.parquet").st_mtime_ns == first  # reused, not rewritten
+    os.remove(out / "00002.parquet")  # a unit lost: all are written again
+    (out / "00000.parquet").write_bytes(b"from before")
+    prepare_units(str(src), str(out), MetadataConfig(rows_per_unit=5))
+    assert pq.read_table(out / "00002.parquet").num_rows == 2
+    assert pq.read_table(out / "00000.parquet").num_rows == 5  # written anew
     stats = prepare_units(str(src), str(out), MetadataConfig(rows_per_unit=8))
     assert [u["rows"] for u in stats["units"]] == [8, 4]
     assert storage.list_dir(str(out), ".parquet") == ["00000.parquet", "00001.parquet"]

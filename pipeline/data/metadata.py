@@ -30,6 +30,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -382,14 +383,14 @@ def prepare_units(source: str, output: str, cfg: MetadataConfig) -> dict[str, An
     stats_uri = storage.join(output, STATS_NAME)
     if storage.exists(stats_uri):
         old = storage.read_json(stats_uri)
-        if old.get("fingerprint") == fingerprint and all(
-            storage.exists(storage.join(output, u["name"])) for u in old["units"]
-        ):
+        have = set(storage.list_dir(output, ".parquet"))  # one listing, not a HEAD per unit
+        if old.get("fingerprint") == fingerprint and all(u["name"] in have for u in old["units"]):
             log.info("metadata units in %s are up to date (%d units)", output, len(old["units"]))
             return old
         log.info("metadata inputs or config changed: rewriting units in %s", output)
-    for name in storage.list_dir(output, ".parquet"):
-        storage.remove(storage.join(output, name))
+    stale = storage.list_dir(output, ".parquet")
+    with ThreadPoolExecutor(32) as pool:  # tens of thousands of units on S3: not one at a time
+        list(pool.map(lambda name: storage.remove(storage.join(output, name)), stale))
     storage.remove(stats_uri)
 
     schema = _unit_schema(_extra_types(files, cfg))
