@@ -450,37 +450,41 @@ _NODE_SCRIPT = textwrap.dedent(
 )
 
 
+def _two_ranks(script: str, *args: str, one_node: bool = False) -> list[dict | None]:
+    """``script`` run as ranks 0 and 1 of a 2-rank gloo group on 127.0.0.1: two one-rank nodes,
+    or with ``one_node`` one node of two. Each rank's last JSON line of output (None: it printed
+    none)."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    procs = []
+    for r in (0, 1):
+        local = {"LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"} if one_node else {"LOCAL_RANK": "0"}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script, *args],
+                env={**env, "RANK": str(r), **local},
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    lines = []
+    for p in procs:
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-3000:]
+        printed = [line for line in out.splitlines() if line.startswith("{")]
+        lines.append(json.loads(printed[-1]) if printed else None)
+    return lines
+
+
 def test_a_failure_on_one_nodes_first_rank_is_raised_on_every_rank(tmp_path):
     """Two one-rank nodes without a shared disk or S3: node 1 lacks the checkpoint. Both raise
     at once, node 0 naming node 1's error, instead of waiting in a barrier until the timeout."""
     tag = tag_for(20)
     _write(str(tmp_path / "node0" / "checkpoints" / tag), _rank_files([0]), {"world_size": 1})
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _NODE_SCRIPT,
-                str(tmp_path / "node0"),
-                str(tmp_path / "node"),
-                "60",
-            ],
-            env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    results = {}
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        r = json.loads(out.strip().splitlines()[-1])
-        results[r["rank"]] = r.get("error")
+    lines = _two_ranks(_NODE_SCRIPT, str(tmp_path / "node0"), str(tmp_path / "node"), "60")
+    results = {r["rank"]: r.get("error") for r in lines}
     assert results[1].startswith("FileNotFoundError: no complete checkpoint step_00000020")
     assert "failed on rank 1: FileNotFoundError: no complete checkpoint" in results[0]
 
@@ -521,24 +525,7 @@ def test_a_local_run_dir_on_each_nodes_own_disk_is_refused_at_the_first_checkpoi
     own rank's files, yet both wrote a complete marker listing all of them, and the run failed
     only when it resumed or exported. Both ranks now stop at the first save, naming the fix; on
     a folder the nodes share the same save completes."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _SAVE_ON_OWN_DISKS, str(tmp_path / "run"), disks],
-            env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = _two_ranks(_SAVE_ON_OWN_DISKS, str(tmp_path / "run"), disks)
     if disks == "shared":
         assert [r.get("complete") for r in results] == [[tag_for(20)]] * 2, results
         return
@@ -614,24 +601,9 @@ def test_a_zero3_export_holds_the_live_engines_gathered_weights(tmp_path):
     fp32 master weights gathered with ``safe_get_full_fp32_param`` before the save (the end-of-
     run export and the export job share one consolidation path, so comparing those two proves
     nothing about it)."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    args = [sys.executable, "-c", _ZERO3_EXPORT_SCRIPT, str(tmp_path / "run")]
-    procs = [
-        subprocess.Popen(
-            [*args, str(tmp_path / "export")],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    got = json.loads(outs[0][0].strip().splitlines()[-1])
+    got, _ = _two_ranks(
+        _ZERO3_EXPORT_SCRIPT, str(tmp_path / "run"), str(tmp_path / "export"), one_node=True
+    )
     assert got["missing"] == [] and got["shapes"], got
     assert got["max_diff"] == 0.0 and got["moved"] > 1e-3, got  # trained, and exported exactly
     assert (tmp_path / "run" / "checkpoints" / tag_for(2) / "COMPLETE.json").exists()
