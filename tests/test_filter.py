@@ -140,6 +140,27 @@ def test_score_stage(tmp_path, models):
             assert rows2[k]["reason"] in ("", "low_aesthetic")
 
 
+def test_an_image_clip_cannot_preprocess_is_counted(tmp_path, models, monkeypatch):
+    """A decodable image that CLIP's preprocessing fails on gets no score (NaN): kept unscored
+    without min_aesthetic, as before, but now counted in the shard's stats."""
+    from pipeline.models.aesthetic import AestheticScorer
+
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 1, 4)
+    real = AestheticScorer.score
+
+    def first_unscored(self, images):  # as score_and_embed gives an image it cannot preprocess
+        scores = real(self, images)
+        scores[0] = np.nan
+        return scores
+
+    monkeypatch.setattr(AestheticScorer, "score", first_unscored)
+    summary = run_score(_score_cfg(raw, out, to_dict(models["aesthetic"])))
+    assert summary["stats_sum"]["aesthetic_unscored"] == 1
+    rows = list(flt.read_scores(out, 0).values())
+    assert sum(math.isnan(r["aesthetic"]) for r in rows) == 1 and all(r["keep"] for r in rows)
+
+
 def test_score_config_rejects_threshold_without_model():
     with pytest.raises(Exception, match="min_aesthetic"):
         load_config(ScoreConfig, None, ["input=a", "output=b", "filters.min_aesthetic=5"])

@@ -312,6 +312,9 @@ class ScoreWorker:
                 scores = self.scorer.score([img for _, img in good])
                 for (r, _), s in zip(good, scores):
                     rows[r]["aesthetic"] = float(s)
+                # decoded, but CLIP's preprocessing failed: no score (NaN), counted here; a
+                # min_aesthetic drops it as aesthetic_nan, without one it is kept unscored
+                mended["aesthetic_unscored"] += int(np.isnan(scores).sum())
 
 
 _SCHEMA = pa.schema(
