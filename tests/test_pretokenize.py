@@ -613,3 +613,37 @@ def test_scores_of_another_download_at_the_same_keys_are_not_applied(tmp_path, m
             )
         )
     assert not os.path.exists(tmp_path / "t2")
+
+
+def test_vq_out_of_memory_goes_on_in_smaller_chunks(tmp_path, models, monkeypatch):
+    """Every VQ batch has the same shape: one that runs out of memory failed on every retry of
+    every shard. The worker halves the images per forward pass until they fit, and keeps that
+    size; the codes are those of that chunking, and flipped codes follow."""
+    from pipeline.data.pretokenize import PretokenizeWorker
+
+    cfg = load_config(
+        PretokenizeConfig, TINY, _overrides(str(tmp_path), str(tmp_path / "o"), models, "flip=true")
+    )
+    w = PretokenizeWorker(cfg, text=TextEncoder.from_pretrained(models["t5"]))
+    real = w.vq.encode
+    sizes = []
+
+    def small_memory(x):
+        sizes.append(len(x))
+        if len(x) > 4:  # flip doubles the rows: 2 images fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(x)
+
+    monkeypatch.setattr(w.vq, "encode", small_memory)
+    pixels = torch.rand(5, 3, 64, 64) * 2 - 1
+    codes, flipped = w._encode_images(pixels)
+    assert sizes == [10, 4, 4, 2] and w._vq_rows == 2  # 5 images, then 2 at a time
+    want = [w._encode_chunk(pixels[i : i + 2]) for i in (0, 2, 4)]
+    assert np.array_equal(codes, np.concatenate([c for c, _ in want]))
+    assert np.array_equal(flipped, np.concatenate([f for _, f in want]))
+    sizes.clear()
+    w._encode_images(pixels)  # the next batch goes in chunks of 2 at once
+    assert sizes == [4, 4, 2]
+    monkeypatch.setattr(w.vq, "encode", lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    with pytest.raises(torch.OutOfMemoryError):  # not even one image fits: raised (retried)
+        w._encode_images(pixels[:1])

@@ -194,6 +194,7 @@ class PretokenizeWorker:
         if cfg.resolution % ds:
             raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VQ's {ds}")
         self.text = text if text is not None else TextEncoder.from_config(cfg.text)
+        self._vq_rows: int | None = None  # images per VQ forward after running out of memory
 
     def __call__(self, index: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -302,9 +303,33 @@ class PretokenizeWorker:
         dropped["t5_error"] += failed
         return EncodedCaptions(features, lengths, truncated, nonfinite)  # type: ignore[arg-type]
 
-    @torch.inference_mode()
     def _encode_images(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Codes (B, h, w) uint16, and those of the mirrored images when ``flip``."""
+        """Codes (B, h, w) uint16, and those of the mirrored images when ``flip``.
+
+        Out of memory, the images go through the VQ in halves, and from then on in chunks of
+        the size that fit (every batch has the same shape, so the same batch would fail on
+        every retry of every shard); a single image out of memory is raised."""
+        rows = self._vq_rows or len(pixels)
+        while True:
+            try:
+                parts = [
+                    self._encode_chunk(pixels[i : i + rows]) for i in range(0, len(pixels), rows)
+                ]
+                break
+            except torch.OutOfMemoryError:
+                if rows == 1:
+                    raise
+                rows = max(1, rows // 2)
+                self._vq_rows = rows
+                log.warning("VQ out of memory: %d images per forward pass from now on", rows)
+                if torch.device(self.cfg.vq.device).type == "cuda":
+                    torch.cuda.empty_cache()
+        codes = np.concatenate([c for c, _ in parts])
+        flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts])
+        return codes, flipped
+
+    @torch.inference_mode()
+    def _encode_chunk(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         x = pixels.to(self.cfg.vq.device, next(self.vq.encoder.parameters()).dtype)
         if not self.cfg.flip:
             return codes_to_uint16(self.vq.encode(x)), None
