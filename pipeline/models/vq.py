@@ -458,7 +458,13 @@ def load_vq_state_dict(path: str, map_location: str = "cpu") -> dict[str, torch.
 
 
 def llamagen_to_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Our state dict from a LlamaGen checkpoint: unwrap ``model``/``ema``, drop usage buffers."""
+    """Our state dict from a LlamaGen checkpoint: unwrap ``model``/``ema``, drop usage buffers.
+
+    A training checkpoint of LlamaGen's ``--ema`` runs holds both: ``model`` is taken, as
+    LlamaGen's sampling scripts (and its released tokenizers) do; its reconstruction script
+    evaluates ``ema`` instead, so say which."""
+    if isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("ema"), dict):
+        log.info("the checkpoint holds 'model' and 'ema' weights: loading 'model'")
     for key in ("model", "ema", "state_dict"):
         if key in ckpt and isinstance(ckpt[key], dict):
             ckpt = ckpt[key]
