@@ -84,3 +84,23 @@ def warn_if_slow(dtype: torch.dtype, device: torch.device | str, what: str) -> b
             str(dtype).removeprefix("torch."),
         )
     return True
+
+
+def exact_fp32_on_cuda(device: str | torch.device) -> bool:
+    """Turn TF32 off for this process's cuDNN convolutions and CUDA matmuls when the VQ runs on
+    a GPU; returns whether it did (pretokenize workers, the tokenizer evaluation job).
+
+    PyTorch lets cuDNN convolutions compute float32 in TF32 by default (a 10-bit mantissa), so a
+    GPU worker with ``vq.dtype: float32`` would find other nearest codes than a CPU worker
+    writing into the same output, and an evaluation other codes than pretokenize wrote. In bf16 runs the last 1x1 conv and the code search stay fp32
+    (see ``PretokenizeWorker``) to keep their inputs unrounded, which TF32 would undo; bf16
+    convolutions themselves are not affected. The setting is process-wide: T5's float32 matmuls
+    in this worker are exact too (CUDA matmuls already default to that). It uses the
+    ``fp32_precision`` API, which torch 2.9+ prefers to the ``allow_tf32`` flags (after it,
+    torch refuses to read ``torch.backends.cudnn.allow_tf32``; nothing here does).
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    return True

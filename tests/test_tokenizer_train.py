@@ -430,8 +430,11 @@ def test_rfid_through_evaluate_with_injected_extractor(raw_dir):
     assert out["rfid"] is not None and out["rfid"] > 0.1  # untrained: far from the real images
 
 
-def test_eval_job_writes_metrics(raw_dir, tmp_path):
+def test_eval_job_writes_metrics(raw_dir, tmp_path, monkeypatch):
     from jobs.eval_tokenizer import main as eval_main
+
+    exact = []  # on a GPU the job turns TF32 off, to find the codes pretokenize writes
+    monkeypatch.setattr(ev, "exact_fp32_on_cuda", exact.append)
 
     torch.manual_seed(0)
     VQModel(VQConfig.from_name("tiny")).save_pretrained(str(tmp_path / "vq"))
@@ -441,6 +444,7 @@ def test_eval_job_writes_metrics(raw_dir, tmp_path):
     got = json.loads(out.read_text())
     assert got["images"] == 5 and got["rfid"] is None and 0 < got["psnr"] < 60
     assert got["config"]["num_images"] == 5 and got["config"]["image_size"] == 32
+    assert exact == [got["config"]["device"]]
 
 
 def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):

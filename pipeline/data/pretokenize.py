@@ -58,7 +58,7 @@ from pipeline.executor import (
 from pipeline.log import get_logger
 from pipeline.models.text_encoder import EncodedCaptions, TextEncoder, TextEncoderConfig
 from pipeline.models.vq import VQModel, codes_to_uint16
-from pipeline.precision import torch_dtype, warn_if_slow
+from pipeline.precision import exact_fp32_on_cuda, torch_dtype, warn_if_slow
 
 log = get_logger(__name__)
 
@@ -127,26 +127,6 @@ class PretokenizeConfig:
 
 
 # --- the worker ---------------------------------------------------------------------------------
-
-
-def exact_fp32_on_cuda(device: str | torch.device) -> bool:
-    """Turn TF32 off for this process's cuDNN convolutions and CUDA matmuls when the VQ runs on
-    a GPU; returns whether it did.
-
-    PyTorch lets cuDNN convolutions compute float32 in TF32 by default (a 10-bit mantissa), so a
-    GPU worker with ``vq.dtype: float32`` would find other nearest codes than a CPU worker
-    writing into the same output. In bf16 runs the last 1x1 conv and the code search stay fp32
-    (see ``PretokenizeWorker``) to keep their inputs unrounded, which TF32 would undo; bf16
-    convolutions themselves are not affected. The setting is process-wide: T5's float32 matmuls
-    in this worker are exact too (CUDA matmuls already default to that). It uses the
-    ``fp32_precision`` API, which torch 2.9+ prefers to the ``allow_tf32`` flags (after it,
-    torch refuses to read ``torch.backends.cudnn.allow_tf32``; nothing here does).
-    """
-    if torch.device(device).type != "cuda":
-        return False
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    return True
 
 
 @dataclasses.dataclass

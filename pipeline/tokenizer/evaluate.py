@@ -32,6 +32,7 @@ from pipeline.config import doc, to_dict
 from pipeline.data.raw import iter_eval_images, list_complete_shards
 from pipeline.log import get_logger, progress
 from pipeline.models.vq import VQModel
+from pipeline.precision import exact_fp32_on_cuda
 
 log = get_logger(__name__)
 
@@ -187,6 +188,7 @@ class TokenizerEvalConfig:
 
 def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict[str, Any]:
     """Load the tokenizer, evaluate it, write ``cfg.output`` and return the metrics."""
+    exact_fp32_on_cuda(cfg.device)  # the codes pretokenize writes (TF32 convolutions are not)
     model = VQModel.from_pretrained(cfg.model, cfg.preset).to(cfg.device)
     shards = list_complete_shards(cfg.data)
     out = evaluate_model(
