@@ -92,10 +92,11 @@ def exact_fp32_on_cuda(device: str | torch.device) -> bool:
 
     PyTorch lets cuDNN convolutions compute float32 in TF32 by default (a 10-bit mantissa), so a
     GPU worker with ``vq.dtype: float32`` would find other nearest codes than a CPU worker
-    writing into the same output, and an evaluation other codes than pretokenize wrote. In bf16 runs the last 1x1 conv and the code search stay fp32
-    (see ``PretokenizeWorker``) to keep their inputs unrounded, which TF32 would undo; bf16
-    convolutions themselves are not affected. The setting is process-wide: T5's float32 matmuls
-    in this worker are exact too (CUDA matmuls already default to that). It uses the
+    writing into the same output, and an evaluation other codes than pretokenize wrote. In bf16
+    runs the last 1x1 conv and the code search stay fp32 (see ``PretokenizeWorker``) to keep
+    their inputs unrounded, which TF32 would undo; bf16 convolutions themselves are not
+    affected. The setting is process-wide: T5's float32 matmuls in this worker are exact too
+    (CUDA matmuls already default to that). It uses the
     ``fp32_precision`` API, which torch 2.9+ prefers to the ``allow_tf32`` flags (after it,
     torch refuses to read ``torch.backends.cudnn.allow_tf32``; nothing here does).
     """

@@ -178,9 +178,7 @@ class Sampler:
             raise ValueError(
                 f"sampler built with cfg={self.cfg}, params.cfg_scale={params.cfg_scale}"
             )
-        seeds = list(range(B)) if seeds is None else list(seeds)
-        if len(seeds) != B:
-            raise ValueError(f"{len(seeds)} seeds for {B} conditions")
+        seeds = _row_seeds(seeds, B)
         _check_labels(self.model, cond)
         self.model.eval()
         device = self.model.head.weight.device
@@ -212,6 +210,14 @@ def _guide(logits: torch.Tensor, rows: int, params: SamplingParams, i: int) -> t
     if params.guided(i):
         return cfg_mix(logits[:rows], logits[rows:], params.cfg_scale)
     return logits[:rows]
+
+
+def _row_seeds(seeds: list[int] | None, rows: int) -> list[int]:
+    """One seed per condition row (default 0..rows-1); a list of another length is refused."""
+    seeds = list(range(rows)) if seeds is None else list(seeds)
+    if len(seeds) != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows} conditions")
+    return seeds
 
 
 def _check_labels(model: GPT, cond: torch.Tensor) -> None:
@@ -273,13 +279,12 @@ def generate(
             # one batch: a frozen-weight decoder would compile anew on every call
             sampler = Sampler(model, B, g, use_cfg, compile_mode, freeze=False)
             return sampler.sample(cond, cond_mask, params, seeds)
-        if seeds is not None and len(seeds) != B:
-            raise ValueError(f"{len(seeds)} seeds for {B} conditions")
+        seeds = _row_seeds(seeds, B)
         _check_labels(model, cond)
         device = model.head.weight.device
         cond = cond.to(device)
         cond_mask = None if cond_mask is None else cond_mask.to(device)
-        gens = _generators(list(range(B)) if seeds is None else seeds, device)
+        gens = _generators(seeds, device)
         cond2, mask2, drop = _double_for_cfg(cond, cond_mask, use_cfg)
         tokens = torch.zeros(B, g * g, dtype=torch.long, device=device)
         finite = torch.ones(B, dtype=torch.bool, device=device)

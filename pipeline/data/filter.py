@@ -414,14 +414,19 @@ def read_shard_stats(table: pa.Table) -> dict[str, Any] | None:
 def _add_shard(
     i: int,
     table: pa.Table,
+    totals: collections.Counter[str],
     sums: collections.Counter[str],
     damaged: dict[str, str],
     dropped: collections.Counter[str],
     aesthetic: list[np.ndarray],
 ) -> None:
-    """Add score parquet ``i``'s shard stats, drops and scores to the running totals."""
+    """Add score parquet ``i``'s rows, shard stats, drops and scores to the running totals."""
+    keep = table["keep"].to_numpy(zero_copy_only=False)
+    totals.update(shards=1, samples=len(keep), kept=int(keep.sum()))
     stats = read_shard_stats(table)
-    if stats is not None:
+    if stats is None:
+        totals["without_stats"] += 1
+    else:
         sums.update(
             {
                 k: v
@@ -433,7 +438,6 @@ def _add_shard(
         )
         if stats.get("corrupt_tar"):
             damaged[str(i)] = str(stats.get("tar_error", ""))
-    keep = table["keep"].to_numpy(zero_copy_only=False)
     dropped.update(r for r, k in zip(table["reason"].to_pylist(), keep) if not k)
     a = table["aesthetic"].to_numpy(zero_copy_only=False)
     aesthetic.append(a[~np.isnan(a)])
@@ -446,7 +450,7 @@ def summarize_scores(out: str, indices: list[int]) -> dict[str, Any]:
     dropped: collections.Counter[str] = collections.Counter()
     sums: collections.Counter[str] = collections.Counter()
     damaged: dict[str, str] = {}
-    n = kept = done = without_stats = 0
+    totals: collections.Counter[str] = collections.Counter()
     aesthetic: list[np.ndarray] = []
     scored = scored_indices(out)
     todo = [i for i in indices if i in scored]
@@ -460,22 +464,17 @@ def summarize_scores(out: str, indices: list[int]) -> dict[str, Any]:
         for start in range(0, len(todo), 256):
             part = todo[start : start + 256]
             for i, table in zip(part, pool.map(read, part), strict=True):
-                _add_shard(i, table, sums, damaged, dropped, aesthetic)
-                done += 1
-                n += table.num_rows
-                kept += int(table["keep"].to_numpy(zero_copy_only=False).sum())
-                if read_shard_stats(table) is None:
-                    without_stats += 1
+                _add_shard(i, table, totals, sums, damaged, dropped, aesthetic)
     scores = np.concatenate(aesthetic) if aesthetic else np.zeros(0)
     return {
-        "shards": done,
-        "samples": n,
-        "kept": kept,
+        "shards": totals["shards"],
+        "samples": totals["samples"],
+        "kept": totals["kept"],
         "dropped": dict(sorted(dropped.items())),
         "stats_sum": dict(sorted(sums.items())),
         "damaged_shards": damaged,
         # parquets written before their stats were kept: stats_sum leaves them out
-        "shards_without_stats": without_stats,
+        "shards_without_stats": totals["without_stats"],
         "aesthetic_mean": float(scores.mean()) if scores.size else None,
         "aesthetic_quantiles": (
             {str(q): float(np.quantile(scores, q)) for q in (0.1, 0.5, 0.9)} if scores.size else {}

@@ -357,7 +357,7 @@ class PretokenizeWorker:
         caption: str,
         scores: dict[str, dict[str, Any]] | None,
         seen: set[str],
-        url: str = "",
+        url: str,
     ) -> str | None:
         """Why this sample is left out, or None to keep it."""
         if key in seen:

@@ -74,16 +74,18 @@ def list_complete_shards(root: str) -> list[str]:
     return out
 
 
+def _shard_stats(tar_uri: str) -> dict[str, Any]:
+    """img2dataset's ``_stats.json`` beside raw shard ``tar_uri``."""
+    return storage.read_json(tar_uri[: -len(".tar")] + "_stats.json")
+
+
 def nonempty_shards(tar_uris: list[str]) -> list[str]:
     """The tars of ``tar_uris`` whose ``_stats.json`` says img2dataset wrote at least one image
     (read 32 at a time). Shards go to ranks whole: a rank dealt only empty ones would have no
     sample in an epoch and stop the run."""
 
-    def successes(tar: str) -> int:
-        return int(storage.read_json(tar[: -len(".tar")] + "_stats.json").get("successes", 1))
-
-    with ThreadPoolExecutor(32) as pool:
-        counts = list(pool.map(successes, tar_uris))
+    with ThreadPoolExecutor(32) as pool:  # no key: taken for a shard with images
+        counts = [int(s.get("successes", 1)) for s in pool.map(_shard_stats, tar_uris)]
     kept = [t for t, n in zip(tar_uris, counts, strict=True) if n > 0]
     if len(kept) < len(tar_uris):
         log.warning(
@@ -96,11 +98,7 @@ def nonempty_shards(tar_uris: list[str]) -> list[str]:
 
 def count_successes(root: str) -> int:
     """Images img2dataset reported as written, over the complete shards under ``root``."""
-    total = 0
-    for tar in list_complete_shards(root):
-        stats = storage.read_json(tar[: -len(".tar")] + "_stats.json")
-        total += int(stats.get("successes", 0))
-    return total
+    return sum(int(_shard_stats(tar).get("successes", 0)) for tar in list_complete_shards(root))
 
 
 def iter_raw_samples(

@@ -317,13 +317,13 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
         opt_d.load_state_dict(state["opt_disc"])
         # loading puts back the saved hyperparameters; the config's are the ones in effect (and
         # the ones config.yaml records): a resume may lower the learning rate, say
-        for o in (opt, opt_d):
-            for group in o.param_groups:
-                old = (group["lr"], tuple(group["betas"]), group["weight_decay"])
-                group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-                new = (cfg.lr, tuple(cfg.betas), cfg.weight_decay)
-                if old != new and o is opt:
-                    log.info("resumed with other lr, betas, weight decay: %s -> %s", old, new)
+        g = opt.param_groups[0]
+        saved = (g["lr"], tuple(g["betas"]), g["weight_decay"])
+        now = (cfg.lr, tuple(cfg.betas), cfg.weight_decay)
+        if saved != now:
+            log.info("resumed with other lr, betas, weight decay: %s -> %s", saved, now)
+        for group in (*opt.param_groups, *opt_d.param_groups):
+            group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         step = int(state["step"])
 
     # one rank lists the shards and every rank reads that list: listed apart, ranks could see

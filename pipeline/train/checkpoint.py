@@ -232,6 +232,11 @@ class CheckpointManager:
         os.makedirs(self.local_root, exist_ok=True)
         self._local_tags: set[str] = set()  # made local by ensure_local (the same on every rank)
 
+    @property
+    def _universal_dir(self) -> str:
+        """Where checkpoints converted to DeepSpeed's universal format go (:meth:`universal_root`)."""
+        return os.path.join(os.path.dirname(self.local_root), "universal")
+
     def _on_each_node(
         self, what: str, fn: Callable[[], Any], main_only: bool = False
     ) -> dict[int, Any]:
@@ -385,7 +390,7 @@ class CheckpointManager:
         again if asked for), and the staging folders (``.<tag>-xxxx``) of a download or
         conversion killed mid-way, up to ``saved``. Every node is here at once (a collective
         phase of the save), so no staging folder of this run is in use."""
-        universal = os.path.join(os.path.dirname(self.local_root), "universal")
+        universal = self._universal_dir
         for root in (self.local_root, universal):
             try:
                 names = os.listdir(root)
@@ -543,7 +548,7 @@ class CheckpointManager:
         once, by its first rank, from the local copy that :meth:`ensure_local` made): the form
         from which ZeRO re-cuts its optimizer partitions for another number of ranks. Every
         rank calls it. A conversion is kept while it names the checkpoint's marker."""
-        root = os.path.join(os.path.dirname(self.local_root), "universal")
+        root = self._universal_dir
         out = os.path.join(root, tag)
 
         def convert() -> None:
