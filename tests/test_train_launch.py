@@ -1,8 +1,8 @@
 """End-to-end training under real launchers on CPU (2 ranks, gloo), sharing runs between tests.
 
-Exact resume, the same procedure for ZeRO-1 (bf16, 2 accumulated micro-batches), ZeRO-2 (fp32)
-and ZeRO-3 (fp32, activation checkpointing), over token shards on the loopback S3 server: an
-uninterrupted reference run; a ``deepspeed`` launcher run killed with SIGKILL (the launcher's
+Exact resume, the same procedure for ZeRO-1 (bf16, 2 accumulated micro-batches, cosine LR),
+ZeRO-2 (fp32) and ZeRO-3 (fp32, activation checkpointing), over token shards on the loopback S3
+server: an uninterrupted reference run; a ``deepspeed`` launcher run killed with SIGKILL (the launcher's
 whole process group) right after its step-20 checkpoint completed; a ``deepspeed`` launcher rerun
 with ``--resume auto``. Its every step's loss, learning rate, gradient norm and sample keys (of
 every rank) must equal the reference's. The ZeRO-2 and ZeRO-3 run dirs are on S3 and the rerun
@@ -141,10 +141,17 @@ def _common(run_dir: str, local_dir: Path, shards: str, extra: list[str] = ()) -
     ]
 
 
-# Each ZeRO stage's overrides of tiny.yaml (zero2.json, fp32): ZeRO-1 also covers bf16
-# (DeepSpeed's BF16 optimizer) and gradient accumulation, ZeRO-3 activation checkpointing.
+# Each ZeRO stage's overrides of tiny.yaml (zero2.json, fp32, constant LR after warmup): ZeRO-1
+# also covers bf16 (bf16 weights, fp32 masters in ZeRO's optimizer), gradient accumulation and the cosine schedule
+# (the LR of every step differs, so a resume that restarted or shifted it shows), ZeRO-3
+# activation checkpointing.
 STAGE_ARGS = {
-    1: ["deepspeed_config=configs/deepspeed/zero1.json", "precision=bf16", "grad_accum=2"],
+    1: [
+        "deepspeed_config=configs/deepspeed/zero1.json",
+        "precision=bf16",
+        "grad_accum=2",
+        "optim.schedule=cosine",
+    ],
     2: [],
     3: ["deepspeed_config=configs/deepspeed/zero3.json", "model.grad_checkpointing=true"],
 }
@@ -161,10 +168,11 @@ def _kill_then_resume(run_dir: str, tmp: Path, shards: str, stage: int) -> dict:
         local_killed, local_resumed = tmp / "killed_a", tmp / "killed_b"
     else:
         local_killed = local_resumed = Path(run_dir)
-    # the killed run is told to go on far longer (the schedule is constant after warmup, so the
-    # step count changes nothing else): it is surely still training when it is killed
+    # the killed run is the reference's command: its cosine schedule (ZeRO-1) decays over the
+    # same steps. It is killed as soon as step 20's checkpoint is written, with 20 steps, two
+    # checkpoints and the export still to go (seconds): it is still training then
     _train_and_kill(
-        _common(run_dir, local_killed, shards, [*STAGE_ARGS[stage], "steps=100000"]),
+        _common(run_dir, local_killed, shards, STAGE_ARGS[stage]),
         after="checkpoint step_00000020 complete",
         log_path=tmp / "killed.log",
     )
@@ -423,6 +431,12 @@ def test_launcher_kill9_then_resume_auto_is_exact(stage, ref_and_resumed):
     line = next(x for x in out.splitlines() if "resumed from checkpoint" in x)
     resumed_at = int(line.split("step_")[1][:8])
     assert 20 <= resumed_at < STEPS  # a real mid-run resume
+    lrs = [r["lr"] for r in ref]
+    if stage == 1:  # cosine from the peak (step 3) on: every step's LR is lower than the last
+        assert lrs[2] == lrs[1] and all(b < a for a, b in zip(lrs[2:], lrs[3:]))
+        assert lrs[-1] < 0.15 * lrs[1]  # near the floor (0.1 of the peak) at the end
+    else:
+        assert lrs[2:] == [lrs[1]] * (STEPS - 2)
     # from S3 into an empty local dir (ZeRO-2, ZeRO-3), or in the killed run's local dir (ZeRO-1)
     assert ("downloading checkpoint" in out) == (stage != 1)
     for a, b in zip(ref, res):
