@@ -1,11 +1,14 @@
 """A ds_config JSON that sets what the training config owns is refused, not overridden."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from pipeline.train.engine import build_ds_config
 from pipeline.train.optim import OptimConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _build(tmp_path, ds: dict, **kw):
@@ -70,3 +73,31 @@ def test_a_visible_gpu_does_not_override_the_cpu_accelerator(monkeypatch):
     assert engine.on_cuda() and engine.resolve_precision("auto") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not engine.on_cuda()
+
+
+def test_zero1_bf16_with_fp32_accumulation_is_refused_before_training(tmp_path):
+    """DeepSpeed turns ZeRO-1 + bf16 + fp32 accumulation into its BF16_Optimizer, whose
+    checkpoints its zero_to_fp32 cannot consolidate: the run's export would fail at its end.
+    The shipped ZeRO-1 JSON leaves accumulation to DeepSpeed (bf16), ZeRO-2 and -3 ask fp32."""
+    z1 = {
+        "zero_optimization": {"stage": 1},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "optimizer": {"type": "AdamW", "params": {}},
+    }
+    with pytest.raises(ValueError, match="BF16_Optimizer.*use ZeRO-2"):
+        _build(tmp_path, z1, precision="bf16")
+    assert _build(tmp_path, z1, precision="fp32")["data_types"]  # fp32: nothing to swap
+    z2 = {**z1, "zero_optimization": {"stage": 2}}
+    assert _build(tmp_path, z2, precision="bf16")["bf16"]["enabled"]
+    accum = {
+        name: json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text()).get(
+            "data_types", {}
+        )
+        for name in ("zero1", "zero2", "zero3", "zero3_offload")
+    }
+    assert accum == {
+        "zero1": {},
+        "zero2": {"grad_accum_dtype": "fp32"},
+        "zero3": {"grad_accum_dtype": "fp32"},
+        "zero3_offload": {"grad_accum_dtype": "fp32"},
+    }

@@ -185,7 +185,21 @@ def build_ds_config(
     ds.setdefault("steps_per_print", 1 << 30)  # our metrics log; DeepSpeed's would repeat it
     ds.setdefault("wall_clock_breakdown", False)
     _refuse_overridden(given, ds, path)
+    accum = _at(ds, "data_types.grad_accum_dtype")
+    if zero_stage(ds) == 1 and ds["bf16"]["enabled"] and str(accum) in _FP32_NAMES:
+        # DeepSpeed swaps in its BF16_Optimizer for exactly this mix; the export at the end of
+        # a run (zero_to_fp32) cannot read that optimizer's checkpoints, so it would fail then
+        raise ValueError(
+            f"{path}: ZeRO-1 in bf16 with data_types.grad_accum_dtype = {accum!r} is "
+            "DeepSpeed's BF16_Optimizer, whose checkpoints DeepSpeed's zero_to_fp32 cannot "
+            "consolidate (the run's export would fail): use ZeRO-2 "
+            "(configs/deepspeed/zero2.json), which accumulates bf16 gradients in fp32, or "
+            "drop data_types (ZeRO-1 then accumulates them in bf16)"
+        )
     return ds
+
+
+_FP32_NAMES = ("torch.float32", "fp32", "float32", "float")
 
 
 # ds_config keys the training config fills in, and the training config's key that owns each
@@ -345,20 +359,22 @@ def current_lr(eng) -> float:
 
 
 def set_peak_lr(eng, lr: float) -> float | None:
-    """Make ``lr`` the schedule's peak after a resume; returns the old peak if it differed.
+    """After a resume: make ``lr`` the schedule's peak and the next step's LR this run's
+    schedule at the resumed step; returns the old peak if it differed.
 
     A resumed LambdaLR takes its state from the checkpoint, including the peak (``base_lrs``)
     it was built with: a run resumed with another global batch (another number of ranks, say),
-    whose peak scales with it, would otherwise go on at the old one."""
+    whose peak scales with it, would otherwise go on at the old one. The optimizer's state
+    also brings back each group's LR for the next step as the old schedule gave it, while the
+    schedule's function is this run's (its ``steps``, warmup or shape may have changed, e.g. a
+    cosine run extended): without this the first resumed step would train at the old value."""
     sched = eng.lr_scheduler
     old = float(sched.base_lrs[0])
-    if math.isclose(old, lr, rel_tol=1e-12):
-        return None
     sched.base_lrs = [lr] * len(sched.base_lrs)
     for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas, strict=True):
         group["lr"] = lr * fn(sched.last_epoch)
     sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
-    return old
+    return None if math.isclose(old, lr, rel_tol=1e-12) else old
 
 
 def skipped_steps(eng) -> int:

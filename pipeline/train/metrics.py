@@ -18,6 +18,7 @@ import os
 import time
 from typing import Any
 
+from pipeline import storage
 from pipeline.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -67,8 +68,8 @@ class MetricsLogger:
             return
         os.makedirs(out_dir, exist_ok=True)
         kept = [r for r in read_steps(self.steps_path) if r["step"] <= start_step]
-        with open(self.steps_path, "w") as f:  # cut back to the resumed step
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        # cut back to the resumed step, atomically: a kill meanwhile leaves the old file whole
+        storage.write_text(self.steps_path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.steps_path, "a")  # noqa: SIM115 - open for the whole run
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -13,6 +13,7 @@ same dropout and CFG masks and sees the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import time
@@ -242,11 +243,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loader.start_afresh(salt=step)
             if dist.is_main and rank_state is not None:
                 log.warning("the data order starts afresh at step %d (a new shuffle)", step)
+        saved_next_lr = engine.current_lr(eng)
         old_lr = engine.set_peak_lr(eng, lr)
         if old_lr is not None and dist.is_main:
             log.warning(
                 "peak learning rate %.4g (global batch %d) replaces the checkpoint's %.4g",
                 lr, global_batch, old_lr,
+            )  # fmt: skip
+        elif dist.is_main and not math.isclose(
+            saved_next_lr, engine.current_lr(eng), rel_tol=1e-9, abs_tol=1e-15
+        ):
+            log.warning(
+                "the LR schedule differs from the checkpoint's (steps, warmup or shape): "
+                "step %d trains at %.4g, where the checkpoint's schedule gave %.4g",
+                step + 1, engine.current_lr(eng), saved_next_lr,
             )  # fmt: skip
     metrics_dir = os.path.join(local_dir, "metrics")
     remote_metrics = (
