@@ -4,8 +4,9 @@ The captions (a .txt file with one per line, a .csv/.tsv with a caption column, 
 ``captions_*.json``) are sampled through the sampling job (``pipeline.sample_job``: resumable,
 under ``{output}/samples``), or an earlier sampling output is given as ``generated``. Then:
 
-- CLIP score: torchmetrics' definition, ``100 * max(cos(image, caption), 0)`` averaged over
-  images, computed with open_clip (as ``pipeline.models.aesthetic``) from a LOCAL or s3:// state
+- CLIP score: the CLIPScore paper's (Hessel et al., 2021) per-image ``100 * max(cos(image,
+  caption), 0)`` averaged over images (torchmetrics' ``CLIPScore`` clamps the mean instead: the
+  same number whenever no image scores below 0, as real image-caption pairs practically never do), computed with open_clip (as ``pipeline.models.aesthetic``) from a LOCAL or s3:// state
   dict; OpenAI's ViT-L/14 (``ViT-L-14-quickgelu``) is the usual choice.
 - FID: torchmetrics' ``FrechetInceptionDistance`` against ``reference_images`` (a folder of image
   files, or of raw img2dataset shards), each center-cropped to the generated size, with
@@ -232,7 +233,7 @@ def clip_scores(
     captions: list[str],
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """Per-image CLIP score ``100 * max(cos(image, caption), 0)`` (torchmetrics' definition)."""
+    """Per-image CLIP score ``100 * max(cos(image, caption), 0)`` (the CLIPScore paper's)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):

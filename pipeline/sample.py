@@ -180,6 +180,7 @@ class Sampler:
             )
         seeds = _row_seeds(seeds, B)
         _check_labels(self.model, cond)
+        _check_caption_mask(cond, cond_mask)
         self.model.eval()
         device = self.model.head.weight.device
         cond = _pad_rows(cond.to(device), S)
@@ -233,6 +234,23 @@ def _check_labels(model: GPT, cond: torch.Tensor) -> None:
         raise ValueError(f"class labels {bad.tolist()[:5]} are outside 0..{n - 1}")
 
 
+def _check_caption_mask(cond: torch.Tensor, cond_mask: torch.Tensor | None) -> None:
+    """A caption mask must be (B, L) like the features and left-padded (valid tokens last, right
+    before the image, as the loader and the sample job pad): with a right-padded one (Hugging
+    Face's ``attention_mask`` layout) the first image token would be predicted from a padding
+    position that sees nothing, silently."""
+    if cond_mask is None or cond_mask.dim() != 2 or cond.dim() != 3:
+        return  # (shapes that do not fit are refused by the model, naming them)
+    m = cond_mask.bool()
+    bad = torch.nonzero((m[:, :-1] & ~m[:, 1:]).any(-1)).flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"cond_mask rows {bad[:5]} have padding after a valid token: captions must be "
+            "left-padded (valid tokens last; Hugging Face's attention_mask pads on the right, "
+            "so move each row's valid tokens and flags to the end)"
+        )
+
+
 def _check_finite(finite: torch.Tensor) -> None:
     if not bool(finite.all()):
         rows = torch.nonzero(~finite).flatten().tolist()
@@ -262,7 +280,8 @@ def generate(
 ) -> torch.Tensor:
     """Sample image tokens (B, grid**2) for a batch of conditions.
 
-    cond: T5 features (B, L, D) with ``cond_mask`` (B, L), or class labels (B,).
+    cond: T5 features (B, L, D) with ``cond_mask`` (B, L), left-padded (valid tokens last, as
+    ``pipeline.data.loader.collate`` pads; a right-padded mask is refused), or class labels (B,).
     seeds: one per row (default 0..B-1); row i's tokens depend only on its own seed.
     use_cache: the static-cache decoder (a ``Sampler`` built for this batch; to sample many
     batches, build one ``Sampler`` and reuse it); False recomputes the whole sequence per step.
@@ -281,6 +300,7 @@ def generate(
             return sampler.sample(cond, cond_mask, params, seeds)
         seeds = _row_seeds(seeds, B)
         _check_labels(model, cond)
+        _check_caption_mask(cond, cond_mask)
         device = model.head.weight.device
         cond = cond.to(device)
         cond_mask = None if cond_mask is None else cond_mask.to(device)

@@ -437,6 +437,18 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
 
     _write_grid(cfg, result)
     storage.write_json(storage.join(cfg.output, "images.json"), result.images)
+    # a collecting run after parts samples little or nothing: the speed is the parts' (their
+    # images over their summed sampling seconds, the rate of one process)
+    parts = _part_summaries(cfg.output)
+    n, secs = result.sampled, elapsed
+    if parts:
+        result.summary["parts"] = {
+            "count": len(parts),
+            "sampled": sum(p["sampled"] for p in parts),
+            "sample_seconds": round(sum(p["sample_seconds"] for p in parts), 3),
+        }
+        if not n:
+            n, secs = result.summary["parts"]["sampled"], result.summary["parts"]["sample_seconds"]
     result.summary.update(
         {
             "images": len(result.images),
@@ -444,10 +456,8 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
             "prompts": len(captions),
             "skipped_prompts": result.skipped_prompts,
             "sample_seconds": round(elapsed, 3),
-            "images_per_second": round(result.sampled / elapsed, 4) if result.sampled else None,
-            "tokens_per_second": round(result.sampled * g * g / elapsed, 2)
-            if result.sampled
-            else None,
+            "images_per_second": round(n / secs, 4) if n and secs else None,
+            "tokens_per_second": round(n * g * g / secs, 2) if n and secs else None,
             "total_seconds": round(time.perf_counter() - t_start, 3),
             "grid_size": g,
             "dtype": cfg.dtype,
@@ -463,6 +473,12 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         cfg.output,
     )
     return result
+
+
+def _part_summaries(output: str) -> list[dict[str, Any]]:
+    """The ``summary.part-*.json`` files the parts of a job wrote into ``output``."""
+    names = [n for n in storage.list_dir(output, suffix=".json") if n.startswith("summary.part-")]
+    return [storage.read_json(storage.join(output, n)) for n in names]
 
 
 # the settings an image depends on: a rerun with the same ones keeps the images already there

@@ -107,6 +107,77 @@ def test_a_place_that_no_longer_applies_is_not_loaded(toy, tmp_path):
     assert not TokenLoader(cfg, SPEC).load_state_dict(state)
 
 
+def test_the_same_shards_elsewhere_continue_the_saved_order(toy, tmp_path):
+    """The saved place names the shard set by content and order, not location: the same
+    folder spelled another way, or copied to another place, resumes exactly."""
+    import shutil
+
+    cfg = LoaderConfig(shards=[toy], batch_size=2, num_workers=0, shuffle_buffer=4)
+    loader = TokenLoader(cfg, SPEC)
+    _consume(loader, 7)
+    state = loader.state_dict()
+    want = _consume(loader, 5)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(toy, moved)
+    for where in (toy + "/", "file://" + toy, os.path.relpath(toy), moved):
+        again = TokenLoader(dataclasses.replace(cfg, shards=[where]), SPEC)
+        assert again.load_state_dict(state), where
+        assert _consume(again, 5) == want, where
+
+
+def test_shards_without_samples_are_left_out_and_a_split_that_starves_a_stream_is_refused(
+    tmp_path,
+):
+    """Pretokenize writes a shard of 0 samples when a raw shard had nothing usable. It is left
+    out of the plan (a stream dealt only it would never fill a batch). A split that leaves a
+    stream nothing is refused when the loader is made, naming the setting to change."""
+    from pipeline.data.shards import TokenShardWriter
+
+    uri = str(tmp_path / "some_empty")
+    write_toy_token_shards(uri, num_shards=3, per_shard=10)
+    with TokenShardWriter(uri, 3) as w:  # every raw sample of shard 3 was filtered out
+        w.close({})
+    assert [s.num_samples for s in list_done_shards(uri)] == [10, 10, 10, 0]
+    for shuffle in (False, True):
+        cfg = LoaderConfig(shards=[uri], batch_size=2, num_workers=0, shuffle=shuffle)
+        seen = set()
+        for rank in range(3):  # 3 shards with samples, 3 ranks: one each, every epoch
+            loader = TokenLoader(cfg, SPEC, rank=rank, world=3)
+            assert len(loader.shards) == 3
+            seen.update(_consume(loader, 5))  # all of the rank's 10 samples
+            assert loader.counters() == dict.fromkeys(loader.counters(), 0)
+        assert len(seen) == 30
+    # 4 streams: 3 shards cannot go one a stream, so "auto" splits by sample
+    assert len(_consume(TokenLoader(cfg, SPEC, rank=3, world=4), 8)) == 16
+    with pytest.raises(
+        ValueError, match=r"split=shard deals whole shards to 4 streams .* 3 shards"
+    ):
+        TokenLoader(dataclasses.replace(cfg, split="shard"), SPEC, rank=0, world=2 * 2)
+    with pytest.raises(ValueError, match=r"30 samples cannot be split among 32 streams"):
+        TokenLoader(dataclasses.replace(cfg, num_workers=2), SPEC, rank=0, world=16)
+    none = str(tmp_path / "none")
+    with TokenShardWriter(none, 0) as w:
+        w.close({})
+    with pytest.raises(ValueError, match="hold no samples"):
+        TokenLoader(dataclasses.replace(cfg, shards=[none]), SPEC)
+
+
+def test_renumbered_shards_are_found_by_their_marker_names(tmp_path):
+    """Shards renumbered after they were written (two folders merged: 00001.* renamed to
+    00007.*): the listing takes the index from the marker's name, not the one inside it."""
+    uri = str(tmp_path / "renumbered")
+    write_toy_token_shards(uri, num_shards=2, per_shard=5)
+    for ext in (".tar", ".done.json"):
+        os.rename(os.path.join(uri, "00001" + ext), os.path.join(uri, "00007" + ext))
+    listed = list_done_shards(uri)
+    assert [(s.index, os.path.basename(s.uri)) for s in listed] == [
+        (0, "00000.tar"),
+        (7, "00007.tar"),
+    ]
+    loader = TokenLoader(LoaderConfig(shards=[uri], batch_size=1, num_workers=0), SPEC)
+    assert len(set(_consume(loader, 10))) == 10 and loader.counters()["bad_shards"] == 0
+
+
 def test_a_fresh_order_does_not_replay_the_first_epoch(tmp_path):
     """A run resumed on another number of ranks starts a salted order: not epoch 0's again,
     whose first samples the run has already trained on."""

@@ -311,6 +311,11 @@ def test_bad_conditions_are_refused_with_their_shapes():
         generate(model, feats[0], mask[0], PARAMS)
     with pytest.raises(ValueError, match=r"caption mask of shape \(\d+, 5\)"):
         generate(model, feats, mask[:, :5], PARAMS, seeds=[1, 2, 3])
+    # right-padded (Hugging Face's layout): the first image token would see only padding
+    right = torch.arange(6)[None] < torch.tensor([[6], [3], [1]])
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=r"rows \[1, 2\] have padding after a valid token"):
+            generate(model, feats, right, PARAMS, use_cache=use_cache)
     # label 10 is the null class of a 10-class model: an unconditional sample, not a class
     c2i = small_model(cond="class", num_classes=10)
     for labels in (torch.tensor([3, 10]), torch.tensor([-1, 2])):

@@ -322,6 +322,11 @@ def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path
         sample_main(args(models, out, "batch_size=4"))
     final = json.loads((out / "summary.json").read_text())
     assert final["sampled"] == 0 and final["images"] == 6 and (out / "grid.png").exists()
+    # its speed is the parts': their 6 images over their summed seconds
+    assert final["parts"]["count"] == 2 and final["parts"]["sampled"] == 6
+    assert final["images_per_second"] == pytest.approx(
+        6 / final["parts"]["sample_seconds"], rel=1e-3
+    )
     for name in made[0] | made[1]:
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
     base = args(models, out)[2:]

@@ -463,6 +463,27 @@ def list_training_shards(uris: list[str]) -> list[ShardInfo]:
     return found
 
 
+def _check_every_stream_gets_samples(
+    n_shards: int, n_samples: int, n_listed: int, cfg: LoaderConfig, world: int, n_local: int
+) -> None:
+    """Raise, naming the fix, when some of the ``world * n_local`` streams would get no sample
+    in an epoch (their trainer rank would wait for a batch forever)."""
+    streams = world * n_local
+    who = f"{streams} streams ({world} ranks x {n_local} per rank, data.num_workers)"
+    if n_samples == 0:
+        raise ValueError(f"the {n_listed} token shards under {cfg.shards} hold no samples")
+    if cfg.split == "shard" and n_shards < streams:
+        raise ValueError(
+            f"data.split=shard deals whole shards to {who}, and there are {n_shards} shards "
+            "with samples: set data.split to auto or sample, or use fewer data.num_workers"
+        )
+    if n_samples < streams:
+        raise ValueError(
+            f"{n_samples} samples cannot be split among {who}: use fewer data.num_workers "
+            "or more data"
+        )
+
+
 class TokenLoader:
     """This rank's endless sequence of training batches, with ``state_dict`` for exact resume.
 
@@ -483,17 +504,26 @@ class TokenLoader:
         (:func:`list_training_shards`; every rank of a job must read the same list), or None to
         list them here."""
         self.cfg, self.spec, self.rank, self.world = cfg, spec, rank, world
-        self.shards = list(shards) if shards is not None else list_training_shards(cfg.shards)
+        listed = list(shards) if shards is not None else list_training_shards(cfg.shards)
+        # a shard of no samples (pretokenize writes one when a raw shard had nothing usable) is
+        # left out of the plan: a stream dealt only such shards would have nothing to give
+        self.shards = [s for s in listed if s.num_samples > 0]
         self.n_local = max(1, cfg.num_workers)
+        n_samples = sum(s.num_samples for s in self.shards)
+        _check_every_stream_gets_samples(
+            len(self.shards), n_samples, len(listed), cfg, world, self.n_local
+        )
         self._state: dict[str, Any] = {}
         self.start_afresh(0)
-        n_samples = sum(s.num_samples for s in self.shards)
         log.info(
-            "loader: %d shards, %d samples, %d streams per rank x %d ranks",
+            "loader: %d shards, %d samples, %d streams per rank x %d ranks%s",
             len(self.shards),
             n_samples,
             self.n_local,
             world,
+            f" ({len(listed) - len(self.shards)} shards of 0 samples left out)"
+            if len(listed) > len(self.shards)
+            else "",
         )
 
     def start_afresh(self, salt: int) -> None:
@@ -513,10 +543,12 @@ class TokenLoader:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the shard set: a different one plans different epochs."""
+        """Identifies the shard set by content and order (a different one plans different
+        epochs), not by location: the same shards copied to another bucket or local disk, or
+        named by another path, continue the saved order."""
         h = hashlib.sha256()
         for s in self.shards:
-            h.update(f"{s.uri}:{s.num_samples}:{s.sha256}\n".encode())
+            h.update(f"{s.index}:{s.num_samples}:{s.sha256}\n".encode())
         return h.hexdigest()[:16]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

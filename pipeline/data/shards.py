@@ -267,10 +267,19 @@ def list_done_shards(uri: str, threads: int = 32) -> list[ShardInfo]:
 
     def read(name: str) -> ShardInfo:
         info = ShardInfo.from_dict(storage.read_json(storage.join(uri, name)))
-        # the dataset may have been moved since: trust the marker's name, not its old uri
-        return dataclasses.replace(info, uri=storage.join(uri, shard_name(info.index)))
+        # the dataset may have been moved or its shards renumbered (two folders merged) since:
+        # trust the marker's name, not the index and uri written in it
+        index = int(name[: -len(DONE_SUFFIX)])
+        return dataclasses.replace(info, index=index, uri=storage.join(uri, shard_name(index)))
 
     names = storage.list_dir(uri, suffix=DONE_SUFFIX)
+    odd = [n for n in names if not n[: -len(DONE_SUFFIX)].isdigit()]
+    if odd:
+        log.warning(
+            "%s: %d done markers not named <index>%s are not shards of this dataset (e.g. %s)",
+            uri, len(odd), DONE_SUFFIX, odd[0],
+        )  # fmt: skip
+        names = [n for n in names if n not in odd]
     if len(names) <= 1 or threads <= 1:
         out = [read(n) for n in names]
     else:
