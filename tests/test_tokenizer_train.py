@@ -289,6 +289,47 @@ def test_lpips_backbone_is_never_downloaded(tmp_path, monkeypatch, caplog):
     assert float(net(x, x).mean()) == 0.0 and float(net(x, -x).mean()) > 0
 
 
+def test_a_node_fetches_a_mirrored_checkpoint_once_for_all_its_ranks(tmp_path, monkeypatch):
+    """The ranks of a node resuming from the mirror: its local rank 0 downloads, the others wait
+    for it and load that copy (one download a node, not one a rank); a failed download is raised
+    by every rank's own load, after the barrier, so no rank waits on a failed one forever."""
+    import threading
+
+    from pipeline.tokenizer import checkpoint as ckpt
+
+    ckpt.save_checkpoint({"w": torch.arange(3)}, 7, str(tmp_path / "a"), str(tmp_path / "m"), 0)
+    real_get, calls = storage.get_file, []
+
+    def slow_get(*args, **kwargs):  # slow enough that a second rank would overlap it
+        calls.append(args)
+        time.sleep(0.3)
+        return real_get(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "get_file", slow_get)
+
+    def node(local_root: str, remote_root: str) -> list:
+        barrier, out = threading.Barrier(2), [None, None]
+
+        def rank(i: int) -> None:
+            try:
+                ckpt.fetch_once_per_node(7, local_root, remote_root, i, barrier.wait)
+                out[i] = ckpt.load_checkpoint(7, local_root, remote_root)["w"].tolist()
+            except Exception as exc:  # noqa: BLE001 - checked below
+                out[i] = exc
+
+        threads = [threading.Thread(target=rank, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        return out
+
+    assert node(str(tmp_path / "b"), str(tmp_path / "m")) == [[0, 1, 2], [0, 1, 2]]
+    assert len(calls) == 1
+    gone = node(str(tmp_path / "c"), str(tmp_path / "missing"))
+    assert all(isinstance(x, FileNotFoundError) for x in gone), gone
+
+
 def test_rng_state_roundtrip(tmp_path):
     state = capture_rng_state()
     path = tmp_path / "rng.pt"
@@ -603,6 +644,8 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(raw_dir, tmp_path, s3_b
     log_b = Path(tmp_path / "b.log").read_text()
     resumed_at = int(log_b.split("resumed from checkpoint step ")[1].split()[0])
     assert resumed_at in (3, 6, 9), resumed_at  # a real mid-run resume
+    # one download for the node's two ranks: its local rank 0 fetches, the other finds it
+    assert log_b.count(f"fetching checkpoint step {resumed_at} from") == 1, log_b[-3000:]
     expected = _losses(Path(ref_dir, "metrics.jsonl").read_text())
     got = _losses(storage.read_text(f"{run}/metrics.jsonl"))
     assert sorted(got) == list(range(1, 13)) == sorted(expected)

@@ -97,19 +97,43 @@ def newest_step(local_root: str, remote_root: str | None) -> int | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(step: int, local_root: str, remote_root: str | None) -> dict[str, Any]:
-    """Load step ``step``; with a mirror, fetched from it unless the local copy is the same
-    checkpoint (the same marker: not an older run's step of that number)."""
+def fetch_checkpoint(step: int, local_root: str, remote_root: str | None) -> None:
+    """With a mirror, download step ``step`` into ``local_root`` unless the local copy is the
+    same checkpoint (the same marker: not an older run's step of that number)."""
+    if not remote_root:
+        return
     folder = os.path.join(local_root, step_dir_name(step))
     local_marker = os.path.join(folder, MARKER)
-    if remote_root:
-        remote = storage.join(remote_root, step_dir_name(step))
-        marker = storage.read_text(storage.join(remote, MARKER))
-        if not os.path.exists(local_marker) or storage.read_text(local_marker) != marker:
-            storage.get_file(storage.join(remote, STATE), os.path.join(folder, STATE))
-            fsync(os.path.join(folder, STATE))
-            fsync(folder)
-            storage.write_text(local_marker, marker)
-    elif not os.path.exists(local_marker):
+    remote = storage.join(remote_root, step_dir_name(step))
+    marker = storage.read_text(storage.join(remote, MARKER))
+    if not os.path.exists(local_marker) or storage.read_text(local_marker) != marker:
+        log.info("fetching checkpoint step %d from %s", step, remote)
+        storage.get_file(storage.join(remote, STATE), os.path.join(folder, STATE))
+        fsync(os.path.join(folder, STATE))
+        fsync(folder)
+        storage.write_text(local_marker, marker)
+
+
+def fetch_once_per_node(
+    step: int, local_root: str, remote_root: str | None, local_rank: int, barrier: Any
+) -> None:
+    """Every rank of a node calls it: its local rank 0 downloads step ``step`` from the mirror
+    (one download a node, not one a rank), the others wait in ``barrier`` and find it there. A
+    failed download is logged, not raised here, where the node's other ranks would wait: each
+    rank's own :func:`load_checkpoint` after it tries again and raises."""
+    if local_rank == 0:
+        try:
+            fetch_checkpoint(step, local_root, remote_root)
+        except Exception as exc:  # noqa: BLE001 - raised again by each rank's load
+            log.warning("fetching checkpoint step %d failed: %s", step, exc)
+    barrier()
+
+
+def load_checkpoint(step: int, local_root: str, remote_root: str | None) -> dict[str, Any]:
+    """Load step ``step``; with a mirror, fetched from it first where the local copy is not
+    that checkpoint (:func:`fetch_checkpoint`)."""
+    folder = os.path.join(local_root, step_dir_name(step))
+    fetch_checkpoint(step, local_root, remote_root)
+    if not os.path.exists(os.path.join(folder, MARKER)):
         raise FileNotFoundError(f"checkpoint {folder} is not complete and there is no mirror")
     return torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)

@@ -129,6 +129,7 @@ class _Dist:
     rank: int
     world: int
     device: torch.device
+    local_rank: int = 0
 
     def all_mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
@@ -181,7 +182,7 @@ def _setup_distributed(kind: str) -> _Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    return _Dist(rank, world, device)
+    return _Dist(rank, world, device, le.local_rank)
 
 
 def _allreduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
@@ -305,6 +306,10 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
 
     resume_step = decided_on_rank0(d.rank == 0, d.broadcast, decide_resume)
     if resume_step is not None:
+        if ckpt_remote and d.world > 1:  # one download a node, not one a rank
+            ckpt.fetch_once_per_node(
+                resume_step, ckpt_local, ckpt_remote, d.local_rank, dist.barrier
+            )
         state = ckpt.load_checkpoint(resume_step, ckpt_local, ckpt_remote)
         if len(state["ranks"]) != d.world:
             raise RuntimeError(
