@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -102,8 +103,20 @@ def _coerce_text(text: _Text, tp: Any, where: str) -> Any:
         if str in get_args(tp):
             return str(text)
         return _coerce_union(text, tp, where)
-    if get_origin(tp) is Literal and text in get_args(tp):
-        return str(text)
+    if get_origin(tp) is Literal:
+        if text in get_args(tp):
+            return str(text)
+        try:
+            return _coerce(_yaml_value(text), tp, where)
+        except ConfigError:  # name what was typed (YAML reads "no" as False)
+            allowed = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{where}: {str(text)!r} is not one of {allowed}") from None
+    if tp is int:
+        # base 10 as typed: YAML 1.1 reads 010 as octal (8) and 1:30 as sexagesimal (90)
+        if re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
+            return int(text, 10)
+        if ":" in text:
+            raise ConfigError(f"{where}: expected an integer, got {str(text)!r}")
     return _coerce(_yaml_value(text), tp, where)
 
 
@@ -319,6 +332,10 @@ def _read_yaml(
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not a text (UTF-8) file: {e.reason}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # a URI storage would misread (storage.check_uri)
+        raise ConfigError(f"config file {path}: {e}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -342,8 +359,8 @@ def _read_yaml(
             elif p != ".":
                 parts.append(p)
         base_path = "/".join(parts)
-    else:
-        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    else:  # (file://: resolved on the path it names; os.path would lose a slash of the URI)
+        base_path = os.path.normpath(os.path.join(os.path.dirname(storage.normalize(path)), base))
     if bases is not None:
         bases.append(base_path)
     return _deep_merge(_read_yaml(base_path, (*seen, path), bases), data)

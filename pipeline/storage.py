@@ -86,9 +86,13 @@ def check_uri(uri: str | os.PathLike) -> str:
     uri = str(uri)
     m = _ONE_SLASH.match(uri)
     if m:
+        scheme = m.group(1).lower()
+        rest = uri[m.end() :]
+        # file:/tmp/x lost one of file:///tmp/x's three slashes: the path stays absolute
+        fixed = f"file:///{rest}" if scheme == "file" else f"{scheme}://{rest}"
         raise ValueError(
             f"{uri!r} has one slash after '{m.group(1)}:' (Path() and os.path.normpath drop one "
-            f"from URIs): write {m.group(1).lower()}://{uri[m.end() :]}"
+            f"from URIs): write {fixed}"
         )
     m = _SCHEME.match(uri)
     if m and m.group(1) != m.group(1).lower():
@@ -356,7 +360,10 @@ def get_dir(
     many were copied. ``missing_only``: skip files ``local_dir`` already has (each copy is
     atomic, so a file that exists is whole)."""
     fs, path = filesystem(uri)
-    files = with_retries(lambda: fs.find(path), f"list {uri}")
+    found = with_retries(lambda: fs.find(path, detail=True), f"list {uri}")
+    # files only: S3 "folder" markers (zero-byte keys ending in "/", which the AWS console's
+    # "Create folder" and other tools make) are no files to copy
+    files = [f for f, e in found.items() if e.get("type") == "file" and not f.endswith("/")]
     if not files:
         raise FileNotFoundError(f"nothing found under {uri}")
     copied = 0
@@ -396,7 +403,7 @@ def open_write(uri: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
 def open_read(uri: str | os.PathLike) -> IO[bytes]:
     """A binary stream for ``uri`` (streams from S3, does not download whole)."""
-    fs, path = filesystem(uri)
+    fs, path = _fresh(uri)  # not a listing cached before another process (re)wrote it
     if not is_remote(str(uri)):
         return open(path, "rb")
     return with_retries(lambda: fs.open(path, "rb", block_size=8 << 20), f"open {uri}")

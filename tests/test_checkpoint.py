@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import storage
+from pipeline.config import ConfigError
 from pipeline.tokenizer import checkpoint as tok_ckpt
 from pipeline.train import checkpoint as ckpt_mod
 from pipeline.train.checkpoint import (
@@ -415,16 +416,17 @@ def test_an_explicit_resume_must_name_a_complete_checkpoint_of_this_run(s3_bucke
         match=r"has no complete checkpoint step_00000020 \(complete ones: step_00000010\)",
     ):
         ck.find(tag_for(20))
-    with pytest.raises(ValueError, match="has no complete checkpoint step_00000050"):
+    with pytest.raises(ConfigError, match="has no complete checkpoint step_00000050"):
         ck.find(tag_for(50))
     for path in (
         f"s3://elsewhere/run/checkpoints/{tag_for(10)}",
         f"{tag_for(10)}/",
         "other/step_00000010",
     ):
-        with pytest.raises(ValueError, match=r"not a path.*init_from"):
+        with pytest.raises(ConfigError, match=r"not a path.*init_from"):
             ck.find(path)
-    with pytest.raises(ValueError, match="neither auto, none nor a checkpoint tag"):
+    # a config error: the job says it in one line and exits 2, no traceback
+    with pytest.raises(ConfigError, match="neither auto, none nor a checkpoint tag"):
         ck.find("latest")
 
 

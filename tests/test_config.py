@@ -103,6 +103,15 @@ def test_base_file_and_round_trip(tmp_path):
     assert again == cfg
 
 
+def test_a_file_uri_config_resolves_its_base_beside_it(tmp_path):
+    write(tmp_path, {"name": "base", "steps": 3}, "base.yaml")
+    path = write(tmp_path, {"base": "base.yaml", "name": "child"})
+    assert load_config(Stage, f"file://{path}").steps == 3
+    # a slash lost (file:/tmp/...) is a config error that shows the right spelling
+    with pytest.raises(ConfigError, match=f"write file://{path}"):
+        load_config(Stage, f"file:{path}")
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["steps"])
@@ -122,7 +131,7 @@ def test_yaml_words_read_as_booleans_and_python_none(tmp_path):
     path = write(tmp_path, {"mode": False})  # what `mode: no` in a YAML file loads as
     assert load_config(Resize, path).mode == "no"
     assert load_config(Resize, None, ["mode=no", "tmp_dir=None"]) == Resize(mode="no", tmp_dir=None)
-    with pytest.raises(ConfigError, match="not one of"):
+    with pytest.raises(ConfigError, match="mode: 'yes' is not one of"):  # as typed, not True
         load_config(Resize, None, ["mode=yes"])
 
 
@@ -179,6 +188,11 @@ def test_override_values_are_read_by_field_type(tmp_path):
     assert load_config(Texts, None, ["prompt="]).prompt == ""
     with pytest.raises(ConfigError, match="steps: expected an integer, got 'five'"):
         load_config(Texts, None, ["steps=five"])
+    # integers in base 10 as typed (YAML 1.1 reads 010 as octal 8 and 1:30 as 90)
+    cfg = load_config(Texts, None, ["steps=010", "limit=0100"])
+    assert (cfg.steps, cfg.limit) == (10, 100)
+    with pytest.raises(ConfigError, match="steps: expected an integer, got '1:30'"):
+        load_config(Texts, None, ["steps=1:30"])
 
     with pytest.raises(ConfigError, match="name: expected a string, got 2024"):
         load_config(Texts, write(tmp_path, {"name": 2024}))

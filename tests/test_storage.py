@@ -237,7 +237,8 @@ def test_local_fingerprint_follows_content_not_times(tmp_path):
 
 def test_remote_checks_see_what_another_process_wrote_after_a_listing(s3_server, s3_bucket):
     """s3fs caches a listing: after ``list_dir``, an object another client wrote since must
-    still be seen by ``exists``, ``size`` and ``fingerprint`` (done markers, replaced models)."""
+    still be seen by ``exists``, ``size``, ``fingerprint`` and ``open_read`` (done markers,
+    replaced models, shards)."""
     import boto3
 
     root = f"{s3_bucket}/d"
@@ -250,3 +251,31 @@ def test_remote_checks_see_what_another_process_wrote_after_a_listing(s3_server,
     assert storage.exists(f"{root}/b.txt")
     assert storage.size(f"{root}/a.txt") == 4
     assert storage.fingerprint(f"{root}/b.txt") is not None
+    assert storage.list_dir(root) == ["a.txt", "b.txt"]
+    other.put_object(Bucket=bucket, Key="d/c.txt", Body=b"cc")
+    other.put_object(Bucket=bucket, Key="d/a.txt", Body=b"aaaaa")
+    with storage.open_read(f"{root}/c.txt") as f:  # written after the listing
+        assert f.read() == b"cc"
+    with storage.open_read(f"{root}/a.txt") as f:  # rewritten after it
+        assert f.read() == b"aaaaa"
+
+
+def test_get_dir_skips_s3_folder_markers(s3_server, s3_bucket, tmp_path):
+    """Zero-byte "folder" keys ending in "/" (the AWS console's "Create folder") are no files:
+    a model uploaded into such a folder copies and loads."""
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for key, body in [
+        ("models/t5/", b""),
+        ("models/t5/sub/", b""),
+        ("models/t5/config.json", b"{}"),
+        ("models/t5/sub/w.bin", b"123"),
+    ]:
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    assert storage.get_dir(f"{s3_bucket}/models/t5", tmp_path / "t5") == 2
+    assert (tmp_path / "t5" / "config.json").read_bytes() == b"{}"
+    assert (tmp_path / "t5" / "sub" / "w.bin").read_bytes() == b"123"
+    local = storage.local_copy(f"{s3_bucket}/models/t5/")
+    assert sorted(os.listdir(local)) == ["config.json", "sub"]

@@ -33,7 +33,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import launch_env, storage
-from pipeline.config import doc, save_config, to_dict
+from pipeline.config import ConfigError, doc, save_config, to_dict
 from pipeline.data.raw import RawImageStream, list_complete_shards, nonempty_shards
 from pipeline.log import get_logger
 from pipeline.models.vq import VQConfig, VQModel, count_params
@@ -293,15 +293,15 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
             try:
                 found = int(resume)
             except ValueError:
-                raise ValueError(f"resume={resume!r}: give auto, none or a step number") from None
+                raise ConfigError(f"resume={resume!r}: give auto, none or a step number") from None
             if found not in complete:
-                raise ValueError(
+                raise ConfigError(
                     f"resume={resume}: no complete checkpoint of step {found} under {where} "
                     f"(complete: {complete or 'none'})"
                 )
         conflict = resume_conflict(resume, found, newest, where)
         if conflict:
-            raise ValueError(conflict)
+            raise ConfigError(conflict)
         return found
 
     resume_step = decided_on_rank0(d.rank == 0, d.broadcast, decide_resume)

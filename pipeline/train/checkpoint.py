@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import storage
+from pipeline.config import ConfigError
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPTConfig
 from pipeline.resume import decided_on_rank0, fsync, resume_conflict
@@ -93,17 +94,17 @@ def _requested_tag(resume: str, complete: list[str], where: str) -> str:
     """The tag that ``--resume`` names (neither ``auto`` nor ``none``), if it is among the
     ``complete`` checkpoints in ``where``; else why not."""
     if "://" in resume or "/" in resume:
-        raise ValueError(
+        raise ConfigError(
             f"--resume {resume!r}: give auto, none or a checkpoint tag of this run "
             f"(step_NNNNNNNN, from {where}), not a path; to start from another run's weights, "
             "export them (jobs/export.py) and give init_from"
         )
     if not _TAG_RE.match(resume):
-        raise ValueError(
+        raise ConfigError(
             f"--resume {resume!r} is neither auto, none nor a checkpoint tag (step_NNNNNNNN)"
         )
     if resume not in complete:
-        raise ValueError(
+        raise ConfigError(
             f"--resume {resume}: {where} has no complete checkpoint {resume} (complete ones: "
             f"{', '.join(complete) or 'none'})"
         )
@@ -440,7 +441,7 @@ class CheckpointManager:
                 where,
             )
             if conflict:
-                raise ValueError(conflict)
+                raise ConfigError(conflict)
             return tag
 
         return decided_on_rank0(self.dist.is_main, engine.broadcast_object, decide)
