@@ -36,6 +36,20 @@ log = get_logger(__name__)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+BUILT = ".built"
+
+
+def _build_once(folder: str, build: Callable[[], Any]) -> None:
+    """Run ``build`` (which fills ``folder``) unless an earlier run finished it: a marker is
+    written after it, so a run killed while writing (a model's weights half on disk) builds the
+    folder again from scratch instead of keeping the half file."""
+    if os.path.exists(os.path.join(folder, BUILT)):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    build()
+    storage.write_text(os.path.join(folder, BUILT), "")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of the local demo (the defaults finish in 9-16 minutes on 2 CPU cores)."""
@@ -106,8 +120,9 @@ class Demo:
         from pipeline.models.text_encoder import build_tiny_text_encoder
 
         t5 = self.path("models", "t5-tiny-random")
-        if not os.path.exists(os.path.join(t5, "config.json")):
-            build_tiny_text_encoder(t5, d_model=self.cfg.t5_dim, seed=self.cfg.seed)
+        _build_once(
+            t5, lambda: build_tiny_text_encoder(t5, d_model=self.cfg.t5_dim, seed=self.cfg.seed)
+        )
         aes_dir = self.path("models", "aesthetic-tiny-random")
         self.aesthetic = build_tiny_aesthetic(aes_dir, seed=self.cfg.seed)
         self.t5 = t5
@@ -120,8 +135,12 @@ class Demo:
     def data(self) -> dict[str, Any]:
         samples = synthetic.make_samples(self.cfg.num_images, seed=self.cfg.seed)
         www = self.path("www")
-        if not os.path.exists(os.path.join(www, f"{len(samples) - 1:06d}.jpg")):
-            synthetic.write_images(samples, www, size=self.cfg.image_size, seed=self.cfg.seed)
+        _build_once(
+            www,
+            lambda: synthetic.write_images(
+                samples, www, size=self.cfg.image_size, seed=self.cfg.seed
+            ),
+        )
         self.samples = samples
         return {"images": len(samples), "folder": www}
 

@@ -80,3 +80,22 @@ def test_demo_pipeline_small(tmp_path, monkeypatch):
     assert again["download (img2dataset, local Ray)"]["images"] == 48
     assert again["pretokenize stage 1 and stage 2"]["stage1"] == tokens["stage1"]
     assert again["train stage 2 from stage 1 (DeepSpeed)"]["step"] == 3
+
+
+def test_a_model_cut_short_by_a_kill_is_built_again(tmp_path):
+    """The demo's tiny T5 and its images are built once: a rerun keeps a finished folder, and
+    rebuilds one a kill cut short (weights half written, no marker) instead of keeping it."""
+    from pipeline.demo import Demo
+
+    demo = Demo(DemoConfig(out=str(tmp_path / "demo")))
+    demo.models()
+    weights = glob.glob(os.path.join(demo.t5, "*.safetensors"))[0]
+    whole = open(weights, "rb").read()
+    mtime = os.stat(weights).st_mtime_ns
+    demo.models()  # finished: kept as it is
+    assert os.stat(weights).st_mtime_ns == mtime
+    with open(weights, "r+b") as f:  # killed while writing the weights
+        f.truncate(len(whole) // 2)
+    os.remove(os.path.join(demo.t5, ".built"))
+    demo.models()
+    assert open(weights, "rb").read() == whole  # built again (the same seed)
