@@ -74,22 +74,36 @@ def list_complete_shards(root: str) -> list[str]:
     return out
 
 
-def _shard_stats(tar_uri: str) -> dict[str, Any]:
-    """img2dataset's ``_stats.json`` beside raw shard ``tar_uri``."""
-    return storage.read_json(tar_uri[: -len(".tar")] + "_stats.json")
+def _shard_stats(tar_uri: str) -> dict[str, Any] | None:
+    """img2dataset's ``_stats.json`` beside raw shard ``tar_uri``; None (with a warning) when it
+    does not read as a stats object. img2dataset writes it with a plain ``open``: a kill can
+    cut it short, and it exists, empty, while being written (a download still running). The
+    download stage redoes such a shard; until then it is not complete."""
+    uri = tar_uri[: -len(".tar")] + "_stats.json"
+    try:
+        s = storage.read_json(uri)  # a cut file: json's ValueError (UnicodeDecodeError too)
+        if not isinstance(s, dict):
+            raise ValueError(f"not a JSON object: {type(s).__name__}")
+        return s
+    except ValueError as e:
+        log.warning("%s does not read (%s): its shard is left out as not complete", uri, e)
+        return None
 
 
 def nonempty_shards(tar_uris: list[str]) -> list[str]:
     """The tars of ``tar_uris`` whose ``_stats.json`` says img2dataset wrote at least one image
     (read 32 at a time). Shards go to ranks whole: a rank dealt only empty ones would have no
-    sample in an epoch and stop the run."""
+    sample in an epoch and stop the run. A shard whose stats do not read is left out too."""
 
     with ThreadPoolExecutor(32) as pool:  # no key: taken for a shard with images
-        counts = [int(s.get("successes", 1)) for s in pool.map(_shard_stats, tar_uris)]
+        counts = [
+            0 if s is None else int(s.get("successes", 1)) for s in pool.map(_shard_stats, tar_uris)
+        ]
     kept = [t for t, n in zip(tar_uris, counts, strict=True) if n > 0]
     if len(kept) < len(tar_uris):
         log.warning(
-            "%d of %d raw shards hold no image (img2dataset: 0 successes); left out",
+            "%d of %d raw shards hold no image (img2dataset: 0 successes, or stats that do not "
+            "read); left out",
             len(tar_uris) - len(kept),
             len(tar_uris),
         )
@@ -97,8 +111,10 @@ def nonempty_shards(tar_uris: list[str]) -> list[str]:
 
 
 def count_successes(root: str) -> int:
-    """Images img2dataset reported as written, over the complete shards under ``root``."""
-    return sum(int(_shard_stats(tar).get("successes", 0)) for tar in list_complete_shards(root))
+    """Images img2dataset reported as written, over the complete shards under ``root`` (a
+    shard whose stats do not read counts none)."""
+    stats = (_shard_stats(tar) for tar in list_complete_shards(root))
+    return sum(int(s.get("successes", 0)) for s in stats if s is not None)
 
 
 def iter_raw_samples(
@@ -331,11 +347,12 @@ class RawImageStream:
         """This rank's raw samples of ``epoch`` in their shuffled order, from position ``skip``.
 
         With the shard sizes of a saved state the shards that only held samples before
-        ``skip`` are not read (:meth:`_resumed`); else the prefix is read and dropped."""
+        ``skip`` are not read (:meth:`_resumed`); else (a state that recorded none, as older
+        ones did) the prefix is read and dropped."""
         order = self._shard_order(epoch)
         if len(order) >= self.world_size:
             mine = order[self.rank :: self.world_size]
-            if skip:
+            if skip and self._sizes.get(epoch):
                 yield from self._resumed(epoch, skip, mine)
                 return
             source = self._source(epoch, mine)
