@@ -226,6 +226,31 @@ def test_rerun_skips_done_shards_and_redoes_a_lost_one(bad_run, server):
     assert fourth.failed_shards == [] and fourth.stats["by_reason"] == first.stats["by_reason"]
     assert all(server.hits[p] == before[p] + 2 for p in redo)
 
+    # other metadata settings with shards done: refused before a unit is rewritten
+    units = os.path.join(cfg.output, "_meta", "units")
+    unit_times = {n: os.stat(os.path.join(units, n)).st_mtime_ns for n in os.listdir(units)}
+    other = dataclasses.replace(cfg.metadata, rows_per_unit=cfg.metadata.rows_per_unit + 1)
+    with pytest.raises(RuntimeError, match="other metadata or unit settings"):
+        run_download(dataclasses.replace(cfg, metadata=other))
+    assert {n: os.stat(os.path.join(units, n)).st_mtime_ns for n in os.listdir(units)} == (
+        unit_times
+    )
+
+    # the address guard's settings changed: the units not yet downloaded are checked again
+    # (loopback now refused: shard 1's server URLs), the done ones keep what they had
+    os.remove(marker)
+    inputs = os.path.join(cfg.output, "_meta", "input")
+    kept = pq.read_table(os.path.join(inputs, "00000.parquet"))
+    strict = run_download(dataclasses.replace(cfg, allow_loopback=False))
+    assert strict.failed_shards == []
+    unit1 = pq.read_table(os.path.join(inputs, "00001.parquet")).column("url").to_pylist()
+    assert not any(u.startswith(server.base) for u in unit1 if isinstance(u, str))
+    assert pq.read_table(os.path.join(inputs, "00000.parquet")).equals(kept)
+    assert all(server.hits[p] == before[p] + 2 for p in redo)  # refused: not fetched
+    # and back: shard 1 redone with loopback allowed, as the first run had it
+    os.remove(marker)
+    assert run_download(cfg).stats["by_reason"] == first.stats["by_reason"]
+
 
 # --- Ray, retries, S3 ------------------------------------------------------------------------------
 

@@ -41,7 +41,12 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import doc, save_config, to_dict
-from pipeline.data.metadata import SHARD_DIGITS, MetadataConfig, prepare_units
+from pipeline.data.metadata import (
+    SHARD_DIGITS,
+    MetadataConfig,
+    prepare_units,
+    units_fingerprint,
+)
 from pipeline.data.netguard import AddressGuard
 from pipeline.log import get_logger, progress
 
@@ -163,6 +168,10 @@ def done_shards(output: str) -> set[int]:
 def refused_url(reason: str, url: str) -> str:
     """A URL urllib rejects at once ("unknown url type") that still names the original."""
     return f"{REFUSED_PREFIX}{reason.replace('_', '-')}:{url}"
+
+
+# what the address guard decides by: a change re-checks the units not yet downloaded
+GUARD_SETTINGS = ("allow_loopback", "allow_private_addresses")
 
 
 def guard_units(
@@ -445,10 +454,11 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
     units_dir, input_dir = storage.join(meta, "units"), storage.join(meta, "input")
 
     existing = done_shards(cfg.output)
-    units_stats = prepare_units(cfg.input, units_dir, cfg.metadata)
+    # refused before the units are rewritten (a LAION-COCO-size input takes hours to cut)
+    listing = units_fingerprint(cfg.input, cfg.metadata)
     state_uri = storage.join(meta, "state.json")
     state = storage.read_json(state_uri) if storage.exists(state_uri) else None
-    if state and state.get("units_fingerprint") != units_stats["fingerprint"]:
+    if state and state.get("units_fingerprint") != listing[2]:
         if existing:
             raise RuntimeError(
                 f"{cfg.output} holds shards made from other metadata or unit settings; "
@@ -462,11 +472,29 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
             f"{cfg.output} holds shards made with other {', '.join(changed)}; finishing them "
             "with these settings would mix two kinds of shard. Use a new output or overwrite=true"
         )
-    storage.write_json(
-        state_uri, {"units_fingerprint": units_stats["fingerprint"], "shard_settings": shape}
-    )
+    units_stats = prepare_units(cfg.input, units_dir, cfg.metadata, listing)
     unit_names = [u["name"] for u in units_stats["units"]]
     total = len(unit_names)
+    guard_settings = {k: getattr(cfg, k) for k in GUARD_SETTINGS}
+    if state and state.get("guard_settings", guard_settings) != guard_settings:
+        # the shards not yet done are guarded again under the new settings (done ones keep
+        # what they were downloaded with: their refusals are in their stats)
+        redo = [n for i, n in enumerate(unit_names) if i not in existing]
+        log.warning(
+            "address guard settings changed (%s -> %s): %d units not yet downloaded are "
+            "checked again",
+            state["guard_settings"], guard_settings, len(redo),
+        )  # fmt: skip
+        for name in redo:
+            storage.remove(storage.join(input_dir, name))
+    storage.write_json(
+        state_uri,
+        {
+            "units_fingerprint": units_stats["fingerprint"],
+            "shard_settings": shape,
+            "guard_settings": guard_settings,
+        },
+    )
     save_config(cfg, storage.join(meta, "download_config.yaml"))
 
     guard = AddressGuard(

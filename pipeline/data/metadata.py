@@ -369,17 +369,32 @@ def _extra_types(files: list[str], cfg: MetadataConfig) -> dict[str, pa.DataType
     return {c: types.get(c, pa.string()) for c in cfg.extra_columns}
 
 
-def prepare_units(source: str, output: str, cfg: MetadataConfig) -> dict[str, Any]:
-    """Write work units for ``source`` into ``output``; returns (and writes) the stats dict.
-
-    Rerunning with the same inputs and config reuses the finished units (their stats file is
-    the done marker); a different input listing or config rewrites them.
-    """
+def units_fingerprint(
+    source: str, cfg: MetadataConfig
+) -> tuple[list[str], list[dict[str, Any]], str]:
+    """(the input files of ``source``, their paths and sizes, a digest of those and of the
+    settings that decide the units' content): what :func:`prepare_units` would make, without
+    reading a row (a stage can refuse a changed input before the hours of rewriting units)."""
     files = list_inputs(source)
     inputs = [{"path": p, "bytes": storage.size(p)} for p in files]
     # what decides the units' content (batch_rows only changes how they are read)
     settings = {k: v for k, v in to_dict(cfg).items() if k != "batch_rows"}
-    fingerprint = hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
+    return files, inputs, hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
+
+
+def prepare_units(
+    source: str,
+    output: str,
+    cfg: MetadataConfig,
+    listing: tuple[list[str], list[dict[str, Any]], str] | None = None,
+) -> dict[str, Any]:
+    """Write work units for ``source`` into ``output``; returns (and writes) the stats dict.
+
+    Rerunning with the same inputs and config reuses the finished units (their stats file is
+    the done marker); a different input listing or config rewrites them. ``listing``: what
+    :func:`units_fingerprint` gave for the same source and config, if the caller has it.
+    """
+    files, inputs, fingerprint = listing or units_fingerprint(source, cfg)
     stats_uri = storage.join(output, STATS_NAME)
     if storage.exists(stats_uri):
         old = storage.read_json(stats_uri)
