@@ -584,3 +584,26 @@ def test_import_rejects_mismatched_checkpoint(tmp_path):
     torch.save({"model": theirs}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="does not fit"):
         load_llamagen_gpt(str(tmp_path / "ckpt.pt"), tiny(dim=128, n_head=4))
+
+
+def test_decode_reads_the_blocks_and_head_not_the_condition_embedder():
+    """The weight bytes a decode step reads: not the caption projector or class table (the
+    prefill's alone), and of the token embedding one row a token, not the table."""
+    from pipeline.models.gpt import decode_bytes_per_token
+
+    def decode_bytes(**kw):
+        with torch.device("meta"):
+            return decode_bytes_per_token(GPT(GPTConfig.from_name("B", **kw)).bfloat16())
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name("B")).bfloat16()
+    blocks_and_head = sum(
+        p.numel() * 2
+        for n, p in model.named_parameters()
+        if n.startswith(("blocks.", "head", "norm"))
+    )
+    assert decode_bytes() == blocks_and_head
+    assert decode_bytes(caption_dim=16) == decode_bytes(caption_dim=4096)
+    assert decode_bytes(cond="class", num_classes=10) == decode_bytes(
+        cond="class", num_classes=1000
+    )

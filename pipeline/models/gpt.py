@@ -705,8 +705,8 @@ def train_flops_per_sample(cfg: GPTConfig, grid_size: int | None = None) -> floa
 
 
 def decode_bytes_per_token(model: GPT) -> int:
-    """Weight bytes a decode step must read at least once (every matrix but the embeddings)."""
-    skip = {id(model.tok_embed.weight)}
-    if isinstance(model.cond_embed, ClassEmbedder):
-        skip.add(id(model.cond_embed.table.weight))
+    """Weight bytes a decode step must read at least once: every matrix but the embeddings
+    (one row each is read) and the condition embedder (the caption projector or class table,
+    used by the prefill alone)."""
+    skip = {id(model.tok_embed.weight), *(id(p) for p in model.cond_embed.parameters())}
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
