@@ -418,6 +418,144 @@ def test_connect_time_guard_follows_redirects(server, monkeypatch):
             create(address, 1)
 
 
+class _Recorder:
+    """A loopback HTTP server answering each path from ``routes`` (status, headers, body) and
+    recording what it was asked: a stand-in for an image host or a forward proxy."""
+
+    def __init__(self, routes):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(self.path)  # a proxy is asked for the whole URL
+                status, headers, body = routes.get(self.path, (404, {}, b""))
+                self.send_response(status)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_a_redirect_to_another_scheme_is_refused_unconnected(monkeypatch):
+    """urllib's default opener would follow a 302 to ftp:// with ftplib, whose sockets the
+    guard never sees (a private FTP host, or any host and port through FTP's commands)."""
+    host = _Recorder({"/a.jpg": (302, {"Location": "ftp://10.255.255.1/x.jpg"}, b"")})
+    connects = []
+    real = socket.create_connection
+    monkeypatch.setattr(
+        socket, "create_connection", lambda a, *r, **k: connects.append(a) or real(a, *r, **k)
+    )
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="refused redirect to a ftp:// URL"):
+            guarded_opener(allow_loopback=True).open(f"http://127.0.0.1:{host.port}/a.jpg")
+        with pytest.raises(urllib.error.URLError, match="unknown url type: ftp"):
+            guarded_opener(allow_loopback=True).open("ftp://10.255.255.1/x.jpg")
+    finally:
+        host.close()
+    assert not [a for a in connects if a[1] == 21]
+    assert (
+        reason_of("HTTP Error 302: refused redirect to a ftp:// URL") == "refused_redirect_scheme"
+    )
+
+
+def test_behind_a_proxy_every_host_it_fetches_for_us_is_judged(monkeypatch):
+    """With a proxy the connection goes to the proxy, which fetches the URL: the guard judges
+    the URL's host itself (the first and every redirect), connects to the proxy at its own
+    port only, and takes a proxy setting written without a scheme as urllib does."""
+    public = "http://93.184.216.34/img.jpg"  # a literal public address: no DNS needed
+    proxy = _Recorder(
+        {
+            public: (302, {"Location": "http://10.0.0.5/admin"}, b""),
+            "http://93.184.216.34/ok.jpg": (200, {}, b"IMAGE"),
+        }
+    )
+    inner = _Recorder({"/": (200, {}, b"INTERNAL SECRET")})  # loopback, not the proxy's port
+    for k in ("no_proxy", "NO_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("http_proxy", f"127.0.0.1:{proxy.port}")  # no scheme
+    try:
+        opener = guarded_opener()
+        assert opener.open("http://93.184.216.34/ok.jpg", timeout=5).read() == b"IMAGE"
+        with pytest.raises(urllib.error.URLError, match="refused connection to a private"):
+            opener.open(public, timeout=5)
+        with pytest.raises(urllib.error.URLError, match="refused connection to a link_local"):
+            opener.open("http://169.254.169.254/latest/meta-data/", timeout=5)
+        assert proxy.seen == ["http://93.184.216.34/ok.jpg", public]  # not 10.0.0.5, not .254
+        # only the proxy's own (host, port) is exempt: the host at another port is loopback
+        monkeypatch.delenv("http_proxy")
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.port}")
+        with pytest.raises(urllib.error.URLError, match="refused connection to a loopback"):
+            guarded_opener().open(f"http://127.0.0.1:{inner.port}/", timeout=5)
+        assert inner.seen == []
+    finally:
+        proxy.close()
+        inner.close()
+
+
+@pytest.mark.parametrize(
+    "address,reason",
+    [
+        ("64:ff9b::808:808", None),  # NAT64 of 8.8.8.8: what DNS64 gives on IPv6-only clusters
+        ("64:ff9b::a00:1", "private"),  # NAT64 of 10.0.0.1
+        ("64:ff9b:1::1", "private"),  # NAT64's local-use prefix
+        ("fec0::1", "private"),  # deprecated site-local, still in use
+        ("2606:4700:4700::1111", None),
+    ],
+)
+def test_ipv6_translations_and_site_local(address, reason):
+    assert classify_address(address) == reason
+
+
+def test_image_guard_takes_its_own_pixel_limit_and_scales_float_images(monkeypatch):
+    """Pillow refuses images above twice its own limit (179M pixels) as bombs whatever
+    max_pixels says; a float image holding 0..1 (float TIFFs mostly do) was stored black."""
+    import struct
+    import zlib
+
+    import cv2
+    import numpy as np
+
+    from pipeline.data.img2dataset_guards import ERR_BOMB, GuardedResizer
+
+    def png_header(w, h):  # a PNG that declares w x h pixels (its data is cut short)
+        def chunk(t, d):
+            return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+        body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        return b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b"")
+
+    def resizer(max_pixels):
+        return GuardedResizer(
+            image_size=64, resize_mode="center_crop", resize_only_if_bigger=False,
+            max_pixels=max_pixels,
+        )  # fmt: skip
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # put back after
+    big = png_header(15000, 15000)  # 225M pixels
+    assert resizer(100_000_000)(io.BytesIO(big))[-1] == ERR_BOMB
+    assert resizer(300_000_000)(io.BytesIO(big))[-1] != ERR_BOMB  # allowed; its data is bad
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    buf = io.BytesIO()
+    Image.fromarray(ramp, "F").save(buf, "TIFF")
+    out = resizer(100_000_000)(io.BytesIO(buf.getvalue()))
+    assert out[-1] is None
+    assert cv2.imdecode(np.frombuffer(out[0], np.uint8), 1).max() >= 250
+
+
 def test_refused_url_fails_without_network():
     url = refused_url("link_local", "http://169.254.169.254/")
     with pytest.raises(urllib.error.URLError, match="unknown url type") as e:
@@ -548,3 +686,20 @@ def test_ray_distributor_waits_for_every_task(local_ray, tmp_path):
     left = ray_distributor(2, down, iter(rows), None, 0)
     assert left == [(0, "unit0")]
     assert _done(tmp_path) == {1, 2}  # the slow tasks had finished when it returned
+
+
+def test_x_robots_tag_none_opts_out():
+    """X-Robots-Tag "none" is "noindex, nofollow" in one word: an opt-out like noindex."""
+    from email.message import Message
+
+    from img2dataset.downloader import is_disallowed
+
+    from pipeline.data.download import DEFAULT_OPT_OUT
+
+    for value in ("none", "img2dataset: none", "noai", "noindex, nofollow"):
+        headers = Message()
+        headers["X-Robots-Tag"] = value
+        assert is_disallowed(headers, "img2dataset", DEFAULT_OPT_OUT), value
+    headers = Message()
+    headers["X-Robots-Tag"] = "nofollow"
+    assert not is_disallowed(headers, "img2dataset", DEFAULT_OPT_OUT)

@@ -53,7 +53,8 @@ from pipeline.log import get_logger, progress
 log = get_logger(__name__)
 
 REFUSED_PREFIX = "t2i-refused-"
-DEFAULT_OPT_OUT = ["noai", "noimageai", "noindex", "noimageindex"]
+# img2dataset's defaults, and "none" (X-Robots-Tag's "noindex, nofollow" in one word)
+DEFAULT_OPT_OUT = ["noai", "noimageai", "noindex", "noimageindex", "none"]
 # settings that change what a finished shard holds: a resumed run must use the same ones
 SHARD_SHAPING = (
     "image_size",
@@ -332,6 +333,7 @@ _REASONS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^success$"), "success"),
     (re.compile(r"unknown url type: '?" + REFUSED_PREFIX + r"([a-z-]+)"), "refused_{0}"),
     (re.compile(r"refused connection to an? ([a-z_]+) address"), "refused_{0}"),
+    (re.compile(r"refused redirect to an? [a-z+.-]+:// URL"), "refused_redirect_scheme"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{0}"),
     (
         re.compile(r"decompression bomb|CV_IO_MAX_IMAGE_PIXELS|image area too large"),

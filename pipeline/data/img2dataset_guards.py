@@ -57,9 +57,12 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode.startswith("I") or mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        # 16-bit sources (I;16*, or I holding 0..65535) are scaled, 8-bit-range data kept
+        # 16-bit sources (I;16*, or I holding 0..65535) are scaled, 8-bit-range data kept;
+        # float data in 0..1 (as float TIFFs mostly hold) is scaled up
         if mode.startswith("I;16") or (a.size and a.max() > 255):
             a = a / 257.0
+        elif mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
         mode = "L"
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
@@ -88,6 +91,9 @@ class GuardedResizer(Resizer):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                # Pillow refuses above twice its own limit: let our max_pixels decide instead
+                if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < self.max_pixels:
+                    Image.MAX_IMAGE_PIXELS = self.max_pixels
                 im = Image.open(io.BytesIO(raw))  # reads the header only
         except Image.DecompressionBombError:
             return (*fail, ERR_BOMB)

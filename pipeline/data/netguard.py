@@ -21,6 +21,7 @@ import ipaddress
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,10 @@ def is_transient_dns_error(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError)
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: a network's own translators
+
+
 def classify_address(
     address: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
     allow_loopback: bool = False,
@@ -58,12 +63,17 @@ def classify_address(
     """
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     if isinstance(ip, ipaddress.IPv6Address):
-        # ::ffff:10.0.0.1 and 64:ff9b::10.0.0.1 reach IPv4 addresses: judge those
+        # ::ffff:10.0.0.1 (mapped), 2002:0a00:0001:: (6to4) and 64:ff9b::10.0.0.1 (NAT64, what
+        # DNS64 gives an IPv4-only host on an IPv6-only cluster) reach IPv4 addresses: judge those
         mapped = ip.ipv4_mapped or ip.sixtofour
+        if mapped is None and ip in _NAT64:
+            mapped = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if mapped is not None:
             return classify_address(mapped, allow_loopback, allow_private)
     if allow_private:
         return None
+    if isinstance(ip, ipaddress.IPv6Address) and (ip.is_site_local or ip in _NAT64_LOCAL):
+        return "private"  # fec0::/10 (deprecated, still in use) and NAT64's local-use prefix
     # order matters: 127.0.0.1 is also "private" in ipaddress's sense
     if ip.is_loopback:
         return None if allow_loopback else "loopback"
@@ -196,15 +206,16 @@ class RefusedAddress(OSError):
 def guarded_create_connection(
     allow_loopback: bool = False,
     allow_private: bool = False,
-    exempt_hosts: frozenset[str] = frozenset(),
+    exempt: frozenset[tuple[str, int]] = frozenset(),
 ):
-    """A ``socket.create_connection`` that refuses non-public addresses before connecting."""
+    """A ``socket.create_connection`` that refuses non-public addresses before connecting;
+    ``exempt``: (host, port) pairs it connects to as they are (the configured proxies)."""
 
     def create_connection(
         address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, *args, **kwargs
     ):
         host, port = address[0], address[1]
-        if str(host).lower() in exempt_hosts:  # a configured HTTP proxy
+        if (str(host).lower(), int(port)) in exempt:  # a configured proxy, at its own port
             return socket.create_connection(address, timeout, source_address, *args, **kwargs)
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
         for info in infos:
@@ -256,25 +267,97 @@ class GuardedHTTPSHandler(_GuardedOpen, urllib.request.HTTPSHandler):
     pass
 
 
+def proxy_address(value: str) -> tuple[str, int] | None:
+    """(host, port) of a ``*_proxy`` setting, as urllib connects to it (``host:port`` without
+    a scheme is an HTTP proxy, as urllib takes it; no port: the scheme's default)."""
+    parsed = urlsplit(value if "://" in value else f"http://{value}")
+    if not parsed.hostname:
+        return None
+    try:
+        port = parsed.port
+    except ValueError:
+        return None
+    return parsed.hostname.lower(), port or (443 if parsed.scheme == "https" else 80)
+
+
+class _GuardedRequests(urllib.request.BaseHandler):
+    """Judges each request's own host (the first URL and every redirect) where a proxy will
+    fetch it: the connection then goes to the proxy, so the connect-time guard never sees the
+    host. (Without a proxy the connect-time guard judges the addresses it connects to.)"""
+
+    handler_order = 100  # a preprocessor, before anything opens the request
+
+    def __init__(self, allow_loopback: bool, allow_private: bool, proxies: dict[str, str]):
+        self.allow_loopback, self.allow_private = allow_loopback, allow_private
+        self.proxies = proxies
+
+    def _check(self, req: urllib.request.Request) -> urllib.request.Request:
+        if req.type not in self.proxies:
+            return req
+        parts = urlsplit(req.full_url)
+        host = parts.hostname or ""
+        if urllib.request.proxy_bypass(host):
+            return req  # no_proxy: a direct connection, judged when it is made
+        try:
+            port = parts.port or (443 if req.type == "https" else 80)
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except (OSError, ValueError) as e:
+            raise urllib.error.URLError(f"cannot resolve {host!r}: {e}") from e
+        for info in infos:
+            ip = str(info[4][0]).split("%", 1)[0]
+            reason = classify_address(ip, self.allow_loopback, self.allow_private)
+            if reason is not None:
+                # as urllib reports the connect-time guard's refusal
+                raise urllib.error.URLError(
+                    RefusedAddress(f"refused connection to a {reason} address")
+                )
+        return req
+
+    http_request = https_request = _check
+
+
+class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http and https URLs only."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise urllib.error.HTTPError(
+                newurl, code, f"refused redirect to a {scheme or 'relative'}:// URL", headers, fp
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def guarded_opener(
     allow_loopback: bool = False, allow_private: bool = False
 ) -> urllib.request.OpenerDirector:
-    """A urllib opener whose HTTP(S) connections refuse non-public addresses.
+    """A urllib opener for http and https alone, whose connections refuse non-public addresses.
 
-    Hosts of the configured HTTP(S) proxies (``*_proxy`` variables) are exempt: behind a proxy
-    the connection goes to the proxy, which may well sit on a private address.
+    No FTP, file or data handlers (``build_opener`` adds them; a redirect to ``ftp://`` would
+    connect unguarded), and redirects to other schemes are refused. A configured proxy
+    (``*_proxy`` variables) is connected to at its own (host, port) only, which may well be a
+    private address; the hosts it fetches for us (the first URL and every redirect) are
+    resolved and judged here instead, as the connection to them is the proxy's.
     """
-    proxies = {
-        (urllib.request.urlparse(v).hostname or "").lower()
-        for v in urllib.request.getproxies().values()
-    }
-    create = guarded_create_connection(allow_loopback, allow_private, frozenset(proxies - {""}))
-    handlers = []
+    proxies = urllib.request.getproxies()
+    exempt = {proxy_address(v) for k, v in proxies.items() if k in ("http", "https")}
+    create = guarded_create_connection(allow_loopback, allow_private, frozenset(exempt - {None}))
+    opener = urllib.request.OpenerDirector()
+    handlers: list[urllib.request.BaseHandler] = [
+        _GuardedRequests(allow_loopback, allow_private, proxies),
+        urllib.request.ProxyHandler(proxies),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _HTTPOnlyRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+    ]
     for cls in (GuardedHTTPHandler, GuardedHTTPSHandler):
         h = cls()
         h.create_connection = create
         handlers.append(h)
-    return urllib.request.build_opener(*handlers)
+    for h in handlers:
+        opener.add_handler(h)
+    return opener
 
 
 _installed: tuple[bool, bool] | None = None
