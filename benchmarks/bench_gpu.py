@@ -47,7 +47,19 @@ from pipeline.sample import Sampler, SamplingParams  # noqa: E402
 from pipeline.train import engine  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts), FLOP/s
-NOMINAL_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10": 125e12}
+# dense bf16 peaks by device name, the first match winning (the PCIe and NVL cards before their
+# SXM namesakes, A100 before A10)
+NOMINAL_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+}
 
 
 # first guesses of a row's seconds on a GPU (setup, warm-up and timing together) by kind, for a
@@ -169,7 +181,11 @@ def _cell(col: str, value) -> str:
 def nominal_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return nominal_for(torch.cuda.get_device_name(device))
+
+
+def nominal_for(name: str) -> float | None:
+    """The dense bf16 peak of the device named ``name`` (None: not in the table)."""
     return next((v for k, v in NOMINAL_BF16.items() if k in name), None)
 
 

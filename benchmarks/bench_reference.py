@@ -12,9 +12,10 @@ a caption is dropped for CFG; ``--no-mask``: the causal-only variant).
 Rows per preset and dtype: eager against eager, and ``torch.compile`` against ``torch.compile``
 (LlamaGen's training script compiles by default, so the compiled rows are the reference as it
 runs; the issue's figures do not say which it timed). ``speedup`` = reference s/step / ours (goal: >= 1.0 fp32, >= 1.5 bf16);
-``mfu`` = our step's matmul FLOPs (``train_flops_per_sample``, the same work for both: the
-reference also multiplies the head over the 119 caption positions it then drops) / s/step / the
-2048^3 matmul rate of the dtype.
+``mfu`` = useful-FLOP MFU: our step's matmul FLOPs (``train_flops_per_sample``) / s/step / the
+2048^3 matmul rate of the dtype, for both (the reference also multiplies the head over the 119
+caption positions it then drops, about 4% more FLOPs for GPT-B, not counted: its column reads that
+much under its hardware use; the speedup is unaffected).
 
     python benchmarks/bench_reference.py [--presets B] [--dtypes fp32,bf16] [--repeat 3] [--no-compile]
 """

@@ -60,9 +60,9 @@ def _batch(cfg: GPTConfig, batch: int = BATCH, device: torch.device | str = "cpu
     codes = torch.randint(0, cfg.vocab_size, (batch, cfg.image_tokens), generator=g)
     feats = torch.randn(batch, cfg.max_text_tokens, cfg.caption_dim, generator=g)
     mask = torch.ones(batch, cfg.max_text_tokens, dtype=torch.bool)
-    # padded captions, as in real batches: every row, so that a caption dropped for CFG (the
-    # null caption is whole) never leaves our model a mask-free, causal-only batch that the
-    # reference (which keeps the caption's mask) does not get
+    # padded captions, as in real batches: every row (and the steps drop none for CFG, whose
+    # null caption is whole: _NO_DROP), so our model never gets a mask-free, causal-only batch
+    # that the reference (which keeps the caption's mask) does not get
     mask[:, : cfg.max_text_tokens // 2] = False
     mask[1:, : (3 * cfg.max_text_tokens) // 4] = False
     return codes.to(device), feats.to(device), mask.to(device)
@@ -97,6 +97,13 @@ def _best_alternating(
     return wall, cpu
 
 
+# No row's caption dropped for CFG, always: when the 10% draw dropped every row of a batch (1%
+# of steps at batch 2), no padded caption was left and the step took the causal-only attention
+# path, which the reference (keeping its caption mask, as LlamaGen does) never takes; a lucky
+# best-of-N would have shown it. Caption dropout itself is a per-row select: no work to match.
+_NO_DROP = torch.zeros(1024, dtype=torch.bool)
+
+
 def bare_step(
     cfg: GPTConfig, dtype: str, compiled: bool = False, mask: bool = True, batch: int = BATCH
 ):
@@ -117,7 +124,7 @@ def bare_step(
 
     def step():
         with ctx:
-            logits = fwd(codes, feats, cap_mask)
+            logits = fwd(codes, feats, cap_mask, drop=_NO_DROP[: codes.size(0)])
         loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -160,7 +167,7 @@ def engine_step(cfg: GPTConfig, dtype: str, batch: int = BATCH, compile: bool = 
     cuda = eng.device.type == "cuda"
 
     def step():
-        logits = eng(codes, feats, mask)
+        logits = eng(codes, feats, mask, drop=_NO_DROP[: codes.size(0)].to(eng.device))
         loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
         eng.backward(loss)
         eng.step()

@@ -90,6 +90,9 @@ class Attention(nn.Module):
         q = rope_pairs(q.view(B, T, self.n_head, self.hd), table).transpose(1, 2)
         k = rope_pairs(k.view(B, T, self.n_head, self.hd), table).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        # as LlamaGen's Attention always does, also at one KV head per query head (a contiguous
+        # copy of the keys and values, and its backward)
+        k, v = k.repeat_interleave(1, dim=1), v.repeat_interleave(1, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.resid_dropout(self.wo(y.transpose(1, 2).contiguous().view(B, T, self.dim)))
 

@@ -142,3 +142,16 @@ def test_the_other_gpu_check_scripts_run_on_cpu():
     steps = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout, re.M)
     assert [b for b, _, _ in steps[-2:]] == ["1", "2"] and all(float(t) > 0 for _, t, _ in steps)
     assert "profile of 2 steps at batch 1" in out.stdout and "aten::mm" in out.stdout
+
+
+def test_nominal_peak_by_device_name():
+    """PCIe and NVL cards have lower peaks than their SXM namesakes: matched first."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_gpu import nominal_for
+
+    assert nominal_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert nominal_for("NVIDIA H100 PCIe") == 756e12
+    assert nominal_for("NVIDIA H200 NVL") == 835e12
+    assert nominal_for("NVIDIA H200") == 989e12
+    assert nominal_for("NVIDIA A100-SXM4-80GB") == nominal_for("NVIDIA A100 80GB PCIe") == 312e12
+    assert nominal_for("NVIDIA A10") == 125e12 and nominal_for("NVIDIA GeForce GTX 1080") is None
