@@ -341,9 +341,11 @@ def tokenizer_metrics(cfg: EvalConfig) -> dict[str, Any]:
     try:
         from pipeline.data.raw import list_complete_shards
         from pipeline.models.vq import VQModel
+        from pipeline.precision import exact_fp32_on_cuda
         from pipeline.tokenizer.evaluate import evaluate_model
     except ImportError as exc:
         return {"note": f"unavailable: tokenizer evaluation module missing ({exc})"}
+    exact_fp32_on_cuda(cfg.device)  # the codes pretokenize writes (as jobs/eval_tokenizer.py)
     model = VQModel.from_pretrained(cfg.vq, cfg.vq_preset).to(cfg.device)
     return evaluate_model(
         model,

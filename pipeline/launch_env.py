@@ -283,9 +283,14 @@ def use_device_for_deepspeed(
     """DeepSpeed takes a rank's CUDA device from ``LOCAL_RANK`` (its NCCL ``device_id`` and the
     engine's ``set_device``). With one GPU per process (``srun --gpus-per-task=1``) that is
     device 0 for every rank, not the local rank: ``LOCAL_RANK`` is set to the device index then.
-    The node-local rank itself stays in ``DistInfo.local_rank``."""
+    The node-local rank itself stays in ``DistInfo.local_rank``. Under Open MPI DeepSpeed
+    also asserts ``OMPI_COMM_WORLD_LOCAL_RANK == LOCAL_RANK`` (its only other use: a fallback
+    for ``LOCAL_RANK``), so that one follows too: ``mpirun`` with one GPU per rank would stop
+    every rank but each node's first in ``deepspeed.initialize``."""
     if index != le.local_rank:
         env["LOCAL_RANK"] = str(index)
+        if "OMPI_COMM_WORLD_LOCAL_RANK" in env:
+            env["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
 
 
 def cuda_index(local_rank: int, visible: int) -> int:
@@ -302,6 +307,17 @@ def cuda_index(local_rank: int, visible: int) -> int:
         f"local rank {local_rank} but {visible} CUDA devices visible: give each process one GPU "
         "or all of the node's, and at most one process per GPU"
     )
+
+
+def collective_timeout(env: Mapping[str, str] = os.environ) -> datetime.timedelta:
+    """How long a rank waits in a collective (a barrier) before the job fails.
+
+    DeepSpeed's default is 10 minutes (NCCL's too), but at a checkpoint's end and at export
+    rank 0 alone downloads, consolidates and uploads the state (12 GB of ZeRO state for GPT-XL,
+    more for 3B) while every other rank waits in a barrier. Here the default is 60 minutes;
+    ``DEEPSPEED_TIMEOUT`` (minutes, DeepSpeed's own variable) sets it, for the tokenizer
+    trainer's group too."""
+    return datetime.timedelta(minutes=float(env.get("DEEPSPEED_TIMEOUT") or 60))
 
 
 # how long a finished rank waits for the slowest part (sampling 30k images may take hours)

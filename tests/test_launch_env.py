@@ -351,6 +351,10 @@ def test_one_gpu_per_process_gives_deepspeed_device_zero():
     env = {"LOCAL_RANK": "2"}
     use_device_for_deepspeed(le, cuda_index(le.local_rank, 4), env)
     assert env["LOCAL_RANK"] == "2"
+    # Open MPI: DeepSpeed asserts its local rank equals LOCAL_RANK, so it follows
+    env = {"LOCAL_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "2"}
+    use_device_for_deepspeed(le, cuda_index(le.local_rank, 1), env)
+    assert env == {"LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
 
 
 def test_nothing_to_split_runs_on_rank_0_alone(monkeypatch):

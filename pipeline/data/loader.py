@@ -499,11 +499,15 @@ class TokenLoader:
         rank: int = 0,
         world: int = 1,
         shards: list[ShardInfo] | None = None,
+        pin_memory: bool | None = None,
     ):
         """``shards``: the finished shards of ``cfg.shards`` as one rank listed them
         (:func:`list_training_shards`; every rank of a job must read the same list), or None to
-        list them here."""
+        list them here. ``pin_memory``: batches in page-locked memory for fast copies to a GPU
+        (None: where CUDA is available); the trainer says whether it trains on one (a CPU run
+        on a GPU machine must not: pinning sets up CUDA on GPU 0 in every rank)."""
         self.cfg, self.spec, self.rank, self.world = cfg, spec, rank, world
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         listed = list(shards) if shards is not None else list_training_shards(cfg.shards)
         # a shard of no samples (pretokenize writes one when a raw shard had nothing usable) is
         # left out of the plan: a stream dealt only such shards would have nothing to give
@@ -571,7 +575,7 @@ class TokenLoader:
                     batch_size=None,
                     num_workers=self.cfg.num_workers,
                     prefetch_factor=self.cfg.prefetch_factor,
-                    pin_memory=torch.cuda.is_available(),
+                    pin_memory=self.pin_memory,
                     # its own generator: creating workers must not draw from the global torch RNG,
                     # or a resumed run's dropout would be one draw off
                     generator=torch.Generator().manual_seed(self.cfg.seed),

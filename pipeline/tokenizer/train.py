@@ -37,7 +37,7 @@ from pipeline.config import ConfigError, doc, save_config, to_dict
 from pipeline.data.raw import RawImageStream, list_complete_shards, nonempty_shards
 from pipeline.log import get_logger
 from pipeline.models.vq import VQConfig, VQModel, count_params
-from pipeline.precision import warn_if_slow
+from pipeline.precision import exact_fp32_on_cuda, warn_if_slow
 from pipeline.resume import decided_on_rank0, resume_conflict
 from pipeline.tokenizer import checkpoint as ckpt
 from pipeline.tokenizer.discriminator import PatchGANDiscriminator
@@ -180,7 +180,11 @@ def _setup_distributed(kind: str) -> _Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # rank 0 alone saves and uploads a checkpoint (or fetches one) while the others wait in
+        # a barrier: NCCL's default of 10 minutes would end a run on a slow S3 transfer
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=launch_env.collective_timeout()
+        )
     rank = dist.get_rank() if world > 1 else 0
     return _Dist(rank, world, device, le.local_rank)
 
@@ -501,6 +505,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
                 "for held-out figures run jobs/eval_tokenizer.py on other shards)",
                 cfg.eval_images,
             )
+            exact_fp32_on_cuda(d.device)  # as jobs/eval_tokenizer.py: no TF32 convolutions
             summary["eval"] = evaluate_model(
                 model.eval(),
                 shards,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import glob
 import json
 import logging
@@ -46,6 +45,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline import launch_env, storage
 from pipeline.hostmem import keep_freed_host_memory
+from pipeline.launch_env import collective_timeout
 from pipeline.log import get_logger
 from pipeline.train.optim import OptimConfig
 
@@ -131,16 +131,6 @@ def init_distributed() -> DistInfo:
         local_world=le.local_world,
         device=device,
     )
-
-
-def collective_timeout(env: Mapping[str, str] = os.environ) -> datetime.timedelta:
-    """How long a rank waits in a collective (a barrier) before the job fails.
-
-    DeepSpeed's default is 10 minutes, but at a checkpoint's end and at export rank 0 alone
-    downloads, consolidates and uploads the ZeRO state (12 GB for GPT-XL, more for 3B) while
-    every other rank waits in a barrier. Here the default is 60 minutes; ``DEEPSPEED_TIMEOUT``
-    (minutes, DeepSpeed's own variable) sets it."""
-    return datetime.timedelta(minutes=float(env.get("DEEPSPEED_TIMEOUT") or 60))
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:

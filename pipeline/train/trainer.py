@@ -201,7 +201,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     shard_list = decided_on_rank0(
         dist.is_main, engine.broadcast_object, lambda: list_training_shards(cfg.data.shards)
     )
-    loader = TokenLoader(cfg.data, spec, rank=dist.rank, world=dist.world, shards=shard_list)
+    loader = TokenLoader(
+        cfg.data,
+        spec,
+        rank=dist.rank,
+        world=dist.world,
+        shards=shard_list,
+        pin_memory=dist.device.type == "cuda",
+    )
     if dist.is_main:
         log.info(
             "%s: GPT %.1fM params, ZeRO-%d, %s%s, %d ranks x %d x %d accum = global batch %d, "
