@@ -6,12 +6,15 @@
     deepspeed --hostfile ~/hostfile jobs/train.py --config configs/train/stage1.yaml
     python jobs/hostfile.py release=true                   # training done: let them go
 
-DeepSpeed is not a Ray workload, so Ray's autoscaler does not start GPU nodes for it by itself:
-``wait_for_gpus`` asks the autoscaler for that many GPUs (``request_resources``) and waits until
-they are up. The request stays until ``release=true`` (or ``ray down``); idle nodes then go
-after the cluster's idle timeout. If more GPUs are alive than asked for (nodes left from an
-earlier job), all of them are listed and a warning says so: DeepSpeed starts a rank per slot,
-so the world size and the global batch grow with them.
+DeepSpeed is not a Ray workload, so Ray's autoscaler neither starts GPU nodes for it nor sees
+them busy: to Ray, nodes running only DeepSpeed ranks are idle, and it would terminate them
+after the cluster's idle timeout, in the middle of training. ``wait_for_gpus`` asks the
+autoscaler for that many GPUs (``request_resources``) and waits until they are up; and every
+written hostfile asks it to keep all the GPUs the file lists (with or without
+``wait_for_gpus``), so no listed node is scaled down. The request stays until ``release=true``
+(or ``ray down``); idle nodes then go after the idle timeout. If more GPUs are alive than asked
+for (nodes left from an earlier job), all of them are listed and kept, and a warning says so:
+DeepSpeed starts a rank per slot, so the world size and the global batch grow with them.
 
 With ``device=gpu`` (the default) every alive node with GPUs gets ``slots = its GPU count``;
 nodes without GPUs (the head, download workers) are left out, and a cluster without GPUs is an
@@ -33,7 +36,9 @@ left as it is.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -131,7 +136,18 @@ def hostfile_entries(
         for n in alive:
             if float(n.get("Resources", {}).get("CPU", 0)) > 0:
                 slots[str(n[key])] = cpu_slots
-    return sorted(slots.items())
+    return sorted(slots.items(), key=lambda e: host_order(e[0]))
+
+
+def host_order(name: str) -> tuple:
+    """Sort key: addresses by value (10.0.1.5 before 10.0.1.17), names with their numbers as
+    numbers (node2 before node10), as pdsh orders hosts: DeepSpeed's launcher numbers the nodes
+    by the file's order and pdsh's ``%n`` by its own, which must agree."""
+    try:
+        ip = ipaddress.ip_address(name)
+        return (0, ip.version, int(ip))
+    except ValueError:
+        return (1, tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", name)))
 
 
 def check_entries(
@@ -245,12 +261,21 @@ def write_hostfile(cfg: HostfileConfig) -> list[tuple[str, int]]:
             nodes = _wait_for_gpus(cfg.wait_for_gpus, cfg.wait_timeout_s)
         else:
             nodes = ray.nodes()
+        entries = check_entries(
+            hostfile_entries(nodes, cfg.cpu_slots, cfg.host, cfg.device), cfg, len(nodes)
+        )
+        if cfg.device == "gpu":
+            from ray.autoscaler.sdk import request_resources
+
+            # keep every listed GPU: the autoscaler would take DeepSpeed's nodes for idle
+            total = sum(n for _, n in entries)
+            request_resources(bundles=[{"GPU": 1}] * total)
+            log.info(
+                "asked the autoscaler to keep %d GPUs (the hostfile's) until release=true", total
+            )
     finally:
         if connected:
             ray.shutdown()
-    entries = check_entries(
-        hostfile_entries(nodes, cfg.cpu_slots, cfg.host, cfg.device), cfg, len(nodes)
-    )
     text = format_hostfile(entries)
     if cfg.out == "-":
         sys.stdout.write(text)

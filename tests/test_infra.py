@@ -424,6 +424,19 @@ def test_hostfile_entries_rules():
     # ... CPU training only when asked for: slots from the flag, nodes without CPUs left out
     assert entries(cpu_only, cpu_slots=2, device="cpu") == [("10.0.0.2", 2), ("10.0.0.3", 2)]
     assert entries(nodes, device="cpu") == [(ip, 1) for ip in ("10.0.0.3", "10.0.0.5", "10.0.0.9")]
+    # numeric order, as pdsh numbers the nodes (text order would put .17 before .5)
+    assert [h for h, _ in entries([_node("10.0.1.17", GPU=8.0), _node("10.0.1.5", GPU=8.0)])] == [
+        "10.0.1.5",
+        "10.0.1.17",
+    ]
+    named = [_node(f"10.0.2.{i}", GPU=8.0) for i in (2, 10, 1)]
+    for n in named:
+        n["NodeManagerHostname"] = f"gpu-node{n['NodeManagerAddress'].rsplit('.', 1)[1]}"
+    assert [h for h, _ in entries(named, host="hostname")] == [
+        "gpu-node1",
+        "gpu-node2",
+        "gpu-node10",
+    ]
     assert entries([_node("10.0.0.1", alive=False, CPU=8.0)], device="cpu") == []
 
 
@@ -607,6 +620,10 @@ def test_hostfile_job_reads_a_live_ray_cluster(local_ray_head, tmp_path):
             env=env, cwd=ROOT, timeout=120, capture_output=True, text=True,
         )  # fmt: skip
 
+    # no request asked: the listed GPUs are kept anyway (Ray sees DeepSpeed's nodes as idle)
+    r = job(f"out={out}")
+    assert r.returncode == 0, r.stderr
+    assert "asked the autoscaler to keep 2 GPUs" in r.stderr
     # the GPUs are already there: the request is met at once
     r = job(f"out={out}", "wait_for_gpus=2")
     assert r.returncode == 0, r.stderr
