@@ -111,12 +111,13 @@ def _coerce_text(text: _Text, tp: Any, where: str) -> Any:
         except ConfigError:  # name what was typed (YAML reads "no" as False)
             allowed = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{where}: {str(text)!r} is not one of {allowed}") from None
-    if tp is int:
+    if tp in (int, float):
         # base 10 as typed: YAML 1.1 reads 010 as octal (8) and 1:30 as sexagesimal (90)
-        if re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
-            return int(text, 10)
+        if re.fullmatch(r"[+-]?[0-9]+(?:_[0-9]+)*", text):
+            return tp(int(text, 10))
         if ":" in text:
-            raise ConfigError(f"{where}: expected an integer, got {str(text)!r}")
+            what = "an integer" if tp is int else "a number"
+            raise ConfigError(f"{where}: expected {what}, got {str(text)!r}")
     return _coerce(_yaml_value(text), tp, where)
 
 

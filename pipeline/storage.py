@@ -363,7 +363,13 @@ def get_dir(
     found = with_retries(lambda: fs.find(path, detail=True), f"list {uri}")
     # files only: S3 "folder" markers (zero-byte keys ending in "/", which the AWS console's
     # "Create folder" and other tools make) are no files to copy
-    files = [f for f, e in found.items() if e.get("type") == "file" and not f.endswith("/")]
+    remote = is_remote(str(uri))
+    files = [
+        f
+        for f, e in found.items()
+        if not f.endswith("/")
+        and (e.get("type") == "file" or (not remote and os.path.isfile(f)))  # local symlinks
+    ]
     if not files:
         raise FileNotFoundError(f"nothing found under {uri}")
     copied = 0

@@ -193,6 +193,12 @@ def test_override_values_are_read_by_field_type(tmp_path):
     assert (cfg.steps, cfg.limit) == (10, 100)
     with pytest.raises(ConfigError, match="steps: expected an integer, got '1:30'"):
         load_config(Texts, None, ["steps=1:30"])
+    assert load_config(Texts, None, ["steps=1_000", "lr=010"]).steps == 1000
+    assert load_config(Texts, None, ["lr=010"]).lr == 10.0  # a float field too
+    with pytest.raises(ConfigError, match="lr: expected a number, got '1:30'"):
+        load_config(Texts, None, ["lr=1:30"])
+    # YAML's own reading of other underscores (no bare ValueError from int())
+    assert load_config(Texts, None, ["steps=10_"]).steps == 10
 
     with pytest.raises(ConfigError, match="name: expected a string, got 2024"):
         load_config(Texts, write(tmp_path, {"name": 2024}))

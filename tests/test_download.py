@@ -505,6 +505,28 @@ def test_behind_a_proxy_every_host_it_fetches_for_us_is_judged(monkeypatch):
         inner.close()
 
 
+def test_proxy_settings_and_allow_private_behind_a_proxy(monkeypatch):
+    from pipeline.data.netguard import proxy_addresses
+
+    assert proxy_addresses("http://Proxy.corp:3128") == {("proxy.corp", 3128)}
+    assert proxy_addresses("10.1.2.3:3128") == {("10.1.2.3", 3128)}  # no scheme: HTTP
+    assert proxy_addresses("http://10.1.2.3") == {("10.1.2.3", 80), ("10.1.2.3", 443)}
+    assert proxy_addresses("not a url::") == set()
+    # allow_private: nothing to refuse, and no local DNS (where only the proxy resolves names)
+    proxy = _Recorder({"http://only-the-proxy-resolves.invalid/x.jpg": (200, {}, b"OK")})
+    for k in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+    try:
+        opener = guarded_opener(allow_private=True)
+        got = opener.open("http://only-the-proxy-resolves.invalid/x.jpg", timeout=5).read()
+        assert got == b"OK"
+        with pytest.raises(urllib.error.URLError, match="cannot resolve"):  # judged: no DNS
+            guarded_opener().open("http://only-the-proxy-resolves.invalid/x.jpg", timeout=5)
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize(
     "address,reason",
     [

@@ -87,6 +87,9 @@ def test_zero1_bf16_with_fp32_accumulation_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="BF16_Optimizer.*use ZeRO-2"):
         _build(tmp_path, z1, precision="bf16")
     assert _build(tmp_path, z1, precision="fp32")["data_types"]  # fp32: nothing to swap
+    # with the optimizer offloaded to CPU DeepSpeed keeps its ZeRO optimizer: allowed
+    offloaded = {**z1, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
+    assert _build(tmp_path, offloaded, precision="bf16")["bf16"]["enabled"]
     z2 = {**z1, "zero_optimization": {"stage": 2}}
     assert _build(tmp_path, z2, precision="bf16")["bf16"]["enabled"]
     accum = {

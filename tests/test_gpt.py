@@ -160,6 +160,10 @@ def test_rope_relative_position_property():
         shifted = score((1 + dy, 2 + dx), (3 + dy, 1 + dx))
         assert torch.allclose(base, shifted, atol=1e-5)
     assert not torch.allclose(base, score((1, 2), (3, 2)), atol=1e-3)  # positions matter
+    # two-dimensional, not a 1-D rotation of the raster index: the same raster offset (7) as
+    # another 2-D offset scores differently, and so does a shift along the rows alone
+    assert not torch.allclose(score((1, 0), (1, 1)), score((0, 7), (1, 0)), atol=1e-3)
+    assert not torch.allclose(base, score((1, 2), (4, 1)), atol=1e-3)
 
 
 def test_prefix_rope_identity_by_default_and_zero_in_llamagen_mode():
@@ -184,12 +188,12 @@ def test_causal_masking():
     torch.nn.init.normal_(model.head.weight, std=0.02)  # zero-init head would hide everything
     codes, feats, mask = random_batch(cfg)
     out = model(codes, feats, mask)
-    j = 7
-    changed = codes.clone()
-    changed[:, j] = (changed[:, j] + 1) % cfg.vocab_size
-    out2 = model(changed, feats, mask)
-    assert torch.allclose(out[:, : j + 1], out2[:, : j + 1], atol=1e-6)  # predictions up to j
-    assert not torch.allclose(out[:, j + 1 :], out2[:, j + 1 :], atol=1e-4)
+    for j in range(cfg.image_tokens - 1):  # every position: edited, then predicted from
+        changed = codes.clone()
+        changed[:, j] = (changed[:, j] + 1) % cfg.vocab_size
+        out2 = model(changed, feats, mask)
+        assert torch.allclose(out[:, : j + 1], out2[:, : j + 1], atol=1e-6), j  # up to j
+        assert not torch.allclose(out[:, j + 1], out2[:, j + 1], atol=1e-4), j  # the next sees it
 
 
 @pytest.mark.parametrize("kind", ["causal", "padded prefix", "all keys", "cached block"])

@@ -61,7 +61,18 @@ def test_cfg_math_and_scale_one_is_conditional():
     # end to end: with s=1 no unconditional batch is run and greedy decoding follows l_c
     model, feats, mask = model_and_cond()
     greedy = SamplingParams(cfg_scale=1.0, temperature=0.0)
-    tokens = generate(model, feats, mask, greedy)
+    rows = []
+    real_forward = model.forward
+    model.forward = lambda codes, *a, **k: (
+        rows.append(codes.size(0)) or real_forward(codes, *a, **k)
+    )
+    tokens = generate(model, feats, mask, greedy, use_cache=False)
+    assert set(rows) == {3}  # the conditional rows alone, every step
+    rows.clear()
+    generate(model, feats, mask, SamplingParams(cfg_scale=3.0, temperature=0.0), use_cache=False)
+    assert set(rows) == {6}  # guided: conditional and unconditional rows
+    model.forward = real_forward
+    assert torch.equal(generate(model, feats, mask, greedy), tokens)  # the cached decoder too
     logits = model(tokens, feats, mask, drop=torch.zeros(3, dtype=torch.bool))
     assert torch.equal(logits.argmax(-1), tokens)
 

@@ -57,7 +57,7 @@ def test_top_p_zero_keeps_the_top_token():
 
 def test_bad_sampling_settings_are_refused():
     for bad in (dict(top_p=1.5), dict(top_p=-0.1), dict(top_k=-1), dict(cfg_interval=-2)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=next(iter(bad))):  # the field is named
             SamplingParams(**bad)
     with pytest.raises((ConfigError, ValueError), match="top_p"):
         load_config(SampleConfig, None, ["sampling.top_p=2.0"])

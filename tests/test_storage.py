@@ -260,6 +260,15 @@ def test_remote_checks_see_what_another_process_wrote_after_a_listing(s3_server,
         assert f.read() == b"aaaaa"
 
 
+def test_get_dir_copies_local_symlinked_files(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"abc")
+    os.symlink("../a.bin", src / "sub" / "link.bin")
+    assert storage.get_dir(str(src), str(tmp_path / "dst")) == 2
+    assert (tmp_path / "dst" / "sub" / "link.bin").read_bytes() == b"abc"
+
+
 def test_get_dir_skips_s3_folder_markers(s3_server, s3_bucket, tmp_path):
     """Zero-byte "folder" keys ending in "/" (the AWS console's "Create folder") are no files:
     a model uploaded into such a folder copies and loads."""

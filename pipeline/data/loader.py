@@ -512,6 +512,7 @@ class TokenLoader:
         # a shard of no samples (pretokenize writes one when a raw shard had nothing usable) is
         # left out of the plan: a stream dealt only such shards would have nothing to give
         self.shards = [s for s in listed if s.num_samples > 0]
+        self._listed = listed
         self.n_local = max(1, cfg.num_workers)
         n_samples = sum(s.num_samples for s in self.shards)
         _check_every_stream_gets_samples(
@@ -553,6 +554,17 @@ class TokenLoader:
         h = hashlib.sha256()
         for s in self.shards:
             h.update(f"{s.index}:{s.num_samples}:{s.sha256}\n".encode())
+        return h.hexdigest()[:16]
+
+    def _legacy_fingerprint(self) -> str | None:
+        """The fingerprint states saved before it named shards by content (by URI, over every
+        listed shard): such a state continues where the shards are still where they were and
+        none has 0 samples (those are now left out of the plan, which changes the order)."""
+        if len(self._listed) != len(self.shards):
+            return None
+        h = hashlib.sha256()
+        for s in self._listed:
+            h.update(f"{s.uri}:{s.num_samples}:{s.sha256}\n".encode())
         return h.hexdigest()[:16]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -623,7 +635,7 @@ class TokenLoader:
                 f"{state['world']} ranks x {len(state['streams'])} streams -> {self.world} x "
                 f"{self.n_local} (keep world size and data.num_workers to resume exactly)"
             )
-        if state["fingerprint"] != self.fingerprint:
+        if state["fingerprint"] not in (self.fingerprint, self._legacy_fingerprint()):
             changed.append("the token shard set")
         plan = state.get("plan")  # (older states did not record it)
         if plan is not None and plan != self._plan_settings():

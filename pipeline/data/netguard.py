@@ -267,17 +267,19 @@ class GuardedHTTPSHandler(_GuardedOpen, urllib.request.HTTPSHandler):
     pass
 
 
-def proxy_address(value: str) -> tuple[str, int] | None:
-    """(host, port) of a ``*_proxy`` setting, as urllib connects to it (``host:port`` without
-    a scheme is an HTTP proxy, as urllib takes it; no port: the scheme's default)."""
+def proxy_addresses(value: str) -> set[tuple[str, int]]:
+    """(host, port) pairs urllib may connect to for a ``*_proxy`` setting (``host:port``
+    without a scheme is an HTTP proxy, as urllib takes it). Without a port: 80 and 443, as
+    urllib opens an HTTPS request's proxy connection at the HTTPS port."""
     parsed = urlsplit(value if "://" in value else f"http://{value}")
     if not parsed.hostname:
-        return None
+        return set()
     try:
         port = parsed.port
     except ValueError:
-        return None
-    return parsed.hostname.lower(), port or (443 if parsed.scheme == "https" else 80)
+        return set()
+    host = parsed.hostname.lower()
+    return {(host, port)} if port else {(host, 80), (host, 443)}
 
 
 class _GuardedRequests(urllib.request.BaseHandler):
@@ -292,8 +294,8 @@ class _GuardedRequests(urllib.request.BaseHandler):
         self.proxies = proxies
 
     def _check(self, req: urllib.request.Request) -> urllib.request.Request:
-        if req.type not in self.proxies:
-            return req
+        if self.allow_private or req.type not in self.proxies:
+            return req  # (allow_private: nothing to refuse; the proxy may resolve names alone)
         parts = urlsplit(req.full_url)
         host = parts.hostname or ""
         if urllib.request.proxy_bypass(host):
@@ -340,8 +342,8 @@ def guarded_opener(
     resolved and judged here instead, as the connection to them is the proxy's.
     """
     proxies = urllib.request.getproxies()
-    exempt = {proxy_address(v) for k, v in proxies.items() if k in ("http", "https")}
-    create = guarded_create_connection(allow_loopback, allow_private, frozenset(exempt - {None}))
+    exempt = {a for k, v in proxies.items() if k in ("http", "https") for a in proxy_addresses(v)}
+    create = guarded_create_connection(allow_loopback, allow_private, frozenset(exempt))
     opener = urllib.request.OpenerDirector()
     handlers: list[urllib.request.BaseHandler] = [
         _GuardedRequests(allow_loopback, allow_private, proxies),

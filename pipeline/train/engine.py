@@ -176,9 +176,11 @@ def build_ds_config(
     ds.setdefault("wall_clock_breakdown", False)
     _refuse_overridden(given, ds, path)
     accum = _at(ds, "data_types.grad_accum_dtype")
-    if zero_stage(ds) == 1 and ds["bf16"]["enabled"] and str(accum) in _FP32_NAMES:
-        # DeepSpeed swaps in its BF16_Optimizer for exactly this mix; the export at the end of
-        # a run (zero_to_fp32) cannot read that optimizer's checkpoints, so it would fail then
+    offload = _at(ds, "zero_optimization.offload_optimizer.device") == "cpu"
+    if zero_stage(ds) == 1 and ds["bf16"]["enabled"] and str(accum) in _FP32_NAMES and not offload:
+        # DeepSpeed swaps in its BF16_Optimizer for exactly this mix (without optimizer
+        # offload); the export at the end of a run (zero_to_fp32) cannot read that optimizer's
+        # checkpoints, so it would fail then
         raise ValueError(
             f"{path}: ZeRO-1 in bf16 with data_types.grad_accum_dtype = {accum!r} is "
             "DeepSpeed's BF16_Optimizer, whose checkpoints DeepSpeed's zero_to_fp32 cannot "
