@@ -12,6 +12,12 @@ bf16 and CFG, that:
   would give; informational: it may differ on a GPU, and that is why the rows are padded).
 
     python benchmarks/check_batch_invariance.py [--preset B] [--device cuda] [--dtype bf16]
+        [--deterministic] [--sdpa all|no-cudnn|math]
+
+``--sdpa`` limits the attention kernels PyTorch may pick (``torch.nn.attention.sdpa_kernel``):
+on the H200 bf16 decoding was not even repeatable (the same batch twice parted at token
+169-172) and cuDNN's fused attention, which PyTorch picks there for bf16 only, is the first
+suspect; ``no-cudnn`` leaves it out, ``math`` allows only the unfused reference kernel.
 
 Prints one table row per check (tokens equal, the first differing position) and exits 1 when the
 padded check fails.
@@ -30,6 +36,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.models.gpt import GPT, GPTConfig  # noqa: E402
 from pipeline.precision import torch_dtype  # noqa: E402
 from pipeline.sample import Sampler, SamplingParams  # noqa: E402
+
+
+def _backends(*names: str) -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [getattr(SDPBackend, n) for n in names]
+
+
+# --sdpa: the attention kernels PyTorch may choose from
+SDPA = {
+    "all": lambda: _backends("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"),
+    "no-cudnn": lambda: _backends("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "math": lambda: _backends("MATH"),
+}
 
 
 def _first_diff(a: torch.Tensor, b: torch.Tensor) -> int | None:
@@ -78,15 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="torch.use_deterministic_algorithms and CUBLAS_WORKSPACE_CONFIG=:4096:8",
     )
+    ap.add_argument(
+        "--sdpa",
+        choices=sorted(SDPA),
+        default="all",
+        help="attention kernels allowed: all (PyTorch's choice), no-cudnn, math",
+    )
     a = ap.parse_args(argv)
     if a.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
         torch.use_deterministic_algorithms(True, warn_only=True)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
     det = ", deterministic algorithms" if a.deterministic else ""
-    print(f"\n### batch invariance ({name}, torch {torch.__version__}{det})\n")
+    print(f"\n### batch invariance ({name}, torch {torch.__version__}{det}, sdpa {a.sdpa})\n")
     print("| what | tokens_equal | first_diff |\n|---|---|---|")
-    rows = run(a.preset, a.device, a.dtype)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(SDPA[a.sdpa]()):
+        rows = run(a.preset, a.device, a.dtype)
     for r in rows:
         print(f"| {r['what']} | {r['tokens_equal']} | {r['first_diff']} |", flush=True)
     return 0 if rows[0]["tokens_equal"] else 1
