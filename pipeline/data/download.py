@@ -48,6 +48,7 @@ from pipeline.data.metadata import (
     units_fingerprint,
 )
 from pipeline.data.netguard import AddressGuard
+from pipeline.data.shards import RAW_STATS_SUFFIX, read_raw_stats
 from pipeline.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -381,12 +382,9 @@ def _read_stats(output: str, shard: int) -> dict[str, Any] | None:
     ``open``, and a kill can cut it short. A store error (a refused read, throttling past the
     retries) is raised, not taken for a bad file: deleting a good one would redo a shard whose
     URLs may since have died."""
-    uri = storage.join(output, f"{shard_name(shard)}_stats.json")
+    uri = storage.join(output, f"{shard_name(shard)}{RAW_STATS_SUFFIX}")
     try:
-        s = storage.read_json(uri)  # a cut file: json's ValueError (UnicodeDecodeError too)
-        if not isinstance(s, dict):
-            raise ValueError(f"not a JSON object: {type(s).__name__}")
-        return s
+        return read_raw_stats(uri)
     except ValueError as e:
         log.warning("unreadable stats for shard %d (%s): removed, the shard is redone", shard, e)
         storage.remove(uri)

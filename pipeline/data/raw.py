@@ -37,7 +37,7 @@ from PIL import Image
 from webdataset.gopen import gopen_schemes
 
 from pipeline import storage
-from pipeline.data.shards import iter_raw_tar
+from pipeline.data.shards import RAW_STATS_SUFFIX, iter_raw_tar, read_raw_stats
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -79,12 +79,9 @@ def _shard_stats(tar_uri: str) -> dict[str, Any] | None:
     does not read as a stats object. img2dataset writes it with a plain ``open``: a kill can
     cut it short, and it exists, empty, while being written (a download still running). The
     download stage redoes such a shard; until then it is not complete."""
-    uri = tar_uri[: -len(".tar")] + "_stats.json"
+    uri = tar_uri[: -len(".tar")] + RAW_STATS_SUFFIX
     try:
-        s = storage.read_json(uri)  # a cut file: json's ValueError (UnicodeDecodeError too)
-        if not isinstance(s, dict):
-            raise ValueError(f"not a JSON object: {type(s).__name__}")
-        return s
+        return read_raw_stats(uri)
     except ValueError as e:
         log.warning("%s does not read (%s): its shard is left out as not complete", uri, e)
         return None

@@ -507,6 +507,16 @@ def read_token_shard(uri: str, strict: bool = False) -> Iterator[dict[str, Any]]
 RAW_STATS_SUFFIX = "_stats.json"
 
 
+def read_raw_stats(uri: str) -> dict[str, Any]:
+    """img2dataset's ``_stats.json`` at ``uri``; a ValueError when its content is not a stats
+    object (img2dataset writes it with a plain ``open``: a kill can cut it short, and it exists,
+    empty, while being written). A store error is raised as it is."""
+    s = storage.read_json(uri)  # a cut file: json's ValueError (UnicodeDecodeError too)
+    if not isinstance(s, dict):
+        raise ValueError(f"not a JSON object: {type(s).__name__}")
+    return s
+
+
 def raw_shard_indices(uri: str) -> list[int]:
     """Indices of the complete raw shards under ``uri``: those whose ``_stats.json`` exists."""
     names = set(storage.list_dir(uri))
