@@ -262,9 +262,10 @@ def test_training_checkpoints_through_s3_faults_are_complete_and_resumable(
                            vocab_size=64)  # fmt: skip
     run_dir = f"{s3_bucket}/runs/tiny"
     common = [f"run_dir={run_dir}", f"data.shards=[{data}]", "ckpt_every=10", "keep_last=5",
-              "tensorboard=false", "data.num_workers=0"]  # fmt: skip
+              "tensorboard=false", "data.num_workers=0", "optim.schedule=cosine"]  # fmt: skip
     runs = [  # a run to step 20; then from an empty local dir, so step 20 comes back from S3
         [*common, f"local_dir={tmp_path / 'a'}", "steps=20", "export=false"],
+        # extended to 25 steps: its cosine schedule is another from the first step on
         [*common, f"local_dir={tmp_path / 'b'}", "steps=25"],
     ]
     driver = tmp_path / "driver.py"
@@ -291,6 +292,18 @@ def test_training_checkpoints_through_s3_faults_are_complete_and_resumable(
     ), dict(proxy.faults)
     assert "resumed from checkpoint step_00000020" in out
     assert "downloading checkpoint" in out
+    # the extended run's first step trains at its own schedule's LR, not the checkpoint's
+    from pipeline.config import load_config
+    from pipeline.train.optim import lr_lambda
+    from pipeline.train.trainer import TrainConfig
+
+    assert "the LR schedule differs from the checkpoint's" in out
+    cfg = load_config(TrainConfig, "configs/train/tiny.yaml", runs[1])
+    steps = [json.loads(x) for x in (tmp_path / "b" / "metrics" / "steps.jsonl").open()]
+    peak = steps[1]["lr"]  # the end of the 2-step warmup (the first run's record, kept)
+    for r in steps[20:]:
+        want = peak * lr_lambda(cfg.optim, 25)(r["step"] - 1)
+        assert r["lr"] == pytest.approx(want, rel=1e-6), r["step"]
 
     # S3 (read without the proxy) holds each checkpoint exactly as written locally: every file,
     # byte for byte, nothing else, and the completion marker
