@@ -203,6 +203,15 @@ class RefusedAddress(OSError):
     """A connection the guard would not open; urllib reports it as the URL's error."""
 
 
+def refuse_non_public(infos: list, allow_loopback: bool, allow_private: bool) -> None:
+    """Raise :class:`RefusedAddress` if any ``getaddrinfo`` result is not to be fetched from."""
+    for info in infos:
+        ip = str(info[4][0]).split("%", 1)[0]
+        reason = classify_address(ip, allow_loopback, allow_private)
+        if reason is not None:
+            raise RefusedAddress(f"refused connection to a {reason} address")
+
+
 def guarded_create_connection(
     allow_loopback: bool = False,
     allow_private: bool = False,
@@ -218,11 +227,7 @@ def guarded_create_connection(
         if (str(host).lower(), int(port)) in exempt:  # a configured proxy, at its own port
             return socket.create_connection(address, timeout, source_address, *args, **kwargs)
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        for info in infos:
-            ip = str(info[4][0]).split("%", 1)[0]
-            reason = classify_address(ip, allow_loopback, allow_private)
-            if reason is not None:
-                raise RefusedAddress(f"refused connection to a {reason} address")
+        refuse_non_public(infos, allow_loopback, allow_private)
         error: OSError | None = None
         for family, kind, proto, _, sockaddr in infos:  # only the addresses just checked
             sock = None
@@ -305,14 +310,10 @@ class _GuardedRequests(urllib.request.BaseHandler):
             infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
         except (OSError, ValueError) as e:
             raise urllib.error.URLError(f"cannot resolve {host!r}: {e}") from e
-        for info in infos:
-            ip = str(info[4][0]).split("%", 1)[0]
-            reason = classify_address(ip, self.allow_loopback, self.allow_private)
-            if reason is not None:
-                # as urllib reports the connect-time guard's refusal
-                raise urllib.error.URLError(
-                    RefusedAddress(f"refused connection to a {reason} address")
-                )
+        try:
+            refuse_non_public(infos, self.allow_loopback, self.allow_private)
+        except RefusedAddress as e:  # as urllib reports the connect-time guard's refusal
+            raise urllib.error.URLError(e) from None
         return req
 
     http_request = https_request = _check
