@@ -22,6 +22,7 @@ from pipeline import storage
 from pipeline.config import ConfigError, load_config
 from pipeline.data.raw import RawImageStream, list_complete_shards
 from pipeline.models.vq import VQConfig, VQModel
+from pipeline.tokenizer import checkpoint as ckpt
 from pipeline.tokenizer import evaluate as ev
 from pipeline.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 from pipeline.train.rng import capture_rng_state, restore_rng_state
@@ -326,8 +327,6 @@ def test_a_node_fetches_a_mirrored_checkpoint_once_for_all_its_ranks(tmp_path, m
     by every rank's own load, after the barrier, so no rank waits on a failed one forever."""
     import threading
 
-    from pipeline.tokenizer import checkpoint as ckpt
-
     ckpt.save_checkpoint({"w": torch.arange(3)}, 7, str(tmp_path / "a"), str(tmp_path / "m"), 0)
     real_get, calls = storage.get_file, []
 
@@ -519,6 +518,38 @@ def test_eval_job_writes_metrics(raw_dir, tmp_path, monkeypatch):
     assert exact == [got["config"]["device"]]
 
 
+def test_discriminator_optimizer_starts_as_llamagens():
+    """LlamaGen steps its discriminator's Adam on a zero loss until disc_start; starting ours
+    from that state gives the same parameters, step for step, without running those steps."""
+    from pipeline.tokenizer.train import _start_at_step
+
+    torch.manual_seed(0)
+    w0, grads = torch.randn(5, 3), [torch.randn(5, 3) for _ in range(3)]
+    runs = []
+    for zero_steps in ("taken", "skipped"):
+        w = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.AdamW([w], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+        if zero_steps == "taken":
+            for _ in range(40):
+                w.grad = torch.zeros_like(w)
+                opt.step()
+        path = []
+        for g in grads:
+            _start_at_step(opt, 40)  # a no-op once the optimizer has state
+            w.grad = g.clone()
+            opt.step()
+            path.append(w.detach().clone())
+        runs.append(path)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # and it differs from a fresh Adam, whose first update is the full lr per weight
+    fresh = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.AdamW([fresh], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+    fresh.grad = grads[0].clone()
+    opt.step()
+    assert (fresh.detach() - w0).abs().mean() > 1.5 * (runs[1][0] - w0).abs().mean()
+
+
 def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
     run = str(tmp_path / "run")
@@ -549,8 +580,11 @@ def test_train_tiny_improves_psnr_and_exports(raw_dir, tmp_path, monkeypatch):
     assert after["images_from"] == "training shards (not held out)"
     rows = [json.loads(x) for x in Path(run, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 301))
-    # the GAN terms switch on after disc_start
-    assert all(r["d_loss"] == 0 for r in rows[:260]) and all(r["d_loss"] > 0 for r in rows[260:])
+    # the GAN terms switch on at step disc_start (counting from 1, as LlamaGen does)
+    assert all(r["d_loss"] == 0 for r in rows[:259]) and all(r["d_loss"] > 0 for r in rows[259:])
+    # the discriminator's Adam counts every step, as LlamaGen's (stepped on a zero loss before)
+    final = ckpt.load_checkpoint(300, str(Path(run, "checkpoints")), None)["opt_disc"]["state"]
+    assert final and {float(s["step"]) for s in final.values()} == {300.0}
     assert sorted(os.listdir(Path(run, "checkpoints"))) == ["step_0000150", "step_0000300"]
     assert load_config(TokenizerTrainConfig, str(Path(run, "config.yaml"))) == cfg
     model = VQModel.from_pretrained(str(Path(run, "export")))

@@ -6,8 +6,12 @@ Runs as one process or under torchrun (DDP: gloo on CPU, NCCL on GPU)::
 
 Each step is LlamaGen's: a generator (VQ model) update on
 ``rec_weight * L2 + perceptual_weight * LPIPS + [g] * disc_weight * hinge_G + VQ losses``, then,
-once ``disc_start`` steps are done, a discriminator update on the hinge loss. ``[g]`` is 1 or the
-adaptive weight of taming-transformers.
+from step ``disc_start`` on (counting from 1, as LlamaGen's ``adopt_weight`` does), a
+discriminator update on the hinge loss. ``[g]`` is 1 or the adaptive weight of
+taming-transformers. Before that LlamaGen still steps the discriminator's optimizer on a zero
+loss, which only advances its Adam step count (so its first real updates are damped as a late
+Adam step's are); here the discriminator is not run then, and its optimizer starts with that
+step count instead (:func:`_start_at_step`).
 
 Exact resume: a checkpoint holds model, discriminator, both optimizers, the step, and every
 rank's RNG states and data position (``RawImageStream.state_dict``). Resuming from step k
@@ -80,7 +84,9 @@ class TokenizerTrainConfig:
     lpips_backbone: Literal["auto", "pretrained", "random"] = doc(
         "VGG16 weights for LPIPS: auto uses the torch hub cache copy if present", "auto"
     )
-    disc_start: int = doc("steps before the GAN loss and discriminator updates begin", 20_000)
+    disc_start: int = doc(
+        "the step (counting from 1) from which the GAN loss and discriminator updates run", 20_000
+    )
     disc_weight: float = doc("weight of the GAN losses", 0.5)
     disc_adaptive_weight: bool = doc("scale the generator GAN loss by the adaptive weight", False)
     disc_ndf: int = doc("discriminator base channels", 64)
@@ -385,7 +391,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     batches = iter(stream)
     while step < cfg.max_steps:
         x = next(batches).to(d.device, non_blocking=True)
-        gan_on = step >= cfg.disc_start
+        gan_on = step + 1 >= cfg.disc_start  # ``step`` steps are done; this is step + 1
 
         # --- generator (VQ model) update ---
         model.train()
@@ -422,6 +428,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
             with autocast:
                 d_loss = cfg.disc_weight * hinge_d_loss(disc(x), disc(recon.detach().float()))
             opt_d.zero_grad(set_to_none=True)
+            _start_at_step(opt_d, step)
             d_loss.backward()
             _allreduce_grads(list(disc.parameters()), d.world)
             if cfg.grad_clip > 0:
@@ -517,6 +524,21 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
             summary["eval"]["images_from"] = "training shards (not held out)"
             storage.write_json(storage.join(cfg.run_dir, "eval.json"), summary["eval"])
     return summary
+
+
+def _start_at_step(opt: torch.optim.Optimizer, steps: int) -> None:
+    """Give an Adam(W) that has not stepped yet the state of one that took ``steps`` steps on
+    zero gradients (zero moments, the step count): what LlamaGen's discriminator optimizer holds
+    when its GAN loss starts. Its first updates then get Adam's late-step bias correction, not
+    the full-size early one. A no-op once the optimizer has state (a later step, a resume)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.state[p]:
+                opt.state[p] = {
+                    "step": torch.tensor(float(steps)),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
 
 
 def _checkpoint(
