@@ -419,9 +419,12 @@ def _source_fingerprint(fs: Any, path: str) -> tuple[bool, str]:
     """(is a directory, a digest of its objects' names, sizes and ETags) for a remote path."""
     is_dir = fs.isdir(path)
     entries = fs.find(path, detail=True).values() if is_dir else [fs.info(path)]
+    # names relative to the folder without its trailing slash ("/config.json"), as before that
+    # spelling was accepted: ".../model/" and ".../model" are one source with one digest
+    base = path.rstrip("/")
     items = sorted(
         (
-            str(e.get("name", "")).removeprefix(path),
+            str(e.get("name", "")).removeprefix(base),
             e.get("size"),
             str(e.get("ETag") or e.get("LastModified") or ""),
         )

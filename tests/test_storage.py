@@ -235,6 +235,29 @@ def test_local_fingerprint_follows_content_not_times(tmp_path):
     assert storage.fingerprint(str(tmp_path / "absent")) is None
 
 
+def test_fingerprint_of_a_folder_ignores_a_trailing_slash(root):
+    """``model/`` and ``model`` are one source: a resume that spells the model's URI with a
+    slash must not read as other weights. On S3 the digest of the plain spelling is the one
+    earlier runs stored (names relative to the folder, with their leading slash)."""
+    import hashlib
+
+    storage.write_bytes(storage.join(root, "model", "config.json"), b"{}")
+    storage.write_bytes(storage.join(root, "model", "sub", "w.bin"), b"weights")
+    plain = storage.fingerprint(storage.join(root, "model"))
+    assert plain is not None and storage.fingerprint(storage.join(root, "model") + "/") == plain
+    storage.write_bytes(storage.join(root, "model", "sub", "w.bin"), b"other weights")
+    assert storage.fingerprint(storage.join(root, "model") + "/") != plain
+    if storage.is_remote(root):
+        fs, path = storage._fresh(storage.join(root, "model"))
+        entries = fs.find(path, detail=True).values()
+        old = sorted(
+            (e["name"].removeprefix(path), e["size"], str(e.get("ETag") or "")) for e in entries
+        )
+        assert {n for n, _, _ in old} == {"/config.json", "/sub/w.bin"}
+        want = hashlib.sha256(repr(old).encode()).hexdigest()[:20]
+        assert storage.fingerprint(storage.join(root, "model")) == want
+
+
 def test_remote_checks_see_what_another_process_wrote_after_a_listing(s3_server, s3_bucket):
     """s3fs caches a listing: after ``list_dir``, an object another client wrote since must
     still be seen by ``exists``, ``size``, ``fingerprint`` and ``open_read`` (done markers,
