@@ -165,6 +165,37 @@ def test_pretokenize_content_drops_and_damage(tmp_path, models):
         load_config(PretokenizeConfig, TINY, _overrides(raw, out2, models, "text.max_length=128"))
 
 
+def test_captions_are_cleaned_for_t5_and_kept_as_given(tmp_path, models):
+    """T5 gets LlamaGen's cleaned caption (lowercased, URL removed); the shard keeps the text
+    as it came. A caption that cleaning empties (a bare URL) is dropped and counted. Whether
+    captions are cleaned decides the features: an output is not continued with the other
+    setting."""
+    captions = {0: "A RED Circle http://example.com/a", 1: "http://example.com/b.jpg"}
+    raw = str(tmp_path / "raw")
+    write_raw_shards(
+        raw, 1, 3, meta_fn=lambda s, i: {"caption": captions[i]} if i in captions else {}
+    )
+    out = str(tmp_path / "tokens")
+    m = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out, models)))
+    assert m["shards"][0]["stats"]["dropped"] == {"empty_caption_after_cleaning": 1}
+    got = {g["key"]: g for g in shards.read_token_shard(os.path.join(out, "00000.tar"))}
+    assert sorted(got) == [raw_key(0, 0), raw_key(0, 2)]
+    first = got[raw_key(0, 0)]
+    assert first["txt"] == captions[0]
+    plain = TextEncoder.from_pretrained(models["t5"], clean_captions=False)
+    want = plain.encode(["a red circle"]).features[0].numpy()
+    # byte-level tokens: the cleaned caption's length, EOS included; the values up to the last
+    # fp16 bit (the worker encodes the shard's captions as one batch)
+    assert first["t5"].shape[0] == len("a red circle") + 1
+    np.testing.assert_allclose(first["t5"], want, rtol=0, atol=1e-3)
+    with pytest.raises(ConfigError, match=r"'text.clean_captions' \(True != False\)"):
+        run_pretokenize(
+            load_config(
+                PretokenizeConfig, TINY, _overrides(raw, out, models, "text.clean_captions=false")
+            )
+        )
+
+
 def test_new_weights_at_the_same_uri_are_not_mixed_into_existing_shards(tmp_path, models):
     import shutil
 
@@ -268,6 +299,23 @@ def test_shipped_pretokenize_configs_load(name):
     assert cfg.resolution in (64, 256, 512) and cfg.text.max_length == 120
     if name.endswith("stage2.yaml"):
         assert (cfg.resolution, cfg.min_aesthetic, cfg.vq.preset) == (512, 5.0, "VQ-16")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("decode_threads=0", "decode_threads is 0: it must be at least 1"),
+        ("text.batch_size=0", "text.batch_size is 0: it must be at least 1"),
+        ("batch_size=0", "batch_size is 0: it must be at least 1"),
+        ("max_shards=0", "max_shards is 0: at least 1, or null for all"),
+        ("max_shards=-1", "max_shards is -1: at least 1, or null for all"),
+    ],
+)
+def test_settings_that_would_fail_every_shard_are_refused_at_load(override, message):
+    """Found when the config loads, not as a failure of every shard on every worker after
+    both models are loaded (or, for max_shards=-1, as the last shard silently left out)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretokenizeConfig, TINY, ["input=/tmp/none", "output=/tmp/none", override])
 
 
 def test_bf16_vq_searches_its_codes_in_fp32(tmp_path, models):

@@ -12,6 +12,7 @@ from pipeline.models.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
     build_tiny_text_encoder,
+    clean_caption,
 )
 
 CAPTIONS = [
@@ -91,3 +92,49 @@ def test_bad_inputs_are_clear(tiny_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="dtype"):
         load_config(TextEncoderConfig, None, ["dtype=float16"])
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("A RED Apple on a Table http://example.com/x.jpg", "a red apple on a table"),
+        ("a red apple on a table", "a red apple on a table"),
+        ("<b>Big</b> &amp; Bold", "big bold"),
+        ("Photo by @someone of a cat", "photo by of a cat"),
+        ("this-is-my-cute-cat", "this is my cute cat"),
+        ("a well-known dog", "a well-known dog"),  # a few dashes stay
+        ('  "A Dog"  ', "a dog"),
+        ("Cats \u2014 dogs \u201cquoted\u201d", 'cats - dogs "quoted"'),
+        ("IMG_1234.JPG a beach", "a beach"),
+        ("see www.shop.com/item now", "see now"),
+        ("\u732b a cat", "a cat"),
+        ("a%20cat+on+a+mat", "a cat on a mat"),
+        ("server 192.168.0.1 rack", "server rack"),
+        ("order 12345678 shipped", "order shipped"),
+        ("caf&eacute; table", "caf\u00e9 table"),  # entities decoded
+        ("a cat,sitting", "a cat, sitting"),
+        ("wait... what", "wait what"),
+        ("http://example.com/only.png", ""),
+        ("", ""),
+    ],
+)
+def test_clean_caption_normalises_as_llamagen(raw, clean):
+    assert clean_caption(raw) == clean
+    assert clean_caption(clean) == clean  # a clean caption is left alone
+
+
+def test_encode_cleans_captions_unless_told_not_to(tiny_dir):
+    """FLAN-T5 is case-sensitive: a model trained on LlamaGen's cleaned captions must get the
+    same tokens for a prompt written in capitals or with a URL; clean_captions=false keeps the
+    text as given."""
+    cleaned = TextEncoder.from_config(TextEncoderConfig(uri=tiny_dir))
+    raw = TextEncoder.from_config(TextEncoderConfig(uri=tiny_dir, clean_captions=False))
+    assert cleaned.clean_captions and not raw.clean_captions
+    a = cleaned.encode(
+        ["A RED Apple on a Table http://example.com/x.jpg", "a red apple on a table"]
+    )
+    assert a.lengths[0] == a.lengths[1] == len("a red apple on a table") + 1
+    assert torch.equal(a.features[0], a.features[1])
+    b = raw.encode(["A RED Apple on a Table", "a red apple on a table"])
+    assert b.lengths[0] == b.lengths[1] and not torch.equal(b.features[0], b.features[1])
+    assert torch.equal(b.features[1], a.features[1])  # an already clean caption: no change

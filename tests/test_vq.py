@@ -204,3 +204,25 @@ def test_save_pretrained_roundtrip_local_and_s3(tmp_path, s3_bucket, monkeypatch
         m = VQModel.from_pretrained(uri)
         assert m.config == src.config
         assert torch.equal(m.decode(m.encode(x)), expected)
+
+
+def test_a_preset_that_disagrees_with_a_saved_folder_is_refused(tmp_path):
+    """A preset beside a saved folder: one that keeps every tensor's shape (here the codebook
+    lookup without L2 normalisation) would load strictly and give other codes for every image,
+    so it is refused, naming the field; the same preset, or none, loads the folder's config."""
+    torch.manual_seed(0)
+    own = VQConfig.from_name("tiny", codebook_l2_norm=False)
+    src = VQModel(own).eval()
+    with torch.no_grad():  # codes of unequal norms: the lookup then depends on the setting
+        src.quantize.embedding.weight.mul_(torch.rand(own.codebook_size, 1) * 3)
+    src.save_pretrained(str(tmp_path / "vq"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with pytest.raises(ValueError, match=r"codebook_l2_norm=False \(preset: True\).*no preset"):
+        VQModel.from_pretrained(str(tmp_path / "vq"), "tiny")
+    for config in (None, own):
+        m = VQModel.from_pretrained(str(tmp_path / "vq"), config)
+        assert m.config == own and torch.equal(m.encode(x), src.encode(x))
+    # what the refusal prevents: the preset's lookup gives other codes from the same weights
+    wrong = VQModel(VQConfig.from_name("tiny")).eval()
+    wrong.load_state_dict(src.state_dict())
+    assert not torch.equal(wrong.encode(x), src.encode(x))

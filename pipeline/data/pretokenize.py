@@ -8,7 +8,8 @@ stage resolution and centre-crops it, encodes it with the VQ tokenizer (and its 
 decodes the next batch while the models run on this one.
 
 Every sample that does not make it is counted by reason in the shard's stats (``not_scored``,
-``filtered_<score reason>``, ``low_aesthetic``, ``empty_caption``, ``missing_image``,
+``filtered_<score reason>``, ``low_aesthetic``, ``empty_caption``,
+``empty_caption_after_cleaning`` (nothing left for T5, e.g. a bare URL), ``missing_image``,
 ``undecodable_image``, ``unprocessable_image`` (resize or crop failed), ``t5_error``,
 ``encode_error``, ``duplicate_key``, ``bad_key``, ``nonfinite_t5``): one bad sample never fails
 its shard. A damaged raw tar is flagged (``corrupt_tar``) and what was intact before the damage
@@ -56,7 +57,12 @@ from pipeline.executor import (
     run_units,
 )
 from pipeline.log import get_logger
-from pipeline.models.text_encoder import EncodedCaptions, TextEncoder, TextEncoderConfig
+from pipeline.models.text_encoder import (
+    EncodedCaptions,
+    TextEncoder,
+    TextEncoderConfig,
+    clean_caption,
+)
 from pipeline.models.vq import VQModel, codes_to_uint16
 from pipeline.precision import exact_fp32_on_cuda, torch_dtype, warn_if_slow
 
@@ -77,6 +83,7 @@ _CONTENT_FIELDS = (
     "text.uri",
     "text.max_length",
     "text.dtype",
+    "text.clean_captions",
 )
 INPUTS_NAME = "pretokenize_inputs.json"
 # The model URIs whose content decides the shards too (weights replaced at the same URI change
@@ -112,8 +119,17 @@ class PretokenizeConfig:
     executor: ExecutorConfig = doc("Ray settings", default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0 or self.batch_size <= 0:
-            raise ValueError("resolution and batch_size must be positive")
+        # caught here, not as a failure of every shard on every worker after both models load
+        for name, value in (
+            ("resolution", self.resolution),
+            ("batch_size", self.batch_size),
+            ("decode_threads", self.decode_threads),
+            ("text.batch_size", self.text.batch_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} is {value}: it must be at least 1")
+        if self.max_shards is not None and self.max_shards < 1:
+            raise ValueError(f"max_shards is {self.max_shards}: at least 1, or null for all")
         if self.min_aesthetic is not None and not self.scores:
             raise ValueError("min_aesthetic needs the score parquets (scores: ...)")
         check_gpu_devices(
@@ -379,6 +395,8 @@ class PretokenizeWorker:
                 return reason
         if not caption:
             return "empty_caption"
+        if self.cfg.text.clean_captions and not clean_caption(caption):
+            return "empty_caption_after_cleaning"  # a bare URL or file name: no text for T5
         return None
 
     def _decode(

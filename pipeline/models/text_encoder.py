@@ -9,6 +9,11 @@ directory or an ``s3://`` URI (copied once into the local cache); there is no mo
 A full ``T5ForConditionalGeneration`` checkpoint (e.g. google/flan-t5-xl as published) also loads:
 ``T5EncoderModel`` takes the encoder weights and ignores the decoder's.
 
+Captions are cleaned before tokenising (``clean_captions``, on by default), as LlamaGen's
+``T5Embedder`` does for both feature extraction and sampling (:func:`clean_caption`): FLAN-T5 is
+case-sensitive, and a model trained on lowercased, URL-free captions sees a prompt such as
+"A Photo Of ..." as other tokens. The token shards keep the caption as it came.
+
 ``build_tiny_text_encoder`` writes a tiny random-weight T5 with a byte-level tokenizer for tests
 and the offline demo; it is marked as random in its config and loading it logs a warning.
 """
@@ -16,7 +21,11 @@ and the offline demo; it is marked as random in its config and loading it logs a
 from __future__ import annotations
 
 import dataclasses
+import html
 import os
+import re
+import urllib.parse
+from html.parser import HTMLParser
 from typing import Literal
 
 import torch
@@ -45,6 +54,94 @@ class TextEncoderConfig:
         "float32",
     )
     cache_dir: str | None = doc("Local cache for s3:// models (default $T2I_CACHE)", None)
+    clean_captions: bool = doc(
+        "Clean captions before T5 as LlamaGen does (lowercase; URLs, HTML, handles, file names "
+        "and CJK removed; dashes, quotes and spaces unified): clean_caption in text_encoder.py",
+        True,
+    )
+
+
+# --- caption cleaning ---------------------------------------------------------------------------
+# LlamaGen (from PixArt and DeepFloyd IF) runs its cleaning twice on every caption before T5, in
+# training and at sampling. These are its normalisations, written here anew and not byte for
+# byte: a URL goes with its whole path (LlamaGen's pattern can leave a tail such as ".jpg"), and
+# the rules aimed at shop listings (product codes, "free shipping", "page 3", sizes such as
+# 1920x1080) are left out, since they would edit ordinary captions too.
+
+_TLDS = r"(?:com|co|ru|net|org|edu|gov|it)"
+_URL = re.compile(
+    r"\b(?:(?:https?|www):(?:/{1,3}|[a-z0-9%])\S*|[a-z0-9.\-]+\." + _TLDS + r"[\w/\-]*\b/?(?!@))"
+)
+_CJK = re.compile(r"[\u31c0-\u33ff\u3400-\u4dbf\u4dc0-\u4dff\u4e00-\u9fff]+")
+_DASHES = re.compile(
+    "[\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40"
+    "\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d]+"
+)
+_FILE = re.compile(r"\S+\.(?:png|jpe?g|bmp|webp|eps|pdf|apk|mp4)")
+_JUNK_PUNCT = re.compile(r"[#®•©™&@·º½¾¿¡§~()\[\]{}|\\/*]+")
+_SEPARATORS = re.compile(r"[-_]")
+
+
+class _Text(HTMLParser):
+    """The text of an HTML fragment, tags dropped, entities decoded."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+
+def _html_text(s: str) -> str:
+    parser = _Text()
+    parser.feed(s)
+    parser.close()
+    return "".join(parser.parts)
+
+
+def _clean_once(c: str) -> str:
+    import ftfy
+
+    c = urllib.parse.unquote_plus(c).strip().lower()
+    c = c.replace("<person>", "person")
+    c = _URL.sub("", c)
+    c = _html_text(c)
+    c = re.sub(r"@[\w]+\b", "", c)  # @handles
+    c = _CJK.sub("", c)
+    c = _DASHES.sub("-", c)
+    c = re.sub(r"[`´«»“”¨]", '"', c)
+    c = re.sub(r"[‘’]", "'", c)
+    c = re.sub(r"&quot;?|&amp", "", c)  # entities left escaped twice
+    c = re.sub(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " ", c)  # IP addresses
+    c = re.sub(r"\d:\d\d\s+$", "", c)
+    c = c.replace("\\n", " ")  # a literal backslash-n left by scrapers
+    c = re.sub(r"#(?:\d{1,3}|\d{5,})\b", "", c)  # "#12", "#123456"
+    c = re.sub(r"\b\d{6,}\b", "", c)  # long ids
+    c = _FILE.sub("", c)
+    c = re.sub(r"[\"']{2,}", '"', c)
+    c = re.sub(r"\.{2,}", " ", c)
+    c = _JUNK_PUNCT.sub(" ", c)
+    c = re.sub(r"\s+\.\s+", " ", c)
+    if len(_SEPARATORS.findall(c)) > 3:  # this-is-a-slug / this_is_a_slug
+        c = _SEPARATORS.sub(" ", c)
+    c = html.unescape(html.unescape(ftfy.fix_text(c))).strip()
+    c = re.sub(r"\b\s+:\s+", ": ", c)
+    c = re.sub(r"(\D[,./])\b", r"\1 ", c)  # a space after punctuation glued to a word
+    c = re.sub(r"\s+", " ", c).strip()
+    c = re.sub(r"^[\"']([\w\W]+)[\"']$", r"\1", c)  # surrounding quotes
+    c = re.sub(r"^['_,\-:;]", "", c)
+    c = re.sub(r"['_,\-:+]$", "", c)
+    c = re.sub(r"^\.\S+$", "", c)
+    return c.strip()
+
+
+def clean_caption(caption: str) -> str:
+    """A web caption as LlamaGen's T5 saw it: lowercased, URL-decoded, with URLs, HTML tags,
+    @handles, file names, long numbers and CJK ideographs removed, dashes, quotes and spaces
+    unified, and mojibake fixed (ftfy). Run twice, as LlamaGen does (one pass can leave a
+    pattern the next removes)."""
+    return _clean_once(_clean_once(caption))
 
 
 @dataclasses.dataclass
@@ -67,6 +164,7 @@ class TextEncoder:
         max_length: int = 120,
         batch_size: int = 64,
         random_weights: bool = False,
+        clean_captions: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -76,6 +174,7 @@ class TextEncoder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.random_weights = random_weights
+        self.clean_captions = clean_captions
 
     @property
     def dim(self) -> int:
@@ -95,6 +194,7 @@ class TextEncoder:
         max_length: int = 120,
         batch_size: int = 64,
         cache_dir: str | None = None,
+        clean_captions: bool = True,
     ) -> TextEncoder:
         """Load model and tokenizer from a local dir or an s3:// URI (copied to the cache)."""
         # Never reach for a hub: everything must be in the directory.
@@ -135,12 +235,18 @@ class TextEncoder:
             device,
             max_length,
         )
-        return cls(model, tokenizer, max_length, batch_size, random_weights)
+        return cls(model, tokenizer, max_length, batch_size, random_weights, clean_captions)
 
     @classmethod
     def from_config(cls, cfg: TextEncoderConfig) -> TextEncoder:
         return cls.from_pretrained(
-            cfg.uri, cfg.device, cfg.dtype, cfg.max_length, cfg.batch_size, cfg.cache_dir
+            cfg.uri,
+            cfg.device,
+            cfg.dtype,
+            cfg.max_length,
+            cfg.batch_size,
+            cfg.cache_dir,
+            cfg.clean_captions,
         )
 
     @torch.inference_mode()
@@ -149,15 +255,18 @@ class TextEncoder:
     ) -> EncodedCaptions:
         """Encode captions; each gets its valid tokens only, as ``(L_i, D)`` CPU tensors.
 
-        Captions longer than ``max_length`` tokens are truncated (the EOS token is kept) and
-        counted. An empty caption still encodes: it is the EOS token alone (L = 1), which is
-        also what an unconditional caption looks like to T5.
+        Captions are cleaned first when ``clean_captions`` (:func:`clean_caption`). Captions
+        longer than ``max_length`` tokens are truncated (the EOS token is kept) and counted. An
+        empty caption still encodes: it is the EOS token alone (L = 1), which is also what an
+        unconditional caption looks like to T5.
         """
         bad = [i for i, c in enumerate(captions) if not isinstance(c, str)]
         if bad:
             raise TypeError(f"captions must be str; not at indices {bad[:10]}")
         if not captions:
             return EncodedCaptions([], [], 0, [])
+        if self.clean_captions:
+            captions = [clean_caption(c) for c in captions]
         # Token counts without truncation, to count the captions that get cut.
         full_lengths = [
             len(ids)

@@ -424,12 +424,26 @@ class VQModel(nn.Module):
         its preset comes from ``config`` (default ``VQ-16``).
         """
         path = storage.local_copy(uri)
+        asked = VQConfig.from_name(config) if isinstance(config, str) else config
         if os.path.isdir(path):
-            if config is None:
-                with open(os.path.join(path, CONFIG_NAME)) as f:
-                    config = VQConfig.from_dict(json.load(f))
+            with open(os.path.join(path, CONFIG_NAME)) as f:
+                saved = VQConfig.from_dict(json.load(f))
+            # a preset that keeps every tensor's shape (e.g. codebook_l2_norm) would load
+            # strictly and give other codes for every image: the folder's own config decides
+            if asked is not None and asked != saved:
+                diff = ", ".join(
+                    f"{k}={v!r} (preset: {getattr(asked, k)!r})"
+                    for k, v in saved.to_dict().items()
+                    if v != asked.to_dict()[k]
+                )
+                raise ValueError(
+                    f"{uri} holds a VQ tokenizer whose config.json differs from the preset "
+                    f"given ({config if isinstance(config, str) else 'a VQConfig'}): {diff}. "
+                    "Give no preset (null) for a saved folder: its config.json is read"
+                )
+            asked = saved
             path = os.path.join(path, WEIGHTS_NAME)
-        cfg = VQConfig.from_name(config) if isinstance(config, str) else (config or VQConfig())
+        cfg = asked or VQConfig()
         model = cls(cfg)
         model.load_state_dict(load_vq_state_dict(path, map_location))
         log.info(
