@@ -35,7 +35,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import doc, save_config, to_dict
-from pipeline.data.raw import PIL_FORMATS
+from pipeline.data.raw import PIL_FORMATS, to_rgb
 from pipeline.log import get_logger, progress
 from pipeline.sample import SamplingParams
 from pipeline.sample_job import SampleConfig, load_manifest, run_sampling
@@ -43,6 +43,8 @@ from pipeline.sample_job import SampleConfig, load_manifest, run_sampling
 log = get_logger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# the decoders of IMAGE_EXTS, and no more: sniffing every format would let EPS start Ghostscript
+IMAGE_FORMATS = (*PIL_FORMATS, "BMP")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,15 @@ class EvalConfig:
     tokenizer_image_size: int = doc("center crop for tokenizer metrics", 256)
     metrics_batch_size: int = doc("images per CLIP / Inception forward pass", 32)
 
+    def __post_init__(self) -> None:
+        # 0 means "all" for the max_ limits alone: tokenizer_images is a count, and reading 0
+        # as "all" could mean a pass over a whole data set nobody asked for
+        if self.tokenizer_images < 1:
+            raise ValueError(f"tokenizer_images must be >= 1, got {self.tokenizer_images}")
+        for name in ("max_captions", "max_reference_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: all), got {getattr(self, name)}")
+
 
 # --- inputs -----------------------------------------------------------------------------------
 
@@ -138,14 +149,14 @@ def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str
     return caps[:limit] if limit else caps
 
 
-def _load_image(data: bytes) -> Image.Image | None:
+def _load_image(data: bytes, name: str) -> Image.Image | None:
     try:
-        # the formats images come in; sniffing every format would let EPS start Ghostscript
-        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         img.load()
-        return img.convert("RGB")
+        # as raw shards are read: 16-bit PNGs scaled, not clipped; transparency on white
+        return to_rgb(img)[0]
     except Exception as exc:  # noqa: BLE001 - a bad file is a counted skip
-        log.warning("unreadable image skipped: %s", exc)
+        log.warning("unreadable image %s skipped: %s", name, exc)
         return None
 
 
@@ -162,7 +173,8 @@ def iter_reference_images(uri: str, size: int, limit: int = 0) -> Iterator[torch
     for name in storage.list_dir(uri):
         if not name.lower().endswith(IMAGE_EXTS):
             continue
-        img = _load_image(storage.read_bytes(storage.join(uri, name)))
+        path = storage.join(uri, name)
+        img = _load_image(storage.read_bytes(path), path)
         if img is None:
             continue
         yield pil_to_uint8(center_crop(img, size))
@@ -432,7 +444,8 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
     for batch in progress(batches, "score samples", total=total, unit="batch"):
         images, caps = [], []
         for m in batch:
-            img = _load_image(storage.read_bytes(storage.join(samples, m["file"])))
+            path = storage.join(samples, m["file"])
+            img = _load_image(storage.read_bytes(path), path)
             if img is None:
                 unreadable += 1
                 continue

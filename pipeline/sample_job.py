@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import tempfile
 import textwrap
 import time
@@ -112,6 +113,11 @@ class SampleConfig:
         "it was trained on",
         "float32",
     )
+    clean_captions: bool = doc(
+        "clean prompts before T5 as LlamaGen does (pipeline.models.text_encoder.clean_caption): "
+        "the setting pretokenize used (text.clean_captions), so the GPT sees its kind of text",
+        True,
+    )
     vq_preset: str | None = doc("VQ preset for a bare checkpoint file (e.g. VQ-16)", None)
     prompt: str | None = doc("one prompt", None)
     prompts_file: str | None = doc("a text file, one prompt per line (local or s3://)", None)
@@ -160,6 +166,9 @@ class SampleConfig:
         )
         if given != 1:
             raise ValueError("give exactly one of prompt, prompts_file, class_labels")
+        if not self.class_labels and not self.text_encoder:
+            # found here, not after the GPT and VQ are loaded (minutes for XL from S3)
+            raise ValueError("text prompts need text_encoder (a local dir or s3:// URI of the T5)")
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise ValueError("images_per_prompt and batch_size must be >= 1")
         if not 0 <= self.part < self.num_parts:
@@ -207,7 +216,12 @@ _DONE = torch.empty(0)
 
 
 def encode_prompts(
-    uri: str, prompts: list[str], model_cfg: GPTConfig, device: str, dtype: str = "float32"
+    uri: str,
+    prompts: list[str],
+    model_cfg: GPTConfig,
+    device: str,
+    dtype: str = "float32",
+    clean_captions: bool = True,
 ) -> tuple[list[torch.Tensor | None], dict[str, int]]:
     """T5 features (L, D) float16 per prompt (None for a prompt that cannot be used), skips."""
     from pipeline.models.text_encoder import TextEncoder
@@ -219,7 +233,12 @@ def encode_prompts(
     # GPU other shapes round differently in the low bits, so the image could change. T5 is a
     # small part of sampling's time
     enc = TextEncoder.from_pretrained(
-        uri, device=device, dtype=dtype, max_length=model_cfg.max_text_tokens, batch_size=1
+        uri,
+        device=device,
+        dtype=dtype,
+        max_length=model_cfg.max_text_tokens,
+        batch_size=1,
+        clean_captions=clean_captions,
     )
     if enc.dim != model_cfg.caption_dim:
         raise ValueError(
@@ -355,7 +374,12 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         conds = [_DONE] * len(captions)
         if need:
             feats, result.skipped_prompts = encode_prompts(
-                cfg.text_encoder, [captions[p] for p in need], mcfg, cfg.device, cfg.text_dtype
+                cfg.text_encoder,
+                [captions[p] for p in need],
+                mcfg,
+                cfg.device,
+                cfg.text_dtype,
+                cfg.clean_captions,
             )
             for p, f in zip(need, feats, strict=True):
                 conds[p] = f
@@ -382,8 +406,9 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         len(result.images) - len(todo),
     )
 
-    t_sample = time.perf_counter()
+    load_seconds = elapsed = 0.0
     if todo:
+        t_load = time.perf_counter()
         model = (model or load_exported_gpt(cfg.checkpoint)).to(cfg.device, dtype).eval()
         vq = (vq or VQModel.from_pretrained(cfg.vq, cfg.vq_preset)).to(cfg.device).float().eval()
         if mcfg.vocab_size > vq.config.codebook_size:
@@ -400,6 +425,10 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
         batches = [
             todo[i : i + sampler.batch_size] for i in range(0, len(todo), sampler.batch_size)
         ]
+        # the speed is sampling's alone: copying a 3 GB export from S3 says nothing about it
+        # (a compiled decoder still compiles within its first batch)
+        t_sample = time.perf_counter()
+        load_seconds = t_sample - t_load
         for batch in progress(batches, "sample", unit="batch"):
             rows = [conds[it["prompt_index"]] for it in batch]
             if mcfg.cond == "class":
@@ -414,15 +443,16 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
             for it, arr in zip(batch, images):
                 storage.write_bytes(storage.join(cfg.output, it["file"]), png_bytes(arr))
             result.sampled += len(batch)
+        elapsed = time.perf_counter() - t_sample
         result.summary["compile_mode"] = sampler.compile_mode
         result.summary["frozen_weights"] = sampler.decoder.frozen
-    elapsed = time.perf_counter() - t_sample
     if cfg.num_parts > 1:  # the grid, manifest and summary are the final run's (num_parts=1)
         part_summary = {
             "part": cfg.part,
             "num_parts": cfg.num_parts,
             "sampled": result.sampled,
             "sample_seconds": round(elapsed, 3),
+            "load_seconds": round(load_seconds, 3),
             "skipped_prompts": result.skipped_prompts,
         }
         name = f"summary.part-{cfg.part:03d}-of-{cfg.num_parts:03d}.json"
@@ -446,6 +476,7 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
             "count": len(parts),
             "sampled": sum(p["sampled"] for p in parts),
             "sample_seconds": round(sum(p["sample_seconds"] for p in parts), 3),
+            "load_seconds": round(sum(p.get("load_seconds", 0.0) for p in parts), 3),
         }
         if not n:
             n, secs = result.summary["parts"]["sampled"], result.summary["parts"]["sample_seconds"]
@@ -456,6 +487,7 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
             "prompts": len(captions),
             "skipped_prompts": result.skipped_prompts,
             "sample_seconds": round(elapsed, 3),
+            "load_seconds": round(load_seconds, 3),
             "images_per_second": round(n / secs, 4) if n and secs else None,
             "tokens_per_second": round(n * g * g / secs, 2) if n and secs else None,
             "total_seconds": round(time.perf_counter() - t_start, 3),
@@ -488,6 +520,7 @@ IMAGE_SETTINGS = (
     "vq_preset",
     "text_encoder",
     "text_dtype",
+    "clean_captions",
     "prompt",
     "prompts_file",
     "class_labels",
@@ -504,15 +537,27 @@ IMAGE_SETTINGS = (
 ROUNDING_SETTINGS = ("batch_size", "compile_mode")
 
 
-def _image_setting(key: str, value: Any) -> Any:
-    if key == "device" and isinstance(value, str):
-        return torch.device(value).type  # cuda:0 and cuda:1 draw alike
-    return value
-
-
 # settings naming files whose content decides the images: a model exported again or a prompts
 # file rewritten at the same URI changes the images as much as another URI does
 INPUT_FILES = ("checkpoint", "vq", "text_encoder", "prompts_file")
+
+
+def _image_setting(key: str, value: Any) -> Any:
+    if key == "device" and isinstance(value, str):
+        return torch.device(value).type  # cuda:0 and cuda:1 draw alike
+    if key in INPUT_FILES and isinstance(value, str) and value:
+        # one file written several ways: a trailing '/', file://, a path relative to the cwd
+        uri = storage.normalize(value).rstrip("/")
+        return uri if storage.is_remote(uri) else os.path.abspath(uri)
+    return value
+
+
+# what the job writes for image (p, j): other PNGs there (grid.png) are not samples
+SAMPLE_NAME = re.compile(r"\d{5}_\d{3}\.png")
+
+
+def _sample_files(output: str) -> list[str]:
+    return [n for n in storage.list_dir(output, ".png") if SAMPLE_NAME.fullmatch(n)]
 
 
 def input_fingerprints(cfg: SampleConfig) -> dict[str, str | None]:
@@ -530,26 +575,30 @@ def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
     if not storage.exists(saved_uri):
         return
     saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
+    if saved and "clean_captions" not in saved:
+        saved["clean_captions"] = False  # saved before prompts were cleaned: they were not
     now = to_dict(cfg)
-    changed = [
-        f"{k}: {saved[k]!r} -> {now[k]!r}"
-        for k in IMAGE_SETTINGS
-        if k in saved and _image_setting(k, saved[k]) != _image_setting(k, now[k])
-    ]
     inputs_uri = storage.join(cfg.output, "inputs.json")
-    if not changed and storage.exists(inputs_uri):
-        saved_inputs = storage.read_json(inputs_uri)
-        changed = [
-            f"the content of {k} {now[k]!r}"
-            for k in INPUT_FILES
-            if k in saved_inputs and saved_inputs[k] != inputs[k]
-        ]
+    saved_inputs = storage.read_json(inputs_uri) if storage.exists(inputs_uri) else {}
+    # an input there then and now is judged by its content, whichever URI names it. One absent
+    # now is judged by its URI alone, not as changed content: a finished job reads no T5, and a
+    # run that needs the input fails loading it, naming the path (where overwrite=true, the
+    # advice for changed settings, would have deleted every image)
+    by_content = {k for k in INPUT_FILES if saved_inputs.get(k) and inputs.get(k)}
+    changed = []
+    for k in IMAGE_SETTINGS:
+        if k not in saved or (k in by_content and saved_inputs[k] == inputs[k]):
+            continue
+        if _image_setting(k, saved[k]) != _image_setting(k, now[k]):
+            changed.append(f"{k}: {saved[k]!r} -> {now[k]!r}")
+        elif k in by_content:
+            changed.append(f"the content of {k} {now[k]!r}")
     rounding = [
         f"{k}: {saved[k]!r} -> {now[k]!r}"
         for k in ROUNDING_SETTINGS
         if k in saved and saved[k] != now[k]
     ]
-    if not changed and rounding and storage.list_dir(cfg.output, ".png"):
+    if not changed and rounding and _sample_files(cfg.output):
         log.warning(
             "%s: this run's %s differ from the earlier run's; its images are drawn from the same "
             "distribution with the same seeds, but their floats round differently: they need not "
@@ -559,16 +608,16 @@ def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
         )
     if not changed:
         return
-    pngs = storage.list_dir(cfg.output, ".png")
-    if not pngs:
+    samples = _sample_files(cfg.output)
+    if not samples:
         return
     if not cfg.overwrite:
         raise ValueError(
-            f"{cfg.output} holds {len(pngs)} images sampled with other settings "
+            f"{cfg.output} holds {len(samples)} images sampled with other settings "
             f"({'; '.join(changed)}); use a new output or overwrite=true"
         )
-    log.info("overwrite: deleting %d images made with other %s", len(pngs), "; ".join(changed))
-    for name in pngs:
+    log.info("overwrite: deleting %d images made with other %s", len(samples), "; ".join(changed))
+    for name in storage.list_dir(cfg.output, ".png"):  # the old grid.png with them
         storage.remove(storage.join(cfg.output, name))
 
 
@@ -595,4 +644,15 @@ def _write_grid(cfg: SampleConfig, result: SampleResult) -> None:
 
 def load_manifest(output: str) -> list[dict[str, Any]]:
     """The images.json of a finished sampling run."""
-    return json.loads(storage.read_text(storage.join(output, "images.json")))
+    uri = storage.join(output, "images.json")
+    if not storage.exists(uri):
+        if _part_summaries(output):
+            raise FileNotFoundError(
+                f"no images.json at {uri}: the images there were sampled in parts and never "
+                "collected; run the sampling once more with num_parts=1 (it samples nothing if "
+                "every part finished) for grid.png, images.json and summary.json"
+            )
+        raise FileNotFoundError(
+            f"no images.json at {uri}: not the output of a finished sampling run"
+        )
+    return json.loads(storage.read_text(uri))

@@ -238,9 +238,10 @@ def test_update_fid_moves_images_to_the_metrics_device():
     assert [s[1][0] for s in m.seen] == [2, 2, 1] and not m.seen[0][2]
 
 
-def test_image_files_open_only_as_image_formats():
+def test_image_files_open_only_as_image_formats(caplog):
     """An EPS file is an image to PIL's unrestricted open (which runs Ghostscript on it where
-    installed); evaluation reads JPEG/PNG/WebP only and counts anything else as unreadable."""
+    installed); evaluation reads JPEG/PNG/WebP/BMP only and counts anything else as unreadable,
+    naming the file."""
     import io
 
     from PIL import Image
@@ -249,10 +250,38 @@ def test_image_files_open_only_as_image_formats():
 
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
     assert Image.open(io.BytesIO(eps)).format == "EPS"  # what an unrestricted open takes it for
-    assert _load_image(eps) is None
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, "PNG")
-    assert _load_image(buf.getvalue()).getpixel((0, 0)) == (10, 20, 30)
+    assert _load_image(eps, "refs/figure.png") is None
+    assert "unreadable image refs/figure.png skipped" in caplog.text
+    for fmt in ("PNG", "BMP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, fmt)
+        assert _load_image(buf.getvalue(), f"x.{fmt}").getpixel((0, 0)) == (10, 20, 30), fmt
+
+
+def test_reference_folders_read_as_raw_shards_do(tmp_path):
+    """16-bit PNGs scaled to 8 bits (not clipped to white), transparency on white (not the
+    black stored under it), BMP read (its extension is listed): as pipeline.data.raw reads."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40), 32896, np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.zeros((40, 40, 4), np.uint8), "RGBA").save(tmp_path / "clear.png")
+    Image.fromarray(np.full((40, 40, 3), 60, np.uint8)).save(tmp_path / "flat.bmp")
+    got = {
+        name: x.float().mean().item()
+        for name, x in zip(sorted(os.listdir(tmp_path)), iter_reference_images(str(tmp_path), 32))
+    }
+    assert got == {"clear.png": 255.0, "flat.bmp": 60.0, "grey16.png": 128.0}
+
+
+def test_counts_of_images_below_one_are_refused():
+    """tokenizer_images=0 evaluated one image; the max_ limits keep 0 as "all"."""
+    base = {"output": "o"}
+    with pytest.raises(ValueError, match="tokenizer_images must be >= 1, got 0"):
+        EvalConfig(**base, tokenizer_images=0)
+    with pytest.raises(ValueError, match="max_reference_images must be >= 0"):
+        EvalConfig(**base, max_reference_images=-1)
+    assert EvalConfig(**base, max_captions=0, max_reference_images=0).max_captions == 0
 
 
 def test_rerun_with_other_sampling_settings_refused_or_overwritten(setup, tmp_path):
@@ -299,6 +328,12 @@ def test_evaluation_sampled_in_parts(setup, tmp_path):
         assert got == {"samples": str(out / "samples"), "part": part, "num_parts": 2}
         assert not (out / "report.json").exists()
     assert len([n for n in os.listdir(out / "samples") if n.endswith("0.png")]) == 3
+    # the parts scored before they are collected: how to collect them, not a bare "no file"
+    uncollected = dataclasses.replace(
+        cfg, output=str(tmp_path / "early"), generated=str(out / "samples")
+    )
+    with pytest.raises(FileNotFoundError, match=r"no images.json at .*once more with num_parts=1"):
+        run_evaluation(uncollected)
     report = run_evaluation(cfg)
     assert report["images"] == 3 and report["sampling"]["sampled"] == 0
     assert (out / "report.json").exists()

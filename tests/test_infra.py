@@ -39,8 +39,8 @@ STAGE_CONFIGS = {
 # What some configs leave to the command line beyond required keys (these are filled in with
 # placeholders): e.g. sampling wants exactly one of prompt / prompts_file / class_labels.
 CONFIG_EXTRAS = {
-    "configs/sample/t2i.yaml": ["prompt=a red apple"],
-    "configs/sample/tiny_cpu.yaml": ["prompt=a red apple"],
+    "configs/sample/t2i.yaml": ["prompt=a red apple", "text_encoder=t5"],
+    "configs/sample/tiny_cpu.yaml": ["prompt=a red apple", "text_encoder=t5"],
 }
 
 

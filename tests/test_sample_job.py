@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from pipeline.sample_job import (
     SampleConfig,
     image_seed,
     load_exported_gpt,
+    load_manifest,
     run_sampling,
     save_exported_gpt,
 )
@@ -165,12 +168,24 @@ def test_job_writes_images_grid_and_config_and_resumes(models, tmp_path, monkeyp
     sample_main(args(models, out, "batch_size=3"))
     assert json.loads((out / "summary.json").read_text())["sampled"] == 0
     assert "batch_size: 4 -> 3" in caplog.text and "round differently" in caplog.text
-    # the T5's dtype changes the features, so the images
+    # the T5's dtype changes the features, so the images; so does cleaning the prompts
     with pytest.raises(ValueError, match=r"text_dtype: 'float32' -> 'bfloat16'"):
         sample_main(args(models, out, "batch_size=4", "text_dtype=bfloat16"))
+    with pytest.raises(ValueError, match=r"clean_captions: True -> False"):
+        sample_main(args(models, out, "batch_size=4", "clean_captions=false"))
+    # an output saved before prompts were cleaned holds images of uncleaned prompts
+    saved = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(saved.replace("clean_captions: true\n", ""))
+    with pytest.raises(ValueError, match=r"clean_captions: False -> True"):
+        sample_main(args(models, out, "batch_size=4"))
+    sample_main(args(models, out, "batch_size=4", "clean_captions=false"))  # what it was
+    (out / "config.yaml").write_text(saved)
 
     # a rerun with other sampling settings must not keep the old images as its own
-    with pytest.raises(ValueError, match=r"other settings \(sampling: .*overwrite=true"):
+    # 6 images: grid.png beside them is not a sample
+    with pytest.raises(
+        ValueError, match=r"holds 6 images .* settings \(sampling: .*overwrite=true"
+    ):
         sample_main(args(models, out, "batch_size=4", "sampling.cfg_scale=5.0"))
     sample_main(args(models, out, "batch_size=2", "sampling.cfg_scale=5.0", "overwrite=true"))
     assert json.loads((out / "summary.json").read_text())["sampled"] == 6
@@ -290,7 +305,7 @@ def test_shipped_sample_configs_load():
     for name in ("t2i", "c2i", "tiny_cpu"):
         extra = ["checkpoint=c", "vq=v", "output=o"]
         if name != "c2i":
-            extra.append("prompt=a cat")
+            extra += ["prompt=a cat", "text_encoder=t"]
         cfg = load_config(SampleConfig, f"configs/sample/{name}.yaml", extra)
         assert cfg.sampling.temperature == 1.0
 
@@ -311,6 +326,11 @@ def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path
         assert summary["sampled"] == len(made[-1]) == 3
     assert not (out / "summary.json").exists() and not (out / "grid.png").exists()
     assert made[0] == {"00000_000.png", "00001_000.png", "00002_000.png"}  # i % 2 == 0
+    # not collected yet: the evaluation (generated=...) is told how to collect, not "no file"
+    with pytest.raises(FileNotFoundError, match=r"no images.json at .*once more with num_parts=1"):
+        load_manifest(str(out))
+    with pytest.raises(FileNotFoundError, match="not the output of a finished sampling run"):
+        load_manifest(str(tmp_path))
 
     def no_weights(*a, **k):
         raise AssertionError("the collecting run loaded weights")
@@ -408,3 +428,82 @@ def test_each_prompt_is_encoded_alone_so_its_features_do_not_depend_on_the_other
     assert shapes[0][1] != shapes[1][1]  # each at its own length, no padding to the other's
     alone, _ = encode_prompts(models["t5"], prompts[:1], mcfg, "cpu")
     assert torch.equal(alone[0], both[0])
+
+
+def test_prompts_are_cleaned_as_pretokenize_cleans_captions(models):
+    """A prompt in capitals or with a URL reaches T5 as LlamaGen's cleaned text, as the
+    captions the GPT was trained on did (pretokenize's text.clean_captions, on by default);
+    clean_captions=false keeps it as typed. Text prompts without a T5 are refused before any
+    model loads."""
+    from pipeline.sample_job import encode_prompts
+
+    mcfg = tiny_gpt().cfg
+    messy = "A Red Circle http://example.com/circle.png"
+    (a, b), _ = encode_prompts(models["t5"], [messy, "a red circle"], mcfg, "cpu")
+    assert torch.equal(a, b)
+    (raw,), _ = encode_prompts(models["t5"], ["A Red Circle"], mcfg, "cpu", clean_captions=False)
+    assert raw.shape == b.shape and not torch.equal(raw, b)
+    with pytest.raises(ValueError, match="text prompts need text_encoder"):
+        SampleConfig(checkpoint="x", vq="y", output="z", prompt="a cat")
+
+
+def test_an_input_gone_after_every_image_exists_is_not_other_settings(models, tmp_path):
+    """A finished job needs no T5: its folder deleted is no reason to refuse the output (and
+    advise overwrite=true, which deletes every image). A run that does need it names it."""
+    import shutil
+
+    t5 = tmp_path / "t5"
+    shutil.copytree(models["t5"], t5)
+    out = tmp_path / "out"
+    run = args({**models, "t5": str(t5)}, out, "batch_size=4")
+    sample_main(run)
+    shutil.rmtree(t5)
+    sample_main(run)
+    assert json.loads((out / "summary.json").read_text())["sampled"] == 0
+    os.remove(out / "00001_001.png")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(t5))):
+        sample_main(run)
+    assert len([n for n in os.listdir(out) if n.endswith("0.png")]) == 3  # nothing deleted
+
+
+def test_one_model_named_another_way_keeps_the_images(models, tmp_path):
+    """A trailing '/', file:// or a relative path names the same export: its images stand.
+    Another export (other content) at another URI is still other settings."""
+    out = tmp_path / "out"
+    sample_main(args(models, out, "batch_size=4"))
+    gpt = Path(models["gpt"])
+    for uri in (f"{gpt}/", f"file://{gpt}", os.path.relpath(gpt)):
+        sample_main(args({**models, "gpt": uri}, out, "batch_size=4"))
+        assert json.loads((out / "summary.json").read_text())["sampled"] == 0, uri
+    other = tmp_path / "other_gpt"
+    model = load_exported_gpt(str(gpt))
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    save_exported_gpt(model, str(other))
+    with pytest.raises(ValueError, match=rf"checkpoint: '.*' -> '{re.escape(str(other))}'"):
+        sample_main(args({**models, "gpt": str(other)}, out, "batch_size=4"))
+
+
+def test_speed_leaves_out_loading_the_models(models, tmp_path, monkeypatch):
+    """images_per_second is sampling's: a GPT export that takes long to load (copied from S3)
+    is load_seconds, not a slower sampler."""
+    import types
+
+    import pipeline.sample_job as sj
+
+    clock = types.SimpleNamespace(offset=0.0)
+    clock.perf_counter = lambda: time.perf_counter() + clock.offset
+    real_load = sj.load_exported_gpt
+
+    def slow_load(*a, **k):
+        clock.offset += 1000.0  # 1000 s pass while the weights are fetched
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(sj, "time", clock)
+    monkeypatch.setattr(sj, "load_exported_gpt", slow_load)
+    out = tmp_path / "out"
+    sample_main(args(models, out, "batch_size=4"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["load_seconds"] >= 1000 and summary["total_seconds"] >= 1000
+    assert 0 < summary["sample_seconds"] < 1000
+    assert summary["images_per_second"] == pytest.approx(6 / summary["sample_seconds"], rel=1e-2)

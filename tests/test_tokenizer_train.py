@@ -717,3 +717,17 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(raw_dir, tmp_path, s3_b
     assert got == expected  # bit-identical per-step losses, GAN phase included
     assert got[12]["d_loss"] > 0 and got[12]["perceptual"] > 0 and got[12]["entropy"] != 0
     assert got[4]["codebook_usage"] > 0 and got[3]["codebook_usage"] is None
+
+
+def test_num_images_below_one_is_refused_not_one_image(raw_dir):
+    """num_images=0 evaluated one image (the limit was checked after each)."""
+    from pipeline.data.raw import iter_eval_images
+
+    shards = list_complete_shards(raw_dir)
+    assert list(iter_eval_images(shards, 16, 0)) == []
+    assert len(list(iter_eval_images(shards, 16, 2))) == 2
+    with pytest.raises(ValueError, match="num_images must be >= 1, got 0"):
+        ev.evaluate_model(VQModel(VQConfig.from_name("tiny")), shards, 32, 0)
+    overrides = ["model=m", f"data={raw_dir}", "output=e.json", "num_images=0"]
+    with pytest.raises(ConfigError, match="num_images must be >= 1, got 0"):
+        load_config(ev.TokenizerEvalConfig, None, overrides)

@@ -261,6 +261,8 @@ def iter_eval_images(
     tar_uris: list[str], size: int, limit: int | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, center-cropped image in [-1, 1]) in shard order; broken images are skipped."""
+    if limit is not None and limit < 1:
+        return  # the count is checked after each image: a limit of 0 would let one through
     n = 0
     for sample in iter_raw_samples(tar_uris):
         img = decode_image(sample)

@@ -116,6 +116,8 @@ def evaluate_model(
     ``fid`` may be a ready FrechetInceptionDistance (e.g. with an injected feature extractor);
     otherwise one is built from ``inception_weights`` when given.
     """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
     model.eval()
     device = next(model.parameters()).device
     note = "rFID with the given feature extractor"
@@ -184,6 +186,10 @@ class TokenizerEvalConfig:
     batch_size: int = doc("images per batch", 16)
     inception_weights: str | None = doc("InceptionV3 weights file for rFID", None)
     device: str = doc("torch device", "cpu")
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
 
 
 def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict[str, Any]:
