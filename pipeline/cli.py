@@ -14,6 +14,7 @@ from typing import NoReturn, TypeVar
 from pipeline.config import ConfigError, describe, dump_config, load_config
 from pipeline.launch_env import LaunchError
 from pipeline.log import get_logger, setup_logging
+from pipeline.storage import BadURIError
 
 C = TypeVar("C")
 
@@ -182,7 +183,7 @@ def _no_credentials(exc: BaseException | None) -> bool:
 def report_failure(exc: BaseException) -> int | None:
     """For a mistake a person can fix: print one line to stderr, log the traceback at DEBUG and
     return the exit status (2: a config error, 1: the others). None for anything else."""
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, (ConfigError, BadURIError)):
         status, line = 2, f"config error: {_one_line(exc)}"
     elif isinstance(exc, LaunchError):
         status, line = 2, f"launch error: {_one_line(exc)}"

@@ -372,6 +372,10 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), str):
             out[k] = {"preset": out[k]}  # "model: XL" plus "model.n_layer=2"
+        elif isinstance(v, str) and isinstance(out.get(k), Mapping) and v not in _NULL_WORDS:
+            # "model=XL" over a file's "model: {grid_size: 32, ...}" changes the preset and
+            # keeps the file's fields (as "model.preset=XL" does), not the whole section
+            v = {"preset": v}
         out[k] = (
             _deep_merge(out[k], v)
             if isinstance(v, Mapping) and isinstance(out.get(k), Mapping)

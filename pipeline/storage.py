@@ -78,8 +78,13 @@ _ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
 
+class BadURIError(ValueError):
+    """A URI this module would misread (``s3:/b/x``, ``S3://b/x``): a mistake in a setting,
+    reported by the jobs as one line, like a config error."""
+
+
 def check_uri(uri: str | os.PathLike) -> str:
-    """``uri`` as this module reads it, or a ValueError for one it would misread.
+    """``uri`` as this module reads it, or a :class:`BadURIError` for one it would misread.
 
     ``s3:/bucket/run`` (a slash lost to ``Path`` or ``os.path.normpath``) would otherwise be a
     relative local folder named ``s3:``, and ``S3://`` an unknown protocol."""
@@ -90,13 +95,13 @@ def check_uri(uri: str | os.PathLike) -> str:
         rest = uri[m.end() :]
         # file:/tmp/x lost one of file:///tmp/x's three slashes: the path stays absolute
         fixed = f"file:///{rest}" if scheme == "file" else f"{scheme}://{rest}"
-        raise ValueError(
+        raise BadURIError(
             f"{uri!r} has one slash after '{m.group(1)}:' (Path() and os.path.normpath drop one "
             f"from URIs): write {fixed}"
         )
     m = _SCHEME.match(uri)
     if m and m.group(1) != m.group(1).lower():
-        raise ValueError(f"{uri!r}: write the scheme in lower case ({m.group(1).lower()}://)")
+        raise BadURIError(f"{uri!r}: write the scheme in lower case ({m.group(1).lower()}://)")
     return uri
 
 

@@ -161,6 +161,27 @@ def test_missing_input_exits_1_in_one_line(tmp_path):
     assert _last_line(proc).startswith("error: not found: no complete (and scored) raw shards")
 
 
+@pytest.mark.parametrize(
+    "uri, line",
+    [
+        ("s3:/b/meta", "config error: 's3:/b/meta' has one slash after 's3:'"),
+        ("S3://b/meta", "config error: 'S3://b/meta': write the scheme in lower case (s3://)"),
+    ],
+)
+def test_a_misspelt_uri_exits_2_in_one_line(tmp_path, uri, line):
+    """A URI the jobs would misread is a mistake in a setting: one line, status 2."""
+    proc = _job(
+        "pretokenize.py",
+        "--config",
+        "configs/data/pretokenize_tiny.yaml",
+        f"input={uri}",
+        f"output={tmp_path / 'tokens'}",
+        "executor.backend=inline",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _last_line(proc).startswith(line)
+
+
 def test_export_override_error_exits_2(tmp_path):
     """export.py reads its overrides itself (no parse_job): a bad key is still status 2."""
     proc = _job("export.py", "--llamagen", str(tmp_path / "x.pt"), "--out", str(tmp_path / "o"),
@@ -296,6 +317,8 @@ def test_the_deepspeed_launchers_local_rank_flag_is_accepted_by_every_job():
 
     for flag in ("--local_rank=3", "--local-rank=3"):
         cfg, args = parse_job(
-            SampleConfig, "sample", ["checkpoint=c", "vq=v", "output=o", "prompt=p", flag]
+            SampleConfig,
+            "sample",
+            ["checkpoint=c", "vq=v", "output=o", "prompt=p", "text_encoder=t", flag],
         )
         assert args.local_rank == 3 and cfg.prompt == "p"

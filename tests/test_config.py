@@ -227,6 +227,28 @@ def test_preset_and_a_key_below_it_combine_in_either_order(overrides, tmp_path):
     assert (cfg.model.dim, cfg.model.n_layer) == (64, 3)
 
 
+def test_a_preset_override_keeps_the_files_fields_of_that_section(tmp_path):
+    """``model=debug`` over a file's ``model: {preset: B, grid_size: 8}`` changes the preset
+    and keeps the file's own fields, as ``model.preset=debug`` does (it used to replace the
+    whole section: stage 2's grid size and activation checkpointing were silently lost)."""
+    path = write(tmp_path, {"name": "a", "model": {"preset": "B", "grid_size": 8, "n_layer": 5}})
+    for override in ("model=debug", "model.preset=debug"):
+        cfg = load_config(Stage, path, [override])
+        assert (cfg.model.dim, cfg.model.grid_size, cfg.model.n_layer) == (64, 8, 5)
+    # and through a base file: the child's preset over the base's section
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {path}\nmodel: debug\n")
+    cfg = load_config(Stage, str(child))
+    assert (cfg.model.dim, cfg.model.grid_size, cfg.model.n_layer) == (64, 8, 5)
+    # an optional section set to null is still null, not a preset named "null"
+    from pipeline.data.filter import ScoreConfig
+
+    score = load_config(
+        ScoreConfig, f"{ROOT}/configs/data/score.yaml", ["input=a", "aesthetic=null"]
+    )
+    assert score.aesthetic is None
+
+
 def test_duplicate_yaml_key_names_key_file_and_line(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("name: a\noptim:\n  lr: 1.0e-3\nsteps: 2\noptim:\n  betas: [0.8, 0.9]\n")
