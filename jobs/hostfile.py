@@ -3,7 +3,8 @@
     python jobs/hostfile.py out=~/hostfile                 # on the cluster's head node
     python jobs/hostfile.py out=~/hostfile wait_for_gpus=32  # scale up to 32 GPUs first
     python jobs/hostfile.py out=~/hostfile deepspeed_env=~/.deepspeed_env  # + the ranks' env
-    deepspeed --hostfile ~/hostfile jobs/train.py --config configs/train/stage1.yaml
+    deepspeed --hostfile ~/hostfile jobs/train.py --config configs/train/stage1.yaml \
+        run_dir=s3://b/runs/stage1 "data.shards=[s3://b/tokens/stage1-256]"  # b: your bucket
     python jobs/hostfile.py release=true                   # training done: let them go
 
 DeepSpeed is not a Ray workload, so Ray's autoscaler neither starts GPU nodes for it nor sees

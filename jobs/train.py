@@ -1,6 +1,7 @@
 """Train the GPT (stage 1, stage 2, class-conditional, tiny) under DeepSpeed ZeRO.
 
-    deepspeed [--hostfile ~/hostfile] jobs/train.py --config configs/train/stage1.yaml
+    deepspeed [--hostfile ~/hostfile] jobs/train.py --config configs/train/stage1.yaml \
+        run_dir=s3://b/runs/stage1 "data.shards=[s3://b/tokens/stage1-256]"  # b: your bucket
     deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port 29500 \
         jobs/train.py --config configs/train/tiny.yaml steps=50      # on CPU, gloo (the toy
         shards first: pipeline.train.toy_data.write_toy_token_shards("outputs/tokens/toy"))

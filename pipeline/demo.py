@@ -286,6 +286,9 @@ class Demo:
         ]
         log.info("launching: %s", " ".join(cmd))
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+        # DeepSpeed builds its CPU communication op with the ninja pip put beside this Python:
+        # run as .venv/bin/python without the venv activated, that folder is not on PATH
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         proc = subprocess.run(cmd, cwd=REPO, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{stage} training failed (exit {proc.returncode}); rerun to resume")

@@ -76,6 +76,7 @@ def _strip_file(uri: str) -> str:
 # "s3:/bucket/key": what Path() and os.path.normpath make of "s3://bucket/key"
 _ONE_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]*")
 
 
 class BadURIError(ValueError):
@@ -102,6 +103,14 @@ def check_uri(uri: str | os.PathLike) -> str:
     m = _SCHEME.match(uri)
     if m and m.group(1) != m.group(1).lower():
         raise BadURIError(f"{uri!r}: write the scheme in lower case ({m.group(1).lower()}://)")
+    if uri.startswith("s3://"):
+        bucket = uri[5:].split("/", 1)[0]
+        if not _BUCKET.fullmatch(bucket):
+            # e.g. the YOUR-BUCKET placeholder of a shipped config, left in
+            raise BadURIError(
+                f"{uri!r}: {bucket!r} is not an S3 bucket name (lower-case letters, digits, "
+                "dots and hyphens); put your bucket's name there"
+            )
     return uri
 
 

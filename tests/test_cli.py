@@ -270,9 +270,10 @@ def test_help_shows_the_jobs_own_example_which_parses(job, capsys):
     argv = shlex.split(example.replace("\\\n", " "))
     scripts = [a for a in argv if a.startswith("jobs/")]
     assert scripts == [f"jobs/{job}"], example  # this job's example, not another's
-    # the example is one the job accepts: its config file, keys and values load
+    # the example is one the job accepts: its config file, keys and values load, once its
+    # placeholder bucket (refused as it is: not a bucket name) is given a name
     (cls,) = {v for k, v in vars(mod).items() if k in JOB_EXAMPLES and isinstance(v, type)}
-    args = argv[argv.index(scripts[0]) + 1 :]
+    args = [a.replace("s3://BUCKET/", "s3://b/") for a in argv[argv.index(scripts[0]) + 1 :]]
     config = os.path.join(ROOT, args[args.index("--config") + 1]) if "--config" in args else None
     load_config(cls, config, [a for a in args if "=" in a and not a.startswith("-")])
 

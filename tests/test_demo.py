@@ -99,3 +99,28 @@ def test_a_model_cut_short_by_a_kill_is_built_again(tmp_path):
     os.remove(os.path.join(demo.t5, ".built"))
     demo.models()
     assert open(weights, "rb").read() == whole  # built again (the same seed)
+
+
+def test_training_launch_finds_the_venvs_tools_without_an_activated_venv(tmp_path, monkeypatch):
+    """``.venv/bin/python jobs/demo.py`` from a plain shell: the DeepSpeed launch gets the
+    interpreter's folder first on PATH (DeepSpeed builds its CPU op with the ninja there)."""
+    import subprocess
+    import sys
+
+    from pipeline.demo import Demo
+
+    seen = {}
+
+    def fake_run(cmd, cwd, env):
+        seen.update(cmd=cmd, env=env)
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    demo = Demo(DemoConfig(out=str(tmp_path / "demo")))
+    demo.codebook_size = 512
+    with pytest.raises(RuntimeError, match="stage1 training failed"):
+        demo.train("stage1", "configs/train/demo_stage1.yaml", 1, [])
+    venv_bin = os.path.dirname(sys.executable)
+    assert seen["env"]["PATH"].split(os.pathsep)[0] == venv_bin
+    assert seen["cmd"][0] == os.path.join(venv_bin, "deepspeed")

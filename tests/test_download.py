@@ -21,6 +21,7 @@ from pipeline import storage
 from pipeline.config import load_config
 from pipeline.data import synthetic
 from pipeline.data.download import (
+    DEFAULT_OPT_OUT,
     DownloadConfig,
     aggregate_stats,
     reason_of,
@@ -619,7 +620,7 @@ def test_shipped_configs_load(name):
         os.path.join(ROOT, "configs", "data", name),
         ["input=s3://b/meta/", "output=s3://b/raw/"],
     )
-    assert cfg.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
+    assert cfg.disallowed_header_directives == DEFAULT_OPT_OUT  # "none" included
     assert cfg.allow_private_addresses is False
     assert cfg.allow_loopback is (name == "download_local.yaml")
 

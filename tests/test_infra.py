@@ -40,6 +40,16 @@ STAGE_CONFIGS = {
 # placeholders): e.g. sampling wants exactly one of prompt / prompts_file / class_labels.
 CONFIG_EXTRAS = {
     "configs/sample/t2i.yaml": ["prompt=a red apple", "text_encoder=t5"],
+    # the stage configs name a placeholder bucket, refused as it is
+    "configs/train/stage1.yaml": [
+        "run_dir=s3://my-bucket/t2i/runs/stage1",
+        "data.shards=[s3://my-bucket/t2i/tokens/stage1-256]",
+    ],
+    "configs/train/stage2.yaml": [
+        "run_dir=s3://my-bucket/t2i/runs/stage2",
+        "init_from=s3://my-bucket/t2i/runs/stage1/export",
+        "data.shards=[s3://my-bucket/t2i/tokens/stage2-512]",
+    ],
     "configs/sample/tiny_cpu.yaml": ["prompt=a red apple", "text_encoder=t5"],
 }
 
@@ -770,7 +780,10 @@ def test_iam_policies_and_ray_bootstrap_against_loopback_aws(s3_server, monkeypa
 
 @pytest.mark.parametrize(
     "config, extra",
-    [(None, ["grad_accum=2"]), ("configs/train/stage2.yaml", [])],
+    [
+        (None, ["grad_accum=2", *CONFIG_EXTRAS["configs/train/stage1.yaml"]]),
+        ("configs/train/stage2.yaml", CONFIG_EXTRAS["configs/train/stage2.yaml"]),
+    ],
     ids=["stage1", "stage2"],
 )
 def test_slurm_script_starts_one_train_task_per_gpu_with_a_valid_config(tmp_path, config, extra):

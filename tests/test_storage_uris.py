@@ -46,3 +46,18 @@ def test_an_unreachable_endpoint_fails_fast_and_names_it(s3_server, monkeypatch)
     finally:
         fsspec.filesystem("s3").clear_instance_cache()
     assert took < 90, took  # was 265 s: 6 rounds of our retries over 8 of botocore's
+
+
+def test_a_bucket_placeholder_left_in_is_refused_in_one_line():
+    """The shipped stage configs name YOUR-BUCKET: used as they are, they are refused when
+    loaded (a config error, exit 2), instead of an AccessDenied from S3 or a write into a
+    stranger's bucket; with the bucket given, they load."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.train.trainer import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"'YOUR-BUCKET' is not an S3 bucket name"):
+        load_config(TrainConfig, "configs/train/stage1.yaml")
+    with pytest.raises(storage.BadURIError, match=r"'YOUR-BUCKET' is not an S3 bucket name"):
+        storage.exists("s3://YOUR-BUCKET/t2i/runs/stage1")
+    ours = ["run_dir=s3://my-bucket.v2/runs/s1", "data.shards=[s3://my-bucket.v2/tokens/s1]"]
+    assert load_config(TrainConfig, "configs/train/stage1.yaml", ours).run_dir.endswith("/s1")

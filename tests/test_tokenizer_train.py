@@ -731,3 +731,21 @@ def test_num_images_below_one_is_refused_not_one_image(raw_dir):
     overrides = ["model=m", f"data={raw_dir}", "output=e.json", "num_images=0"]
     with pytest.raises(ConfigError, match="num_images must be >= 1, got 0"):
         load_config(ev.TokenizerEvalConfig, None, overrides)
+
+
+def test_a_data_path_without_raw_shards_is_named(tmp_path):
+    """A wrong data= is a missing input, named in one line by the jobs (FileNotFoundError), in
+    training and in evaluation alike."""
+    from pipeline.tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+
+    nothing = str(tmp_path / "nothere")
+    cfg = load_config(TokenizerTrainConfig, TINY, [f"data={nothing}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(FileNotFoundError, match=f"no complete raw shards .* under {nothing}$"):
+        train_tokenizer(cfg, resume="auto")
+    torch.manual_seed(0)
+    VQModel(VQConfig.from_name("tiny")).save_pretrained(str(tmp_path / "vq"))
+    ecfg = TokenizerEvalConfig(
+        model=str(tmp_path / "vq"), data=nothing, output=str(tmp_path / "e.json"), device="cpu"
+    )
+    with pytest.raises(FileNotFoundError, match=f"under {nothing}$"):
+        evaluate_tokenizer(ecfg)

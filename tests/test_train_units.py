@@ -40,23 +40,41 @@ TRAIN_CONFIGS = sorted(glob.glob("configs/train/*.yaml"))
 DS_CONFIGS = sorted(glob.glob("configs/deepspeed/*.json"))
 
 
+# the stage configs name a placeholder bucket (YOUR-BUCKET), refused as it is
+BUCKET = {
+    "configs/train/stage1.yaml": [
+        "run_dir=s3://my-bucket/t2i/runs/stage1",
+        "data.shards=[s3://my-bucket/t2i/s1]",
+    ],
+    "configs/train/stage2.yaml": [
+        "run_dir=s3://my-bucket/t2i/runs/stage2",
+        "init_from=s3://my-bucket/t2i/runs/stage1/export",
+        "data.shards=[s3://my-bucket/t2i/s2]",
+    ],
+}
+
+
 @pytest.mark.parametrize("path", TRAIN_CONFIGS)
 def test_every_train_config_loads(path):
-    cfg = load_config(TrainConfig, path)
+    cfg = load_config(TrainConfig, path, BUCKET.get(path, []))
     assert cfg.model.prefix_len in (1, cfg.model.max_text_tokens)
     assert cfg.deepspeed_config in DS_CONFIGS
 
 
 def test_stage_configs_follow_the_paper():
-    s1 = load_config(TrainConfig, "configs/train/stage1.yaml")
-    s2 = load_config(TrainConfig, "configs/train/stage2.yaml")
+    s1 = load_config(TrainConfig, "configs/train/stage1.yaml", BUCKET["configs/train/stage1.yaml"])
+    s2 = load_config(TrainConfig, "configs/train/stage2.yaml", BUCKET["configs/train/stage2.yaml"])
     assert (s1.model.n_layer, s1.model.dim, s1.model.grid_size) == (36, 1280, 16)  # XL, 256 px
     assert s2.model.grid_size == 32 and s2.init_from and s2.init_from.startswith(s1.run_dir)
     assert s2.model.replace(grid_size=16, grad_checkpointing=False) == s1.model  # same weights
     assert s1.optim.lr_per_256 == 1e-4 and s1.optim.betas == (0.9, 0.95)
     assert s1.optim.weight_decay == 0.05 and s1.optim.grad_clip == 1.0
     with pytest.raises(ConfigError, match="learning_rate"):
-        load_config(TrainConfig, "configs/train/stage1.yaml", ["optim.learning_rate=1"])
+        load_config(
+            TrainConfig,
+            "configs/train/stage1.yaml",
+            [*BUCKET["configs/train/stage1.yaml"], "optim.learning_rate=1"],
+        )
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS)
