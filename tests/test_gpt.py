@@ -388,6 +388,24 @@ def test_cfg_dropout_uses_unconditional_caption():
     assert not torch.allclose(dropped, model(codes, feats, mask), atol=1e-4)
 
 
+def test_null_caption_keeps_the_models_precision_under_fp16_features():
+    """The token shards (and the sampler) give fp16 features; an fp32 model's null caption must
+    not be rounded to fp16 on its way in (dropped rows, and rows with no valid token)."""
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # a null caption with bits fp16 cannot hold
+        model.cond_embed.uncond.copy_(torch.randn_like(model.cond_embed.uncond) / 3)
+    _, feats, mask = random_batch(cfg)
+    want = model.cond_embed(model.cond_embed.uncond.expand(3, -1, -1))
+    drop = torch.ones(3, dtype=torch.bool)
+    for f in (feats, feats.half()):
+        got, _ = model.embed_condition(f, mask, drop)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        empty, _ = model.embed_condition(f, torch.zeros_like(mask), None)
+        torch.testing.assert_close(empty, want, rtol=0, atol=0)
+
+
 def test_drop_rate_is_about_ten_percent():
     model = GPT(tiny()).train()
     torch.manual_seed(1)

@@ -535,6 +535,9 @@ class GPT(nn.Module):
             if cond_mask is None
             else cond_mask.bool()
         )
+        # in the model's dtype before the null caption goes in: the token shards' fp16 features
+        # must not round the fp32 null caption of an fp32 model (LlamaGen keeps its precision)
+        cond = cond.to(self.cond_embed.fc1.weight.dtype)
         if L < P:  # left-pad: valid tokens end right before the image
             cond = F.pad(cond, (0, 0, P - L, 0))
             mask = F.pad(mask, (P - L, 0), value=False)
@@ -552,7 +555,7 @@ class GPT(nn.Module):
         if compiling or empty.any():
             cond = torch.where(empty[:, None, None], self.cond_embed.uncond.to(cond.dtype), cond)
             mask = mask | empty[:, None]
-        emb = self.cond_embed(cond.to(self.cond_embed.fc1.weight.dtype))
+        emb = self.cond_embed(cond)
         all_valid = cond_mask is None and L == P  # known without reading the mask
         if not all_valid and not compiling:
             all_valid = bool(mask.all())
