@@ -1,3 +1,4 @@
+import hashlib
 import math
 import os
 
@@ -7,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
+from pipeline.config import to_dict
 from pipeline.data import synthetic
 from pipeline.data.metadata import (
     STATS_NAME,
@@ -328,3 +330,50 @@ def test_shipped_download_configs_read_laion_cocos_blip_caption(name, tmp_path):
     prepare_units(str(src), str(tmp_path / "units"), cfg.metadata)
     rows = pa.concat_tables(_read_units(str(tmp_path / "units"))).to_pylist()
     assert [r["caption"] for r in rows] == table.column("top_caption").to_pylist()
+
+
+def _two_files(folder, column: str, first: pa.Array, second: pa.Array) -> None:
+    folder.mkdir()
+    for i, values in enumerate((first, second)):
+        n = len(values)
+        urls = [f"http://a.example/{i}-{j}.jpg" for j in range(n)]
+        table = pa.table({"URL": urls, "TEXT": ["a cat"] * n, column: values})
+        pq.write_table(table, folder / f"part-{i}.parquet")
+
+
+def test_extra_column_int_in_one_file_float_in_the_next_keeps_the_floats(tmp_path):
+    """The type of an extra column came from the first file that had it: int64 there made the
+    next file's punsafe 0.97 a 0, without a count, and max_punsafe then kept unsafe images. Now
+    every file's footer is read first and int with float is float64; a lossy cast raises."""
+    from pipeline.data import metadata
+
+    _two_files(
+        tmp_path / "in", "punsafe", pa.array([0, 1], pa.int64()), pa.array([0.97, 0.51, None])
+    )
+    cfg = MetadataConfig(extra_columns=["punsafe"], rows_per_unit=10)
+    stats = prepare_units(str(tmp_path / "in"), str(tmp_path / "units"), cfg)
+    (unit,) = _read_units(str(tmp_path / "units"))
+    assert unit.schema.field("punsafe").type == pa.float64()
+    assert unit.column("punsafe").to_pylist() == [0.0, 1.0, 0.97, 0.51, None]
+    assert stats["counts"]["null_punsafe"] == 1
+    with pytest.raises(pa.ArrowInvalid, match="truncated"):
+        metadata._column_array([1, 0.97], pa.int64())
+    # inputs that agree on every type keep the fingerprint they had (their units are reused)
+    files, inputs, fingerprint = metadata.units_fingerprint(str(tmp_path / "in/part-1.*"), cfg)
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "batch_rows"}
+    assert fingerprint == hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
+
+
+def test_extra_column_text_in_one_file_number_in_the_next_is_refused_before_any_unit(tmp_path):
+    """A string column in one file and integers in the next failed on the unit that spans both
+    (ArrowTypeError), possibly hours into cutting units. Now it is refused up front, naming the
+    column, the files and their types, and units already there are left as they were."""
+    _two_files(tmp_path / "in", "hash", pa.array(["abc", "def"]), pa.array([123], pa.int64()))
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "00000.parquet").write_bytes(b"from before")
+    cfg = MetadataConfig(extra_columns=["similarity", "hash"], rows_per_unit=1)
+    with pytest.raises(TypeError, match=r"'hash'.*string in .*part-0\.parquet.*int64 in .*part-1"):
+        prepare_units(str(tmp_path / "in"), str(units), cfg)
+    assert os.listdir(units) == ["00000.parquet"]
+    assert (units / "00000.parquet").read_bytes() == b"from before"

@@ -355,18 +355,96 @@ def iter_clean_rows(
                 yield url, caption, row_extras
 
 
-def _extra_types(files: list[str], cfg: MetadataConfig) -> dict[str, pa.DataType]:
-    """Arrow type of each extra column, from the first file that has it (null type if none)."""
-    types: dict[str, pa.DataType] = {}
-    for path in files:
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _common_type(types: list[pa.DataType]) -> pa.DataType | None:
+    """One type that holds the values of every type in ``types`` (several, none null) without
+    loss, or None if there is none."""
+    if all(pa.types.is_integer(t) for t in types):
+        if len({pa.types.is_signed_integer(t) for t in types}) == 1:
+            return max(types, key=lambda t: t.bit_width)  # the widest
+        return pa.int64()  # signed and unsigned (a uint64 past int64 raises when written)
+    if all(_is_number(t) for t in types):  # a float, or bools with numbers
+        return pa.float64()
+    if all(_is_text(t) for t in types):
+        return types[0]  # the values are Python strings by then: any of them holds them
+    if any(_is_number(t) for t in types):
+        return None  # a number beside text, a timestamp, a list...: no type holds both
+    try:  # lists, structs, timestamps of other units...: Arrow's own promotion, if any
+        schemas = [pa.schema([("c", t)]) for t in types]
+        return pa.unify_schemas(schemas, promote_options="permissive").field("c").type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError):
+        return None
+
+
+def _extra_types(
+    files: list[str], cfg: MetadataConfig
+) -> tuple[dict[str, pa.DataType], dict[str, pa.DataType]]:
+    """(the Arrow type of each extra column, the columns whose type is not the first
+    file's), from every input file's footer (no row is read).
+
+    Files that type a column differently are promoted to one type (int and float: float64);
+    types that cannot be are refused here, before any unit is written, rather than
+    truncating (Python floats converted as int64 lose their fraction without a word) or failing
+    on the unit that spans both files. A column no file has is a string column of nulls."""
+
+    def footer(path: str) -> pa.Schema:
         with storage.open_read(path) as f:
-            schema = pq.read_schema(f)
-        for c in cfg.extra_columns:
-            if c not in types and c in schema.names:
-                types[c] = schema.field(c).type
-        if len(types) == len(cfg.extra_columns):
-            break
-    return {c: types.get(c, pa.string()) for c in cfg.extra_columns}
+            return pq.read_schema(f)
+
+    with ThreadPoolExecutor(min(32, len(files))) as pool:  # one request a file on S3
+        schemas = list(pool.map(footer, files))
+    types: dict[str, pa.DataType] = {}
+    changed: dict[str, pa.DataType] = {}
+    for c in cfg.extra_columns:
+        by_type: dict[pa.DataType, list[str]] = {}  # in file order: the first file's first
+        for path, schema in zip(files, schemas):
+            if c in schema.names:
+                by_type.setdefault(schema.field(c).type, []).append(path)
+        if not by_type:
+            types[c] = pa.string()
+            continue
+        first = next(iter(by_type))
+        known = [t for t in by_type if not pa.types.is_null(t)]  # all-null in some files
+        if len(known) <= 1:
+            types[c] = known[0] if known else first
+        else:
+            common = _common_type(known)
+            if common is None:
+                found = "; ".join(
+                    f"{t} in {', '.join(ps[:3])}"
+                    + (f" and {len(ps) - 3} more" if len(ps) > 3 else "")
+                    for t, ps in by_type.items()
+                )
+                raise TypeError(
+                    f"extra column {c!r} has types that cannot be combined across the input "
+                    f"files: {found}. Make it one type in the metadata, or leave it out of "
+                    "extra_columns"
+                )
+            types[c] = common
+        if types[c] != first:
+            changed[c] = types[c]
+    return types, changed
+
+
+def _column_array(values: list[Any], t: pa.DataType) -> pa.Array:
+    """``values`` as an Arrow array of type ``t``; a value that does not fit raises."""
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return pa.array(values, type=t, from_pandas=True)
+    # pa.array(values, type=int64) turns 0.97 into 0 without a word, safe or not: let the values
+    # take their own type, then cast with safe=True, which refuses truncation and overflow
+    values = [int(v) if isinstance(v, bool) else v for v in values]
+    try:
+        arr = pa.array(values, from_pandas=True)
+    except OverflowError:  # an integer past int64 (uint64): Arrow range-checks it against t
+        return pa.array(values, type=t, from_pandas=True)
+    return arr.cast(t, safe=True)
 
 
 def units_fingerprint(
@@ -374,12 +452,18 @@ def units_fingerprint(
 ) -> tuple[list[str], list[dict[str, Any]], str]:
     """(the input files of ``source``, their paths and sizes, a digest of those and of the
     settings that decide the units' content): what :func:`prepare_units` would make, without
-    reading a row (a stage can refuse a changed input before the hours of rewriting units)."""
+    reading a row (a stage can refuse a changed input before the hours of rewriting units).
+    Reads every file's footer: extra columns the files type differently are settled (or
+    refused) here."""
     files = list_inputs(source)
     inputs = [{"path": p, "bytes": storage.size(p)} for p in files]
     # what decides the units' content (batch_rows only changes how they are read)
     settings = {k: v for k, v in to_dict(cfg).items() if k != "batch_rows"}
-    return files, inputs, hashlib.sha256(repr((inputs, settings)).encode()).hexdigest()[:16]
+    key: tuple = (inputs, settings)
+    _, changed = _extra_types(files, cfg)
+    if changed:  # units cut before these were promoted hold other (truncated) values
+        key += ({c: str(t) for c, t in changed.items()},)
+    return files, inputs, hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
 
 def prepare_units(
@@ -403,12 +487,13 @@ def prepare_units(
             log.info("metadata units in %s are up to date (%d units)", output, len(old["units"]))
             return old
         log.info("metadata inputs or config changed: rewriting units in %s", output)
+    extra_types, _ = _extra_types(files, cfg)  # refuses types that do not mix: nothing touched
     stale = storage.list_dir(output, ".parquet")
     with ThreadPoolExecutor(32) as pool:  # tens of thousands of units on S3: not one at a time
         list(pool.map(lambda name: storage.remove(storage.join(output, name)), stale))
     storage.remove(stats_uri)
 
-    schema = _unit_schema(_extra_types(files, cfg))
+    schema = _unit_schema(extra_types)
     counts: Counter = Counter()
     units: list[dict[str, Any]] = []
     buf: list[tuple[str, str, list[Any]]] = []
@@ -427,10 +512,11 @@ def prepare_units(
         arrays = {}
         for k, v in cols.items():
             try:
-                arrays[k] = pa.array(v, type=schema.field(k).type, from_pandas=True)
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                # another input file typed this column differently: let Arrow infer one
-                arrays[k] = pa.array(v, from_pandas=True)
+                arrays[k] = _column_array(v, schema.field(k).type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+                raise ValueError(
+                    f"unit {name}: column {k!r} does not fit {schema.field(k).type}: {e}"
+                ) from e
         table = pa.Table.from_pydict(arrays)
         with storage.open_write(storage.join(output, name)) as f:
             pq.write_table(table, f)
