@@ -10,6 +10,14 @@ out of memory, segfault, lost node), or that ran past ``unit_timeout_s`` (a hang
 a fresh actor. After ``max_retries`` retries it
 counts as failed and the run goes on: finished units are never lost because one failed.
 
+When no actor starts at all (every one fails loading its models, or none is placed within
+``start_timeout_s``), the run stops with that error: a configuration problem. Once one has
+started, an actor that fails to start (a fresh one replacing a dead one hits a transient error
+loading its models) is started again after a short backoff, up to ``START_TRIES`` failures in a
+row per actor slot; a slot past that is given up. When no actor is left, or none could start
+again within ``start_timeout_s``, the units not yet done count as failed ("no actor could be
+started ...") and the report is returned as usual: a rerun does the rest.
+
 ``backend="inline"`` runs the same workers in this process, one after another (for debugging
 with a debugger attached; no Ray at all).
 """
@@ -35,6 +43,11 @@ log = get_logger(__name__)
 Worker = Callable[[int], dict[str, Any]]
 T = TypeVar("T")
 
+# An actor slot whose fresh actors fail to start this many times in a row is given up; before
+# each new try the actor waits START_BACKOFF_S, doubled per failure (2 s, 4 s, ...).
+START_TRIES = 3
+START_BACKOFF_S = 2.0
+
 
 @dataclasses.dataclass(frozen=True)
 class ExecutorConfig:
@@ -56,7 +69,8 @@ class ExecutorConfig:
     local_object_store_mb: int = doc("Object store of a local Ray, in MiB", 256)
     start_timeout_s: float = doc(
         "Fail when not one actor has started (models loaded) after this long: the cluster may "
-        "lack the CPUs/GPUs asked per actor (an autoscaler may need minutes to add nodes)",
+        "lack the CPUs/GPUs asked per actor (an autoscaler may need minutes to add nodes). Later "
+        "in the run, units left with no actor started again within this long count as failed",
         900.0,
     )
     unit_timeout_s: float | None = doc(
@@ -183,8 +197,9 @@ def _log_unit(desc: str, u: int, report: RunReport, total: int) -> None:
 class _UnitActor:
     """Holds one worker (and so its models) for the actor's lifetime."""
 
-    def __init__(self, make_worker: Callable[[], Worker]) -> None:
+    def __init__(self, make_worker: Callable[[], Worker], delay_s: float = 0.0) -> None:
         setup_logging()
+        time.sleep(delay_s)  # a backoff before trying again to load what just failed to load
         self.worker = make_worker()
 
     def ready(self) -> int:
@@ -232,23 +247,68 @@ def _run_ray(
     # Ray sets OMP_NUM_THREADS (and so torch's thread count) from num_cpus in each actor.
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(_UnitActor)
 
-    def new_actor():
+    def new_actor(slot: int, delay_s: float = 0.0):
         # Retries are ours (a fresh actor per death), so Ray restarts nothing by itself.
-        return actor_cls.options(max_restarts=0, max_task_retries=0).remote(make_worker)
+        actor = actor_cls.options(max_restarts=0, max_task_retries=0).remote(make_worker, delay_s)
+        actors.append(actor)
+        slot_of[actor] = slot
+        starting[actor.ready.remote()] = actor
+        return actor
 
     def replace(actor) -> None:
-        """Kill ``actor`` and start a fresh one in its place (it takes work once ready)."""
+        """Kill ``actor`` and start a fresh one in its slot (it takes work once ready)."""
         ray.kill(actor)
         actors.remove(actor)
-        fresh = new_actor()
-        actors.append(fresh)
-        starting[fresh.ready.remote()] = fresh
+        new_actor(slot_of.pop(actor))
 
-    n_actors = max(1, min(cfg.num_actors, len(todo)))
-    actors = [new_actor() for _ in range(n_actors)]
+    def start_failed(actor, exc: BaseException) -> None:
+        """``actor`` could not load its models: try its slot again after a backoff, or give the
+        slot up after START_TRIES failures in a row."""
+        nonlocal last_start_error
+        ray.kill(actor)
+        actors.remove(actor)
+        slot = slot_of.pop(actor)
+        start_failures[slot] += 1
+        last_start_error = _short(exc)
+        if start_failures[slot] < START_TRIES:
+            delay_s = START_BACKOFF_S * 2 ** (start_failures[slot] - 1)
+            log.warning(
+                "%s: an actor failed to start (%d in a row), trying again in %.0fs: %s",
+                desc,
+                start_failures[slot],
+                delay_s,
+                last_start_error,
+            )
+            new_actor(slot, delay_s)
+        else:
+            log.warning(
+                "%s: an actor failed to start %d times in a row, %d actors left: %s",
+                desc,
+                start_failures[slot],
+                len(actors),
+                last_start_error,
+            )
+
+    def give_up(reason: str) -> None:
+        """No actor can take the units still pending: record them as failed and end the run
+        (the finished ones are kept; a rerun does the rest)."""
+        log.error("%s: %s; %d units not run", desc, reason, len(pending))
+        for u in pending:
+            report.attempts.setdefault(u, 0)
+            last = report.failed.get(u)
+            report.failed[u] = reason if last is None else f"{reason}; its last attempt: {last}"
+        pending.clear()
+
+    actors: list[Any] = []
+    slot_of: dict[Any, int] = {}  # actor -> its slot, which a fresh actor takes over
     # ready() ref -> actor, for actors not yet started: a unit goes only to a started actor, so
     # one the cluster never places (a pod left Pending, a node that never comes) holds no work
-    starting = {a.ready.remote(): a for a in actors}
+    starting: dict[Any, Any] = {}
+    n_actors = max(1, min(cfg.num_actors, len(todo)))
+    start_failures = [0] * n_actors  # per slot, in a row
+    last_start_error = ""
+    for slot in range(n_actors):
+        new_actor(slot)
     try:
         # When none starts, or every one fails loading its models (a configuration problem),
         # stop now with the reason instead of retrying every unit into the same wall. One that
@@ -278,6 +338,7 @@ def _run_ray(
                 first_error = first_error or exc
                 ray.kill(actor)
                 actors.remove(actor)
+                slot_of.pop(actor)
         pending = collections.deque(todo)
         inflight: dict[Any, tuple[Any, int]] = {}
         since: dict[Any, float] = {}  # ref -> when its unit was handed out
@@ -288,10 +349,9 @@ def _run_ray(
                 ref = actor.run.remote(u)
                 inflight[ref], since[ref] = (actor, u), time.monotonic()
             waiting = list(inflight) + (list(starting) if pending else [])
-            if not waiting:
-                raise RuntimeError(
-                    f"{desc}: every actor failed to start; {len(pending)} units left"
-                )
+            if not waiting:  # every slot given up after failed starts
+                give_up(f"no actor could be started: {last_start_error}")
+                break
             # with nothing running, only actors still starting can take the rest: bounded wait;
             # with a unit limit, wake up when the oldest unit in flight reaches it
             timeout = None if inflight else cfg.start_timeout_s
@@ -300,10 +360,11 @@ def _run_ray(
                 timeout = max(0.0, oldest + cfg.unit_timeout_s - time.monotonic())
             ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
             if not ready and not inflight:
-                raise TimeoutError(
-                    f"{desc}: {len(pending)} units left and no actor could take them within "
-                    f"{cfg.start_timeout_s:.0f}s (cluster resources: {ray.cluster_resources()})"
+                give_up(
+                    f"no actor could be started within {cfg.start_timeout_s:.0f}s "
+                    f"(start_timeout_s; cluster resources: {ray.cluster_resources()})"
                 )
+                break
             if not ready:  # a unit ran past unit_timeout_s: take it as hung
                 now = time.monotonic()
                 for ref in [r for r in inflight if now - since[r] >= cfg.unit_timeout_s]:
@@ -327,10 +388,9 @@ def _run_ray(
                     try:
                         ray.get(ref)
                         idle.append(actor)
+                        start_failures[slot_of[actor]] = 0
                     except ray.exceptions.RayError as exc:  # it could not load its models
-                        log.warning("%s: an actor failed to start: %s", desc, _short(exc))
-                        ray.kill(actor)
-                        actors.remove(actor)
+                        start_failed(actor, exc)
                     continue
                 actor, u = inflight.pop(ref)
                 since.pop(ref)
@@ -342,7 +402,8 @@ def _run_ray(
                     continue
                 except RayTaskError as exc:  # the worker raised
                     err = _short(exc)
-                    if not poisons_process(err):  # the actor is fine
+                    # on the whole message: a long one (a C++ backtrace) has its middle cut
+                    if not poisons_process(_message(exc)):  # the actor is fine
                         idle.append(actor)
                     else:  # a CUDA context left broken fails every later unit: a fresh actor
                         err = f"{err} (its actor is replaced: the error is sticky)"
@@ -373,8 +434,13 @@ def poisons_process(message: str) -> bool:
     return bool(_STICKY.search(message))
 
 
+def _message(exc: BaseException) -> str:
+    return str(exc) or "".join(traceback.format_exception_only(type(exc), exc))
+
+
 def _short(exc: BaseException, limit: int = 2000) -> str:
-    text = str(exc) or "".join(traceback.format_exception_only(type(exc), exc))
+    """The message of ``exc`` for a log line or a report, cut in the middle past ``limit``."""
+    text = _message(exc)
     return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
 
 

@@ -1,11 +1,19 @@
-"""pipeline/executor.py without Ray: the inline backend's retries and failure bookkeeping, and
-``prefetch``'s producer thread (errors reach the consumer; an early exit ends the thread)."""
+"""pipeline/executor.py: the inline backend's retries and failure bookkeeping, ``prefetch``'s
+producer thread (errors reach the consumer; an early exit ends the thread), and the Ray backend on
+a local Ray when actors die, fail to start or are left broken (tests/test_ray_job.py has more on
+a Ray head)."""
 
 import os
+import sys
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
+import ray
+import ray.cloudpickle
 
+from pipeline import executor
 from pipeline.executor import ExecutorConfig, prefetch, run_units
 
 
@@ -164,3 +172,195 @@ def test_cuda_models_on_ray_actors_without_a_gpu_are_refused():
     )
     load_config(PretokenizeConfig, None, [*over, "vq.device=cuda", "executor.backend=inline"])
     load_config(ScoreConfig, os.path.join(configs, "data", "score_cpu.yaml"), over[:2])
+
+
+# --- the Ray backend on a local Ray: actors that die, fail to start, or are left broken -------
+# The workers below live in this test module, which Ray's workers cannot import: ship them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def quick_backoff(monkeypatch):
+    monkeypatch.setattr(executor, "START_BACKOFF_S", 0.05)
+
+
+def _ray(**kw) -> ExecutorConfig:
+    return ExecutorConfig(**{"max_retries": 2, "start_timeout_s": 60, **kw})
+
+
+def _create_once(path: str) -> bool:
+    """Create ``path``; False when it was there already (atomic across processes)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _wait_for(ready: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``ready`` until it holds or ``timeout_s`` passes; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class _DyingWorker:
+    """Unit 1 kills its process on the first try (the OOM killer). Every actor that starts
+    after that death first fails ``bad_starts`` times loading its models (-1: always), as on
+    a transient S3 error; ``hang_starts`` makes them never finish loading instead."""
+
+    def __init__(self, root: str, bad_starts: int, hang_starts: bool = False) -> None:
+        self.root, self.pid = root, os.getpid()
+        if os.path.exists(os.path.join(root, "died")):
+            if hang_starts:
+                time.sleep(3600)
+            n = len([f for f in os.listdir(root) if f.startswith("bad-")])
+            if bad_starts < 0 or n < bad_starts:
+                open(os.path.join(root, f"bad-{self.pid}"), "w").close()
+                raise OSError("SlowDown: please reduce your request rate (loading weights)")
+        open(os.path.join(root, f"up-{self.pid}"), "w").close()
+
+    def __call__(self, unit: int) -> dict:
+        if unit == 1 and _create_once(os.path.join(self.root, "died")):
+            os._exit(9)
+        return {"unit": unit, "pid": self.pid}
+
+
+def _make_dying(root: str, bad_starts: int, hang_starts: bool = False):
+    return lambda: _DyingWorker(root, bad_starts, hang_starts)
+
+
+def _files(root, prefix: str) -> list[str]:
+    return [f for f in os.listdir(root) if f.startswith(prefix)]
+
+
+def test_a_replacement_that_fails_to_start_is_tried_again(local_ray, quick_backoff, tmp_path):
+    """One actor; unit 1 kills it and its replacement fails twice loading its models. Before:
+    the run raised 'every actor failed to start' and every finished result was lost."""
+    report = run_units([0, 1, 2, 3], _make_dying(str(tmp_path), bad_starts=2), _ray(num_actors=1))
+    assert sorted(report.results) == [0, 1, 2, 3] and report.ok
+    assert report.attempts == {0: 1, 1: 2, 2: 1, 3: 1}
+    assert len(_files(tmp_path, "bad-")) == 2 and len(_files(tmp_path, "up-")) == 2
+    assert report.results[0]["pid"] != report.results[1]["pid"]  # unit 1 ran on the third try
+
+
+def test_units_left_without_an_actor_are_reported_failed(local_ray, quick_backoff, tmp_path):
+    """Every replacement fails to start: after START_TRIES of them the units not yet done count
+    as failed and the report comes back (before: an exception, and no summary at all)."""
+    report = run_units([0, 1, 2, 3], _make_dying(str(tmp_path), bad_starts=-1), _ray(num_actors=1))
+    assert list(report.results) == [0]  # done before the death: kept
+    assert sorted(report.failed) == [1, 2, 3]
+    assert report.attempts == {0: 1, 1: 1, 2: 0, 3: 0}
+    assert len(_files(tmp_path, "bad-")) == executor.START_TRIES
+    for u in (1, 2, 3):
+        assert report.failed[u].startswith("no actor could be started: "), report.failed[u]
+        assert "SlowDown: please reduce your request rate" in report.failed[u]
+    assert "its last attempt: worker process died" in report.failed[1]
+
+
+def test_units_left_when_no_replacement_starts_in_time_are_reported_failed(local_ray, tmp_path):
+    """The replacement never finishes starting (cannot be placed, or hangs loading): after
+    start_timeout_s the units left are failed and the report returned, not a TimeoutError."""
+    cfg = _ray(num_actors=1, start_timeout_s=15)
+    report = run_units([0, 1, 2], _make_dying(str(tmp_path), 0, hang_starts=True), cfg)
+    assert list(report.results) == [0]
+    assert sorted(report.failed) == [1, 2]
+    assert report.failed[2].startswith("no actor could be started within 15s (start_timeout_s")
+
+
+class _RefillWorker:
+    """Two actors. Unit 1 kills its actor once both have started; the next actor to start
+    fails loading its models once, and the one after (its retry) leaves a ``refilled`` file.
+    Unit 2, on the other actor meanwhile, waits for that file: it comes only when the dead
+    actor's place is filled again while unit 2 runs."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.pid = root, os.getpid()
+        if os.path.exists(os.path.join(root, "died")):
+            if _create_once(os.path.join(root, "bad")):
+                raise OSError("SlowDown: please reduce your request rate (loading weights)")
+            open(os.path.join(root, "refilled"), "w").close()
+        open(os.path.join(root, f"up-{self.pid}"), "w").close()
+
+    def __call__(self, unit: int) -> dict:
+        if unit == 1 and not os.path.exists(os.path.join(self.root, "died")):
+            assert _wait_for(lambda: len(_files(self.root, "up-")) >= 2, 60)
+            open(os.path.join(self.root, "died"), "w").close()
+            os._exit(9)
+        refilled = os.path.join(self.root, "refilled")
+        if unit == 2:
+            _wait_for(lambda: os.path.exists(refilled), 20)
+        return {"unit": unit, "pid": self.pid, "refilled": os.path.exists(refilled)}
+
+
+def _make_refill(root: str):
+    return lambda: _RefillWorker(root)
+
+
+def test_a_failed_start_does_not_shrink_the_pool(local_ray, quick_backoff, tmp_path):
+    """Before: the replacement that failed to start was dropped, and the rest of the run went on
+    with one actor of two."""
+    report = run_units([1, 2, 3, 4, 5], _make_refill(str(tmp_path)), _ray(num_actors=2))
+    assert sorted(report.results) == [1, 2, 3, 4, 5] and report.ok
+    assert report.results[2]["refilled"], "the dead actor's place was not filled again"
+    assert len(_files(tmp_path, "up-")) == 3  # the two first actors, then the retried one
+
+
+# A CUDA error as torch reports it with TORCH_SHOW_CPP_STACKTRACES=1: a C++ backtrace after it.
+# (Raised from this name, so that no traceback line quotes the message itself.)
+_LONG_CUDA_ERROR = (
+    "CUDA error: an illegal memory access was encountered\n"
+    "Exception raised from c10_cuda_check_implementation (most recent call first):\n"
+    + "".join(
+        f"frame #{i}: c10::detail::torchCheckFail(char const*, char const*, unsigned int, "
+        "std::string const&) + 0x64 (0x7f00deadbeef in /venv/lib/torch/lib/libc10.so)\n"
+        for i in range(30)
+    )
+)
+
+
+class _PoisonedWorker:
+    """Unit 3's first try leaves the worker broken (a CUDA context after an illegal memory
+    access): every unit it gets afterwards fails with the same long CUDA error too. The error
+    comes from deep in nested calls, as in a model's forward: the Python traceback before the
+    message is longer than 1000 characters, the C++ one after it too."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.broken, self.pid = root, False, os.getpid()
+
+    def __call__(self, unit: int, depth: int = 8) -> dict:
+        return self.forward(unit, depth) if depth else self.kernel(unit)
+
+    def forward(self, unit: int, depth: int) -> dict:
+        return self(unit, depth - 1)  # alternating frames: Python repeats none as one line
+
+    def kernel(self, unit: int) -> dict:
+        if self.broken or (unit == 3 and _create_once(os.path.join(self.root, "poisoned"))):
+            self.broken = True
+            raise RuntimeError(_LONG_CUDA_ERROR)
+        return {"unit": unit, "pid": self.pid}
+
+
+def _make_poisoned(root: str):
+    return lambda: _PoisonedWorker(root)
+
+
+def test_a_sticky_cuda_error_with_a_long_message_replaces_its_actor(local_ray, tmp_path):
+    """Before: the sticky-error check read the message cut to its first and last 1000
+    characters, which left "CUDA error" out: the broken actor was kept and failed every unit."""
+    report = run_units([3, 4, 5], _make_poisoned(str(tmp_path)), _ray(num_actors=1, max_retries=1))
+    assert sorted(report.results) == [3, 4, 5] and report.ok
+    assert report.attempts == {3: 2, 4: 1, 5: 1}
+    assert len({r["pid"] for r in report.results.values()}) == 1  # all on the fresh actor
