@@ -148,3 +148,20 @@ def test_build_tiny_on_s3_and_mismatched_dim(s3_bucket, tmp_path, monkeypatch):
     assert AestheticScorer.from_config(cfg).score(_images(2)).shape == (2,)
     with pytest.raises(ValueError, match="32-d"):
         AestheticScorer.from_config(dataclasses.replace(cfg, embed_dim=768))
+
+
+def test_low_precision_clip_keeps_its_layernorms_in_fp32(tiny):
+    """dtype=bfloat16 loads CLIP as open_clip's (and OpenAI's) mixed precision: matmul weights in
+    bf16, LayerNorms computed in fp32, so the embeddings stay close to fp32's."""
+    from open_clip.transformer import LayerNormFp32
+
+    full = AestheticScorer.from_config(tiny)
+    low = AestheticScorer.from_config(dataclasses.replace(tiny, dtype="bfloat16"))
+    norms = [m for m in low.clip.visual.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(isinstance(m, LayerNormFp32) for m in norms)
+    assert all(m.weight.dtype == torch.float32 for m in norms)
+    assert low.clip.visual.conv1.weight.dtype == torch.bfloat16 == low.input_dtype
+    images = _images(6)
+    _, a = full.score_and_embed(images)
+    _, b = low.score_and_embed(images)
+    assert (a * b).sum(axis=1).min() > 0.99  # cosine of unit vectors

@@ -124,9 +124,16 @@ class AestheticScorer:
     """CLIP image tower + aesthetic head. ``score(images)`` -> ``np.ndarray`` of shape ``(N,)``."""
 
     def __init__(
-        self, clip_model: nn.Module, preprocess, head: AestheticHead, batch_size: int = 64
+        self,
+        clip_model: nn.Module,
+        preprocess,
+        head: AestheticHead,
+        batch_size: int = 64,
+        input_dtype: torch.dtype | None = None,
     ) -> None:
         self.clip = clip_model.eval().requires_grad_(False)
+        # the pixels' dtype: the tower's compute dtype (its LayerNorms may hold fp32 weights)
+        self.input_dtype = input_dtype or next(clip_model.parameters()).dtype
         self.preprocess = preprocess  # PIL image -> (3, H, W) tensor; picklable for workers
         self.head = head.eval().requires_grad_(False)
         self.batch_size = batch_size
@@ -148,13 +155,20 @@ class AestheticScorer:
             raise ValueError(f"unknown open_clip model {cfg.clip_model!r}; set clip_model_config")
         clip_path = storage.local_copy(cfg.clip_weights, cfg.cache_dir)
         _check_not_torchscript(clip_path, cfg.clip_weights)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.clip_model, pretrained=clip_path, require_pretrained=True
-        )
-        # The text tower is kept: a later CLIP-score needs it.
         dtype = torch_dtype(cfg.dtype)
         warn_if_slow(dtype, cfg.device, "the aesthetic scorer (CLIP)")
-        model = model.to(device=cfg.device, dtype=dtype)
+        # open_clip's own low precision is OpenAI's: matmul weights in fp16/bf16, LayerNorms
+        # computed in fp32 (a plain .to(fp16) would run them in fp16 too, and the embeddings,
+        # so the scores, drift from the published predictor's)
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.clip_model,
+            pretrained=clip_path,
+            require_pretrained=True,
+            precision=precision,
+            device=cfg.device,
+        )
+        # The text tower is kept: a later CLIP-score needs it.
         clip_dim = model.visual.output_dim
         if clip_dim != cfg.embed_dim:
             raise ValueError(
@@ -167,13 +181,12 @@ class AestheticScorer:
         log.info(
             "aesthetic scorer: %s (%d-d) on %s, %s", cfg.clip_model, clip_dim, cfg.device, cfg.dtype
         )
-        return cls(model, preprocess, head, cfg.batch_size)
+        return cls(model, preprocess, head, cfg.batch_size, dtype)
 
     @torch.inference_mode()
     def embed_tensors(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised CLIP image embeddings ``(B, D)`` (float32) of preprocessed pixels."""
-        dtype = next(self.clip.parameters()).dtype
-        emb = self.clip.encode_image(pixels.to(self.device, dtype)).float()
+        emb = self.clip.encode_image(pixels.to(self.device, self.input_dtype)).float()
         return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     @torch.inference_mode()
