@@ -149,7 +149,8 @@ class PretokenizeConfig:
 class _Batch:
     keys: list[str]
     pixels: torch.Tensor  # (B, 3, S, S) in [-1, 1]
-    captions: list[str]
+    captions: list[str]  # as they came: the shards' txt
+    texts: list[str]  # what T5 reads: cleaned once (text.clean_captions), else the captions
     metas: list[dict[str, Any]]
 
 
@@ -268,7 +269,7 @@ class PretokenizeWorker:
         one-caption batch cannot tell the two apart by count, and its caption would otherwise be
         dropped and the shard marked done."""
         try:
-            return self.text.encode(batch.captions)
+            return self.text.encode(batch.texts, clean=False)
         except Exception as exc:  # noqa: BLE001 - narrowed down caption by caption below
             if poisons_process(str(exc)) or _out_of_memory(exc):
                 raise  # a broken CUDA context or no memory: no caption is to blame, retried
@@ -279,9 +280,9 @@ class PretokenizeWorker:
         lengths: list[int] = []
         nonfinite: list[int] = []
         truncated = 0
-        for i, caption in enumerate(batch.captions):
+        for i, text in enumerate(batch.texts):
             try:
-                one = self.text.encode([caption])
+                one = self.text.encode([text], clean=False)
             except Exception as exc:  # noqa: BLE001 - this caption alone: counted, dropped
                 if poisons_process(str(exc)) or _out_of_memory(exc):
                     raise  # as above: every later caption would fail too, and be dropped
@@ -343,7 +344,7 @@ class PretokenizeWorker:
         """Kept samples of the raw shard, decoded and cropped, ``batch_size`` at a time."""
         cfg = self.cfg
         seen: set[str] = set()
-        pending: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = []
+        pending: list[tuple[str, dict[str, Any], str, str, dict[str, Any]]] = []
         with ThreadPoolExecutor(cfg.decode_threads) as pool:
             for sample in shards.iter_raw_shard(cfg.input, index, stats):
                 key = str(sample["__key__"])
@@ -351,12 +352,18 @@ class PretokenizeWorker:
                 caption, caption_problem = sample_caption(sample, meta)
                 reason = self._select(key, caption, scores, seen, str(meta.get("url") or ""))
                 seen.add(key)
+                # what T5 reads, cleaned once here (the encoder is told not to clean it again)
+                text = caption
+                if reason is None and cfg.text.clean_captions:
+                    text = clean_caption(caption)
+                    if not text:
+                        reason = "empty_caption_after_cleaning"  # a bare URL or file name
                 if reason is not None:
                     dropped[reason] += 1
                     continue
                 if caption_problem is not None:
                     mended[caption_problem] += 1
-                pending.append((key, sample, caption, meta))
+                pending.append((key, sample, caption, text, meta))
                 if len(pending) == cfg.batch_size:
                     batch = self._decode(pending, pool, index, scores, dropped, mended)
                     pending = []
@@ -395,13 +402,11 @@ class PretokenizeWorker:
                 return reason
         if not caption:
             return "empty_caption"
-        if self.cfg.text.clean_captions and not clean_caption(caption):
-            return "empty_caption_after_cleaning"  # a bare URL or file name: no text for T5
         return None
 
     def _decode(
         self,
-        pending: list[tuple[str, dict[str, Any], str, dict[str, Any]]],
+        pending: list[tuple[str, dict[str, Any], str, str, dict[str, Any]]],
         pool: ThreadPoolExecutor,
         index: int,
         scores: dict[str, dict[str, Any]] | None,
@@ -420,8 +425,8 @@ class PretokenizeWorker:
                 log.warning("shard %d: sample %s: resize / crop failed: %r", index, item[0], exc)
                 return None, "unprocessable_image", conversions
 
-        keys, pixels, captions, metas = [], [], [], []
-        for (key, _, caption, meta), (px, problem, conversions) in zip(
+        keys, pixels, captions, texts, metas = [], [], [], [], []
+        for (key, _, caption, text, meta), (px, problem, conversions) in zip(
             pending, pool.map(prepare, pending)
         ):
             mended.update(conversions)
@@ -431,10 +436,11 @@ class PretokenizeWorker:
             keys.append(key)
             pixels.append(px)
             captions.append(caption)
+            texts.append(text)
             metas.append(_token_meta(key, meta, index, scores))
         if not keys:
             return None
-        return _Batch(keys, torch.stack(pixels), captions, metas)
+        return _Batch(keys, torch.stack(pixels), captions, texts, metas)
 
 
 def _token_meta(

@@ -60,8 +60,10 @@ def register_s3_scheme() -> None:
 register_s3_scheme()
 
 
-def list_complete_shards(root: str) -> list[str]:
-    """URIs of the raw shard tars under ``root`` whose ``_stats.json`` exists, sorted."""
+def list_complete_shards(root: str, required: bool = False) -> list[str]:
+    """URIs of the raw shard tars under ``root`` whose ``_stats.json`` exists, sorted.
+    ``required``: none is a FileNotFoundError naming ``root`` (a wrong ``data=``, most likely;
+    the jobs report it in one line)."""
     names = set(storage.list_dir(root))
     out = []
     for n in sorted(names):
@@ -71,6 +73,8 @@ def list_complete_shards(root: str) -> list[str]:
                 out.append(storage.join(root, tar))
             else:
                 log.warning("%s has a stats file but no tar; skipped", storage.join(root, n))
+    if required and not out:
+        raise FileNotFoundError(f"no complete raw shards (with _stats.json) under {root}")
     return out
 
 

@@ -251,11 +251,15 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(
-        self, captions: list[str], out_dtype: torch.dtype = torch.float16
+        self,
+        captions: list[str],
+        out_dtype: torch.dtype = torch.float16,
+        clean: bool | None = None,
     ) -> EncodedCaptions:
         """Encode captions; each gets its valid tokens only, as ``(L_i, D)`` CPU tensors.
 
-        Captions are cleaned first when ``clean_captions`` (:func:`clean_caption`). Captions
+        Captions are cleaned first when ``clean`` (None: ``clean_captions``;
+        :func:`clean_caption`; False for captions a caller has cleaned already). Captions
         longer than ``max_length`` tokens are truncated (the EOS token is kept) and counted. An
         empty caption still encodes: it is the EOS token alone (L = 1), which is also what an
         unconditional caption looks like to T5.
@@ -265,7 +269,7 @@ class TextEncoder:
             raise TypeError(f"captions must be str; not at indices {bad[:10]}")
         if not captions:
             return EncodedCaptions([], [], 0, [])
-        if self.clean_captions:
+        if self.clean_captions if clean is None else clean:
             captions = [clean_caption(c) for c in captions]
         # Token counts without truncation, to count the captions that get cut.
         full_lengths = [

@@ -431,10 +431,11 @@ class VQModel(nn.Module):
             # a preset that keeps every tensor's shape (e.g. codebook_l2_norm) would load
             # strictly and give other codes for every image: the folder's own config decides
             if asked is not None and asked != saved:
+                want = asked.to_dict()
                 diff = ", ".join(
-                    f"{k}={v!r} (preset: {getattr(asked, k)!r})"
+                    f"{k}={v!r} (preset: {want[k]!r})"
                     for k, v in saved.to_dict().items()
-                    if v != asked.to_dict()[k]
+                    if v != want[k]
                 )
                 raise ValueError(
                     f"{uri} holds a VQ tokenizer whose config.json differs from the preset "

@@ -196,9 +196,7 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict[str, Any]:
     """Load the tokenizer, evaluate it, write ``cfg.output`` and return the metrics."""
     exact_fp32_on_cuda(cfg.device)  # the codes pretokenize writes (TF32 convolutions are not)
     model = VQModel.from_pretrained(cfg.model, cfg.preset).to(cfg.device)
-    shards = list_complete_shards(cfg.data)
-    if not shards:
-        raise FileNotFoundError(f"no complete raw shards (with _stats.json) under {cfg.data}")
+    shards = list_complete_shards(cfg.data, required=True)
     out = evaluate_model(
         model, shards, cfg.image_size, cfg.num_images, cfg.batch_size, cfg.inception_weights
     )

@@ -581,9 +581,7 @@ def _checkpoint(
 
 def _training_shards(data: str, state: dict[str, Any] | None) -> list[str]:
     """The shards to read: all complete ones, or on resume exactly the checkpoint's set."""
-    current = list_complete_shards(data)
-    if not current:  # a wrong data= path, most likely: named, in one line (cli.report_failure)
-        raise FileNotFoundError(f"no complete raw shards (with _stats.json) under {data}")
+    current = list_complete_shards(data, required=True)
     if state is None:
         return nonempty_shards(current)
     uris = [storage.join(data, name) for name in state["shards"]]
