@@ -633,3 +633,32 @@ def test_a_save_removes_staging_leftovers_and_older_universal_copies(tmp_path):
     assert [d for d in leftovers if d.exists()] == []
     assert all(d.exists() for d in kept)
     assert complete_tags(str(local)) == [tag_for(20)]
+
+
+def test_a_save_removes_older_checkpoints_whose_save_never_completed(s3_bucket, tmp_path):
+    """A save killed mid-way leaves a folder without a marker; the resumed run saves other steps
+    (another ``save_every``). That folder (GPT-XL: ~12 GB) stayed, locally and on S3, until
+    ``keep_last`` newer complete ones existed. Now the next complete save removes it; a newer
+    unmarked folder (not older than what was saved) stays."""
+    run_dir, local_dir = f"{s3_bucket}/run", str(tmp_path / "node")
+    partial = _rank_files([0])
+    for root in (f"{run_dir}/checkpoints", os.path.join(local_dir, "checkpoints")):
+        _write(storage.join(root, tag_for(15)), partial, None)
+        _write(storage.join(root, tag_for(40)), partial, None)
+    ck = CheckpointManager(run_dir, local_dir, 3, _dist())
+    assert ck.save(FakeEngine(), 20, {"step": 20}, {"rng": None}) == tag_for(20)
+    for root in (ck.remote_root, ck.local_root):
+        assert ckpt_mod._tags(root) == [tag_for(20), tag_for(40)], root
+        assert complete_tags(root) == [tag_for(20)], root
+
+
+def test_the_tokenizer_removes_older_steps_whose_save_never_completed(s3_bucket, tmp_path):
+    local, remote = str(tmp_path / "checkpoints"), f"{s3_bucket}/tok/checkpoints"
+    for root in (local, remote):
+        storage.write_bytes(storage.join(root, tok_ckpt.step_dir_name(300), "state.pt"), b"x")
+        storage.write_bytes(storage.join(root, tok_ckpt.step_dir_name(900), "state.pt"), b"x")
+    tok_ckpt.save_checkpoint({"w": torch.ones(2)}, 500, local, remote, keep=3)
+    for root in (local, remote):
+        names = sorted(n for n in storage.list_dir(root) if n.startswith("step_"))
+        assert names == [tok_ckpt.step_dir_name(500), tok_ckpt.step_dir_name(900)], root
+        assert tok_ckpt.complete_steps(root) == [500], root

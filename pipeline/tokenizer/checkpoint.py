@@ -70,16 +70,22 @@ def save_checkpoint(
         storage.put_file(final, storage.join(remote, STATE))
         storage.write_text(storage.join(remote, MARKER), marker)
     log.info("saved checkpoint step %d to %s", step, remote_root or local_root)
-    _prune(local_root, keep, remote=False)
+    _prune(local_root, keep, step, remote=False)
     if remote_root:
-        _prune(remote_root, keep, remote=True)
+        _prune(remote_root, keep, step, remote=True)
     return folder
 
 
-def _prune(root: str, keep: int, remote: bool) -> None:
-    if keep <= 0:
-        return
-    for step in complete_steps(root)[:-keep]:
+def _prune(root: str, keep: int, saved: int, remote: bool) -> None:
+    """The complete steps beyond the newest ``keep`` (``keep`` <= 0: all kept), and the folders
+    older than ``saved`` without a marker: a save killed mid-way that no resume will take."""
+    complete = complete_steps(root)
+    doomed = complete[:-keep] if keep > 0 else []
+    for name in storage.list_dir(root):
+        m = _STEP_DIR.match(name)
+        if m and int(m.group(1)) < saved and int(m.group(1)) not in complete:
+            doomed.append(int(m.group(1)))
+    for step in doomed:
         folder = storage.join(root, step_dir_name(step))
         # the marker goes first: a half-deleted folder must never look complete
         storage.remove(storage.join(folder, MARKER))

@@ -366,18 +366,23 @@ class CheckpointManager:
     def _prune(self, saved: str) -> None:
         """Keep the newest ``keep_last`` complete checkpoints (and anything newer); on each
         node's first rank. With an ``s3://`` run dir, complete local copies newer than ``saved``
-        are another run's (the run dir decides what is resumed: :meth:`find`) and go too."""
+        are another run's (the run dir decides what is resumed: :meth:`find`) and go too.
+        Folders older than ``saved`` without a marker (a save killed mid-way, then a resume
+        that saved other steps) go at once: no resume takes them, and each is up to a whole
+        checkpoint (GPT-XL: ~12 GB) that would stay until ``keep_last`` newer ones exist."""
         roots = [self.local_root]
         if self.remote_root and self.dist.is_main:
             roots.append(self.remote_root)
         for root in roots:
             remote = storage.is_remote(root)
+            tags = _tags(root)
             complete = complete_tags(root)
             doomed = [t for t in complete if t > saved] if self.remote_root and not remote else []
+            doomed += [t for t in tags if t < saved and t not in complete]
             complete = [t for t in complete if t not in doomed]
             if len(complete) > self.keep_last:
                 oldest_kept = complete[-self.keep_last]
-                doomed += [t for t in _tags(root) if t < oldest_kept]
+                doomed += [t for t in tags if t < oldest_kept and t not in doomed]
             for t in doomed:
                 if remote:
                     storage.remove(storage.join(root, t), recursive=True)
