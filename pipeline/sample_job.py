@@ -509,8 +509,11 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
 
 def _part_summaries(output: str) -> list[dict[str, Any]]:
     """The ``summary.part-*.json`` files the parts of a job wrote into ``output``."""
-    names = [n for n in storage.list_dir(output, suffix=".json") if n.startswith("summary.part-")]
-    return [storage.read_json(storage.join(output, n)) for n in names]
+    return [storage.read_json(storage.join(output, n)) for n in _part_summary_names(output)]
+
+
+def _part_summary_names(output: str) -> list[str]:
+    return [n for n in storage.list_dir(output, suffix=".json") if n.startswith("summary.part-")]
 
 
 # the settings an image depends on: a rerun with the same ones keeps the images already there
@@ -617,8 +620,13 @@ def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
             f"({'; '.join(changed)}); use a new output or overwrite=true"
         )
     log.info("overwrite: deleting %d images made with other %s", len(samples), "; ".join(changed))
-    for name in storage.list_dir(cfg.output, ".png"):  # the old grid.png with them
-        storage.remove(storage.join(cfg.output, name))
+    # the old grid.png with them, and what described them: images.json and summary.json (a run
+    # killed before its own would leave them naming deleted images) and the parts' summaries
+    # (a collecting run sums every summary.part-*.json it finds into its speed)
+    described = {"images.json", "summary.json", *_part_summary_names(cfg.output)}
+    for name in storage.list_dir(cfg.output):
+        if name.endswith(".png") or name in described:
+            storage.remove(storage.join(cfg.output, name))
 
 
 def _write_grid(cfg: SampleConfig, result: SampleResult) -> None:

@@ -349,6 +349,12 @@ def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path
     )
     for name in made[0] | made[1]:
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+    # overwritten with other settings by one process: the parts' summaries go with their images
+    # (a collecting run summed them into its speed), and images.json / summary.json are its own
+    sample_main(args(models, out, "batch_size=4", "sampling.cfg_scale=5.0", "overwrite=true"))
+    final = json.loads((out / "summary.json").read_text())
+    assert final["sampled"] == final["images"] == 6 and "parts" not in final, final
+    assert sorted(out.glob("summary.part-*")) == []
     base = args(models, out)[2:]
     with pytest.raises(ValueError, match="part 2 is not in"):
         load_config(SampleConfig, "configs/sample/tiny_cpu.yaml", [*base, "num_parts=2", "part=2"])
