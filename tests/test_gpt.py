@@ -601,6 +601,24 @@ def test_class_checkpoint_without_a_null_class_row_imports(tmp_path):
     assert torch.equal(got[:5], table[:5]) and not got[5].any()
 
 
+def test_class_import_checks_num_classes_against_the_saved_arguments(tmp_path):
+    """A 5-class table with its null row (6 rows) also fits num_classes=6 without dropout: the
+    null row would become class 5. LlamaGen's training checkpoints save their arguments; the
+    import reads num_classes there and refuses the other count, naming the right one."""
+    import argparse
+
+    cfg = tiny(cond="class", num_classes=5, rope_prefix="llamagen")
+    theirs = to_llamagen(GPT(cfg).state_dict())
+    args = argparse.Namespace(num_classes=5, class_dropout_prob=0.1, gpt_model="GPT-B")
+    torch.save({"model": theirs, "args": args, "steps": 10}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"num_classes=5 .*set model.num_classes=5, not 6"):
+        load_llamagen_gpt(str(tmp_path / "ckpt.pt"), cfg.replace(num_classes=6))
+    loaded = load_llamagen_gpt(str(tmp_path / "ckpt.pt"), cfg)
+    assert torch.equal(
+        loaded.cond_embed.table.weight, theirs["cls_embedding.embedding_table.weight"]
+    )
+
+
 def test_import_rejects_mismatched_checkpoint(tmp_path):
     theirs = to_llamagen(GPT(tiny()).state_dict())
     torch.save({"model": theirs}, tmp_path / "ckpt.pt")

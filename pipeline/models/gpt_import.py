@@ -139,6 +139,14 @@ def load_llamagen_gpt(
     with torch.serialization.safe_globals([argparse.Namespace]):
         raw = torch.load(path, map_location="cpu", weights_only=True)
     state = from_llamagen(unwrap_checkpoint(raw))
+    trained = getattr(raw.get("args"), "num_classes", None) if isinstance(raw, dict) else None
+    if cfg.cond == "class" and isinstance(trained, int) and trained != cfg.num_classes:
+        # a table one row longer than num_classes fits either way (a null row, or one more
+        # class): the training arguments LlamaGen saves beside its weights settle which
+        raise ValueError(
+            f"{uri} was trained with num_classes={trained} (its saved arguments); "
+            f"set model.num_classes={trained}, not {cfg.num_classes}"
+        )
     model = GPT(cfg)
     table = state.get("cond_embed.table.weight")
     if cfg.cond == "class" and table is not None and table.shape[0] == cfg.num_classes:
@@ -146,8 +154,11 @@ def load_llamagen_gpt(
         # table always has it; only CFG sampling reads it)
         state["cond_embed.table.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])
         log.warning(
-            "%s has no null-class row (trained without class dropout): a zero row added", uri
-        )
+            "%s: a class table of num_classes=%d rows, taken as trained without class dropout "
+            "(no null-class row): a zero null row added. If it was trained with dropout on %d "
+            "classes, its last row is the null class: set model.num_classes=%d",
+            uri, cfg.num_classes, cfg.num_classes - 1, cfg.num_classes - 1,
+        )  # fmt: skip
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
