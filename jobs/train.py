@@ -7,7 +7,8 @@
         shards first: pipeline.train.toy_data.write_toy_token_shards("outputs/tokens/toy"))
     torchrun --nproc_per_node 2 jobs/train.py --config configs/train/tiny.yaml
 
-``--resume auto`` (the default) continues from the newest complete checkpoint in the run dir.
+``--resume auto`` (the default) continues from the newest complete checkpoint in the run dir;
+``--resume X`` is the override ``resume=X`` where it stands (a later ``resume=`` wins).
 
 Every rank runs this file. A rank that fails ends at once (``os._exit``: no barrier, no exit
 handlers that could hang on the other ranks, which the launcher then stops) after flushing its
@@ -17,9 +18,9 @@ as one line; anything else with status 1 and the traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import sys
 
 from pipeline.cli import job_parser, parse_job, report_failure, run_main
 from pipeline.log import flush_logging
@@ -27,14 +28,31 @@ from pipeline.train import engine
 from pipeline.train.trainer import TrainConfig, train
 
 
+def _resume_as_override(argv: list[str]) -> list[str]:
+    """``--resume X`` (or ``--resume=X``) as the override ``resume=X`` in its place: overrides
+    apply in order, so of ``--resume auto ... resume=step_N`` (a launch script's flag, then the
+    user's override) the later one wins, as it does for any repeated override."""
+    out, it = [], iter(argv)
+    for a in it:
+        if a == "--resume":
+            value = next(it, None)
+            if value is None or value.startswith("-"):
+                raise SystemExit("train: --resume needs a value: auto, none or step_NNNNNNNN")
+            out.append(f"resume={value}")
+        elif a.startswith("--resume="):
+            out.append(f"resume={a.removeprefix('--resume=')}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = job_parser(__doc__.splitlines()[0])
-    parser.add_argument(
+    parser.add_argument(  # for --help only: _resume_as_override takes it first
         "--resume", default=None, help="auto (newest complete checkpoint), none, or step_NNNNNNNN"
     )
-    cfg, args = parse_job(TrainConfig, __doc__.splitlines()[0], argv, parser=parser)
-    if args.resume is not None:
-        cfg = dataclasses.replace(cfg, resume=args.resume)
+    argv = _resume_as_override(list(sys.argv[1:] if argv is None else argv))
+    cfg, _ = parse_job(TrainConfig, __doc__.splitlines()[0], argv, parser=parser)
     try:
         train(cfg)
     except BaseException as e:  # noqa: BLE001 - this rank ends here whatever it was

@@ -822,3 +822,23 @@ def test_slurm_script_starts_one_train_task_per_gpu_with_a_valid_config(tmp_path
     from pipeline.train.trainer import TrainConfig
 
     load_config(TrainConfig, os.path.join(ROOT, want), extra)
+
+
+def test_a_resume_override_after_the_scripts_resume_flag_wins(monkeypatch):
+    """The Slurm script runs ``jobs/train.py --config C --resume auto "$@"``; the trainer's own
+    divergence message advises ``resume=step_NNNNNNNN``. Given to sbatch, that override was
+    replaced by the flag without a word (the flag was applied after the overrides). Now the
+    flag is the override ``resume=X`` where it stands: the later one wins."""
+    import jobs.train as job
+
+    seen = []
+    monkeypatch.setattr(job, "train", lambda cfg: seen.append(cfg.resume))
+    monkeypatch.setattr(job.engine, "shutdown", lambda code: None)
+    base = ["--config", "configs/train/tiny.yaml"]
+    job.main([*base, "--resume", "auto", "resume=step_00004000"])
+    job.main([*base, "resume=step_00004000", "--resume=none"])
+    job.main([*base, "--resume", "step_00000020"])
+    job.main(base)
+    assert seen == ["step_00004000", "none", "step_00000020", "auto"]
+    with pytest.raises(SystemExit, match="--resume needs a value"):
+        job.main([*base, "--resume"])
