@@ -323,9 +323,13 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    _durable_replace(tmp, uri)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        _durable_replace(tmp, uri)
+    except BaseException:  # e.g. a full disk: the partial file would keep it full
+        _unlink(tmp)
+        raise
 
 
 def write_text(uri: str | os.PathLike, text: str) -> None:
@@ -345,8 +349,12 @@ def put_file(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
-    shutil.copyfile(local_path, tmp)
-    _durable_replace(tmp, uri)
+    try:
+        shutil.copyfile(local_path, tmp)
+        _durable_replace(tmp, uri)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def get_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:
@@ -355,7 +363,11 @@ def get_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
     tmp = f"{local_path}.tmp-{uuid.uuid4().hex[:8]}"
     fs, path = filesystem(uri)
-    with_retries(lambda: fs.get_file(path, tmp), f"download {uri}")
+    try:
+        with_retries(lambda: fs.get_file(path, tmp), f"download {uri}")
+    except BaseException:  # a partial download is no file: none left behind
+        _unlink(tmp)
+        raise
     os.replace(tmp, local_path)
 
 
@@ -524,19 +536,69 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         if os.path.exists(marker):
             log.info("%s changed since it was cached: copying it again", uri)
             os.remove(marker)
-        if is_dir:
-            staging = f"{dest}.partial-{uuid.uuid4().hex[:8]}"
-            get_dir(uri, staging)
-            shutil.rmtree(dest, ignore_errors=True)  # an earlier or outdated copy
-            os.replace(staging, dest)
-        else:
-            get_file(uri, dest)
+        _remove_stale_staging(dest)
+        for attempt in range(1, _COPY_TRIES + 1):
+            _copy_into_cache(uri, dest, is_dir)
+            # an object replaced at the same URI during the copy (an export saved again while a
+            # sampler reads it) gives a copy of both versions, ranges of each: taken only when
+            # the source is the same after the copy as before it
+            is_dir, after = with_retries(lambda: _source_fingerprint(fs, path), f"stat {uri}")
+            if after == fingerprint:
+                break
+            if attempt == _COPY_TRIES:
+                _remove_path(dest)
+                raise RuntimeError(
+                    f"{uri} changed while it was being copied, {_COPY_TRIES} times: is it "
+                    "being written now? Try again when its writer is done"
+                )
+            log.warning("%s changed while it was being copied: copying it again", uri)
+            fingerprint = after
         tmp = f"{marker}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "w") as f:
             json.dump({"uri": uri, "fingerprint": fingerprint}, f)
         os.replace(tmp, marker)
     log.info("copied %s to local cache %s", uri, dest)
     return dest
+
+
+_COPY_TRIES = 3
+
+
+def _copy_into_cache(uri: str, dest: str, is_dir: bool) -> None:
+    if not is_dir:
+        get_file(uri, dest)
+        return
+    staging = f"{dest}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        get_dir(uri, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)  # an earlier or outdated copy
+    os.replace(staging, dest)
+
+
+def _remove_stale_staging(dest: str) -> None:
+    """Staging folders and temporary files of ``dest`` left by a copy that was killed (an
+    actor stopped mid-way leaves up to a whole model: FLAN-T5-XL is ~11 GB). Called with
+    ``dest``'s lock held, so no copy of it is running."""
+    folder, base = os.path.split(dest)
+    stale = (f"{base}.partial-", f"{base}.tmp-", f"{base}.complete.tmp-")
+    for name in os.listdir(folder):
+        if name.startswith(stale):
+            _remove_path(os.path.join(folder, name))
+
+
+def _remove_path(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def read_into(uri: str | os.PathLike) -> io.BytesIO:

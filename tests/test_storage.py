@@ -311,3 +311,84 @@ def test_get_dir_skips_s3_folder_markers(s3_server, s3_bucket, tmp_path):
     assert (tmp_path / "t5" / "sub" / "w.bin").read_bytes() == b"123"
     local = storage.local_copy(f"{s3_bucket}/models/t5/")
     assert sorted(os.listdir(local)) == ["config.json", "sub"]
+
+
+def test_local_copy_of_a_source_replaced_mid_copy_is_made_again(s3_bucket, tmp_path, monkeypatch):
+    """s3fs fetches a large object as several range requests, none pinned to one version: an
+    export saved again at the same URI while a sampler copied it gave a cached file of both
+    versions, loaded without an error. The source is listed again after the copy; a change
+    means copy again (and, changing every time, a clear error with nothing cached)."""
+    uri = f"{s3_bucket}/runs/stage1/export/model.safetensors"
+    storage.write_bytes(uri, b"A" * 1000)
+    real_get_file, versions = storage.get_file, [v * 1000 for v in (b"B", b"C", b"D")]
+
+    def get_file_then_replaced(src, dst):
+        real_get_file(src, dst)
+        if versions:  # the writer saves a new version while this copy is being made
+            storage.write_bytes(uri, versions.pop(0))
+
+    monkeypatch.setattr(storage, "get_file", get_file_then_replaced)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match=r"changed while it was being copied, 3 times"):
+        storage.local_copy(uri, cache)
+    leftovers = sorted(
+        p.name for p in (cache / "s3" / s3_bucket[5:] / "runs/stage1/export").iterdir()
+    )
+    assert leftovers == ["model.safetensors.lock"], leftovers  # no copy, no marker
+    versions[:] = [b"E" * 1000]  # one change during the next copy: copied again, then taken
+    local = storage.local_copy(uri, cache)
+    assert open(local, "rb").read() == b"E" * 1000
+    assert storage.local_copy(uri, cache) == local  # and reused, its marker the final version
+
+
+def test_local_copy_removes_what_killed_copies_left(s3_bucket, tmp_path):
+    """A copy killed mid-way (an actor stopped) left its staging folder or temporary file in the
+    cache for good (FLAN-T5-XL: ~11 GB each time). The next copy, holding the lock, removes
+    them; another model's files stay."""
+    uri = f"{s3_bucket}/models/t5"
+    storage.write_bytes(f"{uri}/config.json", b"{}")
+    storage.write_bytes(f"{s3_bucket}/models/head.pth", b"head")
+    folder = tmp_path / "cache" / "s3" / s3_bucket[5:] / "models"
+    stale = [folder / "t5.partial-dead0001", folder / "t5.partial-dead0002"]
+    for d in stale:
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "w.bin").write_bytes(b"x" * 100)
+    stale += [folder / "head.pth.tmp-dead0003", folder / "t5.complete.tmp-dead0004"]
+    for f in stale[2:]:
+        f.write_bytes(b"partial")
+    kept = folder / "t5-large.partial-other"  # another model's copy, perhaps in progress
+    kept.mkdir()
+    storage.local_copy(uri, tmp_path / "cache")
+    storage.local_copy(f"{s3_bucket}/models/head.pth", tmp_path / "cache")
+    assert [p for p in stale if p.exists()] == [] and kept.exists()
+
+
+def test_failed_writes_and_downloads_leave_no_temporary_file(s3_bucket, tmp_path, monkeypatch):
+    """A full disk mid-write, or a download that fails, left ``x.tmp-NNNN`` beside the target
+    (keeping the disk full for the retry)."""
+    import errno
+
+    def full(tmp, uri):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "_durable_replace", full)
+        with pytest.raises(OSError, match="No space"):
+            storage.write_bytes(str(tmp_path / "a" / "x.bin"), b"data")
+        (tmp_path / "src.bin").write_bytes(b"data")
+        with pytest.raises(OSError, match="No space"):
+            storage.put_file(str(tmp_path / "src.bin"), str(tmp_path / "a" / "y.bin"))
+    assert os.listdir(tmp_path / "a") == []
+
+    storage.write_bytes(f"{s3_bucket}/obj.bin", b"z" * 100)
+    fs, _ = storage.filesystem(f"{s3_bucket}/obj.bin")
+
+    def half_then_fail(path, local, **kw):
+        with open(local, "wb") as f:
+            f.write(b"z" * 50)
+        raise PermissionError("access denied mid-way")
+
+    monkeypatch.setattr(fs, "get_file", half_then_fail)  # the instance filesystem() caches
+    with pytest.raises(PermissionError):
+        storage.get_file(f"{s3_bucket}/obj.bin", str(tmp_path / "b" / "obj.bin"))
+    assert os.listdir(tmp_path / "b") == []
