@@ -514,7 +514,9 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     copy's ``.complete`` marker holds a digest of the source's object names, sizes and ETags,
     checked with one listing per call, so a model replaced at the same URI is copied again.
     Processes that share the cache (the actors of one node) copy it once: the first takes a
-    file lock and copies, the others wait for it and then find the marker.
+    file lock and copies, the others wait for it and then find the marker. The source is
+    listed again after the copy: one replaced meanwhile is copied again (a copy of a large
+    object is several range requests, and could otherwise hold parts of two versions).
     """
     uri = _strip_file(str(uri))
     if not is_remote(uri):
