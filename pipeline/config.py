@@ -415,7 +415,9 @@ def load_config(
     """Build ``cls`` from a YAML file (optional), dotted overrides and keyword values."""
     bases: list[str] = []
     data: dict[str, Any] = _read_yaml(str(path), bases=bases) if path else {}
-    data = _deep_merge(data, parse_overrides(overrides))
+    given = parse_overrides(overrides)
+    _check_shadowed_presets(cls, data, given, str(path))
+    data = _deep_merge(data, given)
     data = _deep_merge(data, values)
     # a key of the file or of a base it names: the message names the whole chain
     root = f"{path} (with its base {', '.join(bases)})" if bases else str(path or "<overrides>")
@@ -424,6 +426,49 @@ def load_config(
         return _build(cls, data, root)
     finally:
         _ROOT.reset(token)
+
+
+def _check_shadowed_presets(
+    cls: type, file: Mapping[str, Any], given: Mapping[str, Any], path: str
+):
+    """Refuse a preset given on the command line (``model=XL``) that the file leaves nothing to
+    change: the file's keys win, so a saved resolved config (every field spelt out) took
+    ``model=XL`` and stayed GPT-B without a word. The preset's fields are those it sets
+    otherwise than the file's preset (or the defaults), so ``grid_size: 32`` is not one."""
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    for name, hint in hints.items():
+        tp, sec, ov = _dataclass_in(hint), file.get(name), given.get(name)
+        if isinstance(ov, str) and ov not in _NULL_WORDS:
+            ov = {"preset": ov}  # "model=XL" over the file's mapping: as "model.preset=XL"
+        if tp is None or not isinstance(sec, Mapping) or not isinstance(ov, Mapping):
+            continue
+        if "preset" not in ov or not hasattr(tp, "from_name"):
+            _check_shadowed_presets(tp, sec, ov, path)
+            continue
+        try:
+            new = tp.from_name(str(_plain(ov["preset"])))
+            old = tp.from_name(str(sec["preset"])) if "preset" in sec else tp()
+        except Exception:  # noqa: BLE001 - an unknown preset is reported where it is built
+            continue
+        # the fields this preset change would change; a file that sets some of them keeps its
+        # own (``model: {preset: B, n_layer: 5}`` plus ``model=debug``: debug with 5 layers),
+        # but one that sets every one of them leaves the override nothing to do
+        changed = [k for k in _field_names(tp) if getattr(new, k) != getattr(old, k)]
+        shadowed = [
+            f"{k}={sec[k]!r} (the preset's {getattr(new, k)!r})"
+            for k in changed
+            if k in sec and k not in ov and _plain(sec[k]) != getattr(new, k)
+        ]
+        if shadowed and all(k in sec and k not in ov for k in changed):
+            raise ConfigError(
+                f"{path}: {name}={_plain(ov['preset'])} on the command line changes nothing: the "
+                f"file sets every {name} field that preset sets ({', '.join(shadowed)}), and a "
+                "file's field wins over a preset; give them as overrides too, or edit the file"
+            )
+
+
+def _field_names(tp: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(tp)]
 
 
 def to_dict(cfg: Any) -> Any:

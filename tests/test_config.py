@@ -249,6 +249,25 @@ def test_a_preset_override_keeps_the_files_fields_of_that_section(tmp_path):
     assert score.aesthetic is None
 
 
+def test_a_preset_override_that_a_saved_config_leaves_nothing_to_change_is_refused(tmp_path):
+    """A saved resolved config spells out every field and no preset: ``model=XL`` over it
+    changed nothing (the file's dim, n_layer and n_head won) and the run was GPT-B without a
+    word. Refused, naming the fields; given as overrides too, they apply."""
+    saved = str(tmp_path / "saved.yaml")
+    save_config(load_config(Stage, None, ["name=a", "model=B"]), saved)
+    for override in ("model=XL", "model.preset=XL"):
+        with pytest.raises(ConfigError, match=r"model=XL on the command line changes nothing"):
+            load_config(Stage, saved, [override])
+    with pytest.raises(ConfigError, match=r"dim=768 \(the preset's 1280\), n_layer=12"):
+        load_config(Stage, saved, ["model=XL"])
+    spelt = ["model=XL", "model.dim=1280", "model.n_layer=36", "model.n_head=20"]
+    assert load_config(Stage, saved, spelt).model == GPTConfig.from_name("XL")
+    # a preset that sets what the file leaves to it is no conflict (stage 2 over stage 1)
+    stage = write(tmp_path, {"name": "a", "model": {"preset": "XL", "grid_size": 32}}, "s.yaml")
+    cfg = load_config(Stage, stage, ["model=L"]).model
+    assert (cfg.dim, cfg.grid_size) == (1024, 32)
+
+
 def test_duplicate_yaml_key_names_key_file_and_line(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("name: a\noptim:\n  lr: 1.0e-3\nsteps: 2\noptim:\n  betas: [0.8, 0.9]\n")
