@@ -407,13 +407,22 @@ def zero13(bucket, shards, zero2, tmp_path_factory) -> dict:
         "steps=12",
         "compile=true",
     ]
-    out = _train_many([*refs, stage2, overfit, compiled], tmp, "refs")
+    # ZeRO-3 compiled: its partitioned token table is gathered by the module's own hook
+    compiled3 = [
+        *_common(str(tmp / "compiled3"), tmp / "compiled3", shards),
+        *STAGE_ARGS[3],
+        "steps=4",
+        "compile=true",
+        "export=false",
+    ]
+    out = _train_many([*refs, stage2, overfit, compiled, compiled3], tmp, "refs")
     return {
         "tmp": tmp,
         "out": out,
         "shards8": shards8,
         "ref": {s: _steps(tmp / f"ref{s}" / "metrics" / "steps.jsonl") for s in (1, 3)},
         "compiled": _steps(tmp / "compiled" / "metrics" / "steps.jsonl"),
+        "compiled3": _steps(tmp / "compiled3" / "metrics" / "steps.jsonl"),
         "overfit": _steps(tmp / "overfit" / "metrics" / "steps.jsonl"),
     }
 
@@ -530,6 +539,16 @@ def test_compiled_training_follows_the_eager_run(zero2, zero13):
     ref = [r["loss"] for r in zero2["ref"][:12]]
     assert [r["loss"] for r in compiled] == pytest.approx(ref, rel=1e-4)
     assert (zero13["tmp"] / "compiled" / "checkpoints" / "step_00000010" / "COMPLETE.json").exists()
+
+
+def test_compiled_training_under_zero3_follows_its_eager_run(zero13):
+    """``compile=true`` with ZeRO-3 (stage 1's shipped config compiles; zero3.json is one of its
+    choices): the compiled step handed the token table's weight to the embedding op directly,
+    so ZeRO-3's hook never gathered it and the first step failed on the empty placeholder."""
+    compiled = zero13["compiled3"]
+    assert [r["step"] for r in compiled] == [1, 2, 3, 4]
+    ref = [r["loss"] for r in zero13["ref"][3][:4]]
+    assert [r["loss"] for r in compiled] == pytest.approx(ref, rel=1e-4)
 
 
 def test_a_diverged_run_stops_and_says_why(tmp_path):

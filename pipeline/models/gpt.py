@@ -320,11 +320,16 @@ def _embedding_backward(ctx, grad):
 embedding.register_autograd(_embedding_backward, setup_context=_embedding_setup)
 
 
-def embed(table: nn.Embedding, indices: torch.Tensor) -> torch.Tensor:
-    """``table(indices)``; compiled on CPU, through the opaque :func:`embedding`."""
-    if torch.compiler.is_compiling() and table.weight.device.type == "cpu":
-        return embedding(table.weight, indices)
-    return table(indices)
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` whose compiled CPU forward goes through the opaque :func:`embedding`.
+    It is the module's forward (not a function given the table), so the module's hooks run
+    first: ZeRO-3 gathers a partitioned weight there (given the table's weight directly, the
+    compiled step saw ZeRO-3's empty placeholder and failed at its first step)."""
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.weight.device.type == "cpu":
+            return embedding(self.weight, indices)
+        return super().forward(indices)
 
 
 def matmul_attention(
@@ -475,7 +480,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.cond_embed = CaptionProjector(cfg) if cfg.cond == "text" else ClassEmbedder(cfg)
-        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embed = Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = Dropout(cfg.token_dropout_p)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -608,7 +613,7 @@ class GPT(nn.Module):
             drop = self.cfg_drop_mask(B, codes.device)
         prefix, pmask = self.embed_condition(cond, cond_mask, drop)
         P = prefix.size(1)
-        x = torch.cat([prefix, embed(self.tok_embed, codes[:, :-1])], dim=1)  # (B, P + N - 1, C)
+        x = torch.cat([prefix, self.tok_embed(codes[:, :-1])], dim=1)  # (B, P + N - 1, C)
         x = self.tok_dropout(x)
         T = x.size(1)
         rope = self.rope(g, x.device)[:T]
