@@ -403,6 +403,14 @@ def test_shards_for_another_model_stop_the_run(tmp_path):
     with pytest.raises(DataMismatch, match=f"code {top} is outside the model's codebook of {top}"):
         next(iter(TokenLoader(cfg4, dataclasses.replace(SPEC, vocab_size=top))))
     assert next(iter(TokenLoader(cfg4, dataclasses.replace(SPEC, vocab_size=top + 1))))
+    # class labels: label num_classes is the null class (it silently trained CFG's
+    # unconditional embedding on real images), one beyond failed in the embedding mid-run
+    classes = dataclasses.replace(SPEC, cond="class")
+    top = max(int(s["json"]["label"]) for s in _all(uri4).values())
+    for n in (top, top - 1):
+        with pytest.raises(DataMismatch, match=rf"class label \d+ is outside .*0\.\.{n - 1} "):
+            _consume(TokenLoader(cfg4, dataclasses.replace(classes, num_classes=n)), 4)
+    assert len(_consume(TokenLoader(cfg4, dataclasses.replace(classes, num_classes=top + 1)), 4))
 
 
 def test_padding_mask_and_truncation():

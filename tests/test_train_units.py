@@ -338,7 +338,8 @@ def test_class_conditional_batches_train_the_class_model(tmp_path):
         ],
     )
     assert cfg.model.cond == "class" and cfg.model.n_layer == 2
-    spec = BatchSpec(grid_size=4, cond="class")
+    spec = BatchSpec.for_model(cfg.model)  # the trainer's: labels checked against 5 classes
+    assert spec == BatchSpec(4, "class", 120, 2048, 64, num_classes=5)
     batch = next(iter(TokenLoader(cfg.data, spec)))
     assert batch["cond"].dtype == torch.long and batch["cond_mask"] is None
     model = GPT(cfg.model)

@@ -92,6 +92,19 @@ class BatchSpec:
     max_text_tokens: int = 120
     caption_dim: int = 2048
     vocab_size: int | None = None  # codes must be below it (None: not checked)
+    num_classes: int | None = None  # class labels must be below it (None: not checked)
+
+    @classmethod
+    def for_model(cls, model: Any) -> BatchSpec:
+        """The spec of a :class:`~pipeline.models.gpt.GPTConfig`: every check on."""
+        return cls(
+            grid_size=model.grid_size,
+            cond=model.cond,
+            max_text_tokens=model.max_text_tokens,
+            caption_dim=model.caption_dim,
+            vocab_size=model.vocab_size,
+            num_classes=model.num_classes if model.cond == "class" else None,
+        )
 
 
 class DataMismatch(ValueError):
@@ -312,7 +325,16 @@ class _Stream:
                 )
             out = {"key": s["key"], "codes": codes.reshape(-1)}
             if self.spec.cond == "class":
-                out["label"] = int(s["json"]["label"])
+                label, n = int(s["json"]["label"]), self.spec.num_classes
+                # label n is the null class (CFG): real images must not train it, and one
+                # beyond it fails in the embedding (a device-side assert on a GPU, hours in)
+                if n is not None and not 0 <= label < n:
+                    raise DataMismatch(
+                        f"class label {label} is outside the model's classes 0..{n - 1} "
+                        f"(model.num_classes={n}; {n} is the null class): labels counted from "
+                        "1, or another class count?"
+                    )
+                out["label"] = label
             else:
                 t5 = s["t5"]
                 if t5.shape[1] != self.spec.caption_dim:

@@ -189,13 +189,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         init_state = None
     if cfg.compile:
         engine.compile_engine(eng)
-    spec = BatchSpec(
-        grid_size=cfg.model.grid_size,
-        cond=cfg.model.cond,
-        max_text_tokens=cfg.model.max_text_tokens,
-        caption_dim=cfg.model.caption_dim,
-        vocab_size=cfg.model.vocab_size,
-    )
+    spec = BatchSpec.for_model(cfg.model)
     # one rank lists the token shards and every rank reads that list: listed apart, ranks could
     # see different sets while pretokenize is still finishing shards, and plan different orders
     shard_list = decided_on_rank0(
