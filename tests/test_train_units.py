@@ -157,7 +157,9 @@ def test_export_round_trip_and_architecture_check(tmp_path, monkeypatch):
     export_weights("unused", "step_00000007", cfg, str(tmp_path / "exp"))
     state, saved = load_export(str(tmp_path / "exp"))
     assert saved == cfg
-    assert json.loads((tmp_path / "exp" / "export.json").read_text())["step"] == 7
+    info = json.loads((tmp_path / "exp" / "export.json").read_text())
+    assert info["step"] == 7 and info["num_tensors"] == len(model.state_dict())
+    assert info["num_params"] == model.num_params()  # not the null caption buffer
     bigger = GPT(cfg.replace(grid_size=4, grad_checkpointing=True))
     init_from_export(bigger, str(tmp_path / "exp"), bigger.cfg)
     assert torch.equal(bigger.head.weight, model.head.weight)

@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.log import get_logger
-from pipeline.models.gpt import GPTConfig
+from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.resume import decided_on_rank0, fsync, resume_conflict
 from pipeline.train import engine
 from pipeline.train.engine import DistInfo, partitioned_optimizer
@@ -653,13 +653,17 @@ def export_weights(
     finally:
         os.remove(tmp)
     storage.write_json(storage.join(out_uri, "gpt_config.json"), dataclasses.asdict(cfg))
+    with torch.device("meta"):
+        buffers = {name for name, _ in GPT(cfg).named_buffers()}
     storage.write_json(
         storage.join(out_uri, "export.json"),
         {
             "tag": tag,
             "step": step_of(tag),
             "num_tensors": len(state),
-            "num_params": int(sum(v.numel() for v in state.values())),
+            # parameters, as GPT.num_params and the presets' counts: not the buffers (the
+            # null caption, 120 x 2048 for FLAN-T5-XL features)
+            "num_params": int(sum(v.numel() for k, v in state.items() if k not in buffers)),
             **(extra or {}),
         },
     )
