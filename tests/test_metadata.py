@@ -262,6 +262,9 @@ def test_config_refuses_columns_img2dataset_writes_and_bad_executor_settings():
     for name in ("caption", "width", "status", "exif"):
         with pytest.raises(ValueError, match="may not include"):
             MetadataConfig(extra_columns=["similarity", name])
+    # a name twice failed every shard inside img2dataset's reader, after its retries
+    with pytest.raises(ValueError, match=r"names \['punsafe'\] more than once"):
+        MetadataConfig(extra_columns=["punsafe", "similarity", "punsafe"])
     with pytest.raises(ValueError, match="max_retries"):
         ExecutorConfig(max_retries=-1)
     with pytest.raises(ValueError, match="num_actors"):
@@ -289,7 +292,7 @@ def test_invalid_utf8_in_the_url_or_any_text_column_is_counted_not_raised(tmp_pa
             "all_captions": pa.array([[b"x"], [b"y", b"\xfe"], []], pa.list_(pa.binary())).view(
                 pa.list_(pa.string())
             ),
-            "hash": pa.array([b"\xff\x00", b"\x01", b"\x02"], pa.binary()),  # bytes stay bytes
+            "hash": pa.array([b"\xff\x00", b"\x01", b"\x02"], pa.binary()),  # bytes: hex
         }
     )
     src = tmp_path / "m.parquet"
@@ -306,7 +309,7 @@ def test_invalid_utf8_in_the_url_or_any_text_column_is_counted_not_raised(tmp_pa
     assert [r["url"] for r in rows] == ["http://a.example/1.jpg", "http://a.example/2.jpg"]
     assert rows[0]["note"] == "caf\ufffd" and rows[1]["note"] is None
     assert rows[0]["all_captions"] == ["y", "\ufffd"] and rows[1]["all_captions"] == []
-    assert rows[0]["hash"] == b"\x01" and rows[1]["caption"] == "thr\ufffde"
+    assert rows[0]["hash"] == "01" and rows[1]["caption"] == "thr\ufffde"
     assert clean_url(b"http://a.example/\xff.jpg") == (None, "bad_url")
 
 
@@ -377,3 +380,64 @@ def test_extra_column_text_in_one_file_number_in_the_next_is_refused_before_any_
         prepare_units(str(tmp_path / "in"), str(units), cfg)
     assert os.listdir(units) == ["00000.parquet"]
     assert (units / "00000.parquet").read_bytes() == b"from before"
+
+
+def test_extra_columns_of_dates_times_and_decimals_are_carried_as_text(tmp_path):
+    """img2dataset writes each sample's json with a plain json.dumps after counting the sample a
+    success: a timestamp, date, decimal or bytes extra column lost every image while the stage
+    said all succeeded. Such columns are carried as their text (bytes as hex); nested ones are
+    refused up front, naming the column, the file and its type."""
+    import datetime
+    import decimal
+    import json
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    table = pa.table(
+        {
+            "URL": ["http://a.example/0.jpg", "http://a.example/1.jpg"],
+            "TEXT": ["a cat", "a dog"],
+            "crawled": pa.array([datetime.datetime(2022, 1, 2, 3, 4, 5), None], pa.timestamp("s")),
+            "day": pa.array([datetime.date(2022, 1, 2), datetime.date(2023, 5, 6)]),
+            "price": pa.array([decimal.Decimal("1.25"), decimal.Decimal("10.50")]),
+            "tags": pa.array([["a", "b"], []]),
+        }
+    )
+    pq.write_table(table, folder / "part-0.parquet")
+    cfg = MetadataConfig(extra_columns=["crawled", "day", "price", "tags"], rows_per_unit=10)
+    prepare_units(str(folder), str(tmp_path / "units"), cfg)
+    (unit,) = _read_units(str(tmp_path / "units"))
+    for c in ("crawled", "day", "price"):
+        assert unit.schema.field(c).type == pa.string(), c
+    rows = unit.to_pylist()
+    assert [r["crawled"] for r in rows] == ["2022-01-02 03:04:05.000", None]  # Arrow's text
+    assert [r["day"] for r in rows] == ["2022-01-02", "2023-05-06"]
+    assert [r["price"] for r in rows] == ["1.25", "10.50"]
+    assert [r["tags"] for r in rows] == [["a", "b"], []]
+    json.dumps(rows)  # what img2dataset does with each sample's values
+
+    nested = pa.array([[datetime.date(2022, 1, 2)]])  # no JSON form inside a list: refused
+    pq.write_table(
+        pa.table({"URL": ["http://a.example/2.jpg"], "TEXT": ["x"], "days": nested}),
+        folder / "part-1.parquet",
+    )
+    with pytest.raises(TypeError, match=r"'days' is list<.*date32.* in .*part-1\.parquet: a"):
+        prepare_units(str(folder), str(tmp_path / "units2"), MetadataConfig(extra_columns=["days"]))
+
+
+def test_64_bit_integers_beside_floats_that_float64_cannot_hold_are_refused_up_front(tmp_path):
+    """LAION's ``hash`` is a 64-bit integer; int64 in one file and double in another settled
+    it as float64, and the first unit holding a hash past 2**53 failed, hours into the run. The
+    footers' min/max statistics decide it before any unit; small integers still promote."""
+    big = pa.array([-5534741409218447209, 12], pa.int64())
+    _two_files(tmp_path / "in", "hash", pa.array([1.5]), big)
+    with pytest.raises(TypeError, match=r"'hash' is int64 in .*part-1\.parquet .* float64"):
+        prepare_units(
+            str(tmp_path / "in"), str(tmp_path / "units"), MetadataConfig(extra_columns=["hash"])
+        )
+    _two_files(tmp_path / "ok", "hash", pa.array([1.5]), pa.array([2**53, -3], pa.int64()))
+    prepare_units(
+        str(tmp_path / "ok"), str(tmp_path / "units"), MetadataConfig(extra_columns=["hash"])
+    )
+    (unit,) = _read_units(str(tmp_path / "units"))
+    assert unit.column("hash").to_pylist() == [1.5, float(2**53), -3.0]

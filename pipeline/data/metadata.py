@@ -75,6 +75,10 @@ class MetadataConfig:
             raise ValueError(f"rows_per_unit must be >= 1, got {self.rows_per_unit}")
         if self.max_caption_chars < 1:
             raise ValueError(f"max_caption_chars must be >= 1, got {self.max_caption_chars}")
+        twice = sorted({c for c in self.extra_columns if self.extra_columns.count(c) > 1})
+        if twice:
+            # img2dataset's reader fails on every shard (a field twice in its schema), retrying
+            raise ValueError(f"extra_columns names {twice} more than once")
         clash = RESERVED_COLUMNS.intersection(self.extra_columns)
         if clash:
             raise ValueError(
@@ -289,6 +293,7 @@ def _read_batches(
         for c in missing:
             log.warning("%s: extra column %r missing; stored as null", path, c)
         wanted = [cfg.url_column, cfg.caption_column] + [c for c in cfg.extra_columns if c in names]
+        extra = set(cfg.extra_columns) - {cfg.url_column, cfg.caption_column}
         for batch in pf.iter_batches(
             batch_size=cfg.batch_rows, columns=list(dict.fromkeys(wanted))
         ):
@@ -297,6 +302,17 @@ def _read_batches(
             text_types: dict[str, pa.DataType] = {}
             for col in batch.schema.names:
                 arr = batch.column(col)
+                if (
+                    col in extra
+                    and _as_json_type(arr.type) == pa.string()
+                    and not _is_text(arr.type)
+                ):
+                    if pa.types.is_dictionary(arr.type):
+                        arr = arr.dictionary_decode()
+                    if _is_bytes(arr.type):  # a digest, say: its hex
+                        out[col] = [None if v is None else v.hex() for v in arr.to_pylist()]
+                        continue
+                    arr = arr.cast(pa.string())  # a date, time or decimal: its text
                 as_bytes = _as_bytes(arr.type)
                 if as_bytes is not None:
                     text_types[col] = arr.type
@@ -383,6 +399,33 @@ def _common_type(types: list[pa.DataType]) -> pa.DataType | None:
         return None
 
 
+def _is_bytes(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+        or pa.types.is_binary_view(t)
+    )
+
+
+def _as_json_type(t: pa.DataType) -> pa.DataType | None:
+    """The type an extra column of type ``t`` is carried as: img2dataset writes each sample's
+    json with a plain ``json.dumps`` after counting it a success, so a value it cannot dump (a
+    datetime, a Decimal, bytes) lost the image without a word. Dates, times and decimals become
+    their text (Arrow's cast), bytes their hex; None: no JSON form (such values nested)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_temporal(t) or pa.types.is_decimal(t) or _is_bytes(t):
+        return pa.string()
+    if pa.types.is_null(t) or _is_number(t) or _is_text(t):
+        return t
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return t if _as_json_type(t.value_type) == t.value_type else None
+    if pa.types.is_struct(t):
+        return t if all(_as_json_type(f.type) == f.type for f in t) else None
+    return None
+
+
 def _extra_types(
     files: list[str], cfg: MetadataConfig
 ) -> tuple[dict[str, pa.DataType], dict[str, pa.DataType]]:
@@ -394,19 +437,27 @@ def _extra_types(
     truncating (Python floats converted as int64 lose their fraction without a word) or failing
     on the unit that spans both files. A column no file has is a string column of nulls."""
 
-    def footer(path: str) -> pa.Schema:
+    def footer(path: str) -> pq.FileMetaData:
         with storage.open_read(path) as f:
-            return pq.read_schema(f)
+            return pq.read_metadata(f)
 
     with ThreadPoolExecutor(min(32, len(files))) as pool:  # one request a file on S3
-        schemas = list(pool.map(footer, files))
+        footers = list(pool.map(footer, files))
+    schemas = [m.schema.to_arrow_schema() for m in footers]
     types: dict[str, pa.DataType] = {}
     changed: dict[str, pa.DataType] = {}
     for c in cfg.extra_columns:
         by_type: dict[pa.DataType, list[str]] = {}  # in file order: the first file's first
         for path, schema in zip(files, schemas):
             if c in schema.names:
-                by_type.setdefault(schema.field(c).type, []).append(path)
+                t = _as_json_type(schema.field(c).type)
+                if t is None:
+                    raise TypeError(
+                        f"extra column {c!r} is {schema.field(c).type} in {path}: a sample's "
+                        "json cannot hold it (img2dataset would drop every image). Leave it "
+                        "out of extra_columns, or store it as text or numbers"
+                    )
+                by_type.setdefault(t, []).append(path)
         if not by_type:
             types[c] = pa.string()
             continue
@@ -428,9 +479,39 @@ def _extra_types(
                     "extra_columns"
                 )
             types[c] = common
+            if pa.types.is_floating(common):
+                _check_exact_as_float(c, by_type, dict(zip(files, footers)))
         if types[c] != first:
             changed[c] = types[c]
     return types, changed
+
+
+def _check_exact_as_float(
+    column: str, by_type: dict[pa.DataType, list[str]], footers: dict[str, pq.FileMetaData]
+) -> None:
+    """Integers promoted to float64 beside another file's floats must be exact there (below
+    2**53): LAION's 64-bit ``hash`` is not, and failed the unit that held the first one, hours
+    into cutting units. Judged from the footers' min/max statistics, before any unit."""
+    limit = 2**53
+    for t, paths in by_type.items():
+        if not pa.types.is_integer(t) or t.bit_width < 64:
+            continue
+        for path in paths:
+            meta = footers[path]
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for k in range(group.num_columns):
+                    col = group.column(k)
+                    stats = col.statistics
+                    if col.path_in_schema != column or stats is None or not stats.has_min_max:
+                        continue
+                    if max(abs(int(stats.min)), abs(int(stats.max))) > limit:
+                        raise TypeError(
+                            f"extra column {column!r} is {t} in {path} and floating point in "
+                            f"other input files; its integers (min {stats.min}, max "
+                            f"{stats.max}) do not fit a float64 exactly. Make it one type in "
+                            "the metadata, or leave it out of extra_columns"
+                        )
 
 
 def _column_array(values: list[Any], t: pa.DataType) -> pa.Array:
