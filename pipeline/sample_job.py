@@ -590,7 +590,9 @@ def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
     by_content = {k for k in INPUT_FILES if saved_inputs.get(k) and inputs.get(k)}
     changed = []
     for k in IMAGE_SETTINGS:
-        if k not in saved or (k in by_content and saved_inputs[k] == inputs[k]):
+        if k not in saved or (
+            k in by_content and storage.same_content(saved_inputs[k], now[k], inputs[k])
+        ):
             continue
         if _image_setting(k, saved[k]) != _image_setting(k, now[k]):
             changed.append(f"{k}: {saved[k]!r} -> {now[k]!r}")

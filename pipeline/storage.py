@@ -462,10 +462,10 @@ def _source_fingerprint(fs: Any, path: str) -> tuple[bool, str]:
 _SAMPLE_BLOCKS, _SAMPLE_BYTES = 16, 1 << 16
 
 
-def _content_digest(path: str) -> str:
-    """sha256 of a local file's content: all of it up to 1 MiB, else 16 blocks of 64 KiB spread
-    evenly through it (a model saved again with the same weights digests the same; retrained
-    weights differ in every block)."""
+def _sampled_digest(path: str) -> str:
+    """The digest local fingerprints used before 2026-12-05 (outputs saved with it are still
+    accepted: :func:`same_content`): all of a file up to 1 MiB, else 16 blocks of 64 KiB spread
+    through it, which missed weights changed between the blocks."""
     size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -479,6 +479,28 @@ def _content_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _content_digest(path: str) -> str:
+    """sha256 of a local file's whole content (a model saved again with the same weights
+    digests the same; one with a few layers changed does not). Remembered in the cache folder
+    by path, size, mtime and inode, so an unchanged 11 GB FLAN-T5-XL is read once (~10 s), not
+    at every job start; a file changed in place has a new mtime and is read again."""
+    st = os.stat(path)
+    real = os.path.realpath(path)
+    key = [real, st.st_size, st.st_mtime_ns, st.st_ino]
+    cache_dir = os.path.expanduser(os.environ.get("T2I_CACHE", "~/.cache/t2i-pipeline"))
+    memo = os.path.join(cache_dir, "digests", hashlib.sha256(real.encode()).hexdigest()[:32])
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(memo) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return str(saved["sha256"])
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next read
+        write_json(memo, {"key": key, "sha256": digest})
+    return digest
+
+
 def fingerprint(uri: str | os.PathLike) -> str | None:
     """A digest of what ``uri`` holds (a file, or a directory's files); None when nothing is
     there. On S3 the objects' names, sizes and ETags; locally the files' names and content
@@ -489,13 +511,29 @@ def fingerprint(uri: str | os.PathLike) -> str | None:
         if not with_retries(lambda: fs.exists(path), f"stat {uri}"):
             return None
         return with_retries(lambda: _source_fingerprint(fs, path), f"stat {uri}")[1]
+    return _local_fingerprint(uri, _content_digest)
+
+
+def _local_fingerprint(uri: str, digest: Callable[[str], str]) -> str | None:
     if not os.path.exists(uri):
         return None
     paths = [uri]
     if os.path.isdir(uri):
         paths = [os.path.join(d, f) for d, _, files in os.walk(uri) for f in files]
-    items = sorted((os.path.relpath(p, uri), _content_digest(p)) for p in paths)
+    items = sorted((os.path.relpath(p, uri), digest(p)) for p in paths)
     return hashlib.sha256(repr(items).encode()).hexdigest()[:20]
+
+
+def same_content(saved: str | None, uri: str | os.PathLike, now: str | None) -> bool:
+    """Whether ``saved`` (a fingerprint an earlier run stored for ``uri``) is what ``uri``
+    holds now (``now``: its :func:`fingerprint`). A local one stored before whole-file
+    digests (sampled blocks) is checked the way it was made."""
+    if saved == now:
+        return True
+    uri = _strip_file(str(uri))
+    if saved is None or now is None or is_remote(uri):
+        return False
+    return saved == _local_fingerprint(uri, _sampled_digest)
 
 
 def _marker_matches(marker: str, fingerprint: str) -> bool:

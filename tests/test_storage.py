@@ -392,3 +392,33 @@ def test_failed_writes_and_downloads_leave_no_temporary_file(s3_bucket, tmp_path
     with pytest.raises(PermissionError):
         storage.get_file(f"{s3_bucket}/obj.bin", str(tmp_path / "b" / "obj.bin"))
     assert os.listdir(tmp_path / "b") == []
+
+
+def test_local_fingerprint_reads_whole_files_once_and_accepts_older_sampled_ones(
+    tmp_path, monkeypatch
+):
+    """Weights changed between the 16 sampled blocks (a few layers fine-tuned in place) kept
+    the fingerprint, so pretokenize added shards of another encoder to an output. The whole
+    file is digested now, remembered by path, size, mtime and inode (an unchanged model is
+    read once); fingerprints saved the sampled way still match unchanged content."""
+    import hashlib
+
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "vq"
+    d.mkdir()
+    data = bytearray(os.urandom(8 << 20))
+    (d / "w.bin").write_bytes(bytes(data))
+    old = storage._local_fingerprint(str(d), storage._sampled_digest)  # as saved before
+    reads = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, h: reads.append(1) or real(f, h))
+    first = storage.fingerprint(str(d))
+    assert storage.fingerprint(str(d)) == first and len(reads) == 1  # remembered
+    assert storage.same_content(old, str(d), first)  # an output saved before: still its weights
+    data[(1 << 20) + 12345] ^= 0xFF  # between the sampled blocks
+    (d / "w.bin").write_bytes(bytes(data))
+    assert storage._local_fingerprint(str(d), storage._sampled_digest) == old  # missed it
+    now = storage.fingerprint(str(d))
+    assert now != first and len(reads) == 2
+    assert not storage.same_content(first, str(d), now)
+    assert not storage.same_content(None, str(d), now)
