@@ -726,3 +726,116 @@ def test_x_robots_tag_none_opts_out():
     headers = Message()
     headers["X-Robots-Tag"] = "nofollow"
     assert not is_disallowed(headers, "img2dataset", DEFAULT_OPT_OUT)
+
+
+# --- EXIF orientation -----------------------------------------------------------------------------
+
+# four quadrants of distinct colours (none near white: "border" pads with white) tell which of
+# the eight EXIF orientations an image is shown in
+_QUADRANTS = {"tl": (0, 160, 0), "tr": (0, 0, 255), "bl": (255, 0, 0), "br": (255, 200, 0)}
+
+
+def _upright(w: int, h: int) -> Image.Image:
+    """The scene as a browser shows it: green top left, blue top right, red and yellow below."""
+    img = Image.new("RGB", (w, h))
+    for name, colour in _QUADRANTS.items():
+        x = 0 if name[1] == "l" else w // 2
+        y = 0 if name[0] == "t" else h // 2
+        img.paste(colour, (x, y, x + w // 2, y + h // 2))
+    return img
+
+
+def _encoded(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _tagged(upright: Image.Image, orientation: int, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """``upright`` as a camera stores it: the pixels turned, an EXIF tag saying how to undo it."""
+    undo = {  # the inverse of what the tag asks the viewer to do
+        1: None,
+        3: Image.Transpose.ROTATE_180,
+        6: Image.Transpose.ROTATE_90,  # 6: the viewer turns it 90 degrees clockwise
+        8: Image.Transpose.ROTATE_270,  # 8: the viewer turns it 90 degrees counter-clockwise
+    }[orientation]
+    stored = (upright.transpose(undo) if undo else upright).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encoded(stored, fmt, exif=exif)
+
+
+def _quadrants(img: Image.Image) -> dict[str, tuple[int, ...]]:
+    """The colour at the centre of each quadrant of ``img``'s content (white padding cut off)."""
+    img = img.convert("RGB")
+    img = img.crop(Image.eval(img, lambda v: 255 - v).getbbox())
+    w, h = img.size
+    return {
+        k: img.getpixel(
+            (w // 4 if k[1] == "l" else 3 * w // 4, h // 4 if k[0] == "t" else 3 * h // 4)
+        )
+        for k in _QUADRANTS
+    }
+
+
+def _shows_upright(img: Image.Image, gray: bool = False) -> bool:
+    got = _quadrants(img)
+    for k, colour in _QUADRANTS.items():
+        if gray:  # what a gray source keeps of the colour
+            colour = (Image.new("RGB", (1, 1), colour).convert("L").getpixel((0, 0)),) * 3
+        if max(abs(a - b) for a, b in zip(got[k], colour)) > 40:
+            return False
+    return True
+
+
+def test_exif_orientation_is_applied_to_downloaded_photos(tmp_path):
+    """Phone photos are stored landscape with an EXIF orientation; OpenCV's IMREAD_UNCHANGED
+    ignored it and the re-encode dropped the tag, so they landed sideways in the shards. They
+    are stored upright as browsers show them (RGB, gray and PNG sources alike), with the
+    upright size in the metadata; an ordinary JPEG is stored as it was."""
+    cases = {  # name: (body, upright size)
+        "rot6.jpg": (_tagged(_upright(100, 200), 6), (100, 200)),
+        "rot8.jpg": (_tagged(_upright(100, 200), 8), (100, 200)),
+        "rot3.jpg": (_tagged(_upright(200, 100), 3), (200, 100)),
+        "gray6.jpg": (_tagged(_upright(100, 200), 6, mode="L"), (100, 200)),
+        "rot6.png": (_tagged(_upright(100, 200), 6, fmt="PNG"), (100, 200)),
+        "plain.jpg": (_encoded(_upright(200, 100), quality=95), (200, 100)),  # no EXIF
+    }
+    assert Image.open(io.BytesIO(cases["rot6.jpg"][0])).size == (200, 100)  # stored sideways
+    srv = BadServer(n_good=0)
+    srv.bad.update({name: body for name, (body, _) in cases.items()})
+    with srv.running():
+        _write_metadata(str(tmp_path / "m.parquet"), [srv.bad_url(name) for name in cases])
+        cfg = _config(str(tmp_path / "m.parquet"), str(tmp_path / "raw"), resize_mode="keep_ratio")
+        result = run_download(cfg)
+    assert result.stats["by_reason"] == {"success": len(cases)}
+    samples = read_samples(cfg.output)
+    for name, (_, (w, h)) in cases.items():
+        s = samples[srv.bad_url(name)]
+        img = Image.open(io.BytesIO(s["jpg"]))
+        assert (img.mode, img.size) == ("RGB", (64 * w // min(w, h), 64 * h // min(w, h))), name
+        assert (s["json"]["original_width"], s["json"]["original_height"]) == (w, h), name
+        assert _shows_upright(img, gray=name.startswith("gray")), (name, _quadrants(img))
+
+
+@pytest.mark.parametrize("mode", ["no", "keep_ratio", "center_crop", "border"])
+def test_exif_orientation_in_every_resize_mode(mode):
+    """Upright in every resize mode; reading the orientation decodes no pixels, so ordinary
+    images (no EXIF, or orientation 1) keep the fast path at its old cost."""
+    from pipeline.data.img2dataset_guards import GuardedResizer, needs_conversion
+
+    resizer = GuardedResizer(
+        image_size=64, resize_mode=mode, resize_only_if_bigger=False, max_pixels=10**8
+    )
+    size = {"no": (100, 200), "keep_ratio": (64, 128)}.get(mode, (64, 64))
+    for orientation in (6, 8):
+        out, w, h, ow, oh, err = resizer(io.BytesIO(_tagged(_upright(100, 200), orientation)))
+        assert err is None and (ow, oh) == (100, 200) and (w, h) == size, orientation
+        img = Image.open(io.BytesIO(out))
+        assert _shows_upright(img), (orientation, _quadrants(img))
+    plain = _upright(200, 100)
+    for body in (_tagged(plain, 1), _encoded(plain), _encoded(plain, "PNG")):
+        im = Image.open(io.BytesIO(body))
+        assert not needs_conversion(im)
+        assert im.tile  # still undecoded: only the header was read
+    assert needs_conversion(Image.open(io.BytesIO(_tagged(plain, 6, fmt="PNG"))))

@@ -9,13 +9,16 @@ are refused there too.
 img2dataset 1.47 decodes with ``cv2.imdecode(..., IMREAD_UNCHANGED)``, which (measured here):
 - keeps 16-bit PNGs as uint16 and then saturates them to white when encoding JPEG;
 - keeps grayscale images single-channel, so the shard holds a mix of 1- and 3-channel JPEGs;
-- decodes whatever size a header claims (up to OpenCV's 2**30-pixel cap), a decompression bomb.
+- decodes whatever size a header claims (up to OpenCV's 2**30-pixel cap), a decompression bomb;
+- ignores the EXIF orientation (and the re-encoded JPEG drops it), so a phone photo that browsers
+  show upright is stored sideways or upside down.
 
 ``GuardedResizer`` wraps img2dataset's ``Resizer``: it reads the header with Pillow (no pixel
 decoding), refuses images above ``max_pixels`` with a constant error string (so the stats count
 it by reason), and converts anything that is not plain 8-bit RGB (16-bit, grayscale, CMYK,
-palette, alpha, GIF) to 8-bit RGB (alpha over white, as img2dataset does) before the normal
-resize path. Plain 8-bit RGB images, the vast majority, take the unchanged fast path.
+palette, alpha, GIF) to 8-bit RGB (alpha over white, as img2dataset does), turned upright by
+its EXIF orientation, before the normal resize path; the size filters then judge the upright
+image. Plain 8-bit RGB images stored upright, the vast majority, take the unchanged fast path.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import warnings
 import numpy as np
 from img2dataset.downloader import Downloader
 from img2dataset.resizer import Resizer
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.data.netguard import install_connection_guard
 from pipeline.log import get_logger
@@ -42,18 +45,42 @@ ERR_CONVERT = "image conversion error"
 _CV2_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
 
 
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation Pillow read with ``im``'s header: 2..8, or 1 (stored upright).
+
+    Values outside 1..8 and unreadable EXIF count as 1, as browsers take them.
+    """
+    # PngImageFile.getexif decodes the whole image to look for an eXIf chunk after the pixel
+    # data; browsers read only one that comes before it, which Pillow has seen with the header
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data"
+            value = im.getexif().get(0x0112, 1)  # parsed from the header bytes, no decoding
+    except Exception:  # noqa: BLE001 - malformed EXIF: shown as stored
+        return 1
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
 def needs_conversion(im: Image.Image) -> bool:
-    """True unless ``im`` is 8-bit RGB in a format OpenCV decodes the same way."""
+    """True unless ``im`` is upright 8-bit RGB in a format OpenCV decodes the same way."""
     if im.format not in _CV2_FORMATS or im.mode != "RGB":
+        return True
+    if exif_orientation(im) != 1:  # OpenCV's IMREAD_UNCHANGED ignores it: turned by to_rgb8
         return True
     rawmode = str(im.tile[0][3]) if im.tile else ""
     return ";16" in rawmode  # a 16-bit PNG that Pillow reports as RGB
 
 
 def to_rgb8(im: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of ``im``: 16-bit scaled down, alpha composited over white."""
+    """An 8-bit RGB copy of ``im``, upright as a browser shows it (its EXIF orientation
+    applied): 16-bit scaled down, alpha composited over white."""
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)
+    if exif_orientation(im) != 1:
+        # the pixels are turned here and the tag dropped with the re-encode: stored upright
+        im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode.startswith("I") or mode == "F":
         a = np.asarray(im, dtype=np.float64)
