@@ -365,8 +365,10 @@ class _Stream:
             epoch, cursor = self.state["epoch"], self.state["cursor"]
             salt = self.state.get("salt", 0)
             plan = plan_epoch(self.shards, self.cfg, epoch, self.stream, self.n_streams, salt)
+            # a saved place past 0 was saved with a batch of this stream: the sample right
+            # before it was readable (a resumed epoch whose rest reads nothing is no empty epoch)
+            readable = int(cursor > 0)
             if cursor < plan.size:
-                whole_epoch, readable = cursor == 0, 0
                 done = np.zeros(plan.size, dtype=bool)
                 done[plan.order[:cursor]] = True
                 reader = self._read(plan, int(plan.order[cursor:].min()), done)
@@ -390,10 +392,7 @@ class _Stream:
                         sample = self._decode(raw, bool(plan.flips[q]))
                         readable += sample is not None
                         yield sample
-                if whole_epoch or readable:  # a resumed epoch's rest can only clear the count
-                    self._after_epoch(epoch, plan, readable)
-            elif plan.size == 0:  # (a resume at an epoch's very end has nothing left to read)
-                self._after_epoch(epoch, plan, 0)
+            self._after_epoch(epoch, plan, readable)
             self.state.update(epoch=epoch + 1, cursor=0)
             self.state.pop("damaged", None)
 
