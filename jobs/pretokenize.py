@@ -11,8 +11,9 @@ On a cluster give the model URIs: the YAML's local ``models/...`` paths are not 
 
 Exit status 0 when every shard is done, 3 when some failed (rerun the same command: done shards
 are skipped, the others redone from scratch). Raw shards without a score parquet yet are not
-failures: they are left for a later run, listed in the manifest (``unscored_shards``) and named
-in a warning on stderr; the exit status stays 0.
+failures: they are left for a later run, listed in the manifest (``unscored_shards``; those whose
+parquet scored an earlier download of the shard also in ``stale_score_shards``) and named in a
+warning on stderr; the exit status stays 0.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     if unscored:
         print(
             f"WARNING: {len(unscored)} raw shards under {cfg.input} have no score parquet in "
-            f"{cfg.scores} and were NOT pretokenized: {unscored[:20]}"
+            f"{cfg.scores} (or one of an earlier download of the shard: "
+            f"{len(manifest.get('stale_score_shards', []))}) and were NOT pretokenized: "
+            f"{unscored[:20]}"
             f"{' ...' if len(unscored) > 20 else ''}. Score them, then rerun this command.",
             file=sys.stderr,
         )

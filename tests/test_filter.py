@@ -371,3 +371,109 @@ def test_damage_and_mended_inputs_are_kept_with_each_shard_and_summed(tmp_path):
     rows = flt.read_scores(out, 1)
     assert [r["keep"] for r in rows.values()] == [True, True, True]
     assert rows[raw_key(1, 0)]["url"] == "http://x/\ufffd.jpg"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("decode_threads=0", "decode_threads is 0: it must be at least 1"),
+        ("decode_threads=-2", "decode_threads is -2: it must be at least 1"),
+        ("aesthetic.batch_size=0", "aesthetic.batch_size is 0: it must be at least 1"),
+        ("max_shards=0", "max_shards is 0: it must be at least 1"),
+        ("max_shards=-1", "max_shards is -1: it must be at least 1"),
+    ],
+)
+def test_score_settings_that_would_fail_every_shard_are_refused_at_load(override, message):
+    """Found when the config loads, not as every shard failing on every worker ("max_workers
+    must be greater than 0") after the model is loaded."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(
+            ScoreConfig, os.path.join(CONFIGS, "score.yaml"), ["input=a", "output=b", override]
+        )
+
+
+# --- a raw shard downloaded again after it was scored -------------------------------------------
+
+
+def _download_again(raw, index, tmp, when, meta_fn=None):
+    """Raw shard ``index`` under ``raw`` replaced by another download of it: its files written
+    again, and its stats with that download's times (img2dataset writes them there)."""
+    import json
+    import shutil
+
+    again = os.path.join(tmp, f"again-{index}-{when}")
+    write_raw_shards(again, index + 1, 3, meta_fn=meta_fn)
+    stats = os.path.join(again, f"{index:05d}_stats.json")
+    with open(stats) as f:
+        s = json.load(f)
+    with open(stats, "w") as f:
+        json.dump({**s, "start_time": when - 5.0, "end_time": when}, f)
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        shutil.copy(os.path.join(again, f"{index:05d}{suffix}"), raw)
+
+
+def test_stats_that_do_not_read_leave_their_shard_out(tmp_path):
+    """img2dataset writes _stats.json with a plain open: while it is written it exists, empty,
+    and a kill can cut it short; the download removes such a file and downloads the shard
+    again. Until then the shard is not complete: scored now, its parquet would outlive it."""
+    from pipeline.data import shards
+
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 4, 3)
+    storage.write_bytes(os.path.join(raw, "00001_stats.json"), b"")
+    storage.write_bytes(os.path.join(raw, "00002_stats.json"), b'{"count": 3, "succ')
+    storage.write_bytes(os.path.join(raw, "00003_stats.json"), b"[3]")
+    assert shards.raw_shard_indices(raw) == [0]
+    summary = run_score(_score_cfg(raw, out, None))
+    assert summary["shards"] == 1 and flt.scored_indices(out) == {0}
+
+
+def test_a_raw_shard_downloaded_again_is_scored_again(tmp_path):
+    """A score parquet is done for the download of its raw shard that it scored: one
+    downloaded again since (overwrite=true into the same folder, or redone for stats that did
+    not read) is scored again, its parquet overwritten and counted; the others are skipped."""
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 2, 3)
+    for i in (0, 1):
+        _download_again(raw, i, str(tmp_path), 1000.0, lambda s, i: {"punsafe": 0.9})
+    cfg = _score_cfg(raw, out, None)
+    first = run_score(cfg)
+    assert first["kept"] == 0 and first["rescored_changed"] == 0
+    assert flt.read_raw_identity(out, 1) is not None
+    before = os.stat(flt.score_uri(out, 0)).st_mtime_ns
+
+    _download_again(raw, 1, str(tmp_path), 2000.0)  # the same URLs, safe this time
+    summary = run_score(cfg)
+    assert summary["rescored_changed"] == 1 and summary["skipped_done"] == 1
+    assert [r["keep"] for r in flt.read_scores(out, 1).values()] == [True] * 3
+    assert summary["kept"] == 3 and summary["dropped"] == {"unsafe": 3}
+    assert os.stat(flt.score_uri(out, 0)).st_mtime_ns == before
+    again = run_score(cfg)
+    assert again["rescored_changed"] == 0 and again["skipped_done"] == 2
+
+
+def _forget_raw_identity(out, index):
+    """Score parquet ``index`` as written before the raw shard's identity was recorded."""
+    import pyarrow.parquet as pq
+
+    uri = flt.score_uri(out, index)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    meta = {k: v for k, v in table.schema.metadata.items() if k != flt.RAW_SHARD_KEY}
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def test_score_parquets_without_a_raw_identity_are_done_as_before(tmp_path):
+    """A parquet written before the raw shard's identity was recorded has nothing to compare:
+    it stays done, as it was, never taken for another download's."""
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 2, 3)
+    cfg = _score_cfg(raw, out, None)
+    run_score(cfg)
+    _forget_raw_identity(out, 0)
+    assert flt.read_raw_identity(out, 0) is None
+    _download_again(raw, 0, str(tmp_path), 3000.0)
+    summary = run_score(cfg)
+    assert summary["rescored_changed"] == 0 and summary["skipped_done"] == 2
+    assert flt.replaced_raw_shards(raw, out, [0, 1]) == []

@@ -695,3 +695,61 @@ def test_vq_out_of_memory_goes_on_in_smaller_chunks(tmp_path, models, monkeypatc
     monkeypatch.setattr(w.vq, "encode", lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError()))
     with pytest.raises(torch.OutOfMemoryError):  # not even one image fits: raised (retried)
         w._encode_images(pixels[:1])
+
+
+def _download_again(raw, index, tmp, when, meta_fn=None):
+    """Raw shard ``index`` under ``raw`` replaced by another download of it: its files written
+    again, and its stats with that download's times (img2dataset writes them there)."""
+    import json
+    import shutil
+
+    again = os.path.join(tmp, f"again-{index}-{when}")
+    write_raw_shards(again, index + 1, 2, meta_fn=meta_fn)
+    stats = os.path.join(again, f"{index:05d}_stats.json")
+    with open(stats) as f:
+        s = json.load(f)
+    with open(stats, "w") as f:
+        json.dump({**s, "start_time": when - 5.0, "end_time": when}, f)
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        shutil.copy(os.path.join(again, f"{index:05d}{suffix}"), raw)
+
+
+def test_scores_of_an_earlier_download_of_the_raw_shard_are_not_used(tmp_path, models):
+    """A raw shard downloaded again after it was scored (the same URLs at the same keys, other
+    metadata: the URL check cannot tell) has a score parquet of the old download: its keep /
+    drop decisions are not applied. The shard waits for its scores like an unscored one, listed
+    in the manifest; scored again, it is pretokenized. A parquet written before the raw shard's
+    identity was recorded is used as before."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pipeline.data import filter as flt
+
+    raw, scores = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 3, 2)
+    for i in range(3):
+        _download_again(raw, i, str(tmp_path), 1000.0, lambda s, i: {"punsafe": 0.9})
+    over = [f"input={raw}", f"output={scores}", "executor.backend=inline"]
+    score_cfg = load_config(ScoreConfig, None, [*over, "filters.min_image_size=32"])
+    run_score(score_cfg)
+    # shard 2's parquet as written before the identity was recorded
+    uri = flt.score_uri(scores, 2)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    meta = {k: v for k, v in table.schema.metadata.items() if k != flt.RAW_SHARD_KEY}
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), buf)
+    storage.write_bytes(uri, buf.getvalue())
+    for i in (1, 2):
+        _download_again(raw, i, str(tmp_path), 2000.0)  # safe now
+
+    out = str(tmp_path / "tokens")
+    cfg = load_config(PretokenizeConfig, TINY, _overrides(raw, out, models, f"scores={scores}"))
+    m = run_pretokenize(cfg)
+    assert m["unscored_shards"] == [1] and m["stale_score_shards"] == [1]
+    assert [s["index"] for s in m["shards"]] == [0, 2] and not m["failed_shards"]
+    assert m["dropped"] == {"filtered_unsafe": 4}  # shard 2 with its old decisions, as before
+    assert run_score(score_cfg)["rescored_changed"] == 1
+    m = run_pretokenize(cfg)
+    assert m["unscored_shards"] == m["stale_score_shards"] == []
+    assert [s["index"] for s in m["shards"]] == [0, 1, 2] and m["num_samples"] == 2

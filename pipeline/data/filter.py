@@ -7,7 +7,11 @@ written atomically and is its own done marker, so a rerun skips finished shards.
 metadata holds the shard's stats (``SHARD_STATS_KEY``): what the reader found wrong with the raw
 tar (``corrupt_tar``, ``tar_error``, ``missing_from_tar``) and what was mended on the way
 (``caption_not_utf8``, ``converted_16bit``, ``converted_transparent``); ``score_summary.json``
-sums them over the shards.
+sums them over the shards. It also records which download of the raw shard it scored
+(``RAW_SHARD_KEY``, :func:`pipeline.data.shards.raw_shard_identity`): a raw shard downloaded
+again into the same folder since is scored again by a rerun (``rescored_changed``), and
+pretokenize does not take the old parquet's decisions for it. A parquet written before that was
+recorded is taken as made from the raw shard there now, as it was then.
 
 An output folder holds the results of one setting: a rerun with other filters, another
 aesthetic model or other weights at the same URI is refused while scored parquets are there
@@ -49,6 +53,7 @@ SCORE_CONFIG_NAME = "score_config.yaml"
 SCORE_INPUTS_NAME = "score_inputs.json"
 SUMMARY_NAME = "score_summary.json"
 SHARD_STATS_KEY = b"t2i.score_stats"  # the parquet's key-value metadata: the shard's stats (json)
+RAW_SHARD_KEY = b"t2i.raw_shard"  # ... and the identity of the raw shard it scored
 # What decides a score parquet's rows: a folder must not mix two settings of them (the device,
 # batch size and cache of the aesthetic model do not).
 _CONTENT_FIELDS = ("input", "filters", "aesthetic")
@@ -100,6 +105,15 @@ class ScoreConfig:
     executor: ExecutorConfig = doc("Ray settings", default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
+        # caught here, not as a failure of every shard on every worker after the model loads
+        sizes = [("decode_threads", self.decode_threads)]
+        if self.max_shards is not None:  # 0 read as "no complete raw shards", -1 as all but one
+            sizes.append(("max_shards", self.max_shards))
+        if self.aesthetic is not None:
+            sizes.append(("aesthetic.batch_size", self.aesthetic.batch_size))
+        for name, value in sizes:
+            if value < 1:
+                raise ValueError(f"{name} is {value}: it must be at least 1")
         if self.aesthetic is None and self.filters.min_aesthetic is not None:
             raise ValueError("filters.min_aesthetic needs an aesthetic model (aesthetic: ...)")
         if self.aesthetic is not None:
@@ -240,6 +254,9 @@ class ScoreWorker:
 
     def __call__(self, index: int) -> dict[str, Any]:
         cfg, f = self.cfg, self.cfg.filters
+        # taken before the tar is read: a shard replaced meanwhile is recorded as the older
+        # download, and scored again by the next run
+        raw_identity = shards.raw_shard_identity(cfg.input, index)
         stats: dict[str, Any] = {"unit": index}
         mended: collections.Counter[str] = collections.Counter()  # kept, but changed on the way
         rows: list[dict[str, Any]] = []
@@ -281,7 +298,7 @@ class ScoreWorker:
         stats.update(mended, samples=len(rows), kept=sum(r["keep"] for r in rows))
         stats["dropped"] = dict(sorted(reasons.items()))
         # the stats travel inside the parquet: written with it, atomically, or not at all
-        storage.write_bytes(score_uri(cfg.output, index), _to_parquet(rows, stats))
+        storage.write_bytes(score_uri(cfg.output, index), _to_parquet(rows, stats, raw_identity))
         return stats
 
     def _score(
@@ -334,9 +351,12 @@ _SCHEMA = pa.schema(
 )
 
 
-def _to_parquet(rows: list[dict[str, Any]], stats: Mapping[str, Any]) -> bytes:
+def _to_parquet(rows: list[dict[str, Any]], stats: Mapping[str, Any], raw_identity: str) -> bytes:
     cols = {name: [r[name] for r in rows] for name in _SCHEMA.names}
-    meta = {SHARD_STATS_KEY: json.dumps(dict(stats), sort_keys=True, default=str).encode()}
+    meta = {
+        SHARD_STATS_KEY: json.dumps(dict(stats), sort_keys=True, default=str).encode(),
+        RAW_SHARD_KEY: raw_identity.encode(),
+    }
     table = pa.table(cols, schema=_SCHEMA.with_metadata(meta))
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -347,6 +367,30 @@ def scored_indices(out: str) -> set[int]:
     """Shards with a score parquet under ``out`` (one listing; the parquet is the done marker)."""
     names = storage.list_dir(out, suffix=".parquet")
     return {int(n[: -len(".parquet")]) for n in names if n[: -len(".parquet")].isdigit()}
+
+
+def read_raw_identity(out: str, index: int) -> str | None:
+    """The raw shard identity score parquet ``index`` under ``out`` recorded (None for one
+    written before it was): one read (retried like every other), its rows not decoded."""
+    data = storage.read_bytes(score_uri(out, index))
+    meta = pq.read_schema(io.BytesIO(data)).metadata or {}
+    raw = meta.get(RAW_SHARD_KEY)
+    return raw.decode() if raw else None
+
+
+def replaced_raw_shards(raw: str, out: str, indices: list[int]) -> list[int]:
+    """Those of ``indices`` (shards with a score parquet under ``out``) whose raw shard under
+    ``raw`` is another download than the one their parquet scored: the parquet's rows are
+    the old download's. A parquet without a recorded identity is not counted (nothing to tell
+    by). One parquet read and one raw shard identity per shard, 32 at a time (tens of thousands
+    of shards at LAION scale)."""
+
+    def replaced(i: int) -> bool:
+        recorded = read_raw_identity(out, i)
+        return recorded is not None and recorded != shards.raw_shard_identity(raw, i)
+
+    with ThreadPoolExecutor(32) as pool:
+        return [i for i, r in zip(indices, pool.map(replaced, indices), strict=True) if r]
 
 
 def read_scores(out: str, index: int) -> dict[str, dict[str, Any]]:
@@ -378,16 +422,29 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         has_results=lambda: bool(scored_indices(cfg.output)),
         ignore=_NOT_CONTENT,
     )
+    scored = scored_indices(cfg.output)
+    # a parquet is done only for the download of its raw shard that it scored
+    changed = set(replaced_raw_shards(cfg.input, cfg.output, [i for i in indices if i in scored]))
+    if changed:
+        log.warning(
+            "score: %d raw shards were downloaded again after they were scored; scored again "
+            "(their parquets overwritten): %s",
+            len(changed),
+            sorted(changed)[:20],
+        )
     report = run_units(
         indices,
         _ScoreFactory(cfg),
         cfg.executor,
-        is_done=scored_indices(cfg.output).__contains__,
+        is_done=lambda i: i in scored and i not in changed,
         desc="score",
     )
-    summary = summarize_scores(cfg.output, indices)
+    # a replaced shard whose scoring failed still has the old download's parquet: not summed
+    stale = changed & set(report.failed)
+    summary = summarize_scores(cfg.output, [i for i in indices if i not in stale])
     summary["failed_shards"] = {str(k): v for k, v in sorted(report.failed.items())}
     summary["skipped_done"] = len(report.skipped)
+    summary["rescored_changed"] = len(changed)
     storage.write_json(storage.join(cfg.output, SUMMARY_NAME), summary)
     log.info(
         "score: %d/%d samples kept over %d shards; drops %s",

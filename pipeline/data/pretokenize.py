@@ -16,8 +16,9 @@ its shard. A damaged raw tar is flagged (``corrupt_tar``) and what was intact be
 is kept. What was mended is counted too: ``caption_not_utf8`` (bad bytes or lone surrogates
 replaced with U+FFFD), ``converted_16bit`` and ``converted_transparent`` (``raw.to_rgb``). Raw
 shards without a score parquet yet are left for a later run and listed in the manifest
-(``unscored_shards``). A rerun redoes only the shards without a done marker, and gives the
-same bytes.
+(``unscored_shards``); so are those downloaded again after they were scored, whose parquet holds
+the old download's decisions (listed in ``stale_score_shards`` too: scoring again redoes them).
+A rerun redoes only the shards without a done marker, and gives the same bytes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pipeline.data.filter import (
     SCORE_CONFIG_NAME,
     aesthetic_reason,
     read_scores,
+    replaced_raw_shards,
     sample_caption,
     sample_meta,
     scored_indices,
@@ -493,18 +495,35 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
     if cfg.max_shards is not None:
         indices = indices[: cfg.max_shards]
     unscored: list[int] = []
+    stale: list[int] = []
     if cfg.min_aesthetic is not None:
         _check_scores_have_aesthetic(cfg.scores)
     if cfg.scores:
         scored = scored_indices(cfg.scores)
-        unscored = [i for i in indices if i not in scored]
-        if unscored:
+        missing = [i for i in indices if i not in scored]
+        if missing:
             log.warning(
                 "%d raw shards have no score parquet yet; left for a later run (score them, "
                 "then rerun): %s",
-                len(unscored),
-                unscored[:20],
+                len(missing),
+                missing[:20],
             )
+        # a score parquet of an earlier download of its raw shard holds another download's
+        # decisions: such a shard waits for its scores like one with none. Shards already
+        # pretokenized are skipped anyway: not looked at
+        done = shards.done_indices(cfg.output)
+        stale = replaced_raw_shards(
+            cfg.input, cfg.scores, [i for i in indices if i in scored and i not in done]
+        )
+        if stale:
+            log.warning(
+                "%d raw shards were downloaded again after they were scored: their score "
+                "parquets are the old download's; left for a later run (score again: the score "
+                "stage redoes them, then rerun): %s",
+                len(stale),
+                stale[:20],
+            )
+        unscored = sorted(missing + stale)
         skip = set(unscored)
         indices = [i for i in indices if i not in skip]
     if not indices:
@@ -531,8 +550,10 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
             "resolution": cfg.resolution,
             "flip": cfg.flip,
             "failed_shards": {str(k): v for k, v in sorted(report.failed.items())},
-            # raw shards not pretokenized because they have no score parquet yet
+            # raw shards not pretokenized because they have no score parquet yet, or only one
+            # of an earlier download of the shard (those are stale_score_shards too)
             "unscored_shards": unscored,
+            "stale_score_shards": stale,
         },
     )
     log.info(

@@ -518,21 +518,60 @@ def read_raw_stats(uri: str) -> dict[str, Any]:
 
 
 def raw_shard_indices(uri: str) -> list[int]:
-    """Indices of the complete raw shards under ``uri``: those whose ``_stats.json`` exists."""
+    """Indices of the complete raw shards under ``uri``: those with a tar and a ``_stats.json``
+    that reads (:func:`read_raw_stats`, 32 at a time). One that exists but does not read is
+    being written, or was cut short by a kill: the download stage removes it and downloads the
+    shard again, so results made from the shard as it is now would outlive it."""
     names = set(storage.list_dir(uri))
-    out = []
+    found = []
     for n in names:
         stem = n[: -len(RAW_STATS_SUFFIX)]
         if n.endswith(RAW_STATS_SUFFIX) and stem.isdigit():
             if f"{stem}.tar" in names:
-                out.append(int(stem))
+                found.append(int(stem))
             else:
                 log.warning("%s has a stats file but no tar; skipped", storage.join(uri, n))
-    return sorted(out)
+    found.sort()
+
+    def reads(index: int) -> bool:
+        try:
+            read_raw_stats(raw_stats_uri(uri, index))
+        except ValueError as e:  # a store error is raised: it says nothing about the shard
+            log.warning("%s does not read (%s)", raw_stats_uri(uri, index), e)
+            return False
+        return True
+
+    with ThreadPoolExecutor(32) as pool:
+        out = [i for i, ok in zip(found, pool.map(reads, found), strict=True) if ok]
+    if len(out) < len(found):
+        left = sorted(set(found) - set(out))
+        log.warning(
+            "%d raw shards under %s have a stats file that does not read (being written, or cut "
+            "short): left out as not complete until the download redoes them: %s",
+            len(left),
+            uri,
+            left[:20],
+        )
+    return out
 
 
 def raw_tar_uri(uri: str, index: int) -> str:
     return storage.join(uri, shard_name(index))
+
+
+def raw_stats_uri(uri: str, index: int) -> str:
+    return storage.join(uri, f"{index:05d}{RAW_STATS_SUFFIX}")
+
+
+def raw_shard_identity(uri: str, index: int) -> str:
+    """Which download of raw shard ``index`` under ``uri`` is there: a digest of its
+    ``_stats.json``'s bytes and its tar's size. img2dataset writes the download's start and end
+    times into the stats, so a shard downloaded again (overwrite=true, or redone for stats that
+    did not read) gets another identity, while the same files read again, or copied to another
+    store, keep theirs (no ETag or modification time in it). Cheap: one small read and one stat."""
+    stats = storage.read_bytes(raw_stats_uri(uri, index))
+    size = storage.size(raw_tar_uri(uri, index))
+    return hashlib.sha256(f"{size}\n".encode() + stats).hexdigest()[:20]
 
 
 class StoreReadError(Exception):
@@ -602,11 +641,7 @@ def iter_raw_shard(uri: str, index: int, stats: dict[str, Any]) -> Iterator[dict
     yield from iter_raw_tar(tar_uri, stats)
     n = stats["raw_samples"]
     try:
-        expected = int(
-            storage.read_json(storage.join(uri, f"{index:05d}{RAW_STATS_SUFFIX}")).get(
-                "successes", n
-            )
-        )
+        expected = int(storage.read_json(raw_stats_uri(uri, index)).get("successes", n))
     except (ValueError, TypeError, FileNotFoundError):
         expected = n
     if expected > n:
