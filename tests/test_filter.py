@@ -268,6 +268,17 @@ def test_rerun_with_other_content_settings_is_refused(tmp_path, models):
     summary = run_score(_score_cfg(raw, out, other_hw))
     assert summary["shards"] == 2 and summary["skipped_done"] == 1
 
+    # weights fingerprinted the way outputs saved before whole-file digests were (sampled
+    # blocks): the same weights, accepted, and the record is brought up to date
+    inputs_uri = os.path.join(out, flt.SCORE_INPUTS_NAME)
+    prints = storage.read_json(inputs_uri)
+    key = "head_weights"
+    legacy = storage._local_fingerprint(aesthetic[key], storage._sampled_digest)
+    assert prints[key] and legacy != prints[key]
+    storage.write_json(inputs_uri, {**prints, key: legacy})
+    assert run_score(_score_cfg(raw, out, aesthetic))["skipped_done"] == 2
+    assert storage.read_json(inputs_uri) == prints
+
     # a retrained aesthetic head written over the old one
     head = torch.load(aesthetic["head_weights"], weights_only=True)
     torch.save({k: -v for k, v in head.items()}, aesthetic["head_weights"])

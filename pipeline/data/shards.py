@@ -392,7 +392,12 @@ def claim_output(
             diff = [
                 f"content of {weights[k]} (the weights at {_field(new, weights[k])!r} changed)"
                 for k, v in prints.items()
-                if k in saved and saved[k] != v
+                if k in saved
+                and (
+                    saved[k] != v
+                    if _field(new, weights[k]) is None
+                    else not storage.same_content(saved[k], _field(new, weights[k]), v)
+                )
             ]
     if diff and has_results():
         raise ConfigError(
