@@ -583,3 +583,65 @@ def test_a_diverged_run_stops_and_says_why(tmp_path):
     )
     assert steps[-1]["step"] < 40  # stopped, not run to the end
     assert any(r["loss"] is None for r in steps)  # NaN written as null
+
+
+def test_a_resume_with_another_zero_stage_or_precision_goes_through_universal(shards, tmp_path):
+    """A checkpoint of ZeRO-2 in fp32 resumed with ZeRO-1 in bf16 (a change after an
+    out-of-memory, or to a faster precision): DeepSpeed's plain load failed on its file names
+    ("not found: ...bf16_zero_pp_rank_0...", which reads as an incomplete checkpoint). The stage
+    and precision are in meta.json now; a change goes through the universal form, and on the
+    same ranks each keeps its data place: the same samples as the uninterrupted run's."""
+    ref = _common(str(tmp_path / "ref"), tmp_path / "ref", shards, ["steps=14", "export=false"])
+    run = _common(str(tmp_path / "run"), tmp_path / "run", shards, ["export=false"])
+    changed = [*run, "steps=14", "deepspeed_config=configs/deepspeed/zero1.json", "precision=bf16"]
+    out = _train_many([ref, [*run, "steps=10"], changed], tmp_path, "layout", n=1)
+    assert (
+        "was written with zero_stage 2 (this run: 1), precision fp32 (this run: bf16): resumed "
+        "through DeepSpeed's universal form" in out
+    )
+    assert "data order starts afresh" not in out
+    a = _steps(tmp_path / "ref" / "metrics" / "steps.jsonl")
+    b = _steps(tmp_path / "run" / "metrics" / "steps.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 15))
+    assert [r["keys"] for r in b[10:]] == [r["keys"] for r in a[10:]]
+    assert b[10]["loss"] == pytest.approx(a[10]["loss"], rel=0.05)  # bf16 now: close, not equal
+
+
+def test_layout_changes_deepspeed_cannot_load_are_refused_by_name(tmp_path):
+    """ZeRO-3's per-rank model states load into no other stage, and without ZeRO there is no
+    per-rank state to re-cut: a bare AssertionError or a missing file inside DeepSpeed before.
+    Refused before the engine is built; a checkpoint from before the layout was recorded tells
+    nothing (loaded as before)."""
+    import torch
+
+    from pipeline.config import ConfigError
+    from pipeline.train.checkpoint import CheckpointManager, tag_for
+    from pipeline.train.engine import DistInfo
+
+    ck = CheckpointManager(
+        str(tmp_path), str(tmp_path), 2, DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    )
+    folder = tmp_path / "checkpoints" / tag_for(10)
+    folder.mkdir(parents=True)
+    (folder / "COMPLETE.json").write_text(json.dumps({"world_size": 1, "files": {}}))
+
+    def check(written, now):
+        (folder / "meta.json").write_text(json.dumps(written))
+        return ck.check_layout(tag_for(10), now)
+
+    fp32 = {"precision": "fp32"}
+    assert check({"zero_stage": 2, **fp32}, {"zero_stage": 1, "precision": "bf16"}) == {
+        "zero_stage": (2, 1),
+        "precision": ("fp32", "bf16"),
+    }
+    assert check({"zero_stage": 3, **fp32}, {"zero_stage": 3, "precision": "bf16"})
+    assert check({"zero_stage": 2, **fp32}, {"zero_stage": 2, **fp32}) == {}
+    assert check({}, {"zero_stage": 3, **fp32}) == {}  # written before the layout was recorded
+    for written, now in [
+        ({"zero_stage": 2, **fp32}, {"zero_stage": 3, **fp32}),
+        ({"zero_stage": 3, **fp32}, {"zero_stage": 1, **fp32}),
+        ({"zero_stage": 0, **fp32}, {"zero_stage": 0, "precision": "bf16"}),
+        ({"zero_stage": 0, **fp32}, {"zero_stage": 2, **fp32}),
+    ]:
+        with pytest.raises(ConfigError, match=r"written with .*Resume with the settings it was"):
+            check(written, now)

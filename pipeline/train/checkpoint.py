@@ -542,12 +542,48 @@ class CheckpointManager:
         """How many ranks wrote ``tag`` (from its marker; fetched first when only S3 has it)."""
         return written_world_size(self.ensure_local(tag))
 
-    def needs_universal(self, tag: str) -> bool:
-        """Whether resuming ``tag`` on this run's ranks goes through the universal form: it was
-        written by another number of ranks and its optimizer state is cut per rank."""
+    def needs_universal(self, tag: str, layout: dict[str, Any] | None = None) -> bool:
+        """Whether resuming ``tag`` on this run's ranks goes through the universal form: its
+        optimizer state is cut per rank, and it was written by another number of ranks or with
+        another ``layout`` (ZeRO stage, precision: see :meth:`layout_changes`)."""
         local = self.ensure_local(tag)
+        if not partitioned_optimizer(local):
+            return False
         written = written_world_size(local)
-        return written not in (None, self.dist.world) and partitioned_optimizer(local)
+        return written not in (None, self.dist.world) or bool(self.layout_changes(tag, layout))
+
+    def check_layout(self, tag: str, layout: dict[str, Any]) -> dict[str, tuple]:
+        """:meth:`layout_changes`, refused where no load carries them: DeepSpeed's universal
+        form loads a ZeRO-1 checkpoint into ZeRO-2 and back, and any stage's into another
+        precision, but not ZeRO-3's per-rank model states into stage 1 or 2 (nor back), and
+        without ZeRO there is nothing per rank to re-cut (both tried: each fails inside
+        DeepSpeed with an AssertionError or a missing file)."""
+        changed = self.layout_changes(tag, layout)
+        if not changed:
+            return changed
+        was, now = changed.get("zero_stage", (layout["zero_stage"],) * 2)
+        if {was, now} <= {1, 2} or (was == now and now != 0):
+            return changed
+        what = ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in changed.items())
+        raise ConfigError(
+            f"checkpoint {tag} was written with {what}: DeepSpeed cannot load it so (ZeRO-3 "
+            "keeps per-rank model states, and without ZeRO there is no per-rank state to re-cut; "
+            "ZeRO-1 and 2 load each other's). Resume with the settings it was written with, or "
+            "start a new run_dir from its weights: python jobs/export.py --checkpoint RUN_DIR "
+            "--out EXPORT, then init_from=EXPORT (the optimizer state does not carry over)"
+        )
+
+    def layout_changes(self, tag: str, layout: dict[str, Any] | None) -> dict[str, tuple]:
+        """``{key: (written, now)}`` for the settings in ``layout`` (``zero_stage``,
+        ``precision``) that ``tag`` was written with otherwise (its ``meta.json``; a checkpoint
+        from before they were recorded tells none). DeepSpeed's plain load of another stage or
+        precision fails on file names (a bare AssertionError, or a missing ``bf16_*`` file that
+        reads as an incomplete checkpoint); the universal form re-cuts the state for either."""
+        path = os.path.join(self.ensure_local(tag), "meta.json")
+        meta = storage.read_json(path) if os.path.exists(path) else {}
+        return {
+            k: (meta[k], v) for k, v in (layout or {}).items() if k in meta and meta[k] != v
+        }
 
     def universal_root(self, tag: str) -> str:
         """Where ``tag`` converted to DeepSpeed's universal format lies (converted on each node
@@ -610,7 +646,11 @@ class CheckpointManager:
         if universal:
             client = engine.load_checkpoint(eng, self.universal_root(tag), tag)
             log.info("resumed from checkpoint %s (step %d), universal", tag, client.get("step", -1))
-            return client, None
+            if written_world_size(local) != self.dist.world:
+                return client, None
+            # the same ranks with another ZeRO stage or precision: each keeps its own place
+            path = os.path.join(local, f"rank_state_{self.dist.rank:05d}.pt")
+            return client, torch.load(path, weights_only=True)
         check_world_size(local, tag, self.dist.world)
         client = engine.load_checkpoint(eng, self.local_root, tag)
         if written_world_size(local) not in (None, self.dist.world):

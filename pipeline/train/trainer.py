@@ -176,10 +176,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # a checkpoint of another world size whose optimizer state is cut per rank (ZeRO 1-3)
     # resumes through DeepSpeed's universal form; without ZeRO the state is whole in the
     # checkpoint and loads as it is
+    # (the same for another ZeRO stage or precision, which DeepSpeed's plain load refuses)
     written = ckpt.written_world(tag) if tag is not None else None
-    universal = tag is not None and ckpt.needs_universal(tag)
+    layout = {"zero_stage": engine.zero_stage(ds_config), "precision": precision}
+    changed = ckpt.check_layout(tag, layout) if tag is not None else {}
+    universal = tag is not None and ckpt.needs_universal(tag, layout)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        if changed and dist.is_main:
+            log.info(
+                "checkpoint %s was written with %s: resumed through DeepSpeed's universal form",
+                tag, ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in changed.items()),
+            )  # fmt: skip
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     groups = param_groups(model, cfg.optim)
     group_names = [g["names"] for g in groups]
@@ -307,6 +315,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "run": cfg.name,
                 # the order of DeepSpeed's fp32 master copies without ZeRO (for the export)
                 "param_groups": group_names,
+                **layout,  # a resume with another stage or precision goes through universal
             },
         )
 
