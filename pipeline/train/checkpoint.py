@@ -581,9 +581,7 @@ class CheckpointManager:
         reads as an incomplete checkpoint); the universal form re-cuts the state for either."""
         path = os.path.join(self.ensure_local(tag), "meta.json")
         meta = storage.read_json(path) if os.path.exists(path) else {}
-        return {
-            k: (meta[k], v) for k, v in (layout or {}).items() if k in meta and meta[k] != v
-        }
+        return {k: (meta[k], v) for k, v in (layout or {}).items() if k in meta and meta[k] != v}
 
     def universal_root(self, tag: str) -> str:
         """Where ``tag`` converted to DeepSpeed's universal format lies (converted on each node
