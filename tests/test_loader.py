@@ -519,3 +519,21 @@ def test_a_resume_after_empty_epochs_goes_on_as_the_uninterrupted_run(tmp_path):
             assert got == keys[i + 1 :], (seed, i)
             checked += 1
     assert checked >= 5, checked
+
+
+def test_fewer_shards_than_streams_warns_that_each_stream_reads_them_all(toy, caplog):
+    """``split: auto`` with fewer shards than streams splits by sample: every stream reads every
+    shard and keeps its share, the data's bytes times the stream count an epoch (16x with 8
+    GPUs x 2 workers), without a word. Now rank 0 says so, with the fix."""
+    import logging
+
+    cfg = LoaderConfig(shards=[toy], batch_size=1, num_workers=0)
+    n = len(list_done_shards(toy))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        TokenLoader(cfg, SPEC, rank=0, world=n)  # one shard a stream: read once
+        assert "every stream reads every shard" not in caplog.text
+        TokenLoader(cfg, SPEC, rank=1, world=2 * n)  # not rank 0: quiet
+        assert "every stream reads every shard" not in caplog.text
+        TokenLoader(cfg, SPEC, rank=0, world=2 * n)
+    assert f"{n} shards split by sample among {2 * n} streams" in caplog.text
+    assert f"{2 * n}x the data's bytes an epoch (at least as many shards" in caplog.text

@@ -505,6 +505,23 @@ def _check_every_stream_gets_samples(
         )
 
 
+def _warn_if_every_stream_reads_every_shard(
+    n_shards: int, cfg: LoaderConfig, world: int, n_local: int
+) -> None:
+    streams = world * n_local
+    who = f"{streams} streams ({world} ranks x {n_local} per rank, data.num_workers)"
+    if cfg.split == "sample" or (cfg.split == "auto" and n_shards < streams):
+        # each stream reads every shard and keeps its share: the reads of an epoch are the
+        # data's size times the stream count (from S3 too); whole shards per stream read once
+        log.warning(
+            "data: %d shards split by sample among %s: every stream reads every shard, %dx the "
+            "data's bytes an epoch%s",
+            n_shards, who, streams,
+            " (at least as many shards as streams splits them whole: pretokenize with smaller "
+            "shards, or use fewer data.num_workers)" if cfg.split == "auto" else "",
+        )  # fmt: skip
+
+
 class TokenLoader:
     """This rank's endless sequence of training batches, with ``state_dict`` for exact resume.
 
@@ -539,6 +556,8 @@ class TokenLoader:
         _check_every_stream_gets_samples(
             len(self.shards), n_samples, len(listed), cfg, world, self.n_local
         )
+        if rank == 0:
+            _warn_if_every_stream_reads_every_shard(len(self.shards), cfg, world, self.n_local)
         self._state: dict[str, Any] = {}
         self.start_afresh(0)
         log.info(
