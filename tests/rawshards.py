@@ -107,3 +107,20 @@ def build_tiny_models(root: str, aesthetic: bool = False) -> dict[str, Any]:
 
         out["aesthetic"] = build_tiny_aesthetic(storage.join(root, "aesthetic"))
     return out
+
+
+def download_again(raw, index, per_shard, tmp, when, meta_fn=None):
+    """Raw shard ``index`` under ``raw`` replaced by another download of it (``per_shard``
+    samples): its files written again, and its stats with that download's times (img2dataset
+    writes them there), so the shard's identity changes."""
+    import shutil
+
+    again = os.path.join(tmp, f"again-{index}-{when}")
+    write_raw_shards(again, index + 1, per_shard, meta_fn=meta_fn)
+    stats = os.path.join(again, f"{index:05d}_stats.json")
+    with open(stats) as f:
+        s = json.load(f)
+    with open(stats, "w") as f:
+        json.dump({**s, "start_time": when - 5.0, "end_time": when}, f)
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        shutil.copy(os.path.join(again, f"{index:05d}{suffix}"), raw)

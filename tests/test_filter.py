@@ -9,7 +9,7 @@ from pipeline import storage
 from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.data import filter as flt
 from pipeline.data.filter import FilterConfig, ScoreConfig, filter_reason, run_score
-from tests.rawshards import build_tiny_models, raw_key, write_raw_shards
+from tests.rawshards import build_tiny_models, download_again, raw_key, write_raw_shards
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "data")
 
@@ -406,23 +406,6 @@ def test_score_settings_that_would_fail_every_shard_are_refused_at_load(override
 # --- a raw shard downloaded again after it was scored -------------------------------------------
 
 
-def _download_again(raw, index, tmp, when, meta_fn=None):
-    """Raw shard ``index`` under ``raw`` replaced by another download of it: its files written
-    again, and its stats with that download's times (img2dataset writes them there)."""
-    import json
-    import shutil
-
-    again = os.path.join(tmp, f"again-{index}-{when}")
-    write_raw_shards(again, index + 1, 3, meta_fn=meta_fn)
-    stats = os.path.join(again, f"{index:05d}_stats.json")
-    with open(stats) as f:
-        s = json.load(f)
-    with open(stats, "w") as f:
-        json.dump({**s, "start_time": when - 5.0, "end_time": when}, f)
-    for suffix in (".tar", ".parquet", "_stats.json"):
-        shutil.copy(os.path.join(again, f"{index:05d}{suffix}"), raw)
-
-
 def test_stats_that_do_not_read_leave_their_shard_out(tmp_path):
     """img2dataset writes _stats.json with a plain open: while it is written it exists, empty,
     and a kill can cut it short; the download removes such a file and downloads the shard
@@ -446,14 +429,14 @@ def test_a_raw_shard_downloaded_again_is_scored_again(tmp_path):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "scores")
     write_raw_shards(raw, 2, 3)
     for i in (0, 1):
-        _download_again(raw, i, str(tmp_path), 1000.0, lambda s, i: {"punsafe": 0.9})
+        download_again(raw, i, 3, str(tmp_path), 1000.0, lambda s, i: {"punsafe": 0.9})
     cfg = _score_cfg(raw, out, None)
     first = run_score(cfg)
     assert first["kept"] == 0 and first["rescored_changed"] == 0
     assert flt.read_raw_identity(out, 1) is not None
     before = os.stat(flt.score_uri(out, 0)).st_mtime_ns
 
-    _download_again(raw, 1, str(tmp_path), 2000.0)  # the same URLs, safe this time
+    download_again(raw, 1, 3, str(tmp_path), 2000.0)  # the same URLs, safe this time
     summary = run_score(cfg)
     assert summary["rescored_changed"] == 1 and summary["skipped_done"] == 1
     assert [r["keep"] for r in flt.read_scores(out, 1).values()] == [True] * 3
@@ -484,7 +467,7 @@ def test_score_parquets_without_a_raw_identity_are_done_as_before(tmp_path):
     run_score(cfg)
     _forget_raw_identity(out, 0)
     assert flt.read_raw_identity(out, 0) is None
-    _download_again(raw, 0, str(tmp_path), 3000.0)
+    download_again(raw, 0, 3, str(tmp_path), 3000.0)
     summary = run_score(cfg)
     assert summary["rescored_changed"] == 0 and summary["skipped_done"] == 2
     assert flt.replaced_raw_shards(raw, out, [0, 1]) == []

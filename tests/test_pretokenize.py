@@ -23,7 +23,7 @@ from pipeline.data.pretokenize import (
 )
 from pipeline.models.text_encoder import TextEncoder
 from pipeline.models.vq import VQModel
-from tests.rawshards import build_tiny_models, raw_key, write_raw_shards
+from tests.rawshards import build_tiny_models, download_again, raw_key, write_raw_shards
 from tests.raycluster import signal_all, wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -697,23 +697,6 @@ def test_vq_out_of_memory_goes_on_in_smaller_chunks(tmp_path, models, monkeypatc
         w._encode_images(pixels[:1])
 
 
-def _download_again(raw, index, tmp, when, meta_fn=None):
-    """Raw shard ``index`` under ``raw`` replaced by another download of it: its files written
-    again, and its stats with that download's times (img2dataset writes them there)."""
-    import json
-    import shutil
-
-    again = os.path.join(tmp, f"again-{index}-{when}")
-    write_raw_shards(again, index + 1, 2, meta_fn=meta_fn)
-    stats = os.path.join(again, f"{index:05d}_stats.json")
-    with open(stats) as f:
-        s = json.load(f)
-    with open(stats, "w") as f:
-        json.dump({**s, "start_time": when - 5.0, "end_time": when}, f)
-    for suffix in (".tar", ".parquet", "_stats.json"):
-        shutil.copy(os.path.join(again, f"{index:05d}{suffix}"), raw)
-
-
 def test_scores_of_an_earlier_download_of_the_raw_shard_are_not_used(tmp_path, models):
     """A raw shard downloaded again after it was scored (the same URLs at the same keys, other
     metadata: the URL check cannot tell) has a score parquet of the old download: its keep /
@@ -729,7 +712,7 @@ def test_scores_of_an_earlier_download_of_the_raw_shard_are_not_used(tmp_path, m
     raw, scores = str(tmp_path / "raw"), str(tmp_path / "scores")
     write_raw_shards(raw, 3, 2)
     for i in range(3):
-        _download_again(raw, i, str(tmp_path), 1000.0, lambda s, i: {"punsafe": 0.9})
+        download_again(raw, i, 2, str(tmp_path), 1000.0, lambda s, i: {"punsafe": 0.9})
     over = [f"input={raw}", f"output={scores}", "executor.backend=inline"]
     score_cfg = load_config(ScoreConfig, None, [*over, "filters.min_image_size=32"])
     run_score(score_cfg)
@@ -741,7 +724,7 @@ def test_scores_of_an_earlier_download_of_the_raw_shard_are_not_used(tmp_path, m
     pq.write_table(table.replace_schema_metadata(meta), buf)
     storage.write_bytes(uri, buf.getvalue())
     for i in (1, 2):
-        _download_again(raw, i, str(tmp_path), 2000.0)  # safe now
+        download_again(raw, i, 2, str(tmp_path), 2000.0)  # safe now
 
     out = str(tmp_path / "tokens")
     cfg = load_config(PretokenizeConfig, TINY, _overrides(raw, out, models, f"scores={scores}"))
