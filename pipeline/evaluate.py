@@ -65,6 +65,11 @@ class EvalConfig:
     text_dtype: Literal["float32", "bfloat16"] = doc(
         "T5 compute dtype: the one pretokenize used (text.dtype)", "float32"
     )
+    clean_captions: bool = doc(
+        "clean the captions as LlamaGen does before T5: the setting pretokenize used "
+        "(text.clean_captions), so the GPT is scored on its kind of text",
+        True,
+    )
     images_per_caption: int = doc("images sampled per caption", 1)
     batch_size: int = doc("images sampled together", 8)
     seed: int = doc("base sampling seed", 0)
@@ -323,6 +328,7 @@ def _sample(cfg: EvalConfig, captions: list[str]) -> str:
             output=samples,
             text_encoder=cfg.text_encoder,
             text_dtype=cfg.text_dtype,
+            clean_captions=cfg.clean_captions,
             prompts_file=prompts,
             images_per_prompt=cfg.images_per_caption,
             batch_size=cfg.batch_size,

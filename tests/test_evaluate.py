@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,3 +338,20 @@ def test_evaluation_sampled_in_parts(setup, tmp_path):
     report = run_evaluation(cfg)
     assert report["images"] == 3 and report["sampling"]["sampled"] == 0
     assert (out / "report.json").exists()
+
+
+def test_evaluation_samples_with_the_caption_cleaning_pretokenize_used(setup, tmp_path):
+    """The sampling under an evaluation always cleaned captions (SampleConfig's default); a
+    model whose shards were made with text.clean_captions=false was scored on text unlike its
+    training text. EvalConfig.clean_captions is passed through."""
+    import dataclasses
+
+    from pipeline.evaluate import _sample
+
+    for clean in (False, True):
+        cfg = dataclasses.replace(
+            _sampling_eval(setup, tmp_path / f"e{clean}"), clean_captions=clean
+        )
+        samples = _sample(cfg, ["A Red Circle", "a blue square"])
+        saved = (Path(samples) / "config.yaml").read_text()
+        assert f"clean_captions: {str(clean).lower()}" in saved
