@@ -11,6 +11,8 @@ cached path is checked and benchmarked against (benchmarks/bench_decode.py).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +41,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p {self.top_p} is outside [0, 1]")
-        if self.top_k < 0 or self.temperature < 0:
-            raise ValueError(f"top_k {self.top_k} and temperature {self.temperature} must be >= 0")
+        if self.top_k < 0 or not self.temperature >= 0 or not math.isfinite(self.temperature):
+            raise ValueError(
+                f"top_k {self.top_k} and temperature {self.temperature} must be >= 0 (and finite)"
+            )
         if self.cfg_interval < -1:
             raise ValueError(f"cfg_interval {self.cfg_interval}: -1 (always) or a token index")
 
@@ -79,20 +83,28 @@ def draw(
     first token whose cumulative probability exceeds it, so a tiny float difference in the logits
     (cached vs uncached, batch of 1 vs 8) moves a boundary a tiny bit instead of reordering
     tokens. Cheaper than ``filter_logits`` + per-row ``torch.multinomial``: one unsorted top-k
-    for the threshold, and top-p sorts only the k survivors when top-k is on (so with top-p on,
-    tokens tied with the k-th one beyond the k that ``topk`` returns are out: ties are a
-    measure-zero case for real logits, and which of them a sort keeps is arbitrary anyway).
+    for the threshold, and top-p sorts only the top-k survivors when top-k is on: every token
+    tied with the k-th, as ``filter_logits`` and LlamaGen keep them (bf16 logits tie often: at
+    k=1000 of 16384, most rows have a few more than k).
     """
     if params.temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
+    # LlamaGen's floor: a temperature of 1e-37 made every logit infinite and the softmax NaN
+    logits = logits.float() / max(params.temperature, 1e-5)
     V = logits.size(-1)
     k = params.top_k if 0 < params.top_k < V else 0
     if params.top_p < 1.0:
-        # sorted candidates: the top k, or the whole vocabulary
-        vals, idx = torch.topk(logits, k, dim=-1) if k else torch.sort(logits, -1, True)
+        # sorted candidates: the top k and their ties (as many as the row with most), or the
+        # whole vocabulary; a row's extra ones below its k-th value get no mass
+        if k:
+            kth = torch.topk(logits, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+            wide = int((logits >= kth).sum(-1).max())
+            vals, idx = torch.topk(logits, wide, dim=-1)
+            vals = vals.masked_fill(vals < kth, float("-inf"))
+        else:
+            vals, idx = torch.sort(logits, -1, True)
         p = vals.softmax(-1)
-        keep = (p.cumsum(-1) - p) < params.top_p
+        keep = ((p.cumsum(-1) - p) < params.top_p) & (vals > float("-inf"))
         keep[:, 0] = True  # the top token always stays (top_p 0: greedy, as in LlamaGen)
         # the kept prefix by position, not by a cutoff value: tokens tied with the last kept one
         # stay out (top_p 0 keeps one token even on a tie, as LlamaGen's scatter does)

@@ -162,6 +162,39 @@ def test_top_p_keeps_the_sorted_prefix_even_on_ties():
     assert torch.isfinite(filter_logits(logits, top_p=0.0)).sum() == 1
 
 
+def test_top_k_with_top_p_keeps_the_tokens_tied_with_the_kth():
+    """With top-p on, draw kept exactly the k tokens torch.topk returns; LlamaGen and
+    filter_logits keep every token tied with the k-th (bf16 logits tie often: most rows at
+    k=1000 of 16384), and the tied ones' mass moves the nucleus. The support is filter_logits'
+    now, rows with and without ties in one batch."""
+    logits = torch.tensor([[4.0, 2.0, 2.0, 2.0, 1.0, 0.0], [4.0, 3.0, 2.0, 1.0, 0.5, 0.0]])
+    n = 3000
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    rows = logits.repeat_interleave(n // 2, 0)
+    params = SamplingParams(top_k=2, top_p=0.99, temperature=1.0)
+    got = draw(rows, params, gens)
+    allowed = torch.isfinite(filter_logits(logits, params.top_k, params.top_p))
+    assert allowed.tolist() == [[True] * 4 + [False] * 2, [True] * 2 + [False] * 4]
+    for r in range(2):
+        picks = got[r * (n // 2) : (r + 1) * (n // 2)]
+        assert allowed[r][picks].all()
+        assert set(picks.tolist()) == set(allowed[r].nonzero().flatten().tolist()), r
+
+
+def test_temperatures_that_break_the_softmax_are_floored_or_refused():
+    """A temperature of 1e-37 made every kept logit infinite and the softmax NaN: every token
+    came out the last of the vocabulary. Floored at 1e-5 as LlamaGen's max(T, 1e-5): the top
+    token; NaN or infinite temperatures are refused."""
+    logits = torch.tensor([[0.5, 3.0, 1.0, 2.0]]).expand(4, -1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    for top_p in (1.0, 0.9):
+        tiny = SamplingParams(top_k=0, top_p=top_p, temperature=1e-37)
+        assert draw(logits, tiny, gens).tolist() == [1, 1, 1, 1]
+    for t in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=t)
+
+
 def test_bf16_cpu_decoder_freezes_its_weights_and_refuses_changed_ones():
     """bf16 on CPU, mode 'default': the compiled step has the weights as constants (inductor's
     freezing, for oneDNN's packed linear). Its logits are eager's up to bf16 rounding; once the
