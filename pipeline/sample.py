@@ -12,7 +12,6 @@ cached path is checked and benchmarked against (benchmarks/bench_decode.py).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
