@@ -148,13 +148,20 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
     """``img`` as 8-bit RGB the way a viewer shows it, and what that took beyond a plain convert.
 
     16-bit greyscale (PNG) is scaled to 8 bits (``convert`` would clip every value over 255 to
-    white); transparency (an alpha channel, or a palette / colour key marked transparent) is
+    white), a colour key (tRNS) kept as an alpha channel marking the pixels equal to it at 16
+    bits; transparency (an alpha channel, or a palette / colour key marked transparent) is
     flattened onto white (``convert`` would drop the alpha and show the colour stored under it,
     black in most files)."""
     notes: list[str] = []
     if img.mode in _16BIT_MODES:
         a = np.asarray(img).astype(np.int64).clip(0, 65535)
-        img = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")  # round(a * 255 / 65535)
+        grey = ((a + 128) // 257).astype(np.uint8)  # round(a * 255 / 65535)
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # a colour key (tRNS): the pixels equal to it, at 16 bits
+            alpha = np.where(a == key, 0, 255).astype(np.uint8)
+            img = Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
+        else:
+            img = Image.fromarray(grey, "L")
         notes.append("converted_16bit")
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
@@ -214,23 +221,48 @@ def random_crop_flip(
     return img
 
 
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to ``size`` (bicubic), then crop the centre ``size`` x ``size``.
+# a resized whole image bigger than this many crops (an aspect ratio over 64 after the box
+# halving) is resized only where the crop needs (:func:`center_crop`)
+_FULL_RESIZE_MAX_CROPS = 64
 
-    The pixels are those of resizing the whole image and cropping (a few differ by 1 or 2
-    levels: the crop's offset rounds differently in floating point), but only what the crop
-    needs is computed: the source rows it draws on, then its columns (first,
-    as ``Image.resize`` does), then its rows. Resizing first made a 10000:1 image a 2.6 GB
-    array on the way to a 256 x 256 crop."""
-    nw, nh = _short_side_size(*img.size, size)
-    return resized_crop(img, (nw, nh), (nw - size) // 2, (nh - size) // 2, size)
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """LlamaGen's centre crop (``center_crop_arr`` in its ``dataset/augmentation.py``, from
+    ADM), the crop its code extraction and tokenizer evaluation apply: halve the image with a
+    box filter while its short side is at least ``2 * size``, resize it (bicubic) so that the
+    short side is ``size`` (each side ``round(side * size / short)``), crop the centre ``size``
+    x ``size`` (offsets ``(side - size) // 2``). The same Pillow calls on the whole image, so
+    the pixels are LlamaGen's exactly, and with them the codes its VQ and GPT saw. (The box
+    halving makes a large image softer than a single bicubic resize would.)
+
+    After the halving, the short side is below ``2 * size``, so the whole resized image is only
+    ``aspect ratio`` crops big. An image so elongated that it would exceed
+    ``_FULL_RESIZE_MAX_CROPS`` crops (a 10000:1 image became a 2.6 GB array on the way to a
+    256 x 256 crop) is instead resized only where the crop needs (:func:`resized_crop`): close
+    to LlamaGen's pixels there, not equal."""
+    box, bicubic = Image.Resampling.BOX, Image.Resampling.BICUBIC
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), resample=box)
+    scale = size / min(img.size)
+    nw, nh = round(img.width * scale), round(img.height * scale)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if nw * nh > _FULL_RESIZE_MAX_CROPS * size * size:
+        return resized_crop(img, (nw, nh), left, top, size)
+    img = img.resize((nw, nh), resample=bicubic)
+    return img.crop((left, top, left + size, top + size))
 
 
 def resized_crop(
     img: Image.Image, resized: tuple[int, int], left: int, top: int, size: int
 ) -> Image.Image:
     """The ``size`` x ``size`` crop at (left, top) of ``img`` resized (bicubic) to ``resized``,
-    computing only the part of the resize the crop needs (see :func:`center_crop`)."""
+    computing only what the crop needs: the source rows it draws on, then its columns
+    (horizontal pass), then its rows (vertical pass), each a Pillow resize of a box, so that
+    the cost does not grow with the image's aspect ratio. The pixels are close to those of
+    resizing the whole image and cropping, not equal: the boxes' offsets round differently in
+    floating point, and Pillow picks the order of its two passes for a whole image itself (on
+    the pinned Pillow, vertical first for some, a tall image for one), each pass rounded to 8
+    bits."""
     w, h = img.size
     nw, nh = resized
     if (nw, nh) == (w, h):
