@@ -1,7 +1,7 @@
 """Evaluation: FID and CLIP score of generated images over a caption set, plus tokenizer metrics.
 
 The captions (a .txt file with one per line, a .csv/.tsv with a caption column, or a COCO
-``captions_*.json``) are sampled through the sampling job (``pipeline.sample_job``: resumable,
+``captions_*.json``: its first caption of each image) are sampled through the sampling job (``pipeline.sample_job``: resumable,
 under ``{output}/samples``), or an earlier sampling output is given as ``generated``. Then:
 
 - CLIP score: the CLIPScore paper's (Hessel et al., 2021) per-image ``100 * max(cos(image,
@@ -9,8 +9,10 @@ under ``{output}/samples``), or an earlier sampling output is given as ``generat
   same number whenever no image scores below 0, as real image-caption pairs practically never do), computed with open_clip (as ``pipeline.models.aesthetic``) from a LOCAL or s3:// state
   dict; OpenAI's ViT-L/14 (``ViT-L-14-quickgelu``) is the usual choice.
 - FID: torchmetrics' ``FrechetInceptionDistance`` against ``reference_images`` (a folder of image
-  files, or of raw img2dataset shards), each center-cropped to the generated size, with
-  torch-fidelity's InceptionV3 weights from a LOCAL or s3:// file.
+  files, or of raw img2dataset shards), with torch-fidelity's InceptionV3 weights from a LOCAL or
+  s3:// file. ``fid_protocol`` says how both sides are brought to Inception's 299 px
+  (:func:`fid_input`): "llamagen" as LlamaGen's evaluations/t2i (clean-fid), or
+  "torch-fidelity", this pipeline's earlier protocol, whose numbers do not compare with theirs.
 - Tokenizer reconstruction (PSNR, SSIM, codebook usage, rFID) from
   ``pipeline.tokenizer.evaluate`` on raw shards, when ``tokenizer_data`` is given.
 
@@ -35,7 +37,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import doc, save_config, to_dict
-from pipeline.data.raw import PIL_FORMATS, to_rgb
+from pipeline.data.raw import PIL_FORMATS, center_crop, to_rgb
 from pipeline.log import get_logger, progress
 from pipeline.sample import SamplingParams
 from pipeline.sample_job import SampleConfig, load_manifest, run_sampling
@@ -45,6 +47,8 @@ log = get_logger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # the decoders of IMAGE_EXTS, and no more: sniffing every format would let EPS start Ghostscript
 IMAGE_FORMATS = (*PIL_FORMATS, "BMP")
+# InceptionV3's input size: torch-fidelity resizes any other size to it (TF1-style bilinear)
+INCEPTION_SIZE = 299
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class EvalConfig:
     output: str = doc("report folder: report.json, report.md, samples/ (local or s3://)")
     captions: str = doc("captions file: .txt (one per line), .csv/.tsv, or COCO captions .json", "")
     caption_column: str = doc("caption column of a .csv/.tsv", "caption")
-    max_captions: int = doc("use the first N captions (0: all)", 0)
+    max_captions: int = doc("use the first N captions (0: all; COCO .json: one per image)", 0)
     generated: str | None = doc(
         "an earlier sampling output (with images.json) to score instead of sampling", None
     )
@@ -93,6 +97,14 @@ class EvalConfig:
     clip_model_config: str | None = doc("open_clip model-config JSON to register first", None)
     reference_images: str | None = doc("folder of real images or raw shards for FID", None)
     max_reference_images: int = doc("at most this many reference images (0: all)", 0)
+    fid_protocol: Literal["llamagen", "torch-fidelity"] = doc(
+        "how images reach Inception's 299 px. llamagen: as LlamaGen's evaluations/t2i with "
+        "clean-fid (centre square, PIL LANCZOS to fid_image_size, PIL bicubic to 299); "
+        "torch-fidelity: this pipeline's earlier FID (references bicubic-cropped to the generated "
+        "size, torch-fidelity's bilinear resize to 299), for comparisons with earlier reports",
+        "llamagen",
+    )
+    fid_image_size: int = doc("llamagen protocol: the size both sides are resized to first", 256)
     inception_weights: str | None = doc(
         "torch-fidelity InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)", None
     )
@@ -106,6 +118,8 @@ class EvalConfig:
         # as "all" could mean a pass over a whole data set nobody asked for
         if self.tokenizer_images < 1:
             raise ValueError(f"tokenizer_images must be >= 1, got {self.tokenizer_images}")
+        if self.fid_image_size < 1:
+            raise ValueError(f"fid_image_size must be >= 1, got {self.fid_image_size}")
         for name in ("max_captions", "max_reference_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: all), got {getattr(self, name)}")
@@ -120,8 +134,19 @@ def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str
     low = uri.lower()
     if low.endswith(".json"):
         data = json.loads(text)
-        rows = data["annotations"] if isinstance(data, dict) else data
-        caps = [r["caption"] if isinstance(r, dict) else r for r in rows]
+        if isinstance(data, dict):
+            # COCO holds ~5 captions per image, one after another: the first N annotations were
+            # N/5 images described 5 times. One caption per image, as 30k-caption FID protocols
+            # sample: each image's first (non-empty) caption, in the order of "images"
+            first: dict[Any, str] = {}
+            for i, r in enumerate(data["annotations"]):
+                if str(r["caption"]).strip():
+                    first.setdefault(r.get("image_id", ("annotation", i)), r["caption"])
+            order = {im["id"]: n for n, im in enumerate(data.get("images", []))}
+            # stable: images missing from "images" follow, in annotation order
+            caps = [first[k] for k in sorted(first, key=lambda k: order.get(k, len(order)))]
+        else:
+            caps = [r["caption"] if isinstance(r, dict) else r for r in data]
     elif low.endswith((".csv", ".tsv")):
         delim = "\t" if low.endswith(".tsv") else ","
         first, _, body = text.partition("\n")
@@ -165,27 +190,72 @@ def _load_image(data: bytes, name: str) -> Image.Image | None:
         return None
 
 
-def iter_reference_images(uri: str, size: int, limit: int = 0) -> Iterator[torch.Tensor]:
-    """Reference images as uint8 (3, size, size), center-cropped: image files or raw shards."""
-    from pipeline.data.raw import center_crop, iter_eval_images, list_complete_shards
+def iter_reference_images(uri: str, limit: int = 0) -> Iterator[Image.Image]:
+    """Reference images as RGB PIL images, whole (:func:`fid_input` crops them): image files or
+    raw shards (their broken images skipped, as ``pipeline.data.raw.iter_eval_images`` does)."""
+    from pipeline.data.raw import decode_image, iter_raw_samples, list_complete_shards
 
     shards = list_complete_shards(uri)
     if shards:
-        for _, x in iter_eval_images(shards, size, limit or None):  # [-1, 1]
-            yield ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return
+        decoded = (decode_image(s) for s in iter_raw_samples(shards))
+    else:
+        paths = (
+            storage.join(uri, n) for n in storage.list_dir(uri) if n.lower().endswith(IMAGE_EXTS)
+        )
+        decoded = (_load_image(storage.read_bytes(p), p) for p in paths)
     n = 0
-    for name in storage.list_dir(uri):
-        if not name.lower().endswith(IMAGE_EXTS):
-            continue
-        path = storage.join(uri, name)
-        img = _load_image(storage.read_bytes(path), path)
+    for img in decoded:
         if img is None:
             continue
-        yield pil_to_uint8(center_crop(img, size))
+        yield img
         n += 1
         if limit and n >= limit:
             return
+
+
+def fid_input(img: Image.Image, protocol: str, size: int) -> torch.Tensor:
+    """``img`` (generated or reference) as the uint8 (3, H, W) image the FID metric is given.
+
+    "llamagen": as LlamaGen's evaluations/t2i/evaluation.py (``compute_fid``: clean-fid's
+    ``compute_fid`` in its default "clean" mode, with their ``custom_image_tranform``), so that
+    FIDs compare with the ones they report: the centre square of the short side (torchvision's
+    ``center_crop``, their ``CenterCropLongEdge``: offsets rounded half to even, not floored), PIL
+    LANCZOS to ``size`` (their eval_res, 256), then clean-fid's resize to 299 x 299: PIL BICUBIC
+    on each channel as a float ("F") image, which keeps the fractions an 8-bit resize would round.
+    clean-fid feeds that float image to Inception; torchmetrics takes uint8 only, so it is rounded
+    here, and clipped to 0..255 (bicubic overshoots at hard edges): the one step that differs from
+    clean-fid's input, 0.25 grey levels on average (at most 0.5 where nothing clips) on 1/f-noise
+    images, 0.02 on flat synthetic shapes, whose few clipped edge pixels move up to ~20 levels
+    (tests/test_evaluate.py checks the bound). At 299 px already, torch-fidelity's own resize to
+    299 leaves the image as it is.
+
+    "torch-fidelity": this pipeline's FID before ``fid_protocol`` (kept to compare with the reports
+    of that time): the short side resized bicubic to ``size`` (the generated size) and the centre
+    square cropped (:func:`pipeline.data.raw.center_crop`), a no-op on the generated ``size`` px
+    squares; torch-fidelity then resizes to 299 with TF1-style bilinear without antialiasing. On
+    1/f-noise images Inception's input is 2.4 (256 px) to 6.0 (512 px) grey levels on average from
+    clean-fid's: FIDs that do not compare with LlamaGen's.
+    """
+    if protocol == "torch-fidelity":
+        return pil_to_uint8(center_crop(img, size))
+    if protocol != "llamagen":
+        raise ValueError(f"unknown fid_protocol {protocol!r}")
+    w, h = img.size
+    s = min(w, h)
+    left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    img = img.convert("RGB").crop((left, top, left + s, top + s))
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
+    a = np.asarray(img, dtype=np.float32)
+    # one float32 ("F" mode) image per channel: PIL resizes 8-bit RGB with 8-bit results
+    chans = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(a[..., c])).resize(
+                (INCEPTION_SIZE, INCEPTION_SIZE), Image.Resampling.BICUBIC
+            )
+        )
+        for c in range(3)
+    ]
+    return torch.from_numpy(np.rint(np.stack(chans)).clip(0, 255).astype(np.uint8))
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
@@ -444,7 +514,10 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
     # one streaming pass over the samples: memory stays bounded at 30k images
     scores: list[torch.Tensor] = []
     n_fake = unreadable = 0
-    size = None
+    # the square size both sides of FID are brought to before 299: fid_image_size, or for the
+    # torch-fidelity protocol the generated size (the first sample's)
+    size = cfg.fid_image_size if cfg.fid_protocol == "llamagen" else None
+    generated_size = None
     batches = _batched(iter(manifest), cfg.metrics_batch_size)
     total = -(-len(manifest) // cfg.metrics_batch_size)
     for batch in progress(batches, "score samples", total=total, unit="batch"):
@@ -459,11 +532,13 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
             caps.append(m["prompt"])
         if not images:
             continue
+        generated_size = generated_size or images[0].size
         size = size or images[0].width
         if clip is not None:
             scores.append(clip_scores(*clip, images, caps, cfg.metrics_batch_size))
         if fid is not None:
-            n_fake += update_fid(fid, (pil_to_uint8(im) for im in images), False, len(images))
+            fake = (fid_input(im, cfg.fid_protocol, size) for im in images)
+            n_fake += update_fid(fid, fake, False, len(images))
     report["unreadable_images"] = unreadable
 
     if clip is not None:
@@ -477,18 +552,18 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
         }
     if fid is not None:
         size = size or 256
-        n_real = update_fid(
-            fid,
-            iter_reference_images(cfg.reference_images, size, cfg.max_reference_images),
-            True,
-            cfg.metrics_batch_size,
-        )
+        refs = iter_reference_images(cfg.reference_images, cfg.max_reference_images)
+        real = (fid_input(im, cfg.fid_protocol, size) for im in refs)
+        n_real = update_fid(fid, real, True, cfg.metrics_batch_size)
         value, why = finish_fid(fid, n_real, n_fake)
         report["fid"] = {
             "value": value,
             "real_images": n_real,
             "generated_images": n_fake,
-            "image_size": size,
+            "protocol": cfg.fid_protocol,
+            "image_size": size,  # both sides' square size before the resize to 299
+            "generated_image_size": list(generated_size) if generated_size else None,
+            "inception_size": INCEPTION_SIZE,
             "features": fid_note,
             "note": why,
         }
@@ -525,7 +600,9 @@ def format_report(r: dict[str, Any]) -> str:
             _fmt(r["fid"]["value"]),
             r["fid"].get("note", "")
             + (
-                f" ({r['fid'].get('real_images')} real, "
+                # reports from before fid_protocol have no protocol: theirs was torch-fidelity
+                f" ({r['fid'].get('protocol', 'torch-fidelity')} protocol at "
+                f"{r['fid'].get('image_size')} px; {r['fid'].get('real_images')} real, "
                 f"{r['fid'].get('generated_images')} generated)"
                 if r["fid"]["value"] is not None
                 else ""

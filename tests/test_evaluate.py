@@ -17,6 +17,8 @@ from pipeline.evaluate import (
     EvalConfig,
     clip_scores,
     compute_fid,
+    fid_input,
+    format_report,
     iter_reference_images,
     load_clip,
     read_captions,
@@ -73,6 +75,22 @@ def test_read_captions_formats(tmp_path):
     assert read_captions(str(tmp_path / "c.txt")) == ["a cat", "A dog"]
     assert read_captions(str(tmp_path / "c.csv")) == ["a cat, sitting", "a dog"]
     assert read_captions(str(tmp_path / "c.json"), limit=1) == ["a cat"]
+    # COCO's ~5 captions per image: the first of each image, in the order of "images" (the first
+    # N annotations were N/5 images 5 times); an image not listed there follows
+    coco = {
+        "images": [{"id": 7}, {"id": 3}],
+        "annotations": [
+            {"image_id": 3, "caption": "a cat"},
+            {"image_id": 7, "caption": " "},
+            {"image_id": 3, "caption": "a cat again"},
+            {"image_id": 9, "caption": "a bird"},
+            {"image_id": 7, "caption": "a dog"},
+            {"image_id": 7, "caption": "a dog again"},
+        ],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    assert read_captions(str(tmp_path / "coco.json")) == ["a dog", "a cat", "a bird"]
+    assert read_captions(str(tmp_path / "coco.json"), limit=2) == ["a dog", "a cat"]
     with pytest.raises(ValueError, match="no column 'text'"):
         read_captions(str(tmp_path / "c.csv"), column="text")
     # LlamaGen's coco_captions.csv: one column, captions with commas and no quoting. They were
@@ -93,7 +111,7 @@ def test_read_captions_formats(tmp_path):
 
 
 def test_fid_is_zero_on_identical_sets_and_grows_with_a_shift(setup):
-    real = list(iter_reference_images(setup["real"], 32))
+    real = [fid_input(im, "torch-fidelity", 32) for im in iter_reference_images(setup["real"])]
     assert len(real) == 12 and real[0].shape == (3, 32, 32) and real[0].dtype == torch.uint8
     same, n_real, n_fake, _ = compute_fid(
         FrechetInceptionDistance(feature=TinyFeatures()), iter(real), iter(real), batch_size=5
@@ -148,7 +166,11 @@ def test_evaluation_report_end_to_end(setup, tmp_path):
     assert report["images"] == 6 and report["prompts"] == 3  # 3 captions x 2 images
     assert 0 <= report["clip_score"]["value"] <= 100 and report["clip_score"]["images"] == 6
     assert report["fid"]["real_images"] == 12 and report["fid"]["generated_images"] == 6
-    assert report["fid"]["value"] >= 0 and report["fid"]["image_size"] == 32
+    assert report["fid"]["value"] >= 0
+    # the default protocol, LlamaGen's: both sides at fid_image_size, then 299
+    fid = report["fid"]
+    assert fid["protocol"] == "llamagen" and fid["image_size"] == cfg.fid_image_size == 256
+    assert fid["generated_image_size"] == [32, 32] and fid["inception_size"] == 299
     tok = report["tokenizer"]
     assert tok["images"] == 4 and 0 < tok["codebook_usage"] <= 1 and tok["psnr"] > 0
     assert tok["rfid"] is None and "unavailable" in tok["rfid_note"]
@@ -157,6 +179,8 @@ def test_evaluation_report_end_to_end(setup, tmp_path):
     md = (out / "report.md").read_text()
     for field in ("CLIP score", "FID", "tokenizer PSNR", "codebook usage", "sampling images/s"):
         assert field in md
+    assert "llamagen protocol at 256 px" in md
+    assert saved["fid"]["protocol"] == "llamagen" and saved["config"]["fid_protocol"] == "llamagen"
     assert (out / "samples" / "grid.png").exists() and (out / "config.yaml").exists()
 
 
@@ -219,6 +243,8 @@ def test_shipped_evaluate_configs_load():
     for name in ("coco", "tiny_cpu"):
         cfg = load_config(EvalConfig, f"configs/evaluate/{name}.yaml", ["output=o"])
         assert cfg.images_per_caption >= 1
+    coco = load_config(EvalConfig, "configs/evaluate/coco.yaml", ["output=o"])
+    assert (coco.fid_protocol, coco.fid_image_size) == ("llamagen", 256)  # LlamaGen's eval_res
 
 
 def test_update_fid_moves_images_to_the_metrics_device():
@@ -269,8 +295,8 @@ def test_reference_folders_read_as_raw_shards_do(tmp_path):
     Image.fromarray(np.zeros((40, 40, 4), np.uint8), "RGBA").save(tmp_path / "clear.png")
     Image.fromarray(np.full((40, 40, 3), 60, np.uint8)).save(tmp_path / "flat.bmp")
     got = {
-        name: x.float().mean().item()
-        for name, x in zip(sorted(os.listdir(tmp_path)), iter_reference_images(str(tmp_path), 32))
+        name: float(np.asarray(im, np.float64).mean())
+        for name, im in zip(sorted(os.listdir(tmp_path)), iter_reference_images(str(tmp_path)))
     }
     assert got == {"clear.png": 255.0, "flat.bmp": 60.0, "grey16.png": 128.0}
 
@@ -355,3 +381,108 @@ def test_evaluation_samples_with_the_caption_cleaning_pretokenize_used(setup, tm
         samples = _sample(cfg, ["A Red Circle", "a blue square"])
         saved = (Path(samples) / "config.yaml").read_text()
         assert f"clean_captions: {str(clean).lower()}" in saved
+
+
+def _cleanfid_llamagen(img, eval_res: int = 256):
+    """LlamaGen's FID input restated from their evaluation.py and clean-fid: CenterCropLongEdge
+    (torchvision's center_crop), PIL LANCZOS to eval_res, then clean-fid's "clean" resizer
+    (make_resizer("PIL", False, "bicubic", (299, 299))): float32 (3, 299, 299), not rounded."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.functional import center_crop
+
+    img = center_crop(img, min(img.size)).resize((eval_res, eval_res), Image.LANCZOS)
+    x = np.array(img)
+    chans = [
+        np.asarray(
+            Image.fromarray(x[:, :, i].astype(np.float32), mode="F").resize(
+                (299, 299), resample=Image.BICUBIC
+            )
+        )
+        for i in range(3)
+    ]
+    return np.stack(chans).astype(np.float32)
+
+
+def test_llamagen_fid_input_is_clean_fids_resize_rounded():
+    """The "llamagen" protocol feeds what LlamaGen's clean-fid FID feeds Inception, rounded to
+    uint8 for torchmetrics: equal to the restatement rounded (0 levels), 0.25 levels on average
+    from its float values; torch-fidelity's own resize is then a no-op at 299."""
+    import numpy as np
+    from PIL import Image
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x as tf1_resize,
+    )
+
+    rng = np.random.default_rng(0)
+
+    def smooth_noise(h, w):  # natural-image-like: low frequencies strong, no flat areas
+        x = np.cumsum(np.cumsum(rng.normal(size=(h, w, 3)), 0), 1)
+        x = (x - x.min((0, 1))) / (np.ptp(x, (0, 1)) + 1e-9) * 255
+        return Image.fromarray(x.round().astype(np.uint8))
+
+    images = [
+        smooth_noise(512, 512),
+        smooth_noise(200, 300),  # landscape
+        smooth_noise(96, 64),  # portrait, upscaled to 256
+        smooth_noise(100, 203),  # offset 51.5: rounded to 52 as torchvision's, not floored
+        synthetic.draw_shape("red", "circle", "white", 256),  # sharp edges: bicubic overshoots
+    ]
+    for img in images:
+        got = fid_input(img, "llamagen", 256)
+        want = _cleanfid_llamagen(img)
+        assert got.dtype == torch.uint8 and got.shape == (3, 299, 299)
+        assert torch.equal(got, torch.from_numpy(np.rint(want).clip(0, 255).astype(np.uint8)))
+        diff = np.abs(got.numpy() - want.astype(np.float64))
+        inside = (want >= 0) & (want <= 255)
+        assert diff[inside].max() <= 0.5  # the rounding; only clipped overshoots differ more
+        if img.size != (256, 256):
+            assert 0.2 < diff.mean() < 0.3, img.size  # what clean-fid's float input keeps
+        x = got[None].float()
+        assert torch.equal(tf1_resize(x, size=(299, 299), align_corners=False), x)
+
+
+def _synthetic_generated(root: Path, n: int = 6, size: int = 40) -> str:
+    """A sampling output (images.json + PNGs) of synthetic shapes: no sampler involved, so that
+    the FID over it is a fixed number."""
+    import random
+
+    root.mkdir(parents=True)
+    manifest = []
+    for i, s in enumerate(synthetic.make_samples(n, seed=1)):
+        img = synthetic.draw_shape(s.colour, s.shape, s.background, size, random.Random(i))
+        img.save(root / f"{i:05d}_000.png")
+        manifest.append({"file": f"{i:05d}_000.png", "prompt": s.caption, "prompt_index": i})
+    (root / "images.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("refs", "before"),
+    # the FIDs this pipeline reported before fid_protocol, on these fixtures (TinyFeatures)
+    [("real", 0.004051566123962402), ("raw", 0.00832280796021223)],
+)
+def test_torch_fidelity_protocol_gives_the_earlier_fid(setup, tmp_path, refs, before):
+    """fid_protocol=torch-fidelity is the FID of earlier reports (references: an image folder of
+    48 px JPEGs or raw shards of 64 px, bicubic-cropped to the 40 px samples); "llamagen" is
+    another number. A report from before the setting (no protocol) still formats, as what it
+    was."""
+    gen = _synthetic_generated(tmp_path / "gen")
+    values = {}
+    for protocol in ("torch-fidelity", "llamagen"):
+        cfg = EvalConfig(
+            output=str(tmp_path / protocol),
+            generated=gen,
+            reference_images=setup[refs],
+            fid_protocol=protocol,
+        )
+        fid = run_evaluation(cfg, fid=FrechetInceptionDistance(feature=TinyFeatures()))["fid"]
+        values[protocol] = fid["value"]
+        assert fid["protocol"] == protocol and fid["generated_image_size"] == [40, 40]
+        assert fid["image_size"] == (40 if protocol == "torch-fidelity" else 256)
+    assert values["torch-fidelity"] == pytest.approx(before, rel=1e-6)
+    assert values["llamagen"] != pytest.approx(before, rel=1e-2)
+    old = json.loads((tmp_path / "torch-fidelity" / "report.json").read_text())
+    for key in ("protocol", "generated_image_size", "inception_size"):
+        del old["fid"][key]
+    assert "torch-fidelity protocol at 40 px" in format_report(old)
