@@ -537,3 +537,149 @@ def test_fewer_shards_than_streams_warns_that_each_stream_reads_them_all(toy, ca
         TokenLoader(cfg, SPEC, rank=0, world=2 * n)
     assert f"{n} shards split by sample among {2 * n} streams" in caplog.text
     assert f"{2 * n}x the data's bytes an epoch (at least as many shards" in caplog.text
+
+
+def _short_caption_shards(uri: str, num_shards: int = 4, per_shard: int = 50) -> dict[str, dict]:
+    """Token shards whose samples have 5 caption tokens and a 2-token first sentence of their
+    own, every seventh marked as one-sentence (its ``t5`` serves): the batch's mask says
+    which one a sample trained on. Returns the written features by key."""
+    from pipeline.data.shards import TokenShardWriter, encode_token_sample
+
+    rng = np.random.default_rng(7)
+    out = {}
+    for index in range(num_shards):
+        with TokenShardWriter(uri, index) as w:
+            for j in range(per_shard):
+                key = f"s{index}_{j:03d}"
+                t5 = rng.standard_normal((5, 16)).astype(np.float16)
+                short = "t5" if j % 7 == 0 else rng.standard_normal((2, 16)).astype(np.float16)
+                codes = rng.integers(0, 64, (4, 4))
+                w.write(encode_token_sample(key, codes, t5, "c. d", {}, codes, t5_short=short))
+                out[key] = {"t5": t5, "t5_short": t5 if isinstance(short, str) else short}
+            w.close({"short_captions": per_shard})
+    return out
+
+
+def _short_draws(batches: list[dict], ref: dict[str, dict]) -> list[tuple[str, bool]]:
+    """(key, trained on the short caption) per sample, checked against the stored features."""
+    out = []
+    for b in batches:
+        for i, key in enumerate(b["keys"]):
+            n = int(b["cond_mask"][i].sum())
+            want = ref[key]["t5_short"] if n == 2 else ref[key]["t5"]
+            assert n in (2, 5) and np.array_equal(b["cond"][i, -n:].numpy(), want)
+            out.append((key, n == 2))
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_short_captions_drawn_at_their_rate_seeded_and_the_same_on_resume(tmp_path, workers):
+    """``short_caption_p`` 0.3: about 30% of the samples train on their first sentence's
+    features (as LlamaGen's stage 2), drawn from the loader's seeded per-sample coins, so a
+    resumed run makes the same choices mid-epoch and another seed makes others."""
+    uri = str(tmp_path / "short")
+    ref = _short_caption_shards(uri)
+    cfg = LoaderConfig(
+        shards=[uri], batch_size=4, num_workers=workers, shuffle_buffer=16, short_caption_p=0.3
+    )
+    loader = TokenLoader(cfg, SPEC)
+    it = iter(loader)
+    head = [next(it) for _ in range(37)]  # 148 of the epoch's 200 samples: mid-epoch
+    state = loader.state_dict()
+    tail = [next(it) for _ in range(113)]  # into the third epoch: 600 draws in all
+    del it
+    draws = _short_draws(head + tail, ref)
+    marked = {k for k in ref if ref[k]["t5_short"] is ref[k]["t5"]}
+    drawable = [short for key, short in draws if key not in marked]
+    assert len(drawable) > 450 and 0.24 < np.mean(drawable) < 0.36, np.mean(drawable)
+    assert not any(short for key, short in draws if key in marked)  # its t5 is its short one
+    assert loader.counters()["no_short_caption"] == 0
+
+    again = TokenLoader(cfg, SPEC)
+    assert again.load_state_dict(state)
+    replay = list(itertools.islice(again, 113))
+    assert all(_same(a, b) for a, b in zip(tail, replay, strict=True))
+    assert _short_draws(replay, ref) == draws[len(head) * 4 :]
+
+    def epoch0(seed: int) -> set[str]:
+        c = dataclasses.replace(cfg, seed=seed, num_workers=0)
+        return {
+            k
+            for k, short in _short_draws(list(itertools.islice(TokenLoader(c, SPEC), 50)), ref)
+            if short
+        }
+
+    assert epoch0(0) == epoch0(0) and epoch0(0) != epoch0(1)
+
+
+def test_the_short_caption_coin_leaves_order_and_flips_as_they_were(toy):
+    """The coin has its own random stream: the order and the flips of every epoch are drawn
+    exactly as before it existed (the same seeds, the same draws), and a state saved without
+    it (its plan settings are unchanged) resumes with the same samples and flips."""
+    from pipeline.data.loader import plan_epoch
+
+    shards_ = list_done_shards(toy)
+    for p in (0.0, 0.3, 1.0):
+        cfg = LoaderConfig(shards=[toy], shuffle_buffer=8, short_caption_p=p)
+        for epoch, stream, n_streams in ((0, 0, 1), (3, 1, 2), (1, 2, 3)):
+            plan = plan_epoch(shards_, cfg, epoch, stream, n_streams)
+            n, seed = plan.size, [0, epoch, stream]
+            assert np.array_equal(plan.order, buffer_order(n, 8, np.random.default_rng([*seed, 1])))
+            assert np.array_equal(plan.flips, np.random.default_rng([*seed, 2]).random(n) < 0.5)
+            coin = np.random.default_rng([*seed, 3]).random(n) < p  # a stream of its own
+            assert np.array_equal(plan.shorts, coin) and plan.shorts.dtype == bool
+
+    cfg = LoaderConfig(shards=[toy], batch_size=3, num_workers=0, shuffle_buffer=8)
+    loader = TokenLoader(cfg, SPEC)
+    _consume(loader, 5)
+    state = loader.state_dict()
+    assert state["plan"] == {"seed": 0, "shuffle": True, "buffer": 8, "split": "auto"}
+    want = list(itertools.islice(loader, 10))
+    later = TokenLoader(dataclasses.replace(cfg, short_caption_p=0.3), SPEC)
+    assert later.load_state_dict(state)
+    got = list(itertools.islice(later, 10))
+    # toy shards have no short captions: the same keys, flips (codes) and features
+    assert all(_same(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_shards_without_short_captions_use_t5_counted_with_one_warning(toy, caplog):
+    """Shards pretokenized without short captions (older ones too) under short_caption_p > 0:
+    a sample drawn for its short caption trains on its whole caption, counted as
+    no_short_caption; rank 0 says so once, when the loader starts, not per sample or worker."""
+    import logging
+
+    ref = _all(toy)
+    base = LoaderConfig(shards=[toy], batch_size=4, num_workers=2, shuffle_buffer=8)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        plain = list(itertools.islice(TokenLoader(base, SPEC), 20))
+        assert "short_caption_p" not in caplog.text
+        loader = TokenLoader(dataclasses.replace(base, short_caption_p=0.3), SPEC)
+        got = list(itertools.islice(loader, 20))
+        TokenLoader(dataclasses.replace(base, short_caption_p=0.3), SPEC, rank=1, world=2)
+    assert all(_same(a, b) for a, b in zip(plain, got, strict=True))
+    assert caplog.text.count("were made without short captions") == 1
+    assert "4 of 4 token shards were made without short captions (pretokenize" in caplog.text
+    # counted per draw: 80 samples are two whole epochs of each of the two streams (two shards
+    # of 10 each), and the plans' coins say how many of them drew their short caption
+    from pipeline.data.loader import plan_epoch
+
+    assert len(ref) == 40
+    drawn = sum(
+        int(plan_epoch(loader.shards, loader.cfg, epoch, stream, 2).shorts.sum())
+        for epoch in (0, 1)
+        for stream in (0, 1)
+    )
+    assert loader.counters()["no_short_caption"] == drawn > 0
+
+
+def test_stage2_trains_on_short_captions_30_percent_of_the_time():
+    """As LlamaGen's stage 2 (dataset/t2i.py: ``torch.rand(1) < 0.3``); stage 1 never."""
+    from pipeline.config import load_config
+    from pipeline.train.trainer import TrainConfig
+
+    bucket = ["run_dir=s3://b/t2i/runs/x", "init_from=s3://b/t2i/e", "data.shards=[s3://b/t]"]
+    s1 = load_config(TrainConfig, "configs/train/stage1.yaml", bucket)
+    s2 = load_config(TrainConfig, "configs/train/stage2.yaml", bucket)
+    assert (s1.data.short_caption_p, s2.data.short_caption_p) == (0.0, 0.3)
+    with pytest.raises(ValueError, match="short_caption_p is 1.5"):
+        LoaderConfig(short_caption_p=1.5)

@@ -731,3 +731,137 @@ def test_scores_of_an_earlier_download_of_the_raw_shard_are_not_used(tmp_path, m
     m = run_pretokenize(cfg)
     assert m["unscored_shards"] == m["stale_score_shards"] == []
     assert [s["index"] for s in m["shards"]] == [0, 1, 2] and m["num_samples"] == 2
+
+
+def test_short_captions_store_t5_of_the_first_sentence(tmp_path, models):
+    """With short_captions (stage 2), T5 also encodes each caption's first sentence as LlamaGen's
+    --trunc-caption makes it: the caption as it came cut at its first '.', then cleaned like
+    the caption (cleaning first would turn "dog... running" into one sentence). A first sentence
+    that is the whole caption for T5 is not encoded again (marked: the loader reuses t5); an
+    empty one uses t5 too, counted. Off, the shards are what they were; one output folder does
+    not mix the two settings."""
+    import yaml as _yaml
+
+    captions = {
+        0: "A dog... running. Fast",
+        1: "a red circle",
+        2: "a red circle.",
+        3: ". leading dot",
+        4: "Version 3.5 of it. More",
+    }
+    raw = str(tmp_path / "raw")
+    write_raw_shards(
+        raw, 1, 6, meta_fn=lambda s, i: {"caption": captions[i]} if i in captions else {}
+    )
+    on, off = str(tmp_path / "on"), str(tmp_path / "off")
+    m = run_pretokenize(
+        load_config(PretokenizeConfig, TINY, _overrides(raw, on, models, "short_captions=true"))
+    )
+    m_off = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, off, models)))
+    got = {g["key"]: g for g in shards.read_token_shard(os.path.join(on, "00000.tar"), True)}
+    plain = {g["key"]: g for g in shards.read_token_shard(os.path.join(off, "00000.tar"), True)}
+    assert sorted(got) == sorted(plain) == [raw_key(0, i) for i in range(6)]
+
+    # own features where the first sentence differs: what T5 gives for it (the worker encodes
+    # the batch's first sentences as one batch, in sample order; here the same batch)
+    own = {0: "a dog", 2: "a red circle", 4: "version 3"}
+    text = TextEncoder.from_pretrained(models["t5"], batch_size=16, clean_captions=False)
+    enc = text.encode(list(own.values()))
+    for j, i in enumerate(own):
+        g = got[raw_key(0, i)]
+        np.testing.assert_array_equal(g["t5_short"], enc.features[j].numpy())
+        assert g["t5_short"].shape[0] == len(own[i]) + 1  # byte-level tokens + EOS
+        assert g["json"]["t5_short_tokens"] == len(own[i]) + 1
+    # one sentence ("a red circle", the generated caption) or an empty one: t5 serves
+    for i in (1, 3, 5):
+        g = got[raw_key(0, i)]
+        assert g["json"]["t5_short"] == "t5" and g["t5_short"] is g["t5"]
+    # the whole caption's features do not change with the option; off, nothing is added
+    for key, g in got.items():
+        np.testing.assert_array_equal(g["t5"], plain[key]["t5"])
+        assert "t5_short" not in plain[key] and "t5_short" not in plain[key]["json"]
+    stats = m["shards"][0]["stats"]
+    assert (stats["short_captions"], stats["short_captions_whole"]) == (3, 2)
+    assert stats["short_captions_empty"] == 1 and stats["short_captions_truncated"] == 0
+    assert m["short_captions"] is True and m["stats_sum"]["short_captions"] == 3
+    assert "short_captions" not in m_off and not any(
+        "short" in k for k in m_off["shards"][0]["stats"]
+    )
+
+    with pytest.raises(ConfigError, match=r"'short_captions' \(False != True\)"):
+        run_pretokenize(
+            load_config(
+                PretokenizeConfig, TINY, _overrides(raw, off, models, "short_captions=true")
+            )
+        )
+    # an output saved before the setting existed was made without short captions: continued
+    saved = os.path.join(off, "pretokenize_config.yaml")
+    old = _yaml.safe_load(open(saved))
+    del old["short_captions"]
+    old["upscale_small"] = False  # (that one is checked on its own below)
+    open(saved, "w").write(_yaml.safe_dump(old))
+    again = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, off, models)))
+    assert again["shards"][0]["sha256"] == m_off["shards"][0]["sha256"]
+
+
+def _image_of(w: int, h: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_images_smaller_than_the_resolution_are_dropped_and_counted(tmp_path, models):
+    """An image whose shorter side is below the resolution was enlarged into the shard without
+    a word; LlamaGen's t2i dataset skips it. It is dropped now, counted as too_small, unless
+    upscale_small keeps it enlarged. An output saved before the setting existed was made with
+    enlarging: it is not continued with the new default (that would mix the two in it)."""
+    import yaml as _yaml
+
+    raw = str(tmp_path / "raw")
+    write_raw_shards(raw, 1, 5)  # 64 px, the tiny config's resolution: kept
+    sizes = {1: (48, 80), 2: (80, 63), 3: (64, 200)}
+    _rewrite_raw_shard(raw, 0, lambda i, s: {**s, "jpg": _image_of(*sizes[i])} if i in sizes else s)
+    drop, keep = str(tmp_path / "drop"), str(tmp_path / "keep")
+    m = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, drop, models)))
+    assert m["dropped"] == {"too_small": 2} and m["num_samples"] == 3
+    assert m["shards"][0]["stats"]["dropped"] == {"too_small": 2}
+    kept = [g["key"] for g in shards.read_token_shard(os.path.join(drop, "00000.tar"))]
+    assert kept == [raw_key(0, i) for i in (0, 3, 4)]  # 64 x 200: exactly the resolution
+
+    m2 = run_pretokenize(
+        load_config(PretokenizeConfig, TINY, _overrides(raw, keep, models, "upscale_small=true"))
+    )
+    assert m2["dropped"] == {} and m2["num_samples"] == 5
+    small = {g["key"]: g for g in shards.read_token_shard(os.path.join(keep, "00000.tar"))}
+    assert small[raw_key(0, 1)]["codes"].shape == (8, 8)  # enlarged to 64 px, as before
+
+    with pytest.raises(ConfigError, match=r"'upscale_small' \(False != True\)"):
+        run_pretokenize(
+            load_config(
+                PretokenizeConfig, TINY, _overrides(raw, drop, models, "upscale_small=true")
+            )
+        )
+    # saved before the setting existed (no key): made with enlarging, so the new default is
+    # refused as another setting, and the old behaviour continues it
+    saved = os.path.join(keep, "pretokenize_config.yaml")
+    old = _yaml.safe_load(open(saved))
+    del old["upscale_small"], old["short_captions"]
+    open(saved, "w").write(_yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"'upscale_small' \(True != False\)"):
+        run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, keep, models)))
+    again = run_pretokenize(
+        load_config(PretokenizeConfig, TINY, _overrides(raw, keep, models, "upscale_small=true"))
+    )
+    assert again["shards"][0]["sha256"] == m2["shards"][0]["sha256"]
+
+
+def test_stage2_config_stores_short_captions_and_drops_small_images():
+    """LlamaGen's stage 2 trains on first sentences too (their T5 features extracted with
+    --trunc-caption); stage 1 does not. Neither enlarges small images."""
+    configs = os.path.dirname(TINY)
+    s1 = load_config(PretokenizeConfig, os.path.join(configs, "pretokenize_stage1.yaml"))
+    s2 = load_config(PretokenizeConfig, os.path.join(configs, "pretokenize_stage2.yaml"))
+    assert (s1.short_captions, s2.short_captions) == (False, True)
+    assert not s1.upscale_small and not s2.upscale_small

@@ -313,3 +313,46 @@ def test_tokenizer_stream_raises_store_errors_instead_of_dropping_the_shard(
     again.load_state_dict(stream.state_dict())
     list(again.epoch_samples(1))  # read again in another epoch: still one damaged shard
     assert again.state_dict()["damaged_shards"] == [tars[1]]
+
+
+def test_t5_short_round_trip_with_and_without_it(tmp_path):
+    """A sample may carry the T5 features of its caption's first sentence (``t5_short.npy``), or
+    be marked in its json as having none of its own (the first sentence is the whole caption:
+    ``t5`` serves, not stored twice), or have neither (made without short captions; every
+    older shard). All three round-trip, read back by our reader from a plain WebDataset, and
+    the one without is byte for byte the sample it was before the member existed."""
+    rng = np.random.default_rng(3)
+    base = _samples(3, flip=False)
+    own = rng.standard_normal((4, 32)).astype(np.float32)
+    with_short = [
+        {**base[0], "t5_short": own},
+        {**base[1], "t5_short": "t5"},
+        {**base[2], "t5_short": None},
+    ]
+    info = _write(str(tmp_path / "a"), 0, with_short)
+    raw = {s["__key__"]: s for s in wds.WebDataset(info.uri, shardshuffle=False)}
+    got = {g["key"]: g for g in (shards.decode_token_sample(s, strict=True) for s in raw.values())}
+    k0, k1, k2 = (s["key"] for s in base)
+    assert got[k0]["t5_short"].dtype == np.float16
+    np.testing.assert_array_equal(got[k0]["t5_short"], own.astype(np.float16))
+    assert got[k0]["json"]["url"] == base[0]["meta"]["url"]
+    # the first sentence is the whole caption: no member, the reader hands out t5 itself
+    assert "t5_short.npy" not in raw[k1] and got[k1]["json"]["t5_short"] == "t5"
+    assert got[k1]["t5_short"] is got[k1]["t5"]
+    assert "t5_short" not in got[k2] and "t5_short" not in got[k2]["json"]
+    assert [g["key"] for g in shards.read_token_shard(info.uri, strict=True)] == [k0, k1, k2]
+    # without t5_short: the same bytes as a shard written without the argument at all
+    plain = _write(str(tmp_path / "b"), 0, [{**s, "t5_short": None} for s in base])
+    before = _write(str(tmp_path / "c"), 0, base)
+    assert plain.sha256 == before.sha256
+
+    for bad in (
+        rng.standard_normal((4, 16)),  # another width than t5's
+        rng.standard_normal((121, 32)),  # more tokens than a shard holds
+        np.zeros((0, 32)),
+        "t5_full",
+    ):
+        with pytest.raises(ValueError, match="t5_short"):
+            shards.encode_token_sample(**{**base[0], "t5_short": bad})
+    with pytest.raises(ValueError, match="t5_short.npy: expected a 2D float16"):
+        shards.decode_token_sample({**raw[k0], "t5_short.npy": shards.npy_bytes(own)})

@@ -9,7 +9,10 @@ in the main process when ``num_workers`` is 0). A stream's epoch is planned from
 3. its samples, numbered in reading order (source positions ``0..n-1``, counted from the done
    markers' ``num_samples``), are shuffled by a seeded shuffle buffer. The buffer is simulated over
    the positions only, so the whole emission order is known before any byte is read;
-4. a seeded coin per position picks ``codes`` or ``codes_flip``.
+4. a seeded coin per position picks ``codes`` or ``codes_flip``, and another, of its own
+   stream, ``t5`` or ``t5_short`` (the caption's first sentence, ``short_caption_p`` of the time,
+   as LlamaGen's stage 2 does 30% of the time). The flip coin and the order are drawn as before
+   the short-caption coin existed, so a state saved then resumes with the same samples and flips.
 
 A stream's place is therefore two integers, ``(epoch, cursor)`` into that order. Resuming reads
 from the shard holding the oldest position still due (at most about a buffer's worth behind) and
@@ -59,7 +62,16 @@ log = get_logger(__name__)
 wds_gopen = importlib.import_module("webdataset.gopen")
 
 STATE_VERSION = 1
-_COUNTERS = ("bad_shards", "bad_samples", "missing_samples", "extra_samples", "truncated_captions")
+_COUNTERS = (
+    "bad_shards",
+    "bad_samples",
+    "missing_samples",
+    "extra_samples",
+    "truncated_captions",
+    # drawn for its short caption but made without (shards pretokenized without short_captions):
+    # trained on the whole caption instead
+    "no_short_caption",
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +84,13 @@ class LoaderConfig:
     prefetch_factor: int = doc("batches each worker prepares ahead", 4)
     shuffle: bool = doc("shuffle shard order and samples each epoch", True)
     shuffle_buffer: int = doc("samples in the shuffle buffer (per stream)", 1000)
-    seed: int = doc("seed of the shard order, the shuffle buffer and the flip coin", 0)
+    seed: int = doc("seed of the shard order, the shuffle buffer and the coins (flip, caption)", 0)
     flip: bool = doc("use the horizontally flipped codes half of the time, when present", True)
+    short_caption_p: float = doc(
+        "train on the caption's first sentence (t5_short, pretokenize's short_captions) with "
+        "this probability (LlamaGen's stage 2: 0.3); a sample without one uses t5, counted",
+        0.0,
+    )
     on_error: Literal["skip", "fail"] = doc(
         "a damaged shard or sample: count and skip, or fail", "skip"
     )
@@ -81,6 +98,10 @@ class LoaderConfig:
         "split among streams by shard, by sample, or auto (by shard when each stream gets one)",
         "auto",
     )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.short_caption_p <= 1.0:
+            raise ValueError(f"short_caption_p is {self.short_caption_p}: a probability, 0 to 1")
 
 
 @dataclass(frozen=True)
@@ -183,6 +204,7 @@ class EpochPlan:
     offset: int  # which residue of the global index is ours
     order: np.ndarray  # source positions in emission order
     flips: np.ndarray  # per source position: use codes_flip
+    shorts: np.ndarray  # per source position: use t5_short
 
     @property
     def size(self) -> int:
@@ -235,7 +257,11 @@ def plan_epoch(
     bufsize = cfg.shuffle_buffer if cfg.shuffle else 1
     order = buffer_order(n, bufsize, np.random.default_rng([*seed, 1]))
     flips = np.random.default_rng([*seed, 2]).random(n) < 0.5
-    return EpochPlan(reads, starts, stride, offset, order, flips)
+    # a stream of its own (3), not more draws from the flips' or the buffer's: those stay what
+    # they were before this coin existed, so saved states resume with the same order and flips
+    p = cfg.short_caption_p
+    shorts = np.random.default_rng([*seed, 3]).random(n) < p if p > 0 else np.zeros(n, dtype=bool)
+    return EpochPlan(reads, starts, stride, offset, order, flips, shorts)
 
 
 # --- one stream ---------------------------------------------------------------------------------
@@ -308,7 +334,7 @@ class _Stream:
                     )
                     break
 
-    def _decode(self, raw: dict, flip: bool) -> dict[str, Any] | None:
+    def _decode(self, raw: dict, flip: bool, short: bool = False) -> dict[str, Any] | None:
         try:
             s = decode_token_sample(raw)
             codes = s["codes_flip"] if flip and self.cfg.flip and "codes_flip" in s else s["codes"]
@@ -337,6 +363,11 @@ class _Stream:
                 out["label"] = label
             else:
                 t5 = s["t5"]
+                if short:
+                    if "t5_short" in s:
+                        t5 = s["t5_short"]
+                    else:  # shards made without short captions (told once, by TokenLoader)
+                        self._count("no_short_caption")
                 if t5.shape[1] != self.spec.caption_dim:
                     raise DataMismatch(
                         f"t5 features are {t5.shape[1]}-d, the model takes "
@@ -389,7 +420,7 @@ class _Stream:
                         self._count("missing_samples")
                         yield None
                     else:
-                        sample = self._decode(raw, bool(plan.flips[q]))
+                        sample = self._decode(raw, bool(plan.flips[q]), bool(plan.shorts[q]))
                         readable += sample is not None
                         yield sample
             self._after_epoch(epoch, plan, readable)
@@ -522,6 +553,21 @@ def _warn_if_every_stream_reads_every_shard(
         )  # fmt: skip
 
 
+def _warn_if_shards_lack_short_captions(shards: list[ShardInfo], cfg: LoaderConfig) -> None:
+    """Say once, on rank 0, that shards pretokenized without ``short_captions`` (their done
+    markers lack its counts; older shards too) give the whole caption where the coin picks the
+    short one: the run goes on, each such draw counted as ``no_short_caption``. Said here, not
+    per sample: every DataLoader worker of every rank would say it again."""
+    without = [s for s in shards if "short_captions" not in s.stats]
+    if without:
+        log.warning(
+            "data.short_caption_p is %s, but %d of %d token shards were made without short "
+            "captions (pretokenize short_captions: false, or older shards; e.g. %s): their "
+            "samples train on the whole caption every time (counted as no_short_caption)",
+            cfg.short_caption_p, len(without), len(shards), without[0].uri,
+        )  # fmt: skip
+
+
 class TokenLoader:
     """This rank's endless sequence of training batches, with ``state_dict`` for exact resume.
 
@@ -558,6 +604,8 @@ class TokenLoader:
         )
         if rank == 0:
             _warn_if_every_stream_reads_every_shard(len(self.shards), cfg, world, self.n_local)
+            if cfg.short_caption_p > 0 and spec.cond == "text":
+                _warn_if_shards_lack_short_captions(self.shards, cfg)
         self._state: dict[str, Any] = {}
         self.start_afresh(0)
         log.info(
@@ -641,7 +689,8 @@ class TokenLoader:
             yield batch
 
     def counters(self) -> dict[str, int]:
-        """Damage counters summed over this rank's streams (as of the consumed batches)."""
+        """Damage counters (and ``no_short_caption``) summed over this rank's streams (as of the
+        consumed batches)."""
         return {c: sum(st.get(c, 0) for st in self._state["streams"]) for c in _COUNTERS}
 
     @property

@@ -7,17 +7,35 @@ stage resolution and centre-crops it, encodes it with the VQ tokenizer (and its 
 ``{i:05d}.tar`` plus its done marker (``pipeline.data.shards``). A background thread reads and
 decodes the next batch while the models run on this one.
 
+An image whose shorter side is below the resolution is dropped (``too_small``), as LlamaGen's
+t2i dataset skips it (``min(img.size) < image_size``): enlarged, it would teach the GPT blurry
+codes. ``upscale_small`` keeps it, enlarged. The check is on the image as the raw shard holds it:
+one img2dataset already enlarged at download (``resize_only_if_bigger: false``) passes, and is
+the score stage's ``min_image_size`` (on the original size) to catch.
+
+With ``short_captions`` (stage 2), T5 also encodes the caption's first sentence, cut from the
+caption as it came exactly as LlamaGen's ``--trunc-caption`` cuts it (``caption.split('.')[0]``)
+and then cleaned like the caption; stored as ``t5_short.npy`` for the loader's
+``short_caption_p`` (LlamaGen trains on it 30% of the time in stage 2). A first sentence that is
+the whole caption (the same text for T5) is not encoded again: the sample is marked to reuse
+``t5`` (``shards``). One that is empty for T5 (a caption starting with '.') reuses ``t5`` too,
+counted (``short_captions_empty``): LlamaGen would train on the bare EOS token there, an
+unconditional caption 30% of the time for that image.
+
 Every sample that does not make it is counted by reason in the shard's stats (``not_scored``,
 ``filtered_<score reason>``, ``low_aesthetic``, ``empty_caption``,
 ``empty_caption_after_cleaning`` (nothing left for T5, e.g. a bare URL), ``missing_image``,
-``undecodable_image``, ``unprocessable_image`` (resize or crop failed), ``t5_error``,
-``encode_error``, ``duplicate_key``, ``bad_key``, ``nonfinite_t5``): one bad sample never fails
-its shard. A damaged raw tar is flagged (``corrupt_tar``) and what was intact before the damage
-is kept. What was mended is counted too: ``caption_not_utf8`` (bad bytes or lone surrogates
-replaced with U+FFFD), ``converted_16bit`` and ``converted_transparent`` (``raw.to_rgb``). Raw
-shards without a score parquet yet are left for a later run and listed in the manifest
-(``unscored_shards``); so are those downloaded again after they were scored, whose parquet holds
-the old download's decisions (listed in ``stale_score_shards`` too: scoring again redoes them).
+``undecodable_image``, ``too_small``, ``unprocessable_image`` (resize or crop failed),
+``t5_error``, ``encode_error``, ``duplicate_key``, ``bad_key``, ``nonfinite_t5``): one bad sample
+never fails its shard. A damaged raw tar is flagged (``corrupt_tar``) and what was intact before
+the damage is kept. What was mended is counted too: ``caption_not_utf8`` (bad bytes or lone
+surrogates replaced with U+FFFD), ``converted_16bit`` and ``converted_transparent``
+(``raw.to_rgb``); with ``short_captions``, the samples by their short caption
+(``short_captions``: features of their own, ``short_captions_whole``, ``short_captions_empty``,
+``short_captions_truncated``). Raw shards without a score parquet yet are left for a later run
+and listed in the manifest (``unscored_shards``); so are those downloaded again after they were
+scored, whose parquet holds the old download's decisions (listed in ``stale_score_shards`` too:
+scoring again redoes them).
 A rerun redoes only the shards without a done marker, and gives the same bytes.
 """
 
@@ -86,7 +104,13 @@ _CONTENT_FIELDS = (
     "text.max_length",
     "text.dtype",
     "text.clean_captions",
+    "short_captions",
+    "upscale_small",
 )
+# What the code did before a content field existed: a config saved then, without the field, is
+# read with this value (claim_output), so an output made before small images were dropped is
+# not continued with the new default, which would mix enlarged and dropped images in it
+_SAVED_BEFORE = {"short_captions": False, "upscale_small": True}
 INPUTS_NAME = "pretokenize_inputs.json"
 # The model URIs whose content decides the shards too (weights replaced at the same URI change
 # them as much as another URI does): their fingerprints are saved as INPUTS_NAME.
@@ -113,6 +137,16 @@ class PretokenizeConfig:
     min_aesthetic: float | None = doc("Also require aesthetic >= this (stage-2 selection)", None)
     resolution: int = doc("Image side after resize + centre crop (stage 1: 256, stage 2: 512)", 256)
     flip: bool = doc("Also store codes of the horizontally flipped image (codes_flip.npy)", False)
+    short_captions: bool = doc(
+        "Also store T5 features of each caption's first sentence (t5_short.npy; LlamaGen's "
+        "stage-2 --trunc-caption), which training uses data.short_caption_p of the time",
+        False,
+    )
+    upscale_small: bool = doc(
+        "Keep images whose shorter side is below resolution, enlarged to it (false: dropped and "
+        "counted as too_small, as LlamaGen's t2i dataset skips them)",
+        False,
+    )
     batch_size: int = doc("Images per VQ forward pass", 32)
     decode_threads: int = doc("Threads decoding images while the models run", 2)
     max_shards: int | None = doc("Only the first N complete raw shards (null: all)", None)
@@ -154,6 +188,30 @@ class _Batch:
     captions: list[str]  # as they came: the shards' txt
     texts: list[str]  # what T5 reads: cleaned once (text.clean_captions), else the captions
     metas: list[dict[str, Any]]
+    shorts: list[str]  # what T5 reads of the first sentence (short_captions; else empty)
+
+
+# stats keys: stored samples by what their short caption is (see _short_kind)
+_SHORT_STATS = {
+    "own": "short_captions",
+    "whole": "short_captions_whole",
+    "empty": "short_captions_empty",
+}
+
+
+def first_sentence(caption: str) -> str:
+    """The caption up to its first '.', as LlamaGen's ``--trunc-caption`` cuts it
+    (``caption.split('.')[0]``, on the caption as it came, before any cleaning): a '.' that
+    cleaning would remove still cuts, so "3.5 inch disk" gives "3" there and here alike."""
+    return caption.split(".", 1)[0]
+
+
+def _short_kind(short: str, text: str) -> Literal["own", "whole", "empty"]:
+    """Whether the first sentence needs features of its own: not when T5 would read the same
+    text as for the whole caption, nor when it reads nothing (the whole caption's are used)."""
+    if not short.strip():
+        return "empty"
+    return "whole" if short == text else "own"
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -206,6 +264,13 @@ class PretokenizeWorker:
         scores = read_scores(cfg.scores, index) if cfg.scores else None
         vq_s = t5_s = wait_s = 0.0
         n_tokens = truncated = 0
+        # stored samples by what their short caption is (only with short_captions: the loader
+        # takes a done marker without these keys for a shard made without short captions)
+        short_stats: collections.Counter[str] = collections.Counter(
+            dict.fromkeys([*_SHORT_STATS.values(), "short_captions_truncated"], 0)
+            if cfg.short_captions
+            else {}
+        )
         with shards.TokenShardWriter(cfg.output, index) as writer:
             # closed on an error too: its reader thread, decode pool and open tar stop at once
             batches = prefetch(self._batches(index, scores, stats, read_dropped, mended), depth=2)
@@ -220,24 +285,32 @@ class PretokenizeWorker:
                     codes, codes_flip = self._encode_images(batch.pixels)
                     vq_s += time.perf_counter() - t
                     t = time.perf_counter()
-                    enc = self._encode_captions(batch, dropped)
+                    enc = self._encode_captions(batch.keys, batch.texts, dropped)
+                    bad = set(enc.nonfinite)
+                    for _ in bad:
+                        dropped["nonfinite_t5"] += 1
+                    # the samples T5 gave finite features for; counted drops otherwise
+                    ok = [f is not None and i not in bad for i, f in enumerate(enc.features)]
+                    shorts = self._encode_short_captions(batch, ok, dropped, short_stats)
                     t5_s += time.perf_counter() - t
                     truncated += enc.n_truncated
-                    bad = set(enc.nonfinite)
                     for i, key in enumerate(batch.keys):
-                        if enc.features[i] is None:  # counted as t5_error
+                        if not ok[i] or shorts[i] is None:  # counted: t5_error, nonfinite_t5
                             continue
-                        if i in bad:
-                            dropped["nonfinite_t5"] += 1
-                            continue
+                        meta = {**batch.metas[i], "t5_tokens": enc.lengths[i]}
+                        short = shorts[i]
+                        if isinstance(short, torch.Tensor):
+                            meta["t5_short_tokens"] = len(short)
+                            short = short.numpy()
                         try:
                             sample = shards.encode_token_sample(
                                 key,
                                 codes[i],
                                 enc.features[i].numpy(),
                                 batch.captions[i],
-                                {**batch.metas[i], "t5_tokens": enc.lengths[i]},
+                                meta,
                                 codes_flip[i] if codes_flip is not None else None,
+                                t5_short=short if cfg.short_captions else None,
                             )
                         except ValueError as exc:  # what the shard format cannot hold: this sample
                             log.warning("shard %d: sample %s not stored: %s", index, key, exc)
@@ -245,9 +318,13 @@ class PretokenizeWorker:
                             continue
                         writer.write(sample)
                         n_tokens += enc.lengths[i]
+                        if cfg.short_captions:
+                            kind = _short_kind(batch.shorts[i], batch.texts[i])
+                            short_stats[_SHORT_STATS[kind]] += 1
             wall = time.perf_counter() - t0
             stats.update(
                 mended,
+                **short_stats,
                 written=len(writer),
                 dropped=dict(sorted((dropped + read_dropped).items())),
                 t5_tokens_sum=n_tokens,
@@ -261,17 +338,52 @@ class PretokenizeWorker:
             writer.close(stats)
         return stats
 
-    def _encode_captions(self, batch: _Batch, dropped: collections.Counter[str]) -> EncodedCaptions:
-        """T5 features of the batch's captions. When the batch fails, it is encoded caption by
-        caption (the same features up to rounding: padding is masked, but a GEMM over fewer
-        rows may round a last fp16 bit differently), and a caption T5 cannot take gets None,
-        counted as ``t5_error``. Every caption of a batch failing is raised: that is the
-        encoder, not the captions, and the shard is retried. So is an error that leaves the
-        process's CUDA context broken (the executor's sticky pattern) wherever it comes: a
-        one-caption batch cannot tell the two apart by count, and its caption would otherwise be
-        dropped and the shard marked done."""
+    def _encode_short_captions(
+        self,
+        batch: _Batch,
+        ok: list[bool],
+        dropped: collections.Counter[str],
+        short_stats: collections.Counter[str],
+    ) -> list[torch.Tensor | Literal["t5"] | None]:
+        """Per sample of ``batch``: T5 features of its first sentence; ``"t5"`` where the whole
+        caption's serve (:func:`_short_kind`, or ``short_captions`` off); None where T5 failed on
+        it, counted as for a caption (``t5_error``, ``nonfinite_t5``): the sample is dropped, not
+        stored without what a stage-2 run would draw 30% of the time. Only the samples still
+        ``ok`` are encoded, so none is counted twice."""
+        out: list[torch.Tensor | Literal["t5"] | None] = ["t5"] * len(batch.keys)
+        if not self.cfg.short_captions:
+            return out
+        own = [
+            i
+            for i in range(len(batch.keys))
+            if ok[i] and _short_kind(batch.shorts[i], batch.texts[i]) == "own"
+        ]
+        if not own:
+            return out
+        enc = self._encode_captions(
+            [batch.keys[i] for i in own], [batch.shorts[i] for i in own], dropped
+        )
+        short_stats["short_captions_truncated"] += enc.n_truncated
+        bad = set(enc.nonfinite)
+        for j, i in enumerate(own):
+            if j in bad:
+                dropped["nonfinite_t5"] += 1
+            out[i] = None if enc.features[j] is None or j in bad else enc.features[j]
+        return out
+
+    def _encode_captions(
+        self, keys: list[str], texts: list[str], dropped: collections.Counter[str]
+    ) -> EncodedCaptions:
+        """T5 features of ``texts`` (the captions of samples ``keys``). When the batch fails, it
+        is encoded caption by caption (the same features up to rounding: padding is masked, but
+        a GEMM over fewer rows may round a last fp16 bit differently), and a caption T5 cannot
+        take gets None, counted as ``t5_error``. Every caption of a batch failing is raised:
+        that is the encoder, not the captions, and the shard is retried. So is an error that
+        leaves the process's CUDA context broken (the executor's sticky pattern) wherever it
+        comes: a one-caption batch cannot tell the two apart by count, and its caption would
+        otherwise be dropped and the shard marked done."""
         try:
-            return self.text.encode(batch.texts, clean=False)
+            return self.text.encode(texts, clean=False)
         except Exception as exc:  # noqa: BLE001 - narrowed down caption by caption below
             if poisons_process(str(exc)) or _out_of_memory(exc):
                 raise  # a broken CUDA context or no memory: no caption is to blame, retried
@@ -282,13 +394,13 @@ class PretokenizeWorker:
         lengths: list[int] = []
         nonfinite: list[int] = []
         truncated = 0
-        for i, text in enumerate(batch.texts):
+        for i, text in enumerate(texts):
             try:
                 one = self.text.encode([text], clean=False)
             except Exception as exc:  # noqa: BLE001 - this caption alone: counted, dropped
                 if poisons_process(str(exc)) or _out_of_memory(exc):
                     raise  # as above: every later caption would fail too, and be dropped
-                log.warning("T5 failed on the caption of %s: %s", batch.keys[i], exc)
+                log.warning("T5 failed on the caption of %s: %s", keys[i], exc)
                 features.append(None)
                 lengths.append(0)
                 continue
@@ -346,7 +458,7 @@ class PretokenizeWorker:
         """Kept samples of the raw shard, decoded and cropped, ``batch_size`` at a time."""
         cfg = self.cfg
         seen: set[str] = set()
-        pending: list[tuple[str, dict[str, Any], str, str, dict[str, Any]]] = []
+        pending: list[tuple[str, dict[str, Any], str, str, str, dict[str, Any]]] = []
         with ThreadPoolExecutor(cfg.decode_threads) as pool:
             for sample in shards.iter_raw_shard(cfg.input, index, stats):
                 key = str(sample["__key__"])
@@ -365,7 +477,12 @@ class PretokenizeWorker:
                     continue
                 if caption_problem is not None:
                     mended[caption_problem] += 1
-                pending.append((key, sample, caption, text, meta))
+                short = ""
+                if cfg.short_captions:
+                    # cut first, as LlamaGen cuts the caption it reads, then cleaned like it
+                    short = first_sentence(caption)
+                    short = clean_caption(short) if cfg.text.clean_captions else short
+                pending.append((key, sample, caption, text, short, meta))
                 if len(pending) == cfg.batch_size:
                     batch = self._decode(pending, pool, index, scores, dropped, mended)
                     pending = []
@@ -408,7 +525,7 @@ class PretokenizeWorker:
 
     def _decode(
         self,
-        pending: list[tuple[str, dict[str, Any], str, str, dict[str, Any]]],
+        pending: list[tuple[str, dict[str, Any], str, str, str, dict[str, Any]]],
         pool: ThreadPoolExecutor,
         index: int,
         scores: dict[str, dict[str, Any]] | None,
@@ -421,14 +538,16 @@ class PretokenizeWorker:
             img, problem, conversions = decode_rgb(item[1])
             if img is None:
                 return None, problem, conversions
+            if min(img.size) < size and not self.cfg.upscale_small:
+                return None, "too_small", conversions
             try:
                 return to_pixels(resize_center_crop(img, size)), None, conversions
             except Exception as exc:  # noqa: BLE001 - one image that will not crop: one drop
                 log.warning("shard %d: sample %s: resize / crop failed: %r", index, item[0], exc)
                 return None, "unprocessable_image", conversions
 
-        keys, pixels, captions, texts, metas = [], [], [], [], []
-        for (key, _, caption, text, meta), (px, problem, conversions) in zip(
+        keys, pixels, captions, texts, shorts, metas = [], [], [], [], [], []
+        for (key, _, caption, text, short, meta), (px, problem, conversions) in zip(
             pending, pool.map(prepare, pending)
         ):
             mended.update(conversions)
@@ -439,10 +558,11 @@ class PretokenizeWorker:
             pixels.append(px)
             captions.append(caption)
             texts.append(text)
+            shorts.append(short)
             metas.append(_token_meta(key, meta, index, scores))
         if not keys:
             return None
-        return _Batch(keys, torch.stack(pixels), captions, texts, metas)
+        return _Batch(keys, torch.stack(pixels), captions, texts, metas, shorts)
 
 
 def _token_meta(
@@ -536,6 +656,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
         _CONTENT_FIELDS,
         _WEIGHTS,
         has_results=lambda: bool(shards.done_indices(cfg.output)),
+        missing_as=_SAVED_BEFORE,
     )
     report = run_units(
         indices,
@@ -549,6 +670,8 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
         extra={
             "resolution": cfg.resolution,
             "flip": cfg.flip,
+            # only when on: a manifest of an output made without them reads as before
+            **({"short_captions": True} if cfg.short_captions else {}),
             "failed_shards": {str(k): v for k, v in sorted(report.failed.items())},
             # raw shards not pretokenized because they have no score parquet yet, or only one
             # of an earlier download of the shard (those are stale_score_shards too)

@@ -6,6 +6,13 @@ One token shard per raw shard, same index: ``{index:05d}.tar`` (a WebDataset tar
 - ``codes.npy``: uint16 VQ codes, grid (h, w),
 - ``codes_flip.npy`` (optional): uint16 codes of the horizontally flipped image,
 - ``t5.npy``: float16 T5 features of the valid caption tokens only, (L, D) with L <= 120,
+- ``t5_short.npy`` (optional, pretokenize's ``short_captions``): float16 T5 features of the
+  caption's first sentence, (L', D), for LlamaGen's stage-2 short-caption training. A sample whose
+  first sentence is its whole caption has no such member but ``"t5_short": "t5"`` in its json:
+  the same features are not stored twice (most captions are one sentence, and a copy would
+  nearly double a shard, ~4 KB a token at 2048-d; a marker in the json costs ~16 bytes, where
+  even an empty member would cost a 1 KB tar header and block). Reading resolves the marker, so
+  a reader sees ``t5_short`` either way; shards made without the option have neither,
 - ``txt``: the caption (utf-8), ``json``: url, size, scores, source shard.
 
 A shard is written to a local temporary file and committed atomically through
@@ -28,7 +35,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -40,11 +47,18 @@ from pipeline.log import get_logger
 log = get_logger(__name__)
 
 MAX_T5_TOKENS = 120
-NPY_EXTS = ("codes.npy", "codes_flip.npy", "t5.npy")
+NPY_EXTS = ("codes.npy", "codes_flip.npy", "t5.npy", "t5_short.npy")
 TEXT_EXTS = ("txt",)
 JSON_EXTS = ("json",)
 KNOWN_EXTS = NPY_EXTS + TEXT_EXTS + JSON_EXTS
-_DTYPES = {"codes.npy": np.uint16, "codes_flip.npy": np.uint16, "t5.npy": np.float16}
+_DTYPES = {
+    "codes.npy": np.uint16,
+    "codes_flip.npy": np.uint16,
+    "t5.npy": np.float16,
+    "t5_short.npy": np.float16,
+}
+# json marker of a sample whose short caption is its whole caption: ``t5_short`` is ``t5``
+SHORT_IS_FULL = ("t5_short", "t5")
 # Keys become tar member prefixes: WebDataset splits "key.ext" at the first dot of the basename.
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,80}$")
 MANIFEST = "manifest.json"
@@ -109,8 +123,12 @@ def encode_token_sample(
     caption: str,
     meta: Mapping[str, Any],
     codes_flip: np.ndarray | None = None,
+    t5_short: np.ndarray | Literal["t5"] | None = None,
 ) -> dict[str, bytes | str]:
-    """The tar members of one sample; checks shapes and casts to the stored dtypes."""
+    """The tar members of one sample; checks shapes and casts to the stored dtypes.
+
+    ``t5_short``: features of the caption's first sentence (stored as ``t5_short.npy``), ``"t5"``
+    when that sentence is the whole caption (only marked in the json), or None (not made)."""
     if not valid_key(key):
         raise ValueError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots or slashes)")
     codes = np.asarray(codes)
@@ -121,13 +139,31 @@ def encode_token_sample(
     t5 = np.asarray(t5)
     if t5.ndim != 2 or not 0 < t5.shape[0] <= MAX_T5_TOKENS:
         raise ValueError(f"{key}: t5 must be (L, D) with 0 < L <= {MAX_T5_TOKENS}, got {t5.shape}")
+    meta = dict(meta)
+    if isinstance(t5_short, str):
+        if t5_short != SHORT_IS_FULL[1]:
+            raise ValueError(f"{key}: t5_short must be features, 't5' or None, not {t5_short!r}")
+        meta[SHORT_IS_FULL[0]] = SHORT_IS_FULL[1]
+    elif t5_short is not None:
+        t5_short = np.asarray(t5_short)
+        if (
+            t5_short.ndim != 2
+            or not 0 < t5_short.shape[0] <= MAX_T5_TOKENS
+            or t5_short.shape[1] != t5.shape[1]
+        ):
+            raise ValueError(
+                f"{key}: t5_short must be (L, {t5.shape[1]}) with 0 < L <= {MAX_T5_TOKENS}, "
+                f"got {t5_short.shape}"
+            )
     sample: dict[str, bytes | str] = {
         "__key__": key,
         "codes.npy": npy_bytes(codes.astype(np.uint16)),
         "t5.npy": npy_bytes(t5.astype(np.float16)),
         "txt": caption.encode("utf-8"),
-        "json": json.dumps(dict(meta), sort_keys=True, default=_json_default).encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True, default=_json_default).encode("utf-8"),
     }
+    if isinstance(t5_short, np.ndarray):
+        sample["t5_short.npy"] = npy_bytes(t5_short.astype(np.float16))
     if codes_flip is not None:
         codes_flip = np.asarray(codes_flip)
         if codes_flip.shape != codes.shape:
@@ -342,6 +378,18 @@ def _field(d: Any, dotted: str) -> Any:
     return d
 
 
+def _set_missing(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``d``'s ``dotted`` field to ``value`` where it is absent (sections made as needed)."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        if not isinstance(d.get(part), dict):
+            if part in d:
+                return  # not a section (a hand-edited file): compared as it is
+            d[part] = {}
+        d = d[part]
+    d.setdefault(last, value)
+
+
 def _changes(old: Any, new: Any, path: str, ignore: Collection[str]) -> Iterator[str]:
     """``'path' (old != new)`` for every field at or under ``path`` that differs."""
     if path in ignore:
@@ -367,6 +415,7 @@ def claim_output(
     weights: Mapping[str, str],
     has_results: Callable[[], bool],
     ignore: Collection[str] = (),
+    missing_as: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuse to add to ``output`` results made with other content settings; then save ``cfg``
     (as ``config_name``) and what its model URIs hold (as ``inputs_name``) beside them.
@@ -376,7 +425,13 @@ def claim_output(
     model URI, whose content (:func:`pipeline.storage.fingerprint`: weights replaced at the same
     URI) decides them too. Either differing from what the last run saved is a
     :class:`ConfigError` naming the fields, when ``has_results()``: one output folder never
-    mixes two settings, and the saved config always describes what is there."""
+    mixes two settings, and the saved config always describes what is there.
+
+    ``missing_as`` maps a dotted field newer than some saved configs to what the code that saved
+    them did (e.g. ``{"upscale_small": True}``: small images were enlarged before the setting
+    existed). A saved config without the field is read with that value, so an output keeps
+    being continued with its old behaviour and is refused with another, where a missing field
+    would otherwise differ from every value (None != False)."""
     new = to_dict(cfg)
     prints = {
         k: storage.fingerprint(u) if (u := _field(new, f)) else None for k, f in weights.items()
@@ -386,6 +441,8 @@ def claim_output(
     diff: list[str] = []
     if storage.exists(config_uri):
         old = yaml.safe_load(storage.read_text(config_uri)) or {}
+        for dotted, value in (missing_as or {}).items():
+            _set_missing(old, dotted, value)
         diff = [c for f in fields for c in _changes(_field(old, f), _field(new, f), f, ignore)]
         if not diff and storage.exists(inputs_uri):
             saved = storage.read_json(inputs_uri)
@@ -425,7 +482,9 @@ def _load_npy(data: bytes, ext: str) -> np.ndarray:
 def decode_token_sample(sample: Mapping[str, Any], strict: bool = False) -> dict[str, Any]:
     """Decode a raw WebDataset sample dict (bytes per extension) of a token shard.
 
-    Returns ``{"key", "codes", "t5", "txt", "json"}`` plus ``"codes_flip"`` when present. Only
+    Returns ``{"key", "codes", "t5", "txt", "json"}`` plus ``"codes_flip"`` and ``"t5_short"``
+    when present (``t5_short`` is the ``t5`` array itself where the json marks the first sentence
+    as the whole caption; shards made without short captions have none). Only
     the known extensions are decoded (``np.load(allow_pickle=False)``, utf-8, json); anything
     else is ignored, or rejected with ``strict=True``. Nothing is ever unpickled. A key that the
     writer could not have made (a member path with directories, ``..`` or a leading ``/``) is
@@ -449,6 +508,10 @@ def decode_token_sample(sample: Mapping[str, Any], strict: bool = False) -> dict
     missing = [k for k in ("codes", "t5") if k not in out]
     if missing:
         raise ValueError(f"{out['key']}: token sample lacks {missing[0]}.npy")
+    meta = out.get("json")
+    if "t5_short" not in out and isinstance(meta, dict):
+        if meta.get(SHORT_IS_FULL[0]) == SHORT_IS_FULL[1]:
+            out["t5_short"] = out["t5"]
     return out
 
 
