@@ -683,3 +683,35 @@ def test_stage2_trains_on_short_captions_30_percent_of_the_time():
     assert (s1.data.short_caption_p, s2.data.short_caption_p) == (0.0, 0.3)
     with pytest.raises(ValueError, match="short_caption_p is 1.5"):
         LoaderConfig(short_caption_p=1.5)
+
+
+def test_class_model_on_shards_without_labels_stops_at_once(tmp_path, caplog):
+    """Token shards pretokenized without label_field hold no class labels: a class-conditional
+    model reading them is a config error naming the fix, at the first sample whatever on_error
+    says. It was a KeyError skipped per sample: a warning for every sample, then after three
+    empty epochs "gave none that could be read"."""
+    import logging
+
+    from pipeline.data.loader import DataMismatch
+    from pipeline.data.shards import TokenShardWriter, encode_token_sample
+
+    uri = str(tmp_path / "t2i")
+    rng = np.random.default_rng(0)
+    with TokenShardWriter(uri, 0) as w:
+        for j in range(6):
+            meta = {"url": f"http://x/{j}", "width": 64, "height": 64, "source_shard": 0}
+            w.write(
+                encode_token_sample(
+                    f"k{j}", rng.integers(0, 64, (4, 4)), rng.standard_normal((3, 16)), "x", meta
+                )
+            )
+        w.close({})
+    spec = BatchSpec(grid_size=4, cond="class", num_classes=8)
+    cfg = LoaderConfig(shards=[uri], batch_size=2, num_workers=0, on_error="skip")
+    loader = TokenLoader(cfg, spec)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        with pytest.raises(DataMismatch, match=r"without class labels .* label_field="):
+            next(iter(loader))
+    assert "skipping sample" not in caplog.text and not loader.counters().get("bad_samples")
+    # the same shards serve a text-conditional model as before
+    assert next(iter(TokenLoader(cfg, SPEC)))["cond"].shape == (2, 8, 16)

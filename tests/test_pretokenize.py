@@ -865,3 +865,100 @@ def test_stage2_config_stores_short_captions_and_drops_small_images():
     s2 = load_config(PretokenizeConfig, os.path.join(configs, "pretokenize_stage2.yaml"))
     assert (s1.short_captions, s2.short_captions) == (False, True)
     assert not s1.upscale_small and not s2.upscale_small
+
+
+# raw json "label" per (shard, i); absent: no such field. Kept: the label each should get
+_RAW_LABELS = {
+    (0, 0): 3,
+    (0, 2): 3.5,
+    (0, 3): "7",
+    (0, 4): 10,
+    (0, 5): 4.0,
+    (1, 0): -1,
+    (1, 1): True,
+    (1, 2): "n01440764",
+    (1, 3): None,
+    (1, 4): 9,
+    (1, 5): 0,
+}
+_KEPT_LABELS = {(0, 0): 3, (0, 3): 7, (0, 5): 4, (1, 4): 9, (1, 5): 0}
+
+
+def test_class_labels_from_the_raw_json_reach_the_class_loader(tmp_path, models):
+    """label_field carries each image's class id from the raw json (a metadata extra column)
+    into the token sample's json, where the class-conditional loader reads it; a sample
+    without a whole-number label in 0..num_classes-1 is dropped, counted by reason. Before,
+    no token shard the pipeline made had a label: class-conditional training read none."""
+    from pipeline.data.loader import BatchSpec, LoaderConfig, TokenLoader
+
+    raw = str(tmp_path / "raw")
+    write_raw_shards(
+        raw,
+        2,
+        6,
+        meta_fn=lambda s, i: {"label": _RAW_LABELS[s, i]} if (s, i) in _RAW_LABELS else {},
+    )
+    out = str(tmp_path / "tokens")
+    labels = ["label_field=label", "num_classes=10"]
+    m = run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out, models, *labels)))
+    assert m["dropped"] == {"label_missing": 2, "label_not_integer": 3, "label_out_of_range": 2}
+    assert m["shards"][0]["stats"]["dropped"] == {
+        "label_missing": 1,  # (0, 1): no field
+        "label_not_integer": 1,  # 3.5
+        "label_out_of_range": 1,  # 10 with num_classes 10 (10 is the CFG null class)
+    }
+    assert (m["label_field"], m["num_classes"]) == ("label", 10)
+    want = {raw_key(s, i): v for (s, i), v in _KEPT_LABELS.items()}
+    stored = {
+        g["key"]: g["json"]["label"]
+        for i in (0, 1)
+        for g in shards.read_token_shard(os.path.join(out, f"{i:05d}.tar"))
+    }
+    assert stored == want and all(type(v) is int for v in stored.values())
+
+    spec = BatchSpec(grid_size=8, cond="class", num_classes=10)
+    cfg = LoaderConfig(shards=[out], batch_size=len(want), num_workers=0, on_error="fail")
+    batch = next(iter(TokenLoader(cfg, spec)))
+    assert dict(zip(batch["keys"], batch["cond"].tolist())) == want
+
+    # a content setting: the labelled output is not continued without labels, nor the other
+    # way round; an output saved before the setting existed was made without labels
+    with pytest.raises(ConfigError, match=r"'label_field' \('label' != None\)"):
+        run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out, models)))
+    with pytest.raises(ConfigError, match=r"'num_classes' \(10 != 1000\)"):
+        run_pretokenize(
+            load_config(
+                PretokenizeConfig,
+                TINY,
+                _overrides(raw, out, models, "label_field=label", "num_classes=1000"),
+            )
+        )
+    import yaml as _yaml
+
+    plain = str(tmp_path / "plain")
+    run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, plain, models)))
+    assert (
+        "label" not in next(iter(shards.read_token_shard(os.path.join(plain, "00000.tar"))))["json"]
+    )
+    saved = os.path.join(plain, "pretokenize_config.yaml")
+    old = _yaml.safe_load(open(saved))
+    del old["label_field"], old["num_classes"]
+    open(saved, "w").write(_yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"'label_field' \(None != 'label'\)"):
+        run_pretokenize(
+            load_config(PretokenizeConfig, TINY, _overrides(raw, plain, models, *labels))
+        )
+    run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, plain, models)))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["num_classes=10"], "num_classes checks the class labels: it needs label_field"),
+        (["label_field=label", "num_classes=0"], "num_classes is 0: it must be at least 1"),
+        (["label_field="], "label_field is empty"),
+    ],
+)
+def test_label_settings_that_cannot_work_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretokenizeConfig, TINY, ["input=/tmp/none", "output=/tmp/none", *overrides])

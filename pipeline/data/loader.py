@@ -351,7 +351,16 @@ class _Stream:
                 )
             out = {"key": s["key"], "codes": codes.reshape(-1)}
             if self.spec.cond == "class":
-                label, n = int(s["json"]["label"]), self.spec.num_classes
+                meta = s.get("json")
+                if not isinstance(meta, dict) or "label" not in meta:
+                    # every sample of such shards lacks one: skipping each, an epoch at a time,
+                    # ends in "gave none that could be read" after a warning per sample
+                    raise DataMismatch(
+                        "token shards without class labels (no 'label' in the sample's json): "
+                        "pretokenize with label_field=<the raw json field of the class id> "
+                        "(configs/train/class_cond.yaml says how)"
+                    )
+                label, n = int(meta["label"]), self.spec.num_classes
                 # label n is the null class (CFG): real images must not train it, and one
                 # beyond it fails in the embedding (a device-side assert on a GPU, hours in)
                 if n is not None and not 0 <= label < n:

@@ -26,7 +26,8 @@ Every sample that does not make it is counted by reason in the shard's stats (``
 ``filtered_<score reason>``, ``low_aesthetic``, ``empty_caption``,
 ``empty_caption_after_cleaning`` (nothing left for T5, e.g. a bare URL), ``missing_image``,
 ``undecodable_image``, ``too_small``, ``unprocessable_image`` (resize or crop failed),
-``t5_error``, ``encode_error``, ``duplicate_key``, ``bad_key``, ``nonfinite_t5``): one bad sample
+``t5_error``, ``encode_error``, ``duplicate_key``, ``bad_key``, ``nonfinite_t5``, and with
+``label_field`` ``label_missing``, ``label_not_integer``, ``label_out_of_range``): one bad sample
 never fails its shard. A damaged raw tar is flagged (``corrupt_tar``) and what was intact before
 the damage is kept. What was mended is counted too: ``caption_not_utf8`` (bad bytes or lone
 surrogates replaced with U+FFFD), ``converted_16bit`` and ``converted_transparent``
@@ -37,6 +38,17 @@ and listed in the manifest (``unscored_shards``); so are those downloaded again 
 scored, whose parquet holds the old download's decisions (listed in ``stale_score_shards`` too:
 scoring again redoes them).
 A rerun redoes only the shards without a done marker, and gives the same bytes.
+
+For a class-conditional model (``configs/train/class_cond.yaml``), ``label_field`` names the raw
+sample json field holding each image's class id (an ``extra_columns`` column of the metadata,
+carried there by the download, e.g. ImageNet's ``label``); each token sample's json then gets
+``"label": int``, which the loader's class-conditional batches read. The value must be a whole
+number: an int, a float with no fraction (3.0: int and float files of one column are promoted
+to float64), or a string of ASCII digits (a label column stored as text); anything else (null,
+absent, true/false, 3.5, "n01440764", "") is dropped as ``label_missing`` or
+``label_not_integer``, and one below 0 (or not below ``num_classes``, when set) as
+``label_out_of_range``: trained as it is, a label counted from 1 or from another class list
+would silently teach the wrong class (or the CFG null class).
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -106,11 +119,19 @@ _CONTENT_FIELDS = (
     "text.clean_captions",
     "short_captions",
     "upscale_small",
+    "label_field",
+    "num_classes",
 )
 # What the code did before a content field existed: a config saved then, without the field, is
 # read with this value (claim_output), so an output made before small images were dropped is
 # not continued with the new default, which would mix enlarged and dropped images in it
-_SAVED_BEFORE = {"short_captions": False, "upscale_small": True}
+# (an output saved before labels existed was made without them)
+_SAVED_BEFORE = {
+    "short_captions": False,
+    "upscale_small": True,
+    "label_field": None,
+    "num_classes": None,
+}
 INPUTS_NAME = "pretokenize_inputs.json"
 # The model URIs whose content decides the shards too (weights replaced at the same URI change
 # them as much as another URI does): their fingerprints are saved as INPUTS_NAME.
@@ -147,6 +168,17 @@ class PretokenizeConfig:
         "counted as too_small, as LlamaGen's t2i dataset skips them)",
         False,
     )
+    label_field: str | None = doc(
+        "Class-conditional shards: the raw sample json field holding the integer class id (a "
+        "metadata extra_columns column, e.g. 'label'), stored as each token sample's json "
+        "'label'; a sample without a whole-number one is dropped and counted. null: no labels",
+        None,
+    )
+    num_classes: int | None = doc(
+        "With label_field: labels must be below this (the model's num_classes); others are "
+        "dropped as label_out_of_range. null: only checked to be >= 0",
+        None,
+    )
     batch_size: int = doc("Images per VQ forward pass", 32)
     decode_threads: int = doc("Threads decoding images while the models run", 2)
     max_shards: int | None = doc("Only the first N complete raw shards (null: all)", None)
@@ -168,6 +200,15 @@ class PretokenizeConfig:
             raise ValueError(f"max_shards is {self.max_shards}: at least 1, or null for all")
         if self.min_aesthetic is not None and not self.scores:
             raise ValueError("min_aesthetic needs the score parquets (scores: ...)")
+        if self.label_field is not None and not self.label_field.strip():
+            raise ValueError(
+                "label_field is empty: name the raw json field of the class id, or null"
+            )
+        if self.num_classes is not None:
+            if self.label_field is None:
+                raise ValueError("num_classes checks the class labels: it needs label_field")
+            if self.num_classes < 1:
+                raise ValueError(f"num_classes is {self.num_classes}: it must be at least 1")
         check_gpu_devices(
             self.executor, {"vq.device": self.vq.device, "text.device": self.text.device}
         )
@@ -212,6 +253,34 @@ def _short_kind(short: str, text: str) -> Literal["own", "whole", "empty"]:
     if not short.strip():
         return "empty"
     return "whole" if short == text else "own"
+
+
+_WHOLE_NUMBER = re.compile(r"[0-9]+")
+
+
+def class_label(value: Any, num_classes: int | None) -> tuple[int | None, str | None]:
+    """(label, None) for a raw json value holding a class id, else (None, the drop reason).
+
+    A whole number only: an int, a float without a fraction (3.0), or a string of ASCII
+    digits ("3"); not a bool (json true is no class), "3.0", " 3" or "n01440764". It must be
+    at least 0 and, with ``num_classes``, below it."""
+    if value is None:
+        return None, "label_missing"
+    if isinstance(value, bool):
+        label = None
+    elif isinstance(value, int):
+        label = value
+    elif isinstance(value, float) and value.is_integer():  # nan and inf are not
+        label = int(value)
+    elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value):
+        label = int(value)
+    else:
+        label = None
+    if label is None:
+        return None, "label_not_integer"
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        return None, "label_out_of_range"
+    return label, None
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -458,7 +527,7 @@ class PretokenizeWorker:
         """Kept samples of the raw shard, decoded and cropped, ``batch_size`` at a time."""
         cfg = self.cfg
         seen: set[str] = set()
-        pending: list[tuple[str, dict[str, Any], str, str, str, dict[str, Any]]] = []
+        pending: list[tuple[str, dict[str, Any], str, str, str, dict[str, Any], int | None]] = []
         with ThreadPoolExecutor(cfg.decode_threads) as pool:
             for sample in shards.iter_raw_shard(cfg.input, index, stats):
                 key = str(sample["__key__"])
@@ -466,6 +535,10 @@ class PretokenizeWorker:
                 caption, caption_problem = sample_caption(sample, meta)
                 reason = self._select(key, caption, scores, seen, str(meta.get("url") or ""))
                 seen.add(key)
+                label = None
+                if reason is None and cfg.label_field is not None:
+                    # missing and null alike: img2dataset writes a missing column as null
+                    label, reason = class_label(meta.get(cfg.label_field), cfg.num_classes)
                 # what T5 reads, cleaned once here (the encoder is told not to clean it again)
                 text = caption
                 if reason is None and cfg.text.clean_captions:
@@ -482,7 +555,7 @@ class PretokenizeWorker:
                     # cut first, as LlamaGen cuts the caption it reads, then cleaned like it
                     short = first_sentence(caption)
                     short = clean_caption(short) if cfg.text.clean_captions else short
-                pending.append((key, sample, caption, text, short, meta))
+                pending.append((key, sample, caption, text, short, meta, label))
                 if len(pending) == cfg.batch_size:
                     batch = self._decode(pending, pool, index, scores, dropped, mended)
                     pending = []
@@ -525,7 +598,7 @@ class PretokenizeWorker:
 
     def _decode(
         self,
-        pending: list[tuple[str, dict[str, Any], str, str, str, dict[str, Any]]],
+        pending: list[tuple[str, dict[str, Any], str, str, str, dict[str, Any], int | None]],
         pool: ThreadPoolExecutor,
         index: int,
         scores: dict[str, dict[str, Any]] | None,
@@ -547,7 +620,7 @@ class PretokenizeWorker:
                 return None, "unprocessable_image", conversions
 
         keys, pixels, captions, texts, shorts, metas = [], [], [], [], [], []
-        for (key, _, caption, text, short, meta), (px, problem, conversions) in zip(
+        for (key, _, caption, text, short, meta, label), (px, problem, conversions) in zip(
             pending, pool.map(prepare, pending)
         ):
             mended.update(conversions)
@@ -559,16 +632,21 @@ class PretokenizeWorker:
             captions.append(caption)
             texts.append(text)
             shorts.append(short)
-            metas.append(_token_meta(key, meta, index, scores))
+            metas.append(_token_meta(key, meta, index, scores, label))
         if not keys:
             return None
         return _Batch(keys, torch.stack(pixels), captions, texts, metas, shorts)
 
 
 def _token_meta(
-    key: str, meta: dict[str, Any], index: int, scores: dict[str, dict[str, Any]] | None
+    key: str,
+    meta: dict[str, Any],
+    index: int,
+    scores: dict[str, dict[str, Any]] | None,
+    label: int | None = None,
 ) -> dict[str, Any]:
-    """The token sample's json: url, original size, scores, where it came from."""
+    """The token sample's json: url, original size, scores, where it came from; the class
+    ``label`` when pretokenized with ``label_field``."""
     row = (scores or {}).get(key, {})
     score_fields = ("aesthetic", "punsafe", "pwatermark", "similarity")
     found = {f: row.get(f, meta.get(f)) for f in score_fields}
@@ -578,6 +656,7 @@ def _token_meta(
         "height": meta.get("original_height", meta.get("height")),
         "scores": {k: v for k, v in found.items() if v is not None and v == v},  # drop NaN
         "source_shard": index,
+        **({"label": label} if label is not None else {}),
     }
 
 
@@ -672,6 +751,11 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
             "flip": cfg.flip,
             # only when on: a manifest of an output made without them reads as before
             **({"short_captions": True} if cfg.short_captions else {}),
+            **(
+                {"label_field": cfg.label_field, "num_classes": cfg.num_classes}
+                if cfg.label_field is not None
+                else {}
+            ),
             "failed_shards": {str(k): v for k, v in sorted(report.failed.items())},
             # raw shards not pretokenized because they have no score parquet yet, or only one
             # of an earlier download of the shard (those are stale_score_shards too)
