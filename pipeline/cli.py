@@ -48,6 +48,11 @@ JOB_EXAMPLES: dict[str, tuple[str, ...]] = {
         "python jobs/download.py --config configs/data/download.yaml",
         f"input={_S3}/metadata/laion-coco/ output={_S3}/raw/laion-coco",
     ),
+    "SelectHQConfig": (
+        "python jobs/select_hq.py --config configs/data/select_hq.yaml",
+        f"input={_S3}/raw/laion-coco scores={_S3}/scores/laion-coco",
+        f"output={_S3}/metadata/laion-hq",
+    ),
     "ScoreConfig": (
         "python jobs/score.py --config configs/data/score.yaml",
         f"input={_S3}/raw/laion-coco output={_S3}/scores/laion-coco",
