@@ -306,6 +306,24 @@ def test_summary_counts_broken_images_of_every_rank(tmp_path):
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2 and last["broken_images"] > 0
     assert [s["broken_images"] for s in summaries] == [last["broken_images"]] * 2
+    assert [s["enlarged_crops"] for s in summaries] == [last["enlarged_crops"]] * 2
+
+
+def test_crops_resized_up_from_smaller_images_are_counted(raw_dir):
+    """LlamaGen's tokenizer crops full-size images: its crops are downscaled. Raw shards stored
+    at the crop size (256 px LAION-COCO for a 256 px tokenizer) make most crops of
+    ``max_scale`` 1.25 enlarged (bicubic) without a word. Counted, and kept on resume."""
+    import itertools
+
+    tars = [os.path.join(raw_dir, f"{i:05d}.tar") for i in range(3)]  # 32 px images
+    for size, scale, some in ((16, 1.3, False), (32, 1.0, False), (32, 1.3, True)):
+        stream = _stream(tars, image_size=size, max_scale=scale, decode_threads=1)
+        list(itertools.islice(iter(stream), 4))
+        assert (stream.enlarged > 0) == some, (size, scale, stream.enlarged)
+    assert stream.enlarged >= 10  # most of the 20 crops: a draw of exactly 32 px is rare
+    again = _stream(tars, image_size=32, max_scale=1.3)
+    again.load_state_dict(stream.state_dict())
+    assert again.enlarged == stream.enlarged
 
 
 def test_lpips_backbone_is_never_downloaded(tmp_path, monkeypatch, caplog):

@@ -207,12 +207,16 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return a.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def _crop_short_side(size: int, rng: random.Random, max_scale: float) -> int:
+    """The short side :func:`random_crop_flip` resizes to (its first draw from ``rng``)."""
+    return max(int(round(size * rng.uniform(1.0, max_scale))), size)
+
+
 def random_crop_flip(
     img: Image.Image, size: int, rng: random.Random, max_scale: float = 1.1, flip: bool = True
 ) -> Image.Image:
     """Resize the short side to size x U(1, max_scale), crop ``size`` at random, maybe mirror."""
-    short = int(round(size * rng.uniform(1.0, max_scale)))
-    nw, nh = _short_side_size(*img.size, max(short, size))
+    nw, nh = _short_side_size(*img.size, _crop_short_side(size, rng, max_scale))
     left = rng.randint(0, nw - size)
     top = rng.randint(0, nh - size)
     img = resized_crop(img, (nw, nh), left, top, size)
@@ -336,6 +340,9 @@ class RawImageStream:
         self.epoch = 0
         self.consumed = 0  # raw samples of this epoch behind the last yielded batch
         self.broken = 0  # images skipped as undecodable, over the whole run
+        # crops resized up from a smaller image (raw shards stored at the crop size, or below
+        # it x max_scale): LlamaGen's tokenizer crops full-size images, so downscales only
+        self.enlarged = 0
         # tars that broke off (read up to the damage), over the whole run: a set, so that a
         # shard read again (every epoch, or by a resume) counts once
         self.damaged_shards: set[str] = set()
@@ -349,6 +356,7 @@ class RawImageStream:
             "epoch": self.epoch,
             "consumed": self.consumed,
             "broken": self.broken,
+            "enlarged": self.enlarged,
             "damaged_shards": sorted(self.damaged_shards),
             "shard_sizes": list(self._sizes.get(self.epoch, [])),
         }
@@ -356,6 +364,7 @@ class RawImageStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.broken = int(state.get("broken", 0))
+        self.enlarged = int(state.get("enlarged", 0))
         self.damaged_shards = set(state.get("damaged_shards", []))
         self._sizes = {self.epoch: [int(n) for n in state.get("shard_sizes", [])]}
 
@@ -487,12 +496,19 @@ class RawImageStream:
         rng.shuffle(buf)
         yield from (held.pop(x) if isinstance(x, int) else x for x in buf)
 
-    def _prepare(self, sample: dict[str, Any], epoch: int, pos: int) -> torch.Tensor | None:
+    def _prepare(
+        self, sample: dict[str, Any], epoch: int, pos: int
+    ) -> tuple[torch.Tensor, bool] | None:
         img = decode_image(sample)
         if img is None:
             return None
-        rng = random.Random(f"aug-{self.seed}-{epoch}-{self.rank}-{pos}")
-        return to_tensor(random_crop_flip(img, self.image_size, rng, self.max_scale, self.flip))
+        seed = f"aug-{self.seed}-{epoch}-{self.rank}-{pos}"
+        enlarged = _crop_short_side(self.image_size, random.Random(seed), self.max_scale)
+        enlarged = enlarged > min(img.size)  # the same draw random_crop_flip makes first
+        crop = random_crop_flip(
+            img, self.image_size, random.Random(seed), self.max_scale, self.flip
+        )
+        return to_tensor(crop), enlarged
 
     def _positions(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """(epoch, position, raw sample) from the saved position on, endlessly."""
@@ -527,10 +543,12 @@ class RawImageStream:
                         )
                     self.epoch, good_in_epoch = epoch, False
                 self.consumed = pos + 1
-                img = fut.result()
-                if img is None:
+                prepared = fut.result()
+                if prepared is None:
                     self.broken += 1
                     continue
+                img, enlarged = prepared
+                self.enlarged += enlarged
                 good_in_epoch = True
                 batch.append(img)
                 if len(batch) == self.batch_size:

@@ -388,6 +388,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     if used_at_resume is not None:
         used.copy_(used_at_resume.to(d.device))
     t0, steps_since = time.time(), 0
+    warned_enlarged = False  # said once, on rank 0
     batches = iter(stream)
     while step < cfg.max_steps:
         x = next(batches).to(d.device, non_blocking=True)
@@ -458,6 +459,16 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
                 dist.all_reduce(usage, op=dist.ReduceOp.MAX)
             row["codebook_usage"] = usage.mean().item()
             row["broken_images"] = d.all_sum(stream.broken)
+            row["enlarged_crops"] = d.all_sum(stream.enlarged)
+            if row["enlarged_crops"] and not warned_enlarged and d.rank == 0:
+                warned_enlarged = True
+                log.warning(
+                    "%d training crops so far were resized up from smaller raw images (stored "
+                    "below image_size x max_scale = %.0f px): LlamaGen's tokenizer crops "
+                    "full-size images. Train on raw shards stored larger (raw/laion-hq), or set "
+                    "max_scale=1.0 for shards stored at image_size",
+                    row["enlarged_crops"], cfg.image_size * cfg.max_scale,
+                )  # fmt: skip
             used.zero_()
             rate = steps_since / (time.time() - t0)
             t0, steps_since = time.time(), 0
@@ -494,7 +505,11 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
             )
 
     # every rank's count, as logged (each rank reads its own shards); every rank gets the sum
-    summary: dict[str, Any] = {"step": step, "broken_images": d.all_sum(stream.broken)}
+    summary: dict[str, Any] = {
+        "step": step,
+        "broken_images": d.all_sum(stream.broken),
+        "enlarged_crops": d.all_sum(stream.enlarged),
+    }
     if d.world > 1:
         # every rank's last step is saved; the export and the evaluation are rank 0's alone and
         # need no collective, so no rank waits in one (a timeout) while they run
