@@ -715,3 +715,31 @@ def test_class_model_on_shards_without_labels_stops_at_once(tmp_path, caplog):
     assert "skipping sample" not in caplog.text and not loader.counters().get("bad_samples")
     # the same shards serve a text-conditional model as before
     assert next(iter(TokenLoader(cfg, SPEC)))["cond"].shape == (2, 8, 16)
+
+
+def test_a_text_model_on_shards_made_without_text_is_told_the_fix(tmp_path, caplog):
+    """Shards pretokenized with text: null (class-conditional) hold no t5.npy: a text-conditional
+    model reading them is a DataMismatch naming the fix at the first sample, whatever on_error
+    says, not a skipped sample each (before, the shard format could not even hold them)."""
+    import logging
+
+    from pipeline.data.loader import DataMismatch
+    from pipeline.data.shards import TokenShardWriter, encode_token_sample
+
+    uri = str(tmp_path / "c2i")
+    rng = np.random.default_rng(0)
+    with TokenShardWriter(uri, 0) as w:
+        for j in range(6):
+            meta = {"url": f"http://x/{j}", "source_shard": 0, "label": j}
+            w.write(encode_token_sample(f"k{j}", rng.integers(0, 64, (4, 4)), None, "", meta))
+        w.close({})
+    cfg = LoaderConfig(shards=[uri], batch_size=2, num_workers=0, on_error="skip")
+    loader = TokenLoader(cfg, SPEC)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        with pytest.raises(DataMismatch, match=r"made without text .* with a text section"):
+            next(iter(loader))
+    assert "skipping sample" not in caplog.text and not loader.counters().get("bad_samples")
+    # the class-conditional model they were made for reads them
+    spec = BatchSpec(grid_size=4, cond="class", num_classes=8)
+    batch = next(iter(TokenLoader(cfg, spec)))
+    assert [int(k[1:]) for k in batch["keys"]] == batch["cond"].tolist()

@@ -296,7 +296,9 @@ def test_kill9_then_rerun_gives_identical_shards(tmp_path, models):
 )
 def test_shipped_pretokenize_configs_load(name):
     cfg = load_config(PretokenizeConfig, os.path.join(os.path.dirname(TINY), name))
-    assert cfg.resolution in (64, 256, 512) and cfg.text.max_length == 120
+    assert cfg.resolution in (64, 256, 512)
+    assert (cfg.text is None) == name.endswith("c2i.yaml")  # class ids, no captions
+    assert cfg.text is None or cfg.text.max_length == 120
     if name.endswith("stage2.yaml"):
         assert (cfg.resolution, cfg.min_aesthetic, cfg.vq.preset) == (512, 5.0, "VQ-16")
 
@@ -962,3 +964,97 @@ def test_class_labels_from_the_raw_json_reach_the_class_loader(tmp_path, models)
 def test_label_settings_that_cannot_work_are_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PretokenizeConfig, TINY, ["input=/tmp/none", "output=/tmp/none", *overrides])
+
+
+def test_text_free_pretokenize_loads_no_t5_and_reaches_the_class_loader(
+    tmp_path, models, monkeypatch
+):
+    """text: null (class-conditional shards): T5 is never loaded, no t5.npy is written, and an
+    empty caption is no reason to drop a sample (its txt is kept, empty); the labels reach the
+    class loader, and a text-conditional loader is told the fix. It is a content setting: an
+    output made with text is not continued without it, nor the other way round. Before, a null
+    text section failed at load, and every sample needed a caption for T5."""
+    import tarfile
+
+    from pipeline.data.loader import BatchSpec, DataMismatch, LoaderConfig, TokenLoader
+
+    empty = {(0, 0), (1, 4)}  # kept samples whose caption is empty (one absent, one blank)
+
+    def meta(s, i):
+        m = {"label": _RAW_LABELS[s, i]} if (s, i) in _RAW_LABELS else {}
+        if (s, i) in empty:
+            m["caption"] = None if s else "  "
+        return m
+
+    raw = str(tmp_path / "raw")
+    write_raw_shards(raw, 2, 6, meta_fn=meta)
+    labels = ["label_field=label", "num_classes=10"]
+    texted = str(tmp_path / "texted")  # made with text (before T5 is barred below)
+    run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, texted, models, *labels)))
+
+    def no_t5(*args, **kwargs):
+        raise AssertionError("T5 loaded with text: null")
+
+    monkeypatch.setattr(TextEncoder, "from_pretrained", no_t5)
+    monkeypatch.setattr(TextEncoder, "from_config", no_t5)
+    out = str(tmp_path / "tokens")
+    free = [
+        f"input={raw}",
+        f"output={out}",
+        f"vq.uri={models['vq']}",
+        "executor.backend=inline",
+        "text=null",
+        *labels,
+    ]
+    m = run_pretokenize(load_config(PretokenizeConfig, TINY, free))
+    assert m["failed_shards"] == {} and m["text"] is False
+    # only the label drops: no empty_caption
+    assert m["dropped"] == {"label_missing": 2, "label_not_integer": 3, "label_out_of_range": 2}
+    want = {raw_key(s, i): v for (s, i), v in _KEPT_LABELS.items()}
+    got = {}
+    for i in (0, 1):
+        path = os.path.join(out, f"{i:05d}.tar")
+        with tarfile.open(path) as tar:
+            exts = {n.split(".", 1)[1] for n in tar.getnames()}
+        assert exts == {"codes.npy", "codes_flip.npy", "txt", "json"}  # no t5.npy
+        got.update({g["key"]: g for g in shards.read_token_shard(path)})
+    assert {k: g["json"]["label"] for k, g in got.items()} == want
+    assert all("t5" not in g and "t5_tokens" not in g["json"] for g in got.values())
+    assert {k for k, g in got.items() if g["txt"] == ""} == {raw_key(s, i) for s, i in empty}
+
+    cfg = LoaderConfig(shards=[out], batch_size=len(want), num_workers=0, on_error="fail")
+    batch = next(iter(TokenLoader(cfg, BatchSpec(grid_size=8, cond="class", num_classes=10))))
+    assert dict(zip(batch["keys"], batch["cond"].tolist())) == want
+    with pytest.raises(DataMismatch, match="made without text .* with a text section"):
+        next(iter(TokenLoader(cfg, BatchSpec(grid_size=8))))
+
+    # a content setting, both ways; the text-free output is continued text-free
+    with pytest.raises(ConfigError, match=r"'text\.uri' \('.*' != None\)"):
+        run_pretokenize(load_config(PretokenizeConfig, TINY, [*free, f"output={texted}"]))
+    with pytest.raises(ConfigError, match=r"'text\.uri' \(None != '.*'\)"):
+        run_pretokenize(load_config(PretokenizeConfig, TINY, _overrides(raw, out, models, *labels)))
+    assert run_pretokenize(load_config(PretokenizeConfig, TINY, free))["num_samples"] == len(want)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["text=null"], "text is null .* label_field is not set"),
+        (["text=null", "label_field=label", "short_captions=true"], "short_captions .* need text"),
+    ],
+)
+def test_text_free_settings_that_cannot_work_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretokenizeConfig, TINY, ["input=/tmp/none", "output=/tmp/none", *overrides])
+
+
+def test_the_c2i_config_makes_llamagen_c2i_shards_without_text():
+    """configs/data/pretokenize_c2i.yaml: 256 px, labels 0..999, flipped codes and small images
+    enlarged as LlamaGen's extract_codes_c2i, no T5 and no score parquets."""
+    cfg = load_config(
+        PretokenizeConfig, os.path.join(os.path.dirname(TINY), "pretokenize_c2i.yaml")
+    )
+    assert cfg.text is None and cfg.scores is None and cfg.min_aesthetic is None
+    assert (cfg.label_field, cfg.num_classes, cfg.resolution) == ("label", 1000, 256)
+    assert cfg.flip and cfg.upscale_small and not cfg.short_captions
+    assert cfg.vq.preset == "VQ-16"

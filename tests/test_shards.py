@@ -356,3 +356,20 @@ def test_t5_short_round_trip_with_and_without_it(tmp_path):
             shards.encode_token_sample(**{**base[0], "t5_short": bad})
     with pytest.raises(ValueError, match="t5_short.npy: expected a 2D float16"):
         shards.decode_token_sample({**raw[k0], "t5_short.npy": shards.npy_bytes(own)})
+
+
+def test_samples_without_t5_round_trip():
+    """Class-conditional shards (pretokenize's text: null) hold no caption features: a sample
+    without t5 is written and read back without one. Before, encoding required t5 and decoding
+    refused a sample lacking t5.npy."""
+    s = _samples(1)[0]
+    sample = shards.encode_token_sample(**{**s, "t5": None, "caption": ""})
+    assert "t5.npy" not in sample and sample["txt"] == b""
+    got = shards.decode_token_sample(sample, strict=True)
+    assert "t5" not in got and "t5_short" not in got and got["txt"] == ""
+    assert np.array_equal(got["codes"], s["codes"])
+    assert np.array_equal(got["codes_flip"], s["codes_flip"])
+    with pytest.raises(ValueError, match="t5_short without t5"):
+        shards.encode_token_sample(**{**s, "t5": None}, t5_short="t5")
+    with pytest.raises(ValueError, match="lacks codes.npy"):
+        shards.decode_token_sample({k: v for k, v in sample.items() if k != "codes.npy"})

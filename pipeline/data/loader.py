@@ -371,6 +371,13 @@ class _Stream:
                     )
                 out["label"] = label
             else:
+                if "t5" not in s:
+                    # every sample of such shards lacks it: a DataMismatch, not a skipped sample
+                    raise DataMismatch(
+                        "token shards made without text (no t5.npy: pretokenize's text: null, "
+                        "for class-conditional models): pretokenize with a text section (the "
+                        "T5 encoder) for a text-conditional model, or train with model.cond: class"
+                    )
                 t5 = s["t5"]
                 if short:
                     if "t5_short" in s:

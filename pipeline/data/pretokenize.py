@@ -49,6 +49,13 @@ absent, true/false, 3.5, "n01440764", "") is dropped as ``label_missing`` or
 ``label_not_integer``, and one below 0 (or not below ``num_classes``, when set) as
 ``label_out_of_range``: trained as it is, a label counted from 1 or from another class list
 would silently teach the wrong class (or the CFG null class).
+
+Class-conditional shards need no caption features: ``text: null`` (``configs/data/
+pretokenize_c2i.yaml``) loads no T5 anywhere and writes no ``t5.npy``; captions are neither
+cleaned nor required (an empty one is no drop reason), and stored as ``txt`` as they came. It
+needs ``label_field`` (shards with neither captions nor labels train nothing), and, being a
+content setting, an output made with text is not continued without it, nor the other way round.
+A text-conditional loader refuses such shards at their first sample.
 """
 
 from __future__ import annotations
@@ -132,6 +139,8 @@ _SAVED_BEFORE = {
     "label_field": None,
     "num_classes": None,
 }
+# (text: null, no caption features, needs no entry: every config saved before it could be null
+# holds its text section, so such an output counts as made with text, and 'text.uri' etc. differ)
 INPUTS_NAME = "pretokenize_inputs.json"
 # The model URIs whose content decides the shards too (weights replaced at the same URI change
 # them as much as another URI does): their fingerprints are saved as INPUTS_NAME.
@@ -183,7 +192,11 @@ class PretokenizeConfig:
     decode_threads: int = doc("Threads decoding images while the models run", 2)
     max_shards: int | None = doc("Only the first N complete raw shards (null: all)", None)
     vq: VQRunConfig = doc("The VQ tokenizer", default_factory=VQRunConfig)
-    text: TextEncoderConfig = doc("The T5 text encoder", default_factory=TextEncoderConfig)
+    text: TextEncoderConfig | None = doc(
+        "The T5 text encoder; null: no caption features (t5.npy), for class-conditional shards "
+        "(needs label_field)",
+        default_factory=TextEncoderConfig,
+    )
     executor: ExecutorConfig = doc("Ray settings", default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -192,7 +205,7 @@ class PretokenizeConfig:
             ("resolution", self.resolution),
             ("batch_size", self.batch_size),
             ("decode_threads", self.decode_threads),
-            ("text.batch_size", self.text.batch_size),
+            *([("text.batch_size", self.text.batch_size)] if self.text is not None else []),
         ):
             if value < 1:
                 raise ValueError(f"{name} is {value}: it must be at least 1")
@@ -209,10 +222,20 @@ class PretokenizeConfig:
                 raise ValueError("num_classes checks the class labels: it needs label_field")
             if self.num_classes < 1:
                 raise ValueError(f"num_classes is {self.num_classes}: it must be at least 1")
-        check_gpu_devices(
-            self.executor, {"vq.device": self.vq.device, "text.device": self.text.device}
-        )
-        if not 1 <= self.text.max_length <= shards.MAX_T5_TOKENS:
+        if self.text is None:
+            if self.label_field is None:
+                raise ValueError(
+                    "text is null (no caption features) but label_field is not set: such shards "
+                    "hold nothing to condition on. Set label_field (class-conditional: "
+                    "configs/data/pretokenize_c2i.yaml), or give a text section"
+                )
+            if self.short_captions:
+                raise ValueError("short_captions are T5 features of a caption: they need text")
+        devices = {"vq.device": self.vq.device}
+        if self.text is not None:
+            devices["text.device"] = self.text.device
+        check_gpu_devices(self.executor, devices)
+        if self.text is not None and not 1 <= self.text.max_length <= shards.MAX_T5_TOKENS:
             raise ValueError(
                 f"text.max_length is {self.text.max_length}: token shards hold at most "
                 f"{shards.MAX_T5_TOKENS} caption tokens"
@@ -293,7 +316,8 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 class PretokenizeWorker:
-    """Loads the VQ tokenizer and T5 once; ``worker(index)`` pretokenizes raw shard ``index``."""
+    """Loads the VQ tokenizer and T5 (unless ``text`` is null) once; ``worker(index)``
+    pretokenizes raw shard ``index``."""
 
     def __init__(
         self,
@@ -319,7 +343,9 @@ class PretokenizeWorker:
         ds = vq.config.downsample
         if cfg.resolution % ds:
             raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VQ's {ds}")
-        self.text = text if text is not None else TextEncoder.from_config(cfg.text)
+        self.text: TextEncoder | None = None
+        if cfg.text is not None:
+            self.text = text if text is not None else TextEncoder.from_config(cfg.text)
         self._vq_rows: int | None = None  # images per VQ forward after running out of memory
 
     def __call__(self, index: int) -> dict[str, Any]:
@@ -354,19 +380,29 @@ class PretokenizeWorker:
                     codes, codes_flip = self._encode_images(batch.pixels)
                     vq_s += time.perf_counter() - t
                     t = time.perf_counter()
-                    enc = self._encode_captions(batch.keys, batch.texts, dropped)
-                    bad = set(enc.nonfinite)
-                    for _ in bad:
-                        dropped["nonfinite_t5"] += 1
-                    # the samples T5 gave finite features for; counted drops otherwise
-                    ok = [f is not None and i not in bad for i, f in enumerate(enc.features)]
-                    shorts = self._encode_short_captions(batch, ok, dropped, short_stats)
+                    n = len(batch.keys)
+                    if self.text is None:  # class labels only: no caption features
+                        features: list[torch.Tensor | None] = [None] * n
+                        lengths, ok = [0] * n, [True] * n
+                        shorts: list[torch.Tensor | Literal["t5"] | None] = ["t5"] * n
+                    else:
+                        enc = self._encode_captions(batch.keys, batch.texts, dropped)
+                        features, lengths = list(enc.features), list(enc.lengths)
+                        bad = set(enc.nonfinite)
+                        for _ in bad:
+                            dropped["nonfinite_t5"] += 1
+                        # the samples T5 gave finite features for; counted drops otherwise
+                        ok = [f is not None and i not in bad for i, f in enumerate(features)]
+                        shorts = self._encode_short_captions(batch, ok, dropped, short_stats)
+                        truncated += enc.n_truncated
                     t5_s += time.perf_counter() - t
-                    truncated += enc.n_truncated
                     for i, key in enumerate(batch.keys):
                         if not ok[i] or shorts[i] is None:  # counted: t5_error, nonfinite_t5
                             continue
-                        meta = {**batch.metas[i], "t5_tokens": enc.lengths[i]}
+                        meta = dict(batch.metas[i])
+                        feats = features[i]
+                        if feats is not None:
+                            meta["t5_tokens"] = lengths[i]
                         short = shorts[i]
                         if isinstance(short, torch.Tensor):
                             meta["t5_short_tokens"] = len(short)
@@ -375,7 +411,7 @@ class PretokenizeWorker:
                             sample = shards.encode_token_sample(
                                 key,
                                 codes[i],
-                                enc.features[i].numpy(),
+                                feats.numpy() if feats is not None else None,
                                 batch.captions[i],
                                 meta,
                                 codes_flip[i] if codes_flip is not None else None,
@@ -386,7 +422,7 @@ class PretokenizeWorker:
                             dropped["encode_error"] += 1
                             continue
                         writer.write(sample)
-                        n_tokens += enc.lengths[i]
+                        n_tokens += lengths[i]
                         if cfg.short_captions:
                             kind = _short_kind(batch.shorts[i], batch.texts[i])
                             short_stats[_SHORT_STATS[kind]] += 1
@@ -452,6 +488,7 @@ class PretokenizeWorker:
         comes: a one-caption batch cannot tell the two apart by count, and its caption would
         otherwise be dropped and the shard marked done."""
         try:
+            assert self.text is not None  # only called with a text encoder
             return self.text.encode(texts, clean=False)
         except Exception as exc:  # noqa: BLE001 - narrowed down caption by caption below
             if poisons_process(str(exc)) or _out_of_memory(exc):
@@ -541,7 +578,7 @@ class PretokenizeWorker:
                     label, reason = class_label(meta.get(cfg.label_field), cfg.num_classes)
                 # what T5 reads, cleaned once here (the encoder is told not to clean it again)
                 text = caption
-                if reason is None and cfg.text.clean_captions:
+                if reason is None and cfg.text is not None and cfg.text.clean_captions:
                     text = clean_caption(caption)
                     if not text:
                         reason = "empty_caption_after_cleaning"  # a bare URL or file name
@@ -554,7 +591,7 @@ class PretokenizeWorker:
                 if cfg.short_captions:
                     # cut first, as LlamaGen cuts the caption it reads, then cleaned like it
                     short = first_sentence(caption)
-                    short = clean_caption(short) if cfg.text.clean_captions else short
+                    short = clean_caption(short) if cfg.text and cfg.text.clean_captions else short
                 pending.append((key, sample, caption, text, short, meta, label))
                 if len(pending) == cfg.batch_size:
                     batch = self._decode(pending, pool, index, scores, dropped, mended)
@@ -592,7 +629,7 @@ class PretokenizeWorker:
             reason = aesthetic_reason(row["aesthetic"], self.cfg.min_aesthetic)
             if reason is not None:
                 return reason
-        if not caption:
+        if not caption and self.cfg.text is not None:  # text-free: labels only, kept as they are
             return "empty_caption"
         return None
 
@@ -751,6 +788,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
             "flip": cfg.flip,
             # only when on: a manifest of an output made without them reads as before
             **({"short_captions": True} if cfg.short_captions else {}),
+            **({"text": False} if cfg.text is None else {}),  # no t5.npy in these shards
             **(
                 {"label_field": cfg.label_field, "num_classes": cfg.num_classes}
                 if cfg.label_field is not None

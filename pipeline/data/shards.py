@@ -5,7 +5,8 @@ One token shard per raw shard, same index: ``{index:05d}.tar`` (a WebDataset tar
 - ``__key__``: the raw sample's key (stable across reruns),
 - ``codes.npy``: uint16 VQ codes, grid (h, w),
 - ``codes_flip.npy`` (optional): uint16 codes of the horizontally flipped image,
-- ``t5.npy``: float16 T5 features of the valid caption tokens only, (L, D) with L <= 120,
+- ``t5.npy``: float16 T5 features of the valid caption tokens only, (L, D) with L <= 120; absent
+  from shards made without text (pretokenize's ``text: null``, class-conditional shards),
 - ``t5_short.npy`` (optional, pretokenize's ``short_captions``): float16 T5 features of the
   caption's first sentence, (L', D), for LlamaGen's stage-2 short-caption training. A sample whose
   first sentence is its whole caption has no such member but ``"t5_short": "t5"`` in its json:
@@ -119,7 +120,7 @@ def valid_key(key: str) -> bool:
 def encode_token_sample(
     key: str,
     codes: np.ndarray,
-    t5: np.ndarray,
+    t5: np.ndarray | None,
     caption: str,
     meta: Mapping[str, Any],
     codes_flip: np.ndarray | None = None,
@@ -128,7 +129,8 @@ def encode_token_sample(
     """The tar members of one sample; checks shapes and casts to the stored dtypes.
 
     ``t5_short``: features of the caption's first sentence (stored as ``t5_short.npy``), ``"t5"``
-    when that sentence is the whole caption (only marked in the json), or None (not made)."""
+    when that sentence is the whole caption (only marked in the json), or None (not made).
+    ``t5`` None: no caption features (class-conditional shards), so no ``t5_short`` either."""
     if not valid_key(key):
         raise ValueError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots or slashes)")
     codes = np.asarray(codes)
@@ -136,8 +138,10 @@ def encode_token_sample(
         raise ValueError(
             f"{key}: codes must be a non-empty 2D grid of ids < 65536, got {codes.shape}"
         )
-    t5 = np.asarray(t5)
-    if t5.ndim != 2 or not 0 < t5.shape[0] <= MAX_T5_TOKENS:
+    if t5 is None:
+        if t5_short is not None:
+            raise ValueError(f"{key}: t5_short without t5 (a sample made without text)")
+    elif (t5 := np.asarray(t5)).ndim != 2 or not 0 < t5.shape[0] <= MAX_T5_TOKENS:
         raise ValueError(f"{key}: t5 must be (L, D) with 0 < L <= {MAX_T5_TOKENS}, got {t5.shape}")
     meta = dict(meta)
     if isinstance(t5_short, str):
@@ -158,10 +162,11 @@ def encode_token_sample(
     sample: dict[str, bytes | str] = {
         "__key__": key,
         "codes.npy": npy_bytes(codes.astype(np.uint16)),
-        "t5.npy": npy_bytes(t5.astype(np.float16)),
         "txt": caption.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True, default=_json_default).encode("utf-8"),
     }
+    if t5 is not None:
+        sample["t5.npy"] = npy_bytes(t5.astype(np.float16))
     if isinstance(t5_short, np.ndarray):
         sample["t5_short.npy"] = npy_bytes(t5_short.astype(np.float16))
     if codes_flip is not None:
@@ -482,8 +487,8 @@ def _load_npy(data: bytes, ext: str) -> np.ndarray:
 def decode_token_sample(sample: Mapping[str, Any], strict: bool = False) -> dict[str, Any]:
     """Decode a raw WebDataset sample dict (bytes per extension) of a token shard.
 
-    Returns ``{"key", "codes", "t5", "txt", "json"}`` plus ``"codes_flip"`` and ``"t5_short"``
-    when present (``t5_short`` is the ``t5`` array itself where the json marks the first sentence
+    Returns ``{"key", "codes", "txt", "json"}`` plus ``"t5"`` (absent from shards made without
+    text), ``"codes_flip"`` and ``"t5_short"`` when present (``t5_short`` is the ``t5`` array itself where the json marks the first sentence
     as the whole caption; shards made without short captions have none). Only
     the known extensions are decoded (``np.load(allow_pickle=False)``, utf-8, json); anything
     else is ignored, or rejected with ``strict=True``. Nothing is ever unpickled. A key that the
@@ -505,11 +510,12 @@ def decode_token_sample(sample: Mapping[str, Any], strict: bool = False) -> dict
             out["json"] = json.loads(value)
         elif strict:
             raise ValueError(f"{out['key']}: unexpected member {name!r} in a token shard")
-    missing = [k for k in ("codes", "t5") if k not in out]
-    if missing:
-        raise ValueError(f"{out['key']}: token sample lacks {missing[0]}.npy")
+    if "codes" not in out:
+        raise ValueError(f"{out['key']}: token sample lacks codes.npy")
+    if "t5_short" in out and "t5" not in out:
+        raise ValueError(f"{out['key']}: token sample has t5_short.npy but lacks t5.npy")
     meta = out.get("json")
-    if "t5_short" not in out and isinstance(meta, dict):
+    if "t5_short" not in out and "t5" in out and isinstance(meta, dict):
         if meta.get(SHORT_IS_FULL[0]) == SHORT_IS_FULL[1]:
             out["t5_short"] = out["t5"]
     return out
