@@ -371,9 +371,10 @@ def scored_indices(out: str) -> set[int]:
 
 def read_raw_identity(out: str, index: int) -> str | None:
     """The raw shard identity score parquet ``index`` under ``out`` recorded (None for one
-    written before it was): one read (retried like every other), its rows not decoded."""
-    data = storage.read_bytes(score_uri(out, index))
-    meta = pq.read_schema(io.BytesIO(data)).metadata or {}
+    written before it was): the footer alone (as metadata._extra_types reads its inputs'), not
+    the whole parquet, since every run start asks it of every scored shard."""
+    with storage.open_read(score_uri(out, index)) as f:
+        meta = pq.read_schema(f).metadata or {}
     raw = meta.get(RAW_SHARD_KEY)
     return raw.decode() if raw else None
 
