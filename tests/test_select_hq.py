@@ -25,7 +25,7 @@ from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.data import filter as flt
 from pipeline.data import shards
 from pipeline.data.download import DownloadConfig
-from pipeline.data.metadata import prepare_units, units_fingerprint
+from pipeline.data.metadata import MetadataConfig, list_inputs, prepare_units, units_fingerprint
 from pipeline.data.pretokenize import PretokenizeConfig
 from pipeline.data.select_hq import (
     SUMMARY_NAME,
@@ -260,6 +260,47 @@ def test_rerun_gives_identical_files_and_replaces_a_killed_run(stage1, tmp_path)
     assert {n: b for n, b in _files(again).items() if n.endswith(".parquet")} == {
         n: b for n, b in files.items() if n.endswith(".parquet")
     }
+
+
+def test_the_download_refuses_a_selection_being_written_or_changed(stage1, tmp_path, monkeypatch):
+    raw, scores = _copy(stage1, tmp_path)
+    out = str(tmp_path / "metadata-hq")
+    cfg = _cfg(raw, scores, out, "rows_per_part=4")
+
+    # the first run killed after uploading one part: the config is there, the summary not
+    put_file, calls = storage.put_file, []
+
+    def killed_after_one(src, dst):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(dst)
+        put_file(src, dst)
+
+    monkeypatch.setattr(storage, "put_file", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_select_hq(cfg)
+    monkeypatch.undo()
+    assert storage.list_dir(out, ".parquet") == ["part-00000.parquet"]
+    for source in (out, out + "/", os.path.join(out, "*.parquet")):
+        with pytest.raises(FileNotFoundError, match="select_hq output without its"):
+            prepare_units(source, str(tmp_path / "units"), MetadataConfig())
+
+    run_select_hq(cfg)  # completes the folder
+    assert len(list_inputs(out)) == 2
+
+    # a part removed, or one added, after the summary: the folder is not the selection it lists
+    extra = os.path.join(out, "part-00002.parquet")
+    shutil.copy(os.path.join(out, "part-00000.parquet"), extra)
+    with pytest.raises(FileNotFoundError, match=r"part-00002.parquet: missing, extra"):
+        list_inputs(out)
+    os.remove(extra)
+    os.remove(os.path.join(out, "part-00001.parquet"))
+    with pytest.raises(FileNotFoundError, match=r"part-00001.parquet: missing, extra"):
+        list_inputs(out)
+    # one part named alone is read as asked (a file, not the folder's selection)
+    assert list_inputs(os.path.join(out, "part-00000.parquet")) == [
+        os.path.join(out, "part-00000.parquet")
+    ]
 
 
 def test_other_settings_and_foreign_files_are_refused(stage1, tmp_path):

@@ -105,14 +105,49 @@ RESERVED_COLUMNS = frozenset(
 )
 
 
+# what ``jobs/select_hq.py`` writes beside its parts (here, so that the download can check them)
+SELECTION_CONFIG_NAME = "_select_hq_config.yaml"
+SELECTION_SUMMARY_NAME = "_select_hq_summary.json"
+
+
+def check_selection(files: list[str], whole: bool) -> None:
+    """Refuse the parts of a ``select_hq`` output that is not complete: its config (written
+    before any part) without its summary (written last) means the job is still running or was
+    killed mid-upload; a part the summary does not list, or of another size, means the folder
+    changed since, and so does one it lists missing when the folder is read ``whole``. Folders
+    without the config are read as they are."""
+    for folder in sorted({os.path.dirname(f) for f in files}):
+        if not storage.exists(storage.join(folder, SELECTION_CONFIG_NAME)):
+            continue
+        summary_uri = storage.join(folder, SELECTION_SUMMARY_NAME)
+        if not storage.exists(summary_uri):
+            raise FileNotFoundError(
+                f"{folder} is a select_hq output without its {SELECTION_SUMMARY_NAME}: the "
+                "selection is still being written, or its job was killed; wait for it, or run "
+                "jobs/select_hq.py again (it completes the folder)"
+            )
+        parts = {p["name"]: p["bytes"] for p in storage.read_json(summary_uri).get("parts", [])}
+        here = {os.path.basename(f) for f in files if os.path.dirname(f) == folder}
+        wrong = [n for n in sorted(here) if storage.size(storage.join(folder, n)) != parts.get(n)]
+        wrong += sorted(set(parts) - here) if whole else []
+        if wrong:
+            raise FileNotFoundError(
+                f"{folder} does not hold the parts its {SELECTION_SUMMARY_NAME} lists "
+                f"({', '.join(wrong[:5])}: missing, extra or of another size); run "
+                "jobs/select_hq.py again into it, or into a new folder"
+            )
+
+
 def list_inputs(source: str) -> list[str]:
-    """The parquet files named by ``source`` (a file, a folder or a glob), sorted."""
+    """The parquet files named by ``source`` (a file, a folder or a glob), sorted; the parts of
+    a ``select_hq`` output only once it is complete (``check_selection``)."""
     fs, path = storage.filesystem(source)
     remote = storage.is_remote(source)
     proto = source.split("://", 1)[0] + "://" if remote else ""
+    whole = False  # the folder itself, not some of its files
     if any(ch in path for ch in "*?["):
         found = fs.glob(path) if remote else globlib.glob(path)
-    elif fs.isdir(path):
+    elif whole := fs.isdir(path):
         found = fs.glob(path.rstrip("/") + "/*.parquet")  # this folder only, not sub-folders
     elif fs.exists(path):
         found = [path]
@@ -124,6 +159,7 @@ def list_inputs(source: str) -> list[str]:
     files = [f for f in files if not os.path.basename(f).startswith(("_", "."))]
     if not files:
         raise FileNotFoundError(f"no parquet files match {source}")
+    check_selection(files, whole)
     return files
 
 

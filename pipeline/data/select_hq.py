@@ -25,7 +25,9 @@ Output (``output``): ``part-00000.parquet``, ``part-00001.parquet``, ... of ``ro
 rows each, with the URL and caption columns named as the download's ``metadata`` section reads
 them (``url_column``, ``caption_column``) and then ``extra_columns``; ``_select_hq_config.yaml``;
 and ``_select_hq_summary.json`` (counts, the parts with their sha256), written last: a folder
-without it is not complete. The download's metadata reader skips names starting with ``_``.
+without it is not complete. The download's metadata reader skips names starting with ``_`` and
+refuses a folder holding the config (written before any part) without the summary, or parts
+other than the summary lists.
 
 Reruns: the same inputs and settings give the same files, byte for byte, and a rerun that finds
 them in place writes no part again. The parts are made in a local scratch folder and uploaded only
@@ -59,13 +61,13 @@ from pipeline import storage
 from pipeline.config import ConfigError, doc, save_config
 from pipeline.data import shards
 from pipeline.data.filter import RAW_SHARD_KEY, SCORE_CONFIG_NAME, score_uri, scored_indices
+from pipeline.data.metadata import SELECTION_CONFIG_NAME as CONFIG_NAME
+from pipeline.data.metadata import SELECTION_SUMMARY_NAME as SUMMARY_NAME
 from pipeline.data.metadata import MetadataConfig
 from pipeline.log import get_logger, progress
 
 log = get_logger(__name__)
 
-CONFIG_NAME = "_select_hq_config.yaml"
-SUMMARY_NAME = "_select_hq_summary.json"
 _PART = re.compile(r"part-\d{5}\.parquet")
 # what decides the parts' content: a complete selection made with other values is refused
 _CONTENT_FIELDS = (
@@ -356,11 +358,12 @@ def _commit(cfg: SelectHQConfig, folder: str, summary: dict[str, Any]) -> bool:
             out, old.get("rows", {}).get("selected", 0), summary["rows"]["selected"],
         )  # fmt: skip
     storage.remove(summary_uri)  # from here the folder reads as incomplete
+    # the config before any part: the download refuses a folder with it and without a summary
+    save_config(cfg, storage.join(out, CONFIG_NAME))
     for name in sorted(present - names):
         storage.remove(storage.join(out, name))
     for p in parts:
         storage.put_file(os.path.join(folder, p["name"]), storage.join(out, p["name"]))
-    save_config(cfg, storage.join(out, CONFIG_NAME))
     storage.write_json(summary_uri, summary)
     return True
 
