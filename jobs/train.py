@@ -10,6 +10,11 @@
 ``--resume auto`` (the default) continues from the newest complete checkpoint in the run dir;
 ``--resume X`` is the override ``resume=X`` where it stands (a later ``resume=`` wins).
 
+SIGTERM or SIGUSR1 to the ranks (Slurm's preemption, time limit or ``--signal=USR1@600``
+warning; by hand ``kill -TERM -- -PGID`` of the launcher's process group): every rank finishes
+its step, they save that step's checkpoint and end with status 75 (``pipeline/train/stop.py``);
+a rerun with ``--resume auto`` continues there. Ctrl-C still stops at once, without a save.
+
 Every rank runs this file. A rank that fails ends at once (``os._exit``: no barrier, no exit
 handlers that could hang on the other ranks, which the launcher then stops) after flushing its
 logs: a config error with status 2, a missing file or missing S3 credentials with status 1, each
@@ -25,6 +30,7 @@ import sys
 from pipeline.cli import job_parser, parse_job, report_failure, run_main
 from pipeline.log import flush_logging
 from pipeline.train import engine
+from pipeline.train.stop import EXIT_STOPPED, TrainingStopped
 from pipeline.train.trainer import TrainConfig, train
 
 
@@ -55,12 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_job(TrainConfig, __doc__.splitlines()[0], argv, parser=parser)
     try:
         train(cfg)
+    except TrainingStopped as e:  # every rank, after the same step's checkpoint
+        if int(os.environ.get("RANK", "0")) == 0:
+            logging.getLogger("jobs.train").warning("%s", e)
+        engine.shutdown(EXIT_STOPPED)
     except BaseException as e:  # noqa: BLE001 - this rank ends here whatever it was
         status = report_failure(e) if isinstance(e, Exception) else None
         if status is None:
             logging.getLogger("jobs.train").exception("training failed")
             status = 1
         flush_logging()
+        # DeepSpeed's CPU all-reduce buffer (~66 MB of /dev/shm a rank) goes with the rank
+        engine.remove_shm_buffers(os.environ.get("MASTER_PORT"), os.environ.get("RANK"))
         os._exit(status)  # the other ranks are stopped by the launcher
     engine.shutdown(0)
 

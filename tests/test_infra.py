@@ -12,9 +12,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import yaml
@@ -822,6 +824,46 @@ def test_slurm_script_starts_one_train_task_per_gpu_with_a_valid_config(tmp_path
     from pipeline.train.trainer import TrainConfig
 
     load_config(TrainConfig, os.path.join(ROOT, want), extra)
+
+
+def test_slurm_script_passes_the_time_limit_warning_to_the_ranks_and_requeues(tmp_path):
+    """Slurm's ``--signal=B:USR1@600`` reaches the batch script alone: it must pass USR1 on to
+    the job's steps (``scancel --signal=USR1``: the ranks save their step and end) and requeue
+    the job once srun has ended (a run that ends by itself is not requeued)."""
+    script = os.path.join(ROOT, "infra", "slurm", "train.sbatch")
+    assert "--signal=B:USR1@600" in re.findall(r"^#SBATCH (\S+)", open(script).read(), re.M)
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    for name in (".venv", "jobs", "configs", "pipeline"):
+        (submit / name).symlink_to(os.path.join(ROOT, name))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log, pid = tmp_path / "calls", tmp_path / "srun.pid"
+    tools = {
+        # a rank: saves and ends with status 75 on USR1, else runs on (until the test's end)
+        "srun": f'echo $$ > {pid}; trap "echo srun got USR1 >> {log}; exit 75" USR1\n'
+        "for i in $(seq 600); do sleep 0.1; done",
+        "scancel": f'echo "scancel $*" >> {log}; kill -USR1 "$(cat {pid})"',
+        "scontrol": f'echo "scontrol $*" >> {log}',
+    }
+    for name, body in tools.items():
+        (bindir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bindir / name).chmod(0o755)
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(submit), "SLURM_JOB_ID": "4242"}
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    proc = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not pid.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)  # what Slurm sends ten minutes before the limit
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out
+    assert log.read_text().splitlines() == [
+        "scancel --signal=USR1 4242",
+        "srun got USR1",
+        "scontrol requeue 4242",
+    ]
 
 
 def test_a_resume_override_after_the_scripts_resume_flag_wins(monkeypatch):

@@ -256,6 +256,66 @@ def test_checkpoints_pruned_exported_and_logged(zero2):
     assert killed == ["step_00000030", "step_00000040"]
 
 
+def test_sigterm_saves_the_step_and_stops_then_resume_auto_is_exact(zero2, shards, tmp_path):
+    """SIGTERM to the ``deepspeed`` launcher's process group (its ranks, their data workers, and
+    launch.py, which kills them 30 s later): every rank ends its step, they save it, and end
+    with status 75; the rerun's steps equal the uninterrupted reference's. Without OMP_NUM_THREADS the
+    ranks share the node's cores."""
+    run = tmp_path / "run"
+    args = [*_common(str(run), run, shards), "ckpt_every=1000", "log_every=1", "threads=0"]
+    port = free_port()
+    env = _env()
+    del env["OMP_NUM_THREADS"]
+    proc = subprocess.Popen(
+        _cmd("deepspeed", port, args),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    watchdog = threading.Timer(240, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if " step 5 loss " in line:
+                # the whole group, as Slurm signals a step's processes (the `deepspeed` runner
+                # on one node ends at a SIGTERM of its own without passing it on)
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        lines.extend(proc.stdout.read().splitlines(keepends=True))
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        _cleanup_shm(port)
+    out = "".join(lines)
+    (tmp_path / "stopped.log").write_text(out)
+    stopped = [x for x in out.splitlines() if "stopped by SIGTERM after step" in x]
+    assert len(stopped) == 1, out[-4000:]  # rank 0 says it, once
+    at = int(stopped[0].split("after step ")[1].split()[0])
+    assert 5 <= at < STEPS
+    assert f"with checkpoint step_{at:08d}" in stopped[0]
+    assert "Traceback" not in out, out[-4000:]  # no data worker died of the signal
+    assert [n for n in os.listdir(run / "checkpoints") if n.startswith("step_")] == [
+        f"step_{at:08d}"
+    ]
+    assert "COMPLETE.json" in storage.list_dir(str(run / "checkpoints" / f"step_{at:08d}"))
+    cores = len(os.sched_getaffinity(0))
+    assert (
+        f"{cores} cores, 2 ranks on this node: {max(1, cores // 2)} torch threads per rank" in out
+    )
+
+    out = _train("deepspeed", [*args, "--resume", "auto"], tmp_path / "resumed.log")
+    assert f"resumed from checkpoint step_{at:08d}" in out
+    res = _steps(run / "metrics" / "steps.jsonl")
+    assert [r["step"] for r in res] == list(range(1, STEPS + 1))
+    for a, b in zip(zero2["ref"], res):
+        assert (a["keys"], a["loss"], a["lr"]) == (b["keys"], b["loss"], b["lr"]), a["step"]
+
+
 def test_resume_on_another_number_of_ranks_goes_through_the_universal_format(
     bucket, shards, tmp_path
 ):

@@ -56,6 +56,7 @@ from pipeline import storage
 from pipeline.config import doc
 from pipeline.data.shards import ShardInfo, decode_token_sample, list_done_shards
 from pipeline.log import get_logger
+from pipeline.train.stop import ignore_in_worker
 
 log = get_logger(__name__)
 # the module: ``webdataset.gopen`` as an attribute is the function it re-exports
@@ -695,6 +696,8 @@ class TokenLoader:
                     # its own generator: creating workers must not draw from the global torch RNG,
                     # or a resumed run's dropout would be one draw off
                     generator=torch.Generator().manual_seed(self.cfg.seed),
+                    # a stop signal is the rank's to act on (save, then end), not the worker's
+                    worker_init_fn=ignore_in_worker,
                 )
             )
         for batch in it:

@@ -467,6 +467,20 @@ def mean_across_ranks(x: torch.Tensor) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def mean_and_any(x: torch.Tensor, flag: bool) -> tuple[float, bool]:
+    """The mean of a scalar over all ranks, and whether ``flag`` is set on any rank: one
+    all-reduce for both."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(x), flag
+    x = x.detach().to(torch.float64).reshape(1)
+    t = torch.cat([x, torch.tensor([float(flag)], dtype=torch.float64, device=x.device)])
+    if on_cuda():  # NCCL reduces CUDA tensors only
+        t = t.cuda()
+    dist.all_reduce(t)
+    total, flags = t.tolist()
+    return total / dist.get_world_size(), flags > 0
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (on every rank)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

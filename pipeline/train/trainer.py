@@ -36,6 +36,7 @@ from pipeline.train.checkpoint import CheckpointManager, export_weights, init_fr
 from pipeline.train.metrics import MetricsLogger
 from pipeline.train.optim import OptimConfig, lr_lambda, param_groups, peak_lr
 from pipeline.train.rng import capture_rng_state, restore_rng_state
+from pipeline.train.stop import StopRequest, TrainingStopped
 
 log = get_logger(__name__)
 
@@ -84,7 +85,11 @@ class TrainConfig:
     )
     log_keys: bool = doc("record every rank's sample keys per step in steps.jsonl", False)
     tensorboard: bool = doc("write TensorBoard logs", True)
-    threads: int = doc("torch CPU threads per rank (0: leave as is)", 0)
+    threads: int = doc(
+        "torch CPU threads per rank (0: OMP_NUM_THREADS, or without it the cores this process "
+        "may use / the ranks on the node)",
+        0,
+    )
     compile: bool = doc(
         "torch.compile the model (DeepSpeed's engine.compile; same random draws as eager)", False
     )
@@ -146,6 +151,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dist = engine.init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    elif "OMP_NUM_THREADS" not in os.environ and dist.local_world > 1:
+        # torchrun sets it; the deepspeed launcher does not, and each rank's torch would take
+        # every core of the node (N ranks x all cores). A rank bound to its own cores keeps them
+        cores = len(os.sched_getaffinity(0))
+        threads = max(1, cores // dist.local_world if cores == os.cpu_count() else cores)
+        torch.set_num_threads(threads)
+        if dist.is_local_main:
+            log.info(
+                "%d cores, %d ranks on this node: %d torch threads per rank (set threads or "
+                "OMP_NUM_THREADS to choose)", cores, dist.local_world, threads,
+            )  # fmt: skip
     local_dir = cfg.local_dir or default_local_dir(cfg.run_dir)
     os.makedirs(local_dir, exist_ok=True)
     precision = engine.resolve_precision(cfg.precision)
@@ -325,6 +341,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last_tag = tag
     loss_value = float("nan")
     skipped_in_a_row = 0
+    stop = StopRequest()  # SIGTERM / SIGUSR1: save the step and end (pipeline/train/stop.py)
+    stop.install()
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -344,7 +362,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 keys.extend(batch["keys"])
             step += 1
             samples_seen += global_batch
-            loss_value = engine.mean_across_ranks(torch.stack(losses).mean())
+            # with whether any rank was asked to stop: all stop after this same step
+            loss_value, stopping = engine.mean_and_any(torch.stack(losses).mean(), stop.requested)
             extra = {"epoch": loader.epoch, "data_seconds": data_seconds}
             if engine.skipped_steps(eng) > skipped_before:
                 # DeepSpeed skipped the update (non-finite gradient norm) and did not move the
@@ -368,8 +387,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 seconds=time.perf_counter() - t0,
                 extra=extra,
             )
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
                 last_tag = save(step)
+            if stopping and step < cfg.steps:
+                signame = engine.broadcast_object(stop.signame)  # rank 0's, or another's
+                raise TrainingStopped(signame or "a signal to another rank", step, last_tag)
             if cfg.max_skipped_steps and skipped_in_a_row >= cfg.max_skipped_steps:
                 raise FloatingPointError(
                     f"the last {skipped_in_a_row} steps (to step {step}) were all skipped for a "
@@ -383,6 +405,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     except BaseException:
         metrics.flush()  # TensorBoard's events of the steps before the failure
         raise
+    finally:
+        stop.restore()
 
     # -- the end: export, plots, summary
     export_uri = None
