@@ -252,6 +252,23 @@ def test_rerun_skips_done_shards_and_redoes_a_lost_one(bad_run, server):
     os.remove(marker)
     assert run_download(cfg).stats["by_reason"] == first.stats["by_reason"]
 
+    # the opt-out check shapes shards too: turning it off half-way would mix them
+    with pytest.raises(RuntimeError, match="disallowed_header_directives"):
+        run_download(dataclasses.replace(cfg, disallowed_header_directives=[]))
+    # overwrite=true, run again after a kill: the shards made with these settings are kept
+    hits = dict(server.hits)
+    again = run_download(dataclasses.replace(cfg, overwrite=True))
+    assert server.hits == hits and again.stats["by_reason"] == first.stats["by_reason"]
+    # and with other settings it deletes them, and downloads again
+    small = run_download(dataclasses.replace(cfg, overwrite=True, image_size=128))
+    assert small.failed_shards == [] and server.hits != hits
+    assert (
+        storage.read_json(os.path.join(cfg.output, "_meta", "state.json"))["shard_settings"][
+            "image_size"
+        ]
+        == 128
+    )
+
 
 # --- Ray, retries, S3 ------------------------------------------------------------------------------
 
@@ -623,6 +640,21 @@ def test_shipped_configs_load(name):
     assert cfg.disallowed_header_directives == DEFAULT_OPT_OUT  # "none" included
     assert cfg.allow_private_addresses is False
     assert cfg.allow_loopback is (name == "download_local.yaml")
+
+
+def test_metadata_without_a_usable_row_is_an_error_not_an_empty_success(tmp_path):
+    meta = tmp_path / "meta.parquet"
+    pq.write_table(
+        pa.table({"url": [f"ftp://h/{i}.jpg" for i in range(5)], "caption": ["a"] * 5}), meta
+    )
+    cfg = DownloadConfig(
+        input=str(meta),
+        output=str(tmp_path / "raw"),
+        metadata=MetadataConfig(url_column="url", caption_column="caption"),
+    )
+    with pytest.raises(ValueError, match="gave no row to download.*'bad_url_scheme': 5"):
+        run_download(cfg)
+    assert not storage.list_dir(cfg.output, "_stats.json")
 
 
 def test_a_stats_file_cut_short_makes_its_shard_failed_not_done(tmp_path):

@@ -68,6 +68,9 @@ SHARD_SHAPING = (
     "encode_quality",
     "compute_hash",
     "extract_exif",
+    # the opt-out check: shards made with and without it must not mix
+    "user_agent_token",
+    "disallowed_header_directives",
 )
 
 
@@ -119,7 +122,11 @@ class DownloadConfig:
         "hash of the original bytes stored per sample", "sha256"
     )
     extract_exif: bool = doc("store EXIF in each sample's json (slower)", False)
-    overwrite: bool = doc("delete the output first instead of resuming", False)
+    overwrite: bool = doc(
+        "delete an output made from other metadata or with other shard settings (instead of "
+        "refusing it); one made with these is continued",
+        False,
+    )
     tmp_dir: str | None = doc(
         "scratch folder for img2dataset (TMPDIR); default: a new temp dir", None
     )
@@ -446,9 +453,6 @@ def aggregate_stats(
 def run_download(cfg: DownloadConfig) -> DownloadResult:
     """Download every unit of ``cfg.input`` into raw shards under ``cfg.output`` (resumable)."""
     start = time.time()
-    if cfg.overwrite:
-        log.info("overwrite: deleting %s", cfg.output)
-        storage.remove(cfg.output, recursive=True)
     storage.makedirs(cfg.output)
     meta = meta_dir(cfg.output)
     units_dir, input_dir = storage.join(meta, "units"), storage.join(meta, "input")
@@ -458,23 +462,46 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
     listing = units_fingerprint(cfg.input, cfg.metadata)
     state_uri = storage.join(meta, "state.json")
     state = storage.read_json(state_uri) if storage.exists(state_uri) else None
-    if state and state.get("units_fingerprint") != listing[2]:
-        if existing:
-            raise RuntimeError(
-                f"{cfg.output} holds shards made from other metadata or unit settings; "
-                "use a new output folder or overwrite=true"
-            )
-        storage.remove(input_dir, recursive=True)
     shape = {k: v for k, v in to_dict(cfg).items() if k in SHARD_SHAPING}
-    if state and existing and state.get("shard_settings", shape) != shape:
-        changed = sorted(k for k in shape if state["shard_settings"].get(k) != shape[k])
+    other = []  # why the shards there cannot be finished with these settings
+    if state and existing:
+        if state.get("units_fingerprint") != listing[2]:
+            other.append("metadata or unit settings")
+        # a setting a state.json of an earlier version did not record is not compared
+        made = state.get("shard_settings", {})
+        other += sorted(k for k in shape if k in made and made[k] != shape[k])
+    if cfg.overwrite and existing and (other or not state):
+        log.info(
+            "overwrite: deleting %s (%d shards made with other %s)",
+            cfg.output, len(existing), ", ".join(other) or "settings (no state.json)",
+        )  # fmt: skip
+        storage.remove(cfg.output, recursive=True)
+        storage.makedirs(cfg.output)
+        existing, state, other = set(), None, []
+    elif cfg.overwrite and existing:
+        # a rerun of the command that deleted an earlier output, after a kill: the shards
+        # there are this one's, nothing is deleted again
+        log.warning(
+            "overwrite: %s holds %d shards made from this metadata with these settings: "
+            "continuing them (delete the folder yourself to download everything again)",
+            cfg.output, len(existing),
+        )  # fmt: skip
+    if other:
         raise RuntimeError(
-            f"{cfg.output} holds shards made with other {', '.join(changed)}; finishing them "
-            "with these settings would mix two kinds of shard. Use a new output or overwrite=true"
+            f"{cfg.output} holds shards made with other {', '.join(other)}; finishing them "
+            "with these settings would mix two kinds of shard. Use a new output folder, or "
+            "overwrite=true to delete them"
         )
+    if state and state.get("units_fingerprint") != listing[2]:
+        storage.remove(input_dir, recursive=True)  # no shard made from them: cut again
     units_stats = prepare_units(cfg.input, units_dir, cfg.metadata, listing)
     unit_names = [u["name"] for u in units_stats["units"]]
     total = len(unit_names)
+    if not total:
+        raise ValueError(
+            f"the metadata {cfg.input} gave no row to download: {units_stats['counts']} (check "
+            "metadata.url_column / caption_column and the URLs' scheme)"
+        )
     guard_settings = {k: getattr(cfg, k) for k in GUARD_SETTINGS}
     if state and state.get("guard_settings", guard_settings) != guard_settings:
         # the shards not yet done are guarded again under the new settings (done ones keep
