@@ -142,7 +142,9 @@ def _copy(stage1: dict, tmp_path) -> tuple[str, str]:
 
 
 def _cfg(raw: str, scores: str, out: str, *more: str) -> SelectHQConfig:
-    overrides = [f"input={raw}", f"scores={scores}", f"output={out}", "threads=4", *more]
+    # the fixture leaves one raw shard unscored (SCORED < N_SHARDS)
+    overrides = [f"input={raw}", f"scores={scores}", f"output={out}", "threads=4",
+                 "allow_partial=true", *more]  # fmt: skip
     return load_config(SelectHQConfig, SELECT_YAML, overrides)
 
 
@@ -349,6 +351,9 @@ def test_stale_score_parquets_are_counted(stage1, tmp_path):
     raw, scores = _copy(stage1, tmp_path)
     download_again(raw, 0, PER_SHARD, str(tmp_path), when=1e9, meta_fn=_meta)
     _img2dataset_parquet(raw, 0, EXTRAS)
+    os.remove(os.path.join(raw, "00002_stats.json"))  # the unscored shard, not complete now
+    with pytest.raises(ConfigError, match=r"1 raw shards .* downloaded again .*\[0\]"):
+        run_select_hq(_cfg(raw, scores, str(tmp_path / "out"), "allow_partial=false"))
     summary = run_select_hq(_cfg(raw, scores, str(tmp_path / "out")))
     assert summary["shards"]["stale_scores"] == 1 and summary["shards"]["read"] == 1
     assert summary["shards"]["examples"]["stale_scores"] == [0]
@@ -365,6 +370,11 @@ def test_on_s3_through_the_job(stage1, tmp_path, s3_bucket):
     spec.loader.exec_module(job)
     argv = ["--config", SELECT_YAML, f"input={raw}", f"scores={scores}", f"output={out}",
             "rows_per_part=5"]  # fmt: skip
+    # a raw shard not scored yet (score still running, or failed there): refused, nothing written
+    with pytest.raises(ConfigError, match=r"1 of 3 raw shards .* no score parquet .*\[2\]"):
+        job.main(argv)
+    assert not storage.list_dir(out)
+    argv.append("allow_partial=true")
     assert job.main(argv) == 0
     assert _rows(out) == _expected(stage1["samples"])
     files = _files(out)

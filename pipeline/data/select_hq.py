@@ -119,6 +119,12 @@ class SelectHQConfig:
         [4.5, 5.0, 5.5, 6.0, 6.5],
     )
     tmp_dir: str | None = doc("Local scratch folder for the parts; default: the system's", None)
+    allow_partial: bool = doc(
+        "Select from the scored shards when some raw shards have no (current) score parquet "
+        "yet; false: refuse (a download made from a partial selection cannot be extended by "
+        "the full one later: that needs a new folder)",
+        False,
+    )
 
     def __post_init__(self) -> None:
         for name in ("rows_per_part", "threads"):
@@ -382,10 +388,18 @@ def run_select_hq(cfg: SelectHQConfig) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no complete raw shard under {cfg.input} has a score parquet under {cfg.scores}"
         )
+    if unscored and not cfg.allow_partial:
+        raise ConfigError(
+            f"{len(unscored)} of {len(raw)} raw shards under {cfg.input} have no score parquet "
+            f"under {cfg.scores} yet (e.g. {unscored[:10]}): score them first (jobs/score.py; "
+            "still running, or some shards failed?), or allow_partial=true to select from the "
+            "scored ones (a download made from it cannot take the full selection later: that "
+            "needs a new folder)"
+        )
     if unscored:
         log.warning(
-            "select_hq: %d of %d raw shards have no score parquet yet (skipped; score them and "
-            "run again for the full selection): %s",
+            "select_hq: %d of %d raw shards have no score parquet yet (skipped, allow_partial; "
+            "score them and run again into a new folder for the full selection): %s",
             len(unscored), len(raw), unscored[:20],
         )  # fmt: skip
     dropped: collections.Counter[str] = collections.Counter()
@@ -434,7 +448,13 @@ def run_select_hq(cfg: SelectHQConfig) -> dict[str, Any]:
                 f"min_aesthetic={cfg.min_aesthetic}, min_original_size={cfg.min_original_size} "
                 f"select none of {rows_read} rows ({summary['dropped']}); nothing written"
             )
-        if stale := skipped["stale_scores"]:
+        if (stale := skipped["stale_scores"]) and not cfg.allow_partial:
+            raise ConfigError(
+                f"{len(stale)} raw shards under {cfg.input} were downloaded again after they "
+                f"were scored (e.g. {stale[:10]}): score them again first (jobs/score.py redoes "
+                "them), or allow_partial=true to select without them"
+            )
+        if stale:
             log.warning(
                 "select_hq: %d raw shards were downloaded again after they were scored; their "
                 "score parquets are the old download's (skipped; score again): %s",
