@@ -6,8 +6,12 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
@@ -729,6 +733,46 @@ def test_pool_distributor_ends_a_pass_when_a_worker_dies(tmp_path):
     down = FakeDownloader(str(healthy), fail=4)
     assert pool_distributor(2, down, iter(rows), None, 1) == [(4, "unit4")]
     assert _done(healthy) == {0, 1, 2, 3, 5}
+
+
+def test_pool_workers_end_with_a_killed_driver(tmp_path):
+    """``kill -9`` of the download driver (or the OOM killer) left its pool workers finishing
+    shards into the output while a rerun filled it too: they now end with it."""
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from pipeline.data.img2dataset_guards import die_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=die_with_parent, initargs=(os.getpid(),))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(120)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        worker = int(proc.stdout.readline())
+        os.kill(worker, 0)  # alive
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{worker}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break  # dead, not yet reaped by whoever adopted it
+            except FileNotFoundError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived its killed driver")
+    finally:
+        proc.kill()
 
 
 def test_ray_distributor_waits_for_every_task(local_ray, tmp_path):

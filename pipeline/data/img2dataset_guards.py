@@ -23,7 +23,11 @@ image. Plain 8-bit RGB images stored upright, the vast majority, take the unchan
 
 from __future__ import annotations
 
+import ctypes
 import io
+import os
+import signal
+import sys
 import warnings
 
 import numpy as np
@@ -181,6 +185,17 @@ def _retry(run, tasks: list, max_shard_retry: int) -> list:
     return failed
 
 
+def die_with_parent(parent: int) -> None:
+    """A pool worker's initializer: the worker ends when ``parent`` (the driver) does, even by
+    ``kill -9`` or the OOM killer (Linux: the kernel sends it SIGKILL), instead of finishing its
+    shards into an output that a rerun is filling at the same time."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
+
+
 def pool_distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry) -> list:
     """img2dataset's multiprocessing distributor on a ``ProcessPoolExecutor``.
 
@@ -199,7 +214,13 @@ def pool_distributor(processes_count, downloader, reader, _subjob_size, max_shar
             return list(tasks)
         failed = []
         ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(processes_count, mp_context=ctx, max_tasks_per_child=5)
+        pool = ProcessPoolExecutor(
+            processes_count,
+            mp_context=ctx,
+            max_tasks_per_child=5,
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        )
         try:
             futures = {pool.submit(downloader, row): row for row in tasks}
             for fut in as_completed(futures):
