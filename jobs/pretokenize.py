@@ -10,7 +10,8 @@ On a cluster give the model URIs: the YAML's local ``models/...`` paths are not 
 ``--working-dir .``.
 
 Exit status 0 when every shard is done, 3 when some failed (rerun the same command: done shards
-are skipped, the others redone from scratch). Raw shards without a score parquet yet are not
+are skipped, the others redone from scratch; a done shard whose raw shard or score parquet has
+changed since is redone, one whose raw shard is gone removed). Raw shards without a score parquet yet are not
 failures: they are left for a later run, listed in the manifest (``unscored_shards``; those whose
 parquet scored an earlier download of the shard also in ``stale_score_shards``) and named in a
 warning on stderr; the exit status stays 0.

@@ -735,6 +735,150 @@ def test_scores_of_an_earlier_download_of_the_raw_shard_are_not_used(tmp_path, m
     assert [s["index"] for s in m["shards"]] == [0, 1, 2] and m["num_samples"] == 2
 
 
+def test_token_shards_of_a_raw_folder_downloaded_again_are_redone_or_removed(tmp_path, models):
+    """The raw folder downloaded again (other captions, fewer shards: download's overwrite=true)
+    and scored again: a rerun redoes the token shards made from the old downloads, not "all
+    done", and removes the one whose raw shard is gone, from the manifest and from what
+    training reads. Nothing changed since: the next rerun redoes nothing."""
+    from pipeline.data.loader import list_training_shards
+
+    raw, scores = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 3, 2)
+    over = [f"input={raw}", f"output={scores}", "executor.backend=inline"]
+    score_cfg = load_config(ScoreConfig, None, [*over, "filters.min_image_size=32"])
+    run_score(score_cfg)
+    out = str(tmp_path / "tokens")
+    cfg = load_config(PretokenizeConfig, TINY, _overrides(raw, out, models, f"scores={scores}"))
+    m = run_pretokenize(cfg)
+    assert [s["index"] for s in m["shards"]] == [0, 1, 2] and m["num_samples"] == 6
+    for i in (0, 1):
+        download_again(raw, i, 2, str(tmp_path), 1000.0, lambda s, k: {"caption": f"new one {k}"})
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        os.remove(os.path.join(raw, f"00002{suffix}"))
+    assert run_score(score_cfg)["rescored_changed"] == 2
+
+    m = run_pretokenize(cfg)
+    assert m["redone_changed_input"] == 2 and m["removed_no_raw_shard"] == 1
+    assert [s["index"] for s in m["shards"]] == [0, 1] and m["num_samples"] == 4
+    for i in (0, 1):
+        got = shards.read_token_shard(os.path.join(out, shards.shard_name(i)))
+        assert sorted(g["txt"] for g in got) == ["new one 0", "new one 1"]
+    assert not os.path.exists(os.path.join(out, shards.shard_name(2)))
+    assert not os.path.exists(os.path.join(out, shards.done_name(2)))
+    assert [s.index for s in list_training_shards([out])] == [0, 1]
+    again = run_pretokenize(cfg)
+    assert again["redone_changed_input"] == again["removed_no_raw_shard"] == 0
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
+
+
+def test_scores_made_again_with_other_filters_are_not_mixed_into_an_output(tmp_path, models):
+    """Scores removed and made again into the same folder with another filter setting: the
+    output's done shards hold the old decisions, so it is not continued with the new ones (the
+    setting is named), and nothing in it is touched. Scored again with the settings it was made
+    with, it is continued, and the done shards (same parquets) are not redone."""
+    import shutil
+
+    raw, scores = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 4, 2)
+    score_over = [f"input={raw}", f"output={scores}", "executor.backend=inline"]
+    score_cfg = load_config(ScoreConfig, None, [*score_over, "filters.min_image_size=32"])
+    run_score(score_cfg)
+    out = str(tmp_path / "tokens")
+    over = _overrides(raw, out, models, f"scores={scores}")
+    run_pretokenize(load_config(PretokenizeConfig, TINY, [*over, "max_shards=2"]))
+    before = {i: storage.read_bytes(os.path.join(out, shards.shard_name(i))) for i in (0, 1)}
+
+    shutil.rmtree(scores)
+    other = "filters.max_caption_chars=30"
+    run_score(load_config(ScoreConfig, None, [*score_over, "filters.min_image_size=32", other]))
+    cfg = load_config(PretokenizeConfig, TINY, over)
+    with pytest.raises(
+        ConfigError, match=r"'score_config.filters.max_caption_chars' \(1000 != 30\)"
+    ):
+        run_pretokenize(cfg)
+    assert shards.done_indices(out) == {0, 1}
+    assert all(
+        storage.read_bytes(os.path.join(out, shards.shard_name(i))) == before[i] for i in before
+    )
+
+    shutil.rmtree(scores)
+    run_score(score_cfg)
+    m = run_pretokenize(cfg)
+    assert [s["index"] for s in m["shards"]] == [0, 1, 2, 3] and m["redone_changed_input"] == 0
+
+
+def test_a_token_shard_made_from_another_score_parquet_is_redone(tmp_path, models):
+    """A score parquet replaced with other decisions for the same download of its raw shard (as
+    scores made again with other weights at the same aesthetic URI would be): its token shard
+    is redone with them; the other shard is not."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import filter as flt
+
+    raw, scores = str(tmp_path / "raw"), str(tmp_path / "scores")
+    write_raw_shards(raw, 2, 3)
+    over = [f"input={raw}", f"output={scores}", "executor.backend=inline"]
+    run_score(load_config(ScoreConfig, None, [*over, "filters.min_image_size=32"]))
+    out = str(tmp_path / "tokens")
+    cfg = load_config(PretokenizeConfig, TINY, _overrides(raw, out, models, f"scores={scores}"))
+    m = run_pretokenize(cfg)
+    assert m["num_samples"] == 6 and m["dropped"] == {}
+    uri = flt.score_uri(scores, 0)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    keep, reason = table["keep"].to_pylist(), table["reason"].to_pylist()
+    keep[1], reason[1] = False, "unsafe"
+    names = table.schema.names
+    table = table.set_column(names.index("keep"), "keep", pa.array(keep))
+    table = table.set_column(names.index("reason"), "reason", pa.array(reason))
+    buf = io.BytesIO()  # the score stage's metadata (the raw shard it scored) as it was
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(uri).metadata), buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+    again = run_pretokenize(cfg)
+    assert again["redone_changed_input"] == 1
+    assert again["num_samples"] == 5 and again["dropped"] == {"filtered_unsafe": 1}
+    assert again["shards"][1]["sha256"] == m["shards"][1]["sha256"]
+    got = [g["key"] for g in shards.read_token_shard(os.path.join(out, shards.shard_name(0)))]
+    assert got == [raw_key(0, 0), raw_key(0, 2)]
+
+
+def test_done_markers_without_recorded_inputs_are_kept_and_said_once(tmp_path, models, caplog):
+    """A done marker written before what its shard was made from was recorded cannot be checked:
+    its shard is kept (as every done shard was), and the run says so once. A shard whose marker
+    records its raw shard is redone when that raw shard was downloaded again (no scores here)."""
+    import json
+    import logging
+
+    from pipeline.data.pretokenize import RAW_SHARD_STAT
+
+    raw = str(tmp_path / "raw")
+    write_raw_shards(raw, 2, 2)
+    out = str(tmp_path / "tokens")
+    cfg = load_config(PretokenizeConfig, TINY, _overrides(raw, out, models))
+    m = run_pretokenize(cfg)
+    marker = os.path.join(out, shards.done_name(0))
+    info = json.loads(storage.read_bytes(marker))
+    del info["stats"][RAW_SHARD_STAT]
+    storage.write_json(marker, info)
+    for i in (0, 1):
+        download_again(raw, i, 2, str(tmp_path), 1000.0, lambda s, k: {"caption": f"new one {k}"})
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.pretokenize"):
+        again = run_pretokenize(cfg)
+    assert again["redone_changed_input"] == 1
+    assert again["shards"][0]["sha256"] == m["shards"][0]["sha256"]  # kept, unchecked
+    assert again["shards"][1]["sha256"] != m["shards"][1]["sha256"]  # redone, new captions
+    said = [r.getMessage() for r in caplog.records if "cannot be checked" in r.getMessage()]
+    assert (
+        len(said) == 1
+        and said[0].startswith("pretokenize: 1 done token shards")
+        and "[0]" in said[0]
+    )
+
+
 def test_short_captions_store_t5_of_the_first_sentence(tmp_path, models):
     """With short_captions (stage 2), T5 also encodes each caption's first sentence as LlamaGen's
     --trunc-caption makes it: the caption as it came cut at its first '.', then cleaned like

@@ -37,7 +37,16 @@ surrogates replaced with U+FFFD), ``converted_16bit`` and ``converted_transparen
 and listed in the manifest (``unscored_shards``); so are those downloaded again after they were
 scored, whose parquet holds the old download's decisions (listed in ``stale_score_shards`` too:
 scoring again redoes them).
-A rerun redoes only the shards without a done marker, and gives the same bytes.
+A rerun redoes only the shards without a done marker, and gives the same bytes. A done marker
+records what its shard was made from (``raw_shard``: the raw shard's identity,
+``shards.raw_shard_identity``; ``score_parquet``: its score parquet's, ``score_parquet_identity``);
+a shard made from another download of its raw shard, or another score parquet, than is there at a
+rerun's start is removed and redone (``redone_changed_input`` in the manifest), and one whose raw
+shard is gone (downloaded again with fewer shards) is removed (``removed_no_raw_shard``): neither
+the manifest nor training (which reads the done markers) mixes in what the inputs no longer hold.
+Markers written before this was recorded are kept as they are, said once. The scores folder's
+settings (its ``score_config.yaml``: filters, aesthetic model) count as content settings too: an
+output is not continued from scores made again with other ones.
 
 For a class-conditional model (``configs/train/class_cond.yaml``), ``label_field`` names the raw
 sample json field holding each image's class id (an ``extra_columns`` column of the metadata,
@@ -62,7 +71,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
+import hashlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -76,6 +88,8 @@ import yaml
 from pipeline import storage
 from pipeline.config import ConfigError, doc
 from pipeline.data import shards
+from pipeline.data.filter import _CONTENT_FIELDS as _SCORE_CONTENT_FIELDS
+from pipeline.data.filter import _NOT_CONTENT as _SCORE_NOT_CONTENT
 from pipeline.data.filter import (
     SCORE_CONFIG_NAME,
     aesthetic_reason,
@@ -83,6 +97,7 @@ from pipeline.data.filter import (
     replaced_raw_shards,
     sample_caption,
     sample_meta,
+    score_uri,
     scored_indices,
     storable_text,
 )
@@ -145,6 +160,14 @@ INPUTS_NAME = "pretokenize_inputs.json"
 # The model URIs whose content decides the shards too (weights replaced at the same URI change
 # them as much as another URI does): their fingerprints are saved as INPUTS_NAME.
 _WEIGHTS = {"vq": "vq.uri", "text": "text.uri"}
+# The scores folder's content settings (its score_config.yaml's filters, aesthetic model and raw
+# input) decide which samples the shards hold: saved in INPUTS_NAME under this name, and an
+# output made from scores of other settings is not continued (claim_output's ``derived``)
+_SCORE_SETTINGS = "score_config"
+# Done-marker stats: what a token shard was made from, checked at every run start (a shard made
+# from another download of its raw shard, or from another score parquet, is redone)
+RAW_SHARD_STAT = "raw_shard"  # shards.raw_shard_identity of the raw shard read
+SCORES_STAT = "score_parquet"  # score_parquet_identity of the score parquet read (with scores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,12 +374,21 @@ class PretokenizeWorker:
     def __call__(self, index: int) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        stats: dict[str, Any] = {"unit": index, "source": shards.raw_tar_uri(cfg.input, index)}
+        # what the shard is made from, taken before it is read: a raw shard or score parquet
+        # replaced meanwhile is recorded as the older one, and the shard redone by the next run
+        stats: dict[str, Any] = {
+            "unit": index,
+            "source": shards.raw_tar_uri(cfg.input, index),
+            RAW_SHARD_STAT: shards.raw_shard_identity(cfg.input, index),
+        }
+        scores = None
+        if cfg.scores:
+            stats[SCORES_STAT] = score_parquet_identity(cfg.scores, index)
+            scores = read_scores(cfg.scores, index)
         # reading and decoding run in a background thread: it counts into its own counters
         read_dropped: collections.Counter[str] = collections.Counter()
         mended: collections.Counter[str] = collections.Counter()  # kept, but changed on the way
         dropped: collections.Counter[str] = collections.Counter()
-        scores = read_scores(cfg.scores, index) if cfg.scores else None
         vq_s = t5_s = wait_s = 0.0
         n_tokens = truncated = 0
         # stored samples by what their short caption is (only with short_captions: the loader
@@ -710,13 +742,54 @@ class _WorkerFactory:
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def _check_scores_have_aesthetic(scores: str) -> None:
-    """``min_aesthetic`` against score parquets made without an aesthetic model would drop every
-    sample (``aesthetic_nan``) and mark every shard done, empty: refused before any work."""
+def score_parquet_identity(scores: str, index: int) -> str:
+    """Which score parquet ``index`` under ``scores`` is there: a digest of its footer, which
+    holds what the score stage recorded in it (the raw shard identity it scored, its drop counts
+    by reason and kept count) and each column's byte sizes and min / max. A rescore that changes
+    decisions or scores changes it; the same rows written again, or copied to another store,
+    keep it. The footer alone (a few KB, as ``filter.read_raw_identity`` reads it), not the
+    whole parquet: every run start asks it of every done shard. (Settings that change the
+    decisions are also refused as a whole: :func:`_score_settings`.)"""
+    with storage.open_read(score_uri(scores, index)) as f:
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length <= 0:
+            raise ValueError(f"{score_uri(scores, index)} is not a parquet file (no footer)")
+        f.seek(-(8 + length), os.SEEK_END)
+        footer = f.read(length)
+    return hashlib.sha256(footer).hexdigest()[:20]
+
+
+def _saved_score_config(scores: str) -> dict[str, Any] | None:
+    """The score_config.yaml the score stage saved in ``scores`` (None: nothing scored yet)."""
     uri = storage.join(scores, SCORE_CONFIG_NAME)
     if not storage.exists(uri):
+        return None
+    return yaml.safe_load(storage.read_text(uri)) or {}
+
+
+def _score_settings(saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What of a saved score config decides the parquets' rows (the score stage's own content
+    fields: raw input, filters, aesthetic model; not its device or batch size)."""
+    if saved is None:
+        return None
+    out = {f: copy.deepcopy(saved.get(f)) for f in _SCORE_CONTENT_FIELDS}
+    for dotted in _SCORE_NOT_CONTENT:
+        *parents, last = dotted.split(".")
+        section: Any = out
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(last, None)
+    return out
+
+
+def _check_scores_have_aesthetic(scores: str, saved: dict[str, Any] | None) -> None:
+    """``min_aesthetic`` against score parquets made without an aesthetic model would drop every
+    sample (``aesthetic_nan``) and mark every shard done, empty: refused before any work."""
+    if saved is None:
         return  # nothing scored yet: the shards wait for their parquets
-    saved = yaml.safe_load(storage.read_text(uri)) or {}
     if not saved.get("aesthetic"):
         raise ConfigError(
             f"min_aesthetic is set but {scores} was scored without an aesthetic model "
@@ -725,17 +798,97 @@ def _check_scores_have_aesthetic(scores: str) -> None:
         )
 
 
+def _outdated_done_shards(
+    cfg: PretokenizeConfig, done: list[shards.ShardInfo], raw: set[int], scored: set[int]
+) -> tuple[list[int], list[int]]:
+    """(gone, changed) among the ``done`` token shards: those whose raw shard is no longer
+    among the complete ones (``raw``), and those made from another download of their raw shard,
+    or another score parquet, than is there now (their done markers' ``RAW_SHARD_STAT`` and
+    ``SCORES_STAT``). A done shard whose score parquet is gone (not in ``scored``) is checked
+    against its raw shard only, and kept: scores made again with the settings it was made with
+    (others are refused: ``_score_settings``) decide the same. One marker (read already), one
+    raw shard identity and one parquet footer per shard, 32 at a time."""
+    gone = [s.index for s in done if s.index not in raw]
+    present = [s for s in done if s.index in raw]
+    # markers written before what a shard was made from was recorded: there is nothing to
+    # compare, so they are taken as made from the raw shards and parquets there now (as every
+    # done shard was before), and said once: refusing or redoing every older output would cost
+    # a whole pretokenize run for a change that most of them never had
+    unchecked = [s.index for s in present if s.stats.get(RAW_SHARD_STAT) is None]
+    if unchecked:
+        log.warning(
+            "pretokenize: %d done token shards under %s were made before their inputs were "
+            "recorded: they cannot be checked against the raw shards (and score parquets) there "
+            "now, and are kept as made from them (pretokenize into a new folder to be sure): %s",
+            len(unchecked),
+            cfg.output,
+            unchecked[:20],
+        )
+
+    def changed(shard: shards.ShardInfo) -> bool:
+        raw_made_from = shard.stats.get(RAW_SHARD_STAT)
+        if raw_made_from is None:
+            return False  # unchecked, above
+        if raw_made_from != shards.raw_shard_identity(cfg.input, shard.index):
+            return True
+        scores_made_from = shard.stats.get(SCORES_STAT)
+        return (
+            bool(cfg.scores)
+            and scores_made_from is not None
+            and shard.index in scored
+            and scores_made_from != score_parquet_identity(cfg.scores, shard.index)
+        )
+
+    with ThreadPoolExecutor(32) as pool:
+        flags = list(pool.map(changed, present))
+    return gone, [s.index for s, c in zip(present, flags, strict=True) if c]
+
+
+def _remove_outdated(cfg: PretokenizeConfig, gone: list[int], changed: list[int]) -> None:
+    """Remove the token shards (and done markers) of :func:`_outdated_done_shards`: kept, they
+    would mix samples of inputs that are no longer there into the manifest and into training
+    (the loader reads every done marker), and a rerun would skip the changed ones for good."""
+    if gone:
+        log.warning(
+            "pretokenize: %d token shards under %s have no complete raw shard under %s any more "
+            "(downloaded again with fewer shards, removed, or being downloaded again): removed "
+            "with their done markers, so neither the manifest nor training reads them: %s",
+            len(gone),
+            cfg.output,
+            cfg.input,
+            gone[:20],
+        )
+    if changed:
+        log.warning(
+            "pretokenize: %d token shards were made from another download of their raw shard, "
+            "or another score parquet, than is there now: removed and redone (those this run "
+            "covers and can score: within max_shards, with fresh scores): %s",
+            len(changed),
+            changed[:20],
+        )
+    if gone or changed:
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda i: shards.remove_shard(cfg.output, i), [*gone, *changed]))
+
+
 def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
-    """Pretokenize every complete raw shard not done yet; returns the merged manifest."""
-    indices = shards.raw_shard_indices(cfg.input)
-    if cfg.max_shards is not None:
-        indices = indices[: cfg.max_shards]
+    """Pretokenize every complete raw shard not done yet (or done from inputs that changed
+    since); returns the merged manifest."""
+    raw = shards.raw_shard_indices(cfg.input)
+    indices = raw[: cfg.max_shards] if cfg.max_shards is not None else raw
     unscored: list[int] = []
     stale: list[int] = []
+    score_config = _saved_score_config(cfg.scores) if cfg.scores else None
     if cfg.min_aesthetic is not None:
-        _check_scores_have_aesthetic(cfg.scores)
+        _check_scores_have_aesthetic(cfg.scores, score_config)
+    scored = scored_indices(cfg.scores) if cfg.scores else set()
+    # a done marker counts only for the inputs the shard was made from: one whose raw shard is
+    # gone, or was downloaded again, or whose score parquet changed, is outdated (removed below,
+    # once the output is claimed, and redone)
+    done_shards = shards.list_done_shards(cfg.output)
+    gone, changed = _outdated_done_shards(cfg, done_shards, set(raw), scored)
+    done = {s.index for s in done_shards} - {*gone, *changed}
     if cfg.scores:
-        scored = scored_indices(cfg.scores)
         missing = [i for i in indices if i not in scored]
         if missing:
             log.warning(
@@ -745,9 +898,8 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
                 missing[:20],
             )
         # a score parquet of an earlier download of its raw shard holds another download's
-        # decisions: such a shard waits for its scores like one with none. Shards already
-        # pretokenized are skipped anyway: not looked at
-        done = shards.done_indices(cfg.output)
+        # decisions: such a shard waits for its scores like one with none. A done shard was
+        # checked against its parquet above
         stale = replaced_raw_shards(
             cfg.input, cfg.scores, [i for i in indices if i in scored and i not in done]
         )
@@ -773,12 +925,16 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
         _WEIGHTS,
         has_results=lambda: bool(shards.done_indices(cfg.output)),
         missing_as=_SAVED_BEFORE,
+        # scores made again into the same folder with other filters or another aesthetic model
+        # would keep their old decisions in the done shards and the new ones in the rest
+        derived={_SCORE_SETTINGS: _score_settings(score_config)} if cfg.scores else None,
     )
+    _remove_outdated(cfg, gone, changed)
     report = run_units(
         indices,
         _WorkerFactory(cfg),
         cfg.executor,
-        is_done=shards.done_indices(cfg.output).__contains__,
+        is_done=done.__contains__,
         desc="pretokenize",
     )
     manifest = shards.merge_manifest(
@@ -799,6 +955,10 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
             # of an earlier download of the shard (those are stale_score_shards too)
             "unscored_shards": unscored,
             "stale_score_shards": stale,
+            # done shards of this run's start made from inputs that changed since (removed,
+            # redone where this run could), and those whose raw shard is gone (removed)
+            "redone_changed_input": len(changed),
+            "removed_no_raw_shard": len(gone),
         },
     )
     log.info(

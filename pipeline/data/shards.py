@@ -329,6 +329,14 @@ def list_done_shards(uri: str, threads: int = 32) -> list[ShardInfo]:
     return sorted(out, key=lambda s: s.index)
 
 
+def remove_shard(uri: str, index: int) -> None:
+    """Delete token shard ``index`` under ``uri`` and its done marker (one made from inputs that
+    are gone or changed). The marker goes first: a kill between the two leaves a tar without a
+    marker, not done (as while it is written), never a marker without its tar."""
+    storage.remove(storage.join(uri, done_name(index)))
+    storage.remove(storage.join(uri, shard_name(index)))
+
+
 def merge_manifest(uri: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fold every done marker under ``uri`` into ``manifest.json`` (rewritten whole) and return it."""
     shards = list_done_shards(uri)
@@ -421,6 +429,7 @@ def claim_output(
     has_results: Callable[[], bool],
     ignore: Collection[str] = (),
     missing_as: Mapping[str, Any] | None = None,
+    derived: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuse to add to ``output`` results made with other content settings; then save ``cfg``
     (as ``config_name``) and what its model URIs hold (as ``inputs_name``) beside them.
@@ -436,8 +445,15 @@ def claim_output(
     them did (e.g. ``{"upscale_small": True}``: small images were enlarged before the setting
     existed). A saved config without the field is read with that value, so an output keeps
     being continued with its old behaviour and is refused with another, where a missing field
-    would otherwise differ from every value (None != False)."""
+    would otherwise differ from every value (None != False).
+
+    ``derived`` maps a name to settings that decide the results without being fields of ``cfg``,
+    read from what it points at (e.g. the settings a scores folder was made with). They are
+    saved in ``inputs_name`` and compared with the saved ones like ``fields`` (differences named
+    ``'name.field'``); one that is None, or absent from a file saved before it was recorded, is
+    not compared (nothing to tell by)."""
     new = to_dict(cfg)
+    derived = dict(derived or {})
     prints = {
         k: storage.fingerprint(u) if (u := _field(new, f)) else None for k, f in weights.items()
     }
@@ -461,6 +477,12 @@ def claim_output(
                     else not storage.same_content(saved[k], _field(new, weights[k]), v)
                 )
             ]
+            diff += [
+                change
+                for k, v in derived.items()
+                if v is not None and saved.get(k) is not None
+                for change in _changes(saved[k], v, k, ())
+            ]
     if diff and has_results():
         raise ConfigError(
             f"{output} already holds results made with a different {'; '.join(diff)}; use a new "
@@ -468,7 +490,7 @@ def claim_output(
         )
     storage.makedirs(output)
     save_config(cfg, config_uri)
-    storage.write_json(inputs_uri, prints)
+    storage.write_json(inputs_uri, {**prints, **derived})
 
 
 # --- reading ----------------------------------------------------------------------------------
