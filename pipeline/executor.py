@@ -10,13 +10,18 @@ out of memory, segfault, lost node), or that ran past ``unit_timeout_s`` (a hang
 a fresh actor. After ``max_retries`` retries it
 counts as failed and the run goes on: finished units are never lost because one failed.
 
-When no actor starts at all (every one fails loading its models, or none is placed within
-``start_timeout_s``), the run stops with that error: a configuration problem. Once one has
-started, an actor that fails to start (a fresh one replacing a dead one hits a transient error
-loading its models) is started again after a short backoff, up to ``START_TRIES`` failures in a
-row per actor slot; a slot past that is given up. When no actor is left, or none could start
-again within ``start_timeout_s``, the units not yet done count as failed ("no actor could be
-started ...") and the report is returned as usual: a rerun does the rest.
+An actor that fails to start (a transient error loading its models, at the first start or in a
+fresh one replacing a dead one) is started again after a short backoff, up to ``START_TRIES``
+failures in a row per actor slot; a slot past that is given up. When no actor starts at all
+(every slot gave up, or none started within ``start_timeout_s``), the run stops with that error,
+a configuration problem: the error the actors' ``make_worker`` raised (a ``FileNotFoundError``
+stays one), or a ``TimeoutError`` that also names any start failures. Once one has started, when
+no actor is left, or none could start again within ``start_timeout_s``, the units not yet done
+count as failed ("no actor could be started ...") and the report is returned as usual: a rerun
+does the rest. A local Ray too small for one actor is refused up front (``ConfigError``).
+
+A failed attempt logs its whole traceback (cause included) at WARNING; the failure kept in the
+report names every exception of the chain, its frames left out first when it is too long.
 
 ``backend="inline"`` runs the same workers in this process, one after another (for debugging
 with a debugger attached; no Ray at all).
@@ -35,7 +40,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
-from pipeline.config import doc
+from pipeline.config import ConfigError, doc
 from pipeline.log import get_logger, progress, setup_logging
 
 log = get_logger(__name__)
@@ -179,8 +184,15 @@ def _run_inline(
             try:
                 report.results[u] = worker(u)
             except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
-                log.warning("%s: unit %d attempt %d failed: %s", desc, u, attempt, exc)
-                report.failed[u] = f"{type(exc).__name__}: {exc}"
+                report.failed[u] = _chain(exc)
+                log.warning(
+                    "%s: unit %d attempt %d failed: %s",
+                    desc,
+                    u,
+                    attempt,
+                    report.failed[u],
+                    exc_info=exc,
+                )
                 continue
             report.failed.pop(u, None)
             _log_unit(desc, u, report, len(todo))
@@ -200,21 +212,33 @@ class _UnitActor:
     def __init__(self, make_worker: Callable[[], Worker], delay_s: float = 0.0) -> None:
         setup_logging()
         time.sleep(delay_s)  # a backoff before trying again to load what just failed to load
-        self.worker = make_worker()
+        # Raised out of __init__, an error kills the actor: Ray prints its traceback twice and
+        # the driver gets an ActorDiedError that has lost the error's type. Kept for ready() to
+        # raise instead, it reaches the driver as a task error that is an instance of its type.
+        self.worker: Worker | None = None
+        self.start_error: Exception | None = None
+        try:
+            self.worker = make_worker()
+        except Exception as exc:  # noqa: BLE001 - raised by ready()
+            self.start_error = exc
 
     def ready(self) -> int:
+        if self.start_error is not None:
+            raise self.start_error
         return os.getpid()
 
     def run(self, unit: int) -> dict[str, Any]:
+        assert self.worker is not None, "run() on an actor that failed to start"
         return self.worker(unit)
 
 
-def _ray_init(cfg: ExecutorConfig) -> bool:
-    """Connect to (or start) Ray unless already connected; True when this call connected."""
+def _ray_init(cfg: ExecutorConfig) -> Literal["local", "cluster"] | None:
+    """Connect to (or start) Ray unless already connected: "local" when this call started a
+    local Ray, "cluster" when it connected to one, None when Ray was connected already."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     # Loopback clusters (tests, one box) need this, or Ray swaps 127.0.0.1 for the host's address.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
@@ -230,7 +254,21 @@ def _ray_init(cfg: ExecutorConfig) -> bool:
             configure_logging=False,
             log_to_driver=True,
         )
-    return True
+        return "local"
+    return "cluster"
+
+
+def _check_fits(cfg: ExecutorConfig, resources: dict[str, float]) -> None:
+    """Refuse actors larger than a whole local Ray (``resources``: ``ray.cluster_resources()``),
+    which no node will ever join: else the run waits ``start_timeout_s`` for nothing."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if cfg.cpus_per_actor > cpus or cfg.gpus_per_actor > gpus:
+        raise ConfigError(
+            f"executor.cpus_per_actor {cfg.cpus_per_actor:g} and gpus_per_actor "
+            f"{cfg.gpus_per_actor:g}: more than this machine's local Ray has ({cpus:g} CPUs, "
+            f"{gpus:g} GPUs), so no actor could ever start; ask for less (or more "
+            "executor.local_num_cpus), or set executor.address to run on a cluster"
+        )
 
 
 def _run_ray(
@@ -243,7 +281,7 @@ def _run_ray(
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    started = _ray_init(cfg)
+    connected = _ray_init(cfg)
     # Ray sets OMP_NUM_THREADS (and so torch's thread count) from num_cpus in each actor.
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(_UnitActor)
 
@@ -264,12 +302,16 @@ def _run_ray(
     def start_failed(actor, exc: BaseException) -> None:
         """``actor`` could not load its models: try its slot again after a backoff, or give the
         slot up after START_TRIES failures in a row."""
-        nonlocal last_start_error
+        nonlocal last_start_error, start_failures_total
         ray.kill(actor)
         actors.remove(actor)
         slot = slot_of.pop(actor)
         start_failures[slot] += 1
-        last_start_error = _short(exc)
+        start_failures_total += 1
+        last_start_error = exc
+        # the traceback at DEBUG, a line at WARNING: a missing model file would otherwise print
+        # START_TRIES tracebacks per actor before the run stops with it
+        log.debug("%s: an actor failed to start: %s", desc, _message(exc))
         if start_failures[slot] < START_TRIES:
             delay_s = START_BACKOFF_S * 2 ** (start_failures[slot] - 1)
             log.warning(
@@ -277,7 +319,7 @@ def _run_ray(
                 desc,
                 start_failures[slot],
                 delay_s,
-                last_start_error,
+                _summary(exc),
             )
             new_actor(slot, delay_s)
         else:
@@ -286,7 +328,7 @@ def _run_ray(
                 desc,
                 start_failures[slot],
                 len(actors),
-                last_start_error,
+                _summary(exc),
             )
 
     def give_up(reason: str) -> None:
@@ -299,6 +341,23 @@ def _run_ray(
             report.failed[u] = reason if last is None else f"{reason}; its last attempt: {last}"
         pending.clear()
 
+    def none_started() -> BaseException:
+        """Why not one actor started within start_timeout_s: not placed (the cluster lacks the
+        resources asked) or still loading, and the start failures meanwhile, if any."""
+        msg = (
+            f"no actor started within {cfg.start_timeout_s:.0f}s (start_timeout_s): {len(starting)}"
+            f" still waiting to be placed or loading; does the cluster have {cfg.cpus_per_actor} "
+            f"CPUs and {cfg.gpus_per_actor} GPUs free for one? (cluster resources: "
+            f"{ray.cluster_resources()})"
+        )
+        if last_start_error is None:
+            return TimeoutError(msg)
+        failed = f"{start_failures_total} failed start" + "s" * (start_failures_total > 1)
+        msg += f"; {failed} meanwhile, the last with: "
+        error = TimeoutError(msg + _summary(last_start_error))
+        error.__cause__ = last_start_error  # its text: the remote traceback
+        return error
+
     actors: list[Any] = []
     slot_of: dict[Any, int] = {}  # actor -> its slot, which a fresh actor takes over
     # ready() ref -> actor, for actors not yet started: a unit goes only to a started actor, so
@@ -306,42 +365,22 @@ def _run_ray(
     starting: dict[Any, Any] = {}
     n_actors = max(1, min(cfg.num_actors, len(todo)))
     start_failures = [0] * n_actors  # per slot, in a row
-    last_start_error = ""
-    for slot in range(n_actors):
-        new_actor(slot)
+    start_failures_total = 0
+    last_start_error: BaseException | None = None
+    # Until one actor has started, a failure ends the run with an exception: not one unit could
+    # run, so it is a configuration problem (a missing model file, a cluster too small), not
+    # something a rerun of the remaining units would get past.
+    any_started = False
+    first_deadline = time.monotonic() + cfg.start_timeout_s
+    idle: list[Any] = []
+    pending = collections.deque(todo)
+    inflight: dict[Any, tuple[Any, int]] = {}
+    since: dict[Any, float] = {}  # ref -> when its unit was handed out
     try:
-        # When none starts, or every one fails loading its models (a configuration problem),
-        # stop now with the reason instead of retrying every unit into the same wall. One that
-        # fails while others may still start (a bad GPU, a node's transient error) is dropped:
-        # the first to fail is often the quickest, not the only one
-        idle: list[Any] = []
-        first_error: BaseException | None = None
-        while not idle:
-            if not starting:
-                assert first_error is not None
-                raise first_error
-            first, _ = ray.wait(list(starting), num_returns=1, timeout=cfg.start_timeout_s)
-            if not first:
-                if first_error is not None:
-                    raise first_error
-                raise TimeoutError(
-                    f"no actor started within {cfg.start_timeout_s:.0f}s: does the cluster have "
-                    f"{cfg.cpus_per_actor} CPUs and {cfg.gpus_per_actor} GPUs free for one? "
-                    f"(cluster resources: {ray.cluster_resources()})"
-                )
-            actor = starting.pop(first[0])
-            try:
-                ray.get(first[0])
-                idle.append(actor)
-            except ray.exceptions.RayError as exc:
-                log.warning("%s: an actor failed to start: %s", desc, _short(exc))
-                first_error = first_error or exc
-                ray.kill(actor)
-                actors.remove(actor)
-                slot_of.pop(actor)
-        pending = collections.deque(todo)
-        inflight: dict[Any, tuple[Any, int]] = {}
-        since: dict[Any, float] = {}  # ref -> when its unit was handed out
+        if connected == "local":
+            _check_fits(cfg, ray.cluster_resources())
+        for slot in range(n_actors):
+            new_actor(slot)
         while pending or inflight:
             while idle and pending:
                 actor, u = idle.pop(), pending.popleft()
@@ -350,16 +389,26 @@ def _run_ray(
                 inflight[ref], since[ref] = (actor, u), time.monotonic()
             waiting = list(inflight) + (list(starting) if pending else [])
             if not waiting:  # every slot given up after failed starts
-                give_up(f"no actor could be started: {last_start_error}")
+                assert last_start_error is not None
+                if not any_started:  # what make_worker raised: report_failure (cli) knows it
+                    cause = _cause(last_start_error)
+                    if cause is last_start_error:
+                        raise cause
+                    raise cause from last_start_error
+                give_up(f"no actor could be started: {_short(last_start_error)}")
                 break
             # with nothing running, only actors still starting can take the rest: bounded wait;
             # with a unit limit, wake up when the oldest unit in flight reaches it
             timeout = None if inflight else cfg.start_timeout_s
+            if not any_started:
+                timeout = max(0.0, first_deadline - time.monotonic())
             if inflight and cfg.unit_timeout_s is not None:
                 oldest = min(since[r] for r in inflight)
                 timeout = max(0.0, oldest + cfg.unit_timeout_s - time.monotonic())
             ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
             if not ready and not inflight:
+                if not any_started:
+                    raise none_started()
                 give_up(
                     f"no actor could be started within {cfg.start_timeout_s:.0f}s "
                     f"(start_timeout_s; cluster resources: {ray.cluster_resources()})"
@@ -389,6 +438,7 @@ def _run_ray(
                         ray.get(ref)
                         idle.append(actor)
                         start_failures[slot_of[actor]] = 0
+                        any_started = True
                     except ray.exceptions.RayError as exc:  # it could not load its models
                         start_failed(actor, exc)
                     continue
@@ -401,24 +451,27 @@ def _run_ray(
                     _log_unit(desc, u, report, len(todo))
                     continue
                 except RayTaskError as exc:  # the worker raised
-                    err = _short(exc)
+                    err, full = _short(exc), _message(exc)
                     # on the whole message: a long one (a C++ backtrace) has its middle cut
-                    if not poisons_process(_message(exc)):  # the actor is fine
+                    if not poisons_process(full):  # the actor is fine
                         idle.append(actor)
                     else:  # a CUDA context left broken fails every later unit: a fresh actor
                         err = f"{err} (its actor is replaced: the error is sticky)"
+                        full = f"{full} (its actor is replaced: the error is sticky)"
                         replace(actor)
                 except (RayActorError, ray.exceptions.RayError) as exc:  # the process died
                     err = f"worker process died: {_short(exc)}"
+                    full = f"worker process died: {_message(exc)}"
                     replace(actor)
-                log.warning("%s: unit %d attempt %d failed: %s", desc, u, report.attempts[u], err)
+                # the whole traceback here, once per attempt; the report keeps it shortened
+                log.warning("%s: unit %d attempt %d failed: %s", desc, u, report.attempts[u], full)
                 report.failed[u] = err
                 if report.attempts[u] <= cfg.max_retries:
                     pending.append(u)
     finally:
         for a in actors:
             ray.kill(a)
-        if started:
+        if connected is not None:
             ray.shutdown()
 
 
@@ -434,14 +487,89 @@ def poisons_process(message: str) -> bool:
     return bool(_STICKY.search(message))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the "ray::Actor.method()" header lines
+# Python's lines between the exceptions of a chain
+_SEPARATOR = re.compile(
+    r"^(The above exception was the direct cause of the following exception:"
+    r"|During handling of the above exception, another exception occurred:)$",
+    re.MULTILINE,
+)
+# the line a traceback starts with (Ray's names the actor method and its process)
+_HEADER = re.compile(r"Traceback \(most recent call last\):|ray::\S+\(\) \(pid=")
+
+
 def _message(exc: BaseException) -> str:
-    return str(exc) or "".join(traceback.format_exception_only(type(exc), exc))
+    """The text of ``exc``: for a Ray task error, the remote traceback with its whole chain."""
+    text = str(exc) or "".join(traceback.format_exception_only(type(exc), exc))
+    return _ANSI.sub("", text)
+
+
+def _fit(parts: list[str], limit: int) -> list[str]:
+    """``parts`` cut in their middles, each to its share of ``limit`` characters."""
+    share = max(200, limit // max(1, len(parts)))
+    return [p if len(p) <= share else p[: share // 2] + " ... " + p[-share // 2 :] for p in parts]
 
 
 def _short(exc: BaseException, limit: int = 2000) -> str:
-    """The message of ``exc`` for a log line or a report, cut in the middle past ``limit``."""
+    """The message of ``exc`` for a log line or a report, within about ``limit`` characters:
+    past it, the frames of its tracebacks go first (each run of indented lines becomes "  ...");
+    the exception lines of every link of the chain stay. Past it still (a message carrying a C++
+    backtrace), each exception of the chain is cut in its middle to its share."""
     text = _message(exc)
-    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
+    if len(text) <= limit:
+        return text
+    lines: list[str] = []
+    for line in text.splitlines():
+        if not line[:1].isspace():
+            lines.append(line)
+        elif not lines or lines[-1] != "  ...":
+            lines.append("  ...")
+    text = "\n".join(lines)
+    if len(text) <= limit:
+        return text
+    pieces = _SEPARATOR.split(text)  # exception, separator, exception, ...
+    blocks = _fit(pieces[::2], limit - sum(len(p) for p in pieces[1::2]))
+    pieces[::2] = blocks
+    return "".join(pieces)
+
+
+def _exception_line(block: str) -> str:
+    """The first line of the exception in ``block`` (one exception of a traceback's chain): the
+    first line after its frames, or the first that is no header where it has none."""
+    lines = block.strip("\n").splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    rest = lines[frames[-1] + 1 :] if frames else lines
+    for line in rest:
+        if line.strip() and not line[:1].isspace() and not _HEADER.match(line):
+            return line
+    return lines[-1] if lines else ""
+
+
+def _summary(exc: BaseException) -> str:
+    """One line: the exceptions of ``exc``'s chain (for a Ray error, as its text shows them),
+    the last raised first, "X <- caused by Y"."""
+    blocks = _SEPARATOR.split(_message(exc))[::2]
+    return " <- caused by ".join(_exception_line(b) for b in reversed(blocks))
+
+
+def _chain(exc: BaseException, limit: int = 2000) -> str:
+    """``exc`` and what caused it, "X <- caused by Y" (``__cause__``, or the exception being
+    handled when it was raised), within about ``limit`` characters."""
+    links, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        links.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    text = " <- caused by ".join(links)
+    return text if len(text) <= limit else " <- caused by ".join(_fit(links, limit))
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """What ``make_worker`` raised in an actor, from the Ray error that carries it (the Ray
+    error itself when it carries none: the process died)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
 
 
 _END = object()

@@ -3,10 +3,14 @@ producer thread (errors reach the consumer; an early exit ends the thread), and 
 a local Ray when actors die, fail to start or are left broken (tests/test_ray_job.py has more on
 a Ray head)."""
 
+import logging
 import os
+import subprocess
 import sys
 import threading
 import time
+import traceback
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +18,7 @@ import ray
 import ray.cloudpickle
 
 from pipeline import executor
+from pipeline.cli import report_failure
 from pipeline.executor import ExecutorConfig, prefetch, run_units
 
 
@@ -66,6 +71,82 @@ def test_inline_backend_without_retries_tries_once():
     assert report.failed == {0: "ValueError: unit 0 attempt 1 broke"}
     assert report.results == {1: {"unit": 1, "attempt": 1}}
     assert report.attempts == {0: 1, 1: 1}
+
+
+def _read_member(n: int) -> None:
+    if n:
+        return _read_tar(n - 1)  # alternating frames: Python folds none as a repeated line
+    raise OSError("SlowDown: please reduce your request rate")
+
+
+def _read_tar(n: int) -> None:
+    return _read_member(n)
+
+
+def _load_shard(n: int) -> None:
+    if n:
+        return _open_shard(n - 1)
+    try:
+        _read_member(8)
+    except OSError as exc:
+        raise RuntimeError("shard 7: cannot read its tar") from exc
+
+
+def _open_shard(n: int) -> None:
+    return _load_shard(n)
+
+
+class _ChainedErrorWorker:
+    """Unit 7 fails as a read from S3 deep in a data loader does: a RuntimeError raised from an
+    OSError, each with a traceback over 1000 characters."""
+
+    def __call__(self, unit: int) -> dict:
+        if unit == 7:
+            _load_shard(8)
+        return {"unit": unit}
+
+
+_CHAIN = (
+    "RuntimeError: shard 7: cannot read its tar <- caused by "
+    "OSError: SlowDown: please reduce your request rate"
+)
+
+
+def test_an_inline_failure_names_its_cause_and_logs_its_traceback(caplog):
+    """Before: the report (and so failed_shards) kept "RuntimeError: shard 7: ..." alone, and
+    the log line had no traceback: the cause was nowhere."""
+    caplog.set_level(logging.WARNING, logger="pipeline.executor")
+    report = run_units([6, 7], _ChainedErrorWorker, _inline(max_retries=1))
+    assert report.failed == {7: _CHAIN}
+    logged = [r for r in caplog.records if "unit 7 attempt" in r.getMessage()]
+    assert len(logged) == 2 and all(r.levelno == logging.WARNING for r in logged)
+    for record in logged:  # each attempt's whole traceback, cause included
+        assert record.getMessage().endswith(_CHAIN)
+        text = "".join(traceback.format_exception(*record.exc_info))
+        assert text.count(", in _read_member") == 9 and "direct cause" in text
+
+
+def test_a_long_chain_is_shortened_frames_first_keeping_every_exception():
+    """Shortening drops frames first; a chain still too long (a C++ backtrace in a message) is
+    cut within each of its exceptions, never across one."""
+    try:
+        try:
+            _load_shard(8)
+        except RuntimeError as exc:
+            raise RuntimeError(_LONG_CUDA_ERROR) from exc
+    except RuntimeError as exc:
+        text = "".join(traceback.format_exception(exc))
+    assert len(text) > 6000
+    short = executor._short(Exception(text))
+    assert len(short) <= 2100, len(short)
+    for line in (
+        "OSError: SlowDown: please reduce your request rate",
+        "RuntimeError: shard 7: cannot read its tar",
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+    ):
+        assert line in short, short
+    assert short.count("The above exception was the direct cause") == 2
+    assert ", in _read_member" not in short  # frames went first
 
 
 def test_nothing_to_do_builds_no_worker():
@@ -172,6 +253,30 @@ def test_cuda_models_on_ray_actors_without_a_gpu_are_refused():
     )
     load_config(PretokenizeConfig, None, [*over, "vq.device=cuda", "executor.backend=inline"])
     load_config(ScoreConfig, os.path.join(configs, "data", "score_cpu.yaml"), over[:2])
+
+
+def test_a_local_ray_too_small_for_one_actor_is_refused_at_once():
+    """Before: the run waited start_timeout_s (900 s by default) for an actor that no node of
+    a local Ray could ever hold, then said so. (A process of its own: its own local Ray.)"""
+    script = (
+        "from pipeline.cli import run_main\n"
+        "from pipeline.executor import ExecutorConfig, run_units\n"
+        "cfg = ExecutorConfig(local_num_cpus=1, cpus_per_actor=2, start_timeout_s=30)\n"
+        "run_main(lambda: run_units([0], int, cfg) and 0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.endswith(
+        "config error: executor.cpus_per_actor 2 and gpus_per_actor 0: more than this machine's "
+        "local Ray has (1 CPUs, 0 GPUs), so no actor could ever start; ask for less (or more "
+        "executor.local_num_cpus), or set executor.address to run on a cluster\n"
+    ), out.stderr[-3000:]
+    assert time.monotonic() - t0 < 30
 
 
 # --- the Ray backend on a local Ray: actors that die, fail to start, or are left broken -------
@@ -309,13 +414,104 @@ def _make_refill(root: str):
     return lambda: _RefillWorker(root)
 
 
-def test_a_failed_start_does_not_shrink_the_pool(local_ray, quick_backoff, tmp_path):
+def test_a_replacement_that_fails_to_start_does_not_shrink_the_pool(
+    local_ray, quick_backoff, tmp_path
+):
     """Before: the replacement that failed to start was dropped, and the rest of the run went on
     with one actor of two."""
     report = run_units([1, 2, 3, 4, 5], _make_refill(str(tmp_path)), _ray(num_actors=2))
     assert sorted(report.results) == [1, 2, 3, 4, 5] and report.ok
     assert report.results[2]["refilled"], "the dead actor's place was not filled again"
     assert len(_files(tmp_path, "up-")) == 3  # the two first actors, then the retried one
+
+
+class _FirstStartFails:
+    """The first actor to start fails loading its models (a transient S3 error); the others
+    start. Unit 0 waits until two actors are up: it comes only when the failed one's slot is
+    started again."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.pid = root, os.getpid()
+        if _create_once(os.path.join(root, "bad")):
+            raise OSError("SlowDown: please reduce your request rate (loading weights)")
+        open(os.path.join(root, f"up-{self.pid}"), "w").close()
+
+    def __call__(self, unit: int) -> dict:
+        both = unit != 0 or _wait_for(lambda: len(_files(self.root, "up-")) >= 2, 20)
+        return {"unit": unit, "pid": self.pid, "both_up": both}
+
+
+def test_an_actor_that_fails_its_first_start_is_started_again(local_ray, quick_backoff, tmp_path):
+    """Before: only a replacement was started again; an actor failing its very first start
+    was dropped for the whole run, and the other actor did all the work alone."""
+    report = run_units([0, 1, 2, 3], lambda: _FirstStartFails(str(tmp_path)), _ray(num_actors=2))
+    assert sorted(report.results) == [0, 1, 2, 3] and report.ok
+    assert report.results[0]["both_up"], "the failed actor's slot was not started again"
+    assert len(_files(tmp_path, "up-")) == 2
+
+
+def _missing_model(root: str):
+    def make_worker():
+        open(os.path.join(root, f"try-{uuid.uuid4().hex}"), "w").close()
+        raise FileNotFoundError("models/vq.pt")
+
+    return make_worker
+
+
+def test_when_no_actor_can_start_the_run_raises_what_make_worker_raised(
+    local_ray, quick_backoff, tmp_path, capsys
+):
+    """Before: an ActorDiedError, the error's type lost, so the CLI printed ~70 lines of
+    tracebacks. Now every slot tries START_TRIES times, then the run raises what make_worker
+    raised: one line from the CLI, as with the inline backend."""
+    with pytest.raises(FileNotFoundError) as raised:
+        run_units([0, 1, 2], _missing_model(str(tmp_path)), _ray(num_actors=2))
+    assert str(raised.value) == "models/vq.pt"
+    assert len(_files(tmp_path, "try-")) == 2 * executor.START_TRIES
+    capsys.readouterr()
+    assert report_failure(raised.value) == 1
+    assert capsys.readouterr().err == "error: not found: models/vq.pt\n"
+    with pytest.raises(FileNotFoundError, match="models/vq.pt"):  # inline: the same error
+        run_units([0], _missing_model(str(tmp_path)), _inline(max_retries=0))
+
+
+def _fails_then_hangs(root: str):
+    def make_worker():
+        if _create_once(os.path.join(root, "bad")):
+            raise OSError("SlowDown: please reduce your request rate (loading weights)")
+        time.sleep(3600)  # as an actor the cluster never places: it never starts
+
+    return make_worker
+
+
+def test_a_failed_start_is_reported_beside_actors_that_never_start(
+    local_ray, quick_backoff, tmp_path
+):
+    """Before: after start_timeout_s the run raised the failed actor's error alone, which hid
+    that the other actors never started (a cluster without the resources asked)."""
+    cfg = _ray(num_actors=2, start_timeout_s=4)
+    with pytest.raises(TimeoutError, match=r"^no actor started within 4s") as raised:
+        run_units([0, 1], _fails_then_hangs(str(tmp_path)), cfg)
+    message = str(raised.value)
+    assert "2 still waiting to be placed or loading" in message and "GPUs free" in message
+    assert "1 failed start meanwhile, the last with: OSError: SlowDown" in message, message
+
+
+def test_a_failure_on_ray_keeps_every_exception_of_a_long_chain(local_ray, caplog):
+    """Before: the report kept the first and last 1000 characters of the remote traceback,
+    and the OSError that caused it all was in the part cut out; the log line was cut too."""
+    caplog.set_level(logging.WARNING, logger="pipeline.executor")
+    report = run_units([6, 7], _ChainedErrorWorker, _ray(num_actors=1, max_retries=0))
+    error = report.failed[7]
+    for line in (
+        "OSError: SlowDown: please reduce your request rate",
+        "The above exception was the direct cause of the following exception:",
+        "RuntimeError: shard 7: cannot read its tar",
+    ):
+        assert line in error, error
+    assert len(error) <= 2000
+    [logged] = [r.getMessage() for r in caplog.records if "unit 7 attempt 1" in r.getMessage()]
+    assert logged.count(", in _read_member") == 9  # the whole traceback, once
 
 
 # A CUDA error as torch reports it with TORCH_SHOW_CPP_STACKTRACES=1: a C++ backtrace after it.
