@@ -737,6 +737,34 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(raw_dir, tmp_path, s3_b
     assert got[4]["codebook_usage"] > 0 and got[3]["codebook_usage"] is None
 
 
+def test_sigterm_saves_the_step_and_stops(raw_dir, tmp_path):
+    """SIGTERM to torchrun (a scheduler's preemption), which passes it on to its ranks: they
+    save the step they are at, together, and end with status 75."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "T2I_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    run = tmp_path / "run"
+    args = [f"data={raw_dir}", f"run_dir={run}", "image_size=32", "batch_size=4",
+            "max_steps=100000", "ckpt_every=100000", "log_every=1", "eval_images=0",
+            "decode_threads=1"]  # fmt: skip
+    log_path = tmp_path / "run.log"
+    proc = _launch(args, log_path, env)
+    deadline = time.time() + 300
+    while "step 3 |" not in log_path.read_text():
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.time() < deadline, "no step 3"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    out = log_path.read_text()
+    stopped = [x for x in out.splitlines() if "stopped by SIGTERM after step" in x]
+    assert len(stopped) == 1, out[-3000:]
+    at = int(stopped[0].split("after step ")[1].split()[0])
+    assert 3 <= at < 100000 and f"saved checkpoint step {at} " in out
+    assert os.path.exists(run / "checkpoints" / f"step_{at:07d}" / "COMPLETE")
+    # no rank failed (torchrun itself ends with its SignalException's traceback)
+    assert " E [" not in out and "ChildFailedError" not in out, out[-3000:]
+
+
 def test_num_images_below_one_is_refused_not_one_image(raw_dir):
     """num_images=0 evaluated one image (the limit was checked after each)."""
     from pipeline.data.raw import iter_eval_images

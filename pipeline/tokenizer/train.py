@@ -53,6 +53,7 @@ from pipeline.tokenizer.losses import (
     psnr_from_mse,
 )
 from pipeline.train.rng import capture_rng_state, restore_rng_state
+from pipeline.train.stop import StopRequest, TrainingStopped
 
 log = get_logger(__name__)
 
@@ -390,119 +391,133 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     t0, steps_since = time.time(), 0
     warned_enlarged = False  # said once, on rank 0
     batches = iter(stream)
-    while step < cfg.max_steps:
-        x = next(batches).to(d.device, non_blocking=True)
-        gan_on = step + 1 >= cfg.disc_start  # ``step`` steps are done; this is step + 1
+    stop = StopRequest()  # SIGTERM / SIGUSR1: save the step and end (pipeline/train/stop.py)
+    stop.install()
+    try:
+        while step < cfg.max_steps:
+            x = next(batches).to(d.device, non_blocking=True)
+            gan_on = step + 1 >= cfg.disc_start  # ``step`` steps are done; this is step + 1
 
-        # --- generator (VQ model) update ---
-        model.train()
-        disc.train()
-        disc.requires_grad_(False)  # its gradients from this loss are not wanted
-        with autocast:
-            recon, vq, codes = ddp(x)
-            rec = F.mse_loss(recon.float(), x)
-            p_loss = (
-                lpips_net(x, recon.float()).mean() if lpips_net is not None else rec.new_zeros(())
-            )
-            nll = cfg.rec_weight * rec + cfg.perceptual_weight * p_loss
-            loss = nll + vq.total()
-            g_adv = rec.new_zeros(())
-            g_scale = torch.zeros(())
-            if gan_on:
-                g_adv = hinge_g_loss(disc(recon.float()))
-                g_scale = (
-                    adaptive_gan_weight(nll, g_adv, model.decoder.last_layer)
-                    if cfg.disc_adaptive_weight
-                    else torch.ones(())
-                )
-                loss = loss + g_scale.to(loss) * cfg.disc_weight * g_adv
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        disc.requires_grad_(True)
-
-        # --- discriminator update ---
-        d_loss = torch.zeros(())
-        if gan_on:
+            # --- generator (VQ model) update ---
+            model.train()
+            disc.train()
+            disc.requires_grad_(False)  # its gradients from this loss are not wanted
             with autocast:
-                d_loss = cfg.disc_weight * hinge_d_loss(disc(x), disc(recon.detach().float()))
-            opt_d.zero_grad(set_to_none=True)
-            _start_at_step(opt_d, step)
-            d_loss.backward()
-            _allreduce_grads(list(disc.parameters()), d.world)
+                recon, vq, codes = ddp(x)
+                rec = F.mse_loss(recon.float(), x)
+                p_loss = (
+                    lpips_net(x, recon.float()).mean()
+                    if lpips_net is not None
+                    else rec.new_zeros(())
+                )
+                nll = cfg.rec_weight * rec + cfg.perceptual_weight * p_loss
+                loss = nll + vq.total()
+                g_adv = rec.new_zeros(())
+                g_scale = torch.zeros(())
+                if gan_on:
+                    g_adv = hinge_g_loss(disc(recon.float()))
+                    g_scale = (
+                        adaptive_gan_weight(nll, g_adv, model.decoder.last_layer)
+                        if cfg.disc_adaptive_weight
+                        else torch.ones(())
+                    )
+                    loss = loss + g_scale.to(loss) * cfg.disc_weight * g_adv
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-            opt_d.step()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            disc.requires_grad_(True)
 
-        step += 1
-        steps_since += 1
-        used[codes.flatten()] = True
-        row = d.all_mean(
-            {
-                "loss": loss.item(),
-                "rec": rec.item(),
-                "perceptual": p_loss.item(),
-                "codebook": vq.codebook.item(),
-                "commit": vq.commit.item(),
-                "entropy": vq.entropy.item(),
-                "g_adv": g_adv.item(),
-                "g_scale": float(g_scale),
-                "d_loss": d_loss.item(),
-            }
-        )
-        row = {"step": step, **row, "psnr": psnr_from_mse(row["rec"])}
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            usage = used.float()
-            if d.world > 1:
-                dist.all_reduce(usage, op=dist.ReduceOp.MAX)
-            row["codebook_usage"] = usage.mean().item()
-            row["broken_images"] = d.all_sum(stream.broken)
-            row["enlarged_crops"] = d.all_sum(stream.enlarged)
-            if row["enlarged_crops"] and not warned_enlarged and d.rank == 0:
-                warned_enlarged = True
-                log.warning(
-                    "%d training crops so far were resized up from smaller raw images (stored "
-                    "below image_size x max_scale = %.0f px): LlamaGen's tokenizer crops "
-                    "full-size images. Train on raw shards stored larger (raw/laion-hq), or set "
-                    "max_scale=1.0 for shards stored at image_size",
-                    row["enlarged_crops"], cfg.image_size * cfg.max_scale,
-                )  # fmt: skip
-            used.zero_()
-            rate = steps_since / (time.time() - t0)
-            t0, steps_since = time.time(), 0
-            log.info(
-                "step %d | loss %.4f rec %.4f lpips %.4f vq %.4f g_adv %.4f d %.4f | psnr %.2f | "
-                "codes used %.1f%% | %.2f steps/s",
-                step,
-                row["loss"],
-                row["rec"],
-                row["perceptual"],
-                row["codebook"] + row["commit"],
-                row["g_adv"],
-                row["d_loss"],
-                row["psnr"],
-                100 * row["codebook_usage"],
-                rate,
+            # --- discriminator update ---
+            d_loss = torch.zeros(())
+            if gan_on:
+                with autocast:
+                    d_loss = cfg.disc_weight * hinge_d_loss(disc(x), disc(recon.detach().float()))
+                opt_d.zero_grad(set_to_none=True)
+                _start_at_step(opt_d, step)
+                d_loss.backward()
+                _allreduce_grads(list(disc.parameters()), d.world)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+                opt_d.step()
+
+            step += 1
+            steps_since += 1
+            used[codes.flatten()] = True
+            row = d.all_mean(
+                {
+                    "loss": loss.item(),
+                    "rec": rec.item(),
+                    "perceptual": p_loss.item(),
+                    "codebook": vq.codebook.item(),
+                    "commit": vq.commit.item(),
+                    "entropy": vq.entropy.item(),
+                    "g_adv": g_adv.item(),
+                    "g_scale": float(g_scale),
+                    "d_loss": d_loss.item(),
+                    # any rank asked to stop: all stop after this same step
+                    "stop": float(stop.requested),
+                }
             )
-        if metrics:
-            metrics.write(row)
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            _checkpoint(
-                d,
-                cfg,
-                step,
-                model,
-                disc,
-                opt,
-                opt_d,
-                stream,
-                used,
-                ckpt_local,
-                ckpt_remote,
-                metrics,
-            )
+            stopping = row.pop("stop") > 0
+            row = {"step": step, **row, "psnr": psnr_from_mse(row["rec"])}
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                usage = used.float()
+                if d.world > 1:
+                    dist.all_reduce(usage, op=dist.ReduceOp.MAX)
+                row["codebook_usage"] = usage.mean().item()
+                row["broken_images"] = d.all_sum(stream.broken)
+                row["enlarged_crops"] = d.all_sum(stream.enlarged)
+                if row["enlarged_crops"] and not warned_enlarged and d.rank == 0:
+                    warned_enlarged = True
+                    log.warning(
+                        "%d training crops so far were resized up from smaller raw images (stored "
+                        "below image_size x max_scale = %.0f px): LlamaGen's tokenizer crops "
+                        "full-size images. Train on raw shards stored larger (raw/laion-hq), or set "
+                        "max_scale=1.0 for shards stored at image_size",
+                        row["enlarged_crops"], cfg.image_size * cfg.max_scale,
+                    )  # fmt: skip
+                used.zero_()
+                rate = steps_since / (time.time() - t0)
+                t0, steps_since = time.time(), 0
+                log.info(
+                    "step %d | loss %.4f rec %.4f lpips %.4f vq %.4f g_adv %.4f d %.4f | psnr %.2f | "
+                    "codes used %.1f%% | %.2f steps/s",
+                    step,
+                    row["loss"],
+                    row["rec"],
+                    row["perceptual"],
+                    row["codebook"] + row["commit"],
+                    row["g_adv"],
+                    row["d_loss"],
+                    row["psnr"],
+                    100 * row["codebook_usage"],
+                    rate,
+                )
+            if metrics:
+                metrics.write(row)
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
+                _checkpoint(
+                    d,
+                    cfg,
+                    step,
+                    model,
+                    disc,
+                    opt,
+                    opt_d,
+                    stream,
+                    used,
+                    ckpt_local,
+                    ckpt_remote,
+                    metrics,
+                )
+            if stopping and step < cfg.max_steps:
+                raise TrainingStopped(
+                    stop.signame or "a signal to another rank", step, f"step {step}"
+                )
+    finally:
+        stop.restore()
 
     # every rank's count, as logged (each rank reads its own shards); every rank gets the sum
     summary: dict[str, Any] = {
