@@ -25,6 +25,14 @@ report names every exception of the chain, its frames left out first when it is 
 
 ``backend="inline"`` runs the same workers in this process, one after another (for debugging
 with a debugger attached; no Ray at all).
+
+Where a unit's output can be seen: a stage that names each unit's done marker (``done_marker``)
+has it checked from the driver when the unit reports success, one ``exists`` per unit. Workers on
+other nodes that write to their own disks (a relative path, a local path on nodes sharing no file
+system) report success while the driver, which merges the results, sees nothing: when the first
+unit to finish is not visible, the run stops with :class:`OutputNotVisibleError`; a later one
+counts as a failed attempt. Under ``ray job submit`` a relative local path is refused up front
+(:func:`check_paths_for_ray_job`).
 """
 
 from __future__ import annotations
@@ -33,14 +41,14 @@ import collections
 import dataclasses
 import os
 import queue
-import re
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
+from pipeline.cluster_paths import OutputCheck
 from pipeline.config import ConfigError, doc
+from pipeline.errortext import carried_error, chain, message, poisons_process, short, summary
 from pipeline.log import get_logger, progress, setup_logging
 
 log = get_logger(__name__)
@@ -134,8 +142,10 @@ def run_units(
     cfg: ExecutorConfig,
     is_done: Callable[[int], bool] | None = None,
     desc: str = "units",
+    done_marker: Callable[[int], str] | None = None,
 ) -> RunReport:
-    """Run ``make_worker()(unit)`` for every unit not yet done; see the module docstring."""
+    """Run ``make_worker()(unit)`` for every unit not yet done; see the module docstring.
+    ``done_marker(unit)``: the URI a unit's success leaves, checked from here as each finishes."""
     t0 = time.perf_counter()
     report = RunReport()
     todo = []
@@ -152,10 +162,11 @@ def run_units(
         cfg.backend,
     )
     if todo:
+        check = OutputCheck(done_marker, desc)
         if cfg.backend == "inline":
-            _run_inline(todo, make_worker, cfg, report, desc)
+            _run_inline(todo, make_worker, cfg, report, desc, check)
         else:
-            _run_ray(todo, make_worker, cfg, report, desc)
+            _run_ray(todo, make_worker, cfg, report, desc, check)
     report.wall_s = time.perf_counter() - t0
     log.info(
         "%s: %d ran, %d skipped, %d failed in %.1fs",
@@ -176,15 +187,16 @@ def _run_inline(
     cfg: ExecutorConfig,
     report: RunReport,
     desc: str,
+    check: OutputCheck,
 ) -> None:
     worker = make_worker()
     for u in progress(todo, desc=desc, unit="unit"):
         for attempt in range(1, cfg.max_retries + 2):
             report.attempts[u] = attempt
             try:
-                report.results[u] = worker(u)
+                result = worker(u)
             except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
-                report.failed[u] = _chain(exc)
+                report.failed[u] = chain(exc)
                 log.warning(
                     "%s: unit %d attempt %d failed: %s",
                     desc,
@@ -194,6 +206,12 @@ def _run_inline(
                     exc_info=exc,
                 )
                 continue
+            unseen = check(u)
+            if unseen is not None:
+                report.failed[u] = unseen
+                log.warning("%s: unit %d attempt %d failed: %s", desc, u, attempt, unseen)
+                continue
+            report.results[u] = result
             report.failed.pop(u, None)
             _log_unit(desc, u, report, len(todo))
             break
@@ -277,6 +295,7 @@ def _run_ray(
     cfg: ExecutorConfig,
     report: RunReport,
     desc: str,
+    check: OutputCheck,
 ) -> None:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -311,7 +330,7 @@ def _run_ray(
         last_start_error = exc
         # the traceback at DEBUG, a line at WARNING: a missing model file would otherwise print
         # START_TRIES tracebacks per actor before the run stops with it
-        log.debug("%s: an actor failed to start: %s", desc, _message(exc))
+        log.debug("%s: an actor failed to start: %s", desc, message(exc))
         if start_failures[slot] < START_TRIES:
             delay_s = START_BACKOFF_S * 2 ** (start_failures[slot] - 1)
             log.warning(
@@ -319,7 +338,7 @@ def _run_ray(
                 desc,
                 start_failures[slot],
                 delay_s,
-                _summary(exc),
+                summary(exc),
             )
             new_actor(slot, delay_s)
         else:
@@ -328,7 +347,7 @@ def _run_ray(
                 desc,
                 start_failures[slot],
                 len(actors),
-                _summary(exc),
+                summary(exc),
             )
 
     def give_up(reason: str) -> None:
@@ -354,7 +373,7 @@ def _run_ray(
             return TimeoutError(msg)
         failed = f"{start_failures_total} failed start" + "s" * (start_failures_total > 1)
         msg += f"; {failed} meanwhile, the last with: "
-        error = TimeoutError(msg + _summary(last_start_error))
+        error = TimeoutError(msg + summary(last_start_error))
         error.__cause__ = last_start_error  # its text: the remote traceback
         return error
 
@@ -391,11 +410,11 @@ def _run_ray(
             if not waiting:  # every slot given up after failed starts
                 assert last_start_error is not None
                 if not any_started:  # what make_worker raised: report_failure (cli) knows it
-                    cause = _cause(last_start_error)
+                    cause = carried_error(last_start_error)
                     if cause is last_start_error:
                         raise cause
                     raise cause from last_start_error
-                give_up(f"no actor could be started: {_short(last_start_error)}")
+                give_up(f"no actor could be started: {short(last_start_error)}")
                 break
             # with nothing running, only actors still starting can take the rest: bounded wait;
             # with a unit limit, wake up when the oldest unit in flight reaches it
@@ -445,13 +464,9 @@ def _run_ray(
                 actor, u = inflight.pop(ref)
                 since.pop(ref)
                 try:
-                    report.results[u] = ray.get(ref)
-                    report.failed.pop(u, None)
-                    idle.append(actor)
-                    _log_unit(desc, u, report, len(todo))
-                    continue
+                    result = ray.get(ref)
                 except RayTaskError as exc:  # the worker raised
-                    err, full = _short(exc), _message(exc)
+                    err, full = short(exc), message(exc)
                     # on the whole message: a long one (a C++ backtrace) has its middle cut
                     if not poisons_process(full):  # the actor is fine
                         idle.append(actor)
@@ -460,9 +475,17 @@ def _run_ray(
                         full = f"{full} (its actor is replaced: the error is sticky)"
                         replace(actor)
                 except (RayActorError, ray.exceptions.RayError) as exc:  # the process died
-                    err = f"worker process died: {_short(exc)}"
-                    full = f"worker process died: {_message(exc)}"
+                    err = f"worker process died: {short(exc)}"
+                    full = f"worker process died: {message(exc)}"
                     replace(actor)
+                else:
+                    idle.append(actor)
+                    err = full = check(u)  # raises while no unit's output has been seen
+                    if err is None:
+                        report.results[u] = result
+                        report.failed.pop(u, None)
+                        _log_unit(desc, u, report, len(todo))
+                        continue
                 # the whole traceback here, once per attempt; the report keeps it shortened
                 log.warning("%s: unit %d attempt %d failed: %s", desc, u, report.attempts[u], full)
                 report.failed[u] = err
@@ -473,103 +496,6 @@ def _run_ray(
             ray.kill(a)
         if connected is not None:
             ray.shutdown()
-
-
-# Errors after which a process's CUDA context (or NCCL communicator) stays broken: every later
-# kernel fails too, so the actor would burn the retries of every unit it is given.
-_STICKY = re.compile(
-    r"CUDA error|device-side assert|illegal memory access|CUBLAS_STATUS_|CUDNN_STATUS_|"
-    r"cuDNN error|NCCL error|uncorrectable ECC"
-)
-
-
-def poisons_process(message: str) -> bool:
-    return bool(_STICKY.search(message))
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the "ray::Actor.method()" header lines
-# Python's lines between the exceptions of a chain
-_SEPARATOR = re.compile(
-    r"^(The above exception was the direct cause of the following exception:"
-    r"|During handling of the above exception, another exception occurred:)$",
-    re.MULTILINE,
-)
-# the line a traceback starts with (Ray's names the actor method and its process)
-_HEADER = re.compile(r"Traceback \(most recent call last\):|ray::\S+\(\) \(pid=")
-
-
-def _message(exc: BaseException) -> str:
-    """The text of ``exc``: for a Ray task error, the remote traceback with its whole chain."""
-    text = str(exc) or "".join(traceback.format_exception_only(type(exc), exc))
-    return _ANSI.sub("", text)
-
-
-def _fit(parts: list[str], limit: int) -> list[str]:
-    """``parts`` cut in their middles, each to its share of ``limit`` characters."""
-    share = max(200, limit // max(1, len(parts)))
-    return [p if len(p) <= share else p[: share // 2] + " ... " + p[-share // 2 :] for p in parts]
-
-
-def _short(exc: BaseException, limit: int = 2000) -> str:
-    """The message of ``exc`` for a log line or a report, within about ``limit`` characters:
-    past it, the frames of its tracebacks go first (each run of indented lines becomes "  ...");
-    the exception lines of every link of the chain stay. Past it still (a message carrying a C++
-    backtrace), each exception of the chain is cut in its middle to its share."""
-    text = _message(exc)
-    if len(text) <= limit:
-        return text
-    lines: list[str] = []
-    for line in text.splitlines():
-        if not line[:1].isspace():
-            lines.append(line)
-        elif not lines or lines[-1] != "  ...":
-            lines.append("  ...")
-    text = "\n".join(lines)
-    if len(text) <= limit:
-        return text
-    pieces = _SEPARATOR.split(text)  # exception, separator, exception, ...
-    blocks = _fit(pieces[::2], limit - sum(len(p) for p in pieces[1::2]))
-    pieces[::2] = blocks
-    return "".join(pieces)
-
-
-def _exception_line(block: str) -> str:
-    """The first line of the exception in ``block`` (one exception of a traceback's chain): the
-    first line after its frames, or the first that is no header where it has none."""
-    lines = block.strip("\n").splitlines()
-    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
-    rest = lines[frames[-1] + 1 :] if frames else lines
-    for line in rest:
-        if line.strip() and not line[:1].isspace() and not _HEADER.match(line):
-            return line
-    return lines[-1] if lines else ""
-
-
-def _summary(exc: BaseException) -> str:
-    """One line: the exceptions of ``exc``'s chain (for a Ray error, as its text shows them),
-    the last raised first, "X <- caused by Y"."""
-    blocks = _SEPARATOR.split(_message(exc))[::2]
-    return " <- caused by ".join(_exception_line(b) for b in reversed(blocks))
-
-
-def _chain(exc: BaseException, limit: int = 2000) -> str:
-    """``exc`` and what caused it, "X <- caused by Y" (``__cause__``, or the exception being
-    handled when it was raised), within about ``limit`` characters."""
-    links, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        links.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
-    text = " <- caused by ".join(links)
-    return text if len(text) <= limit else " <- caused by ".join(_fit(links, limit))
-
-
-def _cause(exc: BaseException) -> BaseException:
-    """What ``make_worker`` raised in an actor, from the Ray error that carries it (the Ray
-    error itself when it carries none: the process died)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
 
 
 _END = object()

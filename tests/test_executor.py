@@ -17,7 +17,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from pipeline import executor
+from pipeline import cluster_paths, errortext, executor
 from pipeline.cli import report_failure
 from pipeline.executor import ExecutorConfig, prefetch, run_units
 
@@ -137,7 +137,7 @@ def test_a_long_chain_is_shortened_frames_first_keeping_every_exception():
     except RuntimeError as exc:
         text = "".join(traceback.format_exception(exc))
     assert len(text) > 6000
-    short = executor._short(Exception(text))
+    short = errortext.short(Exception(text))
     assert len(short) <= 2100, len(short)
     for line in (
         "OSError: SlowDown: please reduce your request rate",
@@ -560,3 +560,80 @@ def test_a_sticky_cuda_error_with_a_long_message_replaces_its_actor(local_ray, t
     assert sorted(report.results) == [3, 4, 5] and report.ok
     assert report.attempts == {3: 2, 4: 1, 5: 1}
     assert len({r["pid"] for r in report.results.values()}) == 1  # all on the fresh actor
+
+
+# --- units whose output the driver does not see (workers writing to their own node's disk) ------
+
+
+class _NodeLocalWorker:
+    """Writes unit ``u``'s done marker under ``shared`` (where the driver looks), or under
+    ``private`` (another node's disk) for the units in ``hidden``."""
+
+    def __init__(self, shared: str, private: str, hidden: set[int]) -> None:
+        self.shared, self.private, self.hidden = shared, private, hidden
+        self.calls: list[int] = []
+
+    def __call__(self, unit: int) -> dict:
+        self.calls.append(unit)
+        root = self.private if unit in self.hidden else self.shared
+        os.makedirs(root, exist_ok=True)
+        open(os.path.join(root, f"{unit}.done"), "w").close()
+        return {"unit": unit}
+
+
+@pytest.fixture()
+def no_visibility_wait(monkeypatch):
+    monkeypatch.setattr(cluster_paths, "VISIBLE_WAIT_S", 0.0)
+
+
+@pytest.fixture(params=["inline", "ray"])
+def backend(request):
+    """Both backends; the Ray one on the module's local Ray."""
+    if request.param == "ray":
+        request.getfixturevalue("local_ray")
+        return _ray(num_actors=1, max_retries=1)
+    return _inline(max_retries=1)
+
+
+def test_a_run_whose_first_output_is_not_visible_stops(backend, no_visibility_wait, tmp_path):
+    shared, private = str(tmp_path / "shared"), str(tmp_path / "node2")
+    worker = _NodeLocalWorker(shared, private, hidden={0, 1, 2, 3})
+    with pytest.raises(cluster_paths.OutputNotVisibleError) as err:
+        run_units(
+            range(4),
+            lambda: worker,
+            backend,
+            desc="score",
+            done_marker=lambda u: os.path.join(shared, f"{u}.done"),
+        )
+    msg = str(err.value)
+    assert msg.startswith("score: unit 0 reported success")
+    assert os.path.join(shared, "0.done") in msg and "own node's disk" in msg and "s3://" in msg
+    assert os.listdir(private) == ["0.done"]  # stopped at the first unit, not after all four
+    if backend.backend == "inline":
+        assert worker.calls == [0]
+
+
+def test_a_later_output_not_visible_fails_that_unit_only(backend, no_visibility_wait, tmp_path):
+    shared, private = str(tmp_path / "shared"), str(tmp_path / "node2")
+    worker = _NodeLocalWorker(shared, private, hidden={2})
+    report = run_units(
+        range(4),
+        lambda: worker,
+        backend,
+        done_marker=lambda u: os.path.join(shared, f"{u}.done"),
+    )
+    assert sorted(report.results) == [0, 1, 3]
+    assert list(report.failed) == [2] and "is not there as this driver sees it" in report.failed[2]
+    assert report.attempts[2] == 2  # retried like any failure (max_retries=1)
+
+
+def test_a_relative_done_marker_is_named_with_its_absolute_path(monkeypatch, tmp_path):
+    """A relative path is named with the folder this driver resolves it to; a marker that
+    shows up while the driver waits (an NFS listing cached for a while) counts as seen."""
+    monkeypatch.chdir(tmp_path)
+    assert cluster_paths.as_seen_here("out/0.done") == f"out/0.done ({tmp_path / 'out' / '0.done'})"
+    assert cluster_paths.as_seen_here("s3://b/out") == "s3://b/out"
+    monkeypatch.setattr(cluster_paths, "VISIBLE_WAIT_S", 5.0)
+    looks = iter([False, True])
+    assert cluster_paths.appears(lambda: next(looks))

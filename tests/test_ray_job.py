@@ -213,6 +213,20 @@ def test_pretokenize_job_submitted_to_cluster_with_s3(ray_head, s3_bucket, tmp_p
     assert storage.exists(f"{out}/pretokenize_config.yaml")
 
 
+def test_a_submitted_job_refuses_relative_data_paths(ray_head):
+    """The shipped score config's ``outputs/...`` paths under ``ray job submit``: each process
+    would use its own node's temporary copy of the package, the driver merging none of the
+    workers' shards (before: "0/0 samples kept over 0 shards", exit 0). Refused up front."""
+    result = ray_head.submit(
+        [sys.executable, "jobs/score.py", "--config", "configs/data/score.yaml"], {}
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-5000:]
+    assert "config error: input='outputs/raw', output='outputs/scores'" in output, output[-5000:]
+    assert "ray job submit" in output and "_ray_pkg_" in output  # names Ray's package copy
+    assert "every node mounts" in output and "samples kept" not in output
+
+
 def test_a_unit_past_its_time_limit_is_retried_on_a_fresh_actor(ray_head, tmp_path):
     """unit_timeout_s: a hung unit does not stall the stage; its actor is replaced and the
     unit's retry succeeds, the other units are unaffected."""

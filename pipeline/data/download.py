@@ -13,7 +13,10 @@
    writing) writes ``00000.tar`` + ``00000.parquet`` + ``00000_stats.json`` per unit into
    ``{output}``;
 4. shards without ``_stats.json`` (a worker died, or a shard failed as a whole) get their partial
-   files removed and are run again, up to ``shard_retry_rounds`` times; the rest are reported;
+   files removed and are run again, up to ``shard_retry_rounds`` times; the rest are reported.
+   With ``distributor: ray``, shards whose task reported success but whose ``_stats.json`` this
+   driver does not see mean the workers write to their own node's disk: when none of a run's
+   is seen, the run stops there (``OutputNotVisibleError``) instead of retrying in vain;
 5. per-shard stats are summed into ``{output}/_meta/download_stats.json`` with counts per reason,
    next to the resolved ``download_config.yaml``.
 
@@ -40,6 +43,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.cluster_paths import (
+    NOT_VISIBLE_HINT,
+    OutputNotVisibleError,
+    appears,
+    as_seen_here,
+    check_paths_for_ray_job,
+)
 from pipeline.config import doc, save_config, to_dict
 from pipeline.data.metadata import (
     SHARD_DIGITS,
@@ -266,8 +276,33 @@ def _ray_session(cfg: DownloadConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def _run_img2dataset(cfg: DownloadConfig, input_dir: str) -> None:
-    """One img2dataset pass in incremental mode (done shards are skipped)."""
+@dataclass
+class _PassOutcome:
+    """The shards the distributor ran in an img2dataset pass, and those it reported done."""
+
+    ran: set[int] = field(default_factory=set)
+    ok: set[int] = field(default_factory=set)
+
+
+def _recording(distributor: Any, outcome: _PassOutcome) -> Any:
+    """``distributor`` (our img2dataset distributor) noting in ``outcome`` what it ran and
+    what it reported done (the tasks it does not return as failed)."""
+
+    def run(processes_count, downloader, reader, subjob_size, max_shard_retry) -> list:
+        tasks = list(reader)  # (shard id, its input file) rows
+        failed = distributor(processes_count, downloader, tasks, subjob_size, max_shard_retry)
+        outcome.ran.update(row[0] for row in tasks)
+        outcome.ok.update({row[0] for row in tasks} - {row[0] for row in failed})
+        return failed
+
+    return run
+
+
+def _run_img2dataset(
+    cfg: DownloadConfig, input_dir: str, outcome: _PassOutcome | None = None
+) -> None:
+    """One img2dataset pass in incremental mode (done shards are skipped); ``outcome``: what
+    the Ray distributor ran and reported done."""
     import functools
     import importlib
 
@@ -285,6 +320,8 @@ def _run_img2dataset(cfg: DownloadConfig, input_dir: str) -> None:
     original = i2d.Resizer, i2d.Downloader, i2d.multiprocessing_distributor, i2d.ray_distributor
     # its distributors can hang on a dead worker or return with tasks still writing: ours wait
     i2d.multiprocessing_distributor, i2d.ray_distributor = pool_distributor, ray_distributor
+    if outcome is not None:
+        i2d.ray_distributor = _recording(ray_distributor, outcome)
     # img2dataset builds these itself: hand it ours (pickled by reference to the workers)
     i2d.Resizer = functools.partial(GuardedResizer, max_pixels=cfg.max_image_pixels)
     i2d.Downloader = functools.partial(
@@ -450,9 +487,48 @@ def aggregate_stats(
 # --- the stage -------------------------------------------------------------------------------------
 
 
+def _check_reported_shards(
+    cfg: DownloadConfig, outcome: _PassOutcome, done: set[int], seen: set[int]
+) -> None:
+    """After a Ray pass: shards whose task reported success must have a ``_stats.json`` that
+    this driver sees (``done``, or at least in a listing); ``seen`` gathers those that do. None
+    of them seen: the workers write to their own node's disk, so every shard would be lost the
+    same way: stop. Some: those are redone in the retry rounds. Every task failed with a local
+    output: say that workers on other nodes may not see its ``_tmp`` inputs."""
+    seen.update(outcome.ok & done)
+    unseen = sorted(outcome.ok - done)
+
+    def all_listed() -> bool:  # a stats file there but unreadable is seen (and redone)
+        nonlocal unseen
+        listed = done_shards(cfg.output)
+        seen.update(i for i in unseen if i in listed)
+        unseen = [i for i in unseen if i not in listed]
+        return not unseen
+
+    if unseen and not appears(all_listed):
+        why = (
+            f"{len(unseen)} download tasks reported success, but this driver sees no stats file "
+            f"of theirs (e.g. {shard_name(unseen[0])}{RAW_STATS_SUFFIX}; shards {unseen[:10]}) "
+            f"under {as_seen_here(cfg.output)}: {NOT_VISIBLE_HINT}"
+        )
+        if not seen:
+            raise OutputNotVisibleError(f"download: {why}; stopped after the first pass")
+        log.error("download: %s; they are redone in the retry rounds", why)
+    if outcome.ran and not outcome.ok and not storage.is_remote(cfg.output):
+        log.error(
+            "download: all %d tasks of this pass failed. With distributor ray and a local output "
+            "folder, workers on other nodes read their input from %s and write their shards "
+            "there: if their logs say 'No such file', that folder is not on their node; use "
+            "s3://... or a file system every node mounts",
+            len(outcome.ran),
+            storage.join(cfg.output, "_tmp"),
+        )
+
+
 def run_download(cfg: DownloadConfig) -> DownloadResult:
     """Download every unit of ``cfg.input`` into raw shards under ``cfg.output`` (resumable)."""
     start = time.time()
+    check_paths_for_ray_job({"input": cfg.input, "output": cfg.output})
     storage.makedirs(cfg.output)
     meta = meta_dir(cfg.output)
     units_dir, input_dir = storage.join(meta, "units"), storage.join(meta, "input")
@@ -540,6 +616,7 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
         )
 
     read: dict[int, dict[str, Any]] = {}  # the done shards' stats, each read once
+    reported_seen: set[int] = set()  # shards a Ray task reported done that this driver sees
     missing = sorted(set(range(total)) - readable_done_shards(cfg.output, read))
     if total and not missing:
         log.info("all %d shards already done in %s", total, cfg.output)
@@ -557,14 +634,18 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
                 )
                 for i in missing:  # whatever a failed shard left behind goes before its rerun
                     _remove_partial(cfg.output, i)
+            outcome = _PassOutcome() if cfg.distributor == "ray" else None
             try:
-                _run_img2dataset(cfg, input_dir)
+                _run_img2dataset(cfg, input_dir, outcome)
             except SystemExit as e:
                 # img2dataset's SIGINT handler exits with status 0: a stop must not look done
                 raise KeyboardInterrupt("download interrupted; rerun to resume") from e
             except Exception:  # noqa: BLE001 - finished shards are safe; check what is missing
                 log.exception("img2dataset pass %d stopped with an error", attempt + 1)
-            missing = sorted(set(range(total)) - readable_done_shards(cfg.output, read))
+            done = readable_done_shards(cfg.output, read)
+            missing = sorted(set(range(total)) - done)
+            if outcome is not None:
+                _check_reported_shards(cfg, outcome, done, reported_seen)
     storage.remove(storage.join(cfg.output, "_tmp"), recursive=True)
 
     stats = aggregate_stats(cfg.output, total, read)

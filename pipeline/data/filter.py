@@ -40,10 +40,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.cluster_paths import check_paths_for_ray_job
 from pipeline.config import doc
 from pipeline.data import shards
 from pipeline.data.raw import decode_rgb
-from pipeline.executor import ExecutorConfig, check_gpu_devices, prefetch, run_units
+from pipeline.executor import (
+    ExecutorConfig,
+    check_gpu_devices,
+    prefetch,
+    run_units,
+)
 from pipeline.log import get_logger
 from pipeline.models.aesthetic import AestheticConfig
 
@@ -408,6 +414,7 @@ def read_scores(out: str, index: int) -> dict[str, dict[str, Any]]:
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every complete raw shard not scored yet; returns (and writes) the summary."""
+    check_paths_for_ray_job({"input": cfg.input, "output": cfg.output})
     indices = shards.raw_shard_indices(cfg.input)
     if cfg.max_shards is not None:
         indices = indices[: cfg.max_shards]
@@ -439,6 +446,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         cfg.executor,
         is_done=lambda i: i in scored and i not in changed,
         desc="score",
+        # the parquet is the done marker: one the driver does not see would be summed as none
+        done_marker=lambda i: score_uri(cfg.output, i),
     )
     # a replaced shard whose scoring failed still has the old download's parquet: not summed
     stale = changed & set(report.failed)

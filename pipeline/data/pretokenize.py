@@ -86,6 +86,7 @@ import torch
 import yaml
 
 from pipeline import storage
+from pipeline.cluster_paths import check_paths_for_ray_job
 from pipeline.config import ConfigError, doc
 from pipeline.data import shards
 from pipeline.data.filter import _CONTENT_FIELDS as _SCORE_CONTENT_FIELDS
@@ -104,10 +105,10 @@ from pipeline.data.filter import (
 from pipeline.data.raw import center_crop as resize_center_crop
 from pipeline.data.raw import decode_rgb
 from pipeline.data.raw import to_tensor as to_pixels
+from pipeline.errortext import poisons_process
 from pipeline.executor import (
     ExecutorConfig,
     check_gpu_devices,
-    poisons_process,
     prefetch,
     run_units,
 )
@@ -874,6 +875,7 @@ def _remove_outdated(cfg: PretokenizeConfig, gone: list[int], changed: list[int]
 def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
     """Pretokenize every complete raw shard not done yet (or done from inputs that changed
     since); returns the merged manifest."""
+    check_paths_for_ray_job({"input": cfg.input, "output": cfg.output, "scores": cfg.scores})
     raw = shards.raw_shard_indices(cfg.input)
     indices = raw[: cfg.max_shards] if cfg.max_shards is not None else raw
     unscored: list[int] = []
@@ -936,6 +938,8 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
         cfg.executor,
         is_done=done.__contains__,
         desc="pretokenize",
+        # the manifest is merged from the done markers this driver sees
+        done_marker=lambda i: storage.join(cfg.output, shards.done_name(i)),
     )
     manifest = shards.merge_manifest(
         cfg.output,

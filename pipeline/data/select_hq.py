@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline import storage
+from pipeline.cluster_paths import check_paths_for_ray_job
 from pipeline.config import ConfigError, doc, save_config
 from pipeline.data import shards
 from pipeline.data.filter import RAW_SHARD_KEY, SCORE_CONFIG_NAME, score_uri, scored_indices
@@ -377,6 +378,7 @@ def _commit(cfg: SelectHQConfig, folder: str, summary: dict[str, Any]) -> bool:
 def run_select_hq(cfg: SelectHQConfig) -> dict[str, Any]:
     """Select stage 2's rows from stage 1's scores and raw parquets into metadata parquet under
     ``cfg.output``; returns (and writes) the summary."""
+    check_paths_for_ray_job({"input": cfg.input, "scores": cfg.scores, "output": cfg.output})
     _check_scored_with_aesthetic(cfg.scores)
     _check_output(cfg)
     raw = shards.raw_shard_indices(cfg.input)
