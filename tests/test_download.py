@@ -263,6 +263,22 @@ def test_rerun_skips_done_shards_and_redoes_a_lost_one(bad_run, server):
     hits = dict(server.hits)
     again = run_download(dataclasses.replace(cfg, overwrite=True))
     assert server.hits == hits and again.stats["by_reason"] == first.stats["by_reason"]
+    # with other metadata settings that cut no unit (a column name mistyped): an error before
+    # anything is deleted
+    shards_there = sorted(os.listdir(cfg.output))
+    typo = dataclasses.replace(cfg.metadata, url_column="no_such_column")
+    with pytest.raises(KeyError, match="'no_such_column' not found"):
+        run_download(dataclasses.replace(cfg, overwrite=True, metadata=typo))
+    assert sorted(os.listdir(cfg.output)) == shards_there
+    # a state.json of an earlier version, without the opt-out settings: the saved config's
+    # are compared instead
+    state_uri = os.path.join(cfg.output, "_meta", "state.json")
+    state = storage.read_json(state_uri)
+    for k in ("user_agent_token", "disallowed_header_directives"):
+        del state["shard_settings"][k]
+    storage.write_json(state_uri, state)
+    with pytest.raises(RuntimeError, match="disallowed_header_directives"):
+        run_download(dataclasses.replace(cfg, disallowed_header_directives=[]))
     # and with other settings it deletes them, and downloads again
     small = run_download(dataclasses.replace(cfg, overwrite=True, image_size=128))
     assert small.failed_shards == [] and server.hits != hits

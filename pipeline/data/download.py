@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from pipeline import storage
 from pipeline.cluster_paths import (
@@ -525,6 +526,17 @@ def _check_reported_shards(
         )
 
 
+def _made_with(state: dict[str, Any], meta: str) -> dict[str, Any]:
+    """The shard-shaping settings the shards there were made with: ``state.json``'s, and for
+    those an earlier version did not record there, the saved ``download_config.yaml``'s."""
+    made = dict(state.get("shard_settings", {}))
+    saved_uri = storage.join(meta, "download_config.yaml")
+    if set(SHARD_SHAPING) - set(made) and storage.exists(saved_uri):
+        saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
+        made.update({k: saved[k] for k in SHARD_SHAPING if k not in made and k in saved})
+    return made
+
+
 def run_download(cfg: DownloadConfig) -> DownloadResult:
     """Download every unit of ``cfg.input`` into raw shards under ``cfg.output`` (resumable)."""
     start = time.time()
@@ -543,17 +555,17 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
     if state and existing:
         if state.get("units_fingerprint") != listing[2]:
             other.append("metadata or unit settings")
-        # a setting a state.json of an earlier version did not record is not compared
-        made = state.get("shard_settings", {})
+        made = _made_with(state, meta)
+        # a setting neither state.json nor the saved config of an earlier version holds is not
+        # compared
         other += sorted(k for k in shape if k in made and made[k] != shape[k])
-    if cfg.overwrite and existing and (other or not state):
+    replace = bool(cfg.overwrite and existing and (other or not state))
+    if replace:
         log.info(
-            "overwrite: deleting %s (%d shards made with other %s)",
+            "overwrite: %s holds %d shards made with other %s: deleted once the metadata is cut "
+            "into units (an error there deletes nothing)",
             cfg.output, len(existing), ", ".join(other) or "settings (no state.json)",
         )  # fmt: skip
-        storage.remove(cfg.output, recursive=True)
-        storage.makedirs(cfg.output)
-        existing, state, other = set(), None, []
     elif cfg.overwrite and existing:
         # a rerun of the command that deleted an earlier output, after a kill: the shards
         # there are this one's, nothing is deleted again
@@ -562,13 +574,13 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
             "continuing them (delete the folder yourself to download everything again)",
             cfg.output, len(existing),
         )  # fmt: skip
-    if other:
+    elif other:
         raise RuntimeError(
             f"{cfg.output} holds shards made with other {', '.join(other)}; finishing them "
             "with these settings would mix two kinds of shard. Use a new output folder, or "
             "overwrite=true to delete them"
         )
-    if state and state.get("units_fingerprint") != listing[2]:
+    if replace or (state and state.get("units_fingerprint") != listing[2]):
         storage.remove(input_dir, recursive=True)  # no shard made from them: cut again
     units_stats = prepare_units(cfg.input, units_dir, cfg.metadata, listing)
     unit_names = [u["name"] for u in units_stats["units"]]
@@ -578,6 +590,14 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
             f"the metadata {cfg.input} gave no row to download: {units_stats['counts']} (check "
             "metadata.url_column / caption_column and the URLs' scheme)"
         )
+    if replace:  # the new units are there: the old shards go
+        log.info("overwrite: deleting the %d shards of %s", len(existing), cfg.output)
+        old = [n for n in storage.list_dir(cfg.output) if n != os.path.basename(meta)]
+        with ThreadPoolExecutor(32) as pool:  # tens of thousands of files on S3
+            list(pool.map(lambda n: storage.remove(storage.join(cfg.output, n), True), old))
+        for name in ("state.json", "download_stats.json"):
+            storage.remove(storage.join(meta, name))
+        existing, state = set(), None
     guard_settings = {k: getattr(cfg, k) for k in GUARD_SETTINGS}
     if state and state.get("guard_settings", guard_settings) != guard_settings:
         # the shards not yet done are guarded again under the new settings (done ones keep
