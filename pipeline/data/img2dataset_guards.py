@@ -191,7 +191,10 @@ def die_with_parent(parent: int) -> None:
     shards into an output that a rerun is filling at the same time."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError) as e:  # a static Python: no libc to ask
+            log.warning("download worker: cannot ask to end with the driver (%s)", e)
     if os.getppid() != parent:  # it ended before the line above
         os._exit(1)
 

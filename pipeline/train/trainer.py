@@ -154,7 +154,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     elif "OMP_NUM_THREADS" not in os.environ and dist.local_world > 1:
         # torchrun sets it; the deepspeed launcher does not, and each rank's torch would take
         # every core of the node (N ranks x all cores). A rank bound to its own cores keeps them
-        cores = len(os.sched_getaffinity(0))
+        getaffinity = getattr(os, "sched_getaffinity", None)  # Linux only
+        cores = len(getaffinity(0)) if getaffinity else (os.cpu_count() or 1)
         threads = max(1, cores // dist.local_world if cores == os.cpu_count() else cores)
         torch.set_num_threads(threads)
         if dist.is_local_main:
@@ -403,10 +404,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "(0: never stop)"
                 )
     except BaseException:
+        stop.restore()
         metrics.flush()  # TensorBoard's events of the steps before the failure
         raise
-    finally:
-        stop.restore()
+    # kept through the export: a signal now is not acted on (the last step is saved), but it
+    # does not end the rank mid-export either (SIGUSR1's default action)
 
     # -- the end: export, plots, summary
     export_uri = None
@@ -439,6 +441,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             data_damage,
             plot,
         )
+    stop.restore()
     return {
         "step": step,
         "loss": loss_value,
