@@ -13,6 +13,7 @@ therefore never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -25,11 +26,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import fsspec
+import fsspec.asyn
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +268,109 @@ def list_dir(uri: str | os.PathLike, suffix: str = "") -> list[str]:
         )
 
     return [n for n in with_retries(_ls, f"list {uri}") if n.endswith(suffix)]
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    """A file as a listing shows it: its size and a ``version`` that changes whenever the file
+    is written again (S3: its ETag, which follows its content; locally: its modification time
+    in ns and its inode, both new for a file replaced by a rename). None where the store shows
+    neither: such a file never counts as unchanged."""
+
+    size: int
+    version: str | None
+
+
+def list_files(uri: str | os.PathLike, suffix: str = "") -> dict[str, FileEntry]:
+    """The files directly under ``uri`` whose names end with ``suffix``, by name (sorted), with
+    their sizes and versions, from one listing (on S3 one LIST request per 1,000 objects, where
+    a HEAD per file would be one request each); {} if absent."""
+    uri = _strip_file(check_uri(uri))
+    if not is_remote(uri):
+        return _local_files(uri, suffix)
+    fs, path = filesystem(uri)
+
+    def _ls() -> list[dict[str, Any]]:
+        fs.invalidate_cache(path)  # a listing must see what another process just wrote
+        try:
+            return fs.ls(path, detail=True)
+        except FileNotFoundError:
+            _check_bucket(fs, uri, path)
+            return []
+
+    out = {}
+    for e in with_retries(_ls, f"list {uri}"):
+        name = str(e["name"]).rstrip("/")
+        if e.get("type") == "file" and name != path.rstrip("/") and name.endswith(suffix):
+            out[os.path.basename(name)] = FileEntry(int(e["size"]), _remote_version(e))
+    return dict(sorted(out.items()))
+
+
+def _local_files(path: str, suffix: str) -> dict[str, FileEntry]:
+    out = {}
+    try:
+        with os.scandir(path) as entries:
+            for e in entries:
+                if not e.name.endswith(suffix):
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile, or a dead link
+                    if e.is_file():  # links followed, as open() follows them
+                        out[e.name] = _local_entry(e.stat())
+    except FileNotFoundError:
+        return {}
+    return dict(sorted(out.items()))
+
+
+def _local_entry(st: os.stat_result) -> FileEntry:
+    return FileEntry(st.st_size, f"{st.st_mtime_ns}-{st.st_ino}")
+
+
+def _remote_version(info: Mapping[str, Any]) -> str | None:
+    for field in ("ETag", "etag", "generation", "mtime", "LastModified"):
+        if info.get(field):
+            return str(info[field]).strip('"')
+    return None
+
+
+def read_tail(uri: str | os.PathLike, n: int) -> tuple[bytes, FileEntry]:
+    """The last ``n`` bytes of ``uri`` (all of it when shorter) and the entry of the file they
+    were read from (:class:`FileEntry`, as :func:`list_files` shows it). On S3 one suffix-range
+    GET, without the HEAD that opening the object costs, whose ETag names the version read."""
+    uri = _strip_file(check_uri(uri))
+    if not is_remote(uri):
+        with open(uri, "rb") as f:
+            st = os.fstat(f.fileno())  # of the file open, even if another replaces it now
+            f.seek(max(0, st.st_size - n))
+            return f.read(), _local_entry(st)
+    fs, path = filesystem(uri)
+    if uri.startswith("s3://"):
+        return with_retries(lambda: _s3_tail(fs, path, n), f"read the end of {uri}")
+
+    def tail() -> tuple[bytes, FileEntry]:
+        fs.invalidate_cache(path)
+        info = fs.info(path)  # before the read: a version older than the bytes, never newer
+        size = int(info["size"])
+        data = fs.cat_file(path, start=max(0, size - n), end=size)
+        return data, FileEntry(size, _remote_version(info))
+
+    return with_retries(tail, f"read the end of {uri}")
+
+
+def _s3_tail(fs: Any, path: str, n: int) -> tuple[bytes, FileEntry]:
+    bucket, key, _ = fs.split_path(path)
+
+    async def get() -> tuple[bytes, FileEntry]:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=-{n}")
+        try:
+            data = await resp["Body"].read()
+        finally:
+            resp["Body"].close()
+        # "bytes 100-199/200"; absent when the whole object came (a 200, not a 206)
+        total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+        size = int(total) if total.isdigit() else len(data)
+        return data, FileEntry(size, _remote_version(resp))
+
+    return fsspec.asyn.sync(fs.loop, get)
 
 
 def _check_bucket(fs: fsspec.AbstractFileSystem, uri: str | os.PathLike, path: str) -> None:

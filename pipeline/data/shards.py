@@ -607,7 +607,11 @@ def read_raw_stats(uri: str) -> dict[str, Any]:
     """img2dataset's ``_stats.json`` at ``uri``; a ValueError when its content is not a stats
     object (img2dataset writes it with a plain ``open``: a kill can cut it short, and it exists,
     empty, while being written). A store error is raised as it is."""
-    s = storage.read_json(uri)  # a cut file: json's ValueError (UnicodeDecodeError too)
+    return _parse_raw_stats(storage.read_bytes(uri))
+
+
+def _parse_raw_stats(data: bytes) -> dict[str, Any]:
+    s = json.loads(data)  # a cut file: json's ValueError (UnicodeDecodeError too)
     if not isinstance(s, dict):
         raise ValueError(f"not a JSON object: {type(s).__name__}")
     return s
@@ -618,27 +622,37 @@ def raw_shard_indices(uri: str) -> list[int]:
     that reads (:func:`read_raw_stats`, 32 at a time). One that exists but does not read is
     being written, or was cut short by a kill: the download stage removes it and downloads the
     shard again, so results made from the shard as it is now would outlive it."""
-    names = set(storage.list_dir(uri))
+    return list(raw_shard_identities(uri))
+
+
+def raw_shard_identities(uri: str) -> dict[int, str]:
+    """The complete raw shards under ``uri`` (:func:`raw_shard_indices`) by index, sorted, each
+    with its :func:`raw_shard_identity`: from one listing (the tars' sizes) and the read of each
+    ``_stats.json`` that tells whether it reads, so that knowing which download of each shard
+    is there costs no request more than finding the complete ones (a read and a HEAD per shard
+    again would be ~100k requests at every run start at LAION scale)."""
+    files = storage.list_files(uri)
     found = []
-    for n in names:
+    for n in files:
         stem = n[: -len(RAW_STATS_SUFFIX)]
         if n.endswith(RAW_STATS_SUFFIX) and stem.isdigit():
-            if f"{stem}.tar" in names:
+            if f"{stem}.tar" in files:
                 found.append(int(stem))
             else:
                 log.warning("%s has a stats file but no tar; skipped", storage.join(uri, n))
     found.sort()
 
-    def reads(index: int) -> bool:
+    def identity(index: int) -> str | None:
+        data = storage.read_bytes(raw_stats_uri(uri, index))
         try:
-            read_raw_stats(raw_stats_uri(uri, index))
+            _parse_raw_stats(data)
         except ValueError as e:  # a store error is raised: it says nothing about the shard
             log.warning("%s does not read (%s)", raw_stats_uri(uri, index), e)
-            return False
-        return True
+            return None
+        return _raw_identity(files[shard_name(index)].size, data)
 
     with ThreadPoolExecutor(32) as pool:
-        out = [i for i, ok in zip(found, pool.map(reads, found), strict=True) if ok]
+        out = {i: d for i, d in zip(found, pool.map(identity, found), strict=True) if d is not None}
     if len(out) < len(found):
         left = sorted(set(found) - set(out))
         log.warning(
@@ -664,10 +678,14 @@ def raw_shard_identity(uri: str, index: int) -> str:
     ``_stats.json``'s bytes and its tar's size. img2dataset writes the download's start and end
     times into the stats, so a shard downloaded again (overwrite=true, or redone for stats that
     did not read) gets another identity, while the same files read again, or copied to another
-    store, keep theirs (no ETag or modification time in it). Cheap: one small read and one stat."""
+    store, keep theirs (no ETag or modification time in it). Cheap: one small read and one stat
+    (:func:`raw_shard_identities` has every complete shard's from one listing)."""
     stats = storage.read_bytes(raw_stats_uri(uri, index))
-    size = storage.size(raw_tar_uri(uri, index))
-    return hashlib.sha256(f"{size}\n".encode() + stats).hexdigest()[:20]
+    return _raw_identity(storage.size(raw_tar_uri(uri, index)), stats)
+
+
+def _raw_identity(tar_size: int, stats: bytes) -> str:
+    return hashlib.sha256(f"{tar_size}\n".encode() + stats).hexdigest()[:20]
 
 
 class StoreReadError(Exception):
