@@ -1202,3 +1202,144 @@ def test_the_c2i_config_makes_llamagen_c2i_shards_without_text():
     assert (cfg.label_field, cfg.num_classes, cfg.resolution) == ("label", 1000, 256)
     assert cfg.flip and cfg.upscale_small and not cfg.short_captions
     assert cfg.vq.preset == "VQ-16"
+
+
+def _count_s3_requests(monkeypatch):
+    """A Counter of the S3 requests s3fs makes from now on, by operation (get_object, ...)."""
+    import collections
+
+    import s3fs
+
+    calls: collections.Counter[str] = collections.Counter()
+    call = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        calls[method if isinstance(method, str) else method.__name__] += 1
+        return await call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    return calls
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_score_parquet_identity_is_one_read_of_the_footer(tmp_path, request, monkeypatch, store):
+    """A score parquet's identity is the digest of its footer, read with the file's end in one
+    suffix read (one GET on S3, no HEAD first), and comes with the file's entry as a listing of
+    the scores folder shows it (size, and ETag or mtime and inode): what a done marker records,
+    so that a run start reads no footer of a parquet listed unchanged. Written again with other
+    rows, the entry differs. A footer longer than the first read is read whole; a file that is
+    no parquet is refused."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import pretokenize as pt
+    from pipeline.data.filter import score_uri
+
+    scores = f"{request.getfixturevalue('s3_bucket')}/scores" if store == "s3" else str(tmp_path)
+
+    def parquet(keep):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"key": ["a", "b"], "keep": keep}), buf)
+        return buf.getvalue()
+
+    data = parquet([True, False])
+    storage.write_bytes(score_uri(scores, 3), data)
+    length = int.from_bytes(data[-8:-4], "little")
+    footer = hashlib.sha256(data[-8 - length : -8]).hexdigest()[:20]
+    calls = _count_s3_requests(monkeypatch)
+    identity, entry = pt.score_parquet_identity(scores, 3)
+    assert identity == footer and entry.size == len(data) and entry.version
+    if store == "s3":
+        assert dict(calls) == {"get_object": 1}
+    assert storage.list_files(scores, ".parquet") == {"00003.parquet": entry}
+    monkeypatch.setattr(pt, "_FOOTER_READ", 16)  # the footer does not fit: read again, whole
+    assert pt.score_parquet_identity(scores, 3) == (identity, entry)
+    storage.write_bytes(score_uri(scores, 3), parquet([False, False]))
+    other, listed = pt.score_parquet_identity(scores, 3)
+    assert other != identity and listed != entry
+    assert storage.list_files(scores, ".parquet")["00003.parquet"] == listed
+    storage.write_bytes(score_uri(scores, 4), b"not a parquet")
+    with pytest.raises(ValueError, match="not a parquet"):
+        pt.score_parquet_identity(scores, 4)
+
+
+def test_a_rerun_checks_its_done_shards_from_listings(s3_bucket, tmp_path, models, monkeypatch):
+    """At a run start the done shards' inputs are checked from the listings of the raw and
+    scores folders: no HEAD and no footer read per done shard (they cost ~6 requests a shard,
+    minutes at every start of a LAION-sized output). The requests a start makes grow with its
+    done shards only by the reads of their done markers, as before the check existed.
+    Markers written before parquet entries were recorded are checked with one footer read
+    each, once: the entry is recorded then. A parquet rewritten with other decisions is still
+    found (its listing shows another ETag) and its shard redone; one written again with the
+    same bytes is not."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import pretokenize as pt
+    from pipeline.data.filter import score_uri
+
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    raw, scores, out = (f"{s3_bucket}/{name}" for name in ("raw", "scores", "tokens"))
+    write_raw_shards(raw, 5, 1)
+    over = [f"input={raw}", f"output={scores}", "executor.backend=inline"]
+    run_score(load_config(ScoreConfig, None, [*over, "filters.min_image_size=32"]))
+    over = _overrides(raw, out, models, f"scores={scores}")
+    footers = []  # the indices of the score parquets whose footers were read
+    read_footer = pt.score_parquet_identity
+
+    def counted(scores, index):
+        footers.append(index)
+        return read_footer(scores, index)
+
+    monkeypatch.setattr(pt, "score_parquet_identity", counted)
+
+    def start(*extra):
+        """The requests of a run start (every done shard's inputs checked, nothing to do)."""
+        footers.clear()
+        with monkeypatch.context() as m:
+            calls = _count_s3_requests(m)
+            manifest = run_pretokenize(load_config(PretokenizeConfig, TINY, [*over, *extra]))
+        assert manifest["redone_changed_input"] == 0
+        return calls
+
+    run_pretokenize(load_config(PretokenizeConfig, TINY, [*over, "max_shards=1"]))
+    one = start("max_shards=1")
+    run_pretokenize(load_config(PretokenizeConfig, TINY, over))
+    five = start()
+    assert footers == [] and five["head_object"] == one["head_object"]  # claim_output's
+    assert five["list_objects_v2"] == one["list_objects_v2"]
+    # per done shard only its marker's reads (the check's, then the manifest's), as before the
+    # check existed; every raw shard's stats are read either way (to tell it is complete)
+    assert sum(five.values()) - sum(one.values()) <= 2 * 4, (dict(one), dict(five))
+
+    for i in range(5):  # done markers as written before parquet entries were recorded
+        marker = storage.join(out, shards.done_name(i))
+        info = storage.read_json(marker)
+        del info["stats"][pt.SCORES_ENTRY_STAT]
+        storage.write_json(marker, info)
+    start()
+    assert sorted(footers) == [0, 1, 2, 3, 4]  # each footer read once, the entries recorded
+    start()
+    assert footers == []
+
+    uri = score_uri(scores, 0)
+    data = storage.read_bytes(uri)
+    storage.write_bytes(uri, data)  # the same bytes again: the same ETag
+    start()
+    assert footers == []
+    table = pq.read_table(io.BytesIO(data))
+    names, meta = table.schema.names, table.schema.metadata
+    assert table["keep"].to_pylist() == [True]
+    table = table.set_column(names.index("keep"), "keep", pa.array([False]))
+    table = table.set_column(names.index("reason"), "reason", pa.array(["unsafe"]))
+    buf = io.BytesIO()  # the score stage's metadata (the raw shard it scored) as it was
+    pq.write_table(table.replace_schema_metadata(meta), buf)
+    storage.write_bytes(uri, buf.getvalue())
+    m = run_pretokenize(load_config(PretokenizeConfig, TINY, over))
+    assert footers == [0, 0]  # the check's read, then the redo's
+    assert m["redone_changed_input"] == 1 and m["dropped"] == {"filtered_unsafe": 1}
+    assert m["num_samples"] == 4

@@ -373,3 +373,26 @@ def test_samples_without_t5_round_trip():
         shards.encode_token_sample(**{**s, "t5": None}, t5_short="t5")
     with pytest.raises(ValueError, match="lacks codes.npy"):
         shards.decode_token_sample({k: v for k, v in sample.items() if k != "codes.npy"})
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_raw_shard_identities_come_with_the_listing(tmp_path, request, store):
+    """Every complete raw shard's identity from one listing (the tars' sizes) and the stats
+    reads that find the complete ones: the identity a pretokenize worker records
+    (``raw_shard_identity``: a read and a HEAD each), so a run start checks its done shards
+    without a request each. A stats file that does not read, or without its tar, leaves the
+    shard out; a shard downloaded again gets another identity."""
+    from tests.rawshards import write_raw_shards
+
+    root = f"{request.getfixturevalue('s3_bucket')}/raw" if store == "s3" else str(tmp_path)
+    write_raw_shards(root, 4, 2, size=16)
+    storage.write_bytes(shards.raw_stats_uri(root, 1), b'{"count": 2, "succ')  # cut short
+    storage.remove(shards.raw_tar_uri(root, 2))
+    got = shards.raw_shard_identities(root)
+    assert got == {i: shards.raw_shard_identity(root, i) for i in (0, 3)}
+    assert shards.raw_shard_indices(root) == [0, 3]
+    stats = storage.read_json(shards.raw_stats_uri(root, 0))
+    storage.write_json(shards.raw_stats_uri(root, 0), {**stats, "end_time": 2000.0})
+    again = shards.raw_shard_identities(root)
+    assert again[0] != got[0] and again[3] == got[3]
+    assert again[0] == shards.raw_shard_identity(root, 0)

@@ -74,10 +74,9 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -99,7 +98,6 @@ from pipeline.data.filter import (
     sample_caption,
     sample_meta,
     score_uri,
-    scored_indices,
     storable_text,
 )
 from pipeline.data.raw import center_crop as resize_center_crop
@@ -169,6 +167,11 @@ _SCORE_SETTINGS = "score_config"
 # from another download of its raw shard, or from another score parquet, is redone)
 RAW_SHARD_STAT = "raw_shard"  # shards.raw_shard_identity of the raw shard read
 SCORES_STAT = "score_parquet"  # score_parquet_identity of the score parquet read (with scores)
+# ... and that parquet's size and version (storage.FileEntry: its ETag on S3) when it was read:
+# a run start whose listing shows the same reads no footer (one read per done shard otherwise)
+SCORES_ENTRY_STAT = "score_parquet_entry"
+# a score parquet's footer is a few KB: read with its end in one request
+_FOOTER_READ = 64 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,7 +387,8 @@ class PretokenizeWorker:
         }
         scores = None
         if cfg.scores:
-            stats[SCORES_STAT] = score_parquet_identity(cfg.scores, index)
+            stats[SCORES_STAT], entry = score_parquet_identity(cfg.scores, index)
+            stats[SCORES_ENTRY_STAT] = _entry_stat(entry)
             scores = read_scores(cfg.scores, index)
         # reading and decoding run in a background thread: it counts into its own counters
         read_dropped: collections.Counter[str] = collections.Counter()
@@ -743,23 +747,40 @@ class _WorkerFactory:
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def score_parquet_identity(scores: str, index: int) -> str:
+def score_parquet_identity(scores: str, index: int) -> tuple[str, storage.FileEntry]:
     """Which score parquet ``index`` under ``scores`` is there: a digest of its footer, which
     holds what the score stage recorded in it (the raw shard identity it scored, its drop counts
     by reason and kept count) and each column's byte sizes and min / max. A rescore that changes
     decisions or scores changes it; the same rows written again, or copied to another store,
     keep it. The footer alone (a few KB, as ``filter.read_raw_identity`` reads it), not the
-    whole parquet: every run start asks it of every done shard. (Settings that change the
-    decisions are also refused as a whole: :func:`_score_settings`.)"""
-    with storage.open_read(score_uri(scores, index)) as f:
-        f.seek(-8, os.SEEK_END)
-        tail = f.read(8)
-        length = int.from_bytes(tail[:4], "little")
-        if tail[4:] != b"PAR1" or length <= 0:
-            raise ValueError(f"{score_uri(scores, index)} is not a parquet file (no footer)")
-        f.seek(-(8 + length), os.SEEK_END)
-        footer = f.read(length)
-    return hashlib.sha256(footer).hexdigest()[:20]
+    whole parquet, in one suffix read (one GET on S3). Returned with the entry of the file read
+    (``storage.read_tail``: on S3 its size and ETag, as a listing shows them), which a done
+    marker records (``SCORES_ENTRY_STAT``) so that a run start reads no footer of a parquet a
+    listing shows unchanged. (Settings that change the decisions are also refused as a whole:
+    :func:`_score_settings`.)"""
+    uri = score_uri(scores, index)
+    n = _FOOTER_READ
+    while True:
+        tail, entry = storage.read_tail(uri, n)
+        length = int.from_bytes(tail[-8:-4], "little") if len(tail) >= 8 else 0
+        if tail[-4:] != b"PAR1" or length <= 0 or length + 8 > entry.size:
+            raise ValueError(f"{uri} is not a parquet file (no footer)")
+        if length + 8 <= len(tail):
+            return hashlib.sha256(tail[-(8 + length) : -8]).hexdigest()[:20], entry
+        n = length + 8  # a footer longer than the first read: read again, as long as it says
+
+
+def _entry_stat(entry: storage.FileEntry) -> str | None:
+    """How a done marker records a file's listing entry (None: the store shows no version)."""
+    return f"{entry.size} {entry.version}" if entry.version is not None else None
+
+
+def _score_parquets(scores: str) -> dict[int, storage.FileEntry]:
+    """The score parquets under ``scores`` by shard index, with their listing entries: one
+    listing (``filter.scored_indices``'s, with sizes and versions)."""
+    suffix = ".parquet"
+    files = storage.list_files(scores, suffix=suffix)
+    return {int(n[: -len(suffix)]): e for n, e in files.items() if n[: -len(suffix)].isdigit()}
 
 
 def _saved_score_config(scores: str) -> dict[str, Any] | None:
@@ -800,15 +821,26 @@ def _check_scores_have_aesthetic(scores: str, saved: dict[str, Any] | None) -> N
 
 
 def _outdated_done_shards(
-    cfg: PretokenizeConfig, done: list[shards.ShardInfo], raw: set[int], scored: set[int]
-) -> tuple[list[int], list[int]]:
-    """(gone, changed) among the ``done`` token shards: those whose raw shard is no longer
-    among the complete ones (``raw``), and those made from another download of their raw shard,
-    or another score parquet, than is there now (their done markers' ``RAW_SHARD_STAT`` and
-    ``SCORES_STAT``). A done shard whose score parquet is gone (not in ``scored``) is checked
-    against its raw shard only, and kept: scores made again with the settings it was made with
-    (others are refused: ``_score_settings``) decide the same. One marker (read already), one
-    raw shard identity and one parquet footer per shard, 32 at a time."""
+    cfg: PretokenizeConfig,
+    done: list[shards.ShardInfo],
+    raw: Mapping[int, str],
+    parquets: Mapping[int, storage.FileEntry],
+) -> tuple[list[int], list[int], dict[int, str | None]]:
+    """(gone, changed, seen) among the ``done`` token shards: those whose raw shard is no
+    longer among the complete ones (``raw``: their identities by index, as
+    ``shards.raw_shard_identities`` lists them), those made from another download of their raw
+    shard, or another score parquet, than is there now (their done markers' ``RAW_SHARD_STAT``
+    and ``SCORES_STAT``), and, by index, the listing entry (``_entry_stat``) of the unchanged
+    score parquets whose footer was read because their markers record another entry, or none
+    (markers written before entries were): :func:`_record_score_entries` records it, so the next
+    start reads none of them. A done shard whose score parquet is gone (not in ``parquets``) is
+    checked against its raw shard only, and kept: scores made again with the settings it was
+    made with (others are refused: ``_score_settings``) decide the same.
+
+    No request per shard where nothing changed: the raw shards' identities come with the
+    listing that finds them, and a parquet's footer is read (one GET, 32 at a time) only when
+    the scores folder's listing shows it with another size or version than its marker records
+    (rewritten, or copied to another store)."""
     gone = [s.index for s in done if s.index not in raw]
     present = [s for s in done if s.index in raw]
     # markers written before what a shard was made from was recorded: there is nothing to
@@ -825,24 +857,52 @@ def _outdated_done_shards(
             cfg.output,
             unchecked[:20],
         )
+    seen: dict[int, str | None] = {}
 
     def changed(shard: shards.ShardInfo) -> bool:
         raw_made_from = shard.stats.get(RAW_SHARD_STAT)
         if raw_made_from is None:
             return False  # unchecked, above
-        if raw_made_from != shards.raw_shard_identity(cfg.input, shard.index):
+        if raw_made_from != raw[shard.index]:
             return True
         scores_made_from = shard.stats.get(SCORES_STAT)
-        return (
-            bool(cfg.scores)
-            and scores_made_from is not None
-            and shard.index in scored
-            and scores_made_from != score_parquet_identity(cfg.scores, shard.index)
-        )
+        if not cfg.scores or scores_made_from is None or shard.index not in parquets:
+            return False
+        listed = _entry_stat(parquets[shard.index])
+        if listed is not None and shard.stats.get(SCORES_ENTRY_STAT) == listed:
+            return False  # the parquet whose footer the marker records, as it was read
+        identity, entry = score_parquet_identity(cfg.scores, shard.index)
+        if identity != scores_made_from:
+            return True
+        seen[shard.index] = _entry_stat(entry)
+        return False
 
     with ThreadPoolExecutor(32) as pool:
         flags = list(pool.map(changed, present))
-    return gone, [s.index for s, c in zip(present, flags, strict=True) if c]
+    changed_ = [s.index for s, c in zip(present, flags, strict=True) if c]
+    return gone, changed_, seen
+
+
+def _record_score_entries(
+    cfg: PretokenizeConfig, done: list[shards.ShardInfo], seen: Mapping[int, str | None]
+) -> None:
+    """Record in the done markers of ``seen`` (:func:`_outdated_done_shards`) the entries of
+    their score parquets, read unchanged: one write per marker, once, where every later start
+    would read the parquet's footer again."""
+    todo = [
+        dataclasses.replace(s, stats={**s.stats, SCORES_ENTRY_STAT: seen[s.index]})
+        for s in done
+        if s.index in seen and seen[s.index] is not None
+    ]
+    if not todo:
+        return
+    log.info("pretokenize: recording %d score parquets' entries in done markers", len(todo))
+
+    def record(info: shards.ShardInfo) -> None:
+        storage.write_json(storage.join(cfg.output, shards.done_name(info.index)), info.to_dict())
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(record, todo))
 
 
 def _remove_outdated(cfg: PretokenizeConfig, gone: list[int], changed: list[int]) -> None:
@@ -876,19 +936,22 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
     """Pretokenize every complete raw shard not done yet (or done from inputs that changed
     since); returns the merged manifest."""
     check_paths_for_ray_job({"input": cfg.input, "output": cfg.output, "scores": cfg.scores})
-    raw = shards.raw_shard_indices(cfg.input)
+    raw_ids = shards.raw_shard_identities(cfg.input)
+    raw = list(raw_ids)
     indices = raw[: cfg.max_shards] if cfg.max_shards is not None else raw
     unscored: list[int] = []
     stale: list[int] = []
     score_config = _saved_score_config(cfg.scores) if cfg.scores else None
     if cfg.min_aesthetic is not None:
         _check_scores_have_aesthetic(cfg.scores, score_config)
-    scored = scored_indices(cfg.scores) if cfg.scores else set()
+    # one listing: which shards are scored, and each parquet's size and version
+    parquets = _score_parquets(cfg.scores) if cfg.scores else {}
+    scored = set(parquets)
     # a done marker counts only for the inputs the shard was made from: one whose raw shard is
     # gone, or was downloaded again, or whose score parquet changed, is outdated (removed below,
     # once the output is claimed, and redone)
     done_shards = shards.list_done_shards(cfg.output)
-    gone, changed = _outdated_done_shards(cfg, done_shards, set(raw), scored)
+    gone, changed, seen = _outdated_done_shards(cfg, done_shards, raw_ids, parquets)
     done = {s.index for s in done_shards} - {*gone, *changed}
     if cfg.scores:
         missing = [i for i in indices if i not in scored]
@@ -932,6 +995,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
         derived={_SCORE_SETTINGS: _score_settings(score_config)} if cfg.scores else None,
     )
     _remove_outdated(cfg, gone, changed)
+    _record_score_entries(cfg, done_shards, seen)
     report = run_units(
         indices,
         _WorkerFactory(cfg),
