@@ -758,16 +758,17 @@ def test_token_shards_of_a_raw_folder_downloaded_again_are_redone_or_removed(tmp
     assert run_score(score_cfg)["rescored_changed"] == 2
 
     m = run_pretokenize(cfg)
-    assert m["redone_changed_input"] == 2 and m["removed_no_raw_shard"] == 1
-    assert [s["index"] for s in m["shards"]] == [0, 1] and m["num_samples"] == 4
+    # the one whose raw shard is gone is kept (raw images are deleted after tokenizing to save
+    # storage: a rerun must not delete finished token shards for it)
+    assert m["redone_changed_input"] == 2 and m["kept_without_raw_shard"] == 1
+    assert [s["index"] for s in m["shards"]] == [0, 1, 2] and m["num_samples"] == 6
     for i in (0, 1):
         got = shards.read_token_shard(os.path.join(out, shards.shard_name(i)))
         assert sorted(g["txt"] for g in got) == ["new one 0", "new one 1"]
-    assert not os.path.exists(os.path.join(out, shards.shard_name(2)))
-    assert not os.path.exists(os.path.join(out, shards.done_name(2)))
-    assert [s.index for s in list_training_shards([out])] == [0, 1]
+    assert os.path.exists(os.path.join(out, shards.done_name(2)))
+    assert [s.index for s in list_training_shards([out])] == [0, 1, 2]
     again = run_pretokenize(cfg)
-    assert again["redone_changed_input"] == again["removed_no_raw_shard"] == 0
+    assert again["redone_changed_input"] == 0 and again["kept_without_raw_shard"] == 1
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
 
 

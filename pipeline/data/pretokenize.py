@@ -42,8 +42,9 @@ records what its shard was made from (``raw_shard``: the raw shard's identity,
 ``shards.raw_shard_identity``; ``score_parquet``: its score parquet's, ``score_parquet_identity``);
 a shard made from another download of its raw shard, or another score parquet, than is there at a
 rerun's start is removed and redone (``redone_changed_input`` in the manifest), and one whose raw
-shard is gone (downloaded again with fewer shards) is removed (``removed_no_raw_shard``): neither
-the manifest nor training (which reads the done markers) mixes in what the inputs no longer hold.
+shard is gone (raw images deleted after tokenizing, or fewer shards downloaded) is kept, with a
+warning (``kept_without_raw_shard``): neither the manifest nor training (which reads the done
+markers) mixes in samples of a raw shard or score parquet that was replaced.
 Markers written before this was recorded are kept as they are, said once. The scores folder's
 settings (its ``score_config.yaml``: filters, aesthetic model) count as content settings too: an
 output is not continued from scores made again with other ones.
@@ -909,11 +910,12 @@ def _remove_outdated(cfg: PretokenizeConfig, gone: list[int], changed: list[int]
     """Remove the token shards (and done markers) of :func:`_outdated_done_shards`: kept, they
     would mix samples of inputs that are no longer there into the manifest and into training
     (the loader reads every done marker), and a rerun would skip the changed ones for good."""
-    if gone:
+    if gone:  # raw images deleted after tokenizing (storage) is a normal workflow: kept
         log.warning(
             "pretokenize: %d token shards under %s have no complete raw shard under %s any more "
-            "(downloaded again with fewer shards, removed, or being downloaded again): removed "
-            "with their done markers, so neither the manifest nor training reads them: %s",
+            "(raw images deleted after tokenizing, or downloaded again with fewer shards, or "
+            "being downloaded again): kept as they are; if the raw folder was downloaded again, "
+            "pretokenize it into a new output: %s",
             len(gone),
             cfg.output,
             cfg.input,
@@ -927,9 +929,9 @@ def _remove_outdated(cfg: PretokenizeConfig, gone: list[int], changed: list[int]
             len(changed),
             changed[:20],
         )
-    if gone or changed:
+    if changed:
         with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda i: shards.remove_shard(cfg.output, i), [*gone, *changed]))
+            list(pool.map(lambda i: shards.remove_shard(cfg.output, i), changed))
 
 
 def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
@@ -952,7 +954,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
     # once the output is claimed, and redone)
     done_shards = shards.list_done_shards(cfg.output)
     gone, changed, seen = _outdated_done_shards(cfg, done_shards, raw_ids, parquets)
-    done = {s.index for s in done_shards} - {*gone, *changed}
+    done = {s.index for s in done_shards} - set(changed)
     if cfg.scores:
         missing = [i for i in indices if i not in scored]
         if missing:
@@ -1024,9 +1026,9 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
             "unscored_shards": unscored,
             "stale_score_shards": stale,
             # done shards of this run's start made from inputs that changed since (removed,
-            # redone where this run could), and those whose raw shard is gone (removed)
+            # redone where this run could), and those whose raw shard is gone (kept)
             "redone_changed_input": len(changed),
-            "removed_no_raw_shard": len(gone),
+            "kept_without_raw_shard": len(gone),
         },
     )
     log.info(
