@@ -703,18 +703,18 @@ def test_a_store_error_reading_a_stats_file_is_raised_not_taken_for_a_cut_file(
 
     out = str(tmp_path / "raw")
     storage.write_json(f"{out}/00000_stats.json", {"count": 5, "successes": 5})
-    real = download.storage.read_json
+    real = download.storage.read_bytes  # what shards.read_raw_stats reads the file with
 
     def refused(uri):
-        if uri.endswith("00000_stats.json"):
+        if str(uri).endswith("00000_stats.json"):
             raise PermissionError(f"Access Denied: {uri}")
         return real(uri)
 
-    monkeypatch.setattr(download.storage, "read_json", refused)
+    monkeypatch.setattr(download.storage, "read_bytes", refused)
     with pytest.raises(PermissionError, match="Access Denied"):
         aggregate_stats(out, 1)
     assert storage.exists(f"{out}/00000_stats.json")
-    monkeypatch.setattr(download.storage, "read_json", real)
+    monkeypatch.setattr(download.storage, "read_bytes", real)
     assert aggregate_stats(out, 1)["shards"]["done"] == 1
 
 
