@@ -780,6 +780,23 @@ def test_iam_policies_and_ray_bootstrap_against_loopback_aws(s3_server, monkeypa
     assert os.path.isfile(out["auth"]["ssh_private_key"])
 
 
+def _slurm_sandbox(tmp_path, tools: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """infra/slurm/train.sbatch, and an environment to run it in: a submit dir with the
+    checkout's parts, and stand-ins (bash bodies by name: srun, scancel, ...) first on PATH."""
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    for name in (".venv", "jobs", "configs", "pipeline"):
+        (submit / name).symlink_to(os.path.join(ROOT, name))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, body in tools.items():
+        (bindir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bindir / name).chmod(0o755)
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(submit)}
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    return os.path.join(ROOT, "infra", "slurm", "train.sbatch"), env
+
+
 @pytest.mark.parametrize(
     "config, extra",
     [
@@ -800,17 +817,9 @@ def test_slurm_script_starts_one_train_task_per_gpu_with_a_valid_config(tmp_path
     assert not any(d.startswith("--output=") and "/" in d for d in directives), (
         "Slurm opens the log before the script runs: a folder in --output must already exist"
     )
-    submit = tmp_path / "submit"
-    submit.mkdir()
-    for name in (".venv", "jobs", "configs", "pipeline"):
-        (submit / name).symlink_to(os.path.join(ROOT, name))
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
     record = tmp_path / "srun.args"
-    (bindir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
-    (bindir / "srun").chmod(0o755)
-    env = {**os.environ, "SLURM_SUBMIT_DIR": str(submit), "SLURM_CPUS_PER_TASK": "10"}
-    env["PATH"] = f"{bindir}:{env['PATH']}"
+    _, env = _slurm_sandbox(tmp_path, {"srun": f'printf "%s\\n" "$@" > {record}'})
+    env["SLURM_CPUS_PER_TASK"] = "10"
     if config:
         env["CONFIG"] = config
     subprocess.run(["bash", script, *extra], env=env, check=True, timeout=60)
@@ -836,12 +845,6 @@ def test_slurm_script_passes_the_time_limit_warning_to_the_ranks_and_requeues(
     meanwhile, or failed, is not requeued); srun's status is the script's."""
     script = os.path.join(ROOT, "infra", "slurm", "train.sbatch")
     assert "--signal=B:USR1@600" in re.findall(r"^#SBATCH (\S+)", open(script).read(), re.M)
-    submit = tmp_path / "submit"
-    submit.mkdir()
-    for name in (".venv", "jobs", "configs", "pipeline"):
-        (submit / name).symlink_to(os.path.join(ROOT, name))
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
     log, pid = tmp_path / "calls", tmp_path / "srun.pid"
     tools = {
         # a rank: saves and ends with status 75 on USR1, else runs on (until the test's end)
@@ -850,11 +853,8 @@ def test_slurm_script_passes_the_time_limit_warning_to_the_ranks_and_requeues(
         "scancel": f'echo "scancel $*" >> {log}; kill -USR1 "$(cat {pid})"',
         "scontrol": f'echo "scontrol $*" >> {log}',
     }
-    for name, body in tools.items():
-        (bindir / name).write_text(f"#!/bin/bash\n{body}\n")
-        (bindir / name).chmod(0o755)
-    env = {**os.environ, "SLURM_SUBMIT_DIR": str(submit), "SLURM_JOB_ID": "4242"}
-    env["PATH"] = f"{bindir}:{env['PATH']}"
+    _, env = _slurm_sandbox(tmp_path, tools)
+    env["SLURM_JOB_ID"] = "4242"
     proc = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not pid.exists() and time.monotonic() < deadline:

@@ -735,11 +735,11 @@ def test_scores_of_an_earlier_download_of_the_raw_shard_are_not_used(tmp_path, m
     assert [s["index"] for s in m["shards"]] == [0, 1, 2] and m["num_samples"] == 2
 
 
-def test_token_shards_of_a_raw_folder_downloaded_again_are_redone_or_removed(tmp_path, models):
+def test_token_shards_of_a_raw_folder_downloaded_again_are_redone_or_kept(tmp_path, models):
     """The raw folder downloaded again (other captions, fewer shards: download's overwrite=true)
     and scored again: a rerun redoes the token shards made from the old downloads, not "all
-    done", and removes the one whose raw shard is gone, from the manifest and from what
-    training reads. Nothing changed since: the next rerun redoes nothing."""
+    done", and keeps the one whose raw shard is gone, in the manifest and in what training
+    reads. Nothing changed since: the next rerun redoes nothing."""
     from pipeline.data.loader import list_training_shards
 
     raw, scores = str(tmp_path / "raw"), str(tmp_path / "scores")

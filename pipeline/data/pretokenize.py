@@ -907,10 +907,12 @@ def _record_score_entries(
 
 
 def _remove_outdated(cfg: PretokenizeConfig, gone: list[int], changed: list[int]) -> None:
-    """Remove the token shards (and done markers) of :func:`_outdated_done_shards`: kept, they
-    would mix samples of inputs that are no longer there into the manifest and into training
-    (the loader reads every done marker), and a rerun would skip the changed ones for good."""
-    if gone:  # raw images deleted after tokenizing (storage) is a normal workflow: kept
+    """Act on :func:`_outdated_done_shards`: the ``changed`` token shards (and done markers) are
+    removed, to be redone (kept, they would mix samples of inputs that are no longer there into
+    the manifest and into training, which reads every done marker, and a rerun would skip them
+    for good); the ``gone`` ones are kept, with a warning (raw images are deleted after
+    tokenizing to save storage)."""
+    if gone:
         log.warning(
             "pretokenize: %d token shards under %s have no complete raw shard under %s any more "
             "(raw images deleted after tokenizing, or downloaded again with fewer shards, or "
@@ -929,7 +931,6 @@ def _remove_outdated(cfg: PretokenizeConfig, gone: list[int], changed: list[int]
             len(changed),
             changed[:20],
         )
-    if changed:
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(lambda i: shards.remove_shard(cfg.output, i), changed))
 
@@ -949,9 +950,9 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
     # one listing: which shards are scored, and each parquet's size and version
     parquets = _score_parquets(cfg.scores) if cfg.scores else {}
     scored = set(parquets)
-    # a done marker counts only for the inputs the shard was made from: one whose raw shard is
-    # gone, or was downloaded again, or whose score parquet changed, is outdated (removed below,
-    # once the output is claimed, and redone)
+    # a done marker counts only for the inputs the shard was made from: one whose raw shard was
+    # downloaded again, or whose score parquet changed, is outdated (removed below, once the
+    # output is claimed, and redone); one whose raw shard is gone is kept
     done_shards = shards.list_done_shards(cfg.output)
     gone, changed, seen = _outdated_done_shards(cfg, done_shards, raw_ids, parquets)
     done = {s.index for s in done_shards} - set(changed)
