@@ -32,6 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import storage
 from pipeline.config import doc, save_config, to_dict
+from pipeline.export_stamp import ID_KEY, begin_export, check_export
+from pipeline.export_stamp import MARKER as EXPORT_MARKER
 from pipeline.log import get_logger, progress
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.precision import torch_dtype, warn_if_slow
@@ -51,9 +53,11 @@ def save_exported_gpt(model: GPT, uri: str) -> str:
     from safetensors.torch import save
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    storage.write_bytes(storage.join(uri, WEIGHTS_NAME), save(state))
+    export_id = begin_export(uri)
+    storage.write_bytes(storage.join(uri, WEIGHTS_NAME), save(state, {ID_KEY: export_id}))
     storage.write_json(storage.join(uri, CONFIG_NAMES[0]), dataclasses.asdict(model.cfg))
-    storage.write_json(storage.join(uri, "export.json"), {"num_tensors": len(state)})
+    info = {ID_KEY: export_id, "num_tensors": len(state)}
+    storage.write_json(storage.join(uri, EXPORT_MARKER), info)
     return uri
 
 
@@ -65,8 +69,6 @@ def read_exported_config(uri: str) -> GPTConfig:
     cfg_name = next((n for n in CONFIG_NAMES if n in names), None)
     if cfg_name is None:
         raise FileNotFoundError(f"{uri}: no {' or '.join(CONFIG_NAMES)} beside the weights")
-    if "export.json" not in names:
-        log.warning("%s has no export.json: the export may be incomplete", uri)
     raw = storage.read_json(storage.join(uri, cfg_name))
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(raw) - known)
@@ -80,7 +82,10 @@ def load_exported_gpt(uri: str, map_location: str = "cpu") -> GPT:
     from safetensors.torch import load_file
 
     cfg = read_exported_config(uri)
-    path = os.path.join(storage.local_copy(uri), WEIGHTS_NAME)
+    local = storage.local_copy(uri)
+    path = os.path.join(local, WEIGHTS_NAME)
+    marker = os.path.join(local, EXPORT_MARKER)
+    check_export(uri, path, storage.read_json(marker) if os.path.exists(marker) else None)
     state = load_file(path, device=map_location)
     # wrappers add prefixes: DDP/DeepSpeed "module.", torch.compile "_orig_mod."
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}

@@ -167,6 +167,77 @@ def test_export_round_trip_and_architecture_check(tmp_path, monkeypatch):
         init_from_export(GPT(cfg.replace(n_layer=3)), str(tmp_path / "exp"), cfg.replace(n_layer=3))
 
 
+@pytest.mark.parametrize("killed_at", ["gpt_config.json", "export.json"])
+def test_an_export_killed_over_an_older_one_is_refused_not_loaded(tmp_path, monkeypatch, killed_at):
+    """Exporting again into a folder replaces its files one by one: killed half-way, the new
+    weights sat beside the old export.json and loaded without a word."""
+    import pipeline.train.engine as engine
+    from pipeline.sample_job import load_exported_gpt, save_exported_gpt
+
+    cfg = GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4, grid_size=2)
+    old, new = GPT(cfg), GPT(cfg)
+    torch.nn.init.normal_(new.head.weight)
+    state = {"m": old.state_dict()}
+    monkeypatch.setattr(
+        engine, "consolidated_state_dict", lambda root, tag, names: dict(state["m"])
+    )
+    out = str(tmp_path / "exp")
+    export_weights("unused", "step_00000007", cfg, out)
+    load_export(out)  # whole: loads
+
+    real_write_json = storage.write_json
+
+    def killed(uri, obj):
+        if str(uri).endswith(killed_at):
+            raise KeyboardInterrupt("killed")
+        real_write_json(uri, obj)
+
+    state["m"] = new.state_dict()
+    monkeypatch.setattr(storage, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_weights("unused", "step_00000009", cfg, out)
+    monkeypatch.setattr(storage, "write_json", real_write_json)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        load_export(out)
+    export_weights("unused", "step_00000009", cfg, out)  # exported again: whole
+    assert torch.equal(load_export(out)[0]["head.weight"], new.head.weight)
+
+    # the sampling side's export (jobs/export.py) and loader alike
+    save_exported_gpt(old, out)
+    monkeypatch.setattr(storage, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_exported_gpt(new, out)
+    monkeypatch.setattr(storage, "write_json", real_write_json)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        load_exported_gpt(out)
+    save_exported_gpt(new, out)
+    assert torch.equal(load_exported_gpt(out).head.weight, new.head.weight)
+
+
+def test_weights_of_another_export_than_export_json_names_are_refused(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from pipeline.sample_job import load_exported_gpt, save_exported_gpt
+
+    cfg = GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4, grid_size=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_exported_gpt(GPT(cfg), str(a))
+    save_exported_gpt(GPT(cfg), str(b))
+    (a / "export.json").write_text((b / "export.json").read_text())
+    with pytest.raises(RuntimeError, match="is not the export export.json describes"):
+        load_exported_gpt(str(a))
+    with pytest.raises(RuntimeError, match="is not the export"):
+        load_export(str(a))
+    # exports written before ids: none on either side, loaded (a missing export.json warned)
+    state = {k: v.contiguous() for k, v in GPT(cfg).state_dict().items()}
+    save_file(state, str(b / "model.safetensors"))
+    (b / "export.json").write_text('{"num_tensors": 1}')
+    load_exported_gpt(str(b))
+    (b / "export.json").unlink()
+    load_exported_gpt(str(b))
+    assert "has no export.json" in caplog.text
+
+
 def test_complete_tags_need_their_marker(tmp_path):
     for t in ("step_00000010", "step_00000020", "step_00000030"):
         (tmp_path / t).mkdir()

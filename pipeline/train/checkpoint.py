@@ -47,6 +47,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.export_stamp import ID_KEY, begin_export, check_export
+from pipeline.export_stamp import MARKER as EXPORT_MARKER
 from pipeline.log import get_logger
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.resume import decided_on_rank0, fsync, resume_conflict
@@ -683,10 +685,11 @@ def export_weights(
     meta_path = os.path.join(ckpt_root, tag, "meta.json")
     meta = storage.read_json(meta_path) if os.path.exists(meta_path) else {}
     state = engine.consolidated_state_dict(ckpt_root, tag, meta.get("param_groups"))
+    export_id = begin_export(out_uri)
     fd, tmp = tempfile.mkstemp(suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(state, tmp, metadata={"tag": tag})
+        save_file(state, tmp, metadata={"tag": tag, ID_KEY: export_id})
         storage.put_file(tmp, storage.join(out_uri, "model.safetensors"))
     finally:
         os.remove(tmp)
@@ -696,6 +699,7 @@ def export_weights(
     storage.write_json(
         storage.join(out_uri, "export.json"),
         {
+            ID_KEY: export_id,
             "tag": tag,
             "step": step_of(tag),
             "num_tensors": len(state),
@@ -714,7 +718,10 @@ def load_export(uri: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:
     once per machine into the local model cache (``storage.local_copy``: the ranks of a node
     share one download, and a new export at the same URI is copied again)."""
     cfg = GPTConfig(**storage.read_json(storage.join(uri, "gpt_config.json")))
-    return load_file(storage.local_copy(storage.join(uri, "model.safetensors"))), cfg
+    weights = storage.local_copy(storage.join(uri, "model.safetensors"))
+    marker = storage.join(uri, EXPORT_MARKER)
+    check_export(uri, weights, storage.read_json(marker) if storage.exists(marker) else None)
+    return load_file(weights), cfg
 
 
 def init_from_export(model: torch.nn.Module, uri: str, cfg: GPTConfig) -> dict[str, torch.Tensor]:
