@@ -9,9 +9,9 @@ under ``{output}/samples``), or an earlier sampling output is given as ``generat
   same number whenever no image scores below 0, as real image-caption pairs practically never do), computed with open_clip (as ``pipeline.models.aesthetic``) from a LOCAL or s3:// state
   dict; OpenAI's ViT-L/14 (``ViT-L-14-quickgelu``) is the usual choice.
 - FID: torchmetrics' ``FrechetInceptionDistance`` against ``reference_images`` (a folder of image
-  files, or of raw img2dataset shards), with torch-fidelity's InceptionV3 weights from a LOCAL or
-  s3:// file. ``fid_protocol`` says how both sides are brought to Inception's 299 px
-  (:func:`fid_input`): "llamagen" as LlamaGen's evaluations/t2i (clean-fid), or
+  files, sub-folders included, or of raw img2dataset shards), with torch-fidelity's InceptionV3
+  weights from a LOCAL or s3:// file. ``fid_protocol`` says how both sides are brought to
+  Inception's 299 px (:func:`fid_input`): "llamagen" as LlamaGen's evaluations/t2i (clean-fid), or
   "torch-fidelity", this pipeline's earlier protocol, whose numbers do not compare with theirs.
 - Tokenizer reconstruction (PSNR, SSIM, codebook usage, rFID) from
   ``pipeline.tokenizer.evaluate`` on raw shards, when ``tokenizer_data`` is given.
@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from pipeline import storage
@@ -40,7 +41,7 @@ from pipeline.config import doc, save_config, to_dict
 from pipeline.data.raw import PIL_FORMATS, center_crop, to_rgb
 from pipeline.log import get_logger, progress
 from pipeline.sample import SamplingParams
-from pipeline.sample_job import SampleConfig, load_manifest, run_sampling
+from pipeline.sample_job import SAMPLE_NAME, SampleConfig, load_manifest, run_sampling
 
 log = get_logger(__name__)
 
@@ -95,7 +96,9 @@ class EvalConfig:
     clip_model: str = doc("open_clip model name for CLIP score", "ViT-L-14-quickgelu")
     clip_weights: str = doc("open_clip state dict (local or s3://); empty: no CLIP score", "")
     clip_model_config: str | None = doc("open_clip model-config JSON to register first", None)
-    reference_images: str | None = doc("folder of real images or raw shards for FID", None)
+    reference_images: str | None = doc(
+        "folder of real images (sub-folders included) or raw shards for FID", None
+    )
     max_reference_images: int = doc("at most this many reference images (0: all)", 0)
     fid_protocol: Literal["llamagen", "torch-fidelity"] = doc(
         "how images reach Inception's 299 px. llamagen: as LlamaGen's evaluations/t2i with "
@@ -130,23 +133,20 @@ class EvalConfig:
 
 def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str]:
     """Captions from .txt / .csv / .tsv / COCO .json; whitespace collapsed, empty ones dropped."""
-    text = storage.read_text(uri)
+    try:
+        text = storage.read_text(uri)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{uri}: not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset "
+            f"{exc.start}); re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from exc
     low = uri.lower()
     if low.endswith(".json"):
-        data = json.loads(text)
-        if isinstance(data, dict):
-            # COCO holds ~5 captions per image, one after another: the first N annotations were
-            # N/5 images described 5 times. One caption per image, as 30k-caption FID protocols
-            # sample: each image's first (non-empty) caption, in the order of "images"
-            first: dict[Any, str] = {}
-            for i, r in enumerate(data["annotations"]):
-                if str(r["caption"]).strip():
-                    first.setdefault(r.get("image_id", ("annotation", i)), r["caption"])
-            order = {im["id"]: n for n, im in enumerate(data.get("images", []))}
-            # stable: images missing from "images" follow, in annotation order
-            caps = [first[k] for k in sorted(first, key=lambda k: order.get(k, len(order)))]
-        else:
-            caps = [r["caption"] if isinstance(r, dict) else r for r in data]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{uri}: not valid JSON ({exc})") from exc
+        caps = _json_captions(data, uri)
     elif low.endswith((".csv", ".tsv")):
         delim = "\t" if low.endswith(".tsv") else ","
         first, _, body = text.partition("\n")
@@ -179,6 +179,54 @@ def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str
     return caps[:limit] if limit else caps
 
 
+def _caption_of(entry: Any, uri: str, where: str) -> str | None:
+    """A JSON entry's caption (a string, or an object's string "caption"); None for null."""
+    if isinstance(entry, dict):
+        if "caption" not in entry:
+            raise ValueError(f"{uri}: {where} has no 'caption' (keys: {sorted(entry)[:10]})")
+        entry, where = entry["caption"], f"{where}'s caption"
+    if entry is None or isinstance(entry, str):
+        return entry
+    raise ValueError(f"{uri}: {where} is of type {type(entry).__name__}, not a string")
+
+
+def _json_captions(data: Any, uri: str) -> list[str]:
+    """The captions of a JSON list (strings, or objects with "caption") or COCO captions file;
+    null and empty captions are dropped (counted in a warning), any other entry is an error."""
+    if isinstance(data, dict):
+        if not isinstance(data.get("annotations"), list):
+            raise ValueError(
+                f"{uri}: a JSON object without an 'annotations' list (keys: {sorted(data)[:10]}); "
+                "expected COCO captions or a list of captions"
+            )
+        # COCO holds ~5 captions per image, one after another: the first N annotations were
+        # N/5 images described 5 times. One caption per image, as 30k-caption FID protocols
+        # sample: each image's first (non-empty) caption, in the order of "images"
+        first: dict[Any, str] = {}
+        for i, r in enumerate(data["annotations"]):
+            if not isinstance(r, dict):
+                raise ValueError(f"{uri}: annotation {i} is a {type(r).__name__}, not an object")
+            cap = _caption_of(r, uri, f"annotation {i}")
+            if cap and cap.strip():
+                first.setdefault(r.get("image_id", ("annotation", i)), cap)
+        order = {
+            im["id"]: n
+            for n, im in enumerate(data.get("images") or [])
+            if isinstance(im, dict) and "id" in im
+        }
+        # stable: images missing from "images" follow, in annotation order
+        return [first[k] for k in sorted(first, key=lambda k: order.get(k, len(order)))]
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{uri}: JSON {type(data).__name__}, not a list of captions or COCO captions"
+        )
+    caps = [_caption_of(r, uri, f"entry {i}") for i, r in enumerate(data)]
+    empty = sum(not (c and c.strip()) for c in caps)
+    if empty:
+        log.warning("%s: %d null or empty captions of %d skipped", uri, empty, len(caps))
+    return [c for c in caps if c]
+
+
 def _load_image(data: bytes, name: str) -> Image.Image | None:
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
@@ -190,27 +238,56 @@ def _load_image(data: bytes, name: str) -> Image.Image | None:
         return None
 
 
-def iter_reference_images(uri: str, limit: int = 0) -> Iterator[Image.Image]:
-    """Reference images as RGB PIL images, whole (:func:`fid_input` crops them): image files or
-    raw shards (their broken images skipped, as ``pipeline.data.raw.iter_eval_images`` does)."""
+@dataclass
+class ReferenceCounts:
+    """What :func:`iter_reference_images` passed over on its way to the images it yielded."""
+
+    unreadable: int = 0  # image files (or shard images) that did not decode
+    skipped_files: int = 0  # files that are not images by their extension
+
+
+def _walk_files(uri: str) -> Iterator[str]:
+    """Paths relative to ``uri`` of the files under it, sub-folders included: depth first, each
+    folder's names in sorted order (local or s3://)."""
+    files = storage.list_files(uri)
+    for name in storage.list_dir(uri):
+        if name in files:
+            yield name
+        else:  # a sub-folder (an S3 prefix)
+            yield from (f"{name}/{sub}" for sub in _walk_files(storage.join(uri, name)))
+
+
+def iter_reference_images(
+    uri: str, limit: int = 0, counts: ReferenceCounts | None = None
+) -> Iterator[Image.Image]:
+    """Reference images as RGB PIL images, whole (:func:`fid_input` crops them): the image files
+    under ``uri``, in sub-folders too (sorted), or raw shards (their broken images skipped, as
+    ``pipeline.data.raw.iter_eval_images`` does). ``counts`` is filled with what was skipped."""
     from pipeline.data.raw import decode_image, iter_raw_samples, list_complete_shards
 
+    counts = counts if counts is not None else ReferenceCounts()
     shards = list_complete_shards(uri)
     if shards:
         decoded = (decode_image(s) for s in iter_raw_samples(shards))
     else:
-        paths = (
-            storage.join(uri, n) for n in storage.list_dir(uri) if n.lower().endswith(IMAGE_EXTS)
-        )
-        decoded = (_load_image(storage.read_bytes(p), p) for p in paths)
+        decoded = (_load_image(storage.read_bytes(p), p) for p in _reference_files(uri, counts))
     n = 0
     for img in decoded:
         if img is None:
+            counts.unreadable += 1
             continue
         yield img
         n += 1
         if limit and n >= limit:
             return
+
+
+def _reference_files(uri: str, counts: ReferenceCounts) -> Iterator[str]:
+    for rel in _walk_files(uri):
+        if rel.lower().endswith(IMAGE_EXTS):
+            yield storage.join(uri, rel)
+        else:
+            counts.skipped_files += 1
 
 
 def fid_input(img: Image.Image, protocol: str, size: int) -> torch.Tensor:
@@ -389,31 +466,61 @@ def compute_fid(
 def _sample(cfg: EvalConfig, captions: list[str]) -> str:
     samples = storage.join(cfg.output, "samples")
     prompts = storage.join(cfg.output, "captions.txt")
-    storage.write_text(prompts, "\n".join(captions) + "\n")
-    run_sampling(
-        SampleConfig(
-            checkpoint=cfg.checkpoint,
-            vq=cfg.vq,
-            vq_preset=cfg.vq_preset,
-            output=samples,
-            text_encoder=cfg.text_encoder,
-            text_dtype=cfg.text_dtype,
-            clean_captions=cfg.clean_captions,
-            prompts_file=prompts,
-            images_per_prompt=cfg.images_per_caption,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            sampling=cfg.sampling,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            compile_mode=cfg.compile_mode,
-            threads=cfg.threads,
-            overwrite=cfg.overwrite,
-            num_parts=cfg.num_parts,
-            part=cfg.part,
-        )
+    # built first: a config the sampling job refuses leaves captions.txt as it was
+    sample_cfg = SampleConfig(
+        checkpoint=cfg.checkpoint,
+        vq=cfg.vq,
+        vq_preset=cfg.vq_preset,
+        output=samples,
+        text_encoder=cfg.text_encoder,
+        text_dtype=cfg.text_dtype,
+        clean_captions=cfg.clean_captions,
+        prompts_file=prompts,
+        images_per_prompt=cfg.images_per_caption,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        sampling=cfg.sampling,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        compile_mode=cfg.compile_mode,
+        threads=cfg.threads,
+        overwrite=cfg.overwrite,
+        num_parts=cfg.num_parts,
+        part=cfg.part,
     )
+    _write_captions(cfg, prompts, samples, captions)
+    run_sampling(sample_cfg)
     return samples
+
+
+def _write_captions(cfg: EvalConfig, uri: str, samples: str, captions: list[str]) -> None:
+    """Write the captions file the sampling job reads, when its content changes. Other captions
+    under images sampled from the earlier ones are refused unless ``overwrite`` (the sampling job
+    then deletes those images): caught here, before the file changes, so that a refused rerun
+    leaves the file matching its images and a rerun with the earlier captions still goes on."""
+    text = "\n".join(captions) + "\n"
+    old = storage.read_text(uri) if storage.exists(uri) else None
+    if old == text:
+        return
+    if old is not None and not cfg.overwrite:
+        sampled = [n for n in storage.list_dir(samples, ".png") if SAMPLE_NAME.fullmatch(n)]
+        if sampled:
+            before = old.splitlines()
+            grown = len(captions) > len(before) and captions[: len(before)] == before
+            raise ValueError(
+                f"{cfg.output}: the captions changed since the {len(sampled)} images in "
+                f"{samples} were sampled ({len(before)} captions before, {len(captions)} now: "
+                "another captions file, max_captions or caption_column); use a new output, or "
+                "overwrite=true to delete those images and sample again"
+                + (
+                    f" (max_captions grown: overwrite=true samples the images of all "
+                    f"{len(captions)} captions again, the first {len(before)} unchanged ones' "
+                    "included)"
+                    if grown
+                    else ""
+                )
+            )
+    storage.write_text(uri, text)
 
 
 def tokenizer_metrics(cfg: EvalConfig) -> dict[str, Any]:
@@ -445,13 +552,54 @@ def tokenizer_metrics(cfg: EvalConfig) -> dict[str, Any]:
     )
 
 
+def _sampling_settings(
+    sampling: dict[str, Any], seed: Any, images_per_caption: Any, dtype: Any
+) -> dict[str, Any]:
+    """The sampling settings a report names: cfg_scale, temperature, top_k, top_p, ..., dtype."""
+    return {**sampling, "seed": seed, "images_per_caption": images_per_caption, "dtype": dtype}
+
+
+def _evaluated(
+    cfg: EvalConfig, samples: str, n_captions: int | None, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """What the report scores: the GPT, the captions and the sampling settings. For an earlier
+    sampling output (``generated``) they are that run's, from its config.yaml (None without)."""
+    if not cfg.generated:
+        return {
+            "checkpoint": cfg.checkpoint,
+            "generated": None,
+            "captions": cfg.captions,
+            "captions_count": n_captions,
+            "sampling": _sampling_settings(
+                to_dict(cfg.sampling), cfg.seed, cfg.images_per_caption, cfg.dtype
+            ),
+        }
+    uri = storage.join(samples, "config.yaml")
+    saved = yaml.safe_load(storage.read_text(uri)) if storage.exists(uri) else None
+    if not isinstance(saved, dict):
+        saved = {}
+    settings = saved and _sampling_settings(
+        saved.get("sampling") or {},
+        saved.get("seed"),
+        saved.get("images_per_prompt"),
+        saved.get("dtype"),
+    )
+    return {
+        "checkpoint": saved.get("checkpoint"),
+        "generated": cfg.generated,
+        "captions": saved.get("prompts_file") or saved.get("prompt"),
+        "captions_count": summary.get("prompts"),
+        "sampling": settings or None,
+    }
+
+
 def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
     """Sample (or take ``generated``), score, and write report.json + report.md.
 
     ``fid`` may be a ready FrechetInceptionDistance (e.g. with an injected feature extractor);
     otherwise one is built from ``inception_weights`` when given.
     """
-    save_config(cfg, storage.join(cfg.output, "config.yaml"))
+    n_captions = None
     if cfg.generated:
         samples = cfg.generated
     else:
@@ -461,6 +609,7 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
         if not captions:
             raise ValueError(f"no captions in {cfg.captions}")
         samples = _sample(cfg, captions)
+        n_captions = len(captions)
         if cfg.num_parts > 1:
             log.info(
                 "part %d/%d sampled; the report comes from a run with num_parts=1", cfg.part,
@@ -478,6 +627,7 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
         "images": len(manifest),
         "prompts": len({m["prompt_index"] for m in manifest}),
         "sampling": summary,
+        "evaluated": _evaluated(cfg, samples, n_captions, summary),
         "config": to_dict(cfg),
     }
     # what can be computed: a missing weight file is a report entry, not a crash
@@ -552,9 +702,16 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
         }
     if fid is not None:
         size = size or 256
-        refs = iter_reference_images(cfg.reference_images, cfg.max_reference_images)
+        ref_counts = ReferenceCounts()
+        refs = iter_reference_images(cfg.reference_images, cfg.max_reference_images, ref_counts)
         real = (fid_input(im, cfg.fid_protocol, size) for im in refs)
         n_real = update_fid(fid, real, True, cfg.metrics_batch_size)
+        if ref_counts.unreadable or ref_counts.skipped_files:
+            log.warning(
+                "reference images %s: %d unreadable images and %d files that are not images "
+                "(by their extension) skipped; FID is over the %d images read",
+                cfg.reference_images, ref_counts.unreadable, ref_counts.skipped_files, n_real,
+            )  # fmt: skip
         value, why = finish_fid(fid, n_real, n_fake)
         report["fid"] = {
             "value": value,
@@ -565,6 +722,8 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
             "generated_image_size": list(generated_size) if generated_size else None,
             "inception_size": INCEPTION_SIZE,
             "features": fid_note,
+            "unreadable_reference_images": ref_counts.unreadable,
+            "skipped_reference_files": ref_counts.skipped_files,
             "note": why,
         }
 
@@ -573,6 +732,9 @@ def run_evaluation(cfg: EvalConfig, fid: Any | None = None) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - reported in the note, the rest is written
         log.exception("tokenizer metrics failed")
         report["tokenizer"] = {"note": f"failed: {type(exc).__name__}: {exc}"}
+    # config.yaml, report.json and report.md describe one finished evaluation: none is written
+    # by a run that is refused or fails before its report
+    save_config(cfg, storage.join(cfg.output, "config.yaml"))
     storage.write_json(storage.join(cfg.output, "report.json"), report)
     storage.write_text(storage.join(cfg.output, "report.md"), format_report(report))
     log.info(
@@ -588,10 +750,62 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+def _evaluated_of(r: dict[str, Any]) -> dict[str, Any]:
+    """``r["evaluated"]``, or for a report from before it what its config says (scoring an
+    earlier sampling output, that output's sampling settings were not recorded)."""
+    if "evaluated" in r:
+        return r["evaluated"]
+    c = r.get("config") or {}
+    if not c or c.get("generated"):
+        return {"generated": c.get("generated")}
+    return {
+        "checkpoint": c.get("checkpoint"),
+        "captions": c.get("captions"),
+        "sampling": _sampling_settings(
+            c.get("sampling") or {}, c.get("seed"), c.get("images_per_caption"), c.get("dtype")
+        ),
+    }
+
+
+def _describe(r: dict[str, Any]) -> list[str]:
+    """The report's header lines: what was sampled from what, and how."""
+    ev = _evaluated_of(r)
+    lines = [f"- Samples: `{r['samples']}`"]
+    if ev.get("generated"):
+        made = f" (sampled from `{ev['checkpoint']}`)" if ev.get("checkpoint") else ""
+        lines.append(f"- Generated: `{ev['generated']}`{made}")
+    elif ev.get("checkpoint"):
+        lines.append(f"- Checkpoint: `{ev['checkpoint']}`")
+    if ev.get("captions"):
+        count = ev.get("captions_count")
+        lines.append(f"- Captions: `{ev['captions']}`" + (f" ({count} captions)" if count else ""))
+    settings = ev.get("sampling")
+    lines.append(
+        "- Sampling: "
+        + (", ".join(f"{k} {v}" for k, v in settings.items()) if settings else "not recorded")
+    )
+    return lines
+
+
 def format_report(r: dict[str, Any]) -> str:
-    """The report as markdown: one table of metrics, then notes."""
+    """The report as markdown: what was evaluated, one table of metrics, then notes. Reports
+    written by earlier versions (fewer fields) format too."""
     tok = r["tokenizer"]
     samp = r.get("sampling", {})
+    skipped = [
+        f"{r['fid'][k]} {what}"
+        for k, what in (
+            ("unreadable_reference_images", "unreadable reference images"),
+            ("skipped_reference_files", "reference files not images"),
+        )
+        if r["fid"].get(k)
+    ]
+    tok_note = tok.get("note", "")
+    if tok.get("images_requested") and tok.get("images", 0) < tok["images_requested"]:
+        tok_note = (
+            f"{tok['images']} of the {tok['images_requested']} images asked for: the shards hold "
+            "no more"
+        )
     rows = [
         ("images scored", r["images"] - r["unreadable_images"], f"{r['prompts']} captions"),
         ("CLIP score", _fmt(r["clip_score"]["value"]), r["clip_score"].get("note", "")),
@@ -599,6 +813,7 @@ def format_report(r: dict[str, Any]) -> str:
             "FID",
             _fmt(r["fid"]["value"]),
             r["fid"].get("note", "")
+            + (f" ({'; '.join(skipped)} skipped)" if skipped else "")
             + (
                 # reports from before fid_protocol have no protocol: theirs was torch-fidelity
                 f" ({r['fid'].get('protocol', 'torch-fidelity')} protocol at "
@@ -608,7 +823,7 @@ def format_report(r: dict[str, Any]) -> str:
                 else ""
             ),
         ),
-        ("tokenizer PSNR (dB)", _fmt(tok.get("psnr")), tok.get("note", "")),
+        ("tokenizer PSNR (dB)", _fmt(tok.get("psnr")), tok_note),
         ("tokenizer SSIM", _fmt(tok.get("ssim"), 4), ""),
         ("tokenizer codebook usage", _fmt(tok.get("codebook_usage")), ""),
         ("tokenizer rFID", _fmt(tok.get("rfid")), tok.get("rfid_note", "")),
@@ -624,7 +839,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         "# Evaluation report",
         "",
-        f"Samples: `{r['samples']}`",
+        *_describe(r),
         "",
         "| metric | value | note |",
         "|---|---:|---|",

@@ -11,10 +11,11 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from jobs.evaluate import main as evaluate_main
-from pipeline.config import load_config
+from pipeline.config import load_config, to_dict
 from pipeline.data import synthetic
 from pipeline.evaluate import (
     EvalConfig,
+    ReferenceCounts,
     clip_scores,
     compute_fid,
     fid_input,
@@ -110,6 +111,52 @@ def test_read_captions_formats(tmp_path):
         read_captions(str(tmp_path / "bad.csv"))
 
 
+def test_read_captions_refuses_json_entries_that_are_not_captions(tmp_path, caplog):
+    """Numbers, lists and objects without "caption" became "1", "['a']" captions or KeyError
+    tracebacks: each is now an error naming the file, the entry and its type; null and empty
+    captions are skipped and counted."""
+
+    def read(name: str, data) -> list[str]:
+        (tmp_path / name).write_text(json.dumps(data))
+        return read_captions(str(tmp_path / name))
+
+    got = read("ok.json", [None, "a  cat", "", {"caption": "a dog"}, {"caption": None}, " "])
+    assert got == ["a cat", "a dog"]
+    assert "ok.json: 4 null or empty captions of 6 skipped" in caplog.text
+    bad = {
+        "num.json": (["a cat", 1], r"num.json: entry 1 is of type int, not a string"),
+        "list.json": ([["a cat"]], r"list.json: entry 0 is of type list"),
+        "nokey.json": ([{"text": "a"}], r"nokey.json: entry 0 has no 'caption' \(keys: \['text'\]"),
+        "capnum.json": ([{"caption": 3}], r"capnum.json: entry 0's caption is of type int"),
+        "str.json": ("a cat", r"str.json: JSON str, not a list of captions"),
+        "coco.json": (
+            {"images": [{"id": 1}], "info": {}},
+            r"coco.json: a JSON object without an 'annotations' list \(keys: \['images', 'info'\]",
+        ),
+        "cocobad.json": (
+            {"annotations": [{"image_id": 1, "caption": None}, {"image_id": 2, "caption": 5}]},
+            r"cocobad.json: annotation 1's caption is of type int",
+        ),
+        "cocolist.json": ({"annotations": ["a cat"]}, r"cocolist.json: annotation 0 is a str"),
+    }
+    for name, (data, match) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            read(name, data)
+    # a COCO caption of null is skipped as an empty one is: the image's next caption is taken
+    coco = {"annotations": [{"image_id": 1, "caption": None}, {"image_id": 1, "caption": "a"}]}
+    assert read("coco_null.json", coco) == ["a"]
+    (tmp_path / "broken.json").write_text('["a cat",')
+    with pytest.raises(ValueError, match=r"broken.json: not valid JSON"):
+        read_captions(str(tmp_path / "broken.json"))
+
+
+def test_read_captions_names_a_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("a cat\ncafé au lait\n".encode("latin-1"))
+    want = r"latin1.txt: not UTF-8 text \(byte b'\\xe9' at offset 9\); re-encode it as UTF-8"
+    with pytest.raises(ValueError, match=want):
+        read_captions(str(tmp_path / "latin1.txt"))
+
+
 def test_fid_is_zero_on_identical_sets_and_grows_with_a_shift(setup):
     real = [fid_input(im, "torch-fidelity", 32) for im in iter_reference_images(setup["real"])]
     assert len(real) == 12 and real[0].shape == (3, 32, 32) and real[0].dtype == torch.uint8
@@ -180,6 +227,14 @@ def test_evaluation_report_end_to_end(setup, tmp_path):
     for field in ("CLIP score", "FID", "tokenizer PSNR", "codebook usage", "sampling images/s"):
         assert field in md
     assert "llamagen protocol at 256 px" in md
+    # what was evaluated: the GPT, the captions, the sampling settings (tiny_cpu.yaml's)
+    assert f"- Checkpoint: `{setup['gpt']}`" in md
+    assert f"- Captions: `{setup['captions']}` (3 captions)" in md
+    assert (
+        "- Sampling: cfg_scale 3.0, temperature 1.0, top_k 100, top_p 1.0, cfg_interval -1, "
+        "seed 0, images_per_caption 2, dtype float32" in md
+    )
+    assert saved["evaluated"]["captions_count"] == 3
     assert saved["fid"]["protocol"] == "llamagen" and saved["config"]["fid_protocol"] == "llamagen"
     assert (out / "samples" / "grid.png").exists() and (out / "config.yaml").exists()
 
@@ -221,7 +276,12 @@ def test_missing_weights_are_reported_not_fatal(setup, tmp_path):
     )
     assert report["fid"]["value"] is None and "pass inception_weights=" in report["fid"]["note"]
     assert "pass tokenizer_data=" in report["tokenizer"]["note"]
-    assert "unavailable" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "unavailable" in md
+    # the earlier run's GPT and settings (EvalConfig's defaults there), from its config.yaml
+    assert f"- Generated: `{first / 'samples'}` (sampled from `{setup['gpt']}`)" in md
+    assert f"- Captions: `{first / 'captions.txt'}` (3 captions)" in md
+    assert "cfg_scale 7.5, temperature 1.0, top_k 1000" in md and "images_per_caption 1" in md
 
 
 def test_a_failing_tokenizer_metric_keeps_the_report(setup, tmp_path, monkeypatch):
@@ -237,6 +297,37 @@ def test_a_failing_tokenizer_metric_keeps_the_report(setup, tmp_path, monkeypatc
     report = json.loads((out / "report.json").read_text())
     assert report["images"] == 3
     assert report["tokenizer"]["note"] == "failed: RuntimeError: no decodable evaluation images"
+
+
+def test_reports_of_earlier_versions_still_format():
+    """format_report also formats report.json files of earlier versions, without the fields
+    added since (evaluated, the reference counts, images_requested; even config and sampling)."""
+    oldest = {
+        "samples": "s3://b/eval/samples",
+        "images": 4,
+        "unreadable_images": 0,
+        "prompts": 2,
+        "clip_score": {"value": 30.0},
+        "fid": {"value": None, "note": "unavailable"},
+        "tokenizer": {"note": "unavailable"},
+    }
+    md = format_report(oldest)
+    assert "- Samples: `s3://b/eval/samples`" in md and "- Sampling: not recorded" in md
+    assert "| CLIP score | 30.000 |" in md
+    config = to_dict(EvalConfig(output="o", checkpoint="ckpt", captions="c.txt"))
+    config["sampling"] = {"cfg_scale": 4.0, "top_k": 10}
+    md = format_report({**oldest, "config": config})
+    assert "- Checkpoint: `ckpt`" in md and "- Captions: `c.txt`" in md
+    assert "- Sampling: cfg_scale 4.0, top_k 10, seed 0, images_per_caption 1" in md
+    # the fields of this version: the reference images skipped, the tokenizer images short
+    new = {
+        **oldest,
+        "fid": {"value": None, "note": "n/a", "unreadable_reference_images": 2},
+        "tokenizer": {"psnr": 30.0, "images": 3, "images_requested": 5},
+    }
+    md = format_report(new)
+    assert "n/a (2 unreadable reference images skipped)" in md
+    assert "3 of the 5 images asked for" in md
 
 
 def test_shipped_evaluate_configs_load():
@@ -301,6 +392,60 @@ def test_reference_folders_read_as_raw_shards_do(tmp_path):
     assert got == {"clear.png": 255.0, "flat.bmp": 60.0, "grey16.png": 128.0}
 
 
+def _nested_references(write) -> None:
+    """A reference set split into folders: 0.png, a/1.png, a/b/2.png (grey levels 0, 1, 2),
+    a broken a/broken.jpg and a notes.txt."""
+    import io
+
+    from PIL import Image
+
+    for level, rel in enumerate(("0.png", "a/1.png", "a/b/2.png")):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (level,) * 3).save(buf, "PNG")
+        write(rel, buf.getvalue())
+    write("a/broken.jpg", b"\xff\xd8 not a jpeg")
+    write("notes.txt", b"COCO val, split in folders")
+
+
+def _levels(uri: str, counts: ReferenceCounts) -> list[int]:
+    return [im.getpixel((0, 0))[0] for im in iter_reference_images(uri, counts=counts)]
+
+
+def test_reference_images_in_sub_folders_are_read_and_skips_counted(tmp_path, caplog):
+    """Images in sub-folders of reference_images were ignored; now read, in sorted order. The
+    unreadable images and other files skipped are counted, logged and in the report."""
+
+    def write(rel: str, data: bytes) -> None:
+        (tmp_path / "refs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "refs" / rel).write_bytes(data)
+
+    _nested_references(write)
+    counts = ReferenceCounts()
+    assert _levels(str(tmp_path / "refs"), counts) == [0, 1, 2]
+    assert counts == ReferenceCounts(unreadable=1, skipped_files=1)
+    cfg = EvalConfig(
+        output=str(tmp_path / "out"),
+        generated=_synthetic_generated(tmp_path / "gen"),
+        reference_images=str(tmp_path / "refs"),
+    )
+    fid = run_evaluation(cfg, fid=FrechetInceptionDistance(feature=TinyFeatures()))["fid"]
+    assert fid["real_images"] == 3
+    assert (fid["unreadable_reference_images"], fid["skipped_reference_files"]) == (1, 1)
+    assert "1 unreadable images and 1 files that are not images" in caplog.text
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "1 unreadable reference images; 1 reference files not images skipped" in md
+
+
+def test_reference_images_in_s3_sub_folders_are_read(s3_bucket):
+    from pipeline import storage
+
+    uri = f"{s3_bucket}/refs"
+    _nested_references(lambda rel, data: storage.write_bytes(f"{uri}/{rel}", data))
+    counts = ReferenceCounts()
+    assert _levels(uri, counts) == [0, 1, 2]
+    assert counts == ReferenceCounts(unreadable=1, skipped_files=1)
+
+
 def test_counts_of_images_below_one_are_refused():
     """tokenizer_images=0 evaluated one image; the max_ limits keep 0 as "all"."""
     base = {"output": "o"}
@@ -343,6 +488,66 @@ def test_rerun_with_other_sampling_settings_refused_or_overwritten(setup, tmp_pa
     report = run_evaluation(again)
     assert report["images"] == 3
     assert (out / "samples" / "00000_000.png").read_bytes() != before
+
+
+def _report_files(out: Path) -> dict[str, tuple[bytes, int, int]]:
+    """config.yaml, captions.txt, report.json, report.md: content, and what a rewrite changes."""
+    files = {}
+    for name in ("config.yaml", "captions.txt", "report.json", "report.md"):
+        st = (out / name).stat()
+        files[name] = ((out / name).read_bytes(), st.st_mtime_ns, st.st_ino)
+    return files
+
+
+def test_a_refused_rerun_leaves_the_report_and_captions_as_they_were(setup, tmp_path):
+    """config.yaml was saved and captions.txt written before the sampling job refused the rerun:
+    both then described another evaluation than the samples and report beside them. Other
+    captions are now refused in evaluate's terms before anything is written, and config.yaml
+    is written with the report only."""
+    import dataclasses
+
+    from pipeline.sample import SamplingParams
+
+    out = tmp_path / "eval"
+    first = _sampling_eval(setup, out)
+    run_evaluation(first)
+    files = _report_files(out)
+    with pytest.raises(ValueError, match="3 captions before, 2 now") as refused:
+        run_evaluation(dataclasses.replace(first, max_captions=2))
+    msg = str(refused.value)
+    assert "max_captions or caption_column" in msg and "overwrite=true" in msg
+    assert "prompts_file" not in msg and "grown" not in msg
+    assert _report_files(out) == files
+    # a config the sampling job refuses outright (overwrite in parts): captions.txt kept
+    with pytest.raises(ValueError, match="overwrite=true with num_parts > 1"):
+        run_evaluation(dataclasses.replace(first, max_captions=2, overwrite=True, num_parts=2))
+    assert _report_files(out) == files
+    # refused by the sampling job (other settings): nothing written either
+    with pytest.raises(ValueError, match="overwrite=true"):
+        run_evaluation(dataclasses.replace(first, sampling=SamplingParams(cfg_scale=2.0)))
+    assert _report_files(out) == files
+    # the first settings again: nothing to sample, and captions.txt not rewritten
+    report = run_evaluation(first)
+    assert report["images"] == 3 and report["sampling"]["sampled"] == 0
+    assert _report_files(out)["captions.txt"] == files["captions.txt"]
+
+
+def test_more_captions_are_refused_then_all_resampled_with_overwrite(setup, tmp_path):
+    import dataclasses
+
+    out = tmp_path / "eval"
+    first = dataclasses.replace(_sampling_eval(setup, out), max_captions=2)
+    assert run_evaluation(first)["images"] == 2
+    grown = dataclasses.replace(first, max_captions=0)
+    with pytest.raises(ValueError, match="2 captions before, 3 now") as refused:
+        run_evaluation(grown)
+    assert "max_captions grown: overwrite=true samples the images of all 3 captions" in str(
+        refused.value
+    )
+    assert len((out / "captions.txt").read_text().splitlines()) == 2
+    report = run_evaluation(dataclasses.replace(grown, overwrite=True))
+    assert report["images"] == 3 and report["sampling"]["sampled"] == 3
+    assert len((out / "captions.txt").read_text().splitlines()) == 3
 
 
 def test_evaluation_sampled_in_parts(setup, tmp_path):

@@ -454,6 +454,18 @@ def test_rfid_unavailable_without_weights(raw_dir):
     assert 0 < out["codes_used"] <= 6 * 16 and out["codebook_usage"] == out["codes_used"] / 512
 
 
+def test_fewer_images_than_asked_are_counted_and_warned(tmp_path, caplog):
+    """num_images beyond what the shards hold evaluated fewer without a word: the result says
+    how many of how many, and a warning says why."""
+    write_raw_shards(str(tmp_path), 1, 3, size=32)
+    torch.manual_seed(0)
+    out = ev.evaluate_model(
+        VQModel(VQConfig.from_name("tiny")), list_complete_shards(str(tmp_path)), 32, 5
+    )
+    assert (out["images"], out["images_requested"]) == (3, 5)
+    assert "tokenizer evaluated on 3 images, fewer than the 5 asked for" in caplog.text
+
+
 def test_rfid_from_local_inception_weights(tmp_path):
     # random-init InceptionV3 saved as a local weights file (real weights cannot be downloaded)
     from unittest import mock

@@ -111,7 +111,9 @@ def evaluate_model(
     inception_weights: str | None = None,
     fid: Any | None = None,
 ) -> dict[str, Any]:
-    """Reconstruct up to ``num_images`` center crops; return PSNR, SSIM, usage and rFID.
+    """Reconstruct up to ``num_images`` center crops; return PSNR, SSIM, usage and rFID, with
+    ``images`` (those evaluated: fewer where the shards hold fewer, with a warning) and
+    ``images_requested``.
 
     ``fid`` may be a ready FrechetInceptionDistance (e.g. with an injected feature extractor);
     otherwise one is built from ``inception_weights`` when given.
@@ -146,8 +148,16 @@ def evaluate_model(
     n = int(sum(len(p) for p in psnrs))
     if n == 0:
         raise RuntimeError("no decodable evaluation images in the given shards")
+    if n < num_images:
+        log.warning(
+            "tokenizer evaluated on %d images, fewer than the %d asked for: the shards hold no "
+            "more decodable images",
+            n,
+            num_images,
+        )
     out: dict[str, Any] = {
         "images": n,
+        "images_requested": num_images,
         "image_size": image_size,
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
