@@ -140,6 +140,7 @@ def read_captions(uri: str, column: str = "caption", limit: int = 0) -> list[str
             f"{uri}: not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset "
             f"{exc.start}); re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from exc
+    text = text.removeprefix("\ufeff")  # the byte-order mark spreadsheet exports begin with
     low = uri.lower()
     if low.endswith(".json"):
         try:

@@ -157,6 +157,12 @@ def test_read_captions_names_a_file_that_is_not_utf8(tmp_path):
         read_captions(str(tmp_path / "latin1.txt"))
 
 
+def test_read_captions_reads_a_csv_with_a_byte_order_mark(tmp_path):
+    """Spreadsheets export "UTF-8 CSV" with a BOM: the first column's name must still match."""
+    (tmp_path / "c.csv").write_bytes("caption,id\na red bus,1\n".encode("utf-8-sig"))
+    assert read_captions(str(tmp_path / "c.csv")) == ["a red bus"]
+
+
 def test_fid_is_zero_on_identical_sets_and_grows_with_a_shift(setup):
     real = [fid_input(im, "torch-fidelity", 32) for im in iter_reference_images(setup["real"])]
     assert len(real) == 12 and real[0].shape == (3, 32, 32) and real[0].dtype == torch.uint8
