@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +31,8 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 import fsspec.asyn
+
+from pipeline import scratch
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +528,7 @@ def remove(uri: str | os.PathLike, recursive: bool = False) -> None:
 def open_write(uri: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write through a local temporary file, committed atomically only if the block succeeds."""
     uri = str(uri)
-    fd, tmp = tempfile.mkstemp(prefix="upload-", suffix=os.path.basename(uri))
+    fd, tmp = scratch.mkstemp("upload", suffix=os.path.basename(uri))
     os.close(fd)
     try:
         with open(tmp, mode) as f:

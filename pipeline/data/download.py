@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import storage
+from pipeline import scratch, storage
 from pipeline.cluster_paths import (
     NOT_VISIBLE_HINT,
     OutputNotVisibleError,
@@ -221,7 +221,7 @@ def guard_units(
 @contextlib.contextmanager
 def _img2dataset_env(cfg: DownloadConfig) -> Iterator[str]:
     """Environment img2dataset needs (also inherited by its workers); restored afterwards."""
-    tmp = cfg.tmp_dir or tempfile.mkdtemp(prefix="t2i-download-")
+    tmp = cfg.tmp_dir or scratch.mkdtemp("download")
     os.makedirs(tmp, exist_ok=True)
     env = {
         "NO_ALBUMENTATIONS_UPDATE": "1",

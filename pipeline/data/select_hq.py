@@ -47,7 +47,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -57,7 +56,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import storage
+from pipeline import scratch, storage
 from pipeline.cluster_paths import check_paths_for_ray_job
 from pipeline.config import ConfigError, doc, save_config
 from pipeline.data import shards
@@ -408,7 +407,7 @@ def run_select_hq(cfg: SelectHQConfig) -> dict[str, Any]:
     at_aesthetic: collections.Counter[str] = collections.Counter()
     skipped: dict[str, list[int]] = {"stale_scores": [], "raw_parquet_missing": []}
     rows_read = 0
-    with tempfile.TemporaryDirectory(dir=cfg.tmp_dir, prefix="select-hq-") as folder:
+    with scratch.temporary_directory("select_hq", dir=cfg.tmp_dir) as folder:
         parts = _PartWriter(folder, cfg.rows_per_part)
         results = _select_all(cfg, todo)
         for shard in progress(results, desc="select_hq", total=len(todo), unit="shard"):

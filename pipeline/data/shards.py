@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from pipeline import storage
+from pipeline import scratch, storage
 from pipeline.config import ConfigError, save_config, to_dict
 from pipeline.log import get_logger
 
@@ -248,9 +248,7 @@ class TokenShardWriter:
 
     def close(self, stats: Mapping[str, Any] | None = None) -> ShardInfo:
         """Assemble the tar in key order, upload it atomically, then write the done marker."""
-        fd, tmp = tempfile.mkstemp(
-            dir=self._tmp_dir, prefix=f"shard-{self.index:05d}-", suffix=".tar"
-        )
+        fd, tmp = scratch.mkstemp("shard", suffix=f"-{self.index:05d}.tar", dir=self._tmp_dir)
         digest = hashlib.sha256()
         n_bytes = 0
         try:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import storage
+from pipeline import scratch, storage
 from pipeline.config import ConfigError
 from pipeline.export_stamp import ID_KEY, begin_export, check_export
 from pipeline.export_stamp import MARKER as EXPORT_MARKER
@@ -686,7 +686,7 @@ def export_weights(
     meta = storage.read_json(meta_path) if os.path.exists(meta_path) else {}
     state = engine.consolidated_state_dict(ckpt_root, tag, meta.get("param_groups"))
     export_id = begin_export(out_uri)
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+    fd, tmp = scratch.mkstemp("export", suffix=".safetensors")
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"tag": tag, ID_KEY: export_id})
