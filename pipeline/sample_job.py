@@ -204,8 +204,18 @@ class SampleResult:
 
 
 def read_prompts(uri: str) -> list[str]:
-    """Prompts from a text file, one per line; blank lines dropped, whitespace trimmed."""
-    return [line.strip() for line in storage.read_text(uri).splitlines() if line.strip()]
+    """Prompts from a UTF-8 text file, one per line; blank lines dropped, whitespace trimmed."""
+    data = storage.read_bytes(uri)
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (spreadsheet exports) dropped
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{uri}: not UTF-8 text (byte {data[e.start : e.start + 1]!r} at offset {e.start}, "
+            f"line {line}: {e.reason}); re-encode the file as UTF-8, e.g. "
+            "iconv -f latin1 -t utf-8 in.txt > out.txt"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def image_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -227,12 +237,33 @@ def encode_prompts(
     device: str,
     dtype: str = "float32",
     clean_captions: bool = True,
+    indices: list[int] | None = None,
 ) -> tuple[list[torch.Tensor | None], dict[str, int]]:
-    """T5 features (L, D) float16 per prompt (None for a prompt that cannot be used), skips."""
-    from pipeline.models.text_encoder import TextEncoder
+    """T5 features (L, D) float16 per prompt (None for a prompt that cannot be used), skips.
+
+    ``indices``: the prompts' numbers in the job, for the warnings (default 0, 1, ...)."""
+    from pipeline.models.text_encoder import TextEncoder, clean_caption
 
     if not uri:
         raise ValueError("text prompts need text_encoder (a local dir or s3:// URI of the T5)")
+    numbers = list(range(len(prompts))) if indices is None else indices
+    feats: list[torch.Tensor | None] = [None] * len(prompts)
+    skipped: dict[str, int] = {}
+    texts = prompts
+    if clean_captions:
+        # cleaned here, not in encode: a prompt that cleans to nothing (a bare URL, HTML tags,
+        # punctuation) would encode as the EOS token alone, the unconditional caption, and its
+        # images would be of no prompt at all
+        texts = [clean_caption(p) for p in prompts]
+        for i, t in enumerate(texts):
+            if not t:
+                log.warning(
+                    "prompt %d is empty after cleaning: skipped (%r)", numbers[i], prompts[i][:80]
+                )
+                skipped["empty_after_cleaning"] = skipped.get("empty_after_cleaning", 0) + 1
+    keep = [i for i, t in enumerate(texts) if t or not clean_captions]
+    if not keep:  # nothing left to encode: no T5 loaded
+        return feats, skipped
     # one prompt a forward pass: batched, a prompt is padded to the longest of the prompts it
     # happens to be encoded with (which a resumed run or a part chooses differently), and on a
     # GPU other shapes round differently in the low bits, so the image could change. T5 is a
@@ -251,11 +282,13 @@ def encode_prompts(
             f"{model_cfg.caption_dim}-d (caption_dim)"
         )
     # float16: what the token shards store, so what the model was trained on
-    out = enc.encode(prompts, out_dtype=torch.float16)
-    feats: list[torch.Tensor | None] = list(out.features)
-    skipped: dict[str, int] = {}
-    for i in out.nonfinite:
-        log.warning("prompt %d gives non-finite T5 features: skipped (%r)", i, prompts[i][:80])
+    out = enc.encode([texts[i] for i in keep], out_dtype=torch.float16, clean=False)
+    for i, f in zip(keep, out.features, strict=True):
+        feats[i] = f
+    for i in (keep[k] for k in out.nonfinite):
+        log.warning(
+            "prompt %d gives non-finite T5 features: skipped (%r)", numbers[i], prompts[i][:80]
+        )
         feats[i] = None
         skipped["nonfinite_features"] = skipped.get("nonfinite_features", 0) + 1
     if out.n_truncated:
@@ -340,8 +373,21 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     t_start = time.perf_counter()
     inputs = input_fingerprints(cfg)
     _check_output(cfg, inputs)
+    _check_parts(cfg, inputs)
     save_config(cfg, storage.join(cfg.output, "config.yaml"))
     storage.write_json(storage.join(cfg.output, "inputs.json"), inputs)
+    if cfg.num_parts > 1:
+        # before sampling: a part started beside this one, and the collecting run, find the
+        # settings of this part's images here (config.yaml is whichever part wrote it last)
+        storage.write_json(
+            storage.join(cfg.output, _part_file("settings", cfg.part, cfg.num_parts)),
+            {
+                "part": cfg.part,
+                "num_parts": cfg.num_parts,
+                "config": to_dict(cfg),
+                "inputs": inputs,
+            },
+        )
     dtype = torch_dtype(cfg.dtype)
     warn_if_slow(dtype, cfg.device, "sampling (GPT)")
     # the config alone until there is something to sample: a finished job, or the final run
@@ -385,6 +431,7 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
                 cfg.device,
                 cfg.text_dtype,
                 cfg.clean_captions,
+                indices=need,
             )
             for p, f in zip(need, feats, strict=True):
                 conds[p] = f
@@ -460,7 +507,7 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
             "load_seconds": round(load_seconds, 3),
             "skipped_prompts": result.skipped_prompts,
         }
-        name = f"summary.part-{cfg.part:03d}-of-{cfg.num_parts:03d}.json"
+        name = _part_file("summary", cfg.part, cfg.num_parts)
         storage.write_json(storage.join(cfg.output, name), part_summary)
         result.summary.update(part_summary)
         log.info(
@@ -521,6 +568,16 @@ def _part_summary_names(output: str) -> list[str]:
     return [n for n in storage.list_dir(output, suffix=".json") if n.startswith("summary.part-")]
 
 
+def _part_settings_names(output: str) -> list[str]:
+    """The ``settings.part-*.json`` files: the settings each part samples with (its config and
+    input fingerprints), written before it samples."""
+    return [n for n in storage.list_dir(output, suffix=".json") if n.startswith("settings.part-")]
+
+
+def _part_file(kind: Literal["summary", "settings"], part: int, num_parts: int) -> str:
+    return f"{kind}.part-{part:03d}-of-{num_parts:03d}.json"
+
+
 # the settings an image depends on: a rerun with the same ones keeps the images already there
 IMAGE_SETTINGS = (
     "checkpoint",
@@ -576,18 +633,17 @@ def input_fingerprints(cfg: SampleConfig) -> dict[str, str | None]:
     }
 
 
-def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
-    """Refuse (or with overwrite, clear) an output whose images came from other settings, or
-    from other content at the same model or prompts URIs (``inputs``, saved beside them)."""
-    saved_uri = storage.join(cfg.output, "config.yaml")
-    if not storage.exists(saved_uri):
-        return
-    saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
+def _setting_changes(
+    saved: dict[str, Any],
+    saved_inputs: dict[str, str | None],
+    now: dict[str, Any],
+    inputs: dict[str, str | None],
+) -> tuple[list[str], list[str]]:
+    """How ``now`` (a config as :func:`to_dict` gives it, its input fingerprints ``inputs``)
+    differs from an earlier run's ``saved`` config and ``saved_inputs``: the image settings
+    that change the images, and the rounding settings, each as ``"key: saved -> now"``."""
     if saved and "clean_captions" not in saved:
-        saved["clean_captions"] = False  # saved before prompts were cleaned: they were not
-    now = to_dict(cfg)
-    inputs_uri = storage.join(cfg.output, "inputs.json")
-    saved_inputs = storage.read_json(inputs_uri) if storage.exists(inputs_uri) else {}
+        saved = {**saved, "clean_captions": False}  # saved before prompts were cleaned
     # an input there then and now is judged by its content, whichever URI names it. One absent
     # now is judged by its URI alone, not as changed content: a finished job reads no T5, and a
     # run that needs the input fails loading it, naming the path (where overwrite=true, the
@@ -608,6 +664,19 @@ def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
         for k in ROUNDING_SETTINGS
         if k in saved and saved[k] != now[k]
     ]
+    return changed, rounding
+
+
+def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
+    """Refuse (or with overwrite, clear) an output whose images came from other settings, or
+    from other content at the same model or prompts URIs (``inputs``, saved beside them)."""
+    saved_uri = storage.join(cfg.output, "config.yaml")
+    if not storage.exists(saved_uri):
+        return
+    saved = yaml.safe_load(storage.read_text(saved_uri)) or {}
+    inputs_uri = storage.join(cfg.output, "inputs.json")
+    saved_inputs = storage.read_json(inputs_uri) if storage.exists(inputs_uri) else {}
+    changed, rounding = _setting_changes(saved, saved_inputs, to_dict(cfg), inputs)
     if not changed and rounding and _sample_files(cfg.output):
         log.warning(
             "%s: this run's %s differ from the earlier run's; its images are drawn from the same "
@@ -629,11 +698,66 @@ def _check_output(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
     log.info("overwrite: deleting %d images made with other %s", len(samples), "; ".join(changed))
     # the old grid.png with them, and what described them: images.json and summary.json (a run
     # killed before its own would leave them naming deleted images) and the parts' summaries
-    # (a collecting run sums every summary.part-*.json it finds into its speed)
-    described = {"images.json", "summary.json", *_part_summary_names(cfg.output)}
+    # (a collecting run sums every summary.part-*.json it finds into its speed) and settings
+    described = {
+        "images.json",
+        "summary.json",
+        *_part_summary_names(cfg.output),
+        *_part_settings_names(cfg.output),
+    }
     for name in storage.list_dir(cfg.output):
         if name.endswith(".png") or name in described:
             storage.remove(storage.join(cfg.output, name))
+
+
+def _check_parts(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
+    """Refuse (or with overwrite, clear) the images of parts that sample with other settings
+    than this run's. Parts started together all pass :func:`_check_output` (no config.yaml yet,
+    or one another's, and no images), then each writes its own: config.yaml alone cannot tell
+    that their images were mixed. So each part records its settings (settings.part-*.json)
+    before it samples, and every run, part or collecting, compares them with its own."""
+    now = to_dict(cfg)
+    samples = _sample_files(cfg.output)
+    conflicts = []  # (record name, part, num_parts, its images there, the changes)
+    rounding_parts = []
+    for name in _part_settings_names(cfg.output):
+        rec = storage.read_json(storage.join(cfg.output, name))
+        k, n, ipp = rec["part"], rec["num_parts"], rec["config"]["images_per_prompt"]
+        changed, rounding = _setting_changes(rec["config"], rec["inputs"], now, inputs)
+        theirs = [f for f in samples if (int(f[:5]) * ipp + int(f[6:9])) % n == k]
+        if changed and (theirs or (k, n) != (cfg.part, cfg.num_parts)):
+            # another part's record counts without images: it may be sampling right now (this
+            # part's own, imageless, is from a try that made nothing; it is replaced)
+            conflicts.append((name, k, n, theirs, changed))
+        elif not changed and rounding and theirs:
+            rounding_parts.append(f"part {k} of {n}: {'; '.join(rounding)}")
+    if rounding_parts:
+        log.warning(
+            "%s: parts sampled with other %s than this run's; their images are drawn from the "
+            "same distribution with the same seeds, but their floats round differently",
+            cfg.output,
+            " / ".join(rounding_parts),
+        )
+    if not conflicts:
+        return
+    described = "; ".join(
+        f"part {k} of {n} ({name}, {len(theirs)} images there) with {'; '.join(changed)}"
+        for name, k, n, theirs, changed in conflicts
+    )
+    if not cfg.overwrite:
+        how = "num_parts=1 and overwrite=true" if cfg.num_parts > 1 else "overwrite=true"
+        raise ValueError(
+            f"{cfg.output}: parts sampled (or are sampling) with other settings than this run "
+            f"(theirs -> this run's): {described}; their images are not this run's. Use a new "
+            f"output, or a run with {how} to delete them"
+        )
+    # overwrite is a run of one (SampleConfig refuses it with parts): nothing samples beside it
+    log.info("overwrite: deleting the images of parts with other settings: %s", described)
+    for name, k, n, theirs, _ in conflicts:
+        for f in [*theirs, name, _part_file("summary", k, n)]:
+            storage.remove(storage.join(cfg.output, f))
+    for f in ("grid.png", "images.json", "summary.json"):
+        storage.remove(storage.join(cfg.output, f))
 
 
 def _write_grid(cfg: SampleConfig, result: SampleResult) -> None:

@@ -25,6 +25,7 @@ from pipeline.sample_job import (
     image_seed,
     load_exported_gpt,
     load_manifest,
+    read_prompts,
     run_sampling,
     save_exported_gpt,
 )
@@ -325,6 +326,11 @@ def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path
         summary = json.loads((out / f"summary.part-{part:03d}-of-002.json").read_text())
         assert summary["sampled"] == len(made[-1]) == 3
     assert not (out / "summary.json").exists() and not (out / "grid.png").exists()
+    # each part recorded the settings it sampled with, for the others and the collecting run
+    assert sorted(p.name for p in out.glob("settings.part-*")) == [
+        "settings.part-000-of-002.json",
+        "settings.part-001-of-002.json",
+    ]
     assert made[0] == {"00000_000.png", "00001_000.png", "00002_000.png"}  # i % 2 == 0
     # not collected yet: the evaluation (generated=...) is told how to collect, not "no file"
     with pytest.raises(FileNotFoundError, match=r"no images.json at .*once more with num_parts=1"):
@@ -354,7 +360,7 @@ def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path
     sample_main(args(models, out, "batch_size=4", "sampling.cfg_scale=5.0", "overwrite=true"))
     final = json.loads((out / "summary.json").read_text())
     assert final["sampled"] == final["images"] == 6 and "parts" not in final, final
-    assert sorted(out.glob("summary.part-*")) == []
+    assert sorted(out.glob("summary.part-*")) == sorted(out.glob("settings.part-*")) == []
     base = args(models, out)[2:]
     with pytest.raises(ValueError, match="part 2 is not in"):
         load_config(SampleConfig, "configs/sample/tiny_cpu.yaml", [*base, "num_parts=2", "part=2"])
@@ -362,6 +368,98 @@ def test_parts_sample_disjoint_images_that_a_final_run_collects(models, tmp_path
         load_config(
             SampleConfig, "configs/sample/tiny_cpu.yaml", [*base, "num_parts=2", "overwrite=true"]
         )
+
+
+def test_parts_started_together_with_other_settings_are_not_mixed(models, tmp_path, monkeypatch):
+    """Parts started at once all pass the check on config.yaml (none yet, or another part's,
+    and no images), then each writes its own. Each part records the settings it samples with
+    (settings.part-*.json) before it samples: a part started later, and the collecting run,
+    compare every record with their own settings and refuse, naming the part and what differs;
+    overwrite=true on the collecting run deletes that part's images and keeps the others'."""
+    import pipeline.sample_job as sj
+
+    whole = tmp_path / "whole"
+    sample_main(args(models, whole, "batch_size=4"))
+
+    def part(out, k, *extra):
+        return args(models, out, "batch_size=4", "num_parts=2", f"part={k}", *extra)
+
+    # part 1 (seed 5) starts while part 0 (seed 0) is about to sample: no image there yet
+    out = tmp_path / "late"
+    refused: list[str] = []
+    real_sampler = sj.Sampler
+
+    def start_part_1(*a, **k):
+        try:
+            sample_main(part(out, 1, "seed=5"))
+        except ValueError as e:
+            refused.append(str(e))
+        return real_sampler(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(sj, "Sampler", start_part_1)
+        sample_main(part(out, 0))
+    assert len(refused) == 1
+    assert re.search(r"part 0 of 2 \(settings.part-000-of-002.json, 0 images there\) with "
+                     r"seed: 0 -> 5", refused[0]), refused[0]  # fmt: skip
+    assert len([n for n in os.listdir(out) if n.endswith(".png")]) == 3  # part 0's alone
+
+    # both check before either writes: both sample; the collecting run sees the records
+    out = tmp_path / "together"
+    real_save = sj.save_config
+
+    def part_1_checks_too(cfg, uri):
+        monkeypatch.setattr(sj, "save_config", real_save)
+        sample_main(part(out, 1, "seed=5"))  # part 0 has written nothing yet
+        real_save(cfg, uri)
+
+    monkeypatch.setattr(sj, "save_config", part_1_checks_too)
+    sample_main(part(out, 0))
+    assert len([n for n in os.listdir(out) if n.endswith(".png")]) == 6
+    with pytest.raises(
+        ValueError,
+        match=r"part 1 of 2 \(settings.part-001-of-002.json, 3 images there\) with seed: 5 -> 0"
+        r".* a run with overwrite=true to delete them",
+    ):
+        sample_main(args(models, out, "batch_size=4"))
+    assert not (out / "images.json").exists()
+    with pytest.raises(ValueError, match=r"part 1 of 2 .*seed: 5 -> 0.*num_parts=1 and overwrite"):
+        sample_main(part(out, 0))  # part 0 again: config.yaml is its own, part 1's record is not
+    sample_main(args(models, out, "batch_size=4", "overwrite=true"))
+    final = json.loads((out / "summary.json").read_text())
+    assert final["sampled"] == 3 and final["images"] == 6  # part 0's three kept
+    assert sorted(p.name for p in out.glob("*.part-*")) == [
+        "settings.part-000-of-002.json",
+        "summary.part-000-of-002.json",
+    ]
+    for name in (n for n in os.listdir(whole) if n.endswith(".png") and n != "grid.png"):
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_part_killed_midway_and_rerun_keeps_its_images(models, tmp_path, monkeypatch):
+    """Its own record (written before it sampled) is its settings: a rerun resumes."""
+    import pipeline.sample_job as sj
+
+    out = tmp_path / "out"
+    run = args(models, out, "batch_size=1", "num_parts=2", "part=0")
+    real_png = sj.png_bytes
+    written: list[int] = []
+
+    def killed_after_one(arr):
+        if written:
+            raise RuntimeError("killed")
+        written.append(1)
+        return real_png(arr)
+
+    with monkeypatch.context() as m:
+        m.setattr(sj, "png_bytes", killed_after_one)
+        with pytest.raises(RuntimeError, match="killed"):
+            sample_main(run)
+    first = (out / "00000_000.png").read_bytes()
+    assert (out / "settings.part-000-of-002.json").exists()
+    sample_main(run)
+    assert json.loads((out / "summary.part-000-of-002.json").read_text())["sampled"] == 2
+    assert (out / "00000_000.png").read_bytes() == first
 
 
 def test_a_launcher_of_two_ranks_samples_the_parts_and_rank0_collects(models, tmp_path):
@@ -451,6 +549,62 @@ def test_prompts_are_cleaned_as_pretokenize_cleans_captions(models):
     assert raw.shape == b.shape and not torch.equal(raw, b)
     with pytest.raises(ValueError, match="text prompts need text_encoder"):
         SampleConfig(checkpoint="x", vq="y", output="z", prompt="a cat")
+
+
+def test_a_prompt_that_cleaning_empties_is_skipped_not_sampled(
+    models, tmp_path, monkeypatch, caplog
+):
+    """A prompt that LlamaGen's cleaning empties (a bare URL, HTML tags alone) would reach T5
+    as the EOS token alone, the unconditional caption: it is skipped, counted, and named by its
+    number in the job, as a prompt with non-finite features is. Uncleaned, it is sampled."""
+    from pipeline.models.text_encoder import TextEncoder
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nhttp://example.com/cat.png\n<b></b>\na green square\n")
+    out = tmp_path / "out"
+    run = args({**models, "prompts": str(prompts)}, out, "batch_size=4")
+    sample_main(run)
+    pngs = sorted(n for n in os.listdir(out) if n.endswith(".png") and n != "grid.png")
+    assert pngs == ["00000_000.png", "00000_001.png", "00003_000.png", "00003_001.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_prompts"] == {"empty_after_cleaning": 2} and summary["images"] == 4
+    manifest = json.loads((out / "images.json").read_text())
+    assert {m["prompt"] for m in manifest} == {"a red circle", "a green square"}
+    # a resumed run encodes prompts 1 to 3 only: the warnings give their numbers in the job
+    os.remove(out / "00003_001.png")
+    caplog.clear()
+    sample_main(run)
+    assert "prompt 1 is empty after cleaning" in caplog.text
+    assert "prompt 2 is empty after cleaning" in caplog.text
+    assert json.loads((out / "summary.json").read_text())["sampled"] == 1
+
+    def no_t5(*a, **k):
+        raise AssertionError("T5 loaded with only empty prompts to encode")
+
+    with monkeypatch.context() as m:
+        m.setattr(TextEncoder, "from_pretrained", no_t5)
+        sample_main(run)  # only the empty prompts lack images: they are skipped again, no T5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_prompts"] == {"empty_after_cleaning": 2} and summary["sampled"] == 0
+    sample_main(args({**models, "prompts": str(prompts)}, tmp_path / "raw", "clean_captions=false"))
+    assert json.loads((tmp_path / "raw" / "summary.json").read_text())["images"] == 8
+
+
+def test_a_prompts_file_not_in_utf8_is_named_with_the_offset(models, tmp_path):
+    data = "a red circle\na café table\n".encode("latin-1")
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(latin))}: not UTF-8 text .* at offset {offset}, line 2.*"
+        r"re-encode the file as UTF-8",
+    ):
+        sample_main(args({**models, "prompts": str(latin)}, tmp_path / "out"))
+    # a byte-order mark is no part of the first prompt
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("a red circle\nx\n".encode("utf-8-sig"))
+    assert read_prompts(str(bom)) == ["a red circle", "x"]
 
 
 def test_an_input_gone_after_every_image_exists_is_not_other_settings(models, tmp_path):
