@@ -26,6 +26,7 @@ threshold on the aesthetic score (``min_aesthetic``, here or at pretokenize time
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import io
 import json
@@ -557,3 +558,19 @@ class _ScoreFactory:
 
     def __call__(self) -> ScoreWorker:
         return ScoreWorker(self.cfg)
+
+
+def score_settings(saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What of a saved score config (its YAML as a dict) decides the parquets' rows: the content
+    fields (raw input, filters, aesthetic model), not the device or batch size. None for None."""
+    if saved is None:
+        return None
+    out = {f: copy.deepcopy(saved.get(f)) for f in _CONTENT_FIELDS}
+    for dotted in _NOT_CONTENT:
+        *parents, last = dotted.split(".")
+        section: Any = out
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(last, None)
+    return out

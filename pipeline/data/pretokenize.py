@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import re
@@ -89,8 +88,6 @@ from pipeline import storage
 from pipeline.cluster_paths import check_paths_for_ray_job
 from pipeline.config import ConfigError, doc
 from pipeline.data import shards
-from pipeline.data.filter import _CONTENT_FIELDS as _SCORE_CONTENT_FIELDS
-from pipeline.data.filter import _NOT_CONTENT as _SCORE_NOT_CONTENT
 from pipeline.data.filter import (
     SCORE_CONFIG_NAME,
     aesthetic_reason,
@@ -98,6 +95,7 @@ from pipeline.data.filter import (
     replaced_raw_shards,
     sample_caption,
     sample_meta,
+    score_settings,
     score_uri,
     storable_text,
 )
@@ -758,7 +756,7 @@ def score_parquet_identity(scores: str, index: int) -> tuple[str, storage.FileEn
     (``storage.read_tail``: on S3 its size and ETag, as a listing shows them), which a done
     marker records (``SCORES_ENTRY_STAT``) so that a run start reads no footer of a parquet a
     listing shows unchanged. (Settings that change the decisions are also refused as a whole:
-    :func:`_score_settings`.)"""
+    :func:`pipeline.data.filter.score_settings`.)"""
     uri = score_uri(scores, index)
     n = _FOOTER_READ
     while True:
@@ -792,22 +790,6 @@ def _saved_score_config(scores: str) -> dict[str, Any] | None:
     return yaml.safe_load(storage.read_text(uri)) or {}
 
 
-def _score_settings(saved: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What of a saved score config decides the parquets' rows (the score stage's own content
-    fields: raw input, filters, aesthetic model; not its device or batch size)."""
-    if saved is None:
-        return None
-    out = {f: copy.deepcopy(saved.get(f)) for f in _SCORE_CONTENT_FIELDS}
-    for dotted in _SCORE_NOT_CONTENT:
-        *parents, last = dotted.split(".")
-        section: Any = out
-        for part in parents:
-            section = section.get(part) if isinstance(section, dict) else None
-        if isinstance(section, dict):
-            section.pop(last, None)
-    return out
-
-
 def _check_scores_have_aesthetic(scores: str, saved: dict[str, Any] | None) -> None:
     """``min_aesthetic`` against score parquets made without an aesthetic model would drop every
     sample (``aesthetic_nan``) and mark every shard done, empty: refused before any work."""
@@ -836,7 +818,7 @@ def _outdated_done_shards(
     (markers written before entries were): :func:`_record_score_entries` records it, so the next
     start reads none of them. A done shard whose score parquet is gone (not in ``parquets``) is
     checked against its raw shard only, and kept: scores made again with the settings it was
-    made with (others are refused: ``_score_settings``) decide the same.
+    made with (others are refused: ``filter.score_settings``) decide the same.
 
     No request per shard where nothing changed: the raw shards' identities come with the
     listing that finds them, and a parquet's footer is read (one GET, 32 at a time) only when
@@ -995,7 +977,7 @@ def run_pretokenize(cfg: PretokenizeConfig) -> dict[str, Any]:
         missing_as=_SAVED_BEFORE,
         # scores made again into the same folder with other filters or another aesthetic model
         # would keep their old decisions in the done shards and the new ones in the rest
-        derived={_SCORE_SETTINGS: _score_settings(score_config)} if cfg.scores else None,
+        derived={_SCORE_SETTINGS: score_settings(score_config)} if cfg.scores else None,
     )
     _remove_outdated(cfg, gone, changed)
     _record_score_entries(cfg, done_shards, seen)
