@@ -97,7 +97,10 @@ def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
         # scalar fallback, slower than the model's own (transposed-weight) matmuls
         flops = int(batch) * train_flops_per_sample(GPTConfig.from_name("debug", grid_size=grid))
         expected = flops / float(s_per_step) / peak
-        assert abs(float(mfu.rstrip("%")) / 100 - expected) <= 0.02 * expected
+        # within 2%, plus half the last printed digit: "0.8%" stands for 0.75-0.85%
+        printed = mfu.rstrip("%")
+        digit = 10.0 ** -len(printed.partition(".")[2]) / 100
+        assert abs(float(printed) / 100 - expected) <= 0.02 * expected + digit / 2
     ms, x_read = rows["decode GPT-debug bf16 CFG eager"][1:3]
     assert float(ms) > 0 and float(x_read) > 0
     assert re.search(r"\| train GPT-debug 256px bf16 ZeRO-2 \| 2 \|", text)
