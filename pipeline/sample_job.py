@@ -376,18 +376,6 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     _check_parts(cfg, inputs)
     save_config(cfg, storage.join(cfg.output, "config.yaml"))
     storage.write_json(storage.join(cfg.output, "inputs.json"), inputs)
-    if cfg.num_parts > 1:
-        # before sampling: a part started beside this one, and the collecting run, find the
-        # settings of this part's images here (config.yaml is whichever part wrote it last)
-        storage.write_json(
-            storage.join(cfg.output, _part_file("settings", cfg.part, cfg.num_parts)),
-            {
-                "part": cfg.part,
-                "num_parts": cfg.num_parts,
-                "config": to_dict(cfg),
-                "inputs": inputs,
-            },
-        )
     dtype = torch_dtype(cfg.dtype)
     warn_if_slow(dtype, cfg.device, "sampling (GPT)")
     # the config alone until there is something to sample: a finished job, or the final run
@@ -468,6 +456,22 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
                 f"GPT vocabulary {mcfg.vocab_size} exceeds the VQ codebook "
                 f"{vq.config.codebook_size}: not the tokenizer this GPT was trained on"
             )
+        if cfg.num_parts > 1:
+            # before the first image, once the inputs loaded (a launch that fails on a mistyped
+            # path leaves no record to refuse its corrected relaunch): a part started beside
+            # this one, and the collecting run, find the settings of this part's images here
+            # (config.yaml is whichever part wrote it last). Checked again: a part that wrote
+            # its record while this one loaded is found now, not by the collecting run only
+            storage.write_json(
+                storage.join(cfg.output, _part_file("settings", cfg.part, cfg.num_parts)),
+                {
+                    "part": cfg.part,
+                    "num_parts": cfg.num_parts,
+                    "config": to_dict(cfg),
+                    "inputs": inputs,
+                },
+            )
+            _check_parts(cfg, inputs)
         use_cfg = cfg.sampling.cfg_scale != 1.0
         # rows by the whole job, not by what is left: a resumed run or one part of several
         # decodes with the same number of rows as one run would (a GEMM of other rows may
@@ -746,10 +750,19 @@ def _check_parts(cfg: SampleConfig, inputs: dict[str, str | None]) -> None:
     )
     if not cfg.overwrite:
         how = "num_parts=1 and overwrite=true" if cfg.num_parts > 1 else "overwrite=true"
+        records = [
+            storage.join(cfg.output, name) for name, _, _, theirs, _ in conflicts if not theirs
+        ]
+        idle = (
+            ". A part with no images there that is not running (it failed before its first "
+            f"image) holds nothing: delete its record ({', '.join(records)})"
+            if records
+            else ""
+        )
         raise ValueError(
             f"{cfg.output}: parts sampled (or are sampling) with other settings than this run "
             f"(theirs -> this run's): {described}; their images are not this run's. Use a new "
-            f"output, or a run with {how} to delete them"
+            f"output, or a run with {how} to delete them{idle}"
         )
     # overwrite is a run of one (SampleConfig refuses it with parts): nothing samples beside it
     log.info("overwrite: deleting the images of parts with other settings: %s", described)

@@ -404,17 +404,25 @@ def test_parts_started_together_with_other_settings_are_not_mixed(models, tmp_pa
                      r"seed: 0 -> 5", refused[0]), refused[0]  # fmt: skip
     assert len([n for n in os.listdir(out) if n.endswith(".png")]) == 3  # part 0's alone
 
-    # both check before either writes: both sample; the collecting run sees the records
+    # part 1 wrote its record and sampled while part 0 loaded: part 0 checks again once its
+    # inputs are loaded, before its first image, and stops
     out = tmp_path / "together"
     real_save = sj.save_config
 
-    def part_1_checks_too(cfg, uri):
+    def part_1_meanwhile(cfg, uri):
         monkeypatch.setattr(sj, "save_config", real_save)
         sample_main(part(out, 1, "seed=5"))  # part 0 has written nothing yet
         real_save(cfg, uri)
 
-    monkeypatch.setattr(sj, "save_config", part_1_checks_too)
-    sample_main(part(out, 0))
+    monkeypatch.setattr(sj, "save_config", part_1_meanwhile)
+    with pytest.raises(ValueError, match=r"part 1 of 2 \(settings.part-001-of-002.json, 3 images"):
+        sample_main(part(out, 0))
+    assert len([n for n in os.listdir(out) if n.endswith(".png")]) == 3  # part 1's alone
+    # both checked before either wrote (at the same instant): both sample; the collecting
+    # run sees the records
+    with monkeypatch.context() as m:
+        m.setattr(sj, "_check_parts", lambda cfg, inputs: None)
+        sample_main(part(out, 0))
     assert len([n for n in os.listdir(out) if n.endswith(".png")]) == 6
     with pytest.raises(
         ValueError,
@@ -434,6 +442,35 @@ def test_parts_started_together_with_other_settings_are_not_mixed(models, tmp_pa
     ]
     for name in (n for n in os.listdir(whole) if n.endswith(".png") and n != "grid.png"):
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_parts_launch_that_failed_before_its_first_image_blocks_no_relaunch(models, tmp_path):
+    """A part that fails loading (a mistyped checkpoint) leaves no settings record: the
+    corrected relaunch of every part goes on. A record of a part with no images (one that died
+    after writing it) is named in the refusal, with what to do."""
+    out = tmp_path / "out"
+
+    def part(k, *extra):
+        return args(models, out, "batch_size=4", "num_parts=2", f"part={k}", *extra)
+
+    typo = str(tmp_path / "exprot")
+    for k in (0, 1):
+        with pytest.raises(Exception, match="exprot"):
+            sample_main(part(k, f"checkpoint={typo}"))
+    assert not list(out.glob("settings.part-*"))
+    sample_main(part(0, "seed=5"))
+    sample_main(part(1, "seed=5"))
+    assert len(list(out.glob("0*.png"))) == 6
+    # part 1's record with no image of part 1 there: named, and deleting it is the way on
+    (out / "settings.part-001-of-002.json").write_text(
+        (out / "settings.part-001-of-002.json").read_text().replace('"seed": 5', '"seed": 7')
+    )
+    for png in list(out.glob("0*.png")):
+        p, j = int(png.name[:5]), int(png.name[6:9])
+        if (p * 2 + j) % 2 == 1:
+            png.unlink()
+    with pytest.raises(ValueError, match=r"delete its record \(.*settings.part-001-of-002.json\)"):
+        sample_main(part(0, "seed=5"))
 
 
 def test_a_part_killed_midway_and_rerun_keeps_its_images(models, tmp_path, monkeypatch):
