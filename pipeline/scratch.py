@@ -1,17 +1,19 @@
 """Local scratch files and folders named after their owner, and the removal of those whose owner
 died without removing them.
 
-A scratch entry is named ``t2i-<kind>-<host>-<pid>-<random><suffix>``: the host name and PID of
-the process that made it, then ``tempfile``'s 8 random characters. A run killed by SIGKILL, the
+A scratch entry is named ``t2i-<kind>-<host>-<pidns>-<pid>-<random><suffix>``: the host name,
+PID namespace and PID of the process that made it, then ``tempfile``'s 8 random characters. A run killed by SIGKILL, the
 OOM killer or a preemption leaves its entries behind; the next entry of a kind that a process
 makes in a folder first removes, once per process, the stale siblings of that kind there (one
 listing of the folder). An entry counts as stale only when all of these hold:
 
-- its name matches the pattern exactly, with this kind and this host (a ``/tmp`` shared across
-  nodes keeps the other nodes' entries: their PIDs mean nothing here);
-- its PID is not alive on this host (``os.kill(pid, 0)`` raises ``ProcessLookupError``; a
+- its name matches the pattern exactly, with this kind, this host and this PID namespace (a
+  ``/tmp`` shared across nodes, or with containers of the same host name, keeps the others'
+  entries: their PIDs mean nothing here);
+- its PID is not alive (``os.kill(pid, 0)`` raises ``ProcessLookupError``; a
   ``PermissionError`` means alive, under another user). A reused PID keeps an entry: a leak,
-  never a loss;
+  never a loss. An entry of this process's own PID older than this process is a predecessor's
+  (a container's job restarted as PID 1 again): stale too;
 - it belongs to this user and was last modified before this process started (a leftover of a
   killed run always is; one that a process we cannot see, e.g. in another PID namespace, has
   changed since is kept. A folder's time changes only as its own entries come and go).
@@ -63,14 +65,23 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (the inode of /proc/self/ns/pid; "0" where unreadable)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
 def prefix(kind: str) -> str:
-    """The name prefix of this process's ``kind`` entries: ``t2i-<kind>-<host>-<pid>-``."""
-    return f"t2i-{_check_kind(kind)}-{_host()}-{os.getpid()}-"
+    """The name prefix of this process's ``kind`` entries: ``t2i-<kind>-<host>-<pidns>-<pid>-``."""
+    return f"t2i-{_check_kind(kind)}-{_host()}-{_pid_namespace()}-{os.getpid()}-"
 
 
 def _pattern(kind: str) -> re.Pattern[str]:
-    """Names of ``kind`` entries of any process of this host; group 1 is the PID."""
-    head = re.escape(f"t2i-{_check_kind(kind)}-{_host()}-")
+    """Names of ``kind`` entries of the processes of this host and PID namespace; group 1 is the
+    PID."""
+    head = re.escape(f"t2i-{_check_kind(kind)}-{_host()}-{_pid_namespace()}-")
     return re.compile(head + r"([1-9][0-9]{0,6})-[a-z0-9_]{8}.*", re.DOTALL)
 
 
@@ -112,7 +123,9 @@ def remove_stale(kind: str, dir: str | None = None) -> tuple[int, int]:
         return 0, 0
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None or int(match.group(1)) == me or _alive(int(match.group(1))):
+        pid = None if match is None else int(match.group(1))
+        # this PID's own entries are this process's, but for those from before it started
+        if pid is None or (pid != me and _alive(pid)):
             continue
         try:
             st = entry.stat(follow_symlinks=False)

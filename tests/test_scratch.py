@@ -17,6 +17,7 @@ from pipeline.data import download, shards
 from pipeline.data.download import DownloadConfig
 
 HOST = socket.gethostname()
+ME = f"{HOST}-{os.stat('/proc/self/ns/pid').st_ino}"  # this host and PID namespace
 HOUR_AGO = time.time() - 3600  # before this process started, as a killed run's leftovers are
 
 
@@ -47,18 +48,18 @@ def test_entries_are_named_after_their_owner(tmp_path):
     os.close(fd)
     folder = scratch.mkdtemp("download", dir=str(tmp_path))
     with scratch.temporary_directory("select_hq", dir=str(tmp_path)) as temporary:
-        assert os.path.basename(temporary).startswith(f"t2i-select_hq-{HOST}-{os.getpid()}-")
+        assert os.path.basename(temporary).startswith(f"t2i-select_hq-{ME}-{os.getpid()}-")
     assert not os.path.exists(temporary)
-    assert os.path.basename(path).startswith(f"t2i-shard-{HOST}-{os.getpid()}-")
+    assert os.path.basename(path).startswith(f"t2i-shard-{ME}-{os.getpid()}-")
     assert path.endswith("-00003.tar") and os.path.isfile(path)
-    assert os.path.basename(folder).startswith(f"t2i-download-{HOST}-{os.getpid()}-")
+    assert os.path.basename(folder).startswith(f"t2i-download-{ME}-{os.getpid()}-")
     with pytest.raises(ValueError, match="kind"):
         scratch.prefix("select-hq")  # a "-" in a kind would make names ambiguous
 
 
 def test_entries_of_dead_processes_are_removed_and_logged(tmp_path, dead_pid, caplog):
-    a = _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}-abc_1234-00007.tar", 1000)
-    b = _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}-zz9zz9zz", 500, is_dir=True)
+    a = _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-abc_1234-00007.tar", 1000)
+    b = _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-zz9zz9zz", 500, is_dir=True)
     with caplog.at_level(logging.INFO, logger="pipeline.scratch"):
         assert scratch.remove_stale("shard", str(tmp_path)) == (2, 1500)
     assert not os.path.exists(a) and not os.path.exists(b)
@@ -70,13 +71,40 @@ def test_entries_of_live_processes_are_kept(tmp_path, dead_pid):
         [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
     )
     try:
-        mine = _leftover(tmp_path, f"t2i-shard-{HOST}-{os.getpid()}-abcdefgh.tar")
-        childs = _leftover(tmp_path, f"t2i-shard-{HOST}-{child.pid}-abcdefgh.tar")
-        stale = _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}-abcdefgh.tar")
+        mine = os.path.join(str(tmp_path), f"t2i-shard-{ME}-{os.getpid()}-abcdefgh.tar")
+        with open(mine, "wb") as f:  # made by this process: after it started
+            f.write(b"x")
+        childs = _leftover(tmp_path, f"t2i-shard-{ME}-{child.pid}-abcdefgh.tar")
+        stale = _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-abcdefgh.tar")
         assert scratch.remove_stale("shard", str(tmp_path)) == (1, 1000)
     finally:
         child.communicate(b"")
     assert os.path.exists(mine) and os.path.exists(childs) and not os.path.exists(stale)
+
+
+def test_an_entry_of_this_pid_from_before_this_process_is_a_predecessors(tmp_path):
+    """A container's job restarted runs as the same PID (often 1) as the one that was killed:
+    an entry of this PID older than this process is that one's, and goes."""
+    old = _leftover(tmp_path, f"t2i-shard-{ME}-{os.getpid()}-abcdefgh.tar")
+    assert scratch.remove_stale("shard", str(tmp_path)) == (1, 1000)
+    assert not os.path.exists(old)
+
+
+def test_entries_of_another_pid_namespace_are_kept(tmp_path, dead_pid):
+    """Containers with the same host name (host networking) sharing a /tmp: a PID of another
+    namespace is not visible here, and would look dead."""
+    with pytest.MonkeyPatch.context() as m:  # a process of another namespace names its entry
+        m.setattr(scratch, "_pid_namespace", lambda: "4026531999")
+        fd, other = scratch.mkstemp("shard", dir=str(tmp_path))
+        os.close(fd)
+    assert f"-4026531999-{os.getpid()}-" in other
+    dead = os.path.join(str(tmp_path), os.path.basename(other).replace(
+        f"-{os.getpid()}-", f"-{dead_pid}-"))  # fmt: skip
+    os.rename(other, dead)  # ... and that process's PID is not one alive here
+    os.utime(dead, (HOUR_AGO, HOUR_AGO))
+    stale = _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-abcdefgh.tar")
+    assert scratch.remove_stale("shard", str(tmp_path)) == (1, 1000)
+    assert os.path.exists(dead) and not os.path.exists(stale)
 
 
 def test_a_pid_of_another_user_counts_as_alive(tmp_path, dead_pid, monkeypatch):
@@ -85,8 +113,8 @@ def test_a_pid_of_another_user_counts_as_alive(tmp_path, dead_pid, monkeypatch):
             raise PermissionError(1, "Operation not permitted")
         raise ProcessLookupError(3, "No such process")
 
-    kept = _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}-abcdefgh.tar")
-    stale = _leftover(tmp_path, f"t2i-shard-{HOST}-4000000-abcdefgh.tar")
+    kept = _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-abcdefgh.tar")
+    stale = _leftover(tmp_path, f"t2i-shard-{ME}-4000000-abcdefgh.tar")
     monkeypatch.setattr(os, "kill", kill)
     assert scratch.remove_stale("shard", str(tmp_path)) == (1, 1000)
     assert os.path.exists(kept) and not os.path.exists(stale)
@@ -97,11 +125,11 @@ def test_entries_of_other_hosts_are_kept(tmp_path, dead_pid):
     this host's plus "-<digits>" (the name then reads as this host's with another PID)."""
     kept = [
         _leftover(tmp_path, f"t2i-shard-other-node-{dead_pid}-abcdefgh.tar"),
-        _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}-{dead_pid}-abcdefgh.tar"),
+        _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-{dead_pid}-abcdefgh.tar"),
         _leftover(tmp_path, f"t2i-shard-{HOST}x-{dead_pid}-abcdefgh.tar"),
-        _leftover(tmp_path, f"t2i-shard-x{HOST}-{dead_pid}-abcdefgh.tar"),
+        _leftover(tmp_path, f"t2i-shard-x{ME}-{dead_pid}-abcdefgh.tar"),
     ]
-    stale = _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}-abcdefgh.tar")
+    stale = _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-abcdefgh.tar")
     assert scratch.remove_stale("shard", str(tmp_path)) == (1, 1000)
     assert all(os.path.exists(p) for p in kept) and not os.path.exists(stale)
 
@@ -109,29 +137,29 @@ def test_entries_of_other_hosts_are_kept(tmp_path, dead_pid):
 def test_unrelated_and_recent_entries_are_kept(tmp_path, dead_pid):
     kept = [
         _leftover(tmp_path, "shard-00001-abcdefgh.tar"),  # the names made before owners
-        _leftover(tmp_path, f"t2i-upload-{HOST}-{dead_pid}-abcdefgh.tar"),  # another kind
-        _leftover(tmp_path, f"t2i-shard_x-{HOST}-{dead_pid}-abcdefgh.tar"),
-        _leftover(tmp_path, f"x-t2i-shard-{HOST}-{dead_pid}-abcdefgh.tar"),
-        _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}-abcdefg"),  # 7 random characters
-        _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}"),
-        _leftover(tmp_path, f"t2i-shard-{HOST}-0{dead_pid}-abcdefgh"),
-        _leftover(tmp_path, f"t2i-shard-{HOST}-abc-abcdefgh"),
+        _leftover(tmp_path, f"t2i-upload-{ME}-{dead_pid}-abcdefgh.tar"),  # another kind
+        _leftover(tmp_path, f"t2i-shard_x-{ME}-{dead_pid}-abcdefgh.tar"),
+        _leftover(tmp_path, f"x-t2i-shard-{ME}-{dead_pid}-abcdefgh.tar"),
+        _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-abcdefg"),  # 7 random characters
+        _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}"),
+        _leftover(tmp_path, f"t2i-shard-{ME}-0{dead_pid}-abcdefgh"),
+        _leftover(tmp_path, f"t2i-shard-{ME}-abc-abcdefgh"),
     ]
     # a dead PID, but modified after this process started: whoever writes it is not ours to judge
-    recent = os.path.join(str(tmp_path), f"t2i-shard-{HOST}-{dead_pid}-abcdefgh.tar")
+    recent = os.path.join(str(tmp_path), f"t2i-shard-{ME}-{dead_pid}-abcdefgh.tar")
     with open(recent, "wb") as f:
         f.write(b"x")
-    stale = _leftover(tmp_path, f"t2i-shard-{HOST}-{dead_pid}-stale000.tar")
+    stale = _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-stale000.tar")
     assert scratch.remove_stale("shard", str(tmp_path)) == (1, 1000)
     assert all(os.path.exists(p) for p in [*kept, recent]) and not os.path.exists(stale)
 
 
 def test_a_process_sweeps_a_folder_once_per_kind(tmp_path, dead_pid):
-    first = _leftover(tmp_path, f"t2i-export-{HOST}-{dead_pid}-aaaaaaaa.safetensors")
+    first = _leftover(tmp_path, f"t2i-export-{ME}-{dead_pid}-aaaaaaaa.safetensors")
     fd, _ = scratch.mkstemp("export", suffix=".safetensors", dir=str(tmp_path))
     os.close(fd)
     assert not os.path.exists(first)
-    second = _leftover(tmp_path, f"t2i-export-{HOST}-{dead_pid}-bbbbbbbb.safetensors")
+    second = _leftover(tmp_path, f"t2i-export-{ME}-{dead_pid}-bbbbbbbb.safetensors")
     fd, _ = scratch.mkstemp("export", suffix=".safetensors", dir=str(tmp_path))
     os.close(fd)
     assert os.path.exists(second)  # the next process removes it: one listing per process
@@ -157,7 +185,7 @@ def test_an_upload_staging_file_of_a_killed_run_is_removed_by_the_next_run(tmp_p
     killed = subprocess.Popen([sys.executable, "-c", _UPLOAD, str(tmp_path / "a"), "kill"], env=env)
     assert killed.wait() == -signal.SIGKILL
     (left,) = os.listdir(scratch_dir)
-    assert left.startswith(f"t2i-upload-{HOST}-{killed.pid}-") and left.endswith("a")
+    assert left.startswith(f"t2i-upload-{ME}-{killed.pid}-") and left.endswith("a")
     rerun = [sys.executable, "-c", _UPLOAD, str(tmp_path / "b"), "finish"]
     subprocess.run(rerun, env=env, check=True)
     assert os.listdir(scratch_dir) == []  # the leftover, and the rerun's own staging file
@@ -167,7 +195,7 @@ def test_an_upload_staging_file_of_a_killed_run_is_removed_by_the_next_run(tmp_p
 def test_token_shard_writer_removes_a_killed_runs_tar(tmp_path, dead_pid):
     scratch_dir = tmp_path / "tmp"
     scratch_dir.mkdir()
-    left = _leftover(scratch_dir, f"t2i-shard-{HOST}-{dead_pid}-abcdefgh-00004.tar", 1 << 20)
+    left = _leftover(scratch_dir, f"t2i-shard-{ME}-{dead_pid}-abcdefgh-00004.tar", 1 << 20)
     with shards.TokenShardWriter(str(tmp_path / "out"), 4, tmp_dir=str(scratch_dir)) as w:
         w.write(
             shards.encode_token_sample(
@@ -185,11 +213,11 @@ def test_token_shard_writer_removes_a_killed_runs_tar(tmp_path, dead_pid):
 def test_download_scratch_folder_of_a_killed_run_is_removed(tmp_path, dead_pid, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
-    left = _leftover(tmp_path, f"t2i-download-{HOST}-{dead_pid}-abcdefgh", 1 << 20, is_dir=True)
+    left = _leftover(tmp_path, f"t2i-download-{ME}-{dead_pid}-abcdefgh", 1 << 20, is_dir=True)
     cfg = DownloadConfig(input="unused", output=str(tmp_path / "out"))
     with download._img2dataset_env(cfg) as folder:
         assert not os.path.exists(left)
-        assert os.path.basename(folder).startswith(f"t2i-download-{HOST}-{os.getpid()}-")
+        assert os.path.basename(folder).startswith(f"t2i-download-{ME}-{os.getpid()}-")
         assert os.environ["TMPDIR"] == folder  # img2dataset and its workers write in it
     assert os.listdir(tmp_path) == []
     assert os.environ["TMPDIR"] == str(tmp_path)
