@@ -247,17 +247,6 @@ class ReferenceCounts:
     skipped_files: int = 0  # files that are not images by their extension
 
 
-def _walk_files(uri: str) -> Iterator[str]:
-    """Paths relative to ``uri`` of the files under it, sub-folders included: depth first, each
-    folder's names in sorted order (local or s3://)."""
-    files = storage.list_files(uri)
-    for name in storage.list_dir(uri):
-        if name in files:
-            yield name
-        else:  # a sub-folder (an S3 prefix)
-            yield from (f"{name}/{sub}" for sub in _walk_files(storage.join(uri, name)))
-
-
 def iter_reference_images(
     uri: str, limit: int = 0, counts: ReferenceCounts | None = None
 ) -> Iterator[Image.Image]:
@@ -284,7 +273,7 @@ def iter_reference_images(
 
 
 def _reference_files(uri: str, counts: ReferenceCounts) -> Iterator[str]:
-    for rel in _walk_files(uri):
+    for rel in storage.walk_files(uri):
         if rel.lower().endswith(IMAGE_EXTS):
             yield storage.join(uri, rel)
         else:

@@ -41,7 +41,7 @@ def check_export(uri: str, weights_path: str, info: dict | None) -> None:
         if weights_id is not None:
             raise RuntimeError(
                 f"{uri}: no {MARKER} beside the weights: an export into this folder did not "
-                "finish (killed while writing?); export again"
+                "finish (killed while writing? or it is being written now); export again"
             )
         log.warning("%s has no %s: the export may be incomplete", uri, MARKER)
         return
@@ -49,5 +49,5 @@ def check_export(uri: str, weights_path: str, info: dict | None) -> None:
         raise RuntimeError(
             f"{uri}: {os.path.basename(weights_path)} (export {weights_id}) is not the export "
             f"{MARKER} describes ({info_id}): an export over an older one did not finish "
-            "(killed while writing?); export again"
+            "(killed while writing? or it is being written now); export again"
         )

@@ -307,6 +307,34 @@ def list_files(uri: str | os.PathLike, suffix: str = "") -> dict[str, FileEntry]
     return dict(sorted(out.items()))
 
 
+def walk_files(uri: str | os.PathLike) -> list[str]:
+    """Paths relative to ``uri`` (``/``-separated, sorted) of every file under it, sub-folders
+    included; [] if absent. One recursive listing (on S3 one LIST request per 1,000 objects,
+    not one per folder); local links to folders are not followed (a link loop, or a second name
+    for a folder, would give files again), links to files are kept."""
+    uri = _strip_file(check_uri(uri))
+    if not is_remote(uri):
+        out = []
+        for root, _, files in os.walk(uri):  # followlinks=False
+            rel = os.path.relpath(root, uri)
+            out += [n if rel == "." else f"{rel}/{n}".replace(os.sep, "/") for n in files]
+        return sorted(out)
+    fs, path = filesystem(uri)
+    base = path.rstrip("/") + "/"
+
+    def _find() -> list[str]:
+        fs.invalidate_cache(path)  # a listing must see what another process just wrote
+        try:
+            return fs.find(path, withdirs=False)
+        except FileNotFoundError:
+            _check_bucket(fs, uri, path)
+            return []
+
+    return sorted(
+        str(n)[len(base) :] for n in with_retries(_find, f"list {uri}") if str(n).startswith(base)
+    )
+
+
 def _local_files(path: str, suffix: str) -> dict[str, FileEntry]:
     out = {}
     try:
