@@ -361,24 +361,125 @@ def test_nodes_sharing_a_local_dir_download_a_checkpoint_at_once(s3_bucket, tmp_
 # --- with an s3:// run dir, S3 decides; explicit tags -----------------------------------------
 
 
-def test_with_an_s3_run_dir_the_local_cache_is_not_a_checkpoint_record(s3_bucket, tmp_path):
-    """The user emptied s3://.../run to start over; the local cache still holds step 5000."""
+def test_an_s3_run_dir_without_checkpoints_refuses_a_cache_that_holds_some(s3_bucket, tmp_path):
+    """The run dir was emptied (or expired, or is another endpoint's, or a local run moved to
+    S3 with local_dir=<its old dir>); the local cache still holds complete checkpoints. The run
+    trained from step 0 and its first save pruned them all. Now any start is refused, naming
+    them and the two ways out; a save (defence in depth) never prunes a cached checkpoint the
+    run dir has no trace of, nor counts it among the kept ones."""
     run_dir, local_dir = f"{s3_bucket}/run", str(tmp_path / "cache")
     stale = _rank_files([0])
-    _write(
-        os.path.join(local_dir, "checkpoints", tag_for(5000)),
-        stale,
-        _marker(tag_for(5000), 1, stale),
-    )
+    for step in (5000, 6000):
+        _write(
+            os.path.join(local_dir, "checkpoints", tag_for(step)),
+            stale,
+            _marker(tag_for(step), 1, stale),
+        )
     ck = CheckpointManager(run_dir, local_dir, 2, _dist())
-    assert ck.find("auto") is None
-    assert ck.find("none") is None  # a fresh start is what the empty run dir allows
-    # the new run saves step 10; the stale cached 5000 goes, or keep_last would keep it
-    assert ck.save(FakeEngine(), 10, {"step": 10}, {"rng": None}) == tag_for(10)
-    assert complete_tags(ck.local_root) == [tag_for(10)]
-    assert complete_tags(ck.remote_root) == [tag_for(10)]
-    with pytest.raises(ValueError, match=rf"{run_dir}/checkpoints already has checkpoints"):
-        ck.find("none")
+    for resume in ("auto", "none", tag_for(5000)):
+        with pytest.raises(ConfigError) as err:
+            ck.find(resume)
+        said = str(err.value)
+        assert (
+            f"the run dir {run_dir}/checkpoints has no checkpoint, but the local cache "
+            f"{local_dir}/checkpoints holds complete checkpoints that it has no trace of: "
+            f"{tag_for(5000)}, {tag_for(6000)}" in said
+        ), said
+        assert f"aws s3 sync {local_dir}/checkpoints {run_dir}/checkpoints" in said
+        assert "or give another local_dir" in said
+    # saved anyway (no find): the cached ones stay, and keep_last counts this run's alone
+    for step in (10, 20, 30):
+        assert ck.save(FakeEngine(), step, {"step": step}, {"rng": None}) == tag_for(step)
+    assert complete_tags(ck.local_root) == [tag_for(s) for s in (20, 30, 5000, 6000)]
+    assert complete_tags(ck.remote_root) == [tag_for(20), tag_for(30)]
+    with pytest.raises(ConfigError, match=rf"has none newer than {tag_for(30)}, .*{tag_for(5000)}"):
+        ck.find("auto")  # they would be overwritten when the run reaches their steps
+
+
+def test_older_cached_checkpoints_the_run_dir_lacks_are_kept_and_said(s3_bucket, tmp_path, caplog):
+    """A cache that holds an older checkpoint than the run dir's, which the run dir has no trace
+    of (another run's; or this run's, pruned from S3 while the run trained elsewhere): the run
+    resumes the run dir's newest, says so, and leaves it."""
+    run_dir, local_dir = f"{s3_bucket}/run", str(tmp_path / "cache")
+    files = _rank_files([0])
+    _write(f"{run_dir}/checkpoints/{tag_for(30)}", files, _marker(tag_for(30), 1, files))
+    _write(f"{local_dir}/checkpoints/{tag_for(10)}", files, _marker(tag_for(10), 1, files))
+    ck = CheckpointManager(run_dir, local_dir, 2, _dist())
+    assert ck.find("auto") == tag_for(30)
+    assert f"older than {tag_for(30)} that the run dir" in caplog.text
+    assert f"has no trace of ({tag_for(10)}): not resumed, and not removed" in caplog.text
+    for step in (40, 50):
+        ck.save(FakeEngine(), step, {"step": step}, {"rng": None})
+    assert complete_tags(ck.local_root) == [tag_for(10), tag_for(40), tag_for(50)]
+    assert complete_tags(ck.remote_root) == [tag_for(40), tag_for(50)]
+
+
+def test_a_cached_checkpoint_whose_upload_did_not_complete_is_still_pruned(s3_bucket, tmp_path):
+    """A save killed between the local marker and the run dir's: the run dir holds the step
+    without its marker, the cache holds it complete. By design the run dir decides: the run
+    resumes the step before, and the next save removes that cached copy."""
+    run_dir, local_dir = f"{s3_bucket}/run", str(tmp_path / "cache")
+    files = _rank_files([0])
+    for root in (f"{run_dir}/checkpoints", f"{local_dir}/checkpoints"):
+        _write(storage.join(root, tag_for(10)), files, _marker(tag_for(10), 1, files))
+    _write(f"{run_dir}/checkpoints/{tag_for(20)}", files, None)
+    _write(f"{local_dir}/checkpoints/{tag_for(20)}", files, _marker(tag_for(20), 1, files))
+    ck = CheckpointManager(run_dir, local_dir, 2, _dist())
+    assert ck.find("auto") == tag_for(10)
+    ck.save(FakeEngine(), 15, {"step": 15}, {"rng": None})
+    assert complete_tags(ck.local_root) == [tag_for(10), tag_for(15)]
+    assert ckpt_mod._tags(ck.local_root) == [tag_for(10), tag_for(15)]
+
+
+def test_a_node_prunes_by_the_run_dirs_listing_from_before_the_save(s3_bucket, tmp_path):
+    """Another node's first rank prunes its cache while rank 0 prunes the run dir: what the run
+    dir held when the save began decides, so a step rank 0 has just removed there still goes
+    from the node's cache (else every node but rank 0's would keep it for ever)."""
+    run_dir, local_dir = f"{s3_bucket}/run", str(tmp_path / "node1")
+    files = _rank_files([2])
+    for step in (10, 20, 30):
+        tag = tag_for(step)
+        _write(f"{local_dir}/checkpoints/{tag}", files, _marker(tag, 4, files))
+    ck = CheckpointManager(run_dir, local_dir, 2, _dist(2, 4, 2))  # rank 2: node 1's first
+    # the run dir holds nothing now (rank 0 has pruned it); before the save it held 10 and 20
+    ck._prune(tag_for(30), {tag_for(10), tag_for(20)})
+    assert complete_tags(ck.local_root) == [tag_for(20), tag_for(30)]
+
+
+def test_a_prune_killed_midway_leaves_no_marker_over_missing_files(tmp_path, monkeypatch):
+    """The marker goes first: a prune killed inside the folder's removal left COMPLETE.json
+    over a half-deleted checkpoint, which then counted as complete."""
+    files = _rank_files([0])
+    root = str(tmp_path / "run" / "checkpoints")
+    for step in (10, 20, 30):
+        _write(f"{root}/{tag_for(step)}", files, _marker(tag_for(step), 1, files))
+    ck = CheckpointManager(str(tmp_path / "run"), str(tmp_path / "run"), 1, _dist())
+
+    def killed(path, ignore_errors=False):  # dies after removing one file of the folder
+        os.remove(os.path.join(path, sorted(os.listdir(path))[-1]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck._prune(tag_for(30), None)
+    assert complete_tags(ck.local_root) == [tag_for(20), tag_for(30)]
+
+
+def test_a_file_the_marker_lists_but_s3_lacks_names_the_checkpoint(s3_bucket, tmp_path):
+    """The newest complete checkpoint lost a file (deleted by hand, an expiry rule): the run
+    said only "not found: The specified key does not exist"."""
+    run_dir, tag = f"{s3_bucket}/run", tag_for(20)
+    files = _rank_files([0])
+    _write(f"{run_dir}/checkpoints/{tag}", files, _marker(tag, 1, files))
+    storage.remove(f"{run_dir}/checkpoints/{tag}/rank_state_00000.pt")
+    ck = CheckpointManager(run_dir, str(tmp_path), 2, _dist())
+    with pytest.raises(FileNotFoundError) as err:
+        ck.ensure_local(tag)
+    assert (
+        f"checkpoint {run_dir}/checkpoints/{tag} lacks rank_state_00000.pt, which its "
+        f"{MARKER} lists: it cannot be resumed. Move that checkpoint aside (out of "
+        f"{run_dir}/checkpoints) to resume from the one before it" in str(err.value)
+    )
 
 
 def test_a_cached_copy_of_another_runs_step_is_replaced_by_the_run_dirs(s3_bucket, tmp_path):

@@ -163,8 +163,51 @@ def test_export_round_trip_and_architecture_check(tmp_path, monkeypatch):
     bigger = GPT(cfg.replace(grid_size=4, grad_checkpointing=True))
     init_from_export(bigger, str(tmp_path / "exp"), bigger.cfg)
     assert torch.equal(bigger.head.weight, model.head.weight)
-    with pytest.raises(ValueError, match="n_layer"):
-        init_from_export(GPT(cfg.replace(n_layer=3)), str(tmp_path / "exp"), cfg.replace(n_layer=3))
+    # a config error (one line, status 2), each value labelled with where it comes from
+    other = cfg.replace(n_layer=3, cond="class")
+    with pytest.raises(ConfigError) as err:
+        init_from_export(GPT(other), str(tmp_path / "exp"), other)
+    assert "cond: export 'text', config 'class'; n_layer: export 2, config 3" in str(err.value)
+
+
+def test_a_resume_into_another_model_or_param_grouping_is_refused_by_name(tmp_path):
+    """DeepSpeed's own load failed on either with a traceback (missing keys; a parameter-
+    alignment layout that does not match). Fields that change no weight may change; a
+    checkpoint from before meta.json recorded the model tells nothing."""
+    from pipeline.config import to_dict
+
+    cfg = GPTConfig.from_name("debug", vocab_size=32, caption_dim=8, max_text_tokens=4, grid_size=2)
+
+    def names(model_cfg, decay_embeddings=True):
+        groups = param_groups(GPT(model_cfg), OptimConfig(decay_embeddings=decay_embeddings))
+        return [g["names"] for g in groups]
+
+    ck = CheckpointManager(
+        str(tmp_path), str(tmp_path), 2, DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    )
+    folder = tmp_path / "checkpoints" / tag_for(10)
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text(json.dumps({"world_size": 1, "files": {}}))
+    meta = {"model": to_dict(cfg), "param_groups": names(cfg)}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    same = cfg.replace(grid_size=4, resid_dropout_p=0.3, grad_checkpointing=True)
+    ck.check_model(tag_for(10), to_dict(same), names(same))  # no weight changes
+    deeper = cfg.replace(n_layer=3)
+    with pytest.raises(ConfigError) as err:
+        ck.check_model(tag_for(10), to_dict(deeper), names(deeper))
+    assert (
+        f"checkpoint {tag_for(10)} was written with another model or optimizer layout: "
+        "model.n_layer: checkpoint 2, this run 3. Resume with the checkpoint's values"
+    ) in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        ck.check_model(tag_for(10), to_dict(cfg), names(cfg, decay_embeddings=False))
+    assert "optim.decay_embeddings: checkpoint true, this run false (" in str(err.value)
+    assert "weight decay in the checkpoint only" in str(err.value)
+    (folder / "meta.json").write_text(json.dumps({"model": to_dict(cfg)}))
+    with pytest.raises(ConfigError, match="model.n_layer: checkpoint 2, this run 3"):
+        ck.check_model(tag_for(10), to_dict(deeper), names(deeper))
+    (folder / "meta.json").write_text("{}")  # written before meta.json held the model
+    ck.check_model(tag_for(10), to_dict(deeper), names(deeper))
 
 
 @pytest.mark.parametrize("killed_at", ["gpt_config.json", "export.json"])

@@ -744,7 +744,7 @@ class TokenLoader:
                 f"{self.n_local} (keep world size and data.num_workers to resume exactly)"
             )
         if state["fingerprint"] not in (self.fingerprint, self._legacy_fingerprint()):
-            changed.append("the token shard set")
+            changed.append("the token shard set (or its order)")
         plan = state.get("plan")  # (older states did not record it)
         if plan is not None and plan != self._plan_settings():
             now = self._plan_settings()

@@ -14,7 +14,9 @@ its files durable (fsync) and lists them, each uploads its share, each writes th
 then rank 0 writes the remote marker. A checkpoint without its marker (a run killed mid-save)
 is never resumed from. With an ``s3://`` run dir the run dir alone says which checkpoints
 exist (``resume: auto`` takes the newest complete one there); the local directory is a cache,
-checked against the marker's file list and completed from S3. Only the newest ``keep_last``
+checked against the marker's file list and completed from S3. A cache that holds complete
+checkpoints the run dir has no trace of, newer than the one resumed, is refused (the run would
+overwrite or prune them), and a save never prunes those. Only the newest ``keep_last``
 complete checkpoints are kept. A multi-node run needs an ``s3://`` run dir (or a shared file
 system) so that resuming and exporting see every node's files. Nodes may share the local
 directory (an NFS home): what each node's first rank does there is safe when another does it
@@ -213,7 +215,16 @@ def _fetch(remote: str, local: str, files: dict[str, int], names: list[str]) -> 
     folders = set()
     for name in names:
         path = os.path.join(local, *name.split("/"))
-        storage.get_file(storage.join(remote, name), path)
+        try:
+            storage.get_file(storage.join(remote, name), path)
+        except FileNotFoundError:
+            # a marker that lists a file the run dir lacks: this checkpoint cannot be resumed
+            # (deleted by hand, an expiry rule, a copy that missed it); the one before can
+            raise FileNotFoundError(
+                f"checkpoint {remote} lacks {name}, which its {MARKER} lists: it cannot be "
+                f"resumed. Move that checkpoint aside (out of {os.path.dirname(remote)}) to "
+                "resume from the one before it"
+            ) from None
         fsync(path)
         folders.add(os.path.dirname(path))
     for folder in sorted(folders):
@@ -282,7 +293,7 @@ class CheckpointManager:
         remote = storage.join(self.remote_root, tag) if self.remote_root else None
         t0 = time.time()
 
-        def clear() -> None:
+        def clear() -> set[str] | None:
             # an earlier attempt at this step (killed mid-save, perhaps on another number of
             # ranks) left files that are not this checkpoint's: its marker goes first, so that a
             # half-cleared folder never looks complete. The run dir's copy has no marker (a step
@@ -293,8 +304,11 @@ class CheckpointManager:
             if remote and self.dist.is_main:
                 storage.remove(storage.join(remote, MARKER))
                 storage.remove(remote, recursive=True)
+            # what the run dir holds before this save prunes it (the prune of every node's
+            # cache is measured against it: rank 0 may prune the run dir first)
+            return set(_tags(self.remote_root)) if self.remote_root else None
 
-        self._on_each_node(f"clearing checkpoint {tag}", clear)
+        run_dir_tags = self._on_each_node(f"clearing checkpoint {tag}", clear)
         engine.save_checkpoint(eng, self.local_root, tag, client_state)
         torch.save(rank_state, os.path.join(local, f"rank_state_{self.dist.rank:05d}.pt"))
         if self.dist.is_main and meta is not None:
@@ -354,7 +368,7 @@ class CheckpointManager:
         def finish() -> None:
             if remote and self.dist.is_main:
                 storage.write_json(storage.join(remote, MARKER), marker)
-            self._prune(tag)
+            self._prune(tag, run_dir_tags[self.dist.rank])
 
         self._on_each_node(f"completing checkpoint {tag}", finish)
         log.info(
@@ -365,10 +379,14 @@ class CheckpointManager:
         )
         return tag
 
-    def _prune(self, saved: str) -> None:
+    def _prune(self, saved: str, run_dir_tags: set[str] | None) -> None:
         """Keep the newest ``keep_last`` complete checkpoints (and anything newer); on each
         node's first rank. With an ``s3://`` run dir, complete local copies newer than ``saved``
-        are another run's (the run dir decides what is resumed: :meth:`find`) and go too.
+        that the run dir holds without its marker go too (a save killed between the local and
+        the remote marker: the run dir decides what is resumed, :meth:`find`). Complete local
+        checkpoints of which the run dir (``run_dir_tags``: its tags before this save) holds
+        no trace are never removed, nor counted as this run's: another run's, or the only copy
+        of work whose run dir copy is gone (:meth:`find` refuses to train over newer ones).
         Folders older than ``saved`` without a marker (a save killed mid-way, then a resume
         that saved other steps) go at once: no resume takes them, and each is up to a whole
         checkpoint (GPT-XL: ~12 GB) that would stay until ``keep_last`` newer ones exist."""
@@ -379,13 +397,22 @@ class CheckpointManager:
             remote = storage.is_remote(root)
             tags = _tags(root)
             complete = complete_tags(root)
-            doomed = [t for t in complete if t > saved] if self.remote_root and not remote else []
+            cache = self.remote_root is not None and not remote
+            if cache:
+                traced = {saved} | (run_dir_tags or set())
+                untraced = {t for t in complete if t not in traced}
+                tags = [t for t in tags if t not in untraced]
+                complete = [t for t in complete if t not in untraced]
+            doomed = [t for t in complete if t > saved] if cache else []
             doomed += [t for t in tags if t < saved and t not in complete]
             complete = [t for t in complete if t not in doomed]
             if len(complete) > self.keep_last:
                 oldest_kept = complete[-self.keep_last]
                 doomed += [t for t in tags if t < oldest_kept and t not in doomed]
             for t in doomed:
+                # the marker first: a prune killed mid-way leaves an incomplete folder, never
+                # a marker over missing files
+                storage.remove(storage.join(root, t, MARKER))
                 if remote:
                     storage.remove(storage.join(root, t), recursive=True)
                 else:
@@ -421,22 +448,28 @@ class CheckpointManager:
         (``step_00001000``): that one, which must be complete. With an ``s3://`` run dir only
         its checkpoints count (the local directory is a cache of them). A fresh start in a run
         dir with checkpoints, or a resume from an older one than the newest, raises
-        (:func:`pipeline.resume.resume_conflict`).
+        (:func:`pipeline.resume.resume_conflict`); so does any start while the cache holds
+        complete checkpoints that the run dir has no trace of, newer than the one resumed
+        (the run would overwrite or prune them: :meth:`_untraced_cache`).
         """
 
         def decide() -> str | None:
             where = self.remote_root or self.local_root
             found = complete_tags(where)
+            untraced: list[str] = []
             if self.remote_root:
+                traced = set(_tags(self.remote_root))
                 cached = sorted(set(complete_tags(self.local_root)) - set(found))
-                if cached:
+                untraced = [t for t in cached if t not in traced]
+                unfinished = [t for t in cached if t in traced]
+                if unfinished:  # a save killed between the local and the run dir's marker
                     log.warning(
-                        "the local cache %s holds checkpoints that the run dir %s has not (%s): "
-                        "ignored, the run dir decides",
-                        self.local_root,
-                        where,
-                        ", ".join(cached),
-                    )
+                        "the local cache %s holds checkpoints that are not complete in the run "
+                        "dir %s (%s): ignored, the run dir decides",
+                        self.local_root, where, ", ".join(unfinished),
+                    )  # fmt: skip
+                if untraced and not found:
+                    raise ConfigError(self._untraced_cache(untraced, None))
             newest = max(found, default=None)
             tag = newest if resume == "auto" else None
             if resume not in ("auto", "none"):
@@ -449,9 +482,33 @@ class CheckpointManager:
             )
             if conflict:
                 raise ConfigError(conflict)
+            newer = [t for t in untraced if tag is None or t > tag]
+            if newer:
+                raise ConfigError(self._untraced_cache(newer, tag))
+            if untraced:
+                log.warning(
+                    "the local cache %s holds checkpoints older than %s that the run dir %s "
+                    "has no trace of (%s): not resumed, and not removed (another run's? "
+                    "delete them if not needed)",
+                    self.local_root, tag, where, ", ".join(untraced),
+                )  # fmt: skip
             return tag
 
         return decided_on_rank0(self.dist.is_main, engine.broadcast_object, decide)
+
+    def _untraced_cache(self, tags: list[str], resumed: str | None) -> str:
+        """Why a run may not start beside cached checkpoints ``tags`` that the s3:// run dir
+        has no trace of, newer than ``resumed`` (None: the run dir has no checkpoint)."""
+        which = "has no checkpoint" if resumed is None else f"has none newer than {resumed}"
+        return (
+            f"the run dir {self.remote_root} {which}, but the local cache {self.local_root} "
+            f"holds complete checkpoints that it has no trace of: {', '.join(tags)}. The run "
+            "dir alone decides what a run resumes, and training here would overwrite or "
+            "delete them. If they are this run's (its run dir was emptied, or the run moved "
+            "from a local run_dir), upload them to the run dir first, e.g. aws s3 sync "
+            f"{self.local_root} {self.remote_root}, and resume; if not, move them out of "
+            f"{self.local_root} (or remove them), or give another local_dir"
+        )
 
     def ensure_local(self, tag: str, main_only: bool = False) -> str:
         """The local directory of ``tag``, every file of it there (every rank calls it;
@@ -540,6 +597,12 @@ class CheckpointManager:
             if n:
                 log.info("checkpoint %s: %d files of other nodes from %s", tag, n, remote)
 
+    def written_time(self, tag: str) -> float | None:
+        """When ``tag`` was written (the marker's time, which tells it from another save of the
+        same step), read from the local copy that :meth:`ensure_local` made; None: unknown."""
+        marker = _read_marker(os.path.join(self.local_root, tag, MARKER))
+        return None if marker is None else marker.get("time")
+
     def written_world(self, tag: str) -> int | None:
         """How many ranks wrote ``tag`` (from its marker; fetched first when only S3 has it)."""
         return written_world_size(self.ensure_local(tag))
@@ -574,6 +637,45 @@ class CheckpointManager:
             "start a new run_dir from its weights: python jobs/export.py --checkpoint RUN_DIR "
             "--out EXPORT, then init_from=EXPORT (the optimizer state does not carry over)"
         )
+
+    def check_model(self, tag: str, model: dict[str, Any], groups: list[list[str]]) -> None:
+        """Refuse to resume ``tag`` into another architecture (``model``: this run's
+        ``GPTConfig`` as a dict, but the :data:`TRANSFERABLE` fields, which change no weight)
+        or other parameter groups (``groups``: each AdamW group's parameter names), as its
+        ``meta.json`` records them (a key it lacks, from an older checkpoint, is not
+        compared). DeepSpeed's load fails on either, with its own traceback (missing keys of
+        the state dict; a parameter-alignment layout that does not match)."""
+        path = os.path.join(self.ensure_local(tag), "meta.json")
+        meta = storage.read_json(path) if os.path.exists(path) else {}
+        written = meta.get("model") or {}
+        changed = [
+            f"model.{k}: checkpoint {written[k]!r}, this run {v!r}"
+            for k, v in model.items()
+            if k in written and k not in TRANSFERABLE and written[k] != v
+        ]
+        saved = meta.get("param_groups")
+        if not changed and saved is not None and [list(g) for g in saved] != groups:
+            decayed = set(saved[0]) if saved else set()
+            now = set(groups[0]) if groups else set()
+            moved = sorted(decayed ^ now)
+            shown = ", ".join(moved[:4]) + (", ..." if len(moved) > 4 else "")
+            was = bool(decayed - now)  # the checkpoint decayed what this run does not
+            changed.append(
+                f"optim.decay_embeddings: checkpoint {str(was).lower()}, this run "
+                f"{str(not was).lower()} ({shown}: weight decay in "
+                f"{'the checkpoint' if was else 'this run'} only)"
+                if moved
+                else "the parameter groups (optim.decay_embeddings?): checkpoint "
+                f"{[len(g) for g in saved]} tensors, this run {[len(g) for g in groups]}"
+            )
+        if changed:
+            raise ConfigError(
+                f"checkpoint {tag} was written with another model or optimizer layout: "
+                + "; ".join(changed)
+                + ". Resume with the checkpoint's values, or start a new run_dir from its "
+                "weights: python jobs/export.py --checkpoint RUN_DIR --out EXPORT, then "
+                "init_from=EXPORT (same architecture; the optimizer state does not carry over)"
+            )
 
     def layout_changes(self, tag: str, layout: dict[str, Any] | None) -> dict[str, tuple]:
         """``{key: (written, now)}`` for the settings in ``layout`` (``zero_stage``,
@@ -713,6 +815,17 @@ def export_weights(
     return out_uri
 
 
+def export_is_of(uri: str, tag: str, written: float | None) -> bool:
+    """Whether ``uri`` holds a whole export (its ``export.json``, written last) of checkpoint
+    ``tag`` as written at ``written`` (:meth:`CheckpointManager.written_time`; None: unknown,
+    never taken for the same)."""
+    marker = storage.join(uri, EXPORT_MARKER)
+    if written is None or not storage.exists(marker):
+        return False
+    info = storage.read_json(marker)
+    return info.get("tag") == tag and info.get("checkpoint_time") == written
+
+
 def load_export(uri: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:
     """(state dict, GPTConfig) of an export folder (local or s3://). A remote export is copied
     once per machine into the local model cache (``storage.local_copy``: the ranks of a node
@@ -734,9 +847,12 @@ def init_from_export(model: torch.nn.Module, uri: str, cfg: GPTConfig) -> dict[s
         if getattr(saved, f.name) != getattr(cfg, f.name)
     } - TRANSFERABLE
     if diff:
-        raise ValueError(
-            f"export {uri} has a different architecture: "
-            + ", ".join(f"{k}={getattr(saved, k)!r} vs {getattr(cfg, k)!r}" for k in sorted(diff))
+        raise ConfigError(
+            f"init_from: export {uri} has another architecture than model: "
+            + "; ".join(
+                f"{k}: export {getattr(saved, k)!r}, config {getattr(cfg, k)!r}"
+                for k in sorted(diff)
+            )
         )
     model.load_state_dict(state, strict=True)
     log.info(

@@ -369,6 +369,33 @@ def set_peak_lr(eng, lr: float) -> float | None:
     return None if math.isclose(old, lr, rel_tol=1e-12) else old
 
 
+def set_adamw_settings(
+    eng, weight_decays: list[float], betas: tuple[float, float], eps: float
+) -> dict[str, tuple[Any, Any]]:
+    """After a resume: give the optimizer's parameter groups this run's AdamW settings
+    (``weight_decays``: one per group, in the order the engine was built with); returns
+    ``{setting: (checkpoint's, now)}`` for those that changed (the decayed group's decay).
+
+    DeepSpeed's load brings back the optimizer's saved groups whole, settings included, so a
+    change of ``optim.weight_decay``, ``betas`` or ``eps`` would be silently ignored. ZeRO 1-3
+    keep one group of the wrapped torch optimizer (the one the LR schedule holds) per group
+    given, whatever the partitioning; without ZeRO it is the engine's optimizer itself."""
+    groups = eng.lr_scheduler.optimizer.param_groups
+    if len(groups) != len(weight_decays):
+        raise RuntimeError(
+            f"the optimizer has {len(groups)} parameter groups, the engine was built with "
+            f"{len(weight_decays)}"
+        )
+    new = {"betas": tuple(float(b) for b in betas), "eps": float(eps)}
+    old = {"betas": tuple(float(b) for b in groups[0]["betas"]), "eps": float(groups[0]["eps"])}
+    # the decayed group's setting (the other's is 0 in both)
+    i = max(range(len(groups)), key=lambda k: weight_decays[k])
+    old["weight_decay"], new["weight_decay"] = float(groups[i]["weight_decay"]), weight_decays[i]
+    for group, decay in zip(groups, weight_decays, strict=True):
+        group.update(betas=new["betas"], eps=new["eps"], weight_decay=decay)
+    return {k: (old[k], new[k]) for k in ("weight_decay", "betas", "eps") if old[k] != new[k]}
+
+
 def skipped_steps(eng) -> int:
     """Optimizer steps DeepSpeed skipped so far (a non-finite gradient norm in bf16/fp16)."""
     return int(getattr(eng, "skipped_steps", 0))

@@ -32,7 +32,12 @@ from pipeline.models.gpt import GPT, GPTConfig, train_flops_per_sample
 from pipeline.precision import warn_if_slow
 from pipeline.resume import decided_on_rank0
 from pipeline.train import engine
-from pipeline.train.checkpoint import CheckpointManager, export_weights, init_from_export
+from pipeline.train.checkpoint import (
+    CheckpointManager,
+    export_is_of,
+    export_weights,
+    init_from_export,
+)
 from pipeline.train.metrics import MetricsLogger
 from pipeline.train.optim import OptimConfig, lr_lambda, param_groups, peak_lr
 from pipeline.train.rng import capture_rng_state, restore_rng_state
@@ -177,6 +182,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     init_state = None
     if tag is None and cfg.init_from:
         init_state = init_from_export(model, cfg.init_from, cfg.model)
+    elif cfg.init_from and dist.is_main:
+        log.info("init_from %s is ignored: the run resumes from %s", cfg.init_from, tag)
     seed_everything(cfg.seed + 1 + 7919 * dist.rank)
 
     global_batch = cfg.data.batch_size * cfg.grad_accum * dist.world
@@ -190,6 +197,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optim=cfg.optim,
         lr=lr,
     )
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
+    groups = param_groups(model, cfg.optim)
+    group_names = [g["names"] for g in groups]
+    if tag is not None:  # another architecture or grouping: refused here, not in DeepSpeed
+        ckpt.check_model(tag, to_dict(cfg.model), group_names)
     # a checkpoint of another world size whose optimizer state is cut per rank (ZeRO 1-3)
     # resumes through DeepSpeed's universal form; without ZeRO the state is whole in the
     # checkpoint and loads as it is
@@ -205,9 +217,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "checkpoint %s was written with %s: resumed through DeepSpeed's universal form",
                 tag, ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in changed.items()),
             )  # fmt: skip
-    n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
-    groups = param_groups(model, cfg.optim)
-    group_names = [g["names"] for g in groups]
     eng = engine.create_engine(model, groups, ds_config, lr_lambda(cfg.optim, cfg.steps))
     if init_state is not None:  # the export's fp32 values, not their bf16 rounding
         engine.set_fp32_weights(eng, init_state)
@@ -249,6 +258,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if tag is not None:
         client, rank_state = ckpt.load(eng, tag, universal=universal)
         step, samples_seen = int(client["step"]), int(client["samples_seen"])
+        if step >= cfg.steps and dist.is_main:
+            log.warning(
+                "steps=%d but checkpoint %s is at step %d: nothing to train", cfg.steps, tag, step
+            )
         if rank_state is None:  # another world size: no rank's place maps onto a new rank
             seed_everything(cfg.seed + 1 + 7919 * dist.rank + 104729 * step)
             if dist.is_main:
@@ -284,6 +297,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "step %d trains at %.4g, where the checkpoint's schedule gave %.4g",
                 step + 1, engine.current_lr(eng), saved_next_lr,
             )  # fmt: skip
+        # the load brought back the checkpoint's AdamW settings too: this run's apply
+        adamw = engine.set_adamw_settings(
+            eng, [g["weight_decay"] for g in groups], cfg.optim.betas, cfg.optim.eps
+        )
+        if adamw and dist.is_main:
+            log.warning(
+                "%s replace the checkpoint's (its optimizer moments carry over)",
+                ", ".join(f"optim.{k} {a} -> {b}" for k, (a, b) in adamw.items()),
+            )
     metrics_dir = os.path.join(local_dir, "metrics")
     remote_metrics = (
         storage.join(cfg.run_dir, "metrics") if storage.is_remote(cfg.run_dir) else None
@@ -339,7 +361,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # -- the loop
     eng.train()
     batches = iter(loader)
-    last_tag = tag
+    last_tag, resumed_step = tag, step
     loss_value = float("nan")
     skipped_in_a_row = 0
     stop = StopRequest()  # SIGTERM / SIGUSR1: save the step and end (pipeline/train/stop.py)
@@ -412,6 +434,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # -- the end: export, plots, summary
     export_uri = None
+    trained = step > resumed_step
     if cfg.export and last_tag is not None:
         export_uri = storage.join(cfg.run_dir, "export")
         # every rank waits while rank 0's node checks its copy against the marker's file list
@@ -419,13 +442,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # every rank
         ckpt.ensure_local(last_tag, main_only=True)
         if dist.is_main:
-            export_weights(
-                ckpt.local_root,
-                last_tag,
-                cfg.model,
-                export_uri,
-                extra={"run": cfg.name, "samples_seen": samples_seen},
-            )
+            written = ckpt.written_time(last_tag)
+            if not trained and export_is_of(export_uri, last_tag, written):
+                log.info("%s already holds the export of %s: kept", export_uri, last_tag)
+            else:
+                export_weights(
+                    ckpt.local_root,
+                    last_tag,
+                    cfg.model,
+                    export_uri,
+                    extra={
+                        "run": cfg.name,
+                        "samples_seen": samples_seen,
+                        "checkpoint_time": written,
+                    },
+                )
         engine.barrier()
     counters = engine.gather_objects(loader.counters())
     data_damage = {k: sum(c[k] for c in counters) for k in counters[0]}
@@ -434,10 +465,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if remote_metrics:
             storage.put_dir(metrics_dir, remote_metrics)
         log.info(
-            "%s done: step %d, loss %.4f, data damage %s, loss curve %s",
+            "%s done: step %d, %s, data damage %s, loss curve %s",
             cfg.name,
             step,
-            loss_value,
+            f"loss {loss_value:.4f}" if trained else "nothing trained",
             data_damage,
             plot,
         )
