@@ -290,21 +290,27 @@ def list_files(uri: str | os.PathLike, suffix: str = "") -> dict[str, FileEntry]
     if not is_remote(uri):
         return _local_files(uri, suffix)
     fs, path = filesystem(uri)
-
-    def _ls() -> list[dict[str, Any]]:
-        fs.invalidate_cache(path)  # a listing must see what another process just wrote
-        try:
-            return fs.ls(path, detail=True)
-        except FileNotFoundError:
-            _check_bucket(fs, uri, path)
-            return []
-
     out = {}
-    for e in with_retries(_ls, f"list {uri}"):
+    for e in _remote_listing(fs, uri, path, lambda: fs.ls(path, detail=True)):
         name = str(e["name"]).rstrip("/")
         if e.get("type") == "file" and name != path.rstrip("/") and name.endswith(suffix):
             out[os.path.basename(name)] = FileEntry(int(e["size"]), _remote_version(e))
     return dict(sorted(out.items()))
+
+
+def _remote_listing(fs: Any, uri: str, path: str, listing: Callable[[], list[Any]]) -> list[Any]:
+    """``listing()`` of a remote ``path``, fresh (a listing must see what another process just
+    wrote), retried; [] for a path that does not exist in a bucket that does."""
+
+    def run() -> list[Any]:
+        fs.invalidate_cache(path)
+        try:
+            return listing()
+        except FileNotFoundError:
+            _check_bucket(fs, uri, path)
+            return []
+
+    return with_retries(run, f"list {uri}")
 
 
 def walk_files(uri: str | os.PathLike) -> list[str]:
@@ -321,18 +327,8 @@ def walk_files(uri: str | os.PathLike) -> list[str]:
         return sorted(out)
     fs, path = filesystem(uri)
     base = path.rstrip("/") + "/"
-
-    def _find() -> list[str]:
-        fs.invalidate_cache(path)  # a listing must see what another process just wrote
-        try:
-            return fs.find(path, withdirs=False)
-        except FileNotFoundError:
-            _check_bucket(fs, uri, path)
-            return []
-
-    return sorted(
-        str(n)[len(base) :] for n in with_retries(_find, f"list {uri}") if str(n).startswith(base)
-    )
+    found = _remote_listing(fs, uri, path, lambda: fs.find(path, withdirs=False))
+    return sorted(str(n)[len(base) :] for n in found if str(n).startswith(base))
 
 
 def _local_files(path: str, suffix: str) -> dict[str, FileEntry]:
