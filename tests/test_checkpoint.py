@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -396,10 +397,12 @@ def test_an_s3_run_dir_without_checkpoints_refuses_a_cache_that_holds_some(s3_bu
         ck.find("auto")  # they would be overwritten when the run reaches their steps
 
 
-def test_older_cached_checkpoints_the_run_dir_lacks_are_kept_and_said(s3_bucket, tmp_path, caplog):
+def test_older_cached_checkpoints_the_run_dir_lacks_are_said_and_pruned(
+    s3_bucket, tmp_path, caplog
+):
     """A cache that holds an older checkpoint than the run dir's, which the run dir has no trace
-    of (another run's; or this run's, pruned from S3 while the run trained elsewhere): the run
-    resumes the run dir's newest, says so, and leaves it."""
+    of (this run's, pruned from S3 while the run trained elsewhere): the run resumes the run
+    dir's newest, says so, and keep_last prunes it (kept, such copies piled up for ever)."""
     run_dir, local_dir = f"{s3_bucket}/run", str(tmp_path / "cache")
     files = _rank_files([0])
     _write(f"{run_dir}/checkpoints/{tag_for(30)}", files, _marker(tag_for(30), 1, files))
@@ -407,11 +410,27 @@ def test_older_cached_checkpoints_the_run_dir_lacks_are_kept_and_said(s3_bucket,
     ck = CheckpointManager(run_dir, local_dir, 2, _dist())
     assert ck.find("auto") == tag_for(30)
     assert f"older than {tag_for(30)} that the run dir" in caplog.text
-    assert f"has no trace of ({tag_for(10)}): not resumed, and not removed" in caplog.text
+    assert f"has no trace of ({tag_for(10)}): not resumed; keep_last prunes" in caplog.text
     for step in (40, 50):
         ck.save(FakeEngine(), step, {"step": step}, {"rng": None})
-    assert complete_tags(ck.local_root) == [tag_for(10), tag_for(40), tag_for(50)]
+    assert complete_tags(ck.local_root) == [tag_for(40), tag_for(50)]
     assert complete_tags(ck.remote_root) == [tag_for(40), tag_for(50)]
+
+
+def test_resuming_an_older_checkpoint_says_to_move_the_cached_copies_too(s3_bucket, tmp_path):
+    """resume_conflict says to move the newer checkpoints aside; in the run dir alone, the
+    cache's complete copy of them was then refused as one the run dir has no trace of."""
+    run_dir, local_dir = f"{s3_bucket}/run", str(tmp_path / "cache")
+    files = _rank_files([0])
+    for root in (f"{run_dir}/checkpoints", f"{local_dir}/checkpoints"):
+        for step in (10, 20):
+            _write(storage.join(root, tag_for(step)), files, _marker(tag_for(step), 1, files))
+    ck = CheckpointManager(run_dir, local_dir, 2, _dist())
+    with pytest.raises(ConfigError, match=rf"cached copies in {re.escape(ck.local_root)} too"):
+        ck.find(tag_for(10))
+    storage.remove(f"{run_dir}/checkpoints/{tag_for(20)}", recursive=True)
+    shutil.rmtree(f"{local_dir}/checkpoints/{tag_for(20)}")
+    assert ck.find(tag_for(10)) == tag_for(10)
 
 
 def test_a_cached_checkpoint_whose_upload_did_not_complete_is_still_pruned(s3_bucket, tmp_path):

@@ -399,8 +399,12 @@ class CheckpointManager:
             complete = complete_tags(root)
             cache = self.remote_root is not None and not remote
             if cache:
+                # newer than this save and unknown to the run dir: not this run's to remove
+                # (find refuses to start beside them). Older ones go by keep_last as always:
+                # this run's own, pruned from the run dir while the node was away, pile up
+                # otherwise (a run dir with newer checkpoints never resumes them)
                 traced = {saved} | (run_dir_tags or set())
-                untraced = {t for t in complete if t not in traced}
+                untraced = {t for t in complete if t not in traced and t > saved}
                 tags = [t for t in tags if t not in untraced]
                 complete = [t for t in complete if t not in untraced]
             doomed = [t for t in complete if t > saved] if cache else []
@@ -481,6 +485,12 @@ class CheckpointManager:
                 where,
             )
             if conflict:
+                if self.remote_root:  # a copy left in the cache would be refused next
+                    conflict += (
+                        f" (their cached copies in {self.local_root} too, if this node has "
+                        "them: the run dir decides, and a complete copy it has no trace of "
+                        "is refused)"
+                    )
                 raise ConfigError(conflict)
             newer = [t for t in untraced if tag is None or t > tag]
             if newer:
@@ -488,8 +498,7 @@ class CheckpointManager:
             if untraced:
                 log.warning(
                     "the local cache %s holds checkpoints older than %s that the run dir %s "
-                    "has no trace of (%s): not resumed, and not removed (another run's? "
-                    "delete them if not needed)",
+                    "has no trace of (%s): not resumed; keep_last prunes them as this run saves",
                     self.local_root, tag, where, ", ".join(untraced),
                 )  # fmt: skip
             return tag
@@ -506,8 +515,10 @@ class CheckpointManager:
             "dir alone decides what a run resumes, and training here would overwrite or "
             "delete them. If they are this run's (its run dir was emptied, or the run moved "
             "from a local run_dir), upload them to the run dir first, e.g. aws s3 sync "
-            f"{self.local_root} {self.remote_root}, and resume; if not, move them out of "
-            f"{self.local_root} (or remove them), or give another local_dir"
+            f"{self.local_root} {self.remote_root} (from every node, where each holds its own "
+            "ranks' files), and resume; if not (another run's, or "
+            f"moved aside in the run dir on purpose), move them out of {self.local_root} (or "
+            "remove them), or give another local_dir"
         )
 
     def ensure_local(self, tag: str, main_only: bool = False) -> str:
