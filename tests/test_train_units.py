@@ -192,6 +192,9 @@ def test_a_resume_into_another_model_or_param_grouping_is_refused_by_name(tmp_pa
     (folder / "meta.json").write_text(json.dumps(meta))
     same = cfg.replace(grid_size=4, resid_dropout_p=0.3, grad_checkpointing=True)
     ck.check_model(tag_for(10), to_dict(same), names(same))  # no weight changes
+    # nor does the initialisation's scale, or n_kv_head given as the n_head it defaults to
+    same = cfg.replace(initializer_range=0.05, n_kv_head=cfg.n_head)
+    ck.check_model(tag_for(10), to_dict(same), names(same))
     deeper = cfg.replace(n_layer=3)
     with pytest.raises(ConfigError) as err:
         ck.check_model(tag_for(10), to_dict(deeper), names(deeper))

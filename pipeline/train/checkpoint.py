@@ -71,6 +71,7 @@ TRANSFERABLE = {
     "ffn_dropout_p",
     "cond_dropout_p",
     "grad_checkpointing",
+    "initializer_range",  # the initialisation's alone: loaded weights replace it
 }
 
 
@@ -658,7 +659,11 @@ class CheckpointManager:
         the state dict; a parameter-alignment layout that does not match)."""
         path = os.path.join(self.ensure_local(tag), "meta.json")
         meta = storage.read_json(path) if os.path.exists(path) else {}
-        written = meta.get("model") or {}
+        written = dict(meta.get("model") or {})
+        model = dict(model)
+        for d in (written, model):  # n_kv_head unset means n_head: the same weights either way
+            if d.get("n_kv_head") is None and "n_head" in d:
+                d["n_kv_head"] = d["n_head"]
         changed = [
             f"model.{k}: checkpoint {written[k]!r}, this run {v!r}"
             for k, v in model.items()
