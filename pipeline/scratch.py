@@ -1,13 +1,15 @@
 """Local scratch files and folders named after their owner, and the removal of those whose owner
 died without removing them.
 
-A scratch entry is named ``t2i-<kind>-<host>-<pidns>-<pid>-<random><suffix>``: the host name,
-PID namespace and PID of the process that made it, then ``tempfile``'s 8 random characters. A run killed by SIGKILL, the
+A scratch entry is named ``t2i-<kind>-<owner>-<pid>-<random><suffix>``: ``owner`` is 8 hex
+digits of a hash of the host name and PID namespace of the process that made it, then its PID and
+``tempfile``'s 8 random characters. Names stay short: the download's folder is the TMPDIR of a
+local Ray, whose socket paths under it must fit in 107 bytes (a 63-character pod name would not). A run killed by SIGKILL, the
 OOM killer or a preemption leaves its entries behind; the next entry of a kind that a process
 makes in a folder first removes, once per process, the stale siblings of that kind there (one
 listing of the folder). An entry counts as stale only when all of these hold:
 
-- its name matches the pattern exactly, with this kind, this host and this PID namespace (a
+- its name matches the pattern exactly, with this kind and this owner: host and PID namespace (a
   ``/tmp`` shared across nodes, or with containers of the same host name, keeps the others'
   entries: their PIDs mean nothing here);
 - its PID is not alive (``os.kill(pid, 0)`` raises ``ProcessLookupError``; a
@@ -19,12 +21,12 @@ listing of the folder). An entry counts as stale only when all of these hold:
   changed since is kept. A folder's time changes only as its own entries come and go).
 
 Kinds are ``[a-z0-9_]`` (no ``-``) and PIDs at most 7 digits (Linux's ``pid_max`` is at most
-2**22), so one host's names cannot be read as another host's, even when one host name is the
-other's plus ``-<digits>``.
+2**22), so a name parses one way only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -73,15 +75,21 @@ def _pid_namespace() -> str:
         return "0"
 
 
+def _owner() -> str:
+    """8 hex digits naming this host and PID namespace (whose PIDs mean something here)."""
+    key = f"{_host()}\0{_pid_namespace()}".encode()
+    return hashlib.blake2s(key, digest_size=4).hexdigest()
+
+
 def prefix(kind: str) -> str:
-    """The name prefix of this process's ``kind`` entries: ``t2i-<kind>-<host>-<pidns>-<pid>-``."""
-    return f"t2i-{_check_kind(kind)}-{_host()}-{_pid_namespace()}-{os.getpid()}-"
+    """The name prefix of this process's ``kind`` entries: ``t2i-<kind>-<owner>-<pid>-``."""
+    return f"t2i-{_check_kind(kind)}-{_owner()}-{os.getpid()}-"
 
 
 def _pattern(kind: str) -> re.Pattern[str]:
     """Names of ``kind`` entries of the processes of this host and PID namespace; group 1 is the
     PID."""
-    head = re.escape(f"t2i-{_check_kind(kind)}-{_host()}-{_pid_namespace()}-")
+    head = re.escape(f"t2i-{_check_kind(kind)}-{_owner()}-")
     return re.compile(head + r"([1-9][0-9]{0,6})-[a-z0-9_]{8}.*", re.DOTALL)
 
 

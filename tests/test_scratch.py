@@ -17,7 +17,7 @@ from pipeline.data import download, shards
 from pipeline.data.download import DownloadConfig
 
 HOST = socket.gethostname()
-ME = f"{HOST}-{os.stat('/proc/self/ns/pid').st_ino}"  # this host and PID namespace
+ME = scratch._owner()  # this host and PID namespace, hashed
 HOUR_AGO = time.time() - 3600  # before this process started, as a killed run's leftovers are
 
 
@@ -46,13 +46,14 @@ def _leftover(folder, name: str, size: int = 1000, is_dir: bool = False) -> str:
 def test_entries_are_named_after_their_owner(tmp_path):
     fd, path = scratch.mkstemp("shard", suffix="-00003.tar", dir=str(tmp_path))
     os.close(fd)
-    folder = scratch.mkdtemp("download", dir=str(tmp_path))
+    folder = scratch.mkdtemp("dl", dir=str(tmp_path))
     with scratch.temporary_directory("select_hq", dir=str(tmp_path)) as temporary:
         assert os.path.basename(temporary).startswith(f"t2i-select_hq-{ME}-{os.getpid()}-")
     assert not os.path.exists(temporary)
     assert os.path.basename(path).startswith(f"t2i-shard-{ME}-{os.getpid()}-")
     assert path.endswith("-00003.tar") and os.path.isfile(path)
-    assert os.path.basename(folder).startswith(f"t2i-download-{ME}-{os.getpid()}-")
+    assert os.path.basename(folder).startswith(f"t2i-dl-{ME}-{os.getpid()}-")
+    assert len(os.path.basename(folder)) <= 32  # a local Ray's socket paths go under it
     with pytest.raises(ValueError, match="kind"):
         scratch.prefix("select-hq")  # a "-" in a kind would make names ambiguous
 
@@ -97,7 +98,8 @@ def test_entries_of_another_pid_namespace_are_kept(tmp_path, dead_pid):
         m.setattr(scratch, "_pid_namespace", lambda: "4026531999")
         fd, other = scratch.mkstemp("shard", dir=str(tmp_path))
         os.close(fd)
-    assert f"-4026531999-{os.getpid()}-" in other
+        other_owner = scratch._owner()
+    assert other_owner != ME and f"-{other_owner}-{os.getpid()}-" in other
     dead = os.path.join(str(tmp_path), os.path.basename(other).replace(
         f"-{os.getpid()}-", f"-{dead_pid}-"))  # fmt: skip
     os.rename(other, dead)  # ... and that process's PID is not one alive here
@@ -121,8 +123,7 @@ def test_a_pid_of_another_user_counts_as_alive(tmp_path, dead_pid, monkeypatch):
 
 
 def test_entries_of_other_hosts_are_kept(tmp_path, dead_pid):
-    """A /tmp shared across nodes: a PID means nothing on another host, even one whose name is
-    this host's plus "-<digits>" (the name then reads as this host's with another PID)."""
+    """A /tmp shared across nodes: a PID means nothing on another host."""
     kept = [
         _leftover(tmp_path, f"t2i-shard-other-node-{dead_pid}-abcdefgh.tar"),
         _leftover(tmp_path, f"t2i-shard-{ME}-{dead_pid}-{dead_pid}-abcdefgh.tar"),
@@ -213,11 +214,11 @@ def test_token_shard_writer_removes_a_killed_runs_tar(tmp_path, dead_pid):
 def test_download_scratch_folder_of_a_killed_run_is_removed(tmp_path, dead_pid, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
-    left = _leftover(tmp_path, f"t2i-download-{ME}-{dead_pid}-abcdefgh", 1 << 20, is_dir=True)
+    left = _leftover(tmp_path, f"t2i-dl-{ME}-{dead_pid}-abcdefgh", 1 << 20, is_dir=True)
     cfg = DownloadConfig(input="unused", output=str(tmp_path / "out"))
     with download._img2dataset_env(cfg) as folder:
         assert not os.path.exists(left)
-        assert os.path.basename(folder).startswith(f"t2i-download-{ME}-{os.getpid()}-")
+        assert os.path.basename(folder).startswith(f"t2i-dl-{ME}-{os.getpid()}-")
         assert os.environ["TMPDIR"] == folder  # img2dataset and its workers write in it
     assert os.listdir(tmp_path) == []
     assert os.environ["TMPDIR"] == str(tmp_path)

@@ -221,7 +221,7 @@ def guard_units(
 @contextlib.contextmanager
 def _img2dataset_env(cfg: DownloadConfig) -> Iterator[str]:
     """Environment img2dataset needs (also inherited by its workers); restored afterwards."""
-    tmp = cfg.tmp_dir or scratch.mkdtemp("download")
+    tmp = cfg.tmp_dir or scratch.mkdtemp("dl")  # short: a local Ray's socket paths go under it
     os.makedirs(tmp, exist_ok=True)
     env = {
         "NO_ALBUMENTATIONS_UPDATE": "1",
