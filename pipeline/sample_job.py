@@ -174,6 +174,10 @@ class SampleConfig:
         if not self.class_labels and not self.text_encoder:
             # found here, not after the GPT and VQ are loaded (minutes for XL from S3)
             raise ValueError("text prompts need text_encoder (a local dir or s3:// URI of the T5)")
+        if self.prompt is not None and not self.prompt.strip():
+            # with clean_captions=false it would be encoded as the EOS token alone: the
+            # unconditional caption, images of no prompt at all
+            raise ValueError("prompt is empty: give the text to draw (or prompts_file)")
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise ValueError("images_per_prompt and batch_size must be >= 1")
         if not 0 <= self.part < self.num_parts:
@@ -396,7 +400,9 @@ def _run_sampling(cfg: SampleConfig, model: GPT | None, vq: Any | None) -> Sampl
     else:
         if cfg.class_labels:
             raise ValueError("this GPT is text-conditioned: give prompt or prompts_file")
-        captions = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file)
+        captions = (
+            [cfg.prompt.strip()] if cfg.prompt is not None else read_prompts(cfg.prompts_file)
+        )
         if not captions:
             raise ValueError(f"no prompts in {cfg.prompts_file}")
     existing = set(storage.list_dir(cfg.output, ".png"))

@@ -300,6 +300,17 @@ def test_bad_inputs_are_clear(models, tmp_path):
         )
     with pytest.raises(ValueError, match="exactly one of"):
         SampleConfig(checkpoint="x", vq="y", output="z", prompt="a", prompts_file="b")
+    # an empty prompt is not sampled as the unconditional caption, cleaned or not
+    for clean in (True, False):
+        with pytest.raises(ValueError, match="prompt is empty"):
+            SampleConfig(
+                checkpoint="x",
+                vq="y",
+                output="z",
+                text_encoder="t",
+                prompt="  ",
+                clean_captions=clean,
+            )
 
 
 def test_shipped_sample_configs_load():
