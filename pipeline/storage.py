@@ -383,19 +383,18 @@ def read_tail(uri: str | os.PathLike, n: int) -> tuple[bytes, FileEntry]:
 
 def _s3_tail(fs: Any, path: str, n: int) -> tuple[bytes, FileEntry]:
     bucket, key, _ = fs.split_path(path)
-
-    async def get() -> tuple[bytes, FileEntry]:
-        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=-{n}")
-        try:
-            data = await resp["Body"].read()
-        finally:
-            resp["Body"].close()
-        # "bytes 100-199/200"; absent when the whole object came (a 200, not a 206)
-        total = str(resp.get("ContentRange") or "").rpartition("/")[2]
-        size = int(total) if total.isdigit() else len(data)
-        return data, FileEntry(size, _remote_version(resp))
-
-    return fsspec.asyn.sync(fs.loop, get)
+    # s3fs's public call_s3 (the botocore call with its retries and credentials); the body is
+    # an aiobotocore stream, read on s3fs's own event loop
+    resp = fs.call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=-{n}")
+    body = resp["Body"]
+    try:
+        data = fsspec.asyn.sync(fs.loop, body.read)
+    finally:
+        body.close()
+    # "bytes 100-199/200"; absent when the whole object came (a 200, not a 206)
+    total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+    size = int(total) if total.isdigit() else len(data)
+    return data, FileEntry(size, _remote_version(resp))
 
 
 def _check_bucket(fs: fsspec.AbstractFileSystem, uri: str | os.PathLike, path: str) -> None:

@@ -422,3 +422,17 @@ def test_local_fingerprint_reads_whole_files_once_and_accepts_older_sampled_ones
     assert now != first and len(reads) == 2
     assert not storage.same_content(first, str(d), now)
     assert not storage.same_content(None, str(d), now)
+
+
+def test_read_tail_gives_the_last_bytes_and_the_entry_a_listing_shows(root):
+    uri = f"{root}/blob.bin"
+    data = bytes(range(256)) * 4
+    storage.write_bytes(uri, data)
+    tail, entry = storage.read_tail(uri, 100)
+    assert tail == data[-100:]
+    assert entry == storage.list_files(root)["blob.bin"]  # size and version (ETag on S3)
+    whole, entry = storage.read_tail(uri, 10_000)  # longer than the file: all of it
+    assert whole == data and entry.size == len(data)
+    storage.write_bytes(uri, b"other")  # replaced: the new version's bytes and entry
+    tail, entry2 = storage.read_tail(uri, 3)
+    assert tail == b"her" and entry2 == storage.list_files(root)["blob.bin"] != entry
