@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as load_st
 
 from pipeline import storage
 from pipeline.data.loader import LoaderConfig, TokenLoader
@@ -140,6 +141,17 @@ def test_no_steps_left_trains_nothing_and_keeps_the_export(base, tmp_path):
     assert "done: step 4, nothing trained" in out and "nan" not in out, out[-3000:]
     assert json.loads((run / "export" / "export.json").read_text()) == before
     assert f"already holds the export of {tag_for(4)}: kept" in out
+    # a setting that keeps the weights but is in gpt_config.json: exported again, same weights
+    weights = (run / "export" / "model.safetensors").read_bytes()
+    out = _ok(_train(tmp_path, str(run), "steps=4", "model.resid_dropout_p=0.2"))
+    assert "already holds the export" not in out, out[-3000:]
+    cfg = json.loads((run / "export" / "gpt_config.json").read_text())
+    assert cfg["resid_dropout_p"] == 0.2
+    again = json.loads((run / "export" / "export.json").read_text())
+    assert again["tag"] == tag_for(4) and again["export_id"] != before["export_id"]
+    new, old = load_st((run / "export" / "model.safetensors").read_bytes()), load_st(weights)
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    before = again
     out = _ok(_train(tmp_path, str(run), "steps=5"))
     after = json.loads((run / "export" / "export.json").read_text())
     assert after["tag"] == tag_for(5) and after["export_id"] != before["export_id"]

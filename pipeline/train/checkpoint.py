@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import errno
 import glob
+import json
 import os
 import re
 import shutil
@@ -831,15 +832,23 @@ def export_weights(
     return out_uri
 
 
-def export_is_of(uri: str, tag: str, written: float | None) -> bool:
+def export_is_of(uri: str, tag: str, written: float | None, cfg: GPTConfig | None = None) -> bool:
     """Whether ``uri`` holds a whole export (its ``export.json``, written last) of checkpoint
     ``tag`` as written at ``written`` (:meth:`CheckpointManager.written_time`; None: unknown,
-    never taken for the same)."""
+    never taken for the same) and, given ``cfg``, with that model config in ``gpt_config.json``
+    (a resume that trains nothing may change settings that keep the weights, e.g. dropout)."""
     marker = storage.join(uri, EXPORT_MARKER)
     if written is None or not storage.exists(marker):
         return False
     info = storage.read_json(marker)
-    return info.get("tag") == tag and info.get("checkpoint_time") == written
+    if info.get("tag") != tag or info.get("checkpoint_time") != written:
+        return False
+    if cfg is None:
+        return True
+    config = storage.join(uri, "gpt_config.json")
+    return storage.exists(config) and storage.read_json(config) == json.loads(
+        json.dumps(dataclasses.asdict(cfg))  # as written: tuples are lists in JSON
+    )
 
 
 def load_export(uri: str) -> tuple[dict[str, torch.Tensor], GPTConfig]:

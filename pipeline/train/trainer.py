@@ -443,7 +443,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt.ensure_local(last_tag, main_only=True)
         if dist.is_main:
             written = ckpt.written_time(last_tag)
-            if not trained and export_is_of(export_uri, last_tag, written):
+            if not trained and export_is_of(export_uri, last_tag, written, cfg.model):
                 log.info("%s already holds the export of %s: kept", export_uri, last_tag)
             else:
                 export_weights(
