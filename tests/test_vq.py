@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -204,6 +205,90 @@ def test_save_pretrained_roundtrip_local_and_s3(tmp_path, s3_bucket, monkeypatch
         m = VQModel.from_pretrained(uri)
         assert m.config == src.config
         assert torch.equal(m.decode(m.encode(x)), expected)
+
+
+def test_a_save_killed_over_an_older_one_is_refused_not_loaded(tmp_path, monkeypatch):
+    """Saving again into a folder replaces its files one by one: killed after the weights, the
+    new weights sat beside the old config.json and loaded without a word. Now the folder's
+    export.json (written last) and the weights carry one export id: a mismatch is refused."""
+    from pipeline import storage
+
+    old = tiny()
+    new = VQModel(VQConfig.from_name("tiny", codebook_l2_norm=False)).eval()
+    with torch.no_grad():
+        new.quantize.embedding.weight.mul_(-1.0)
+    out = str(tmp_path / "vq")
+    old.save_pretrained(out)
+    real_write_json = storage.write_json
+
+    def killed(uri, obj):  # the second save stops after model.safetensors
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(storage, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(out)
+    monkeypatch.setattr(storage, "write_json", real_write_json)
+    with pytest.raises(RuntimeError, match=r"no export.json beside the weights.*did not finish"):
+        VQModel.from_pretrained(out)
+    # the old export.json put back (or a writer that removed none): the ids differ
+    old.save_pretrained(str(tmp_path / "old"))
+    (tmp_path / "vq" / "export.json").write_bytes((tmp_path / "old" / "export.json").read_bytes())
+    with pytest.raises(RuntimeError, match=r"is not the export export.json describes"):
+        VQModel.from_pretrained(out)
+    with pytest.raises(RuntimeError, match=r"did not finish"):
+        VQModel.from_pretrained(out, "tiny")  # refused before the config is compared
+    new.save_pretrained(out)  # saved again: whole
+    m = VQModel.from_pretrained(out)
+    assert m.config == new.config
+    assert torch.equal(m.quantize.embedding.weight, new.quantize.embedding.weight)
+
+
+def test_a_fresh_save_is_stamped_and_the_same_model_saved_again_is_the_same_bytes(tmp_path, caplog):
+    from safetensors import safe_open
+
+    from pipeline import storage
+
+    out = tmp_path / "vq"
+    tiny().save_pretrained(str(out))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "export.json",
+        "model.safetensors",
+    ]
+    info = storage.read_json(str(out / "export.json"))
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["export_id"] == info["export_id"]
+    before = storage.fingerprint(str(out))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        m = VQModel.from_pretrained(str(out), "tiny")
+    assert m.config == VQConfig.from_name("tiny") and "export.json" not in caplog.text
+    # an unchanged model exported again keeps its content (and what outputs saved of it)
+    tiny().save_pretrained(str(out))
+    assert storage.fingerprint(str(out)) == before
+    other = tiny()
+    with torch.no_grad():
+        other.quantize.embedding.weight.mul_(-1.0)
+    other.save_pretrained(str(out))
+    assert storage.read_json(str(out / "export.json"))["export_id"] != info["export_id"]
+
+
+def test_a_folder_saved_before_export_ids_still_loads_without_a_warning(tmp_path, caplog):
+    """Folders written by older versions: config.json + model.safetensors with no id and no
+    export.json (they never had one, so its absence says nothing: no warning)."""
+    from safetensors.torch import save_file
+
+    src = tiny()
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    state = {k: v.contiguous() for k, v in src.state_dict().items()}
+    save_file(state, str(legacy / "model.safetensors"))
+    (legacy / "config.json").write_text(json.dumps(src.config.to_dict()))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with caplog.at_level("WARNING"):
+        m = VQModel.from_pretrained(str(legacy), "tiny")
+    assert torch.equal(m.encode(x), src.encode(x))
+    assert "export.json" not in caplog.text
 
 
 def test_a_preset_that_disagrees_with_a_saved_folder_is_refused(tmp_path):

@@ -13,6 +13,7 @@ fit the uint16 ``codes.npy`` of token shards (``codes_to_uint16``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.config import doc
+from pipeline.export_stamp import ID_KEY, begin_export, check_export
+from pipeline.export_stamp import MARKER as EXPORT_MARKER
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -407,12 +410,21 @@ class VQModel(nn.Module):
     # --- weights in and out ---
 
     def save_pretrained(self, uri: str) -> None:
-        """Write ``config.json`` + ``model.safetensors`` under ``uri`` (local dir or s3://)."""
+        """Write ``model.safetensors`` + ``config.json`` + ``export.json`` (last) under ``uri``
+        (local dir or s3://), as :mod:`pipeline.export_stamp` describes: a save killed over an
+        older one is refused at load, not read as the new weights with the old config.
+
+        The export id is a digest of the weights and config, so the same model saved again is
+        the same bytes (and keeps its :func:`pipeline.storage.fingerprint`)."""
         from safetensors.torch import save
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        storage.write_bytes(storage.join(uri, WEIGHTS_NAME), save(state))
-        storage.write_json(storage.join(uri, CONFIG_NAME), self.config.to_dict())
+        config = self.config.to_dict()
+        export_id = begin_export(uri, _content_id(state, config))
+        storage.write_bytes(storage.join(uri, WEIGHTS_NAME), save(state, {ID_KEY: export_id}))
+        storage.write_json(storage.join(uri, CONFIG_NAME), config)
+        info = {ID_KEY: export_id, "num_tensors": len(state)}
+        storage.write_json(storage.join(uri, EXPORT_MARKER), info)
 
     @classmethod
     def from_pretrained(
@@ -420,12 +432,21 @@ class VQModel(nn.Module):
     ) -> VQModel:
         """Load our export (a dir with config.json) or a LlamaGen checkpoint file.
 
+        An export whose weights are not the ones its ``export.json`` names (a save killed over
+        an older one) is refused (:func:`pipeline.export_stamp.check_export`); one saved before
+        ``export.json`` was written (no id on either side) loads.
+
         A LlamaGen ``.pt`` holds ``{"model": state_dict}`` (loaded with ``weights_only=True``);
         its preset comes from ``config`` (default ``VQ-16``).
         """
         path = storage.local_copy(uri)
         asked = VQConfig.from_name(config) if isinstance(config, str) else config
         if os.path.isdir(path):
+            weights, marker = os.path.join(path, WEIGHTS_NAME), os.path.join(path, EXPORT_MARKER)
+            if os.path.exists(weights):  # (none: the load below says so)
+                # folders saved before export.json was written have none: no warning for them
+                info = storage.read_json(marker) if os.path.exists(marker) else None
+                check_export(uri, weights, info, warn_unmarked=False)
             with open(os.path.join(path, CONFIG_NAME)) as f:
                 saved = VQConfig.from_dict(json.load(f))
             # a preset that keeps every tensor's shape (e.g. codebook_l2_norm) would load
@@ -443,7 +464,7 @@ class VQModel(nn.Module):
                     "Give no preset (null) for a saved folder: its config.json is read"
                 )
             asked = saved
-            path = os.path.join(path, WEIGHTS_NAME)
+            path = weights
         cfg = asked or VQConfig()
         model = cls(cfg)
         model.load_state_dict(load_vq_state_dict(path, map_location))
@@ -454,6 +475,16 @@ class VQModel(nn.Module):
             uri,
         )
         return model.eval()
+
+
+def _content_id(state: dict[str, torch.Tensor], config: dict[str, Any]) -> str:
+    """A digest of a (contiguous, CPU) state dict and its config: the id of their export."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
 
 
 def load_vq_state_dict(path: str, map_location: str = "cpu") -> dict[str, torch.Tensor]:
