@@ -1206,19 +1206,21 @@ def test_the_c2i_config_makes_llamagen_c2i_shards_without_text():
 
 
 def _count_s3_requests(monkeypatch):
-    """A Counter of the S3 requests s3fs makes from now on, by operation (get_object, ...)."""
+    """A Counter of the S3 API calls made from now on, by operation (get_object, ...): counted
+    in aiobotocore's client, under every s3fs entry point (``_call_s3``, its sync ``call_s3``)."""
     import collections
 
-    import s3fs
+    from aiobotocore.client import AioBaseClient
+    from botocore import xform_name
 
     calls: collections.Counter[str] = collections.Counter()
-    call = s3fs.S3FileSystem._call_s3
+    call = AioBaseClient._make_api_call
 
-    async def counted(self, method, *args, **kwargs):
-        calls[method if isinstance(method, str) else method.__name__] += 1
-        return await call(self, method, *args, **kwargs)
+    async def counted(self, operation_name, api_params):
+        calls[xform_name(operation_name)] += 1
+        return await call(self, operation_name, api_params)
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    monkeypatch.setattr(AioBaseClient, "_make_api_call", counted)
     return calls
 
 
