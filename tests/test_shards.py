@@ -1,8 +1,10 @@
 import hashlib
 import io
 import json
+import os
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -204,13 +206,22 @@ def test_a_read_error_mid_shard_is_raised_not_counted_as_damage(tmp_path, monkey
     assert "corrupt_tar" not in stats and "raw_samples" not in stats
 
 
-@pytest.mark.parametrize("cut", ["after_a_whole_sample", "inside_a_sample", "in_the_end_block"])
+@pytest.mark.parametrize(
+    "cut",
+    [
+        "after_a_whole_sample",
+        "after_a_whole_sample_but_one_member",
+        "inside_a_sample",
+        "in_the_end_block",
+    ],
+)
 def test_a_tar_cut_exactly_after_a_member_is_damage_not_a_short_shard(tmp_path, cut):
     """A stream tarfile ends quietly when the bytes stop right after a member (no header left to
     read), as on a real end: the sample cut in two was yielded with members missing (its image
     without its caption passed for an empty caption) and the shard was not counted as damaged.
-    Only the end-of-archive block ends a tar; before it, the last (maybe partial) sample is
-    dropped and the tar counted as corrupt."""
+    Only the end-of-archive block ends a tar; before it, the tar is counted as corrupt and the
+    last sample is kept only with every member its predecessor had (the samples of a shard
+    share one layout): a whole sample is not lost with the end block, a partial one is dropped."""
     import tarfile
 
     buf = io.BytesIO()
@@ -229,6 +240,7 @@ def test_a_tar_cut_exactly_after_a_member_is_damage_not_a_short_shard(tmp_path, 
     assert "corrupt_tar" not in stats
     end = {
         "after_a_whole_sample": offsets[5],  # samples 0 and 1 whole, nothing of 2
+        "after_a_whole_sample_but_one_member": offsets[4],  # sample 1 lacks its json
         "inside_a_sample": offsets[6],  # sample 2 has its jpg only
         "in_the_end_block": offsets[8] + 300,  # every member, a partial end block
     }[cut]
@@ -236,7 +248,12 @@ def test_a_tar_cut_exactly_after_a_member_is_damage_not_a_short_shard(tmp_path, 
     stats = {}
     got = list(shards.iter_raw_shard(str(tmp_path), 0, stats))
     assert stats["corrupt_tar"] == 1 and "end-of-archive" in stats["tar_error"]
-    want = {"after_a_whole_sample": 1, "inside_a_sample": 2, "in_the_end_block": 2}[cut]
+    want = {
+        "after_a_whole_sample": 2,
+        "after_a_whole_sample_but_one_member": 1,
+        "inside_a_sample": 2,
+        "in_the_end_block": 3,
+    }[cut]
     assert [s["__key__"] for s in got] == [f"{i:05d}" for i in range(want)]
     assert all(set(s) == {"__key__", "jpg", "txt", "json"} for s in got)
     assert stats["raw_samples"] == want
@@ -396,3 +413,17 @@ def test_raw_shard_identities_come_with_the_listing(tmp_path, request, store):
     again = shards.raw_shard_identities(root)
     assert again[0] != got[0] and again[3] == got[3]
     assert again[0] == shards.raw_shard_identity(root, 0)
+
+
+def test_an_unreadable_done_marker_is_named(tmp_path):
+    """One marker of thousands that is not JSON stopped every training start with a bare
+    JSONDecodeError naming no file."""
+    from pipeline.train.toy_data import write_toy_token_shards
+
+    uri = str(tmp_path / "tok")
+    write_toy_token_shards(uri, num_shards=3, per_shard=2)
+    marker = os.path.join(uri, shards.done_name(1))
+    with open(marker, "w") as f:
+        f.write('{"index": 1, "num_sa')
+    with pytest.raises(ValueError, match=rf"done marker {re.escape(marker)} is unreadable"):
+        shards.list_done_shards(uri)

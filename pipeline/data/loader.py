@@ -21,8 +21,9 @@ uninterrupted one would. Streams never end (epoch after epoch), so the DataLoade
 over workers is exact: batch ``i`` comes from stream ``i mod R``; the loader records which stream
 is next and every stream's place as batches are *consumed* (prefetched ones do not count).
 
-WebDataset does the reading: its ``gopen`` (with an ``s3`` scheme registered here that opens
-through ``pipeline.storage``) and its tar iterators (``tar_file_expander``, ``group_by_keys``).
+WebDataset opens the shards: its ``gopen`` (with an ``s3`` scheme registered here that opens
+through ``pipeline.storage``); the tar is grouped into samples by ``shards.iter_tar_samples``,
+which, unlike webdataset's ``group_by_keys``, tells a tar cut at a member boundary from a whole one.
 Its own shard shuffle, node/worker split and shuffle buffer are not used: their state cannot be
 saved, and an exact resume needs it. A damaged shard (not a tar, or cut short) is logged, counted
 and skipped from the point of damage (or fails the run with ``on_error: fail``); a transient
@@ -43,6 +44,8 @@ import bisect
 import copy
 import hashlib
 import importlib
+import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,11 +53,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline import storage
 from pipeline.config import doc
-from pipeline.data.shards import ShardInfo, decode_token_sample, list_done_shards
+from pipeline.data.shards import (
+    ShardInfo,
+    decode_token_sample,
+    iter_tar_samples,
+    list_done_shards,
+)
 from pipeline.log import get_logger
 from pipeline.train.stop import ignore_in_worker
 
@@ -151,16 +158,18 @@ def register_s3_scheme() -> None:
 register_s3_scheme()
 
 
-def _raise(exc: Exception) -> bool:
-    raise exc
-
-
 def iter_shard_raw(uri: str) -> Iterator[dict[str, Any]]:
-    """Raw (undecoded) samples of one tar, read through webdataset."""
+    """Raw (undecoded) samples of one tar, opened through webdataset's ``gopen``.
+
+    Grouped by :func:`pipeline.data.shards.iter_tar_samples`, not webdataset's
+    ``tar_file_expander``/``group_by_keys``: Python's streaming tarfile reads a tar cut at a
+    member boundary as a clean end, and webdataset then yields the last sample without its
+    missing members (a sample cut after its json read as "shards made without text", which
+    stopped the run on every resume). Ours drops that sample and raises ``tarfile.ReadError``."""
     stream = wds_gopen.gopen(uri)
     try:
-        files = tar_file_expander([{"url": uri, "stream": stream}], handler=_raise)
-        yield from group_by_keys(files, handler=_raise)
+        for sample in iter_tar_samples(stream):
+            yield {**sample, "__url__": uri}
     finally:
         stream.close()
 
@@ -270,6 +279,10 @@ def plan_epoch(
 
 # epochs in a row with no readable sample after which a stream gives up
 EMPTY_EPOCHS = 3
+# opens of a shard whose reads fail with transient storage errors, with backoff between them
+READ_ATTEMPTS = 6
+# the backoff's jitter: its own generator, so the global one (the trainer's RNG state) is untouched
+_JITTER = random.Random()
 
 
 class _Stream:
@@ -298,14 +311,13 @@ class _Stream:
         for k in range(plan.shard_of(first_pos), len(plan.reads)):
             info = plan.reads[k]
             j = 0
-            for attempt in range(4):
+            for attempt in range(READ_ATTEMPTS):
                 try:
                     it = iter_shard_raw(info.uri)
                     for _ in range(j):  # a reopened shard: skip what was read before
                         next(it)
                     for raw in it:
-                        if j >= info.num_samples:
-                            self._count("extra_samples")
+                        if j >= info.num_samples:  # counted at the end (_count_extras)
                             j += 1
                             continue
                         pos = plan.position(k, j)
@@ -314,13 +326,28 @@ class _Stream:
                             yield pos, raw
                     if j < info.num_samples:  # tar cut at a member boundary reads as a clean end
                         raise EOFError(f"ends after {j} of {info.num_samples} samples")
+                    self._count_extras(k, j - info.num_samples)
                     break
                 except Exception as exc:  # noqa: BLE001 - transient: retry; damage: counted
-                    if storage.is_retryable(exc) and attempt < 3:
-                        log.warning("reading %s failed (%s); reopening", info.uri, exc)
-                        continue
+                    if storage.is_retryable(exc):
+                        if attempt + 1 < READ_ATTEMPTS:
+                            delay = 0.2 * 2**attempt * (0.5 + _JITTER.random())
+                            log.warning(
+                                "reading %s failed (%s); reopening in %.1fs", info.uri, exc, delay
+                            )
+                            time.sleep(delay)
+                            continue
+                        # storage still failing after backoff (an outage), not a damaged
+                        # shard: skipping it would lose its samples without cause, and the next
+                        # shards' as well. The run stops; its last checkpoint resumes exactly
+                        raise RuntimeError(
+                            f"reading token shard {info.uri} failed {READ_ATTEMPTS} times, the "
+                            f"last with {type(exc).__name__}: {exc}; the storage is unreachable "
+                            "or overloaded: resume from the last checkpoint once it answers"
+                        ) from exc
                     if self.cfg.on_error == "fail":
                         raise RuntimeError(f"damaged token shard {info.uri}: {exc}") from exc
+                    self._count_extras(k, j - info.num_samples)
                     # a resume re-reads up to a buffer behind: count and tell a shard once
                     if k in self.state.get("damaged", ()):
                         break
@@ -334,6 +361,13 @@ class _Stream:
                         exc,
                     )
                     break
+
+    def _count_extras(self, k: int, extra: int) -> None:
+        """Count the samples of read ``k`` past its marker's ``num_samples`` once an epoch (a
+        resume re-reads up to a buffer behind: counted while reading, they were counted again)."""
+        if extra > 0 and k not in self.state.get("extras", ()):
+            self.state["extras"] = (*self.state.get("extras", ()), k)
+            self._count("extra_samples", extra)
 
     def _decode(self, raw: dict, flip: bool, short: bool = False) -> dict[str, Any] | None:
         try:
@@ -443,6 +477,7 @@ class _Stream:
             self._after_epoch(epoch, plan, readable)
             self.state.update(epoch=epoch + 1, cursor=0)
             self.state.pop("damaged", None)
+            self.state.pop("extras", None)
 
     def _after_epoch(self, epoch: int, plan: EpochPlan, readable: int) -> None:
         """Raise once :data:`EMPTY_EPOCHS` epochs in a row gave this stream nothing readable.

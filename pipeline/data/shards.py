@@ -305,7 +305,14 @@ def list_done_shards(uri: str, threads: int = 32) -> list[ShardInfo]:
     serial GETs to S3 took minutes at every training start, on every rank)."""
 
     def read(name: str) -> ShardInfo:
-        info = ShardInfo.from_dict(storage.read_json(storage.join(uri, name)))
+        marker = storage.join(uri, name)
+        try:
+            info = ShardInfo.from_dict(storage.read_json(marker))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not a marker's JSON
+            raise ValueError(
+                f"done marker {marker} is unreadable ({type(exc).__name__}: {exc}); remove it "
+                "and run pretokenize again on the same output to remake that shard"
+            ) from exc
         # the dataset may have been moved or its shards renumbered (two folders merged) since:
         # trust the marker's name, not the index and uri written in it
         index = int(name[: -len(DONE_SUFFIX)])
@@ -559,9 +566,11 @@ def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
     """Group a tar stream's members into WebDataset-style dicts of raw bytes (no decoding).
 
     An archive without its end-of-archive block (cut off, even exactly after a member) raises
-    ``tarfile.ReadError`` after the complete samples: its last sample may lack members, so it
-    is not yielded."""
+    ``tarfile.ReadError`` after the complete samples. Its last sample may lack members (the cut
+    fell between two of them): it is yielded only when it has every member its predecessor
+    had (a shard's samples share one layout), else dropped."""
     current: dict[str, Any] | None = None
+    previous: set[str] | None = None  # the member names of the sample before ``current``
     with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckingTarInfo) as tar:
         for m in tar:
             if not m.isfile():
@@ -574,16 +583,21 @@ def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
             if current is None or current["__key__"] != prefix:
                 if current is not None:
                     yield current
+                    previous = set(current)
                 current = {"__key__": prefix}
             f = tar.extractfile(m)
             current[ext] = f.read() if f is not None else b""
         end = getattr(tar, "t2i_end", None)
         if not isinstance(end, tarfile.EOFHeaderError):
             why = f"{type(end).__name__}: {end}" if end is not None else "no header"
+            whole = current is not None and previous is not None and set(current) >= previous
+            if whole:
+                yield current
             raise tarfile.ReadError(
                 f"the archive ends without its end-of-archive block ({why}) after "
                 f"{tar.offset} bytes: cut off; its last sample "
-                f"{current['__key__'] if current else None!r} is dropped"
+                f"{current['__key__'] if current else None!r} is "
+                + ("kept (it has every member of the one before)" if whole else "dropped")
             )
     if current is not None:
         yield current
