@@ -27,7 +27,8 @@ which, unlike webdataset's ``group_by_keys``, tells a tar cut at a member bounda
 Its own shard shuffle, node/worker split and shuffle buffer are not used: their state cannot be
 saved, and an exact resume needs it. A damaged shard (not a tar, or cut short) is logged, counted
 and skipped from the point of damage (or fails the run with ``on_error: fail``); a transient
-storage error reopens the shard and skips what was read. A stream that gets nothing readable in
+storage error reopens the shard after a jittered backoff and skips what was read (six failed
+opens in a row are an outage, not damage: the run stops, to resume from its checkpoint). A stream that gets nothing readable in
 an epoch goes on to the next (which deals it other shards); three such epochs in a row are an
 error (every shard it can get is refused or damaged).
 
