@@ -2,7 +2,11 @@
 
     python jobs/train_tokenizer.py --config configs/tokenizer/tiny.yaml data=DIR run_dir=DIR
     torchrun --nproc_per_node 8 jobs/train_tokenizer.py --config configs/tokenizer/vq16_256.yaml \
-        data=s3://bucket/raw run_dir=s3://bucket/runs/vq16
+        data=s3://BUCKET/t2i/raw/laion-hq run_dir=s3://BUCKET/t2i/runs/vq16-256
+
+Train on raw shards stored larger than the crops (raw/laion-hq: 512 px, written by
+configs/data/download_hq.yaml); raw/laion-coco holds 256 px centre crops, which vq16_256.yaml's
+max_scale 1.25 would enlarge: there set max_scale=1.0. The run warns when most crops are enlarged.
 
 ``--resume auto`` (default) continues from the newest complete checkpoint; ``none`` starts afresh
 (refused where the run dir already has checkpoints); a step number resumes from that complete

@@ -68,7 +68,9 @@ JOB_EXAMPLES: dict[str, tuple[str, ...]] = {
     "TokenizerTrainConfig": (
         "torchrun --nproc_per_node 8 jobs/train_tokenizer.py",
         "--config configs/tokenizer/vq16_256.yaml",
-        f"data={_S3}/raw/laion-coco run_dir={_S3}/runs/vq16-256",
+        # raw/laion-hq (512 px, download_hq.yaml): raw/laion-coco's 256 px centre crops would
+        # be enlarged by vq16_256.yaml's max_scale 1.25
+        f"data={_S3}/raw/laion-hq run_dir={_S3}/runs/vq16-256",
     ),
     "TokenizerEvalConfig": (
         "python jobs/eval_tokenizer.py --config configs/tokenizer/eval.yaml",

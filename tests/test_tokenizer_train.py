@@ -279,14 +279,18 @@ os._exit(0)  # gloo may abort at interpreter exit (jobs/train_tokenizer.py)
 
 
 def test_summary_counts_broken_images_of_every_rank(tmp_path):
-    """Each rank reads its own shards: the summary's broken-image count is the sum over ranks
-    (the logged figure), on every rank, not rank 0's own count."""
+    """Each rank reads its own shards: the summary's broken-image count is over all ranks (the
+    logged figure), on every rank, not rank 0's own count. It counts distinct images: over
+    three epochs, in which the two ranks swap shards (seed 1), each broken image counts once,
+    not once per reading (a sum of the ranks' counts would count each twice)."""
     data = str(tmp_path / "raw")
     # every other image of both shards is broken, so both ranks (one shard each) skip some
     write_raw_shards(data, 2, 12, size=32, broken={(s, i) for s in (0, 1) for i in range(0, 12, 2)})
     run = tmp_path / "run"
-    args = [f"data={data}", f"run_dir={run}", "batch_size=2", "max_steps=2", "max_scale=1.0",
-            "log_every=1", "eval_images=0", "decode_threads=1", "shuffle_buffer=4"]  # fmt: skip
+    # 6 good images a shard: 8 steps of 2 read each rank's shard of epochs 0 and 1 whole
+    args = [f"data={data}", f"run_dir={run}", "batch_size=2", "max_steps=8", "max_scale=1.0",
+            "log_every=1", "eval_images=0", "decode_threads=1", "shuffle_buffer=4",
+            "seed=1"]  # fmt: skip
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env.update(WORLD_SIZE="2", OMP_NUM_THREADS="1", T2I_CACHE=str(tmp_path / "cache"))
     procs = [
@@ -304,7 +308,7 @@ def test_summary_counts_broken_images_of_every_rank(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     summaries = [json.loads(o.split("SUMMARY ", 1)[1].splitlines()[0]) for o in outs]
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 2 and last["broken_images"] > 0
+    assert last["step"] == 8 and last["broken_images"] == 12
     assert [s["broken_images"] for s in summaries] == [last["broken_images"]] * 2
     assert [s["enlarged_crops"] for s in summaries] == [last["enlarged_crops"]] * 2
 
@@ -544,6 +548,7 @@ def test_eval_job_writes_metrics(raw_dir, tmp_path, monkeypatch):
               "num_images=5", "batch_size=2"])  # fmt: skip
     got = json.loads(out.read_text())
     assert got["images"] == 5 and got["rfid"] is None and 0 < got["psnr"] < 60
+    assert got["broken_images"] == 0
     assert got["config"]["num_images"] == 5 and got["config"]["image_size"] == 32
     assert exact == [got["config"]["device"]]
 
@@ -807,3 +812,187 @@ def test_a_data_path_without_raw_shards_is_named(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match=f"under {nothing}$"):
         evaluate_tokenizer(ecfg)
+
+
+def _tiny_cfg(data: str, run: str, *overrides: str) -> TokenizerTrainConfig:
+    return load_config(
+        TokenizerTrainConfig,
+        TINY,
+        [f"data={data}", f"run_dir={run}", "image_size=32", "batch_size=8", "eval_images=0",
+         "perceptual_weight=0", "decode_threads=1", "disc_start=1000", *overrides],
+    )  # fmt: skip
+
+
+def test_a_broken_image_counts_once_however_often_it_is_read(tmp_path):
+    """The stream read a broken image again every epoch and counted it again each time (4 after
+    4 epochs for one broken image). It counts distinct images (shard and key), and a stream
+    resumed after any batch counts as an uninterrupted one does."""
+    data = str(tmp_path / "raw")
+    write_raw_shards(data, 2, 6, size=16, broken={(0, 1), (1, 4)})  # 10 good images an epoch
+    shards = list_complete_shards(data)
+    a = _stream(shards, decode_threads=1)
+    it = iter(a)
+    states, counts = [], []
+    for _ in range(12):  # 2 batches of 5 an epoch: 6 epochs
+        next(it)
+        states.append(a.state_dict())
+        counts.append(a.broken)
+    assert a.epoch == 5 and counts[-1] == 2
+    assert sorted(a.broken_ids) == [("00000.tar", "000000001"), ("00001.tar", "000010004")]
+    for k in range(len(states) - 1):
+        b = _stream(shards, decode_threads=1)
+        b.load_state_dict(states[k])
+        it_b = iter(b)
+        for j in range(k + 1, len(states)):
+            next(it_b)
+            assert b.broken == counts[j] and b.state_dict() == states[j], (k, j)
+    # a state saved before the images were kept (a count only) keeps its count
+    old = {key: v for key, v in states[3].items() if key != "broken_ids"}
+    c = _stream(shards, decode_threads=1)
+    c.load_state_dict({**old, "broken": 7})
+    assert c.broken == 7
+
+
+def test_a_resumed_run_counts_broken_images_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Through a checkpoint: the logged and summed broken-image count of a run resumed in its
+    second epoch is the uninterrupted run's, one per broken image."""
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    data = str(tmp_path / "raw")
+    write_raw_shards(data, 2, 12, size=32, broken={(0, 3)})  # 23 good images an epoch
+    common = ["max_scale=1.0", "log_every=1", "ckpt_every=4", "shuffle_buffer=4"]
+    ref = train_tokenizer(_tiny_cfg(data, str(tmp_path / "ref"), "max_steps=9", *common))
+    run = str(tmp_path / "run")
+    train_tokenizer(_tiny_cfg(data, run, "max_steps=4", *common))
+    resumed = train_tokenizer(_tiny_cfg(data, run, "max_steps=9", *common), resume="auto")
+
+    def counts(folder: str) -> list[int]:
+        rows = Path(folder, "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["broken_images"] for x in rows]
+
+    assert ref["broken_images"] == resumed["broken_images"] == 1  # 72 images: 3+ epochs
+    logged = counts(run)
+    assert counts(str(tmp_path / "ref")) == logged and len(logged) == 9
+    assert logged[-1] == max(logged) == 1 and logged.count(1) >= 7  # seen within 16 samples
+
+
+def test_most_crops_enlarged_is_warned_at_the_start_naming_the_fix(tmp_path, monkeypatch, caplog):
+    """Raw shards stored at the crop size (raw/laion-coco's 256 px for vq16_256.yaml) make
+    nearly every crop of max_scale 1.25 an enlargement, which was said only in passing at the
+    first log line. Most of rank 0's first crops enlarged is a warning before the training goes
+    on, naming the fix; the log lines and the summary count them."""
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    data = str(tmp_path / "raw")
+    write_raw_shards(data, 1, 40, size=32)  # stored at the crop size
+    with caplog.at_level("INFO", logger="pipeline"):
+        out = train_tokenizer(
+            _tiny_cfg(data, str(tmp_path / "up"), "max_scale=1.25", "max_steps=10", "log_every=10")
+        )
+    messages = [r.getMessage() for r in caplog.records]
+    warned = [i for i, m in enumerate(messages) if "ENLARGED" in m]
+    logged = [i for i, m in enumerate(messages) if m.startswith("step 10 |")]
+    assert len(warned) == 2 and len(logged) == 1, messages  # at the start and in the end
+    first = messages[warned[0]]
+    assert warned[0] < logged[0] and "of the first 64 training crops" in first
+    assert "raw/laion-hq" in first and "max_scale=1.0" in first and "40 px" in first
+    assert out["training_crops"] == 80 and out["enlarged_crops"] > 60
+    assert "enlarged crops" in messages[logged[0]]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        out = train_tokenizer(
+            _tiny_cfg(data, str(tmp_path / "same"), "max_scale=1.0", "max_steps=10")
+        )
+    assert out["enlarged_crops"] == 0 and "ENLARGED" not in caplog.text
+
+
+def test_enlarged_warning_only_for_most_crops_unless_asked_for_any():
+    from pipeline.tokenizer.train import enlarged_warning
+
+    cfg = TokenizerTrainConfig(data="d", run_dir="r", image_size=256, max_scale=1.25)
+    assert enlarged_warning(cfg, 32, 64, "first") is None
+    assert enlarged_warning(cfg, 0, 64, "some") is None
+    assert "320 px" in enlarged_warning(cfg, 33, 64, "first")
+    assert "1 of the 64 training crops so far" in enlarged_warning(cfg, 1, 64, "some")
+    assert "60 of the run's 64" in enlarged_warning(cfg, 60, 64, "all")
+
+
+def test_the_tokenizer_examples_train_on_shards_stored_larger_than_the_crops():
+    """The --help example and the job's docstring trained vq16_256.yaml on raw/laion-coco
+    (256 px centre crops), which its max_scale 1.25 enlarges. They name raw/laion-hq, what
+    download_hq.yaml writes, at a size no crop of vq16_256.yaml exceeds."""
+    import re
+
+    import jobs.train_tokenizer
+    from pipeline.cli import JOB_EXAMPLES
+    from pipeline.data.download import DownloadConfig
+
+    hq_yaml = ROOT / "configs/data/download_hq.yaml"
+    written = re.search(r"download_hq\.yaml[\s#]+input=\S+ output=(\S+)", hq_yaml.read_text())[1]
+    assert written.endswith("/raw/laion-hq")
+    for text in (" ".join(JOB_EXAMPLES["TokenizerTrainConfig"]), jobs.train_tokenizer.__doc__):
+        assert re.search(r"vq16_256\.yaml.*?data=(\S+)", text, re.S)[1] == written, text
+    hq = load_config(DownloadConfig, str(hq_yaml), ["input=i", "output=o"])
+    big = load_config(
+        TokenizerTrainConfig, str(ROOT / "configs/tokenizer/vq16_256.yaml"), ["data=d", "run_dir=r"]
+    )
+    assert hq.image_size >= big.image_size * big.max_scale
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("batch_size=0", "batch_size must be >= 1, got 0"),
+        ("log_every=0", "log_every must be >= 1, got 0"),
+        ("ckpt_every=0", "ckpt_every must be >= 1, got 0"),
+        ("shuffle_buffer=0", "shuffle_buffer must be >= 1, got 0"),
+        ("decode_threads=0", "decode_threads must be >= 1, got 0"),
+        ("max_steps=0", "max_steps must be >= 1, got 0"),
+        ("image_size=0", "image_size must be >= 1, got 0"),
+        ("disc_layers=0", "disc_layers must be >= 1, got 0"),
+        ("keep_checkpoints=-1", "keep_checkpoints must be >= 0, got -1"),
+        ("eval_images=-1", "eval_images must be >= 0, got -1"),
+        ("grad_clip=-1", "grad_clip must be >= 0, got -1"),
+        ("disc_weight=-0.5", "disc_weight must be >= 0, got -0.5"),
+        ("lr=0", "lr must be > 0, got 0"),
+        ("lr=-1", "lr must be > 0, got -1"),
+        ("betas=[0.9,1.0]", r"betas must each be in \[0, 1\)"),
+        ("max_scale=0.5", "max_scale must be >= 1.0"),
+    ],
+)
+def test_tokenizer_config_refuses_values_that_fail_later(override, message):
+    """batch_size=0, log_every=0, shuffle_buffer=0, lr<=0 ... were accepted, to fail deep in the
+    run (IndexError, ZeroDivisionError, an empty randrange) or train nothing: refused at load,
+    by name."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(TokenizerTrainConfig, TINY, ["data=d", "run_dir=r", override])
+
+
+def test_raw_stream_refuses_an_empty_batch_or_buffer(raw_dir):
+    shards = list_complete_shards(raw_dir)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        _stream(shards, batch_size=0)
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 1, got 0"):
+        _stream(shards, shuffle_buffer=0)
+    with pytest.raises(ValueError, match="max_scale must be >= 1.0, got 0.5"):
+        _stream(shards, max_scale=0.5)
+    with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
+        load_config(ev.TokenizerEvalConfig, None, ["model=m", "data=d", "output=o", "batch_size=0"])
+
+
+def test_evaluation_counts_and_names_the_broken_images_it_skips(raw_dir, caplog):
+    """evaluate_model skipped undecodable images without a word: the results count them
+    (broken_images) and a warning names how many, and the first."""
+    from pipeline.data.raw import iter_eval_images
+
+    shards = list_complete_shards(raw_dir)  # 00000.tar's image 5 is cut short
+    stats: dict = {}
+    keys = [k for k, _ in iter_eval_images(shards, 16, 10, stats)]
+    assert "000000005" not in keys and len(keys) == 10
+    assert stats == {"broken_images": 1, "broken_examples": ["00000.tar/000000005"]}
+    torch.manual_seed(0)
+    model = VQModel(VQConfig.from_name("tiny"))
+    out = ev.evaluate_model(model, shards, 32, 10, batch_size=4)
+    assert (out["images"], out["broken_images"]) == (10, 1)
+    assert "skipped 1 undecodable image(s) (first: 00000.tar/000000005)" in caplog.text
+    caplog.clear()
+    out = ev.evaluate_model(model, shards, 32, 5, batch_size=4)  # ends before the broken one
+    assert (out["images"], out["broken_images"]) == (5, 0) and "undecodable" not in caplog.text

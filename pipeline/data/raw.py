@@ -10,7 +10,8 @@ fails) is raised, never taken for a short shard. (An ``s3`` scheme is also regis
 
 Only known image extensions are decoded, with PIL and only its JPEG, PNG and WebP decoders
 (:func:`decode_rgb`, shared with the score and pretokenize stages); nothing is ever unpickled.
-Broken images are skipped and counted.
+Broken images are skipped and counted: in training once per image (by shard and key), however
+many epochs read it again; in evaluation (:func:`iter_eval_images`) in the caller's ``stats``.
 
 ``RawImageStream`` is the training stream. Its order is a pure function of (seed, epoch, rank):
 each epoch permutes the shard list, gives every rank its share, and passes the raw samples
@@ -123,11 +124,14 @@ def iter_raw_samples(
 ) -> Iterator[dict[str, Any]]:
     """Raw samples ``{"__key__", "jpg": bytes, "txt": bytes, ...}`` of the given tars, in order.
 
-    A damaged tar gives the samples intact before the damage, and its URI is added to
-    ``damaged``; an error of the store is raised (:func:`pipeline.data.shards.iter_raw_tar`)."""
+    Each sample's ``__url__`` is its tar's URI. A damaged tar gives the samples intact before
+    the damage, and its URI is added to ``damaged``; an error of the store is raised
+    (:func:`pipeline.data.shards.iter_raw_tar`)."""
     for uri in tar_uris:
         stats: dict[str, Any] = {}
-        yield from iter_raw_tar(uri, stats)
+        for sample in iter_raw_tar(uri, stats):
+            sample["__url__"] = uri
+            yield sample
         if stats.get("corrupt_tar") and damaged is not None:
             damaged.add(uri)
 
@@ -297,16 +301,37 @@ def _short_side_size(w: int, h: int, short: int) -> tuple[int, int]:
     return max(short, round(w * s)), max(short, round(h * s))
 
 
+def sample_id(sample: dict[str, Any]) -> tuple[str, str]:
+    """(shard tar's file name, key): a raw sample's identity, wherever the shards are read
+    from (a resume may name the data folder otherwise)."""
+    return str(sample.get("__url__", "")).rsplit("/", 1)[-1], str(sample.get("__key__"))
+
+
+# image names kept in iter_eval_images's stats, for a warning to quote
+_EXAMPLES = 5
+
+
 def iter_eval_images(
-    tar_uris: list[str], size: int, limit: int | None = None
+    tar_uris: list[str], size: int, limit: int | None = None, stats: dict[str, Any] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, center-cropped image in [-1, 1]) in shard order; broken images are skipped."""
+    """(key, center-cropped image in [-1, 1]) in shard order, up to ``limit`` of them.
+
+    Broken images (undecodable, or a sample without an image) are skipped; ``stats`` (when
+    given) counts them in ``broken_images`` and keeps the first few as ``shard/key`` in
+    ``broken_examples``."""
+    if stats is not None:
+        stats.setdefault("broken_images", 0)
+        stats.setdefault("broken_examples", [])
     if limit is not None and limit < 1:
         return  # the count is checked after each image: a limit of 0 would let one through
     n = 0
     for sample in iter_raw_samples(tar_uris):
         img = decode_image(sample)
         if img is None:
+            if stats is not None:
+                stats["broken_images"] += 1
+                if len(stats["broken_examples"]) < _EXAMPLES:
+                    stats["broken_examples"].append("/".join(sample_id(sample)))
             continue
         yield sample["__key__"], to_tensor(center_crop(img, size))
         n += 1
@@ -332,6 +357,16 @@ class RawImageStream:
     ):
         if not tar_uris:
             raise ValueError("no complete raw shards to read (none has its _stats.json)")
+        for name, value in (
+            ("image_size", image_size),
+            ("batch_size", batch_size),
+            ("shuffle_buffer", shuffle_buffer),
+            ("decode_threads", decode_threads),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not max_scale >= 1.0:
+            raise ValueError(f"max_scale must be >= 1.0, got {max_scale}")
         self.tar_uris = list(tar_uris)
         self.image_size, self.batch_size = image_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -339,7 +374,10 @@ class RawImageStream:
         self.decode_threads = decode_threads
         self.epoch = 0
         self.consumed = 0  # raw samples of this epoch behind the last yielded batch
-        self.broken = 0  # images skipped as undecodable, over the whole run
+        # images skipped as undecodable, over the whole run, as (shard name, key): a set, so
+        # that an image read again (every epoch, or by a resume) counts once
+        self.broken_ids: set[tuple[str, str]] = set()
+        self._broken_legacy = 0  # the count of a state saved before the ids were (see broken)
         # crops resized up from a smaller image (raw shards stored at the crop size, or below
         # it x max_scale): LlamaGen's tokenizer crops full-size images, so downscales only
         self.enlarged = 0
@@ -350,12 +388,20 @@ class RawImageStream:
         # read: what lets a resume skip the shards it does not need (:meth:`_resumed`)
         self._sizes: dict[int, list[int]] = {}
 
+    @property
+    def broken(self) -> int:
+        """Distinct images skipped as undecodable so far (on this rank). A run resumed from a
+        state that kept only a count (saved by an older version, which counted an image each
+        time it was read) adds that count."""
+        return len(self.broken_ids) + self._broken_legacy
+
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out."""
         return {
             "epoch": self.epoch,
             "consumed": self.consumed,
             "broken": self.broken,
+            "broken_ids": [list(i) for i in sorted(self.broken_ids)],
             "enlarged": self.enlarged,
             "damaged_shards": sorted(self.damaged_shards),
             "shard_sizes": list(self._sizes.get(self.epoch, [])),
@@ -363,7 +409,11 @@ class RawImageStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-        self.broken = int(state.get("broken", 0))
+        if "broken_ids" in state:
+            self.broken_ids = {(str(u), str(k)) for u, k in state["broken_ids"]}
+            self._broken_legacy = 0
+        else:
+            self.broken_ids, self._broken_legacy = set(), int(state.get("broken", 0))
         self.enlarged = int(state.get("enlarged", 0))
         self.damaged_shards = set(state.get("damaged_shards", []))
         self._sizes = {self.epoch: [int(n) for n in state.get("shard_sizes", [])]}
@@ -525,7 +575,7 @@ class RawImageStream:
             epoch, skip = epoch + 1, 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        pending: collections.deque[tuple[int, int, Future]] = collections.deque()
+        pending: collections.deque[tuple[int, int, tuple[str, str], Future]] = collections.deque()
         lookahead = 2 * self.batch_size
         batch: list[torch.Tensor] = []
         good_in_epoch = self.consumed > 0
@@ -534,8 +584,9 @@ class RawImageStream:
             while True:
                 while len(pending) < lookahead:
                     epoch, pos, sample = next(source)
-                    pending.append((epoch, pos, pool.submit(self._prepare, sample, epoch, pos)))
-                epoch, pos, fut = pending.popleft()
+                    fut = pool.submit(self._prepare, sample, epoch, pos)
+                    pending.append((epoch, pos, sample_id(sample), fut))
+                epoch, pos, sid, fut = pending.popleft()
                 if epoch != self.epoch:
                     if not good_in_epoch:
                         raise RuntimeError(
@@ -545,7 +596,7 @@ class RawImageStream:
                 self.consumed = pos + 1
                 prepared = fut.result()
                 if prepared is None:
-                    self.broken += 1
+                    self.broken_ids.add(sid)
                     continue
                 img, enlarged = prepared
                 self.enlarged += enlarged

@@ -112,14 +112,17 @@ def evaluate_model(
     fid: Any | None = None,
 ) -> dict[str, Any]:
     """Reconstruct up to ``num_images`` center crops; return PSNR, SSIM, usage and rFID, with
-    ``images`` (those evaluated: fewer where the shards hold fewer, with a warning) and
-    ``images_requested``.
+    ``images`` (those evaluated: fewer where the shards hold fewer, with a warning),
+    ``images_requested`` and ``broken_images`` (undecodable images skipped on the way, with a
+    warning naming the first few: the evaluated set is not the first ``images`` samples then).
 
     ``fid`` may be a ready FrechetInceptionDistance (e.g. with an injected feature extractor);
     otherwise one is built from ``inception_weights`` when given.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
     device = next(model.parameters()).device
     note = "rFID with the given feature extractor"
@@ -132,7 +135,8 @@ def evaluate_model(
     k = model.config.codebook_size
     used = torch.zeros(k, dtype=torch.bool)
     psnrs, ssims = [], []
-    images = iter_eval_images(tar_uris, image_size, num_images)
+    read: dict[str, Any] = {}
+    images = iter_eval_images(tar_uris, image_size, num_images, read)
     total = (num_images + batch_size - 1) // batch_size
     for x in progress(_batches(images, batch_size), "evaluate tokenizer", total=total):
         x = x.to(device)
@@ -146,8 +150,20 @@ def evaluate_model(
             fid.update(real, real=True)
             fid.update(fake, real=False)
     n = int(sum(len(p) for p in psnrs))
+    broken = int(read.get("broken_images", 0))
+    if broken:
+        log.warning(
+            "tokenizer evaluation skipped %d undecodable image(s) (first: %s); they are left "
+            "out of the %d evaluated (broken_images in the results)",
+            broken,
+            ", ".join(read["broken_examples"]),
+            n,
+        )
     if n == 0:
-        raise RuntimeError("no decodable evaluation images in the given shards")
+        raise RuntimeError(
+            "no decodable evaluation images in the given shards"
+            + (f" ({broken} undecodable)" if broken else "")
+        )
     if n < num_images:
         log.warning(
             "tokenizer evaluated on %d images, fewer than the %d asked for: the shards hold no "
@@ -158,6 +174,7 @@ def evaluate_model(
     out: dict[str, Any] = {
         "images": n,
         "images_requested": num_images,
+        "broken_images": broken,
         "image_size": image_size,
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
@@ -198,8 +215,9 @@ class TokenizerEvalConfig:
     device: str = doc("torch device", "cpu")
 
     def __post_init__(self) -> None:
-        if self.num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        for name in ("num_images", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict[str, Any]:

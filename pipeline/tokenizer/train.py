@@ -58,6 +58,34 @@ from pipeline.train.stop import StopRequest, TrainingStopped
 log = get_logger(__name__)
 
 
+# TokenizerTrainConfig's fields that must be >= 1, and those that must not be negative
+_AT_LEAST_ONE = (
+    "image_size",
+    "batch_size",
+    "max_steps",
+    "disc_ndf",
+    "disc_layers",
+    "shuffle_buffer",
+    "decode_threads",
+    "log_every",
+    "ckpt_every",
+)
+_NOT_NEGATIVE = (
+    "weight_decay",
+    "grad_clip",
+    "rec_weight",
+    "perceptual_weight",
+    "disc_weight",
+    "threads",
+    "keep_checkpoints",
+    "eval_images",
+)
+
+# the crops of rank 0 that the warning of most crops being enlarged looks at (at the start of
+# each run, resumed or not)
+ENLARGED_CHECK_CROPS = 64
+
+
 @dataclass(frozen=True)
 class TokenizerTrainConfig:
     """How to train a VQ tokenizer on raw img2dataset shards."""
@@ -102,7 +130,9 @@ class TokenizerTrainConfig:
     seed: int = doc("seed of model init, data order and augmentation", 0)
     shuffle_buffer: int = doc("samples in the seeded shuffle buffer", 1000)
     max_scale: float = doc(
-        "random resize of the short side before cropping: up to this x size", 1.1
+        "random resize of the short side before cropping: up to this x size (>= 1.0); raw "
+        "images stored smaller than that are enlarged (warned when most are)",
+        1.1,
     )
     decode_threads: int = doc("image decoding threads per rank", 4)
     log_every: int = doc("steps between log lines", 50)
@@ -118,6 +148,23 @@ class TokenizerTrainConfig:
     )
 
     def __post_init__(self) -> None:
+        # each caught here, at load, by name: later they fail deep in a run (an IndexError of
+        # an empty batch, a ZeroDivisionError of a step modulo 0, an empty random.randrange)
+        for name in _AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in _NOT_NEGATIVE:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        if not self.max_scale >= 1.0:
+            raise ValueError(
+                f"max_scale must be >= 1.0 (crops are never taken from a shrunk image), got "
+                f"{self.max_scale}"
+            )
         ds = self.model.downsample
         if self.image_size % ds:
             raise ValueError(f"image_size {self.image_size} is not a multiple of downsample {ds}")
@@ -152,6 +199,15 @@ class _Dist:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t)
         return int(t.item())
+
+    def count_distinct(self, items: set[Any]) -> int:
+        """The number of distinct items in the union of every rank's ``items`` (hashable,
+        picklable and sortable), on every rank (a collective: all ranks call it)."""
+        if self.world == 1:
+            return len(items)
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, sorted(items))
+        return len(set().union(*out))
 
     def broadcast(self, obj: Any) -> Any:
         if self.world == 1:
@@ -390,12 +446,23 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
         used.copy_(used_at_resume.to(d.device))
     t0, steps_since = time.time(), 0
     warned_enlarged = False  # said once, on rank 0
+    # rank 0's first crops of this run: most of them enlarged is said at once, loudly
+    check_enlarged, first_crops, enlarged_at_start = d.rank == 0, 0, stream.enlarged
     batches = iter(stream)
     stop = StopRequest()  # SIGTERM / SIGUSR1: save the step and end (pipeline/train/stop.py)
     stop.install()
     try:
         while step < cfg.max_steps:
             x = next(batches).to(d.device, non_blocking=True)
+            if check_enlarged:
+                first_crops += x.shape[0]
+                if first_crops >= ENLARGED_CHECK_CROPS or step + 1 >= cfg.max_steps:
+                    check_enlarged = False
+                    enlarged = stream.enlarged - enlarged_at_start
+                    msg = enlarged_warning(cfg, enlarged, first_crops, "first")
+                    if msg:
+                        warned_enlarged = True
+                        log.warning("%s", msg)
             gan_on = step + 1 >= cfg.disc_start  # ``step`` steps are done; this is step + 1
 
             # --- generator (VQ model) update ---
@@ -467,23 +534,18 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
                 if d.world > 1:
                     dist.all_reduce(usage, op=dist.ReduceOp.MAX)
                 row["codebook_usage"] = usage.mean().item()
-                row["broken_images"] = d.all_sum(stream.broken)
+                row["broken_images"] = _broken_images(d, stream)
                 row["enlarged_crops"] = d.all_sum(stream.enlarged)
+                crops = step * cfg.batch_size * d.world  # every step takes a batch per rank
                 if row["enlarged_crops"] and not warned_enlarged and d.rank == 0:
-                    warned_enlarged = True
-                    log.warning(
-                        "%d training crops so far were resized up from smaller raw images (stored "
-                        "below image_size x max_scale = %.0f px): LlamaGen's tokenizer crops "
-                        "full-size images. Train on raw shards stored larger (raw/laion-hq), or set "
-                        "max_scale=1.0 for shards stored at image_size",
-                        row["enlarged_crops"], cfg.image_size * cfg.max_scale,
-                    )  # fmt: skip
+                    warned_enlarged = True  # a few: said once (most: said above, at the start)
+                    log.warning("%s", enlarged_warning(cfg, row["enlarged_crops"], crops, "some"))
                 used.zero_()
                 rate = steps_since / (time.time() - t0)
                 t0, steps_since = time.time(), 0
                 log.info(
                     "step %d | loss %.4f rec %.4f lpips %.4f vq %.4f g_adv %.4f d %.4f | psnr %.2f | "
-                    "codes used %.1f%% | %.2f steps/s",
+                    "codes used %.1f%% | %.2f steps/s%s",
                     step,
                     row["loss"],
                     row["rec"],
@@ -494,6 +556,7 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
                     row["psnr"],
                     100 * row["codebook_usage"],
                     rate,
+                    _data_notes(row, crops),
                 )
             if metrics:
                 metrics.write(row)
@@ -522,9 +585,14 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
     # every rank's count, as logged (each rank reads its own shards); every rank gets the sum
     summary: dict[str, Any] = {
         "step": step,
-        "broken_images": d.all_sum(stream.broken),
+        "broken_images": _broken_images(d, stream),
         "enlarged_crops": d.all_sum(stream.enlarged),
+        "training_crops": step * cfg.batch_size * d.world,
     }
+    if d.rank == 0 and 2 * summary["enlarged_crops"] > summary["training_crops"]:
+        log.warning(
+            "%s", enlarged_warning(cfg, summary["enlarged_crops"], summary["training_crops"], "all")
+        )
     if d.world > 1:
         # every rank's last step is saved; the export and the evaluation are rank 0's alone and
         # need no collective, so no rank waits in one (a timeout) while they run
@@ -554,6 +622,48 @@ def _train(cfg: TokenizerTrainConfig, resume: str) -> dict[str, Any]:
             summary["eval"]["images_from"] = "training shards (not held out)"
             storage.write_json(storage.join(cfg.run_dir, "eval.json"), summary["eval"])
     return summary
+
+
+def _broken_images(d: _Dist, stream: RawImageStream) -> int:
+    """Distinct undecodable images skipped so far by all ranks (a collective): ranks read other
+    shards from epoch to epoch, so one image may be skipped by several of them. (Plus the counts
+    of states saved before the stream kept which images.)"""
+    return d.count_distinct(stream.broken_ids) + d.all_sum(stream.broken - len(stream.broken_ids))
+
+
+def enlarged_warning(
+    cfg: TokenizerTrainConfig, enlarged: int, crops: int, which: str
+) -> str | None:
+    """The warning of training crops resized up from raw images smaller than the crop's draw:
+    for ``which`` = "first" (rank 0's first ``crops`` of a run) and "all" (the whole run) only
+    when they are most of them; for "some", whenever there are any."""
+    if crops < 1 or enlarged < 1 or (which != "some" and 2 * enlarged <= crops):
+        return None
+    pct = 100 * enlarged / crops
+    if which == "first":
+        head = f"{enlarged} of the first {crops} training crops ({pct:.0f}%, rank 0's) were"
+    elif which == "all":
+        head = f"{enlarged} of the run's {crops} training crops ({pct:.0f}%) were"
+    else:
+        head = f"{enlarged} of the {crops} training crops so far ({pct:.0f}%) were"
+    return (
+        f"{head} ENLARGED (bicubic): their raw images are smaller than image_size x max_scale = "
+        f"{cfg.image_size * cfg.max_scale:.0f} px, so the tokenizer learns to reconstruct blurred "
+        f"upscales; LlamaGen's tokenizer crops full-size images (downscaled). data={cfg.data}: "
+        "train on raw shards stored larger, raw/laion-hq (512 px, configs/data/download_hq.yaml) "
+        "rather than raw/laion-coco (256 px centre crops), or set max_scale=1.0 for shards stored "
+        "at image_size (enlarged_crops in metrics.jsonl counts them)"
+    )
+
+
+def _data_notes(row: dict[str, Any], crops: int) -> str:
+    """The log line's tail for skipped and enlarged images, when there are any."""
+    out = ""
+    if row["enlarged_crops"]:
+        out += f" | enlarged crops {100 * row['enlarged_crops'] / max(crops, 1):.0f}%"
+    if row["broken_images"]:
+        out += f" | broken images {row['broken_images']}"
+    return out
 
 
 def _start_at_step(opt: torch.optim.Optimizer, steps: int) -> None:
