@@ -25,7 +25,11 @@ from pipeline.models.gpt import GPT
 class SamplingParams:
     """How tokens are drawn."""
 
-    cfg_scale: float = doc("classifier-free guidance scale s (1 = no guidance)", 7.5)
+    cfg_scale: float = doc(
+        "classifier-free guidance scale s: logits uncond + s (cond - uncond); 1 = no guidance. "
+        "Any s != 1 mixes (0: unconditional, below 1: under-guided); LlamaGen guides only s > 1",
+        7.5,
+    )
     temperature: float = doc("softmax temperature (0 = greedy)", 1.0)
     top_k: int = doc("keep the k most likely tokens (0 = all)", 1000)
     top_p: float = doc(
@@ -100,8 +104,14 @@ def draw(
             wide = int((logits >= kth).sum(-1).max())
             vals, idx = torch.topk(logits, wide, dim=-1)
             vals = vals.masked_fill(vals < kth, float("-inf"))
+            # topk orders tied values differently at different widths, and the width is the
+            # batch's: ties in the canonical order (value down, then index up), so which of
+            # them the nucleus keeps is the row's own, not its batch-mates' (bf16 ties often)
+            idx, by_index = idx.sort(-1)
+            vals, by_value = vals.gather(-1, by_index).sort(dim=-1, descending=True, stable=True)
+            idx = idx.gather(-1, by_value)
         else:
-            vals, idx = torch.sort(logits, -1, True)
+            vals, idx = torch.sort(logits, dim=-1, descending=True, stable=True)  # ties: index up
         p = vals.softmax(-1)
         keep = ((p.cumsum(-1) - p) < params.top_p) & (vals > float("-inf"))
         keep[:, 0] = True  # the top token always stays (top_p 0: greedy, as in LlamaGen)

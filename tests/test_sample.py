@@ -181,6 +181,35 @@ def test_top_k_with_top_p_keeps_the_tokens_tied_with_the_kth():
         assert set(picks.tolist()) == set(allowed[r].nonzero().flatten().tolist()), r
 
 
+def test_top_k_with_top_p_is_the_rows_own_whatever_its_batch_mates_tie():
+    """The top-k candidates' width is the batch's (the row with most ties at its k-th value),
+    and torch.topk orders tied values differently at other widths: which tied tokens the
+    nucleus kept, and so the token drawn, changed with the batch-mates (221 of 1,500 draws in
+    a review's repro). Ties now go by index, the row's own order: the same token alone or
+    beside a row of many ties, and top_p 0 keeps the lowest-indexed of the tied top tokens."""
+    torch.manual_seed(0)
+    V, k = 4096, 300
+    params = SamplingParams(top_k=k, top_p=0.9, temperature=1.0)
+    changed = 0
+    for _ in range(40):
+        a = (torch.randn(1, V) * 2).bfloat16().float()  # bf16 logits tie often
+        b = (torch.randn(1, V) * 2).bfloat16().float()
+        b[0, torch.randperm(V)[: V // 4]] = b[0].topk(k).values[-1]  # many ties at its k-th
+        for seed in range(5):
+            alone = draw(a, params, [torch.Generator().manual_seed(seed)])
+            both = draw(
+                torch.cat([a, b]),
+                params,
+                [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(1)],
+            )
+            changed += int(alone[0] != both[0])
+    assert changed == 0
+    tied = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0]])
+    for k in (0, 4):
+        greedy = draw(tied, SamplingParams(top_k=k, top_p=0.0), [torch.Generator()])
+        assert greedy.tolist() == [1]
+
+
 def test_temperatures_that_break_the_softmax_are_floored_or_refused():
     """A temperature of 1e-37 made every kept logit infinite and the softmax NaN: every token
     came out the last of the vocabulary. Floored at 1e-5 as LlamaGen's max(T, 1e-5): the top
