@@ -119,6 +119,15 @@ def check_gpu_devices(executor: ExecutorConfig, devices: dict[str, str]) -> None
             f"{', '.join(cuda)} on CUDA with executor.gpus_per_actor 0: each Ray actor needs a "
             "GPU reserved (1, or a fraction to share one), else every actor lands on GPU 0"
         )
+    if not cuda and executor.backend == "ray" and executor.gpus_per_actor > 0:
+        # not an error (a GPU cluster may have nothing else to do), but an autoscaler would
+        # start GPU nodes for this CPU work, and actors wait for GPUs they never use
+        log.warning(
+            "executor.gpus_per_actor is %g but no model of this job runs on CUDA (%s): each "
+            "actor reserves GPUs it never uses; set executor.gpus_per_actor=0 for CPU work",
+            executor.gpus_per_actor,
+            ", ".join(f"{k}={d}" for k, d in sorted(devices.items())) or "no model at all",
+        )
 
 
 @dataclasses.dataclass

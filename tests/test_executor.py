@@ -255,6 +255,29 @@ def test_cuda_models_on_ray_actors_without_a_gpu_are_refused():
     load_config(ScoreConfig, os.path.join(configs, "data", "score_cpu.yaml"), over[:2])
 
 
+def test_gpus_reserved_for_a_job_without_cuda_models_are_warned(caplog):
+    """score.yaml with aesthetic=null (filters only), or pretokenize with both models on the
+    CPU, reserved a GPU per actor without a word: an autoscaler starts GPU nodes for CPU work."""
+    from pipeline.config import load_config
+    from pipeline.data.filter import ScoreConfig
+    from pipeline.data.pretokenize import PretokenizeConfig
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    over = ["input=/in", "output=/out", "executor.gpus_per_actor=1"]
+    for cls, path, extra, named in (
+        (ScoreConfig, os.path.join(configs, "data", "score.yaml"), ["aesthetic=null"], "no model"),
+        (PretokenizeConfig, None, ["vq.device=cpu", "text.device=cpu"], "vq.device=cpu"),
+    ):
+        caplog.clear()
+        load_config(cls, path, [*over, *extra])
+        said = [r.getMessage() for r in caplog.records if "gpus_per_actor" in r.getMessage()]
+        assert len(said) == 1 and "set executor.gpus_per_actor=0" in said[0] and named in said[0]
+    caplog.clear()  # a CUDA model, or no GPU reserved: nothing to say
+    load_config(PretokenizeConfig, None, [*over, "vq.device=cuda", "text.device=cuda"])
+    load_config(PretokenizeConfig, None, [*over[:2], "executor.gpus_per_actor=0"])
+    assert not [r for r in caplog.records if "gpus_per_actor" in r.getMessage()]
+
+
 def test_a_local_ray_too_small_for_one_actor_is_refused_at_once():
     """Before: the run waited start_timeout_s (900 s by default) for an actor that no node of
     a local Ray could ever hold, then said so. (A process of its own: its own local Ray.)"""

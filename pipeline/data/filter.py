@@ -123,8 +123,10 @@ class ScoreConfig:
                 raise ValueError(f"{name} is {value}: it must be at least 1")
         if self.aesthetic is None and self.filters.min_aesthetic is not None:
             raise ValueError("filters.min_aesthetic needs an aesthetic model (aesthetic: ...)")
-        if self.aesthetic is not None:
-            check_gpu_devices(self.executor, {"aesthetic.device": self.aesthetic.device})
+        check_gpu_devices(
+            self.executor,
+            {"aesthetic.device": self.aesthetic.device} if self.aesthetic is not None else {},
+        )
 
 
 # --- basic filters ----------------------------------------------------------------------------
