@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, TypeVar
 
 from pipeline.config import ConfigError, describe, dump_config, load_config
+from pipeline.errortext import InUseError
 from pipeline.launch_env import LaunchError
 from pipeline.log import get_logger, setup_logging
 from pipeline.storage import BadURIError
@@ -194,6 +195,8 @@ def report_failure(exc: BaseException) -> int | None:
         status, line = 2, f"config error: {_one_line(exc)}"
     elif isinstance(exc, LaunchError):
         status, line = 2, f"launch error: {_one_line(exc)}"
+    elif isinstance(exc, InUseError):
+        status, line = 1, f"error: {_one_line(exc)}"
     elif _no_credentials(exc):
         status, line = 1, f"error: no AWS credentials found ({_one_line(exc)}): {CREDENTIALS_HINT}"
     elif isinstance(exc, FileNotFoundError):

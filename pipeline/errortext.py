@@ -6,6 +6,11 @@ from __future__ import annotations
 import re
 import traceback
 
+
+class InUseError(RuntimeError):
+    """An output another run is writing into now: the CLI says so in one line (status 1)."""
+
+
 # Errors after which a process's CUDA context (or NCCL communicator) stays broken: every later
 # kernel fails too, so the actor would burn the retries of every unit it is given.
 _STICKY = re.compile(

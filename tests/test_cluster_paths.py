@@ -108,7 +108,8 @@ def _fake_ray_pass(visible: set[int], calls: list[int]):
                 stats = {"count": 1, "successes": 1, "status_dict": {"success": 1}}
                 with open(os.path.join(out, f"{shard:05d}_stats.json"), "w") as f:
                     json.dump(stats, f)
-                open(os.path.join(out, f"{shard:05d}.tar"), "wb").close()
+                for suffix in (".tar", ".parquet"):  # what img2dataset writes with the stats
+                    open(os.path.join(out, f"{shard:05d}{suffix}"), "wb").close()
         return []
 
     return distributor

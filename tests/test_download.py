@@ -1,7 +1,9 @@
 """The download stage against a loopback server of good images and bad cases (real img2dataset)."""
 
+import contextlib
 import copy
 import dataclasses
+import http.server
 import importlib.util
 import io
 import json
@@ -11,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +35,7 @@ from pipeline.data.download import (
     refused_url,
     run_download,
 )
+from pipeline.data.img2dataset_guards import ERR_TOO_LARGE, ERR_TOO_SLOW
 from pipeline.data.metadata import MetadataConfig
 from pipeline.data.netguard import (
     AddressGuard,
@@ -931,3 +935,265 @@ def test_exif_orientation_in_every_resize_mode(mode):
         assert not needs_conversion(im)
         assert im.tile  # still undecoded: only the header was read
     assert needs_conversion(Image.open(io.BytesIO(_tagged(plain, 6, fmt="PNG"))))
+
+
+# --- a deadline per image and a byte cap ------------------------------------------------------------
+
+
+class _SlowOrHuge(http.server.BaseHTTPRequestHandler):
+    """``/drip.jpg``: headers, then a byte every 0.5 s (each read well within timeout_s);
+    ``/head-drip.jpg``: the headers themselves a line every 0.5 s; ``/huge.jpg``: a
+    Content-Length over the cap; ``/stream.jpg``: a body over the cap without one. They stop
+    when ``stop`` is set; ``sent`` counts the body bytes written."""
+
+    stop = threading.Event()
+    sent: Counter = Counter()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _drip(self, line: bytes) -> None:
+        for _ in range(240):
+            if self.stop.wait(0.5):
+                return
+            try:
+                self.wfile.write(line)
+                self.wfile.flush()
+            except OSError:
+                return
+            self.sent[self.path] += len(line)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/head-drip.jpg":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+            self._drip(b"X-Pad: x\r\n")
+            return
+        huge = 256 << 20
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if self.path != "/stream.jpg":
+            self.send_header("Content-Length", str(huge if self.path == "/huge.jpg" else 10**6))
+        self.end_headers()
+        if self.path == "/drip.jpg":
+            self._drip(b"\xff")
+            return
+        chunk = b"\0" * (1 << 20)
+        try:
+            for _ in range(huge >> 20):
+                if self.stop.is_set():
+                    return
+                self.wfile.write(chunk)
+                self.sent[self.path] += len(chunk)
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def _slow_or_huge_server():
+    _SlowOrHuge.stop.clear()
+    _SlowOrHuge.sent.clear()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowOrHuge)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        _SlowOrHuge.stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.timeout(240)
+def test_a_dripping_or_huge_image_is_cut_and_counted_and_the_rest_arrives(server, tmp_path):
+    """img2dataset's timeout bounds each read, not the download: a server dripping a byte a
+    second held its image, shard and pass for as long as it dripped; and a body of any size was
+    read whole into memory. Now each image has a deadline and a byte cap, counted as reasons."""
+    with _slow_or_huge_server() as slow:
+        bad = ["drip.jpg", "head-drip.jpg", "huge.jpg", "stream.jpg"]
+        urls = server.good_urls()[:12] + [f"{slow}/{n}" for n in bad]
+        _write_metadata(str(tmp_path / "m.parquet"), urls)
+        cfg = _config(
+            str(tmp_path / "m.parquet"),
+            str(tmp_path / "raw"),
+            image_deadline_s=2,
+            max_image_bytes=4 << 20,
+            shard_retry_rounds=0,
+        )
+        start = time.monotonic()
+        result = run_download(cfg)
+        took = time.monotonic() - start
+        sent = dict(_SlowOrHuge.sent)
+    # the drips would go on for 120 s; the rest of the run (process start-up) takes ~15 s
+    assert took < 90, took
+    assert result.failed_shards == []
+    assert result.stats["by_reason"] == {"success": 12, "too_slow": 2, "too_large": 2}
+    statuses = result.stats["statuses"]
+    assert statuses[ERR_TOO_SLOW] == 2 and statuses[ERR_TOO_LARGE] == 2
+    assert len(read_samples(cfg.output)) == 12
+    # the huge body was refused from its Content-Length, the streamed one at the cap: neither
+    # was read whole (what the server manages to write is bounded by the socket buffers)
+    assert sent.get("/huge.jpg", 0) < 64 << 20 and sent.get("/stream.jpg", 0) < 64 << 20
+    assert sent.get("/drip.jpg", 0) < 20
+
+
+def test_fetch_image_keeps_img2dataset_behaviour_and_cuts_every_phase():
+    """The request img2dataset sends (User-Agent with its token), its opt-out check and its
+    error strings; the deadline also cuts a TLS handshake that never ends (the per-read
+    timeout here is 30 s)."""
+    from pipeline.data.img2dataset_guards import fetch_image
+
+    seen = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen["ua"] = self.headers["User-Agent"]
+            body = b"0123456789"
+            self.send_response(200)
+            if self.path == "/short":
+                self.send_header("Content-Length", "20")
+            else:
+                self.send_header("Content-Length", str(len(body)))
+            if self.path == "/noai":
+                self.send_header("X-Robots-Tag", "img2dataset: noai")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (in the kernel), never answers
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        opt_out = {"noai"}
+
+        def fetch(url, **kw):
+            kw = {"allow_loopback": True, "user_agent_token": "img2dataset", **kw}
+            return fetch_image(url, kw.pop("timeout", 3), kw.pop("deadline", 5), 100, **kw)
+
+        assert fetch(f"{base}/ok", disallowed_header_directives=opt_out) == (b"0123456789", None)
+        assert "(compatible; img2dataset; +https://github.com/rom1504/img2dataset)" in seen["ua"]
+        assert seen["ua"].startswith("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0)")
+        body, err = fetch(f"{base}/noai", disallowed_header_directives=opt_out)
+        assert body is None and reason_of(err) == "opted_out"
+        assert fetch(f"{base}/noai", disallowed_header_directives=set())[0] == b"0123456789"
+        body, err = fetch(f"{base}/short")
+        assert err == "IncompleteRead(10 bytes read, 10 more expected)"  # as r.read() says it
+        assert fetch(f"{base}/ok", user_agent_token=None)[1] is None
+        assert "compatible" not in seen["ua"]
+        err = fetch("http://10.255.255.1/x.jpg")[1]  # the connection guard still applies
+        assert reason_of(err) == "refused_private"
+        port = silent.getsockname()[1]
+        for scheme in ("http", "https"):
+            start = time.monotonic()
+            body, err = fetch(f"{scheme}://127.0.0.1:{port}/x.jpg", timeout=30, deadline=1)
+            assert err == ERR_TOO_SLOW and time.monotonic() - start < 5, scheme
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        silent.close()
+
+
+def test_new_reasons_and_settings():
+    assert reason_of(ERR_TOO_SLOW) == "too_slow"
+    assert reason_of(ERR_TOO_LARGE) == "too_large"
+    with pytest.raises(ValueError, match="image_deadline_s"):
+        DownloadConfig(input="x", output="y", image_deadline_s=0)
+    with pytest.raises(ValueError, match="max_image_bytes"):
+        DownloadConfig(input="x", output="y", max_image_bytes=0)
+    from pipeline.data.img2dataset_guards import GuardedDownloader
+
+    def downloader(**kw):
+        args = dict.fromkeys(
+            ["sample_writer_class", "resizer", "thread_count", "save_caption", "extract_exif",
+             "output_folder", "column_list", "number_sample_per_shard", "oom_shard_count",
+             "compute_hash", "verify_hash_type", "encode_format", "retries",
+             "user_agent_token", "disallowed_header_directives"]
+        )  # fmt: skip
+        return GuardedDownloader(**args, timeout=10, **kw)
+
+    d = downloader()  # unset: 3 x timeout_s, and 32 MiB
+    assert (float(d.timeout), d.timeout.deadline_s, d.timeout.max_bytes) == (10, 30, 32 << 20)
+    d = downloader(image_deadline_s=4.5, max_image_bytes=1000)
+    assert (d.timeout.deadline_s, d.timeout.max_bytes) == (4.5, 1000)
+
+
+# --- the distributors take units as the reader stages them ----------------------------------------
+
+
+def _staging_reader(rows, out_dir, seen, wait_for=None, fail_at=None):
+    """img2dataset's reader stages a unit (reads its parquet, writes a feather) as it is asked
+    for one; this one notes which shards were done when each row was asked for, can wait for
+    ``wait_for``'s shard to be done before going on (a distributor that takes every unit first
+    never gets there), and can fail at ``fail_at``."""
+    for row in rows:
+        if row[0] == fail_at:
+            raise RuntimeError("staging failed: throttled")
+        if wait_for is not None and row[0] == wait_for[1]:
+            deadline = time.monotonic() + 60
+            while f"{wait_for[0]}.done" not in os.listdir(out_dir):
+                if time.monotonic() > deadline:
+                    raise AssertionError("no task ran before every unit was staged")
+                time.sleep(0.05)
+        seen.append((row[0], _done(out_dir)))
+        yield row
+
+
+@pytest.mark.timeout(180)
+def test_pool_distributor_runs_units_as_they_are_staged(tmp_path):
+    """Every unit used to be staged (serially, ~70 ms each on S3: an hour for 60,000) before
+    the first image was fetched; now the first shard runs while the rest are staged, with at
+    most two shards per worker submitted ahead of the results."""
+    import multiprocessing
+
+    from pipeline.data.img2dataset_guards import pool_distributor
+    from tests.fakeworkers import FakeDownloader
+
+    rows = [(i, f"unit{i}") for i in range(6)]
+    seen: list = []
+    reader = _staging_reader(rows, str(tmp_path), seen, wait_for=(0, 4))
+    down = FakeDownloader(str(tmp_path), fail=5, slow=0.3)
+    assert pool_distributor(1, down, reader, None, 0) == [(5, "unit5")]
+    assert _done(tmp_path) == {0, 1, 2, 3, 4}
+    asked = dict(seen)
+    assert asked[3] != set()  # one worker: units 0 and 1 ahead, unit 3 waited for a result
+
+    # a reader that fails part-way: the shards it handed out end, then its error is raised
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    reader = _staging_reader(rows, str(failing), [], fail_at=2)
+    with pytest.raises(RuntimeError, match="staging failed"):
+        pool_distributor(2, FakeDownloader(str(failing), slow=0.5), reader, None, 1)
+    assert _done(failing) == {0, 1}
+    assert multiprocessing.active_children() == []
+
+
+def test_ray_distributor_runs_units_as_they_are_staged_and_records_them(local_ray, tmp_path):
+    from pipeline.data.download import _PassOutcome, _recording
+    from pipeline.data.img2dataset_guards import ray_distributor
+    from tests.fakeworkers import FakeDownloader
+
+    rows = [(i, f"unit{i}") for i in range(5)]
+    outcome = _PassOutcome()
+    distributor = _recording(ray_distributor, outcome)
+    reader = _staging_reader(rows, str(tmp_path), [], wait_for=(0, 3))
+    left = distributor(2, FakeDownloader(str(tmp_path), raise_on=4), reader, None, 0)
+    assert left == [(4, "unit4")]
+    assert _done(tmp_path) == {0, 1, 2, 3}
+    assert outcome.ran == {0, 1, 2, 3, 4} and outcome.ok == {0, 1, 2, 3}
+
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    outcome = _PassOutcome()
+    distributor = _recording(ray_distributor, outcome)
+    reader = _staging_reader(rows, str(failing), [], fail_at=2)
+    with pytest.raises(RuntimeError, match="staging failed"):
+        distributor(2, FakeDownloader(str(failing), slow=2.0), reader, None, 0)
+    assert _done(failing) == {0, 1}  # the tasks it had started ended before the error

@@ -27,12 +27,18 @@ every ``*.json`` there as a shard number.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import os
 import re
 import shutil
 import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,10 +52,12 @@ import yaml
 from pipeline import scratch, storage
 from pipeline.cluster_paths import (
     NOT_VISIBLE_HINT,
+    RAY_JOB_ENV,
     OutputNotVisibleError,
     appears,
     as_seen_here,
     check_paths_for_ray_job,
+    ray_job_submission,
 )
 from pipeline.config import doc, save_config, to_dict
 from pipeline.data.metadata import (
@@ -60,6 +68,7 @@ from pipeline.data.metadata import (
 )
 from pipeline.data.netguard import AddressGuard
 from pipeline.data.shards import RAW_STATS_SUFFIX, read_raw_stats
+from pipeline.errortext import InUseError
 from pipeline.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -114,6 +123,16 @@ class DownloadConfig:
     encode_format: Literal["jpg", "png", "webp"] = doc("image format in the shards", "jpg")
     encode_quality: int = doc("JPEG/WebP quality (PNG: compression 0-9)", 95)
     timeout_s: int = doc("per-request timeout in seconds", 10)
+    image_deadline_s: float | None = doc(
+        "most seconds one image's download may take in all, redirects and body included "
+        "(timeout_s bounds each read only: a server sending a byte now and then is cut here, "
+        "counted too_slow); unset: 3 x timeout_s",
+        None,
+    )
+    max_image_bytes: int = doc(
+        "largest image body fetched, in bytes; a larger one is cut off, counted too_large",
+        32 << 20,
+    )
     retries: int = doc("extra attempts per URL", 0)
     shard_retry_rounds: int = doc("reruns of shards that failed as a whole", 3)
     user_agent_token: str | None = doc(
@@ -143,9 +162,12 @@ class DownloadConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("processes", "threads", "image_size", "timeout_s", "max_image_pixels"):
+        positive = ("processes", "threads", "image_size", "timeout_s", "max_image_pixels")
+        for name in (*positive, "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_deadline_s is not None and not self.image_deadline_s > 0:
+            raise ValueError(f"image_deadline_s must be > 0, got {self.image_deadline_s}")
         if self.shard_retry_rounds < 0 or self.retries < 0:
             raise ValueError("shard_retry_rounds and retries must be >= 0")
 
@@ -180,6 +202,222 @@ def done_shards(output: str) -> set[int]:
         if head.isdigit():
             out.add(int(head))
     return out
+
+
+# what img2dataset writes per shard (webdataset output): the tar and the parquet, then the stats
+SHARD_FILES = (".tar", ".parquet")
+
+
+def incomplete_shards(output: str) -> dict[int, list[str]]:
+    """Shards with a ``_stats.json`` (img2dataset's done marker, written last) but without
+    their tar or parquet, with the names of the files they lack. img2dataset never leaves one
+    (a kill before the stats file leaves no marker); a second run into the same output, or a
+    hand, can: such a shard is not done (score would skip it, select_hq would lose its rows)."""
+    names = set(storage.list_dir(output))
+    out = {}
+    for n in names:
+        stem = n[: -len(RAW_STATS_SUFFIX)]
+        if n.endswith(RAW_STATS_SUFFIX) and stem.isdigit():
+            lacking = [stem + s for s in SHARD_FILES if stem + s not in names]
+            if lacking:
+                out[int(stem)] = lacking
+    return dict(sorted(out.items()))
+
+
+def _redo_incomplete(output: str, read: dict[int, dict[str, Any]], redone: set[int]) -> None:
+    """Remove the done marker (and what is left of the shard) of each of
+    :func:`incomplete_shards`, so that it counts as missing and is downloaded again in this run;
+    ``redone`` gathers them, ``read`` forgets their stats."""
+    bad = incomplete_shards(output)
+    if not bad:
+        return
+    log.warning(
+        "download: %d shards have a stats file but lack their data (%s): not done; their stats "
+        "files are removed and they are downloaded again in this run. Another download run into "
+        "%s at the same time (or a hand) removes files so",
+        len(bad),
+        "; ".join(f"{shard_name(i)}{RAW_STATS_SUFFIX} without {', '.join(v)}" for i, v in
+                  list(bad.items())[:20]),
+        output,
+    )  # fmt: skip
+    for i in bad:
+        storage.remove(storage.join(output, f"{shard_name(i)}{RAW_STATS_SUFFIX}"))
+        _remove_partial(output, i)
+        read.pop(i, None)
+        redone.add(i)
+
+
+# --- one run at a time ----------------------------------------------------------------------------
+
+LEASE_NAME = "run_lease.json"  # in {output}/_meta/
+LEASE_HEARTBEAT_S = 30.0  # how often a run refreshes its lease
+# a lease not refreshed for this long is a dead run's (three missed refreshes and a margin for a
+# slow store), and is taken over
+LEASE_STALE_S = 3 * LEASE_HEARTBEAT_S + 60.0
+_held_leases: set[str] = set()  # the run ids of the leases this process holds now
+
+
+class OutputInUseError(InUseError):
+    """Another download run is writing into the same output."""
+
+
+def lease_uri(output: str) -> str:
+    return storage.join(meta_dir(output), LEASE_NAME)
+
+
+def _holder_is_dead(lease: dict[str, Any]) -> bool:
+    """Whether ``lease`` is that of a process of this host and PID namespace that is gone (its
+    PIDs mean nothing elsewhere), or of this process but no run of it holds it any more."""
+    pid = lease.get("pid")
+    if lease.get("owner") != scratch._owner() or not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return lease.get("run_id") not in _held_leases
+    return not scratch._alive(pid)
+
+
+def _ago(t: Any, now: float) -> str:
+    try:
+        s = max(0, int(now - float(t)))
+    except (TypeError, ValueError):
+        return "an unknown time"
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h{s % 3600 // 60}m"
+
+
+def _describe(lease: dict[str, Any], now: float) -> str:
+    job = lease.get("ray_job")
+    return (
+        f"run {lease.get('run_id')} (host {lease.get('host')}, pid {lease.get('pid')}"
+        + (f", Ray job {job}" if job else "")
+        + f", started {_ago(lease.get('started'), now)} ago, lease refreshed "
+        f"{_ago(lease.get('heartbeat'), now)} ago)"
+    )
+
+
+class RunLease:
+    """The output's ``_meta/run_lease.json``: which run is writing into it. Two download runs
+    into one output (a ``ray job submit`` sent again after Ctrl-C, which leaves the job running)
+    delete each other's shards: a retry round removes what it takes for a failed shard's
+    partial files, which is the other run's shard being written. ``acquire`` refuses a second
+    run while a lease is refreshed (a daemon thread rewrites it every ``LEASE_HEARTBEAT_S``),
+    and takes over one not refreshed for ``LEASE_STALE_S`` (a dead run's) or one of a dead
+    process of this host; ``release`` removes it. Works on a local path and on ``s3://``.
+
+    Two runs starting in the same second both write their lease; each reads it back a moment
+    later and the one that does not find its own stops. A run whose lease another took over
+    (it looked dead) finds out at its next refresh and stops at its next :meth:`check`."""
+
+    def __init__(self, output: str) -> None:
+        self.uri = lease_uri(output)
+        self.output = output
+        self.run_id = f"{scratch._host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.record: dict[str, Any] = {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "owner": scratch._owner(),  # host and PID namespace: where the PID means something
+            "ray_job": ray_job_submission(),
+            "command": " ".join(sys.argv)[:1000],
+        }
+        self.lost: str | None = None  # why this run's lease is no longer its own
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict[str, Any] | None:
+        """The lease there now; None when there is none. One that does not read (written by
+        something else) counts as a dead run's."""
+        try:
+            data = storage.read_bytes(self.uri)
+        except FileNotFoundError:
+            return None
+        try:
+            lease = json.loads(data)
+        except ValueError:
+            lease = None
+        if not isinstance(lease, dict):
+            log.warning("download: %s does not read as a run lease: a dead run's", self.uri)
+            return {"heartbeat": 0}
+        return lease
+
+    def _write(self) -> None:
+        self.record["heartbeat"] = time.time()
+        storage.write_json(self.uri, self.record)
+
+    def acquire(self) -> None:
+        now = time.time()
+        held = self._read()
+        if held is not None and held.get("run_id") != self.run_id:
+            age = now - float(held.get("heartbeat") or 0)
+            if _holder_is_dead(held):
+                log.warning(
+                    "download: taking over the lease of %s: its process is gone",
+                    _describe(held, now),
+                )
+            elif age < LEASE_STALE_S:
+                job = held.get("ray_job")
+                stop = f"`ray job stop {job}`" if job and job != "unknown" else None
+                stop = stop or f"end process {held.get('pid')} on {held.get('host')}"
+                raise OutputInUseError(
+                    f"download: {self.output} is being written by another download "
+                    f"{_describe(held, now)}; two runs into one output delete each other's "
+                    f"shards. Wait for it to end, or stop it ({stop}). If that run is dead, "
+                    f"remove {self.uri} (or rerun once the lease has not been refreshed for "
+                    f"{int(LEASE_STALE_S)}s: it is then taken over)"
+                )
+            else:
+                log.warning(
+                    "download: taking over the lease of %s: not refreshed for %ds, that run is "
+                    "taken for dead",
+                    _describe(held, now),
+                    int(age),
+                )
+        self.record["started"] = now
+        self._write()
+        _held_leases.add(self.run_id)
+        time.sleep(2.0 if storage.is_remote(self.uri) else 0.2)  # a run started with this one
+        held = self._read()
+        if held is None or held.get("run_id") != self.run_id:
+            _held_leases.discard(self.run_id)
+            raise OutputInUseError(
+                f"download: another download run into {self.output} started at the same time "
+                f"and holds its lease now: {_describe(held or {}, time.time())}"
+            )
+        self._thread = threading.Thread(target=self._beat, name="download-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LEASE_HEARTBEAT_S):
+            try:
+                held = self._read()
+                if held is not None and held.get("run_id") != self.run_id:
+                    self.lost = (
+                        f"download: the lease of {self.output} was taken over by "
+                        f"{_describe(held, time.time())} (this run looked dead to it: no refresh "
+                        f"for {int(LEASE_STALE_S)}s); this run stops so as not to delete its shards"
+                    )
+                    log.error("%s", self.lost)
+                    return
+                self._write()
+            except Exception as e:  # noqa: BLE001 - a store hiccup: the next refresh may pass
+                log.warning("download: could not refresh the run lease %s: %s", self.uri, e)
+
+    def check(self) -> None:
+        """Raise if another run took this run's lease over."""
+        if self.lost:
+            raise OutputInUseError(self.lost)
+
+    def release(self) -> None:
+        """Stop refreshing and remove the lease, if it is still this run's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+        _held_leases.discard(self.run_id)
+        try:
+            held = self._read()
+            if held is not None and held.get("run_id") == self.run_id:
+                storage.remove(self.uri)
+        except Exception as e:  # noqa: BLE001 - never hides the run's own outcome
+            log.warning("download: could not remove the run lease %s: %s", self.uri, e)
 
 
 # --- the address guard ---------------------------------------------------------------------------
@@ -250,6 +488,55 @@ def _img2dataset_env(cfg: DownloadConfig) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# what the Ray workers need of _img2dataset_env's variables (a local Ray's inherit them all)
+_WORKER_ENV = ("NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE", "OPENCV_IO_MAX_IMAGE_PIXELS")
+# those whose value shapes shards (max_image_pixels): ours, not the job's, reach the workers
+_SHAPING_ENV = ("OPENCV_IO_MAX_IMAGE_PIXELS",)
+_OVERRIDE_ENV = "RAY_OVERRIDE_JOB_RUNTIME_ENV"
+
+
+def _job_env_vars() -> dict[str, str] | None:
+    """The ``env_vars`` of the runtime env of the ``ray job submit`` this driver runs under
+    (Ray 2.60 hands the job's config to the driver as JSON in ``RAY_JOB_CONFIG_JSON_ENV_VAR``,
+    and ``ray.init`` merges its ``runtime_env`` into it); None outside a submitted job."""
+    raw = os.environ.get(RAY_JOB_ENV)
+    if raw is None:
+        return None
+    try:
+        env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
+
+
+def _driver_env_vars(
+    wanted: dict[str, str], job: dict[str, str] | None
+) -> tuple[dict[str, str], bool]:
+    """The ``env_vars`` for ``ray.init``'s runtime env, and whether Ray must let them override
+    the job's. Ray refuses to merge a submitted job's runtime env with ``ray.init``'s when both
+    set one variable ("Failed to merge the Job's runtime env") unless
+    ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1``. A variable the job sets is left to the job, except one
+    that shapes shards set to another value than this run's (``OPENCV_IO_MAX_IMAGE_PIXELS``:
+    ``max_image_pixels``, recorded with the shards): ours wins, with a warning."""
+    if not job:
+        return dict(wanted), False
+    out, override = {}, False
+    for k, v in wanted.items():
+        if k not in job:
+            out[k] = v
+        elif job[k] != v and k in _SHAPING_ENV:
+            log.warning(
+                "download: the Ray job's runtime env sets %s=%s, but this run's max_image_pixels "
+                "makes it %s (the limit shapes the shards and is recorded with them): %s is used "
+                "(set max_image_pixels to change it)",
+                k, job[k], v, v,
+            )  # fmt: skip
+            out[k], override = v, True
+        elif job[k] != v:
+            log.info("download: the Ray job's runtime env sets %s=%s: kept", k, job[k])
+    return out, override
+
+
 @contextlib.contextmanager
 def _ray_session(cfg: DownloadConfig) -> Iterator[None]:
     """Join a Ray cluster or start a local Ray (only what this function started is shut down)."""
@@ -262,13 +549,23 @@ def _ray_session(cfg: DownloadConfig) -> Iterator[None]:
         yield
         return
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    env_vars = {
-        k: os.environ[k]
-        for k in ("NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE", "OPENCV_IO_MAX_IMAGE_PIXELS")
-        if k in os.environ
-    }
+    wanted = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        env_vars, override = _driver_env_vars(wanted, _job_env_vars())
+        saved = os.environ.get(_OVERRIDE_ENV)
+        if override:  # read by ray.init only
+            os.environ[_OVERRIDE_ENV] = "1"
+        try:
+            ray.init(
+                address=address,
+                runtime_env={"env_vars": env_vars} if env_vars else None,
+                log_to_driver=False,
+            )
+        finally:
+            if saved is None:
+                os.environ.pop(_OVERRIDE_ENV, None)
+            else:
+                os.environ[_OVERRIDE_ENV] = saved
     else:
         ray.init(num_cpus=cfg.processes, include_dashboard=False, log_to_driver=False)
     try:
@@ -290,20 +587,30 @@ def _recording(distributor: Any, outcome: _PassOutcome) -> Any:
     what it reported done (the tasks it does not return as failed)."""
 
     def run(processes_count, downloader, reader, subjob_size, max_shard_retry) -> list:
-        tasks = list(reader)  # (shard id, its input file) rows
-        failed = distributor(processes_count, downloader, tasks, subjob_size, max_shard_retry)
-        outcome.ran.update(row[0] for row in tasks)
-        outcome.ok.update({row[0] for row in tasks} - {row[0] for row in failed})
+        ran: list[int] = []
+
+        def rows() -> Iterator:  # (shard id, its input file), each staged as the distributor
+            for row in reader:  # takes it: not every unit before the first task starts
+                ran.append(row[0])
+                yield row
+
+        failed = distributor(processes_count, downloader, rows(), subjob_size, max_shard_retry)
+        outcome.ran.update(ran)
+        outcome.ok.update(set(ran) - {row[0] for row in failed})
         return failed
 
     return run
 
 
 def _run_img2dataset(
-    cfg: DownloadConfig, input_dir: str, outcome: _PassOutcome | None = None
+    cfg: DownloadConfig,
+    input_dir: str,
+    outcome: _PassOutcome | None = None,
+    staging: str | None = None,
 ) -> None:
     """One img2dataset pass in incremental mode (done shards are skipped); ``outcome``: what
-    the Ray distributor ran and reported done."""
+    the Ray distributor ran and reported done; ``staging``: where its reader writes each shard's
+    input (img2dataset's own is ``{output}/_tmp``, shared by every run into the output)."""
     import functools
     import importlib
 
@@ -329,7 +636,19 @@ def _run_img2dataset(
         GuardedDownloader,
         allow_loopback=cfg.allow_loopback,
         allow_private=cfg.allow_private_addresses,
+        image_deadline_s=cfg.image_deadline_s,
+        max_image_bytes=cfg.max_image_bytes,
     )
+    reader_class = i2d.Reader
+    if staging is not None:
+        storage.makedirs(staging)
+
+        def staged_reader(*args, **kwargs):  # Reader(..., done_shards, tmp_path, start_shard_id)
+            bound = inspect.signature(reader_class).bind(*args, **kwargs)
+            bound.arguments["tmp_path"] = staging
+            return reader_class(*bound.args, **bound.kwargs)
+
+        i2d.Reader = staged_reader
     try:
         i2d.download(
             url_list=input_dir,
@@ -365,6 +684,7 @@ def _run_img2dataset(
         )
     finally:
         i2d.Resizer, i2d.Downloader, i2d.multiprocessing_distributor, i2d.ray_distributor = original
+        i2d.Reader = reader_class
 
 
 def _remove_partial(output: str, shard: int) -> None:
@@ -381,6 +701,8 @@ _REASONS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"refused connection to an? ([a-z_]+) address"), "refused_{0}"),
     (re.compile(r"refused redirect to an? [a-z+.-]+:// URL"), "refused_redirect_scheme"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{0}"),
+    (re.compile(r"download too slow"), "too_slow"),  # img2dataset_guards.ERR_TOO_SLOW
+    (re.compile(r"download too large"), "too_large"),  # img2dataset_guards.ERR_TOO_LARGE
     (
         re.compile(r"decompression bomb|CV_IO_MAX_IMAGE_PIXELS|image area too large"),
         "decompression_bomb",
@@ -489,13 +811,17 @@ def aggregate_stats(
 
 
 def _check_reported_shards(
-    cfg: DownloadConfig, outcome: _PassOutcome, done: set[int], seen: set[int]
+    cfg: DownloadConfig,
+    outcome: _PassOutcome,
+    done: set[int],
+    seen: set[int],
+    staging: str | None = None,
 ) -> None:
     """After a Ray pass: shards whose task reported success must have a ``_stats.json`` that
     this driver sees (``done``, or at least in a listing); ``seen`` gathers those that do. None
     of them seen: the workers write to their own node's disk, so every shard would be lost the
     same way: stop. Some: those are redone in the retry rounds. Every task failed with a local
-    output: say that workers on other nodes may not see its ``_tmp`` inputs."""
+    output: say that workers on other nodes may not see their inputs (``staging``)."""
     seen.update(outcome.ok & done)
     unseen = sorted(outcome.ok - done)
 
@@ -522,7 +848,7 @@ def _check_reported_shards(
             "there: if their logs say 'No such file', that folder is not on their node; use "
             "s3://... or a file system every node mounts",
             len(outcome.ran),
-            storage.join(cfg.output, "_tmp"),
+            staging or storage.join(cfg.output, "_tmp"),
         )
 
 
@@ -538,13 +864,37 @@ def _made_with(state: dict[str, Any], meta: str) -> dict[str, Any]:
 
 
 def run_download(cfg: DownloadConfig) -> DownloadResult:
-    """Download every unit of ``cfg.input`` into raw shards under ``cfg.output`` (resumable)."""
-    start = time.time()
+    """Download every unit of ``cfg.input`` into raw shards under ``cfg.output`` (resumable).
+    One run at a time per output (:class:`RunLease`): a second is refused with
+    :class:`OutputInUseError` before it touches anything."""
     check_paths_for_ray_job({"input": cfg.input, "output": cfg.output})
     storage.makedirs(cfg.output)
+    lease = RunLease(cfg.output)
+    meta = meta_dir(cfg.output)
+    # this run's staging of img2dataset's per-shard inputs: a folder no other run deletes
+    staging_root = storage.join(meta, "staging")
+    staging = storage.join(staging_root, lease.run_id)
+    if not storage.is_remote(staging):
+        staging = os.path.abspath(storage.normalize(staging))  # workers may start elsewhere
+    try:
+        lease.acquire()  # refused: release() leaves the other run's lease alone
+        for name in storage.list_dir(staging_root):  # left by killed runs: none runs now
+            storage.remove(storage.join(staging_root, name), recursive=True)
+        return _download(cfg, lease, staging)
+    finally:
+        with contextlib.suppress(Exception):
+            storage.remove(staging, recursive=True)
+        lease.release()
+
+
+def _download(cfg: DownloadConfig, lease: RunLease, staging: str) -> DownloadResult:
+    start = time.time()
     meta = meta_dir(cfg.output)
     units_dir, input_dir = storage.join(meta, "units"), storage.join(meta, "input")
 
+    read: dict[int, dict[str, Any]] = {}  # the done shards' stats, each read once
+    redone: set[int] = set()  # shards with a stats file but without their tar or parquet
+    _redo_incomplete(cfg.output, read, redone)
     existing = done_shards(cfg.output)
     # refused before the units are rewritten (a LAION-COCO-size input takes hours to cut)
     listing = units_fingerprint(cfg.input, cfg.metadata)
@@ -635,7 +985,6 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
             guard.transient_failures,
         )
 
-    read: dict[int, dict[str, Any]] = {}  # the done shards' stats, each read once
     reported_seen: set[int] = set()  # shards a Ray task reported done that this driver sees
     missing = sorted(set(range(total)) - readable_done_shards(cfg.output, read))
     if total and not missing:
@@ -652,23 +1001,30 @@ def run_download(cfg: DownloadConfig) -> DownloadResult:
                     len(missing),
                     missing[:20],
                 )
+                lease.check()
                 for i in missing:  # whatever a failed shard left behind goes before its rerun
                     _remove_partial(cfg.output, i)
             outcome = _PassOutcome() if cfg.distributor == "ray" else None
             try:
-                _run_img2dataset(cfg, input_dir, outcome)
+                _run_img2dataset(cfg, input_dir, outcome, staging)
             except SystemExit as e:
                 # img2dataset's SIGINT handler exits with status 0: a stop must not look done
                 raise KeyboardInterrupt("download interrupted; rerun to resume") from e
             except Exception:  # noqa: BLE001 - finished shards are safe; check what is missing
                 log.exception("img2dataset pass %d stopped with an error", attempt + 1)
+            lease.check()
             done = readable_done_shards(cfg.output, read)
-            missing = sorted(set(range(total)) - done)
-            if outcome is not None:
-                _check_reported_shards(cfg, outcome, done, reported_seen)
+            if outcome is not None:  # a stats file seen is seen, with its tar or without
+                _check_reported_shards(cfg, outcome, done, reported_seen, staging)
+            _redo_incomplete(cfg.output, read, redone)
+            missing = sorted(set(range(total)) - {i for i in done if i in read})
+    lease.check()
+    # img2dataset's own staging (emptied by it on a local disk; runs before this version's)
     storage.remove(storage.join(cfg.output, "_tmp"), recursive=True)
 
     stats = aggregate_stats(cfg.output, total, read)
+    # counted in "done" or "failed" as this run left them
+    stats["shards"]["redone_missing_files"] = sorted(redone)
     stats["metadata"] = units_stats["counts"]
     stats["guard_this_run"] = dict(guard_counts)
     stats["duration_s"] = round(time.time() - start, 3)

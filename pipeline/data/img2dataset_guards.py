@@ -2,7 +2,8 @@
 
 ``GuardedDownloader`` installs the connect-time address guard (``netguard``) in each worker
 process before it downloads a shard, so redirects and DNS answers that lead to private addresses
-are refused there too.
+are refused there too, and fetches each image itself (``fetch_image``): img2dataset's request,
+with a deadline for the whole image and a cap on its bytes.
 
 ``GuardedResizer`` checks and normalises each downloaded image before img2dataset's resizer sees it.
 
@@ -23,19 +24,32 @@ image. Plain 8-bit RGB images stored upright, the vast majority, take the unchan
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import http.client
 import io
 import os
 import signal
+import socket
 import sys
+import threading
+import time
+import urllib.request
 import warnings
+from collections.abc import Iterable
 
+import img2dataset.downloader
 import numpy as np
-from img2dataset.downloader import Downloader
+from img2dataset.downloader import Downloader, is_disallowed
 from img2dataset.resizer import Resizer
 from PIL import Image, ImageOps
 
-from pipeline.data.netguard import install_connection_guard
+from pipeline.data.netguard import (
+    GuardedHTTPHandler,
+    GuardedHTTPSHandler,
+    guarded_opener,
+    install_connection_guard,
+)
 from pipeline.log import get_logger
 
 log = get_logger(__name__)
@@ -44,6 +58,8 @@ log = get_logger(__name__)
 ERR_BOMB = "decompression bomb (image larger than max_image_pixels)"
 ERR_NOT_IMAGE = "not an image (unrecognised format)"
 ERR_CONVERT = "image conversion error"
+ERR_TOO_SLOW = "download too slow (not done within image_deadline_s)"
+ERR_TOO_LARGE = "download too large (more than max_image_bytes)"
 
 # Formats OpenCV decodes itself; anything else (GIF, ...) goes through Pillow.
 _CV2_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
@@ -148,19 +164,260 @@ class GuardedResizer(Resizer):
         return super().__call__(io.BytesIO(raw), blurring_bbox_list)
 
 
+# --- fetching one image -----------------------------------------------------------------------------
+# img2dataset 1.47 fetches with ``urlopen(request, timeout)`` then ``r.read()``: the timeout bounds
+# each socket read, not the download, so a server that sends a byte now and then holds the image
+# (its thread, its shard and the whole pass) for as long as it keeps sending; and ``r.read()``
+# takes the whole body into memory, however large. ``GuardedDownloader`` fetches with
+# ``fetch_image`` instead: the same request and opt-out check, the body read in chunks up to
+# ``max_image_bytes``, and every connection of the image (redirects included) shut down by a
+# watchdog thread once ``image_deadline_s`` has passed since the image's first request.
+
+# the request img2dataset 1.47 sends (its User-Agent, token appended)
+_USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+_USER_AGENT_TOKEN = " (compatible; {}; +https://github.com/rom1504/img2dataset)"
+ERR_OPTED_OUT = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's own string
+_CHUNK = 1 << 16
+DEADLINE_PER_TIMEOUT = 3  # image_deadline_s unset: this many times the per-read timeout
+
+
+class _Watch:
+    """One image's connections, shut down together when its deadline passes."""
+
+    __slots__ = ("deadline", "expired", "_lock", "_socks", "_done")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.expired = False
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._done = False
+
+    def add(self, sock: socket.socket) -> None:
+        # a duplicate of the descriptor: shutdown() acts on the connection itself, so it also
+        # stops a TLS handshake (the SSL socket takes over the original descriptor) and every
+        # read after it, and the duplicate is ours to close, never a number reused elsewhere
+        try:
+            dup = sock.dup()
+        except OSError:
+            return
+        with self._lock:
+            if self._done:
+                dup.close()
+                return
+            self._socks.append(dup)
+            if self.expired:
+                _shut(dup)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            for s in self._socks:
+                _shut(s)
+
+    def close(self) -> None:
+        with self._lock:
+            self._done = True
+            socks, self._socks = self._socks, []
+        for s in socks:
+            s.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """A thread of this process that expires the watches whose deadline has passed (it ends
+    when none is left, and starts again with the next)."""
+
+    tick = 0.1
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: set[_Watch] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, seconds: float) -> _Watch:
+        w = _Watch(time.monotonic() + seconds)
+        with self._lock:
+            self._watches.add(w)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="image-deadline", daemon=True
+                )
+                self._thread.start()
+        return w
+
+    def forget(self, w: _Watch) -> None:
+        with self._lock:
+            self._watches.discard(w)
+        w.close()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.tick)
+            now = time.monotonic()
+            with self._lock:
+                if not self._watches:
+                    self._thread = None
+                    return
+                due = [w for w in self._watches if w.deadline <= now]
+                self._watches.difference_update(due)
+            for w in due:
+                w.expire()
+
+
+_watchdog = _Watchdog()
+# a child forked while the thread ran would count on a thread it does not have
+os.register_at_fork(after_in_child=lambda: _watchdog.__init__())
+_current = threading.local()  # .watch: the image this thread is fetching
+
+
+def _watched(create_connection):
+    """``create_connection`` whose sockets join the calling thread's current watch."""
+
+    def create(*args, **kwargs):
+        sock = create_connection(*args, **kwargs)
+        w = getattr(_current, "watch", None)
+        if w is not None:
+            w.add(sock)
+        return sock
+
+    return create
+
+
+_openers: dict[tuple[bool, bool], urllib.request.OpenerDirector] = {}
+_openers_lock = threading.Lock()
+
+
+def _opener(allow_loopback: bool, allow_private: bool) -> urllib.request.OpenerDirector:
+    """This process's guarded opener (``netguard.guarded_opener``) whose connections are
+    watched."""
+    key = (allow_loopback, allow_private)
+    with _openers_lock:
+        if key not in _openers:
+            opener = guarded_opener(allow_loopback, allow_private)
+            for h in opener.handlers:
+                if isinstance(h, (GuardedHTTPHandler, GuardedHTTPSHandler)):
+                    h.create_connection = _watched(h.create_connection)
+            _openers[key] = opener
+        return _openers[key]
+
+
+def fetch_image(
+    url: str,
+    timeout: float,
+    deadline_s: float,
+    max_bytes: int,
+    user_agent_token: str | None = None,
+    disallowed_header_directives=None,
+    allow_loopback: bool = False,
+    allow_private: bool = False,
+) -> tuple[bytes | None, str | None]:
+    """``(body, None)`` or ``(None, error string)``, as img2dataset's ``download_image``, with
+    the whole download (connections, redirects, headers, body) cut at ``deadline_s``
+    (``ERR_TOO_SLOW``) and a body over ``max_bytes`` refused unread (``ERR_TOO_LARGE``)."""
+    agent = _USER_AGENT + (_USER_AGENT_TOKEN.format(user_agent_token) if user_agent_token else "")
+    w = _watchdog.watch(deadline_s)
+    _current.watch = w
+    try:
+        request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
+        with _opener(allow_loopback, allow_private).open(request, timeout=timeout) as r:
+            if disallowed_header_directives and is_disallowed(
+                r.headers, user_agent_token, disallowed_header_directives
+            ):
+                return None, ERR_OPTED_OUT
+            declared = r.headers.get("Content-Length", "").strip()
+            if declared.isdigit() and int(declared) > max_bytes:
+                return None, ERR_TOO_LARGE
+            body = bytearray()
+            while chunk := r.read(_CHUNK):
+                body += chunk
+                if len(body) > max_bytes:
+                    return None, ERR_TOO_LARGE
+            if w.expired:  # the end may be the watchdog's shutdown
+                return None, ERR_TOO_SLOW
+            if r.length:  # the connection ended before Content-Length: as r.read() says it
+                raise http.client.IncompleteRead(bytes(body), r.length)
+            return bytes(body), None
+    except Exception as err:  # noqa: BLE001 - as img2dataset: the error string is the status
+        return None, ERR_TOO_SLOW if w.expired else str(err)
+    finally:
+        _current.watch = None
+        _watchdog.forget(w)
+
+
+class _Timeout(float):
+    """img2dataset's per-read timeout (``Downloader.timeout``), carrying our other fetch
+    settings to ``_download_with_retry``: img2dataset hands it that value alone."""
+
+    deadline_s: float
+    max_bytes: int
+    allow_loopback: bool
+    allow_private: bool
+
+
+_img2dataset_download = img2dataset.downloader.download_image_with_retry
+
+
+def _download_with_retry(row, timeout, retries, user_agent_token, disallowed_header_directives):
+    """img2dataset's ``download_image_with_retry`` through ``fetch_image`` (a body over the
+    byte cap is not fetched again)."""
+    if not isinstance(timeout, _Timeout):  # a plain img2dataset Downloader in this process
+        return _img2dataset_download(
+            row, timeout, retries, user_agent_token, disallowed_header_directives
+        )
+    key, url = row
+    err = None
+    for _ in range(retries + 1):
+        body, err = fetch_image(
+            url,
+            float(timeout),
+            timeout.deadline_s,
+            timeout.max_bytes,
+            user_agent_token,
+            disallowed_header_directives,
+            timeout.allow_loopback,
+            timeout.allow_private,
+        )
+        if body is not None:
+            return key, io.BytesIO(body), None
+        if err == ERR_TOO_LARGE:
+            break
+    return key, None, err
+
+
 class GuardedDownloader(Downloader):
-    """img2dataset's Downloader that first guards this process's connections."""
+    """img2dataset's Downloader that first guards this process's connections, and fetches each
+    image with ``fetch_image`` (a deadline per image, a byte cap)."""
 
     def __init__(
-        self, *args, allow_loopback: bool = False, allow_private: bool = False, **kwargs
+        self,
+        *args,
+        allow_loopback: bool = False,
+        allow_private: bool = False,
+        image_deadline_s: float | None = None,
+        max_image_bytes: int = 32 << 20,
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.allow_loopback = allow_loopback
         self.allow_private = allow_private
+        limits = _Timeout(self.timeout)
+        limits.deadline_s = float(image_deadline_s or DEADLINE_PER_TIMEOUT * self.timeout)
+        limits.max_bytes = int(max_image_bytes)
+        limits.allow_loopback, limits.allow_private = allow_loopback, allow_private
+        self.timeout = limits  # what img2dataset hands the download function
 
     def __call__(self, row):
         # runs in the worker (a pool process or a Ray task): guard before the first request
         install_connection_guard(self.allow_loopback, self.allow_private)
+        # img2dataset's shard loop calls its module's download_image_with_retry: ours
+        img2dataset.downloader.download_image_with_retry = _download_with_retry
         return super().__call__(row)
 
 
@@ -173,9 +430,13 @@ class GuardedDownloader(Downloader):
 #   task of the previous pass may still be writing (two writers on one tar).
 # Ours end a pass only when no task of it can still be writing, and say what was lost; the shards
 # left without ``_stats.json`` are removed and rerun by ``download``'s retry rounds.
+# Both take the reader's rows as it stages them (a parquet read and a feather written into _tmp
+# per unit, ~70 ms on S3): each task is submitted as its unit arrives, instead of every unit
+# being staged before the first image is fetched. A reader that fails part-way lets the tasks
+# it started end, then its error is raised.
 
 
-def _retry(run, tasks: list, max_shard_retry: int) -> list:
+def _retry(run, tasks: Iterable, max_shard_retry: int) -> list:
     failed = run(tasks)
     for i in range(max_shard_retry):
         if not failed:
@@ -207,15 +468,18 @@ def pool_distributor(processes_count, downloader, reader, _subjob_size, max_shar
     Returns the shards (``(id, file)`` rows) that failed or were lost.
     """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
     from concurrent.futures.process import BrokenProcessPool
 
     lost: list = []
+    # submitted and not done: a worker has its next shard queued while it runs one, and the
+    # reader stages a unit only when a worker is about to need it
+    limit = 2 * processes_count
 
-    def run(tasks: list) -> list:
+    def run(tasks: Iterable) -> list:
         if lost:  # the pool broke earlier in this pass: the rest waits for the next round
             return list(tasks)
-        failed = []
+        failed: list = []
         ctx = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(
             processes_count,
@@ -224,16 +488,39 @@ def pool_distributor(processes_count, downloader, reader, _subjob_size, max_shar
             initializer=die_with_parent,
             initargs=(os.getpid(),),
         )
-        try:
-            futures = {pool.submit(downloader, row): row for row in tasks}
-            for fut in as_completed(futures):
+        futures: dict = {}
+        error = None
+
+        def settle(done) -> None:
+            for fut in done:
+                row = futures.pop(fut)
                 try:
                     ok, row = fut.result()
                 except BrokenProcessPool:
-                    lost.append(futures[fut])
+                    lost.append(row)
                     continue
                 if not ok:
                     failed.append(row)
+
+        try:
+            rows = iter(tasks)
+            try:
+                for row in rows:
+                    while len(futures) >= limit:
+                        settle(wait(futures, return_when=FIRST_COMPLETED)[0])
+                    if lost:  # the pool broke: this unit and the rest go to the next round
+                        lost.append(row)
+                        lost.extend(rows)
+                        break
+                    try:
+                        futures[pool.submit(downloader, row)] = row
+                    except BrokenProcessPool:  # it broke since the last result
+                        lost.append(row)
+                        lost.extend(rows)
+                        break
+            except Exception as e:  # noqa: BLE001 - the reader: raised once the started end
+                error = e
+            settle(as_completed(list(futures)))
         except BaseException:  # an interrupt: no worker may go on writing after we return
             for proc in list((pool._processes or {}).values()):
                 proc.terminate()
@@ -246,9 +533,11 @@ def pool_distributor(processes_count, downloader, reader, _subjob_size, max_shar
                 "were not finished and go to the next retry round",
                 sorted(r[0] for r in lost)[:50],
             )
+        if error is not None:
+            raise error
         return failed
 
-    return _retry(run, list(reader), max_shard_retry) + lost
+    return _retry(run, reader, max_shard_retry) + lost
 
 
 def _ray_call(downloader, row):
@@ -266,10 +555,19 @@ def ray_distributor(processes_count, downloader, reader, _subjob_size, max_shard
 
     remote = ray.remote(_ray_call)
 
-    def run(tasks: list) -> list:
-        refs = {remote.remote(downloader, row): row for row in tasks}
-        pending, failed = list(refs), []
+    def run(tasks: Iterable) -> list:
+        refs: dict = {}
+        pending: list = []
+        failed: list = []
         try:
+            error = None
+            try:
+                for row in tasks:  # every task submitted as its unit is staged, as Ray queues
+                    ref = remote.remote(downloader, row)
+                    refs[ref] = row
+                    pending.append(ref)
+            except Exception as e:  # noqa: BLE001 - the reader: raised once the started end
+                error = e
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:
@@ -282,10 +580,12 @@ def ray_distributor(processes_count, downloader, reader, _subjob_size, max_shard
                         continue
                     if not ok:
                         failed.append(row)
+            if error is not None:
+                raise error
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
         return failed
 
-    return _retry(run, list(reader), max_shard_retry)
+    return _retry(run, reader, max_shard_retry)
