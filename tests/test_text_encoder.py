@@ -66,6 +66,29 @@ def test_lengths_truncation_and_dtype(tiny_dir):
     assert out.nonfinite == []
 
 
+def test_a_tokenizer_config_saying_left_keeps_the_start_of_a_long_caption(tiny_dir, tmp_path):
+    """A model folder whose tokenizer_config.json says truncation_side / padding_side left: a
+    long caption kept its end, not its start as LlamaGen's T5 does."""
+    import json
+    import shutil
+
+    left = tmp_path / "left"
+    shutil.copytree(tiny_dir, left)
+    conf = json.loads((left / "tokenizer_config.json").read_text())
+    conf.update(truncation_side="left", padding_side="left")
+    (left / "tokenizer_config.json").write_text(json.dumps(conf))
+    text = "abcdefghijklmnop"
+    ours = TextEncoder.from_pretrained(str(left), max_length=8)
+    ref = TextEncoder.from_pretrained(tiny_dir, max_length=8)
+    assert ours.tokenizer.truncation_side == ours.tokenizer.padding_side == "right"
+    ids = ours.tokenizer([text], max_length=8, truncation=True)["input_ids"][0]
+    assert ids == ref.tokenizer([text], max_length=8, truncation=True)["input_ids"][0]
+    assert ours.tokenizer.decode(ids, skip_special_tokens=True) == "abcdefg"
+    a, b = ours.encode([text, "ab"]), ref.encode([text, "ab"])
+    assert a.lengths == b.lengths == [8, 3]
+    assert all(torch.equal(x, y) for x, y in zip(a.features, b.features, strict=True))
+
+
 def test_batching_matches_one_by_one(tiny_dir):
     batched = TextEncoder.from_pretrained(tiny_dir, batch_size=3).encode(
         CAPTIONS, out_dtype=torch.float32

@@ -169,8 +169,10 @@ class TextEncoder:
         self.model = model.eval()
         self.tokenizer = tokenizer
         # features are read as the first `length` rows of each caption: padding must follow them
-        # (a tokenizer_config.json may say padding_side: left)
+        # (a tokenizer_config.json may say padding_side: left); and a long caption keeps its
+        # start, as LlamaGen's T5 does (one saying truncation_side: left kept the end)
         self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "right"
         self.max_length = max_length
         self.batch_size = batch_size
         self.random_weights = random_weights
