@@ -181,11 +181,14 @@ def test_the_heartbeat_refreshes_the_lease_and_notices_a_take_over(tmp_path, mon
         lease.check()  # still its own
         # another run took it over (this one looked dead to it): this run stops, and leaves
         # the other's lease where it is
-        storage.write_json(lease_uri(out), _lease(0))
-        deadline = time.monotonic() + 10
+        # the other run heartbeats too: written again until noticed (a refresh of this run
+        # that read its own lease just before the first write may overwrite it once)
+        deadline = time.monotonic() + 30
         while lease.lost is None:
             assert time.monotonic() < deadline, "the take-over was never noticed"
-            time.sleep(0.05)
+            storage.write_json(lease_uri(out), _lease(0))
+            time.sleep(0.1)
+        storage.write_json(lease_uri(out), _lease(0))
         with pytest.raises(OutputInUseError, match="taken over by run otherhost"):
             lease.check()
     finally:
