@@ -992,17 +992,11 @@ class _SlowOrHuge(http.server.BaseHTTPRequestHandler):
 def _slow_or_huge_server():
     _SlowOrHuge.stop.clear()
     _SlowOrHuge.sent.clear()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowOrHuge)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        _SlowOrHuge.stop.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
+    with synthetic.serve_folder("", handler=_SlowOrHuge) as base:
+        try:
+            yield base
+        finally:
+            _SlowOrHuge.stop.set()  # the dripping handlers end, then the server shuts down
 
 
 @pytest.mark.timeout(240)
