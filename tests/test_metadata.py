@@ -227,9 +227,45 @@ def test_seen_keys_answers_as_a_set_would_at_8_bytes_a_key():
         total += int(got.sum())
         assert len(seen) == len(ref) == total
         assert len(seen.runs) <= 4
+        probe = rng.integers(0, 6000, 50).astype(np.uint64)
+        assert seen.holds(probe).tolist() == [k in ref for k in probe.tolist()]
     assert sum(r.nbytes for r in seen.runs) == 8 * len(ref)
     for a, b in zip(seen.runs, seen.runs[1:]):  # disjoint, each sorted
         assert np.all(a[1:] > a[:-1]) and not np.intersect1d(a, b).size
+
+
+def test_a_captionless_row_never_takes_the_url_from_a_captioned_one(tmp_path):
+    """The filter stage drops a row without a caption: dedup must not let such a row (first in
+    its batch, or in an earlier file) hide a later copy of its URL that has a caption."""
+    u = [f"http://a.example/{i}.jpg" for i in range(5)]
+    first = pa.table(
+        {
+            "URL": [u[0], u[0], u[1], u[2], u[2], u[3]],
+            "TEXT": [None, "zero, captioned", "  ", "two", None, None],
+        }
+    )
+    second = pa.table(
+        {"URL": [u[1], u[3], u[3], u[4], u[4]], "TEXT": ["one, later", None, "", "four", "again"]}
+    )
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(first, src / "a.parquet")
+    pq.write_table(second, src / "b.parquet")
+    cfg = MetadataConfig(extra_columns=[], batch_rows=64)
+    stats = prepare_units(str(src), str(tmp_path / "units"), cfg)
+    rows = pa.concat_tables(_read_units(str(tmp_path / "units"))).to_pylist()
+    assert [(r["url"], r["caption"]) for r in rows] == [
+        (u[0], "zero, captioned"),  # the captionless row before it in its batch dropped
+        (u[1], ""),  # captionless and first: kept, for the filter stage to drop and count...
+        (u[2], "two"),
+        (u[3], ""),
+        (u[1], "one, later"),  # ...and a later captioned copy is kept
+        (u[4], "four"),
+    ]
+    c = stats["counts"]
+    assert c["duplicate_url"] == 5 and c["rows_kept"] == 6 and c["rows_read"] == 11
+    # notes are counted for kept rows only
+    assert c["empty_caption"] == 1 and c["missing_caption"] == 1
 
 
 def test_more_units_than_five_digits_name_is_a_clear_error(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ Input: one parquet file, a folder of them, or a glob; local or ``s3://``. Output
 ``00001.parquet``, ... of ``rows_per_unit`` rows each with columns ``url``, ``caption`` and the
 configured extra columns (names kept), plus ``metadata_stats.json`` (counts by reason, unit
 sizes, the inputs and the config) in the same folder. Same input and config -> same units, byte
-for byte in content: files are read in sorted order and rows in file order, first occurrence of a
-URL wins.
+for byte in content: files are read in sorted order and rows in file order, the first occurrence
+of a URL with a caption wins (a captionless row never takes a URL from a captioned one).
 
 What is dropped (counted): null / NaN / empty URLs, URLs that are not http(s) (``file://`` would
 read the worker's own disk) or not valid UTF-8 (``bad_url``), duplicates. What is kept but
@@ -255,6 +255,17 @@ class SeenKeys:
             self._add(uniq[fresh])
         return new
 
+    def holds(self, keys: np.ndarray) -> np.ndarray:
+        """Boolean mask over ``keys`` (uint64): True where the key is recorded; records nothing."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        held = np.zeros(len(keys), dtype=bool)
+        for run in self.runs:
+            pos = np.searchsorted(run, keys)
+            hit = pos < len(run)
+            hit[hit] = run[pos[hit]] == keys[hit]
+            held |= hit
+        return held
+
     def _add(self, sorted_keys: np.ndarray) -> None:
         self.runs.append(sorted_keys)
         # merge while the newest run is at least half the one before it (sizes stay geometric:
@@ -369,18 +380,26 @@ def _unit_schema(extra_types: dict[str, pa.DataType]) -> pa.Schema:
 def iter_clean_rows(
     files: list[str], cfg: MetadataConfig, counts: Counter
 ) -> Iterator[tuple[str, str, list[Any]]]:
-    """(url, caption, extras) for every kept row, in input order; ``counts`` gets the reasons."""
-    seen = SeenKeys()
+    """(url, caption, extras) for every kept row, in input order; ``counts`` gets the reasons.
+
+    Dedup keeps a URL's first row with a caption: a row without one (missing or blank, which
+    the filter stage drops) never takes the URL from a captioned row, in this batch or a later
+    one. A captionless row is itself a duplicate when a row of an earlier batch or any row of
+    its own batch, captioned or not, had its URL first; one seen before a captioned row of a
+    later batch stays (and is dropped by the filter stage)."""
+    seen = SeenKeys()  # URLs of kept rows with a caption
+    seen_blank = SeenKeys()  # URLs of kept rows without one
     for path in files:
         for batch, text_types in _read_batches(path, cfg, counts):
             caps = batch[cfg.caption_column]
             extras = [batch[c] for c in cfg.extra_columns]
             cleaned = [clean_url(u) for u in batch[cfg.url_column]]
+            captions = [
+                None if url is None else clean_caption(caps[i], cfg.max_caption_chars)
+                for i, (url, _) in enumerate(cleaned)
+            ]
             if cfg.dedup_urls:
-                valid = [i for i, (url, _) in enumerate(cleaned) if url is not None]
-                keys = np.fromiter((_url_key(cleaned[i][0]) for i in valid), np.uint64, len(valid))
-                duplicate = np.zeros(len(cleaned), dtype=bool)
-                duplicate[np.asarray(valid, dtype=np.int64)] = ~seen.first_seen(keys)
+                duplicate = _duplicates(cleaned, captions, seen, seen_blank)
             for i, (url, why) in enumerate(cleaned):
                 counts["rows_read"] += 1
                 if url is None:
@@ -389,7 +408,7 @@ def iter_clean_rows(
                 if cfg.dedup_urls and duplicate[i]:
                     counts["duplicate_url"] += 1
                     continue
-                caption, notes = clean_caption(caps[i], cfg.max_caption_chars)
+                caption, notes = captions[i]
                 for note in notes:
                     counts[note] += 1
                 row_extras = []
@@ -405,6 +424,29 @@ def iter_clean_rows(
                     row_extras.append(v)
                 counts["rows_kept"] += 1
                 yield url, caption, row_extras
+
+
+def _duplicates(
+    cleaned: list[tuple[str | None, str | None]],
+    captions: list[tuple[str, list[str]] | None],
+    seen: SeenKeys,
+    seen_blank: SeenKeys,
+) -> np.ndarray:
+    """The rows of one batch that repeat a URL (see :func:`iter_clean_rows`); records the rest."""
+    duplicate = np.zeros(len(cleaned), dtype=bool)
+    with_caption = [i for i, (url, _) in enumerate(cleaned) if url is not None and captions[i][0]]
+    blank = [i for i, (url, _) in enumerate(cleaned) if url is not None and not captions[i][0]]
+    if with_caption:
+        keys = np.fromiter((_url_key(cleaned[i][0]) for i in with_caption), np.uint64)
+        duplicate[np.asarray(with_caption, dtype=np.int64)] = ~seen.first_seen(keys)
+    if blank:
+        keys = np.fromiter((_url_key(cleaned[i][0]) for i in blank), np.uint64)
+        taken = seen.holds(keys)  # this batch's captioned rows are recorded by now
+        fresh = seen_blank.first_seen(keys[~taken])
+        dup = taken.copy()
+        dup[~taken] = ~fresh
+        duplicate[np.asarray(blank, dtype=np.int64)] = dup
+    return duplicate
 
 
 def _is_number(t: pa.DataType) -> bool:
