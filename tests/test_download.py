@@ -807,6 +807,28 @@ def test_ray_distributor_waits_for_every_task(local_ray, tmp_path):
     assert _done(tmp_path) == {1, 2}  # the slow tasks had finished when it returned
 
 
+def test_ray_distributor_stages_a_unit_only_when_a_slot_frees(local_ray, tmp_path):
+    """The reader is asked for (and stages) its next unit only when fewer than the window's
+    tasks (twice the Ray's 2 CPUs) are submitted and unfinished; every unit still runs once."""
+    from pipeline.data.img2dataset_guards import ray_distributor
+    from tests.fakeworkers import FakeDownloader
+
+    taken, in_flight = [], []
+
+    def reader():
+        for i in range(12):
+            in_flight.append(len(taken) - len(_done(tmp_path)))
+            taken.append(i)
+            yield i, f"unit{i}"
+
+    down = FakeDownloader(str(tmp_path), fail=11, slow=0.3)
+    left = ray_distributor(1, down, reader(), None, 0)
+    assert left == [(11, "unit11")]
+    assert _done(tmp_path) == set(range(11))
+    assert in_flight[:4] == [0, 1, 2, 3]  # the window filled...
+    assert max(in_flight) == 3  # ...and a unit was staged only with a slot free for it
+
+
 def test_x_robots_tag_none_opts_out():
     """X-Robots-Tag "none" is "noindex, nofollow" in one word: an opt-out like noindex."""
     from email.message import Message

@@ -544,12 +544,29 @@ def _ray_call(downloader, row):
     return downloader(row)
 
 
+def _ray_window(processes_count: int) -> int:
+    """Tasks a Ray pass keeps submitted: twice the cluster's CPUs (each task takes one), read
+    again as the pass goes, so nodes that join are used; at least ``2 * processes_count``."""
+    import ray
+
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+    except Exception:  # noqa: BLE001 - the GCS busy: the floor until the next read
+        cpus = 0
+    return max(2 * processes_count, 2 * cpus, 2)
+
+
 def ray_distributor(processes_count, downloader, reader, _subjob_size, max_shard_retry) -> list:
     """img2dataset's Ray distributor, waiting for every task before it returns.
 
     A task that fails as a whole (its worker died after Ray's own retries) is logged and its
     shard reported; the others run to their end. An interrupt cancels every task still running,
     so none writes after the driver has gone. Returns the failed or lost shards.
+
+    At most :func:`_ray_window` tasks are submitted and unfinished at a time: the reader stages
+    a unit only when a CPU is about to take it (the staging folder holds a window's units, not
+    the whole input's), and each wait looks at a window's tasks, not at every task of a
+    60,000-unit pass (a wait per finished task over all of them would cost O(units^2)).
     """
     import ray
 
@@ -557,33 +574,47 @@ def ray_distributor(processes_count, downloader, reader, _subjob_size, max_shard
 
     def run(tasks: Iterable) -> list:
         refs: dict = {}
-        pending: list = []
         failed: list = []
+
+        def settle(done) -> None:
+            for ref in done:
+                row = refs.pop(ref)
+                try:
+                    ok, row = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    log.error("download task of shard %s failed: %s", row[0], exc)
+                    failed.append(row)
+                    continue
+                if not ok:
+                    failed.append(row)
+
+        def wait_some() -> None:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            more, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)  # others done too
+            settle(set(done) | set(more))
+
         try:
             error = None
+            window, read_at = _ray_window(processes_count), time.monotonic()
+            rows = iter(tasks)
             try:
-                for row in tasks:  # every task submitted as its unit is staged, as Ray queues
-                    ref = remote.remote(downloader, row)
-                    refs[ref] = row
-                    pending.append(ref)
+                while True:
+                    while len(refs) >= window:  # a slot first: the reader stages as it yields
+                        wait_some()
+                        if time.monotonic() - read_at > 30:
+                            window, read_at = _ray_window(processes_count), time.monotonic()
+                    row = next(rows, None)
+                    if row is None:
+                        break
+                    refs[remote.remote(downloader, row)] = row
             except Exception as e:  # noqa: BLE001 - the reader: raised once the started end
                 error = e
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    try:
-                        ok, row = ray.get(ref)
-                    except ray.exceptions.RayError as exc:
-                        row = refs[ref]
-                        log.error("download task of shard %s failed: %s", row[0], exc)
-                        failed.append(row)
-                        continue
-                    if not ok:
-                        failed.append(row)
+            while refs:
+                wait_some()
             if error is not None:
                 raise error
         except BaseException:
-            for ref in pending:
+            for ref in refs:
                 ray.cancel(ref, force=True)
             raise
         return failed
