@@ -790,12 +790,15 @@ def format_report(r: dict[str, Any]) -> str:
         )
         if r["fid"].get(k)
     ]
-    tok_note = tok.get("note", "")
+    tok_notes = [tok["note"]] if tok.get("note") else []
     if tok.get("images_requested") and tok.get("images", 0) < tok["images_requested"]:
-        tok_note = (
+        tok_notes.append(
             f"{tok['images']} of the {tok['images_requested']} images asked for: the shards hold "
             "no more"
         )
+    if tok.get("broken_images"):
+        tok_notes.append(f"{tok['broken_images']} undecodable images skipped")
+    tok_note = "; ".join(tok_notes)
     rows = [
         ("images scored", r["images"] - r["unreadable_images"], f"{r['prompts']} captions"),
         ("CLIP score", _fmt(r["clip_score"]["value"]), r["clip_score"].get("note", "")),

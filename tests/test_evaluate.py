@@ -333,7 +333,10 @@ def test_reports_of_earlier_versions_still_format():
     }
     md = format_report(new)
     assert "n/a (2 unreadable reference images skipped)" in md
-    assert "3 of the 5 images asked for" in md
+    assert "3 of the 5 images asked for" in md and "undecodable" not in md
+    new["tokenizer"]["broken_images"] = 2
+    md = format_report(new)
+    assert "3 of the 5 images asked for: the shards hold no more; 2 undecodable images" in md
 
 
 def test_shipped_evaluate_configs_load():
