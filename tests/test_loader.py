@@ -536,8 +536,13 @@ def test_long_captions_truncated_and_counted(tmp_path):
     loader = TokenLoader(LoaderConfig(shards=[uri], batch_size=8, num_workers=0), spec)
     batch = next(iter(loader))
     assert batch["cond"].shape == (8, 6, 16)
-    lengths = [len(s["t5"]) for s in _all(uri).values()]
+    ref = _all(uri)
+    lengths = [len(s["t5"]) for s in ref.values()]
     assert loader.counters()["truncated_captions"] == sum(n > 6 for n in lengths) > 0
+    for key, cond in zip(batch["keys"], batch["cond"]):
+        t5 = torch.from_numpy(ref[key]["t5"]).to(cond.dtype)
+        if len(t5) > 6:  # the first 5 tokens and the last (EOS) row
+            assert torch.equal(cond, torch.cat([t5[:5], t5[-1:]]))
 
 
 def test_flip_is_seeded_and_class_labels(toy):

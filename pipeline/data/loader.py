@@ -426,8 +426,11 @@ class _Stream:
                         f"{self.spec.caption_dim}-d"
                     )
                 if t5.shape[0] > self.spec.max_text_tokens:
+                    # shards encoded with a longer max_length: the first tokens and the EOS
+                    # row, as a caption truncated by the encoder ends (text_encoder keeps EOS)
                     self._count("truncated_captions")
-                    t5 = t5[: self.spec.max_text_tokens]
+                    keep = self.spec.max_text_tokens - 1
+                    t5 = np.concatenate([t5[:keep], t5[-1:]])
                 out["t5"] = t5
             return out
         except DataMismatch as exc:
